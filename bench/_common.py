@@ -1,0 +1,141 @@
+"""Shared bench plumbing: start/stop processes by PID, run the load generator, print tables."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = Path(__file__).resolve().parent
+PY = sys.executable
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, proc: subprocess.Popen[Any], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listened on port {port} within {timeout}s")
+
+
+@contextmanager
+def process(args: Sequence[str], port: int, log: Path, cwd: Path | None = None,
+            env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[Any]]:
+    """Start a server process, wait for its port, and always stop it by PID."""
+    with log.open("wb") as out:
+        proc = subprocess.Popen(list(args), stdout=out, stderr=subprocess.STDOUT, cwd=cwd,
+                                env={**os.environ, **(env or {})})
+    try:
+        wait_for_port(port, proc)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@contextmanager
+def relay(config: dict[str, Any], workdir: Path) -> Iterator[tuple[subprocess.Popen[Any], int]]:
+    port = free_port()
+    config = {**config, "server": {**config.get("server", {}), "listen": f"127.0.0.1:{port}",
+                                   "log_level": "warning"}}
+    path = workdir / "relay.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    with process([PY, "-m", "relay", "serve", "-c", str(path)], port, workdir / "relay.log",
+                 cwd=workdir) as proc:
+        yield proc, port
+
+
+@contextmanager
+def bare_server() -> Iterator[int]:
+    """aiohttp + uvloop answering 202 without validating or storing: the ceiling."""
+    port = free_port()
+    with tempfile.TemporaryDirectory() as tmp, \
+            process([PY, str(BENCH / "_bare.py"), str(port)], port, Path(tmp) / "bare.log"):
+        yield port
+
+
+def wrk_available() -> bool:
+    return shutil.which("wrk") is not None
+
+
+def load(port: int, *, batch: int, connections: int, seconds: float, prefix: str) -> dict[str, float]:
+    """POST /v1/events with unique event ids; returns requests/s, events/s, p50/p99 ms."""
+    if not wrk_available():
+        raise SystemExit("bench needs wrk (Debian package 'wrk'): apt-get install -y wrk")
+    env = {**os.environ, "BATCH": str(batch), "PREFIX": prefix}
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency", "-s",
+         str(BENCH / "events.lua"), f"http://127.0.0.1:{port}/v1/events"],
+        capture_output=True, text=True, env=env, timeout=seconds + 60, check=True).stdout
+    found = re.search(r"RESULT (.*)", out)
+    if not found:
+        raise RuntimeError(f"wrk printed no RESULT line:\n{out}")
+    fields = dict(item.split("=") for item in found.group(1).split())
+    requests, duration = int(fields["requests"]), int(fields["duration_us"]) / 1e6
+    return {
+        "req_s": requests / duration,
+        "events_s": requests * batch / duration,
+        "p50_ms": int(fields["p50_us"]) / 1000,
+        "p99_ms": int(fields["p99_us"]) / 1000,
+        "errors": int(fields["non2xx"]) + int(fields["sockerr"]),
+        "requests": requests,
+    }
+
+
+def table(title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    cells = [[_fmt(c) for c in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    print(f"\n{title}")
+    print("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)))
+    print("  ".join("-" * w for w in widths))
+    for row in cells:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:,.0f}" if value >= 100 else f"{value:.2f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def machine() -> str:
+    cpu = "unknown cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{os.cpu_count()} cores, {cpu}, Python {sys.version.split()[0]}"

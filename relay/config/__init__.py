@@ -1,0 +1,34 @@
+"""Configuration: ``load_config(path)`` gives a frozen ``Config`` or raises ``ConfigError``."""
+
+from relay.config.load import check_config, load_config, parse_config, validate_config
+from relay.config.schema import (
+    CHANNELS,
+    STATUSES,
+    AjoConfig,
+    BasicAuth,
+    BearerAuth,
+    Config,
+    DeliveryConfig,
+    Destination,
+    HealthConfig,
+    HmacAuth,
+    JsonBody,
+    JwtAuth,
+    NoAuth,
+    RawBody,
+    ServerConfig,
+    SpoolConfig,
+    TemplateConfig,
+    TemplateVariant,
+    allowed_hosts,
+    parse_duration,
+    split_listen,
+)
+
+__all__ = [
+    "CHANNELS", "STATUSES", "AjoConfig", "BasicAuth", "BearerAuth", "Config", "DeliveryConfig",
+    "Destination", "HealthConfig", "HmacAuth", "JsonBody", "JwtAuth", "NoAuth", "RawBody",
+    "ServerConfig", "SpoolConfig", "TemplateConfig", "TemplateVariant", "allowed_hosts",
+    "check_config", "load_config", "parse_config", "parse_duration", "split_listen",
+    "validate_config",
+]

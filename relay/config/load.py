@@ -1,0 +1,291 @@
+"""Loading: YAML in, a frozen ``Config`` out, or a ConfigError naming every bad path.
+
+Loading runs four passes, each collecting every problem before failing:
+  1. YAML parse (syntax errors carry the line; duplicate keys are errors, not "last one wins"),
+  2. ``${NAME}`` / ``${NAME:-default}`` interpolation in every string value,
+  3. ``*_file`` secrets read from disk (``token_file``, ``password_file``, ``key_file``, ``secret_file``),
+  4. schema validation (unknown keys, wrong types, durations to seconds) and cross-field checks.
+Defaults are written once, beside their field. Secrets are ``SecretStr`` and never appear in repr.
+This module does no I/O after load and knows nothing of HTTP, SQLite or payload formats.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pydantic
+import yaml
+
+from relay.config.schema import (
+    AjoConfig,
+    BasicAuth,
+    BearerAuth,
+    Config,
+    DeliveryConfig,
+    Destination,
+    HealthConfig,
+    HmacAuth,
+    JsonBody,
+    JwtAuth,
+    RawBody,
+    SandboxConfig,
+    ServerConfig,
+    SpoolConfig,
+    TemplateConfig,
+    TemplateVariant,
+)
+from relay.errors import ConfigError
+from relay.validation import join as _join
+from relay.validation import problems_from
+
+SECRET_FILE_KEYS = ("token_file", "password_file", "key_file", "secret_file")
+
+
+def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
+    """Read, interpolate and validate a config file; raise ConfigError listing every problem."""
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([("", f"cannot read config file: {exc}")], source) from exc
+    return parse_config(text, source=source, env=env, base_dir=Path(path).parent)
+
+
+def parse_config(
+    text: str,
+    *,
+    source: str = "config",
+    env: Mapping[str, str] | None = None,
+    base_dir: Path | None = None,
+) -> Config:
+    """Validate config given as YAML text (see ``load_config``)."""
+    try:
+        raw = yaml.load(text, Loader=_StrictLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
+        raise ConfigError([("", f"YAML syntax error at {where}: {exc.problem}")], source) from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError([("", f"YAML error: {exc}")], source) from exc
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError([("", f"the config must be a mapping of sections, got {_kind(raw)}")],
+                          source)
+    return validate_config(raw, source=source, env=env, base_dir=base_dir)
+
+
+def validate_config(
+    raw: dict[str, Any],
+    *,
+    source: str = "config",
+    env: Mapping[str, str] | None = None,
+    base_dir: Path | None = None,
+) -> Config:
+    """Validate an already-parsed config mapping (see ``load_config``)."""
+    env = os.environ if env is None else env
+    problems: list[tuple[str, str]] = []
+    data = _interpolate(raw, "", env, problems)
+    data = _read_secret_files(data, "", base_dir or Path.cwd(), problems)
+    try:
+        config = Config.model_validate({**data, "source": source})
+    except pydantic.ValidationError as exc:
+        flagged = {path for path, _ in problems}
+        problems += [p for p in problems_from(exc, data, known=_KNOWN_KEYS) if p[0] not in flagged]
+        raise ConfigError(problems, source) from exc
+    problems += check_config(config)
+    if problems:
+        raise ConfigError(problems, source)
+    return config
+
+
+def check_config(config: Config) -> list[tuple[str, str]]:
+    """Cross-field rules that a schema alone cannot express."""
+    problems: list[tuple[str, str]] = []
+    if config.delivery.backoff_initial > config.delivery.backoff_max:
+        problems.append(("delivery.backoff_initial", "must not exceed delivery.backoff_max"))
+    if config.health.suspend_for > config.health.suspend_max:
+        problems.append(("health.suspend_for", "must not exceed health.suspend_max"))
+    for i, cidr in enumerate(config.server.allow_cidrs):
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            problems.append((f"server.allow_cidrs[{i}]", f"not a CIDR such as 127.0.0.0/8: {cidr!r}"))
+
+    seen_names: dict[str, int] = {}
+    seen_ajo: dict[tuple[str, str], int] = {}
+    for i, dest in enumerate(config.destinations):
+        at = f"destinations[{i}]"
+        if dest.name in seen_names:
+            problems.append((f"{at}.name", f"duplicate destination name {dest.name!r} "
+                                           f"(also destinations[{seen_names[dest.name]}])"))
+        seen_names.setdefault(dest.name, i)
+        problems += _check_destination(dest, at, config)
+        if dest.format == "ajo" and dest.ajo is not None:
+            key = (dest.ajo.ims_org, dest.ajo.sandbox.id)
+            if key in seen_ajo:
+                problems.append((f"{at}.ajo", "only one ajo destination per (ims_org, sandbox): "
+                                             f"destinations[{seen_ajo[key]}] has the same"))
+            seen_ajo.setdefault(key, i)
+    return problems
+
+
+def _check_destination(dest: Destination, at: str, config: Config) -> list[tuple[str, str]]:
+    from relay.payloads import FORMAT_STATUSES  # the status table lives with the payload shapes
+
+    problems: list[tuple[str, str]] = []
+    if dest.format == "ajo" and dest.ajo is None:
+        problems.append((f"{at}.ajo", "required for format ajo: {ims_org: ..., sandbox: "
+                                      "{id: ..., name: ...}}"))
+    if dest.format != "ajo" and dest.ajo is not None:
+        problems.append((f"{at}.ajo", f"only used by format ajo (this is {dest.format})"))
+    if dest.format == "template" and dest.template is None:
+        problems.append((f"{at}.template", "required for format template: {method: ..., body: ...}"))
+    if dest.format != "template":
+        if dest.template is not None:
+            problems.append((f"{at}.template", f"only used by format template (this is "
+                                               f"{dest.format})"))
+        if dest.allowed_hosts is not None:
+            problems.append((f"{at}.allowed_hosts", "only used by format template"))
+    if dest.statuses is not None:
+        expressible = FORMAT_STATUSES[dest.format]
+        for j, status in enumerate(dest.statuses):
+            if status not in expressible:
+                problems.append((f"{at}.statuses[{j}]",
+                                 f"format {dest.format} cannot express status {status!r} "
+                                 f"(it can: {', '.join(expressible)})"))
+    if isinstance(dest.auth, HmacAuth):
+        secrets = ([dest.auth.secret] if dest.auth.secret else []) + list(dest.auth.secrets)
+        if not secrets:
+            problems.append((f"{at}.auth", "hmac needs secret, secrets or secret_file"))
+        for secret in secrets:
+            if not secret.get_secret_value().startswith("whsec_"):
+                problems.append((f"{at}.auth.secret", "a Standard Webhooks secret starts with "
+                                                      "'whsec_' followed by base64"))
+                break
+    problems += _check_url(dest, at, config)
+    return problems
+
+
+def _check_url(dest: Destination, at: str, config: Config) -> list[tuple[str, str]]:
+    templated = "{{" in dest.url or "{%" in dest.url
+    if templated and dest.format != "template":
+        return [(f"{at}.url", "only template destinations may use Liquid in the url")]
+    # A templated URL is checked here as far as its literal prefix goes; the rendered URL is
+    # checked again before every request.
+    try:
+        parts = urlsplit(dest.url)
+        port = parts.port
+    except ValueError as exc:
+        return [(f"{at}.url", f"not a valid URL: {exc}")]
+    problems: list[tuple[str, str]] = []
+    if parts.scheme not in ("http", "https"):
+        return [(f"{at}.url", f"must start with https:// or http:// (got {dest.url!r})")]
+    host = parts.hostname or ""
+    host_templated = "{" in host or "%" in host
+    if not host:
+        problems.append((f"{at}.url", "has no host"))
+    if dest.format == "ajo" and parts.scheme != "https" and not dest.allow_insecure_http:
+        problems.append((f"{at}.url", "ajo destinations need https:// (set allow_insecure_http: "
+                                      "true to allow http, e.g. for a local test receiver)"))
+    port = port or (443 if parts.scheme == "https" else 80)
+    if port not in config.delivery.allowed_ports:
+        allowed = ", ".join(str(p) for p in config.delivery.allowed_ports)
+        problems.append((f"{at}.url", f"port {port} is not in delivery.allowed_ports ({allowed})"))
+    if dest.format == "template":
+        if dest.allowed_hosts is None and host_templated:
+            problems.append((f"{at}.allowed_hosts", "required when the url's host is a template"))
+        elif dest.allowed_hosts is not None and host and not host_templated \
+                and host.lower() not in {h.lower() for h in dest.allowed_hosts}:
+            problems.append((f"{at}.url", f"host {host!r} is not in allowed_hosts"))
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------
+# Passes before validation
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that rejects duplicate keys instead of keeping the last one."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    mapping: dict[Any, Any] = {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in mapping:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark)
+        mapping[key] = loader.construct_object(value_node, deep=True)
+    return mapping
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+_ENV_REF = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _interpolate(node: Any, path: str, env: Mapping[str, str], problems: list[tuple[str, str]]) -> Any:
+    if isinstance(node, dict):
+        return {k: _interpolate(v, _join(path, k), env, problems) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_interpolate(v, f"{path}[{i}]", env, problems) for i, v in enumerate(node)]
+    if not isinstance(node, str) or "$" not in node:
+        return node
+
+    def replace(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        name, default = match.group(1), match.group(2)
+        if name in env:
+            return env[name]
+        if default is not None:
+            return default
+        problems.append((path, f"environment variable {name} is not set "
+                               f"(write ${{{name}:-}} to make it optional)"))
+        return ""
+
+    return _ENV_REF.sub(replace, node)
+
+
+def _read_secret_files(node: Any, path: str, base: Path, problems: list[tuple[str, str]]) -> Any:
+    if isinstance(node, list):
+        return [_read_secret_files(v, f"{path}[{i}]", base, problems) for i, v in enumerate(node)]
+    if not isinstance(node, dict):
+        return node
+    out: dict[Any, Any] = {}
+    for key, value in node.items():
+        if key in SECRET_FILE_KEYS:
+            target = key.removesuffix("_file")
+            if target in node:
+                problems.append((_join(path, key), f"give either {target} or {key}, not both"))
+                continue
+            if not isinstance(value, str) or not value:
+                problems.append((_join(path, key), "expected a file path"))
+                continue
+            file = Path(value) if Path(value).is_absolute() else base / value
+            try:
+                out[target] = file.read_text(encoding="utf-8").strip()
+            except (OSError, UnicodeDecodeError) as exc:
+                problems.append((_join(path, key), f"cannot read secret file: {exc}"))
+                out[target] = ""  # placeholder, so the schema pass does not also say "missing"
+        else:
+            out[key] = _read_secret_files(value, _join(path, key), base, problems)
+    return out
+
+
+_MODELS = (Config, ServerConfig, SpoolConfig, DeliveryConfig, HealthConfig, Destination, AjoConfig,
+           SandboxConfig, BearerAuth, BasicAuth, JwtAuth, HmacAuth, TemplateConfig,
+           TemplateVariant, JsonBody, RawBody)
+_KNOWN_KEYS = frozenset(field for model in _MODELS for field in model.model_fields) - {"source"}
+
+
+def _kind(value: Any) -> str:
+    return {list: "a list", str: "a string", int: "a number", float: "a number",
+            bool: "a boolean"}.get(type(value), type(value).__name__)

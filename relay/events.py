@@ -1,0 +1,148 @@
+"""The local event senders post, its validation, and its normal form before it is stored.
+
+Owns the ``Event`` schema of SPEC.md ("The local event") and the JSON paths named in 400s. It
+fills what the relay must fix once per event (``id``, ``request_id``, ``occurred_at``) so that
+every retry renders the same values. It never touches disk or the network.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+import pydantic
+from pydantic import AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+
+from relay import ids
+from relay.errors import InvalidEvent
+from relay.validation import problems_from
+
+Text = Annotated[str, Field(min_length=1, max_length=2048)]
+Ident = Annotated[str, Field(min_length=1, max_length=256)]
+
+
+def _code_as_text(value: Any) -> Any:
+    # AJO sends failure codes as strings ("25"); senders often have them as numbers.
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class Recipient(_Strict):
+    email: Text | None = None
+    phone: Text | None = None
+
+    @model_validator(mode="after")
+    def _one_identity(self) -> Recipient:
+        if (self.email is None) == (self.phone is None):
+            raise ValueError("give exactly one of email or phone")
+        return self
+
+
+class Failure(_Strict):
+    """AJO ``messageFailure`` (category, type, code, reason) or ``messageExclusion`` (code,
+    reason, details); ``reason`` is also Braze's ``metadata.reason``."""
+
+    category: Text | None = None
+    type: Text | None = None
+    code: Annotated[Text | None, BeforeValidator(_code_as_text)] = None
+    reason: Text | None = None
+    details: Text | None = None
+
+
+class Timestamps(_Strict):
+    """Braze's extra timestamps on ``sent``."""
+
+    received_at: AwareDatetime | None = None
+    enqueued_at: AwareDatetime | None = None
+    executed_at: AwareDatetime | None = None
+    sent_at: AwareDatetime | None = None
+
+
+class Event(_Strict):
+    id: Ident | None = None
+    channel: Literal["email", "sms"]
+    status: Literal["sent", "processed", "delivered", "delayed", "bounced", "aborted", "failed",
+                    "excluded"]
+    message_id: Ident
+    occurred_at: AwareDatetime | None = None
+    request_id: Ident | None = None
+    message_type: Ident = "transactional"
+    campaign_id: Ident | None = None
+    campaign_version_id: Ident | None = None
+    external_send_id: Ident | None = None
+    recipient: Recipient | None = None
+    failure: Failure | None = None
+    retry_count: Annotated[int, Field(ge=0, le=1_000_000)] = 0
+    timestamps: Timestamps | None = None
+    org: Ident | None = None
+    sandbox: Ident | None = None
+    language: Annotated[str, Field(min_length=1, max_length=35)] | None = None
+    attributes: dict[str, Any] | None = None
+
+
+EVENT_FIELDS = frozenset(Event.model_fields) | frozenset(Recipient.model_fields) \
+    | frozenset(Failure.model_fields) | frozenset(Timestamps.model_fields)
+_ONE = pydantic.TypeAdapter(Event)
+_MANY = pydantic.TypeAdapter(list[Event])
+
+
+def parse_events(body: bytes, max_batch: int) -> tuple[list[Event], bool]:
+    """Validate a request body: one event object or an array of events, all or nothing.
+
+    Returns the events and whether the body was an array. Raises InvalidEvent with JSON paths
+    such as ``[3].channel`` (array) or ``channel`` (single object).
+    """
+    start = body.lstrip()[:1]
+    if start not in (b"{", b"["):
+        raise InvalidEvent([("", "the body must be one event (a JSON object) or an array of "
+                                 "events")])
+    adapter = _MANY if start == b"[" else _ONE
+    try:
+        parsed = adapter.validate_json(body)
+    except pydantic.ValidationError as exc:
+        raise InvalidEvent(problems_from(exc, noun="field", known=EVENT_FIELDS, limit=50)) from exc
+    if start == b"{":
+        return [parsed], False
+    if not parsed:
+        raise InvalidEvent([("", "the array holds no events")])
+    if len(parsed) > max_batch:
+        raise InvalidEvent([("", f"a batch holds at most {max_batch} events (server.max_batch); "
+                                 f"this one has {len(parsed)}")])
+    return parsed, True
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """A valid event in its stored form, ready for the spool."""
+
+    id: str
+    sender_id: bool          # the sender chose the id: it is an idempotency key
+    received_at: float       # unix seconds
+    event: Event             # with id, request_id and occurred_at filled in
+
+    def to_json(self) -> str:
+        return self.event.model_dump_json(exclude_none=True)
+
+
+def accept(event: Event, received_at: float) -> Accepted:
+    """Fill the values that must stay the same on every retry and render of this event."""
+    update: dict[str, Any] = {}
+    if event.id is None:
+        update["id"] = ids.event_id()
+    if event.request_id is None:
+        update["request_id"] = ids.request_id()
+    if event.occurred_at is None:
+        update["occurred_at"] = datetime.fromtimestamp(received_at, UTC)
+    if update:
+        event = event.model_copy(update=update)
+    assert event.id is not None
+    return Accepted(id=event.id, sender_id="id" not in update, received_at=received_at, event=event)
+
+
+def load_event(stored: str | bytes) -> Event:
+    """Read back an event the relay stored itself."""
+    return Event.model_validate_json(stored)

@@ -1,0 +1,28 @@
+"""Identifiers the relay generates: event ids, AJO request ids, delivery ids (Webhook-Id).
+
+They must be unique (across relays too, since receivers de-duplicate on them), not secret, so a
+PRNG seeded from the OS is enough; ``os.urandom`` per id measured as a top cost of ingest.
+Delivery ids start with the time in milliseconds, so SQLite's unique index on them grows at its
+right edge instead of touching random pages.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+_rng = random.Random(os.urandom(32))
+os.register_at_fork(after_in_child=lambda: _rng.seed(os.urandom(32)))
+
+
+def event_id() -> str:
+    return f"evt_{_rng.getrandbits(128):032x}"
+
+
+def request_id() -> str:
+    """32 characters, like AJO's ``requestId``."""
+    return f"{_rng.getrandbits(128):032x}"
+
+
+def delivery_id(now: float) -> str:
+    return f"dlv_{int(now * 1000):011x}{_rng.getrandbits(80):020x}"

@@ -1,0 +1,57 @@
+"""Fan-out: which destinations an event goes to, and which of those are skipped.
+
+A destination matches when the event's channel is in its ``channels``, its status is in its
+``statuses`` (when given) and, for ``ajo``, the event's ``org`` / ``sandbox`` (when given) name
+that destination's IMS org and sandbox. A matching destination whose format cannot express the
+status gets a ``skipped`` delivery with the reason, so the activity log shows why nothing was sent.
+The table is precomputed per (channel, status): routing an event costs a dict lookup.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from relay.config import CHANNELS, STATUSES, Config, Destination
+from relay.events import Event
+from relay.payloads import FORMAT_STATUSES
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    destination: str
+    state: str              # "pending" or "skipped"
+    reason: str | None = None
+
+
+class Router:
+    """Routes events to the destinations of one config."""
+
+    def __init__(self, config: Config) -> None:
+        self._table: dict[tuple[str, str], tuple[tuple[Destination, Route], ...]] = {}
+        for channel in CHANNELS:
+            for status in STATUSES:
+                self._table[channel, status] = tuple(
+                    (dest, _route(dest, status)) for dest in config.destinations
+                    if channel in dest.channels
+                    and (dest.statuses is None or status in dest.statuses))
+
+    def route(self, event: Event) -> tuple[Route, ...]:
+        candidates = self._table[event.channel, event.status]
+        if event.org is None and event.sandbox is None:
+            return tuple(route for _, route in candidates)
+        return tuple(route for dest, route in candidates if _ajo_matches(dest, event))
+
+
+def _route(dest: Destination, status: str) -> Route:
+    if status in FORMAT_STATUSES[dest.format]:
+        return Route(dest.name, "pending")
+    return Route(dest.name, "skipped", f"format {dest.format} cannot express status {status!r}")
+
+
+def _ajo_matches(dest: Destination, event: Event) -> bool:
+    if dest.format != "ajo" or dest.ajo is None:
+        return True  # org/sandbox only choose among ajo destinations
+    if event.org is not None and event.org != dest.ajo.ims_org:
+        return False
+    sandbox = dest.ajo.sandbox
+    return event.sandbox is None or event.sandbox in (sandbox.id, sandbox.name)

@@ -1,0 +1,195 @@
+"""The HTTP face of the relay: ingest, health, and the activity log.
+
+Owns status codes and JSON shapes of SPEC.md ("Answers", "HTTP API"). A handler validates, hands
+the spool its work and answers; it never waits on a destination. Anything a client sends gets a
+4xx with a JSON body naming the problem, or 503 when the spool cannot take more; never a 500.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from relay import __version__
+from relay.config import Config
+from relay.errors import InvalidEvent, SpoolError, SpoolFull
+from relay.events import accept, parse_events
+from relay.routing import Router
+from relay.spool import Spool
+
+log = logging.getLogger("relay.server")
+
+CONFIG: web.AppKey[Config] = web.AppKey("config", Config)
+SPOOL: web.AppKey[Spool] = web.AppKey("spool", Spool)
+ROUTER: web.AppKey[Router] = web.AppKey("router", Router)
+STATE: web.AppKey[dict[str, Any]] = web.AppKey("state", dict)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+DELIVERY_STATES = ("pending", "delivered", "failed", "skipped")
+
+
+def create_app(config: Config, spool: Spool) -> web.Application:
+    """The aiohttp application; the caller opens and closes the spool."""
+    app = web.Application(
+        client_max_size=config.server.max_body_bytes,
+        middlewares=[_errors_as_json, _access_control(config)],
+    )
+    app[CONFIG] = config
+    app[SPOOL] = spool
+    app[ROUTER] = Router(config)
+    app[STATE] = {"draining": False}
+    app.router.add_post("/v1/events", post_events)
+    app.router.add_get("/v1/deliveries", list_deliveries)
+    app.router.add_get("/v1/deliveries/{delivery_id}", get_delivery)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    return app
+
+
+def error(status: int, message: str, **extra: Any) -> web.Response:
+    headers = extra.pop("headers", None)
+    return web.json_response({"error": message, **extra}, status=status, headers=headers)
+
+
+# -- ingest ---------------------------------------------------------------------------------
+
+
+async def post_events(request: web.Request) -> web.Response:
+    config, spool, router = request.app[CONFIG], request.app[SPOOL], request.app[ROUTER]
+    ctype = request.content_type
+    if ctype != "application/json" and not ctype.endswith("+json"):
+        return error(415, f"Content-Type must be application/json (got {ctype or 'none'})")
+    limit = config.server.max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        return error(413, f"the body is larger than server.max_body_bytes ({limit} bytes)")
+    try:
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        return error(413, f"the body is larger than server.max_body_bytes ({limit} bytes)")
+    try:
+        events, _ = parse_events(body, config.server.max_batch)
+    except InvalidEvent as exc:
+        return error(400, exc.summary, details=exc.details())
+    now = time.time()
+    batch = []
+    for event in events:
+        accepted = accept(event, now)
+        batch.append((accepted, router.route(accepted.event)))
+    try:
+        results = await spool.ingest(batch)
+    except SpoolFull as exc:
+        return error(503, str(exc), headers={"Retry-After": str(exc.retry_after)})
+    except SpoolError as exc:
+        log.error("ingest failed: %s", exc)
+        return error(503, "the spool cannot store events right now", headers={"Retry-After": "5"})
+    answer: list[dict[str, Any]] = []
+    for result in results:
+        entry: dict[str, Any] = {
+            "id": result.id,
+            "deliveries": [_delivery_ref(dest, did, state) for dest, did, state in result.deliveries],
+        }
+        if result.duplicate:
+            entry["duplicate"] = True
+        answer.append(entry)
+    if all(r.duplicate for r in results):
+        return web.json_response({"events": answer, "duplicate": True}, status=200)
+    return web.json_response({"events": answer}, status=202)
+
+
+def _delivery_ref(destination: str, delivery_id: str, state: str) -> dict[str, Any]:
+    ref: dict[str, Any] = {"destination": destination, "delivery_id": delivery_id}
+    if state == "skipped":  # final from the start: the format cannot express the status
+        ref["skipped"] = True
+    return ref
+
+
+# -- activity log ---------------------------------------------------------------------------
+
+
+async def list_deliveries(request: web.Request) -> web.Response:
+    query = request.query
+    state = query.get("status") or None
+    if state is not None and state not in DELIVERY_STATES:
+        return error(400, f"status must be one of {', '.join(DELIVERY_STATES)} (got {state!r})")
+    try:
+        limit = int(query.get("limit", "100"))
+        after = int(query.get("next", query.get("after", "0")) or 0)
+    except ValueError:
+        return error(400, "limit and next must be whole numbers")
+    if not 1 <= limit <= 1000:
+        return error(400, f"limit must be between 1 and 1000 (got {limit})")
+    records = await request.app[SPOOL].list_deliveries(
+        state=state, destination=query.get("destination") or None, after=after, limit=limit)
+    next_cursor = str(records[-1].seq) if len(records) == limit else None
+    return web.json_response({"deliveries": [r.to_json() | {"attempts": []} for r in records],
+                              "next": next_cursor})
+
+
+async def get_delivery(request: web.Request) -> web.Response:
+    record = await request.app[SPOOL].get_delivery(request.match_info["delivery_id"])
+    if record is None:
+        return error(404, f"no delivery {request.match_info['delivery_id']!r}")
+    return web.json_response(record.to_json() | {"attempts": []})
+
+
+# -- health ---------------------------------------------------------------------------------
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok", "version": __version__})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    if request.app[STATE]["draining"]:
+        return error(503, "draining: the relay is shutting down")
+    if not request.app[SPOOL].is_open:
+        return error(503, "the spool is not open")
+    return web.json_response({"status": "ready"})
+
+
+# -- middlewares ----------------------------------------------------------------------------
+
+
+@web.middleware
+async def _errors_as_json(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """aiohttp's own 404/405/413 pages become JSON; unexpected errors are logged, not leaked."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return error(exc.status, exc.reason, headers={
+            k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")})
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return error(400, f"not valid JSON: {exc}")
+
+
+def _access_control(config: Config) -> Callable[[web.Request, Handler], Awaitable[Any]]:
+    token = config.server.token.get_secret_value().encode() if config.server.token else None
+    networks = [ipaddress.ip_network(c, strict=False) for c in config.server.allow_cidrs]
+
+    @web.middleware
+    async def access_control(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if networks:
+            try:
+                remote = ipaddress.ip_address(request.remote or "")
+            except ValueError:
+                remote = None
+            if remote is None or not any(remote in net for net in networks):
+                return error(403, "this client address is not in server.allow_cidrs")
+        if token is not None and request.path.startswith("/v1/"):
+            header = request.headers.get("Authorization", "")
+            scheme, _, given = header.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token):
+                return error(401, "missing or wrong Authorization: Bearer token",
+                             headers={"WWW-Authenticate": 'Bearer realm="relay"'})
+        return await handler(request)
+
+    return access_control

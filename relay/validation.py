@@ -1,0 +1,85 @@
+"""Turn pydantic's validation errors into (path, message) pairs a person can act on.
+
+Shared by config loading (paths such as ``destinations[1].auth.key``) and event ingest (JSON
+paths such as ``[3].channel``). Owns wording only; it never decides what is valid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import pydantic
+
+
+def problems_from(
+    exc: pydantic.ValidationError,
+    data: Any = None,
+    *,
+    noun: str = "key",
+    known: Iterable[str] = (),
+    limit: int = 100,
+) -> list[tuple[str, str]]:
+    """``(path, message)`` for each error; ``data`` lets union tags be dropped from paths."""
+    errors = exc.errors(include_url=False)
+    problems = [describe(err, loc_to_path(err["loc"], data), noun, known) for err in errors[:limit]]
+    if len(errors) > limit:
+        problems.append(("", f"... and {len(errors) - limit} more problems"))
+    return problems
+
+
+def loc_to_path(loc: tuple[Any, ...], data: Any = None) -> str:
+    """``("destinations", 1, "url")`` -> ``destinations[1].url``; ``(3, "channel")`` -> ``[3].channel``.
+
+    pydantic puts the tag of a discriminated union into the location (``auth.jwt.key``); when
+    the input at that point is a mapping whose ``type`` is that tag, the tag is skipped.
+    """
+    path, node = "", data
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+            node = node[part] if isinstance(node, list) and part < len(node) else None
+        elif isinstance(node, dict) and part not in node and node.get("type") == part:
+            continue
+        else:
+            path = join(path, part)
+            node = node.get(part) if isinstance(node, dict) else None
+    return path
+
+
+def join(path: str, key: Any) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def describe(err: Any, path: str, noun: str = "key", known: Iterable[str] = ()) -> tuple[str, str]:
+    kind, ctx, got = err["type"], err.get("ctx") or {}, err.get("input")
+    if kind == "extra_forbidden":
+        return path, f"unknown {noun}" + suggest(path.rsplit(".", 1)[-1], known)
+    if kind == "missing":
+        return path, f"required {noun} is missing"
+    if kind == "union_tag_not_found":
+        return join(path, "type"), f"required {noun} is missing"
+    if kind == "union_tag_invalid":
+        return join(path, "type"), f"must be one of {ctx.get('expected_tags')} (got {ctx.get('tag')!r})"
+    if kind == "literal_error":
+        return path, f"must be one of {ctx.get('expected')} (got {_short(got)})"
+    if kind == "value_error":
+        return path, str(ctx.get("error", err["msg"]))
+    if kind == "json_invalid":
+        return path, f"not valid JSON: {ctx.get('error', err['msg'])}"
+    message = err["msg"][0].lower() + err["msg"][1:]
+    if got is not None and not isinstance(got, dict | list):
+        message += f" (got {_short(got)})"
+    return path, message
+
+
+def suggest(key: str, known: Iterable[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.75)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."

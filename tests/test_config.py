@@ -1,0 +1,273 @@
+"""Configuration: defaults, durations, interpolation, secrets from files, and errors naming paths."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from relay.config import Config, load_config, parse_config, parse_duration, validate_config
+from relay.errors import ConfigError
+from tests.helpers import ROOT
+
+
+def problems(text: str, env: dict[str, str] | None = None, base: Path | None = None) -> dict[str, str]:
+    with pytest.raises(ConfigError) as info:
+        parse_config(textwrap.dedent(text), env=env or {}, base_dir=base)
+    return dict(info.value.problems)
+
+
+@pytest.mark.parametrize(("text", "seconds"), [
+    ("100ms", 0.1), ("90s", 90), ("30m", 1800), ("24h", 86400), ("7d", 604800),
+    ("1h30m", 5400), ("1.5s", 1.5), (" 2s ", 2),
+])
+def test_durations_parse_to_seconds(text: str, seconds: float) -> None:
+    """Every documented duration unit converts to seconds."""
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("bad", [30, "30", "30 s", "s", "", "1y", True, None, "-5s"])
+def test_bad_durations_are_rejected(bad: object) -> None:
+    """A duration without a unit, or with an unknown one, is an error, not a guess."""
+    with pytest.raises(ValueError, match="expected a duration"):
+        parse_duration(bad)
+
+
+def test_empty_config_gets_spec_defaults() -> None:
+    """An empty file is valid and every default matches SPEC.md."""
+    config = parse_config("", env={})
+    assert config.server.listen == "127.0.0.1:8080"
+    assert config.server.max_body_bytes == 1048576 and config.server.max_batch == 500
+    assert config.server.drain_timeout == 20
+    assert (config.spool.path, config.spool.max_events, config.spool.retention) == \
+        ("./relay-spool.db", 1_000_000, 7 * 86400)
+    d = config.delivery
+    assert (d.timeout, d.max_retries, d.retry_window, d.unreachable_window) == (90, 5, 1800, 86400)
+    assert (d.backoff_initial, d.backoff_max, d.allowed_ports) == (30, 600, (80, 443))
+    assert (d.concurrency, d.per_host_concurrency) == (64, 16)
+    h = config.health
+    assert (h.window, h.min_failures, h.failure_rate, h.consecutive_failures) == (60, 20, 0.9, 10)
+    assert (h.suspend_for, h.suspend_max) == (60, 1800)
+    assert config.destinations == ()
+
+
+def test_example_config_is_valid() -> None:
+    """config.example.yaml loads with no environment set and has one destination per format."""
+    config = load_config(ROOT / "config.example.yaml", env={})
+    assert sorted(d.format for d in config.destinations) == ["ajo", "braze", "template"]
+
+
+def test_env_interpolation_and_fallbacks() -> None:
+    """${NAME} reads the environment, ${NAME:-x} falls back, $$ is a literal dollar."""
+    config = parse_config("""
+        server: {token: "${TOK}", listen: "127.0.0.1:${PORT:-9999}"}
+        destinations:
+          - {name: b, format: braze, url: "https://h/p?$$x", headers: {X-A: "${A:-dflt}"}}
+    """, env={"TOK": "s3cret"})
+    assert config.server.token is not None and config.server.token.get_secret_value() == "s3cret"
+    assert config.server.listen == "127.0.0.1:9999"
+    assert config.destinations[0].url == "https://h/p?$x"
+    assert config.destinations[0].headers == {"X-A": "dflt"}
+
+
+def test_missing_env_var_names_the_path() -> None:
+    """An unset variable without a fallback is an error at the key that used it."""
+    found = problems("""
+        destinations:
+          - {name: b, format: braze, url: "https://h/", auth: {type: bearer, token: "${NOPE}"}}
+    """)
+    assert "NOPE is not set" in found["destinations[0].auth.token"]
+
+
+def test_empty_token_means_no_token() -> None:
+    """token: "${RELAY_TOKEN:-}" with the variable unset leaves ingest open, not guarded by ''."""
+    assert parse_config('server: {token: "${RELAY_TOKEN:-}"}', env={}).server.token is None
+
+
+def test_secrets_from_files_and_masked_repr(tmp_path: Path) -> None:
+    """*_file keys read the secret (trailing newline stripped); repr never shows it."""
+    (tmp_path / "tok").write_text("file-token\n")
+    config = parse_config("""
+        destinations:
+          - {name: b, format: braze, url: "https://h/", auth: {type: bearer, token_file: tok}}
+    """, env={}, base_dir=tmp_path)
+    auth = config.destinations[0].auth
+    assert auth.token.get_secret_value() == "file-token"  # type: ignore[union-attr]
+    assert "file-token" not in repr(config)
+
+
+def test_secret_file_errors(tmp_path: Path) -> None:
+    """A missing secret file, or both key and key_file, are errors naming the key."""
+    found = problems("""
+        destinations:
+          - {name: a, format: braze, url: "https://h/", auth: {type: bearer, token_file: /no/such}}
+          - {name: b, format: braze, url: "https://h/",
+             auth: {type: bearer, token: x, token_file: /no/such}}
+    """, base=tmp_path)
+    assert "cannot read secret file" in found["destinations[0].auth.token_file"]
+    assert "not both" in found["destinations[1].auth.token_file"]
+    assert "destinations[0].auth.token" not in found  # no second, misleading "missing"
+
+
+def test_unknown_keys_wrong_types_and_missing_keys_name_paths() -> None:
+    """Typos, wrong types and missing keys are each reported at their exact path."""
+    found = problems("""
+        server: {tokn: x, max_batch: three}
+        delivery: {timeout: 30, max_retrys: 2}
+        destinations:
+          - {name: a, format: ajo, url: "https://h/", auth: {type: jwt}}
+          - {name: b, format: fax, url: "https://h/"}
+        extra_section: {}
+    """)
+    assert found["server.tokn"] == "unknown key (did you mean 'token'?)"
+    assert "valid integer" in found["server.max_batch"] and "'three'" in found["server.max_batch"]
+    assert "bare number has no unit" in found["delivery.timeout"]
+    assert "did you mean 'max_retries'" in found["delivery.max_retrys"]
+    assert found["destinations[0].auth.key"] == "required key is missing"
+    assert "must be one of 'ajo', 'braze' or 'template'" in found["destinations[1].format"]
+    assert found["extra_section"].startswith("unknown key")
+
+
+def test_yaml_syntax_error_names_the_line() -> None:
+    """A YAML syntax error says on which line."""
+    found = problems("server:\n  listen: [1\ndelivery: {}\n")
+    assert "line 3" in found[""]
+
+
+def test_duplicate_yaml_keys_are_errors() -> None:
+    """Two identical keys in one mapping are an error, not 'the last one wins'."""
+    found = problems("server:\n  listen: a:1\n  listen: b:2\n")
+    assert "duplicate key 'listen'" in found[""]
+    assert "line 3" in found[""]
+
+
+def test_destination_cross_checks() -> None:
+    """Unique names, one ajo per org+sandbox, https for ajo, allowed ports, allowed hosts."""
+    found = problems("""
+        destinations:
+          - name: a
+            format: ajo
+            url: http://h.example.com/
+            ajo: {ims_org: o, sandbox: {id: s1, name: prod}}
+          - name: a
+            format: ajo
+            url: https://h.example.com:8443/
+            ajo: {ims_org: o, sandbox: {id: s1, name: prod}}
+          - name: t
+            format: template
+            url: "https://{{ event.attributes.host }}/x"
+            template: {method: GET}
+          - name: u
+            format: template
+            url: "https://other.example.com/x"
+            allowed_hosts: [crm.example.com]
+            template: {method: GET}
+          - name: v
+            format: braze
+            url: "ftp://h/"
+    """)
+    assert "need https://" in found["destinations[0].url"]
+    assert "duplicate destination name 'a'" in found["destinations[1].name"]
+    assert "only one ajo destination per (ims_org, sandbox)" in found["destinations[1].ajo"]
+    assert "port 8443 is not in delivery.allowed_ports (80, 443)" in found["destinations[1].url"]
+    assert "required when the url's host is a template" in found["destinations[2].allowed_hosts"]
+    assert "not in allowed_hosts" in found["destinations[3].url"]
+    assert "https:// or http://" in found["destinations[4].url"]
+
+
+def test_format_specific_sections() -> None:
+    """ajo needs its ajo section, template its template; statuses must be expressible."""
+    found = problems("""
+        destinations:
+          - {name: a, format: ajo, url: "https://h/", statuses: [processed]}
+          - {name: t, format: template, url: "https://h/"}
+          - {name: b, format: braze, url: "https://h/", statuses: [delayed],
+             ajo: {ims_org: o, sandbox: {id: s, name: n}}}
+          - {name: h, format: braze, url: "https://h/", auth: {type: hmac, secret: plain}}
+    """)
+    assert "required for format ajo" in found["destinations[0].ajo"]
+    assert "cannot express status 'processed'" in found["destinations[0].statuses[0]"]
+    assert "required for format template" in found["destinations[1].template"]
+    assert "cannot express status 'delayed'" in found["destinations[2].statuses[0]"]
+    assert "only used by format ajo" in found["destinations[2].ajo"]
+    assert "whsec_" in found["destinations[3].auth.secret"]
+
+
+def test_auth_type_errors_name_the_type_key() -> None:
+    """An unknown or missing auth.type is reported at auth.type with the allowed values."""
+    found = problems("""
+        destinations:
+          - {name: a, format: braze, url: "https://h/", auth: {type: oauth}}
+          - {name: b, format: braze, url: "https://h/", auth: {token: x}}
+    """)
+    assert "'none', 'bearer', 'basic', 'jwt', 'hmac'" in found["destinations[0].auth.type"]
+    assert found["destinations[1].auth.type"] == "required key is missing"
+
+
+def test_config_objects_are_frozen() -> None:
+    """Loaded config cannot be changed by accident at run time."""
+    config = parse_config("", env={})
+    with pytest.raises(Exception, match="frozen"):
+        config.server.max_batch = 1  # type: ignore[misc]
+
+
+def test_check_config_cli(tmp_path: Path) -> None:
+    """`relay check-config` prints OK and exits 0, or prints the paths and exits 1."""
+    ok = subprocess.run([sys.executable, "-m", "relay", "check-config",
+                         str(ROOT / "config.example.yaml")], capture_output=True, text=True)
+    assert ok.returncode == 0 and ok.stdout.startswith("OK"), ok.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("server: {listen: nowhere}\nspool: {max_events: 0}\n")
+    out = subprocess.run([sys.executable, "-m", "relay", "check-config", str(bad)],
+                         capture_output=True, text=True)
+    assert out.returncode == 1
+    assert "server.listen: expected host:port" in out.stderr
+    assert "spool.max_events:" in out.stderr
+    missing = subprocess.run([sys.executable, "-m", "relay", "check-config", str(tmp_path / "no")],
+                             capture_output=True, text=True)
+    assert missing.returncode == 1 and "cannot read config file" in missing.stderr
+
+
+yaml_scalars = st.one_of(st.none(), st.booleans(), st.integers(-5, 100_000), st.floats(-1, 1e6),
+                         st.text(max_size=20), st.sampled_from(["90s", "100ms", "x", "https://h/",
+                                                               "ajo", "braze", "template", "jwt"]))
+keys = st.sampled_from(["server", "spool", "delivery", "health", "destinations", "name", "format",
+                        "url", "auth", "type", "listen", "timeout", "path", "ajo", "template",
+                        "body", "fields", "statuses", "channels", "max_batch", "bogus"])
+yaml_values = st.recursive(yaml_scalars, lambda inner: st.one_of(
+    st.lists(inner, max_size=4), st.dictionaries(keys, inner, max_size=5)), max_leaves=25)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(keys, yaml_values, max_size=6))
+def test_arbitrary_config_data_is_a_config_or_a_config_error(data: dict) -> None:
+    """Whatever the YAML holds, loading yields a Config or a ConfigError naming paths; no crash."""
+    try:
+        result = validate_config(data, env={})
+    except ConfigError as exc:
+        assert exc.problems and all(isinstance(p, str) and m for p, m in exc.problems)
+    else:
+        assert isinstance(result, Config)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=200))
+def test_arbitrary_yaml_text_never_crashes(text: str) -> None:
+    """Any text at all parses to a Config or raises ConfigError."""
+    with contextlib.suppress(ConfigError):
+        parse_config(text, env={})
+
+
+def test_yaml_dump_of_defaults_round_trips(tmp_path: Path) -> None:
+    """A config written by a tool (yaml.safe_dump) loads back the same."""
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"delivery": {"timeout": "5s", "allowed_ports": [80, 8080]}}))
+    config = load_config(path, env={})
+    assert config.delivery.timeout == 5 and config.delivery.allowed_ports == (80, 8080)

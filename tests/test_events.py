@@ -1,0 +1,139 @@
+"""The local event: validation with JSON paths, and the values fixed once at acceptance."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from relay.config import parse_config
+from relay.errors import InvalidEvent
+from relay.events import accept, load_event, parse_events
+from relay.routing import Router
+from tests.helpers import destinations, event
+
+
+def paths(body: object, max_batch: int = 500) -> dict[str, str]:
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    with pytest.raises(InvalidEvent) as info:
+        parse_events(raw, max_batch)
+    return dict(info.value.problems)
+
+
+def test_single_event_and_batch_parse() -> None:
+    """One object gives one event; an array gives all of them in order."""
+    one, is_batch = parse_events(json.dumps(event(1)).encode(), 500)
+    assert not is_batch and one[0].message_id == "msg-1"
+    many, is_batch = parse_events(json.dumps([event(i) for i in range(3)]).encode(), 500)
+    assert is_batch and [e.id for e in many] == ["evt-0", "evt-1", "evt-2"]
+
+
+def test_every_documented_field_is_accepted() -> None:
+    """An event using every field of SPEC.md validates."""
+    full = event(1, occurred_at="2020-08-31T18:58:42+02:00", request_id="r1",
+                 message_type="marketing", campaign_id="c", campaign_version_id="cv",
+                 external_send_id="x", failure={"category": "sync", "type": "Ignored",
+                                                "code": 25, "reason": "Admin Failure"},
+                 retry_count=2, timestamps={"sent_at": "2020-08-31T18:58:42Z"}, org="o",
+                 sandbox="prod", language="fr", attributes={"order_id": 7, "nested": [1]})
+    (parsed,), _ = parse_events(json.dumps(full).encode(), 500)
+    assert parsed.failure is not None and parsed.failure.code == "25"
+    assert parsed.attributes == {"order_id": 7, "nested": [1]}
+
+
+def test_errors_name_json_paths_in_a_batch() -> None:
+    """Each problem in a batch names the element index and the field."""
+    found = paths([event(0), {"channel": "fax", "status": "sent"},
+                   event(2, recipient={"email": "a", "phone": "b"}, chanel="x")])
+    assert found["[1].channel"] == "must be one of 'email' or 'sms' (got 'fax')"
+    assert found["[1].message_id"] == "required field is missing"
+    assert found["[2].recipient"] == "give exactly one of email or phone"
+    assert found["[2].chanel"] == "unknown field (did you mean 'channel'?)"
+
+
+def test_errors_in_a_single_event_have_plain_paths() -> None:
+    """A single object's problems are named without an index."""
+    found = paths(event(0, status="lost", occurred_at="yesterday", retry_count=-1))
+    assert set(found) == {"status", "occurred_at", "retry_count"}
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    (b"", "one event (a JSON object) or an array"),
+    (b"42", "one event (a JSON object) or an array"),
+    (b"{not json", "not valid JSON"),
+    (b"[]", "holds no events"),
+])
+def test_bodies_that_are_not_events(body: bytes, message: str) -> None:
+    """Empty, scalar, broken or empty-array bodies are named as such."""
+    assert message in paths(body)[""]
+
+
+def test_batch_limit() -> None:
+    """More than server.max_batch events is refused as a whole."""
+    assert "at most 3 events" in paths([event(i) for i in range(4)], max_batch=3)[""]
+
+
+def test_types_are_strict() -> None:
+    """A number where text is required (or text for a number) is an error, not coerced."""
+    found = paths(event(0, message_id=5, retry_count="1", occurred_at=1598899122))
+    assert set(found) == {"message_id", "retry_count", "occurred_at"}
+
+
+def test_timezone_is_required() -> None:
+    """occurred_at without an offset is ambiguous and rejected."""
+    assert "timezone" in paths(event(0, occurred_at="2020-08-31T18:58:42"))["occurred_at"]
+
+
+def test_accept_fills_id_request_id_and_time_once() -> None:
+    """Missing id, request_id and occurred_at are generated once and survive a round trip."""
+    (bare,), _ = parse_events(b'{"channel":"sms","status":"sent","message_id":"m"}', 10)
+    accepted = accept(bare, 1598899122.5)
+    assert accepted.id.startswith("evt_") and not accepted.sender_id
+    stored = load_event(accepted.to_json())
+    assert stored.id == accepted.id and stored.request_id == accepted.event.request_id
+    assert stored.occurred_at is not None and stored.occurred_at.timestamp() == 1598899122.5
+    (given,), _ = parse_events(json.dumps(event(3, request_id="r")).encode(), 10)
+    kept = accept(given, 0)
+    assert kept.sender_id and kept.id == "evt-3" and kept.event.request_id == "r"
+
+
+def router(**overrides: object) -> Router:
+    dests = destinations("https://h.example.com/")
+    for dest in dests:
+        dest.update(overrides.get(dest["name"], {}))  # type: ignore[arg-type]
+    return Router(parse_config(json.dumps({"destinations": dests}), env={}))
+
+
+def routes(r: Router, **fields: object) -> dict[str, tuple[str, str | None]]:
+    (ev,), _ = parse_events(json.dumps(event(0, **fields)).encode(), 10)
+    return {x.destination: (x.state, x.reason) for x in r.route(ev)}
+
+
+def test_routing_by_channel_and_status() -> None:
+    """channels and statuses filter destinations; sms never reaches the email-only braze one."""
+    r = router(crm={"statuses": ["bounced"]})
+    assert set(routes(r, channel="email", status="delivered")) == {"ajo", "braze"}
+    assert set(routes(r, channel="sms", status="bounced")) == {"ajo", "crm"}
+
+
+@pytest.mark.parametrize(("status", "ajo", "braze"), [
+    ("sent", "pending", "pending"), ("processed", "skipped", "pending"),
+    ("delivered", "pending", "pending"), ("delayed", "pending", "skipped"),
+    ("bounced", "pending", "pending"), ("aborted", "pending", "pending"),
+    ("failed", "pending", "pending"), ("excluded", "pending", "pending"),
+])
+def test_inexpressible_statuses_are_skipped(status: str, ajo: str, braze: str) -> None:
+    """Each row of the status table: a status a format cannot express is a skipped delivery."""
+    found = routes(router(), status=status)
+    assert found["ajo"][0] == ajo and found["braze"][0] == braze and found["crm"][0] == "pending"
+    if ajo == "skipped":
+        assert found["ajo"][1] == f"format ajo cannot express status {status!r}"
+
+
+def test_org_and_sandbox_pick_the_ajo_destination() -> None:
+    """org/sandbox choose among ajo destinations and leave the others alone."""
+    r = router()
+    assert "ajo" in routes(r, org="myImsOrg", sandbox="prod")
+    assert "ajo" in routes(r, sandbox="068abf40-575e-11ea-8512-9b1bfdb82603")
+    assert set(routes(r, org="otherOrg")) == {"braze", "crm"}
+    assert set(routes(r, sandbox="dev")) == {"braze", "crm"}

@@ -1,0 +1,110 @@
+"""The real relay process: durable on 202 across SIGKILL, clean exit on SIGTERM."""
+
+from __future__ import annotations
+
+import signal
+import sqlite3
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import RelayProcess, event, http, write_config
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def relay(tmp_path: Path) -> Iterator[RelayProcess]:
+    proc = RelayProcess(write_config(tmp_path), tmp_path / "relay.log")
+    yield proc
+    proc.stop()
+
+
+def test_sigkill_right_after_202_loses_nothing(relay: RelayProcess, tmp_path: Path) -> None:
+    """Every delivery acknowledged with 202 is still pending after kill -9 and a restart."""
+    relay.start()
+    acknowledged: dict[str, str] = {}   # delivery_id -> event id
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def sender(worker: int) -> None:
+        for i in range(10_000):
+            if stop.is_set():
+                return
+            ev = event(worker * 100_000 + i)
+            try:
+                status, _, body = http("POST", relay.url + "/v1/events", ev, timeout=5)
+            except OSError:
+                return  # the relay died under us: that request was never acknowledged
+            if status == 202:
+                with lock:
+                    for d in body["events"][0]["deliveries"]:
+                        acknowledged[d["delivery_id"]] = ev["id"]
+
+    with ThreadPoolExecutor(8) as pool:
+        for w in range(8):
+            pool.submit(sender, w)
+        while len(acknowledged) < 600:   # keep posting until a good number are acknowledged
+            threading.Event().wait(0.01)
+        assert relay.kill(signal.SIGKILL) == -signal.SIGKILL
+        stop.set()
+
+    conn = sqlite3.connect(tmp_path / "spool.db")
+    stored = {row[0] for row in conn.execute("SELECT delivery_id FROM deliveries")}
+    conn.close()
+    missing = set(acknowledged) - stored
+    assert not missing, f"{len(missing)} acknowledged deliveries lost"
+
+    relay.start()
+    seen: set[str] = set()
+    cursor = "0"
+    while cursor:
+        status, _, page = http("GET", f"{relay.url}/v1/deliveries?status=pending&limit=1000"
+                                      f"&next={cursor}")
+        assert status == 200
+        seen |= {d["delivery_id"] for d in page["deliveries"]}
+        cursor = page["next"]
+    assert set(acknowledged) <= seen
+    # The sender's ids still dedupe after the restart.
+    some_id = next(iter(acknowledged.values()))
+    n = int(some_id.removeprefix("evt-"))
+    status, _, body = http("POST", relay.url + "/v1/events", event(n))
+    assert status == 200 and body["duplicate"] is True
+
+
+def test_sigterm_exits_zero_and_keeps_data(relay: RelayProcess) -> None:
+    """SIGTERM stops the relay with exit code 0 and the spool keeps what was accepted."""
+    relay.start()
+    status, _, body = http("POST", relay.url + "/v1/events", [event(i) for i in range(50)])
+    assert status == 202 and len(body["events"]) == 50
+    assert relay.kill(signal.SIGTERM) == 0
+    assert "stopped" in relay.log()
+    relay.start()
+    status, _, page = http("GET", relay.url + "/v1/deliveries?limit=1000")
+    assert status == 200 and len(page["deliveries"]) == 50 * 3 - 0  # ajo, braze, crm each
+    assert http("GET", relay.url + "/readyz")[0] == 200
+
+
+def test_bad_config_exits_nonzero_with_paths(tmp_path: Path) -> None:
+    """`relay serve` with an invalid config exits 1 and names the bad path."""
+    path = write_config(tmp_path, delivery={"timeout": "soon"})
+    proc = RelayProcess(path, tmp_path / "bad.log")
+    with pytest.raises(RuntimeError, match=r"delivery\.timeout"):
+        proc.start()
+    assert proc.proc is not None and proc.proc.returncode == 1
+
+
+def test_port_in_use_is_a_clear_error(relay: RelayProcess, tmp_path: Path) -> None:
+    """A second relay on a busy port says so and exits, without a traceback."""
+    relay.start()
+    port = int(relay.url.rsplit(":", 1)[1])
+    other = tmp_path / "other"
+    other.mkdir()
+    proc = RelayProcess(write_config(other, server={"listen": f"127.0.0.1:{port}"}),
+                        other / "relay.log")
+    with pytest.raises(RuntimeError, match="cannot listen on") as info:
+        proc.start()
+    assert "Traceback" not in str(info.value)

@@ -1,0 +1,210 @@
+"""The HTTP API: ingest answers of SPEC.md, limits, auth, health; never a 500 for client input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from relay.config import Config, load_config
+from relay.server import STATE, create_app
+from relay.spool import Spool
+from tests.helpers import ServerThread, event, http, write_config
+
+
+def make_config(tmp_path: Path, **sections: Any) -> Config:
+    return load_config(write_config(tmp_path, **sections), env={})
+
+
+@pytest.fixture
+async def client_for(tmp_path: Path, aiohttp_client: Any):
+    spools: list[Spool] = []
+
+    async def make(**sections: Any) -> Any:
+        config = make_config(tmp_path, **sections)
+        spool = Spool(config.spool.path, max_events=config.spool.max_events)
+        await spool.open()
+        spools.append(spool)
+        return await aiohttp_client(create_app(config, spool))
+
+    yield make
+    for spool in spools:
+        await spool.close()
+
+
+async def test_single_event_gets_202_with_deliveries(client_for: Any) -> None:
+    """One event: 202 and one delivery per matching destination, skipped ones flagged."""
+    client = await client_for()
+    resp = await client.post("/v1/events", json=event(1, status="processed"))
+    assert resp.status == 202
+    (entry,) = (await resp.json())["events"]
+    assert entry["id"] == "evt-1" and "duplicate" not in entry
+    by_dest = {d["destination"]: d for d in entry["deliveries"]}
+    assert set(by_dest) == {"ajo", "braze", "crm"}
+    assert by_dest["ajo"].get("skipped") is True  # ajo cannot express "processed"
+    assert "skipped" not in by_dest["braze"]
+
+
+async def test_batch_and_duplicates(client_for: Any) -> None:
+    """A batch is stored whole; a repeat is flagged; an all-repeat request answers 200."""
+    client = await client_for()
+    first = await client.post("/v1/events", json=[event(1), event(2)])
+    assert first.status == 202
+    mixed = await client.post("/v1/events", json=[event(2), event(3)])
+    assert mixed.status == 202
+    body = await mixed.json()
+    assert body["events"][0]["duplicate"] is True and "duplicate" not in body
+    assert body["events"][0]["deliveries"] == (await first.json())["events"][1]["deliveries"]
+    repeat = await client.post("/v1/events", json=event(1))
+    assert repeat.status == 200 and (await repeat.json())["duplicate"] is True
+
+
+async def test_invalid_batch_stores_nothing(client_for: Any) -> None:
+    """A batch with one bad event is refused whole, with the path of the bad field."""
+    client = await client_for()
+    resp = await client.post("/v1/events", json=[event(1), event(2), event(3), {"channel": "x"}])
+    assert resp.status == 400
+    body = await resp.json()
+    assert body["error"] == "invalid event"
+    assert {"path": "[3].channel", "message": "must be one of 'email' or 'sms' (got 'x')"} \
+        in body["details"]
+    listing = await (await client.get("/v1/deliveries")).json()
+    assert listing["deliveries"] == []
+
+
+async def test_content_type_and_size_limits(client_for: Any) -> None:
+    """Non-JSON is 415; a body over max_body_bytes is 413 (declared or streamed)."""
+    client = await client_for(server={"max_body_bytes": 2048})
+    resp = await client.post("/v1/events", data=b"x=1",
+                             headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert resp.status == 415 and "application/json" in (await resp.json())["error"]
+    big = json.dumps([event(i) for i in range(40)]).encode()
+    resp = await client.post("/v1/events", data=big, headers={"Content-Type": "application/json"})
+    assert resp.status == 413
+
+    async def chunks():  # no Content-Length: the limit must hold while streaming
+        for _ in range(10):
+            yield b" " * 1024
+
+    resp = await client.post("/v1/events", data=chunks(),
+                             headers={"Content-Type": "application/json"})
+    assert resp.status == 413
+
+
+async def test_batch_limit(client_for: Any) -> None:
+    """More than server.max_batch events is a 400 naming the limit."""
+    client = await client_for(server={"max_batch": 2})
+    resp = await client.post("/v1/events", json=[event(i) for i in range(3)])
+    assert resp.status == 400 and "server.max_batch" in (await resp.json())["details"][0]["message"]
+
+
+async def test_token_guards_v1(client_for: Any) -> None:
+    """With server.token set, /v1/* needs the Bearer token; health endpoints stay open."""
+    client = await client_for(server={"token": "t0k"})
+    assert (await client.post("/v1/events", json=event(1))).status == 401
+    wrong = await client.post("/v1/events", json=event(1), headers={"Authorization": "Bearer x"})
+    assert wrong.status == 401 and wrong.headers["WWW-Authenticate"].startswith("Bearer")
+    ok = await client.post("/v1/events", json=event(1), headers={"Authorization": "Bearer t0k"})
+    assert ok.status == 202
+    assert (await client.get("/v1/deliveries")).status == 401
+    assert (await client.get("/healthz")).status == 200
+
+
+async def test_allow_cidrs(client_for: Any) -> None:
+    """A client outside server.allow_cidrs is refused with 403."""
+    client = await client_for(server={"allow_cidrs": ["10.0.0.0/8"]})
+    assert (await client.post("/v1/events", json=event(1))).status == 403
+    open_client = await client_for(server={"allow_cidrs": ["127.0.0.0/8"]})
+    assert (await open_client.post("/v1/events", json=event(1))).status == 202
+
+
+async def test_spool_full_is_503_with_retry_after(client_for: Any) -> None:
+    """When spool.max_events events await delivery, ingest answers 503 with Retry-After."""
+    client = await client_for(spool={"max_events": 2})
+    assert (await client.post("/v1/events", json=[event(1), event(2)])).status == 202
+    resp = await client.post("/v1/events", json=event(3))
+    assert resp.status == 503 and int(resp.headers["Retry-After"]) > 0
+    assert "max_events" in (await resp.json())["error"]
+
+
+async def test_health_and_readiness(client_for: Any) -> None:
+    """healthz is liveness; readyz turns 503 when draining."""
+    client = await client_for()
+    assert (await client.get("/healthz")).status == 200
+    assert (await client.get("/readyz")).status == 200
+    client.server.app[STATE]["draining"] = True
+    assert (await client.get("/readyz")).status == 503
+
+
+async def test_unknown_paths_and_methods_answer_json(client_for: Any) -> None:
+    """404 and 405 come back as JSON errors."""
+    client = await client_for()
+    resp = await client.get("/nope")
+    assert resp.status == 404 and "error" in await resp.json()
+    resp = await client.get("/v1/events")
+    assert resp.status == 405 and "POST" in resp.headers["Allow"]
+
+
+async def test_activity_log_queries(client_for: Any) -> None:
+    """The activity log filters by status and destination, pages, and rejects bad parameters."""
+    client = await client_for()
+    await client.post("/v1/events", json=[event(i) for i in range(3)])
+    page = await (await client.get("/v1/deliveries?destination=ajo&limit=2")).json()
+    assert [d["event_id"] for d in page["deliveries"]] == ["evt-0", "evt-1"]
+    rest = await (await client.get(f"/v1/deliveries?destination=ajo&next={page['next']}")).json()
+    assert [d["event_id"] for d in rest["deliveries"]] == ["evt-2"] and rest["next"] is None
+    one = page["deliveries"][0]
+    got = await (await client.get(f"/v1/deliveries/{one['delivery_id']}")).json()
+    assert got["status"] == "pending" and got["destination"] == "ajo"
+    assert (await client.get("/v1/deliveries?status=lost")).status == 400
+    assert (await client.get("/v1/deliveries?limit=abc")).status == 400
+    assert (await client.get("/v1/deliveries/dlv_missing")).status == 404
+
+
+json_values = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False),
+              st.text(max_size=30)),
+    lambda inner: st.one_of(st.lists(inner, max_size=5),
+                            st.dictionaries(st.text(max_size=12), inner, max_size=6)),
+    max_leaves=30)
+field_names = st.sampled_from(["id", "channel", "status", "message_id", "occurred_at", "recipient",
+                               "failure", "retry_count", "timestamps", "attributes", "language"])
+near_events = st.fixed_dictionaries(
+    {"channel": st.sampled_from(["email", "sms", "fax", 1]),
+     "status": st.sampled_from(["sent", "bounced", "delayed", "nope"]),
+     "message_id": st.one_of(st.text(max_size=10), st.integers())},
+    optional={"id": st.text(max_size=8), "occurred_at": st.text(max_size=30),
+              "recipient": json_values, "failure": json_values, "retry_count": json_values,
+              "timestamps": json_values, "attributes": json_values})
+bodies = st.one_of(json_values, near_events, st.lists(near_events, max_size=4),
+                   st.dictionaries(field_names, json_values))
+
+
+@pytest.fixture(scope="module")
+def live_server(tmp_path_factory: pytest.TempPathFactory):
+    config = make_config(tmp_path_factory.mktemp("fuzz"))
+    with ServerThread(config) as server:
+        yield server
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=bodies)
+def test_arbitrary_json_never_gets_a_5xx(live_server: ServerThread, body: Any) -> None:
+    """Any JSON at all gets 202, 200 or a 400 whose details name paths; never a 5xx."""
+    status, _, answer = http("POST", live_server.url + "/v1/events", json.dumps(body).encode())
+    assert status in (200, 202, 400), (status, answer)
+    if status == 400:
+        assert answer["error"] and all("path" in d and d["message"] for d in answer["details"])
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(raw=st.binary(max_size=200))
+def test_arbitrary_bytes_never_get_a_5xx(live_server: ServerThread, raw: bytes) -> None:
+    """Random bytes labelled as JSON get a 4xx, and the server keeps serving."""
+    status, _, _ = http("POST", live_server.url + "/v1/events", raw)
+    assert 400 <= status < 500
+    assert http("GET", live_server.url + "/healthz")[0] == 200
