@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 from collections.abc import Coroutine, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 from relay import __version__
@@ -42,6 +43,15 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("file", metavar="FILE")
     check.set_defaults(func=cmd_check_config)
+
+    render = sub.add_parser(
+        "render", help="print the exact request a destination would get for an event",
+        description="Print the method, URL, headers and body that would be sent (secrets "
+                    "masked) and an equivalent curl command, or why the event would be skipped.")
+    render.add_argument("-c", "--config", required=True, metavar="FILE", help="YAML config file")
+    render.add_argument("--destination", "-d", required=True, metavar="NAME")
+    render.add_argument("event", metavar="EVENT.json", help="a local event as JSON ('-': stdin)")
+    render.set_defaults(func=cmd_render)
     return parser
 
 
@@ -53,6 +63,20 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         return 1
     print(f"OK: {args.file} ({len(config.destinations)} destinations)")
     return 0
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    from relay.preview import preview
+
+    config = _load_or_exit(args.config)
+    try:
+        raw = sys.stdin.buffer.read() if args.event == "-" else Path(args.event).read_bytes()
+    except OSError as exc:
+        print(f"relay render: cannot read {args.event}: {exc.strerror}", file=sys.stderr)
+        return 1
+    text, ok = preview(config, args.destination, raw)
+    print(text, file=sys.stdout if ok else sys.stderr)
+    return 0 if ok else 1
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

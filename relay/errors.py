@@ -7,7 +7,8 @@
     │   └── SpoolFull             spool.max_events reached, or the disk is full: answer 503
     └── DeliveryError             one attempt to reach a destination did not succeed
         ├── RetryableDeliveryError    timeout, connection/DNS/TLS, 5xx, 408, 429: try again later
-        └── PermanentDeliveryError    3xx, other 4xx, a payload that cannot be rendered: give up
+        └── PermanentDeliveryError    3xx, other 4xx: give up
+            └── RenderError           a template failed, or a rendered URL is not allowed
 
 A suspended host is not an error at all: its deliveries wait in the spool.
 Library exceptions (yaml, pydantic, sqlite3, aiohttp, pyjwt) are mapped to these at the module
@@ -78,3 +79,7 @@ class RetryableDeliveryError(DeliveryError):
 
 class PermanentDeliveryError(DeliveryError):
     """The attempt can never succeed as it is: 3xx, other 4xx, unrenderable payload."""
+
+
+class RenderError(PermanentDeliveryError):
+    """The request for this delivery cannot be built; no request is sent."""

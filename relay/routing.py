@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from relay.config import CHANNELS, STATUSES, Config, Destination
 from relay.events import Event
-from relay.payloads import FORMAT_STATUSES
+from relay.payloads import skip_reason
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,9 +43,8 @@ class Router:
 
 
 def _route(dest: Destination, status: str) -> Route:
-    if status in FORMAT_STATUSES[dest.format]:
-        return Route(dest.name, "pending")
-    return Route(dest.name, "skipped", f"format {dest.format} cannot express status {status!r}")
+    reason = skip_reason(dest.format, status)
+    return Route(dest.name, "pending") if reason is None else Route(dest.name, "skipped", reason)
 
 
 def _ajo_matches(dest: Destination, event: Event) -> bool:

@@ -335,6 +335,13 @@ class Spool:
         rows = await self._read(lambda conn: conn.execute(sql, (*args, limit)).fetchall())
         return [DeliveryRecord(*row) for row in rows]
 
+    async def event_json(self, delivery_id: str) -> str | None:
+        """The stored event (normalised JSON) behind a delivery."""
+        rows = await self._read(lambda conn: conn.execute(
+            "SELECT e.body FROM deliveries d JOIN events e ON e.seq = d.event_seq "
+            "WHERE d.delivery_id = ?", (delivery_id,)).fetchall())
+        return rows[0][0] if rows else None
+
     async def counts(self) -> dict[str, int]:
         """Number of deliveries by state."""
         rows = await self._read(lambda conn: conn.execute(

@@ -170,6 +170,13 @@ def _check_destination(dest: Destination, at: str, config: Config) -> list[tuple
                                                       "'whsec_' followed by base64"))
                 break
     problems += _check_url(dest, at, config)
+    if not problems:  # compile templates and keys only once the rest of the entry is sound
+        from relay.auth import auth_problems
+        from relay.payloads.template import syntax_problems
+
+        if dest.format == "template":
+            problems += syntax_problems(dest, at)
+        problems += auth_problems(dest, at)
     return problems
 
 

@@ -1,0 +1,167 @@
+"""Signing: a ``Request -> Request`` step that adds authentication and the relay's own headers.
+
+It knows nothing of payload formats. Every request gets ``Webhook-Id`` (the delivery id, stable
+across retries) and ``User-Agent``; then, by ``auth.type``: ``bearer``, ``basic``, ``jwt``
+(pyjwt; tokens cached with cachetools until 60 s before they expire) or ``hmac`` (Standard
+Webhooks: ``webhook-id``, ``webhook-timestamp``, ``webhook-signature: v1,<base64>`` over
+``id.timestamp.body``; one signature per secret while rotating). ``mask`` hides secrets for
+display.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import re
+import time
+import uuid
+from collections.abc import Callable
+from typing import Protocol
+
+import cachetools
+import jwt
+
+from relay import __version__
+from relay.config import BasicAuth, BearerAuth, Destination, HmacAuth, JwtAuth
+from relay.errors import ConfigError
+from relay.payloads import Request
+
+USER_AGENT = f"relay/{__version__} (+webhook relay)"
+JWT_REFRESH_MARGIN = 60.0  # seconds before exp at which a cached token is replaced
+
+
+class Signer(Protocol):
+    def sign(self, request: Request, delivery_id: str) -> Request: ...
+
+
+class Signing:
+    """Common headers plus the destination's auth; build once per destination."""
+
+    def __init__(self, dest: Destination, clock: Callable[[], float] = time.time) -> None:
+        self.destination = dest
+        self.clock = clock
+        self._auth = _auth_step(dest, clock)
+
+    def sign(self, request: Request, delivery_id: str) -> Request:
+        request = request.with_headers(**{"Webhook-Id": delivery_id, "User-Agent": USER_AGENT})
+        return self._auth(request, delivery_id) if self._auth else request
+
+
+def _auth_step(dest: Destination,
+               clock: Callable[[], float]) -> Callable[[Request, str], Request] | None:
+    auth = dest.auth
+    if isinstance(auth, BearerAuth):
+        value = f"Bearer {auth.token.get_secret_value()}"
+        return lambda request, _: request.with_headers(Authorization=value)
+    if isinstance(auth, BasicAuth):
+        pair = f"{auth.username}:{auth.password.get_secret_value()}".encode()
+        value = "Basic " + base64.b64encode(pair).decode()
+        return lambda request, _: request.with_headers(Authorization=value)
+    if isinstance(auth, JwtAuth):
+        return JwtSigner(auth, clock).sign
+    if isinstance(auth, HmacAuth):
+        return HmacSigner(auth, clock).sign
+    return None
+
+
+class JwtSigner:
+    """Mints a JWT with iss/sub/aud/iat/exp/jti and custom claims; reuses it until near exp."""
+
+    def __init__(self, auth: JwtAuth, clock: Callable[[], float] = time.time) -> None:
+        self.auth = auth
+        self.clock = clock
+        self.minted = 0
+        key: object = auth.key.get_secret_value()
+        if auth.algorithm.startswith("HS"):
+            need = int(auth.algorithm[2:]) // 8  # RFC 7518 3.2: at least the hash size
+            if len(auth.key.get_secret_value().encode()) < need:
+                raise ConfigError([("auth.key", f"{auth.algorithm} needs a key of at least {need} "
+                                                "bytes (RFC 7518 section 3.2)")])
+        else:
+            try:
+                key = jwt.get_algorithm_by_name(auth.algorithm).prepare_key(key)  # type: ignore[arg-type]
+            except (ValueError, TypeError, jwt.InvalidKeyError) as exc:
+                raise ConfigError([("auth.key", f"not a private key usable with {auth.algorithm}: "
+                                                f"{exc}")]) from exc
+        self._key = key
+        reuse = max(auth.ttl - JWT_REFRESH_MARGIN, auth.ttl / 2)
+        self._cache: cachetools.TTLCache[str, str] = cachetools.TTLCache(1, reuse, timer=clock)
+
+    def token(self) -> str:
+        token = self._cache.get("token")
+        if token is None:
+            token = self._cache["token"] = self._mint()
+        return token
+
+    def _mint(self) -> str:
+        now = int(self.clock())
+        claims: dict[str, object] = {**self.auth.claims, "iat": now,
+                                     "exp": now + int(self.auth.ttl), "jti": uuid.uuid4().hex}
+        for claim, value in (("iss", self.auth.issuer), ("sub", self.auth.subject),
+                             ("aud", self.auth.audience)):
+            if value is not None:
+                claims[claim] = value
+        headers = {"kid": self.auth.key_id} if self.auth.key_id else None
+        self.minted += 1
+        return jwt.encode(claims, self._key, algorithm=self.auth.algorithm,  # type: ignore[arg-type]
+                          headers=headers)
+
+    def sign(self, request: Request, delivery_id: str) -> Request:
+        scheme = self.auth.scheme
+        value = f"{scheme} {self.token()}" if scheme else self.token()
+        return request.with_headers(**{self.auth.header: value})
+
+
+class HmacSigner:
+    """Standard Webhooks signatures (https://www.standardwebhooks.com)."""
+
+    def __init__(self, auth: HmacAuth, clock: Callable[[], float] = time.time) -> None:
+        self.clock = clock
+        secrets = ([auth.secret] if auth.secret else []) + list(auth.secrets)
+        self._keys = [_whsec_key(s.get_secret_value()) for s in secrets]
+
+    def sign(self, request: Request, delivery_id: str) -> Request:
+        timestamp = str(int(self.clock()))
+        signed = f"{delivery_id}.{timestamp}.".encode() + request.body
+        signatures = " ".join(
+            "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
+            for key in self._keys)
+        return request.with_headers(**{"webhook-id": delivery_id, "webhook-timestamp": timestamp,
+                                       "webhook-signature": signatures})
+
+
+def _whsec_key(secret: str) -> bytes:
+    try:
+        return base64.b64decode(secret.removeprefix("whsec_"), validate=True)
+    except ValueError as exc:
+        raise ConfigError([("auth.secret", "not valid base64 after 'whsec_'")]) from exc
+
+
+_SECRET_HEADER = re.compile(r"authorization|signature|token|secret|api[-_]?key|password|cookie",
+                            re.IGNORECASE)
+
+
+def mask(request: Request) -> Request:
+    """The request with secret-looking header values hidden (scheme words kept)."""
+    headers = {}
+    for name, value in request.headers.items():
+        if _SECRET_HEADER.search(name):
+            scheme, _, rest = value.partition(" ")
+            if name.lower() == "webhook-signature":
+                value = " ".join(part.split(",", 1)[0] + ",****" for part in value.split())
+            elif rest and scheme in ("Bearer", "Basic", "Token"):
+                value = f"{scheme} ****"
+            else:
+                value = "****"
+        headers[name] = value
+    return Request(request.method, request.url, headers, request.body)
+
+
+def auth_problems(dest: Destination, at: str) -> list[tuple[str, str]]:
+    """Keys that cannot sign (bad PEM, bad base64), found at load time instead of at send time."""
+    try:
+        Signing(dest)
+    except ConfigError as exc:
+        return [(f"{at}.{path}", message) for path, message in exc.problems]
+    return []

@@ -1,0 +1,62 @@
+"""Showing requests to people: ``relay render`` and the test-send answer.
+
+Runs the same steps as delivery (accept, route, render, sign) for one destination, without
+sending, and formats the result as an HTTP request and a curl command with secrets masked.
+"""
+
+from __future__ import annotations
+
+import shlex
+import time
+
+from relay.auth import Signing, mask
+from relay.config import Config
+from relay.errors import InvalidEvent, RenderError
+from relay.events import accept, parse_events
+from relay.ids import delivery_id
+from relay.payloads import Request, build_renderer
+from relay.routing import Router
+
+
+def preview(config: Config, destination: str, raw_event: bytes) -> tuple[str, bool]:
+    """(text to print, True when a request was rendered or the event would be skipped)."""
+    dest = config.destination(destination)
+    if dest is None:
+        names = ", ".join(d.name for d in config.destinations) or "none configured"
+        return f"relay render: no destination {destination!r} (destinations: {names})", False
+    try:
+        events, _ = parse_events(raw_event, 1)
+    except InvalidEvent as exc:
+        return "relay render: " + exc.render(), False
+    accepted = accept(events[0], time.time())
+    route = next((r for r in Router(config).route(accepted.event) if r.destination == dest.name),
+                 None)
+    if route is None:
+        return (f"not sent: destination {dest.name} does not take {accepted.event.channel} "
+                f"events with status {accepted.event.status!r} (see its channels, statuses"
+                f"{', org/sandbox' if dest.format == 'ajo' else ''})"), True
+    if route.state == "skipped":
+        return f"skipped: {route.reason}", True
+    did = delivery_id(time.time())
+    try:
+        request = build_renderer(dest, config).render(accepted.event, did)
+    except RenderError as exc:
+        return f"would fail without sending: {exc}", False
+    signed = mask(Signing(dest).sign(request, did))
+    return (f"# {dest.name} ({dest.format}), delivery {did}; secrets masked\n"
+            f"{as_http(signed)}\n\n# the same as curl:\n{as_curl(signed)}"), True
+
+
+def as_http(request: Request) -> str:
+    lines = [f"{request.method} {request.url}"]
+    lines += [f"{name}: {value}" for name, value in request.headers.items()]
+    body = request.body.decode("utf-8", errors="replace")
+    return "\n".join(lines) + ("\n\n" + body if body else "")
+
+
+def as_curl(request: Request) -> str:
+    lines = [f"curl -X {request.method} {shlex.quote(request.url)}"]
+    lines += [f"-H {shlex.quote(f'{name}: {value}')}" for name, value in request.headers.items()]
+    if request.body:
+        lines.append(f"--data-binary {shlex.quote(request.body.decode('utf-8', errors='replace'))}")
+    return " \\\n  ".join(lines)

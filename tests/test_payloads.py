@@ -1,0 +1,279 @@
+"""Payload shapes: the documented fixtures field for field, the status table, Liquid templates."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from relay.config import Config, parse_config
+from relay.errors import ConfigError, RenderError
+from relay.events import Event, accept, parse_events
+from relay.payloads import AJO_STATUS, BRAZE_STATUS, build_renderers
+from relay.payloads._json import braze_time
+from tests.helpers import FIXTURES
+
+AJO_FIXTURE = json.loads((FIXTURES / "ajo_feedback_bounce.json").read_text())
+BRAZE_FIXTURES = json.loads((FIXTURES / "braze_postbacks.json").read_text())
+
+CONFIG = """
+delivery: {allowed_ports: [443, 8443]}
+destinations:
+  - name: ajo
+    format: ajo
+    url: https://ajo.example.com/feedback
+    ajo: {ims_org: myImsOrg, sandbox: {id: 068abf40-575e-11ea-8512-9b1bfdb82603, name: prod}}
+  - name: braze
+    format: braze
+    url: https://braze.example.com/postback
+  - name: crm
+    format: template
+    url: "https://crm.example.com/users/{{ event.recipient.email | url_encode }}"
+    allowed_hosts: [crm.example.com, crm2.example.com]
+    headers: {X-Order: "{{ event.attributes.order_id | default: 'none' }}"}
+    template:
+      method: PUT
+      body: {type: json, fields: {message_body: "Order {{ event.attributes.order_id | default: 'n/a' }}",
+                                  status: "{{ event.status }}"}}
+      variants:
+        fr: {body: {type: json, fields: {message_body: "Commande {{ event.attributes.order_id }}"}}}
+        de: {method: POST, url: "https://crm2.example.com/de",
+             body: {type: raw, template: "to={{ event.recipient.phone | url_encode }}&text=Hallo",
+                    content_type: application/x-www-form-urlencoded}}
+"""
+
+
+def config(text: str = CONFIG) -> Config:
+    return parse_config(text, env={})
+
+
+RENDERERS = build_renderers(config())
+
+
+def make_event(**fields: Any) -> Event:
+    base = {"channel": "email", "status": "delivered", "message_id": "m-1"}
+    (event,), _ = parse_events(json.dumps({**base, **fields}).encode(), 1)
+    return accept(event, 1598899122.0).event
+
+
+def body(name: str, event: Event) -> Any:
+    request = RENDERERS[name].render(event, "dlv_test")
+    return json.loads(request.body) if request.body else None
+
+
+def test_ajo_fixture_field_for_field() -> None:
+    """The local event carrying the fixture's values renders to exactly ajo_feedback_bounce.json."""
+    event = make_event(
+        channel="email", status="bounced", message_id="HUMA-26362805",
+        request_id="8NoByJneShCdCGRnrGS1t1m3CdA73dhR",
+        campaign_id="16f24a15-7e21-477c-848a-d5695ca7f137",
+        campaign_version_id="2ca10c10-56dd-4505-87cd-fa5da84e7a5d",
+        failure={"category": "sync", "type": "Ignored", "code": "25", "reason": "Admin Failure"},
+        recipient={"email": "john.doe@luma.com"})
+    rendered = body("ajo", event)
+    assert rendered == AJO_FIXTURE
+    assert list(rendered) == list(AJO_FIXTURE)  # the documented key order too
+    assert list(rendered["messageDeliveryFeedback"]) == list(AJO_FIXTURE["messageDeliveryFeedback"])
+
+
+def fixture_event(status: str) -> Event:
+    expected = BRAZE_FIXTURES[status]
+    md = expected["metadata"]
+    fields: dict[str, Any] = {"status": status, "message_id": expected["dispatch_id"],
+                              "campaign_id": md["campaign_api_id"],
+                              "external_send_id": md["external_send_id"]}
+    at = md.get(f"{status}_at") or md.get("sent_at")
+    fields["occurred_at"] = at
+    if "reason" in md:
+        fields["failure"] = {"reason": md["reason"]}
+    if status == "sent":
+        fields["timestamps"] = {k: md[k] for k in ("received_at", "enqueued_at", "executed_at",
+                                                    "sent_at")}
+    return make_event(**fields)
+
+
+@pytest.mark.parametrize("status", list(BRAZE_FIXTURES))
+def test_braze_fixtures_field_for_field(status: str) -> None:
+    """Each status in braze_postbacks.json renders to exactly that object, keys in order."""
+    rendered = body("braze", fixture_event(status))
+    assert rendered == BRAZE_FIXTURES[status]
+    assert list(rendered["metadata"]) == list(BRAZE_FIXTURES[status]["metadata"])
+
+
+def test_braze_time_format_normalises_offsets() -> None:
+    """Braze times are UTC with milliseconds and +00:00, whatever offset the input had."""
+    event = make_event(occurred_at="2020-08-31T20:58:42.1234+02:00")
+    assert body("braze", event)["metadata"]["delivered_at"] == "2020-08-31T18:58:42.123+00:00"
+    assert event.occurred_at is not None and braze_time(event.occurred_at).endswith("+00:00")
+
+
+def test_braze_omits_unknowns() -> None:
+    """campaign_api_id, external_send_id and reason appear only when known."""
+    md = body("braze", make_event(status="bounced"))["metadata"]
+    assert set(md) == {"bounced_at"}
+    md = body("braze", make_event(status="sent"))["metadata"]
+    assert set(md) == {"sent_at"}  # sent_at falls back to occurred_at
+
+
+@pytest.mark.parametrize(("status", "ajo", "braze"), [
+    ("sent", "sent", "sent"), ("processed", None, "processed"),
+    ("delivered", "delivered", "delivered"), ("delayed", "delay", None),
+    ("bounced", "bounce", "bounced"), ("aborted", "error", "aborted"),
+    ("failed", "error", "aborted"), ("excluded", "exclude", "aborted"),
+])
+def test_status_mapping_rows(status: str, ajo: str | None, braze: str | None) -> None:
+    """Each row of SPEC.md's status table, for both fixed formats."""
+    assert AJO_STATUS.get(status) == ajo and BRAZE_STATUS.get(status) == braze
+    event = make_event(status=status)
+    if ajo is not None:
+        assert body("ajo", event)["messageDeliveryFeedback"]["feedbackStatus"]["value"] == ajo
+    if braze is not None:
+        assert body("braze", event)["status"] == braze
+
+
+def test_ajo_exclusion_and_sms_identity() -> None:
+    """excluded carries messageExclusion (code, reason, details); sms recipients key 'phone'."""
+    rendered = body("ajo", make_event(channel="sms", status="excluded", recipient={"phone": "+331"},
+                                      failure={"code": 7, "reason": "opted out", "details": "x"}))
+    feedback = rendered["messageDeliveryFeedback"]
+    assert feedback["messageExclusion"] == {"code": "7", "reason": "opted out", "details": "x"}
+    assert feedback["messageFailure"] is None
+    assert rendered["identityMap"] == {"phone": [{"id": "+331", "primary": True}]}
+    assert rendered["channel"] == "sms"
+
+
+def test_ajo_request_id_is_stable_across_renders() -> None:
+    """A generated requestId is fixed at acceptance, so every retry sends the same one."""
+    event = make_event()
+    first, second = body("ajo", event), body("ajo", event)
+    assert first["requestId"] == second["requestId"] == event.request_id
+
+
+def test_template_json_body_url_headers_and_default() -> None:
+    """URL, header and body fields are Liquid; missing values fall back with `default`."""
+    request = RENDERERS["crm"].render(
+        make_event(recipient={"email": "a b@x.com"}, attributes={"order_id": 42}), "dlv_1")
+    assert request.method == "PUT"
+    assert request.url == "https://crm.example.com/users/a+b%40x.com"
+    assert request.headers["X-Order"] == "42"
+    assert request.headers["Content-Type"] == "application/json"
+    assert json.loads(request.body) == {"message_body": "Order 42", "status": "delivered"}
+    missing = RENDERERS["crm"].render(make_event(recipient={"email": "a@x.com"}), "dlv_2")
+    assert json.loads(missing.body)["message_body"] == "Order n/a"
+    assert missing.headers["X-Order"] == "none"
+
+
+def test_template_language_variants() -> None:
+    """event.language picks a variant (exact, then primary subtag), else the default."""
+    fr = RENDERERS["crm"].render(make_event(language="fr-CA", recipient={"email": "a@x.com"},
+                                            attributes={"order_id": 7}), "d")
+    assert json.loads(fr.body) == {"message_body": "Commande 7"} and fr.method == "PUT"
+    de = RENDERERS["crm"].render(make_event(language="de", channel="sms",
+                                            recipient={"phone": "+49 1"}), "d")
+    assert (de.method, de.url, de.body) == ("POST", "https://crm2.example.com/de",
+                                            b"to=%2B49+1&text=Hallo")
+    assert de.headers["Content-Type"] == "application/x-www-form-urlencoded"
+    other = RENDERERS["crm"].render(make_event(language="es", recipient={"email": "a@x.com"}), "d")
+    assert json.loads(other.body)["message_body"] == "Order n/a"
+
+
+def test_rendered_url_must_stay_on_allowed_hosts_and_ports() -> None:
+    """A URL rendered onto another host or port raises RenderError; nothing would be sent."""
+    cfg = config("""
+delivery: {allowed_ports: [443]}
+destinations:
+  - name: t
+    format: template
+    url: "https://{{ event.attributes.host }}/x"
+    allowed_hosts: [ok.example.com]
+    template: {method: GET}
+""")
+    renderer = build_renderers(cfg)["t"]
+    assert renderer.render(make_event(attributes={"host": "ok.example.com"}), "d").url == \
+        "https://ok.example.com/x"
+    with pytest.raises(RenderError, match="not in allowed_hosts"):
+        renderer.render(make_event(attributes={"host": "evil.example.com"}), "d")
+    with pytest.raises(RenderError, match="port 8080"):
+        renderer.render(make_event(attributes={"host": "ok.example.com:8080"}), "d")
+    with pytest.raises(RenderError, match="http"):
+        renderer.render(make_event(attributes={}), "d")
+
+
+def test_template_render_errors_are_render_errors() -> None:
+    """A filter failing at render time, or a header with a line break, is a RenderError."""
+    cfg = config("""
+destinations:
+  - name: t
+    format: template
+    url: "https://h.example.com/"
+    headers: {X-A: "{{ event.attributes.v }}"}
+    template: {body: {type: raw, template: "{{ 10 | divided_by: event.retry_count }}"}}
+""")
+    renderer = build_renderers(cfg)["t"]
+    with pytest.raises(RenderError, match="divide by 0"):
+        renderer.render(make_event(attributes={"v": "ok"}), "d")
+    with pytest.raises(RenderError, match="line break"):
+        renderer.render(make_event(retry_count=1, attributes={"v": "a\r\nX-Injected: 1"}), "d")
+    assert renderer.render(make_event(retry_count=2, attributes={"v": "ok"}), "d").body == b"5"
+
+
+def test_template_syntax_errors_are_config_errors_naming_the_destination() -> None:
+    """A Liquid syntax error fails config loading at the destination's key."""
+    with pytest.raises(ConfigError) as info:
+        config("""
+destinations:
+  - name: t
+    format: template
+    url: "https://h.example.com/{{ x"
+    template: {body: {type: json, fields: {a: "{% if %}"}}}
+""")
+    found = dict(info.value.problems)
+    assert "Liquid syntax error" in found["destinations[0].url"]
+    assert "Liquid syntax error" in found["destinations[0].template.body.fields.a"]
+
+
+texts = st.text(min_size=1, max_size=40)
+offsets = st.integers(-14 * 60, 14 * 60).map(lambda m: timezone(timedelta(minutes=m)))
+rfc3339 = st.datetimes(min_value=datetime(1971, 1, 1), max_value=datetime(2100, 1, 1),
+                       timezones=offsets).map(lambda d: d.isoformat())
+local_events = st.fixed_dictionaries(
+    {"channel": st.sampled_from(["email", "sms"]),
+     "status": st.sampled_from(["sent", "processed", "delivered", "delayed", "bounced", "aborted",
+                                "failed", "excluded"]),
+     "message_id": texts},
+    optional={
+        "occurred_at": rfc3339,
+        "request_id": texts, "campaign_id": texts, "campaign_version_id": texts,
+        "external_send_id": texts, "retry_count": st.integers(0, 100), "language": st.sampled_from(
+            ["fr", "de", "fr-CA", "es", "DE"]),
+        "recipient": st.one_of(st.fixed_dictionaries({"email": texts}),
+                               st.fixed_dictionaries({"phone": texts})),
+        "failure": st.fixed_dictionaries({}, optional={
+            "category": texts, "type": texts, "code": st.one_of(texts, st.integers()),
+            "reason": texts, "details": texts}),
+        "timestamps": st.fixed_dictionaries({}, optional={
+            k: rfc3339 for k in ("received_at", "enqueued_at", "executed_at", "sent_at")}),
+        "attributes": st.dictionaries(st.sampled_from(["order_id", "host", "x"]),
+                                      st.one_of(texts, st.integers(), st.none())),
+    })
+
+
+@settings(max_examples=300, deadline=None)
+@given(local_events)
+def test_any_valid_event_renders_in_every_format(data: dict[str, Any]) -> None:
+    """Every valid event renders without exception in all three formats it can express."""
+    event = make_event(**data)
+    for name in ("ajo", "braze", "crm"):
+        fmt = name if name != "crm" else "template"
+        if fmt == "ajo" and event.status not in AJO_STATUS:
+            continue
+        if fmt == "braze" and event.status not in BRAZE_STATUS:
+            continue
+        request = RENDERERS[name].render(event, "dlv_x")
+        assert request.method in ("POST", "PUT")
+        if fmt != "template" or event.language not in ("de", "DE"):
+            json.loads(request.body)
