@@ -20,9 +20,12 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	@touch $@ $(VENV)/.installed
 
-## run: set up .venv and start the relay with config.example.yaml on 127.0.0.1:8080
+## run: set up .venv, start the example receiver (relay sink, port 9000) and the relay with
+## config.example.yaml on 127.0.0.1:8080; Ctrl-C stops both
 run: $(VENV)/.installed
-	$(BIN)/relay serve -c $(CONFIG)
+	@$(BIN)/relay sink --port 9000 -c $(CONFIG) & sink=$$!; \
+	  trap 'kill $$sink 2>/dev/null' EXIT INT TERM; \
+	  $(BIN)/relay serve -c $(CONFIG)
 
 ## test: set up .venv with the test extra, then lint and run the whole test suite
 test: $(VENV)/.installed-test

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import os
 import sys
+import time
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -52,6 +53,30 @@ def _parser() -> argparse.ArgumentParser:
     render.add_argument("--destination", "-d", required=True, metavar="NAME")
     render.add_argument("event", metavar="EVENT.json", help="a local event as JSON ('-': stdin)")
     render.set_defaults(func=cmd_render)
+
+    test = sub.add_parser("test", help="send a test event to a destination now and show the "
+                                       "request and the response")
+    test.add_argument("-c", "--config", required=True, metavar="FILE", help="YAML config file")
+    test.add_argument("name", metavar="NAME", help="destination name")
+    test.set_defaults(func=cmd_test)
+
+    replay = sub.add_parser("replay", help="put failed deliveries back in the queue (asks the "
+                                           "running relay named by the config)")
+    replay.add_argument("-c", "--config", required=True, metavar="FILE", help="YAML config file")
+    replay.add_argument("--id", dest="ids", action="append", default=[], metavar="DELIVERY_ID",
+                        help="a delivery id (repeatable)")
+    replay.add_argument("--destination", metavar="NAME", help="every failed delivery of NAME")
+    replay.add_argument("--since", metavar="TIME",
+                        help="failed since TIME: RFC 3339, or a duration ago such as 2h")
+    replay.add_argument("--all", action="store_true", help="every failed delivery")
+    replay.set_defaults(func=cmd_replay)
+
+    sink = sub.add_parser("sink", help="run a local receiver that prints what it gets")
+    sink.add_argument("--port", type=int, default=9000)
+    sink.add_argument("--host", default="127.0.0.1")
+    sink.add_argument("-c", "--config", metavar="FILE",
+                      help="relay config: verify JWT/HMAC of matching destinations")
+    sink.set_defaults(func=cmd_sink)
     return parser
 
 
@@ -77,6 +102,81 @@ def cmd_render(args: argparse.Namespace) -> int:
     text, ok = preview(config, args.destination, raw)
     print(text, file=sys.stdout if ok else sys.stderr)
     return 0 if ok else 1
+
+
+def cmd_test(args: argparse.Namespace) -> int:
+    import json
+
+    from relay.testsend import test_send
+
+    config = _load_or_exit(args.config)
+    if config.destination(args.name) is None:
+        names = ", ".join(d.name for d in config.destinations) or "none configured"
+        print(f"relay test: no destination {args.name!r} (destinations: {names})",
+              file=sys.stderr)
+        return 1
+    answer = _run(test_send(config, args.name))
+    print(json.dumps(answer, indent=2, ensure_ascii=False))
+    return 0 if answer.get("outcome") == "delivered" else 1
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    import json
+    import urllib.error
+    import urllib.request
+    from datetime import datetime
+
+    from relay.config import parse_duration
+
+    config = _load_or_exit(args.config)
+    body: dict[str, object] = {}
+    if args.ids:
+        body["delivery_ids"] = args.ids
+    if args.destination:
+        body["destination"] = args.destination
+    if args.since:
+        try:
+            body["failed_since"] = datetime.fromisoformat(args.since).timestamp()
+        except ValueError:
+            try:
+                body["failed_since"] = time.time() - parse_duration(args.since)
+            except ValueError:
+                print(f"relay replay: --since takes RFC 3339 or a duration such as 2h "
+                      f"(got {args.since!r})", file=sys.stderr)
+                return 2
+    if args.all:
+        body.setdefault("failed_since", 0)
+    if not body:
+        print("relay replay: say which: --id, --destination, --since or --all", file=sys.stderr)
+        return 2
+    host, port = config.server.host_port
+    host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    url = f"http://{host if ':' not in host else f'[{host}]'}:{port}/v1/deliveries/retry"
+    headers = {"Content-Type": "application/json"}
+    if config.server.token:
+        headers["Authorization"] = f"Bearer {config.server.token.get_secret_value()}"
+    request = urllib.request.Request(url, json.dumps(body).encode(), headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as resp:
+            answer = json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        print(f"relay replay: {exc.code}: {exc.read().decode(errors='replace')}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"relay replay: cannot reach the relay at {url}: {exc}", file=sys.stderr)
+        return 1
+    print(f"replayed {len(answer['replayed'])} deliveries")
+    for delivery_id in answer["replayed"]:
+        print(delivery_id)
+    return 0
+
+
+def cmd_sink(args: argparse.Namespace) -> int:
+    from relay.sink import run_sink
+
+    config = _load_or_exit(args.config) if args.config else None
+    run_sink(args.port, args.host, config)
+    return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

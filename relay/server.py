@@ -30,13 +30,18 @@ CONFIG: web.AppKey[Config] = web.AppKey("config", Config)
 SPOOL: web.AppKey[Spool] = web.AppKey("spool", Spool)
 ROUTER: web.AppKey[Router] = web.AppKey("router", Router)
 STATE: web.AppKey[dict[str, Any]] = web.AppKey("state", dict)
+WAKE: web.AppKey[Callable[[], None]] = web.AppKey("wake")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 DELIVERY_STATES = ("pending", "delivered", "failed", "skipped")
 
 
-def create_app(config: Config, spool: Spool) -> web.Application:
-    """The aiohttp application; the caller opens and closes the spool."""
+def create_app(config: Config, spool: Spool,
+               wake: Callable[[], None] = lambda: None) -> web.Application:
+    """The aiohttp application; the caller opens and closes the spool.
+
+    ``wake`` is called when new deliveries are stored (the dispatcher's doorbell).
+    """
     app = web.Application(
         client_max_size=config.server.max_body_bytes,
         middlewares=[_errors_as_json, _access_control(config)],
@@ -45,9 +50,13 @@ def create_app(config: Config, spool: Spool) -> web.Application:
     app[SPOOL] = spool
     app[ROUTER] = Router(config)
     app[STATE] = {"draining": False}
+    app[WAKE] = wake
     app.router.add_post("/v1/events", post_events)
     app.router.add_get("/v1/deliveries", list_deliveries)
+    app.router.add_post("/v1/deliveries/retry", retry_many)
     app.router.add_get("/v1/deliveries/{delivery_id}", get_delivery)
+    app.router.add_post("/v1/deliveries/{delivery_id}/retry", retry_one)
+    app.router.add_post("/v1/destinations/{name}/test", test_destination)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     return app
@@ -98,6 +107,8 @@ async def post_events(request: web.Request) -> web.Response:
         if result.duplicate:
             entry["duplicate"] = True
         answer.append(entry)
+    if any(state == "pending" for r in results if not r.duplicate for _, _, state in r.deliveries):
+        request.app[WAKE]()
     if all(r.duplicate for r in results):
         return web.json_response({"events": answer, "duplicate": True}, status=200)
     return web.json_response({"events": answer}, status=202)
@@ -128,15 +139,72 @@ async def list_deliveries(request: web.Request) -> web.Response:
     records = await request.app[SPOOL].list_deliveries(
         state=state, destination=query.get("destination") or None, after=after, limit=limit)
     next_cursor = str(records[-1].seq) if len(records) == limit else None
-    return web.json_response({"deliveries": [r.to_json() | {"attempts": []} for r in records],
-                              "next": next_cursor})
+    attempts = await request.app[SPOOL].attempts_of([r.seq for r in records])
+    return web.json_response({
+        "deliveries": [r.to_json() | {"attempts": [a.to_json() for a in attempts.get(r.seq, [])]}
+                       for r in records],
+        "next": next_cursor})
 
 
 async def get_delivery(request: web.Request) -> web.Response:
-    record = await request.app[SPOOL].get_delivery(request.match_info["delivery_id"])
+    spool = request.app[SPOOL]
+    record = await spool.get_delivery(request.match_info["delivery_id"])
     if record is None:
         return error(404, f"no delivery {request.match_info['delivery_id']!r}")
-    return web.json_response(record.to_json() | {"attempts": []})
+    attempts = (await spool.attempts_of([record.seq])).get(record.seq, [])
+    return web.json_response(record.to_json() | {"attempts": [a.to_json() for a in attempts]})
+
+
+# -- replay and test send -------------------------------------------------------------------
+
+
+async def retry_one(request: web.Request) -> web.Response:
+    """Replay one failed delivery: pending again, due now, fresh retry windows."""
+    spool, delivery_id = request.app[SPOOL], request.match_info["delivery_id"]
+    record = await spool.get_delivery(delivery_id)
+    if record is None:
+        return error(404, f"no delivery {delivery_id!r}")
+    if record.state != "failed":
+        return error(409, f"only failed deliveries can be replayed; this one is {record.state}")
+    replayed = await spool.replay(delivery_ids=[delivery_id])
+    request.app[WAKE]()
+    return web.json_response({"replayed": replayed}, status=202)
+
+
+async def retry_many(request: web.Request) -> web.Response:
+    """Replay failed deliveries by ``delivery_ids``, ``destination`` and/or ``failed_since``."""
+    try:
+        body = await request.json() if request.can_read_body else {}
+    except ValueError:
+        return error(400, "the body must be a JSON object")
+    if not isinstance(body, dict) or set(body) - {"delivery_ids", "destination", "failed_since"}:
+        return error(400, "expected {\"delivery_ids\": [...], \"destination\": ..., "
+                          "\"failed_since\": unix seconds}; at least one of them")
+    ids, destination, since = body.get("delivery_ids") or [], body.get("destination"), \
+        body.get("failed_since")
+    if not (ids or destination or since is not None):
+        return error(400, "say which failed deliveries to replay: delivery_ids, destination "
+                          "or failed_since (use failed_since: 0 for all)")
+    if not (isinstance(ids, list) and all(isinstance(i, str) for i in ids)) \
+            or not (destination is None or isinstance(destination, str)) \
+            or not (since is None or isinstance(since, int | float)):
+        return error(400, "delivery_ids is a list of strings, destination a string, "
+                          "failed_since a number")
+    replayed = await request.app[SPOOL].replay(delivery_ids=ids, destination=destination,
+                                               failed_since=since)
+    if replayed:
+        request.app[WAKE]()
+    return web.json_response({"replayed": replayed}, status=202)
+
+
+async def test_destination(request: web.Request) -> web.Response:
+    """Send a synthetic event to one destination now, bypassing the spool."""
+    from relay.testsend import test_send
+
+    config, name = request.app[CONFIG], request.match_info["name"]
+    if config.destination(name) is None:
+        return error(404, f"no destination {name!r}")
+    return web.json_response(await test_send(config, name))
 
 
 # -- health ---------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from aiohttp import web
 
 from relay import __version__
 from relay.config import Config
+from relay.dispatch import Dispatcher
 from relay.server import STATE, create_app
 from relay.spool import Spool
 
@@ -35,7 +36,9 @@ async def run(config: Config, *, stop: asyncio.Event | None = None) -> None:
     spool = Spool(config.spool.path, max_events=config.spool.max_events,
                   dedupe_window=config.spool.dedupe_window)
     await spool.open()
-    app = create_app(config, spool)
+    dispatcher = Dispatcher(config, spool)
+    await dispatcher.start()
+    app = create_app(config, spool, wake=dispatcher.wake)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=config.server.drain_timeout,
                            handle_signals=False)
     await runner.setup()
@@ -45,6 +48,7 @@ async def run(config: Config, *, stop: asyncio.Event | None = None) -> None:
         await site.start()
     except OSError as exc:
         await runner.cleanup()
+        await dispatcher.stop(0)
         await spool.close()
         raise SystemExit(f"relay: cannot listen on {config.server.listen}: {exc.strerror}") from exc
     bound = runner.addresses[0]
@@ -60,6 +64,7 @@ async def run(config: Config, *, stop: asyncio.Event | None = None) -> None:
         with contextlib.suppress(asyncio.CancelledError):
             await pruner
         await runner.cleanup()
+        await dispatcher.stop(config.server.drain_timeout)
         await spool.close()
         log.info("stopped")
 

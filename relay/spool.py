@@ -21,7 +21,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,7 +57,9 @@ CREATE TABLE deliveries(
     event_seq   INTEGER NOT NULL REFERENCES events(seq),
     destination TEXT NOT NULL,
     state       TEXT NOT NULL,              -- pending | delivered | failed | skipped
-    attempts    INTEGER NOT NULL DEFAULT 0,
+    attempts    INTEGER NOT NULL DEFAULT 0, -- requests tried (or render failures)
+    failures    INTEGER NOT NULL DEFAULT 0, -- retryable responses (5xx, 408, 429): max_retries
+    first_attempt_at REAL,                  -- start of the retry windows
     not_before  REAL NOT NULL,              -- not attempted before this unix time
     created_at  REAL NOT NULL,
     updated_at  REAL NOT NULL,
@@ -85,6 +87,37 @@ class Ingested:
     id: str
     duplicate: bool
     deliveries: list[tuple[str, str, str]]  # (destination, delivery_id, state)
+
+
+@dataclass(frozen=True, slots=True)
+class Due:
+    """A pending delivery whose time has come, with the event it carries."""
+
+    seq: int
+    delivery_id: str
+    destination: str
+    attempts: int
+    failures: int
+    first_attempt_at: float | None
+    event_seq: int
+    event_json: str
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One try, as the activity log shows it."""
+
+    at: float
+    duration: float | None
+    status_code: int | None
+    error: str | None
+    excerpt: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"at": _iso(self.at),
+                "duration_ms": None if self.duration is None else round(self.duration * 1000, 1),
+                "status_code": self.status_code, "error": self.error,
+                "response_excerpt": self.excerpt}
 
 
 @dataclass(frozen=True, slots=True)
@@ -334,6 +367,113 @@ class Spool:
         sql = f"{_SELECT_DELIVERY} WHERE {' AND '.join(where)} ORDER BY d.seq LIMIT ?"
         rows = await self._read(lambda conn: conn.execute(sql, (*args, limit)).fetchall())
         return [DeliveryRecord(*row) for row in rows]
+
+    # -- the dispatcher's side -----------------------------------------------------------
+
+    async def due(self, now: float, limit: int, destinations: Sequence[str],
+                  exclude: Collection[int] = ()) -> list[Due]:
+        """Pending deliveries due by ``now`` for these destinations, oldest first."""
+        if not destinations or limit <= 0:
+            return []
+        where, args = self._pending_filter(destinations, exclude)
+        sql = ("SELECT d.seq, d.delivery_id, d.destination, d.attempts, d.failures, "
+               "d.first_attempt_at, d.event_seq, e.body FROM deliveries d "
+               "JOIN events e ON e.seq = d.event_seq "
+               f"WHERE d.state = 'pending' AND d.not_before <= ? {where} "
+               "ORDER BY d.not_before, d.seq LIMIT ?")
+        rows = await self._read(lambda conn: conn.execute(sql, (now, *args, limit)).fetchall())
+        return [Due(*row) for row in rows]
+
+    async def next_due_at(self, destinations: Sequence[str],
+                          exclude: Collection[int] = ()) -> float | None:
+        """The earliest ``not_before`` among pending deliveries of these destinations."""
+        if not destinations:
+            return None
+        where, args = self._pending_filter(destinations, exclude)
+        sql = f"SELECT MIN(d.not_before) FROM deliveries d WHERE d.state = 'pending' {where}"
+        return await self._read(lambda conn: conn.execute(sql, args).fetchone()[0])
+
+    @staticmethod
+    def _pending_filter(destinations: Sequence[str],
+                        exclude: Collection[int]) -> tuple[str, list[Any]]:
+        where = f"AND d.destination IN ({','.join('?' * len(destinations))})"
+        args: list[Any] = list(destinations)
+        if exclude:
+            where += f" AND d.seq NOT IN ({','.join('?' * len(exclude))})"
+            args += list(exclude)
+        return where, args
+
+    async def record_attempt(self, due: Due, attempt: Attempt, *, state: str,
+                             not_before: float | None, failures: int,
+                             reason: str | None) -> None:
+        """Write one attempt and the delivery's new state; resolves once committed."""
+        def write(conn: sqlite3.Connection) -> None:
+            n = due.attempts + 1
+            conn.execute(
+                "INSERT INTO attempts(delivery_seq, n, at, duration, status_code, error, excerpt) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (due.seq, n, attempt.at, attempt.duration, attempt.status_code, attempt.error,
+                 attempt.excerpt))
+            conn.execute(
+                "UPDATE deliveries SET attempts = ?, failures = ?, state = ?, not_before = ?, "
+                "updated_at = ?, first_attempt_at = COALESCE(first_attempt_at, ?), reason = ? "
+                "WHERE seq = ?",
+                (n, failures, state, not_before if not_before is not None else attempt.at,
+                 self.clock(), attempt.at, reason, due.seq))
+            if state != "pending":
+                self._finish_one(conn, due.event_seq)
+
+        await self.submit(write)
+
+    def _finish_one(self, conn: sqlite3.Connection, event_seq: int) -> None:
+        left = conn.execute("UPDATE events SET pending = pending - 1 WHERE seq = ? "
+                            "RETURNING pending", (event_seq,)).fetchone()
+        if left is not None and left[0] == 0:
+            self.open_events -= 1
+
+    async def replay(self, *, delivery_ids: Sequence[str] = (), destination: str | None = None,
+                     failed_since: float | None = None) -> list[str]:
+        """Put failed deliveries back to pending, due now, with fresh retry windows.
+
+        Selects by ids, or by destination and/or failure time; returns the ids replayed.
+        """
+        def write(conn: sqlite3.Connection) -> list[str]:
+            where, args = ["state = 'failed'"], []
+            if delivery_ids:
+                where.append(f"delivery_id IN ({','.join('?' * len(delivery_ids))})")
+                args += list(delivery_ids)
+            if destination is not None:
+                where.append("destination = ?")
+                args.append(destination)
+            if failed_since is not None:
+                where.append("updated_at >= ?")
+                args.append(failed_since)
+            rows = conn.execute(f"SELECT seq, delivery_id, event_seq FROM deliveries WHERE "
+                                f"{' AND '.join(where)} LIMIT 100000", args).fetchall()
+            now = self.clock()
+            for seq, _, event_seq in rows:
+                conn.execute("UPDATE deliveries SET state = 'pending', not_before = ?, "
+                             "failures = 0, first_attempt_at = NULL, reason = NULL, "
+                             "updated_at = ? WHERE seq = ?", (now, now, seq))
+                before = conn.execute("UPDATE events SET pending = pending + 1 WHERE seq = ? "
+                                      "RETURNING pending", (event_seq,)).fetchone()
+                if before is not None and before[0] == 1:
+                    self.open_events += 1
+            return [delivery_id for _, delivery_id, _ in rows]
+
+        return await self.submit(write)
+
+    async def attempts_of(self, seqs: Sequence[int]) -> dict[int, list[Attempt]]:
+        """Attempts of these deliveries (by seq), oldest first."""
+        if not seqs:
+            return {}
+        sql = (f"SELECT delivery_seq, at, duration, status_code, error, excerpt FROM attempts "
+               f"WHERE delivery_seq IN ({','.join('?' * len(seqs))}) ORDER BY delivery_seq, n")
+        rows = await self._read(lambda conn: conn.execute(sql, list(seqs)).fetchall())
+        found: dict[int, list[Attempt]] = {}
+        for seq, *fields in rows:
+            found.setdefault(seq, []).append(Attempt(*fields))
+        return found
 
     async def event_json(self, delivery_id: str) -> str | None:
         """The stored event (normalised JSON) behind a delivery."""

@@ -1,0 +1,101 @@
+"""End to end: events/s from POST /v1/events to a fast local receiver, relay vs a minimal
+non-durable forwarder, in the same run.
+
+The load generator is this script's own aiohttp client (a separate process from both servers),
+posting batches of 100 with 8 in flight. Time runs from the first POST until the receiver has
+counted every event. Usage: python bench/e2e.py [--events 20000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import BENCH, PY, free_port, machine, process, relay, table
+
+
+async def _count(session: aiohttp.ClientSession, port: int) -> int:
+    async with session.get(f"http://127.0.0.1:{port}/count") as resp:
+        return (await resp.json())["count"]
+
+
+async def drive(ingest_port: int, receiver_port: int, total: int, tag: str) -> dict[str, float]:
+    batches = [[{"id": f"{tag}-{b}-{i}", "channel": "email", "status": "delivered",
+                 "message_id": f"m-{b}-{i}"} for i in range(100)] for b in range(total // 100)]
+    async with aiohttp.ClientSession() as session:
+        base = await _count(session, receiver_port)
+        queue: asyncio.Queue[list[dict[str, str]]] = asyncio.Queue()
+        for batch in batches:
+            queue.put_nowait(batch)
+        post_latencies: list[float] = []
+
+        async def sender() -> None:
+            while not queue.empty():
+                batch = queue.get_nowait()
+                t = time.perf_counter()
+                async with session.post(f"http://127.0.0.1:{ingest_port}/v1/events",
+                                        data=json.dumps(batch),
+                                        headers={"Content-Type": "application/json"}) as resp:
+                    assert resp.status == 202, await resp.text()
+                post_latencies.append(time.perf_counter() - t)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(sender() for _ in range(8)))
+        accepted = time.perf_counter() - start
+        deadline = start + 600
+        while (await _count(session, receiver_port)) - base < total:
+            if time.perf_counter() > deadline:
+                raise RuntimeError("not every event arrived within 600 s")
+            await asyncio.sleep(0.01)
+        done = time.perf_counter() - start
+    post_latencies.sort()
+    return {"events_s": total / done, "ingest_s": total / accepted, "seconds": done,
+            "p50_post_ms": post_latencies[len(post_latencies) // 2] * 1000}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--events", type=int, default=20_000)
+    args = parser.parse_args()
+    total = args.events // 100 * 100
+    rows, results = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmpdir = Path(tmp)
+        rport = free_port()
+        with process([PY, str(BENCH / "_receiver.py"), str(rport)], rport, tmpdir / "recv.log"):
+            fport = free_port()
+            with process([PY, str(BENCH / "_forwarder.py"), str(fport),
+                          f"http://127.0.0.1:{rport}/braze"], fport, tmpdir / "fwd.log"):
+                asyncio.run(drive(fport, rport, 1000, "warm"))
+                results["forwarder"] = asyncio.run(drive(fport, rport, total, "fwd"))
+            config = {"spool": {"path": str(tmpdir / "spool.db")},
+                      "delivery": {"allowed_ports": [rport], "per_host_concurrency": 64},
+                      "destinations": [{"name": "braze", "format": "braze",
+                                        "url": f"http://127.0.0.1:{rport}/braze"}]}
+            with relay(config, tmpdir):
+                pass  # start once so the first run does not pay for creating the spool
+            with relay(config, tmpdir) as (_, port):
+                asyncio.run(drive(port, rport, 1000, "warm"))
+                results["relay"] = asyncio.run(drive(port, rport, total, f"r{time.time()}"))
+    for name, label in (("forwarder", "minimal forwarder, not durable"),
+                        ("relay", "relay: durable spool, braze shape")):
+        r = results[name]
+        rows.append((label, total, r["seconds"], r["events_s"], r["ingest_s"], r["p50_post_ms"]))
+    table(f"End to end, {total:,} events in batches of 100 (8 senders) to one fast local "
+          f"receiver; load from this script's aiohttp client; {machine()}",
+          ["server", "events", "seconds", "delivered/s", "accepted/s", "p50 POST ms"], rows)
+    ratio = results["relay"]["events_s"] / results["forwarder"]["events_s"]
+    print(f"\nrelay/forwarder delivered events/s: {ratio:.2f} (target >= 0.80)")
+
+
+if __name__ == "__main__":
+    main()

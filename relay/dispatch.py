@@ -1,0 +1,294 @@
+"""The dispatcher: takes due deliveries from the spool, sends them, writes the outcome back.
+
+One pipeline per delivery: load event -> render (payloads) -> sign (auth) -> send (aiohttp)
+-> classify (policy) -> next attempt time (policy) -> record (spool). Nothing sleeps waiting to
+retry: a retry is a new ``not_before`` in the spool, and the loop wakes on new work, on a
+finished attempt, or when the next delivery falls due. Concurrency is bounded globally
+(``delivery.concurrency``) and per host (``delivery.per_host_concurrency``); a host at its limit
+is passed over, so it never holds up deliveries to other hosts.
+
+A delivery is marked done only after its outcome is committed. A crash in between means the
+attempt is made again: at-least-once, with the same ``Webhook-Id``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import ssl
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from relay.auth import Signing
+from relay.config import Config, Destination
+from relay.errors import RenderError, SpoolError
+from relay.events import load_event
+from relay.payloads import Renderer, Request, build_renderer
+from relay.policy import Outcome, RetryPolicy, classify_error, classify_response, next_attempt_at
+from relay.spool import Attempt, Due, Spool
+
+log = logging.getLogger("relay.dispatch")
+
+EXCERPT_BYTES = 1024
+PREFETCH = 256       # due deliveries read from the spool at a time
+IDLE_RECHECK = 60.0  # wake at least this often, e.g. after a replay made by another process
+
+
+@dataclass(frozen=True, slots=True)
+class Sent:
+    """What one HTTP attempt produced."""
+
+    outcome: Outcome
+    attempt: Attempt
+    response_headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Everything needed to deliver to one destination, built once per config."""
+
+    destination: Destination
+    renderer: Renderer
+    signing: Signing
+    policy: RetryPolicy
+    timeout: float
+    host: str  # scheme://host:port, or the destination name when the host is a template
+
+
+def build_routes(config: Config, clock: Callable[[], float] = time.time) -> dict[str, Route]:
+    routes = {}
+    for dest in config.destinations:
+        routes[dest.name] = Route(
+            destination=dest, renderer=build_renderer(dest, config), signing=Signing(dest, clock),
+            policy=RetryPolicy.for_destination(config.delivery, dest),
+            timeout=dest.timeout or config.delivery.timeout, host=host_key(dest))
+    return routes
+
+
+def host_key(dest: Destination) -> str:
+    if "{" in (urlsplit(dest.url).netloc or "{"):
+        return f"template:{dest.name}"
+    parts = urlsplit(dest.url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return f"{parts.scheme}://{(parts.hostname or '').lower()}:{port}"
+
+
+def client_session(config: Config) -> aiohttp.ClientSession:
+    """One shared session: pooled keep-alive connections, TLS verified, no cookies."""
+    context = ssl.create_default_context(cafile=config.delivery.ca_file)
+    connector = aiohttp.TCPConnector(limit=config.delivery.concurrency,
+                                     limit_per_host=config.delivery.per_host_concurrency,
+                                     ssl=context, ttl_dns_cache=60)
+    return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar(),
+                                 auto_decompress=True)
+
+
+async def send(session: aiohttp.ClientSession, request: Request, timeout: float,
+               clock: Callable[[], float] = time.time) -> Sent:
+    """Make one HTTP attempt; never raises for network trouble, it is an Outcome."""
+    started, t0 = clock(), time.monotonic()
+    try:
+        async with session.request(
+                request.method, request.url, headers=request.headers, data=request.body or None,
+                allow_redirects=False, timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+            raw = await resp.content.read(EXCERPT_BYTES)
+            excerpt = raw.decode("utf-8", errors="replace")
+            outcome = classify_response(resp.status, resp.headers.get("Retry-After"), clock())
+            return Sent(outcome, Attempt(started, time.monotonic() - t0, resp.status, None,
+                                         excerpt), dict(resp.headers))
+    except Exception as exc:
+        error, detail = _error_class(exc, timeout)
+        outcome = classify_error(error, detail)
+        return Sent(outcome, Attempt(started, time.monotonic() - t0, None,
+                                     f"{error}: {detail}", None))
+
+
+def _error_class(exc: BaseException, timeout: float) -> tuple[str, str]:
+    """aiohttp's exception zoo -> the error classes of relay.policy."""
+    detail = str(exc) or type(exc).__name__
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return "connect_timeout", f"no connection within {timeout:g}s"
+    if isinstance(exc, TimeoutError | asyncio.TimeoutError):
+        return "timeout", f"no response within {timeout:g}s"
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError | aiohttp.ClientSSLError):
+        return "tls", detail
+    dns_error = getattr(aiohttp, "ClientConnectorDNSError", None)
+    if dns_error is not None and isinstance(exc, dns_error):
+        return "dns", detail
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return "connect", detail
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "disconnected", "the server closed the connection without answering"
+    if isinstance(exc, aiohttp.ClientOSError | aiohttp.ClientPayloadError | ConnectionError):
+        return "reset", detail
+    if isinstance(exc, aiohttp.InvalidURL):
+        return "invalid_url", detail
+    return "client_error", f"{type(exc).__name__}: {detail}"
+
+
+class Dispatcher:
+    """Delivers due deliveries from the spool until stopped."""
+
+    def __init__(self, config: Config, spool: Spool, *,
+                 clock: Callable[[], float] = time.time,
+                 rand: Callable[[], float] = random.random) -> None:
+        self.spool = spool
+        self.clock = clock
+        self.rand = rand
+        self.config = config
+        self.routes = build_routes(config, clock)
+        self.session: aiohttp.ClientSession | None = None
+        self._inflight: dict[int, asyncio.Task[None]] = {}
+        self._ready: deque[Due] = deque()  # fetched, due, not started yet
+        self._host_load: Counter[str] = Counter()
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self.session = client_session(self.config)
+        self._task = asyncio.create_task(self._run(), name="relay-dispatcher")
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def stop(self, timeout: float) -> None:
+        """Stop taking work; let attempts in flight finish for up to ``timeout`` seconds."""
+        self._stopping = True
+        self._wake.set()
+        if self._task is not None:
+            await self._task
+        pending = list(self._inflight.values())
+        if pending:
+            log.info("waiting up to %.0fs for %d attempts in flight", timeout, len(pending))
+            _, late = await asyncio.wait(pending, timeout=timeout)
+            for task in late:  # left pending in the spool: they are tried again after restart
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
+        if self.session is not None:
+            await self.session.close()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._inflight)
+
+    async def _run(self) -> None:
+        names = list(self.routes)
+        limit = self.config.delivery.concurrency
+        while not self._stopping:
+            self._wake.clear()
+            wait: float | None = IDLE_RECHECK
+            try:
+                if len(self._inflight) < limit and not self._ready:
+                    # Fetch a good batch at once: one read per batch, not one per slot.
+                    exclude = self._inflight.keys()
+                    self._ready.extend(await self.spool.due(
+                        self.clock(), max(limit * 4, PREFETCH), names, exclude))
+                    if not self._ready:
+                        next_at = await self.spool.next_due_at(names, exclude)
+                        if next_at is not None:
+                            wait = min(max(0.0, next_at - self.clock()), IDLE_RECHECK)
+                started = self._start_some(limit)
+                if started and not self._ready and len(self._inflight) < limit:
+                    continue  # the batch is used up and slots are free: more may be due
+            except SpoolError as exc:
+                log.error("cannot read due deliveries: %s", exc)
+                wait = 1.0
+            # Otherwise: every slot is busy, or what is ready waits on busy hosts, or nothing is
+            # due yet. A finished attempt, new work or the next due time wakes the loop.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), wait)
+
+    def _start_some(self, limit: int) -> int:
+        """Start ready deliveries while slots are free, passing over hosts at their limit."""
+        per_host = self.config.delivery.per_host_concurrency
+        started = 0
+        waiting: list[Due] = []
+        while self._ready and len(self._inflight) < limit:
+            due = self._ready.popleft()
+            route = self.routes[due.destination]
+            if self._host_load[route.host] >= per_host:
+                waiting.append(due)
+                continue
+            self._host_load[route.host] += 1
+            self._inflight[due.seq] = asyncio.create_task(self._attempt(due, route))
+            started += 1
+        self._ready.extendleft(reversed(waiting))  # keep their place, oldest first
+        if waiting and not started:
+            # Only busy hosts have work ready: drop it, so the next fetch can see other hosts'
+            # deliveries instead of these (they come back when their host has room).
+            self._ready.clear()
+        return started
+
+    async def _attempt(self, due: Due, route: Route) -> None:
+        try:
+            await self.deliver(due, route)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a bug must not kill the dispatcher; the delivery stays pending
+            log.exception("delivery %s: unexpected error", due.delivery_id)
+            await asyncio.sleep(1.0)
+        finally:
+            self._host_load[route.host] -= 1
+            self._inflight.pop(due.seq, None)
+            self._wake.set()
+
+    async def deliver(self, due: Due, route: Route) -> Outcome:
+        """One attempt for one delivery, outcome committed to the spool before returning."""
+        assert self.session is not None
+        now = self.clock()
+        try:
+            request = route.renderer.render(load_event(due.event_json), due.delivery_id)
+        except RenderError as exc:
+            outcome = Outcome("failed", error="render", detail=str(exc))
+            attempt = Attempt(now, None, None, f"render: {exc}", None)
+        else:
+            signed = route.signing.sign(request, due.delivery_id)
+            sent = await send(self.session, signed, route.timeout, self.clock)
+            outcome, attempt = sent.outcome, sent.attempt
+        failures = due.failures + (outcome.kind == "retry" and not outcome.unreachable)
+        next_at = next_attempt_at(route.policy, outcome, attempts=due.attempts + 1,
+                                  failures=failures,
+                                  first_attempt_at=due.first_attempt_at or now,
+                                  now=self.clock(), rand=self.rand())
+        if outcome.kind == "delivered":
+            state, reason = "delivered", None
+        elif next_at is not None:
+            state, reason = "pending", outcome.detail
+        else:
+            state = "failed"
+            reason = outcome.detail if outcome.kind == "failed" else \
+                f"{outcome.detail} (retries exhausted after {due.attempts + 1} attempts)"
+        try:
+            await self.spool.record_attempt(due, attempt, state=state, not_before=next_at,
+                                            failures=failures, reason=reason)
+        except SpoolError as exc:
+            log.error("delivery %s: cannot record the attempt (%s); it will be tried again",
+                      due.delivery_id, exc)
+            await asyncio.sleep(1.0)
+            return outcome
+        _log_attempt(due, route, outcome, state, next_at, self.clock())
+        return outcome
+
+
+def _log_attempt(due: Due, route: Route, outcome: Outcome, state: str, next_at: float | None,
+                 now: float) -> None:
+    extra: dict[str, Any] = {"delivery_id": due.delivery_id, "destination": due.destination,
+                             "host": route.host, "outcome": state}
+    if state == "delivered":
+        log.debug("delivered %s to %s (%s)", due.delivery_id, due.destination, outcome.detail,
+                  extra=extra)
+    elif state == "pending":
+        log.info("delivery %s to %s: %s; retry in %.0fs", due.delivery_id, due.destination,
+                 outcome.detail, (next_at or now) - now, extra=extra)
+    else:
+        log.warning("delivery %s to %s failed: %s", due.delivery_id, due.destination,
+                    outcome.detail, extra=extra)
