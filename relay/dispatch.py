@@ -59,7 +59,7 @@ class Route:
     renderer: Renderer
     signing: Signing
     policy: RetryPolicy
-    timeout: float
+    timeout: aiohttp.ClientTimeout
     host: str  # scheme://host:port, or the destination name when the host is a template
 
 
@@ -69,7 +69,8 @@ def build_routes(config: Config, clock: Callable[[], float] = time.time) -> dict
         routes[dest.name] = Route(
             destination=dest, renderer=build_renderer(dest, config), signing=Signing(dest, clock),
             policy=RetryPolicy.for_destination(config.delivery, dest),
-            timeout=dest.timeout or config.delivery.timeout, host=host_key(dest))
+            timeout=aiohttp.ClientTimeout(total=dest.timeout or config.delivery.timeout),
+            host=host_key(dest))
     return routes
 
 
@@ -91,21 +92,24 @@ def client_session(config: Config) -> aiohttp.ClientSession:
                                  auto_decompress=True)
 
 
-async def send(session: aiohttp.ClientSession, request: Request, timeout: float,
+async def send(session: aiohttp.ClientSession, request: Request,
+               timeout: aiohttp.ClientTimeout | float,
                clock: Callable[[], float] = time.time) -> Sent:
     """Make one HTTP attempt; never raises for network trouble, it is an Outcome."""
+    if not isinstance(timeout, aiohttp.ClientTimeout):
+        timeout = aiohttp.ClientTimeout(total=timeout)
     started, t0 = clock(), time.monotonic()
     try:
         async with session.request(
                 request.method, request.url, headers=request.headers, data=request.body or None,
-                allow_redirects=False, timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+                allow_redirects=False, timeout=timeout) as resp:
             raw = await resp.content.read(EXCERPT_BYTES)
             excerpt = raw.decode("utf-8", errors="replace")
             outcome = classify_response(resp.status, resp.headers.get("Retry-After"), clock())
             return Sent(outcome, Attempt(started, time.monotonic() - t0, resp.status, None,
                                          excerpt), dict(resp.headers))
     except Exception as exc:
-        error, detail = _error_class(exc, timeout)
+        error, detail = _error_class(exc, timeout.total or 0)
         outcome = classify_error(error, detail)
         return Sent(outcome, Attempt(started, time.monotonic() - t0, None,
                                      f"{error}: {detail}", None))
@@ -281,6 +285,8 @@ class Dispatcher:
 
 def _log_attempt(due: Due, route: Route, outcome: Outcome, state: str, next_at: float | None,
                  now: float) -> None:
+    if state == "delivered" and not log.isEnabledFor(logging.DEBUG):
+        return  # the common case costs nothing
     extra: dict[str, Any] = {"delivery_id": due.delivery_id, "destination": due.destination,
                              "host": route.host, "outcome": state}
     if state == "delivered":

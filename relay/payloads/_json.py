@@ -16,5 +16,4 @@ def dumps(obj: Any) -> bytes:
 
 def braze_time(moment: datetime) -> str:
     """``2020-08-31T18:58:42.000+00:00``: UTC, milliseconds, ``+00:00``, whatever the input."""
-    utc = moment.astimezone(UTC)
-    return utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{utc.microsecond // 1000:03d}+00:00"
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds")
