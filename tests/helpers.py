@@ -125,23 +125,21 @@ class RelayProcess:
             self.proc.wait(timeout=10)
 
 
-class ServerThread:
-    """The relay's aiohttp app on a real socket, served from a background thread's loop.
+class LoopThread:
+    """A server with its own event loop in a background thread; ``_serve`` runs until exit.
 
-    For synchronous tests (hypothesis) that need a live server without starting a process.
+    For synchronous tests (hypothesis, subprocess tests) that need a live local server.
     """
 
-    def __init__(self, config: Any) -> None:
-        self.config = config
+    def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
-        self.url = ""
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> ServerThread:
+    def __enter__(self):  # type: ignore[no-untyped-def]
         self._thread.start()
         if not self._ready.wait(10):
-            raise RuntimeError("server thread did not start")
+            raise RuntimeError(f"{type(self).__name__} did not start")
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -154,12 +152,27 @@ class ServerThread:
         self.loop.close()
 
     async def _main(self) -> None:
+        self._stop = asyncio.Event()
+        await self._serve(self._ready, self._stop)
+
+    async def _serve(self, ready: threading.Event, stop: asyncio.Event) -> None:
+        raise NotImplementedError
+
+
+class ServerThread(LoopThread):
+    """The relay's aiohttp app on a real socket (no dispatcher), served from a thread."""
+
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        self.config = config
+        self.url = ""
+
+    async def _serve(self, ready: threading.Event, stop: asyncio.Event) -> None:
         from aiohttp import web
 
         from relay.server import create_app
         from relay.spool import Spool
 
-        self._stop = asyncio.Event()
         self.spool = Spool(self.config.spool.path, max_events=self.config.spool.max_events)
         await self.spool.open()
         runner = web.AppRunner(create_app(self.config, self.spool), access_log=None)
@@ -168,7 +181,7 @@ class ServerThread:
         await site.start()
         host, port = runner.addresses[0][:2]
         self.url = f"http://{host}:{port}"
-        self._ready.set()
-        await self._stop.wait()
+        ready.set()
+        await stop.wait()
         await runner.cleanup()
         await self.spool.close()

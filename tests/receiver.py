@@ -16,6 +16,8 @@ from typing import Any
 from aiohttp import web
 from multidict import CIMultiDict
 
+from tests.helpers import LoopThread
+
 
 @dataclass
 class Answer:
@@ -34,16 +36,14 @@ class Received:
     at: float
 
 
-class Receiver:
+class Receiver(LoopThread):
     def __init__(self, default: Answer | None = None) -> None:
+        super().__init__()
         self.default = default or Answer()
         self.script: list[Answer] = []
         self.requests: list[Received] = []
         self.lock = threading.Lock()
-        self.loop = asyncio.new_event_loop()
         self.port = 0
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
     @property
     def url(self) -> str:
@@ -82,21 +82,6 @@ class Receiver:
         raise AssertionError(f"expected {count} requests to {path_prefix!r}, got "
                              f"{len(self.received(path_prefix))} in {timeout}s")
 
-    def __enter__(self) -> Receiver:
-        self._thread.start()
-        if not self._ready.wait(10):
-            raise RuntimeError("receiver did not start")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(10)
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.loop.run_until_complete(self._main())
-        self.loop.close()
-
     async def _handle(self, request: web.Request) -> web.Response:
         body = await request.read()
         with self.lock:
@@ -107,8 +92,7 @@ class Receiver:
             await asyncio.sleep(answer.delay)
         return web.Response(status=answer.status, headers=answer.headers, text=answer.body)
 
-    async def _main(self) -> None:
-        self._stop = asyncio.Event()
+    async def _serve(self, ready: threading.Event, stop: asyncio.Event) -> None:
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._handle)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=1)
@@ -116,8 +100,8 @@ class Receiver:
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
         self.port = runner.addresses[0][1]
-        self._ready.set()
-        await self._stop.wait()
+        ready.set()
+        await stop.wait()
         await runner.cleanup()
 
 

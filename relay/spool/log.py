@@ -1,0 +1,84 @@
+"""The activity log: reading deliveries and attempts, and pruning what retention lets go."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+
+from relay.spool.records import Attempt, DeliveryRecord
+from relay.spool.store import Store
+
+_SELECT_DELIVERY = (
+    "SELECT d.delivery_id, e.id, d.destination, d.state, d.attempts, d.not_before, d.created_at, "
+    "d.updated_at, d.reason, d.seq FROM deliveries d JOIN events e ON e.seq = d.event_seq")
+
+
+class LogMixin(Store):
+    async def prune(self, retention: float) -> int:
+        """Delete finished events (and their deliveries and attempts) older than ``retention``."""
+        cutoff = self.clock() - retention
+
+        def prune(conn: sqlite3.Connection) -> int:
+            seqs = [r[0] for r in conn.execute(
+                "SELECT seq FROM events WHERE received_at < ? AND pending = 0 LIMIT 10000",
+                (cutoff,))]
+            if not seqs:
+                return 0
+            marks = ",".join("?" * len(seqs))
+            conn.execute(f"DELETE FROM attempts WHERE delivery_seq IN (SELECT seq FROM deliveries "
+                         f"WHERE event_seq IN ({marks}))", seqs)
+            conn.execute(f"DELETE FROM deliveries WHERE event_seq IN ({marks})", seqs)
+            conn.execute(f"DELETE FROM events WHERE seq IN ({marks})", seqs)
+            return len(seqs)
+
+        return await self.submit(prune)
+
+    async def get_delivery(self, delivery_id: str) -> DeliveryRecord | None:
+        rows = await self._read(lambda conn: conn.execute(
+            _SELECT_DELIVERY + " WHERE d.delivery_id = ?", (delivery_id,)).fetchall())
+        return DeliveryRecord(*rows[0]) if rows else None
+
+    async def list_deliveries(
+        self,
+        *,
+        state: str | None = None,
+        destination: str | None = None,
+        after: int = 0,
+        limit: int = 100,
+    ) -> list[DeliveryRecord]:
+        """Deliveries in creation order, after the ``seq`` cursor, filtered."""
+        where, args = ["d.seq > ?"], [after]
+        if state is not None:
+            where.append("d.state = ?")
+            args.append(state)
+        if destination is not None:
+            where.append("d.destination = ?")
+            args.append(destination)
+        sql = f"{_SELECT_DELIVERY} WHERE {' AND '.join(where)} ORDER BY d.seq LIMIT ?"
+        rows = await self._read(lambda conn: conn.execute(sql, (*args, limit)).fetchall())
+        return [DeliveryRecord(*row) for row in rows]
+
+    async def attempts_of(self, seqs: Sequence[int]) -> dict[int, list[Attempt]]:
+        """Attempts of these deliveries (by seq), oldest first."""
+        if not seqs:
+            return {}
+        sql = (f"SELECT delivery_seq, at, duration, status_code, error, excerpt FROM attempts "
+               f"WHERE delivery_seq IN ({','.join('?' * len(seqs))}) ORDER BY delivery_seq, n")
+        rows = await self._read(lambda conn: conn.execute(sql, list(seqs)).fetchall())
+        found: dict[int, list[Attempt]] = {}
+        for seq, *fields in rows:
+            found.setdefault(seq, []).append(Attempt(*fields))
+        return found
+
+    async def event_json(self, delivery_id: str) -> str | None:
+        """The stored event (normalised JSON) behind a delivery."""
+        rows = await self._read(lambda conn: conn.execute(
+            "SELECT e.body FROM deliveries d JOIN events e ON e.seq = d.event_seq "
+            "WHERE d.delivery_id = ?", (delivery_id,)).fetchall())
+        return rows[0][0] if rows else None
+
+    async def counts(self) -> dict[str, int]:
+        """Number of deliveries by state."""
+        rows = await self._read(lambda conn: conn.execute(
+            "SELECT state, COUNT(*) FROM deliveries GROUP BY state").fetchall())
+        return {state: n for state, n in rows}

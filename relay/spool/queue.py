@@ -1,0 +1,105 @@
+"""The dispatcher's side of the spool: due work, attempt outcomes, replay of the dead letter."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Collection, Sequence
+from typing import Any
+
+from relay.spool.records import Attempt, Due
+from relay.spool.store import Store
+
+
+class QueueMixin(Store):
+    async def due(self, now: float, limit: int, destinations: Sequence[str],
+                  exclude: Collection[int] = ()) -> list[Due]:
+        """Pending deliveries due by ``now`` for these destinations, oldest first."""
+        if not destinations or limit <= 0:
+            return []
+        where, args = self._pending_filter(destinations, exclude)
+        sql = ("SELECT d.seq, d.delivery_id, d.destination, d.attempts, d.failures, "
+               "d.first_attempt_at, d.event_seq, e.body FROM deliveries d "
+               "JOIN events e ON e.seq = d.event_seq "
+               f"WHERE d.state = 'pending' AND d.not_before <= ? {where} "
+               "ORDER BY d.not_before, d.seq LIMIT ?")
+        rows = await self._read(lambda conn: conn.execute(sql, (now, *args, limit)).fetchall())
+        return [Due(*row) for row in rows]
+
+    async def next_due_at(self, destinations: Sequence[str],
+                          exclude: Collection[int] = ()) -> float | None:
+        """The earliest ``not_before`` among pending deliveries of these destinations."""
+        if not destinations:
+            return None
+        where, args = self._pending_filter(destinations, exclude)
+        sql = f"SELECT MIN(d.not_before) FROM deliveries d WHERE d.state = 'pending' {where}"
+        return await self._read(lambda conn: conn.execute(sql, args).fetchone()[0])
+
+    @staticmethod
+    def _pending_filter(destinations: Sequence[str],
+                        exclude: Collection[int]) -> tuple[str, list[Any]]:
+        where = f"AND d.destination IN ({','.join('?' * len(destinations))})"
+        args: list[Any] = list(destinations)
+        if exclude:
+            where += f" AND d.seq NOT IN ({','.join('?' * len(exclude))})"
+            args += list(exclude)
+        return where, args
+
+    async def record_attempt(self, due: Due, attempt: Attempt, *, state: str,
+                             not_before: float | None, failures: int,
+                             reason: str | None) -> None:
+        """Write one attempt and the delivery's new state; resolves once committed."""
+        def write(conn: sqlite3.Connection) -> None:
+            n = due.attempts + 1
+            conn.execute(
+                "INSERT INTO attempts(delivery_seq, n, at, duration, status_code, error, excerpt) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (due.seq, n, attempt.at, attempt.duration, attempt.status_code, attempt.error,
+                 attempt.excerpt))
+            conn.execute(
+                "UPDATE deliveries SET attempts = ?, failures = ?, state = ?, not_before = ?, "
+                "updated_at = ?, first_attempt_at = COALESCE(first_attempt_at, ?), reason = ? "
+                "WHERE seq = ?",
+                (n, failures, state, not_before if not_before is not None else attempt.at,
+                 self.clock(), attempt.at, reason, due.seq))
+            if state != "pending":
+                self._finish_one(conn, due.event_seq)
+
+        await self.submit(write)
+
+    def _finish_one(self, conn: sqlite3.Connection, event_seq: int) -> None:
+        left = conn.execute("UPDATE events SET pending = pending - 1 WHERE seq = ? "
+                            "RETURNING pending", (event_seq,)).fetchone()
+        if left is not None and left[0] == 0:
+            self.open_events -= 1
+
+    async def replay(self, *, delivery_ids: Sequence[str] = (), destination: str | None = None,
+                     failed_since: float | None = None) -> list[str]:
+        """Put failed deliveries back to pending, due now, with fresh retry windows.
+
+        Selects by ids, or by destination and/or failure time; returns the ids replayed.
+        """
+        def write(conn: sqlite3.Connection) -> list[str]:
+            where, args = ["state = 'failed'"], []
+            if delivery_ids:
+                where.append(f"delivery_id IN ({','.join('?' * len(delivery_ids))})")
+                args += list(delivery_ids)
+            if destination is not None:
+                where.append("destination = ?")
+                args.append(destination)
+            if failed_since is not None:
+                where.append("updated_at >= ?")
+                args.append(failed_since)
+            rows = conn.execute(f"SELECT seq, delivery_id, event_seq FROM deliveries WHERE "
+                                f"{' AND '.join(where)} LIMIT 100000", args).fetchall()
+            now = self.clock()
+            for seq, _, event_seq in rows:
+                conn.execute("UPDATE deliveries SET state = 'pending', not_before = ?, "
+                             "failures = 0, first_attempt_at = NULL, reason = NULL, "
+                             "updated_at = ? WHERE seq = ?", (now, now, seq))
+                before = conn.execute("UPDATE events SET pending = pending + 1 WHERE seq = ? "
+                                      "RETURNING pending", (event_seq,)).fetchone()
+                if before is not None and before[0] == 1:
+                    self.open_events += 1
+            return [delivery_id for _, delivery_id, _ in rows]
+
+        return await self.submit(write)

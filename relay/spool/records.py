@@ -1,0 +1,78 @@
+"""What the spool hands out: ingest results, due deliveries, attempts, activity-log records."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class Ingested:
+    """What the spool did with one accepted event."""
+
+    id: str
+    duplicate: bool
+    deliveries: list[tuple[str, str, str]]  # (destination, delivery_id, state)
+
+
+@dataclass(frozen=True, slots=True)
+class Due:
+    """A pending delivery whose time has come, with the event it carries."""
+
+    seq: int
+    delivery_id: str
+    destination: str
+    attempts: int
+    failures: int
+    first_attempt_at: float | None
+    event_seq: int
+    event_json: str
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One try, as the activity log shows it."""
+
+    at: float
+    duration: float | None
+    status_code: int | None
+    error: str | None
+    excerpt: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"at": iso(self.at),
+                "duration_ms": None if self.duration is None else round(self.duration * 1000, 1),
+                "status_code": self.status_code, "error": self.error,
+                "response_excerpt": self.excerpt}
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryRecord:
+    delivery_id: str
+    event_id: str
+    destination: str
+    state: str
+    attempts: int
+    not_before: float
+    created_at: float
+    updated_at: float
+    reason: str | None
+    seq: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "delivery_id": self.delivery_id,
+            "event_id": self.event_id,
+            "destination": self.destination,
+            "status": self.state,
+            "attempt_count": self.attempts,
+            "next_attempt_at": iso(self.not_before) if self.state == "pending" else None,
+            "created_at": iso(self.created_at),
+            "updated_at": iso(self.updated_at),
+            "reason": self.reason,
+        }
+
+
+def iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z"
