@@ -20,7 +20,9 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
-FIXTURES = SHARED / "fixtures"
+# The documented payload examples, copied from shared/fixtures so the repository tests itself;
+# test_fixture_copies_match_shared fails if the copies drift from the originals.
+FIXTURES = ROOT / "tests" / "fixtures"
 
 
 def destinations(url: str = "http://127.0.0.1:9/") -> list[dict[str, Any]]:

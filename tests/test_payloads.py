@@ -15,7 +15,7 @@ from relay.errors import ConfigError, RenderError
 from relay.events import Event, accept, parse_events
 from relay.payloads import AJO_STATUS, BRAZE_STATUS, build_renderers
 from relay.payloads._json import braze_time
-from tests.helpers import FIXTURES
+from tests.helpers import FIXTURES, SHARED
 
 AJO_FIXTURE = json.loads((FIXTURES / "ajo_feedback_bounce.json").read_text())
 BRAZE_FIXTURES = json.loads((FIXTURES / "braze_postbacks.json").read_text())
@@ -45,6 +45,14 @@ destinations:
              body: {type: raw, template: "to={{ event.recipient.phone | url_encode }}&text=Hallo",
                     content_type: application/x-www-form-urlencoded}}
 """
+
+
+@pytest.mark.skipif(not (SHARED / "fixtures").is_dir(), reason="shared/ is not beside the repo")
+@pytest.mark.parametrize("name", ["ajo_feedback_bounce.json", "braze_postbacks.json"])
+def test_fixture_copies_match_shared(name: str) -> None:
+    """tests/fixtures holds exactly the shared, documented examples."""
+    assert json.loads((FIXTURES / name).read_text()) == \
+        json.loads((SHARED / "fixtures" / name).read_text())
 
 
 def config(text: str = CONFIG) -> Config:
