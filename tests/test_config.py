@@ -271,3 +271,11 @@ def test_yaml_dump_of_defaults_round_trips(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump({"delivery": {"timeout": "5s", "allowed_ports": [80, 8080]}}))
     config = load_config(path, env={})
     assert config.delivery.timeout == 5 and config.delivery.allowed_ports == (80, 8080)
+
+
+def test_ca_file_must_load(tmp_path: Path) -> None:
+    """delivery.ca_file that is missing or not PEM is a config error, not a crash at start."""
+    (tmp_path / "bad.pem").write_text("not a certificate")
+    for path in (tmp_path / "missing.pem", tmp_path / "bad.pem"):
+        found = problems(f"delivery: {{ca_file: {path}}}")
+        assert "cannot load CA bundle" in found["delivery.ca_file"]

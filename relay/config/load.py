@@ -110,6 +110,13 @@ def check_config(config: Config) -> list[tuple[str, str]]:
     problems: list[tuple[str, str]] = []
     if config.delivery.backoff_initial > config.delivery.backoff_max:
         problems.append(("delivery.backoff_initial", "must not exceed delivery.backoff_max"))
+    if config.delivery.ca_file is not None:
+        import ssl
+
+        try:
+            ssl.create_default_context(cafile=config.delivery.ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            problems.append(("delivery.ca_file", f"cannot load CA bundle: {exc}"))
     if config.health.suspend_for > config.health.suspend_max:
         problems.append(("health.suspend_for", "must not exceed health.suspend_max"))
     for i, cidr in enumerate(config.server.allow_cidrs):
