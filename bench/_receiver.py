@@ -1,26 +1,41 @@
-"""A fast receiver for benchmarks: counts POSTs, answers 200; GET /count reports the total."""
+"""A fast receiver for benchmarks: counts POSTs and answers with the current mode's status.
+
+GET /count -> {"count", "ok", "first_ok", "last_ok"}; POST /mode?status=503 changes the answer.
+"""
 
 import sys
+import time
 
 import uvloop
 from aiohttp import web
 
-count = 0
+stats = {"count": 0, "ok": 0, "first_ok": None, "last_ok": None}
+mode = {"status": int(sys.argv[2]) if len(sys.argv) > 2 else 200}
 
 
 async def receive(request: web.Request) -> web.Response:
-    global count
     await request.read()
-    count += 1
-    return web.Response(text="ok")
+    stats["count"] += 1
+    if mode["status"] < 300:
+        now = time.time()
+        stats["ok"] += 1
+        stats["first_ok"] = stats["first_ok"] or now
+        stats["last_ok"] = now
+    return web.Response(status=mode["status"], text="ok")
 
 
 async def report(request: web.Request) -> web.Response:
-    return web.json_response({"count": count})
+    return web.json_response(stats)
+
+
+async def set_mode(request: web.Request) -> web.Response:
+    mode["status"] = int(request.query["status"])
+    return web.json_response(mode)
 
 
 app = web.Application()
 app.router.add_get("/count", report)
+app.router.add_post("/mode", set_mode)
 app.router.add_post("/{tail:.*}", receive)
 uvloop.install()
 web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None)

@@ -31,6 +31,7 @@ from relay.auth import Signing
 from relay.config import Config, Destination
 from relay.errors import RenderError, SpoolError
 from relay.events import load_event
+from relay.health import HELD_STATUS, HealthBoard, Host, counts_as_failure
 from relay.payloads import Renderer, Request, build_renderer
 from relay.policy import Outcome, RetryPolicy, classify_error, classify_response, next_attempt_at
 from relay.spool import Attempt, Due, Spool
@@ -150,6 +151,11 @@ class Dispatcher:
         self.config = config
         self.routes = build_routes(config, clock)
         self.session: aiohttp.ClientSession | None = None
+        self.health = HealthBoard(config.health, on_change=self._host_changed)
+        self._host_destinations: dict[str, list[str]] = {}
+        for name, route in self.routes.items():
+            self._host_destinations.setdefault(route.host, []).append(name)
+        self._background: set[asyncio.Task[Any]] = set()
         self._inflight: dict[int, asyncio.Task[None]] = {}
         self._ready: deque[Due] = deque()  # fetched, due, not started yet
         self._host_load: Counter[str] = Counter()
@@ -184,53 +190,98 @@ class Dispatcher:
     def in_flight(self) -> int:
         return len(self._inflight)
 
+    @property
+    def host_destinations(self) -> dict[str, list[str]]:
+        return self._host_destinations
+
+    def host_load(self, host: str) -> int:
+        return self._host_load[host]
+
     async def _run(self) -> None:
-        names = list(self.routes)
         limit = self.config.delivery.concurrency
         while not self._stopping:
             self._wake.clear()
             wait: float | None = IDLE_RECHECK
             try:
+                now = self.clock()
+                names = self._open_destinations(now)
                 if len(self._inflight) < limit and not self._ready:
-                    # Fetch a good batch at once: one read per batch, not one per slot.
+                    # Fetch a good batch at once: one read per batch, not one per slot. Hosts
+                    # that are suspended or at their limit are left out of the query, so their
+                    # backlog never stands in front of other hosts' deliveries.
                     exclude = self._inflight.keys()
                     self._ready.extend(await self.spool.due(
-                        self.clock(), max(limit * 4, PREFETCH), names, exclude))
+                        now, max(limit * 4, PREFETCH), names, exclude))
                     if not self._ready:
                         next_at = await self.spool.next_due_at(names, exclude)
                         if next_at is not None:
-                            wait = min(max(0.0, next_at - self.clock()), IDLE_RECHECK)
+                            wait = min(max(0.0, next_at - now), IDLE_RECHECK)
                 started = self._start_some(limit)
                 if started and not self._ready and len(self._inflight) < limit:
                     continue  # the batch is used up and slots are free: more may be due
+                probe_at = min((until for h in self._host_destinations
+                                if (until := self.health.blocked_until(h)) is not None),
+                               default=None)
+                if probe_at is not None:
+                    wait = min(wait or IDLE_RECHECK, max(0.0, probe_at - self.clock()))
             except SpoolError as exc:
                 log.error("cannot read due deliveries: %s", exc)
                 wait = 1.0
             # Otherwise: every slot is busy, or what is ready waits on busy hosts, or nothing is
-            # due yet. A finished attempt, new work or the next due time wakes the loop.
+            # due yet. A finished attempt, new work, the next due time or the end of a
+            # suspension wakes the loop.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), wait)
 
+    def _open_destinations(self, now: float) -> list[str]:
+        """Destinations whose host takes requests now: not suspended, not at its limit."""
+        per_host = self.config.delivery.per_host_concurrency
+        return [name for host, names in self._host_destinations.items()
+                if self._host_load[host] < per_host and not self.health.is_blocked(host, now)
+                for name in names]
+
     def _start_some(self, limit: int) -> int:
-        """Start ready deliveries while slots are free, passing over hosts at their limit."""
+        """Start ready deliveries while slots are free, passing over busy or suspended hosts."""
         per_host = self.config.delivery.per_host_concurrency
         started = 0
         waiting: list[Due] = []
+        now = self.clock()
         while self._ready and len(self._inflight) < limit:
             due = self._ready.popleft()
             route = self.routes[due.destination]
-            if self._host_load[route.host] >= per_host:
-                waiting.append(due)
+            if self._host_load[route.host] >= per_host or not self.health.allow(route.host, now):
+                waiting.append(due)  # held: not attempted, no retry used
                 continue
             self._host_load[route.host] += 1
             self._inflight[due.seq] = asyncio.create_task(self._attempt(due, route))
             started += 1
         self._ready.extendleft(reversed(waiting))  # keep their place, oldest first
         if waiting and not started:
-            # Only busy hosts have work ready: drop it, so the next fetch can see other hosts'
-            # deliveries instead of these (they come back when their host has room).
+            # Only held or busy hosts have work ready: drop it, so the next fetch (which leaves
+            # those hosts out) can see other hosts' deliveries.
             self._ready.clear()
         return started
+
+    def _host_changed(self, host: Host, before: str, now: float) -> None:
+        if before == "suspended" and host.state == "probing":
+            # The suspension is over: give its length back to the retry windows it ate into.
+            held = now - host.suspended_at
+            task = asyncio.create_task(self.spool.add_held(
+                self._host_destinations.get(host.key, []), held))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+        self._wake.set()
+
+    def held(self, destination: str) -> dict[str, Any] | None:
+        """The 598 Host Unhealthy marker for a destination whose host is suspended now."""
+        route = self.routes.get(destination)
+        if route is None:
+            return None
+        host = self.health.hosts.get(route.host)
+        if host is None or host.state == "healthy":
+            return None
+        return {"status_code": HELD_STATUS, "reason": "Host Unhealthy", "host": route.host,
+                "state": host.state, "until": host.suspended_until}
 
     async def _attempt(self, due: Due, route: Route) -> None:
         try:
@@ -241,6 +292,7 @@ class Dispatcher:
             log.exception("delivery %s: unexpected error", due.delivery_id)
             await asyncio.sleep(1.0)
         finally:
+            self.health.abandon_probe(route.host, self.clock())  # no-op unless it was unjudged
             self._host_load[route.host] -= 1
             self._inflight.pop(due.seq, None)
             self._wake.set()
@@ -258,11 +310,12 @@ class Dispatcher:
             signed = route.signing.sign(request, due.delivery_id)
             sent = await send(self.session, signed, route.timeout, self.clock)
             outcome, attempt = sent.outcome, sent.attempt
+            self.health.record(route.host, counts_as_failure(outcome), self.clock())
         failures = due.failures + (outcome.kind == "retry" and not outcome.unreachable)
         next_at = next_attempt_at(route.policy, outcome, attempts=due.attempts + 1,
                                   failures=failures,
                                   first_attempt_at=due.first_attempt_at or now,
-                                  now=self.clock(), rand=self.rand())
+                                  now=self.clock(), rand=self.rand(), held=due.held)
         if outcome.kind == "delivered":
             state, reason = "delivered", None
         elif next_at is not None:

@@ -110,6 +110,7 @@ def next_attempt_at(
     first_attempt_at: float,
     now: float,
     rand: float,
+    held: float = 0.0,
 ) -> float | None:
     """When to try again after ``outcome``, or None when the delivery is finished.
 
@@ -117,7 +118,9 @@ def next_attempt_at(
     ``failures`` counts retryable *responses* (5xx, 408, 429) so far, this one included: only
     those use up ``max_retries``. Unreachable endpoints are retried, with backoff, until
     ``unreachable_window`` after the first attempt; others until ``retry_window``.
-    Retry-After replaces the computed delay, clamped to [1 s, backoff_max].
+    Retry-After replaces the computed delay, clamped to [1 s, backoff_max]. ``held`` is time the
+    host spent suspended since the first attempt: it does not count toward ``retry_window``,
+    but does toward ``unreachable_window`` (a host dead for days ends in the dead letter).
     """
     if outcome.kind != "retry":
         return None
@@ -127,6 +130,9 @@ def next_attempt_at(
         delay = min(max(outcome.retry_after, 1.0), policy.backoff_max)
     else:
         delay = backoff(policy, attempts, rand)
-    window = policy.unreachable_window if outcome.unreachable else policy.retry_window
+    if outcome.unreachable:
+        deadline = first_attempt_at + policy.unreachable_window
+    else:
+        deadline = first_attempt_at + held + policy.retry_window
     when = now + delay
-    return when if when <= first_attempt_at + window else None
+    return when if when <= deadline else None

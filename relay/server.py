@@ -13,7 +13,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -22,7 +22,11 @@ from relay.config import Config
 from relay.errors import InvalidEvent, SpoolError, SpoolFull
 from relay.events import accept, parse_events
 from relay.routing import Router
-from relay.spool import Spool
+from relay.spool import Attempt, DeliveryRecord, Spool
+from relay.spool.records import iso
+
+if TYPE_CHECKING:
+    from relay.dispatch import Dispatcher
 
 log = logging.getLogger("relay.server")
 
@@ -31,16 +35,16 @@ SPOOL: web.AppKey[Spool] = web.AppKey("spool", Spool)
 ROUTER: web.AppKey[Router] = web.AppKey("router", Router)
 STATE: web.AppKey[dict[str, Any]] = web.AppKey("state", dict)
 WAKE: web.AppKey[Callable[[], None]] = web.AppKey("wake")
+DISPATCHER: web.AppKey[Any] = web.AppKey("dispatcher")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 DELIVERY_STATES = ("pending", "delivered", "failed", "skipped")
 
 
-def create_app(config: Config, spool: Spool,
-               wake: Callable[[], None] = lambda: None) -> web.Application:
-    """The aiohttp application; the caller opens and closes the spool.
+def create_app(config: Config, spool: Spool, dispatcher: Dispatcher | None = None) -> web.Application:
+    """The aiohttp application; the caller opens and closes the spool and the dispatcher.
 
-    ``wake`` is called when new deliveries are stored (the dispatcher's doorbell).
+    Without a dispatcher the API still ingests and shows the spool (tests, tools).
     """
     app = web.Application(
         client_max_size=config.server.max_body_bytes,
@@ -50,13 +54,15 @@ def create_app(config: Config, spool: Spool,
     app[SPOOL] = spool
     app[ROUTER] = Router(config)
     app[STATE] = {"draining": False}
-    app[WAKE] = wake
+    app[WAKE] = dispatcher.wake if dispatcher is not None else (lambda: None)
+    app[DISPATCHER] = dispatcher
     app.router.add_post("/v1/events", post_events)
     app.router.add_get("/v1/deliveries", list_deliveries)
     app.router.add_post("/v1/deliveries/retry", retry_many)
     app.router.add_get("/v1/deliveries/{delivery_id}", get_delivery)
     app.router.add_post("/v1/deliveries/{delivery_id}/retry", retry_one)
     app.router.add_post("/v1/destinations/{name}/test", test_destination)
+    app.router.add_get("/v1/hosts", list_hosts)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     return app
@@ -141,9 +147,19 @@ async def list_deliveries(request: web.Request) -> web.Response:
     next_cursor = str(records[-1].seq) if len(records) == limit else None
     attempts = await request.app[SPOOL].attempts_of([r.seq for r in records])
     return web.json_response({
-        "deliveries": [r.to_json() | {"attempts": [a.to_json() for a in attempts.get(r.seq, [])]}
-                       for r in records],
+        "deliveries": [_delivery_json(request, r, attempts.get(r.seq, [])) for r in records],
         "next": next_cursor})
+
+
+def _delivery_json(request: web.Request, record: DeliveryRecord,
+                   attempts: list[Attempt]) -> dict[str, Any]:
+    found = record.to_json() | {"attempts": [a.to_json() for a in attempts]}
+    dispatcher = request.app[DISPATCHER]
+    if record.state == "pending" and dispatcher is not None:
+        held = dispatcher.held(record.destination)
+        if held is not None:  # Braze records a simulated "598 Host Unhealthy" here
+            found["held"] = held | {"until": iso(held["until"])}
+    return found
 
 
 async def get_delivery(request: web.Request) -> web.Response:
@@ -152,7 +168,25 @@ async def get_delivery(request: web.Request) -> web.Response:
     if record is None:
         return error(404, f"no delivery {request.match_info['delivery_id']!r}")
     attempts = (await spool.attempts_of([record.seq])).get(record.seq, [])
-    return web.json_response(record.to_json() | {"attempts": [a.to_json() for a in attempts]})
+    return web.json_response(_delivery_json(request, record, attempts))
+
+
+async def list_hosts(request: web.Request) -> web.Response:
+    """Health of every destination host, with the deliveries waiting for it."""
+    dispatcher = request.app[DISPATCHER]
+    if dispatcher is None:
+        return web.json_response({"hosts": []})
+    queued = await request.app[SPOOL].pending_by_destination()
+    now = time.time()
+    hosts = []
+    for key, names in sorted(dispatcher.host_destinations.items()):
+        entry = dispatcher.health.host(key).snapshot(now)
+        if entry["suspended_until"] is not None:
+            entry["suspended_until"] = iso(entry["suspended_until"])
+        hosts.append(entry | {"destinations": names,
+                              "queued": sum(queued.get(name, 0) for name in names),
+                              "in_flight": dispatcher.host_load(key)})
+    return web.json_response({"hosts": hosts})
 
 
 # -- replay and test send -------------------------------------------------------------------

@@ -38,7 +38,7 @@ async def run(config: Config, *, stop: asyncio.Event | None = None) -> None:
     await spool.open()
     dispatcher = Dispatcher(config, spool)
     await dispatcher.start()
-    app = create_app(config, spool, wake=dispatcher.wake)
+    app = create_app(config, spool, dispatcher)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=config.server.drain_timeout,
                            handle_signals=False)
     await runner.setup()

@@ -34,6 +34,7 @@ class Received:
     headers: CIMultiDict[str]  # case-insensitive, as HTTP headers are
     body: bytes
     at: float
+    status: int = 0  # what the receiver answered
 
 
 class Receiver(LoopThread):
@@ -85,9 +86,10 @@ class Receiver(LoopThread):
     async def _handle(self, request: web.Request) -> web.Response:
         body = await request.read()
         with self.lock:
-            self.requests.append(Received(request.method, request.path_qs,
-                                          CIMultiDict(request.headers), body, time.time()))
             answer = self.script.pop(0) if self.script else self.default
+            self.requests.append(Received(request.method, request.path_qs,
+                                          CIMultiDict(request.headers), body, time.time(),
+                                          answer.status))
         if answer.delay:
             await asyncio.sleep(answer.delay)
         return web.Response(status=answer.status, headers=answer.headers, text=answer.body)

@@ -64,7 +64,7 @@ async def stack_for(tmp_path: Path, aiohttp_client: Any) -> AsyncIterator[Any]:
         dispatcher = Dispatcher(config, spool)
         await dispatcher.start()
         made.append((spool, dispatcher))
-        client = await aiohttp_client(create_app(config, spool, wake=dispatcher.wake))
+        client = await aiohttp_client(create_app(config, spool, dispatcher))
         return Stack(client, spool, dispatcher)
 
     yield make

@@ -18,7 +18,7 @@ class QueueMixin(Store):
             return []
         where, args = self._pending_filter(destinations, exclude)
         sql = ("SELECT d.seq, d.delivery_id, d.destination, d.attempts, d.failures, "
-               "d.first_attempt_at, d.event_seq, e.body FROM deliveries d "
+               "d.first_attempt_at, d.held, d.event_seq, e.body FROM deliveries d "
                "JOIN events e ON e.seq = d.event_seq "
                f"WHERE d.state = 'pending' AND d.not_before <= ? {where} "
                "ORDER BY d.not_before, d.seq LIMIT ?")
@@ -94,7 +94,7 @@ class QueueMixin(Store):
             now = self.clock()
             for seq, _, event_seq in rows:
                 conn.execute("UPDATE deliveries SET state = 'pending', not_before = ?, "
-                             "failures = 0, first_attempt_at = NULL, reason = NULL, "
+                             "failures = 0, first_attempt_at = NULL, held = 0, reason = NULL, "
                              "updated_at = ? WHERE seq = ?", (now, now, seq))
                 before = conn.execute("UPDATE events SET pending = pending + 1 WHERE seq = ? "
                                       "RETURNING pending", (event_seq,)).fetchone()
@@ -103,3 +103,25 @@ class QueueMixin(Store):
             return [delivery_id for _, delivery_id, _ in rows]
 
         return await self.submit(write)
+
+    async def add_held(self, destinations: Sequence[str], seconds: float) -> int:
+        """Credit ``seconds`` of host suspension to the retry window of every delivery of these
+        destinations that has started retrying (held time must not use up retry_window)."""
+        if not destinations or seconds <= 0:
+            return 0
+        marks = ",".join("?" * len(destinations))
+
+        def write(conn: sqlite3.Connection) -> int:
+            return conn.execute(
+                f"UPDATE deliveries SET held = held + ? WHERE state = 'pending' AND "
+                f"first_attempt_at IS NOT NULL AND destination IN ({marks})",
+                (seconds, *destinations)).rowcount
+
+        return await self.submit(write)
+
+    async def pending_by_destination(self) -> dict[str, int]:
+        """How many deliveries wait, per destination."""
+        rows = await self._read(lambda conn: conn.execute(
+            "SELECT destination, COUNT(*) FROM deliveries WHERE state = 'pending' "
+            "GROUP BY destination").fetchall())
+        return dict(rows)

@@ -26,6 +26,7 @@ class Due:
     attempts: int
     failures: int
     first_attempt_at: float | None
+    held: float
     event_seq: int
     event_json: str
 

@@ -54,6 +54,7 @@ CREATE TABLE deliveries(
     attempts    INTEGER NOT NULL DEFAULT 0, -- requests tried (or render failures)
     failures    INTEGER NOT NULL DEFAULT 0, -- retryable responses (5xx, 408, 429): max_retries
     first_attempt_at REAL,                  -- start of the retry windows
+    held        REAL NOT NULL DEFAULT 0,    -- seconds its host was suspended since then
     not_before  REAL NOT NULL,              -- not attempted before this unix time
     created_at  REAL NOT NULL,
     updated_at  REAL NOT NULL,
