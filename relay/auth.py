@@ -38,18 +38,20 @@ class Signer(Protocol):
 class Signing:
     """Common headers plus the destination's auth; build once per destination."""
 
-    def __init__(self, dest: Destination, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, dest: Destination, clock: Callable[[], float] = time.time,
+                 on_mint: Callable[[], None] | None = None) -> None:
         self.destination = dest
         self.clock = clock
-        self._auth = _auth_step(dest, clock)
+        self._auth = _auth_step(dest, clock, on_mint)
 
     def sign(self, request: Request, delivery_id: str) -> Request:
         request = request.with_headers(**{"Webhook-Id": delivery_id, "User-Agent": USER_AGENT})
         return self._auth(request, delivery_id) if self._auth else request
 
 
-def _auth_step(dest: Destination,
-               clock: Callable[[], float]) -> Callable[[Request, str], Request] | None:
+def _auth_step(dest: Destination, clock: Callable[[], float],
+               on_mint: Callable[[], None] | None = None,
+               ) -> Callable[[Request, str], Request] | None:
     auth = dest.auth
     if isinstance(auth, BearerAuth):
         value = f"Bearer {auth.token.get_secret_value()}"
@@ -59,7 +61,7 @@ def _auth_step(dest: Destination,
         value = "Basic " + base64.b64encode(pair).decode()
         return lambda request, _: request.with_headers(Authorization=value)
     if isinstance(auth, JwtAuth):
-        return JwtSigner(auth, clock).sign
+        return JwtSigner(auth, clock, on_mint).sign
     if isinstance(auth, HmacAuth):
         return HmacSigner(auth, clock).sign
     return None
@@ -68,10 +70,12 @@ def _auth_step(dest: Destination,
 class JwtSigner:
     """Mints a JWT with iss/sub/aud/iat/exp/jti and custom claims; reuses it until near exp."""
 
-    def __init__(self, auth: JwtAuth, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, auth: JwtAuth, clock: Callable[[], float] = time.time,
+                 on_mint: Callable[[], None] | None = None) -> None:
         self.auth = auth
         self.clock = clock
         self.minted = 0
+        self._on_mint = on_mint
         key: object = auth.key.get_secret_value()
         if auth.algorithm.startswith("HS"):
             need = int(auth.algorithm[2:]) // 8  # RFC 7518 3.2: at least the hash size
@@ -104,6 +108,8 @@ class JwtSigner:
                 claims[claim] = value
         headers = {"kid": self.auth.key_id} if self.auth.key_id else None
         self.minted += 1
+        if self._on_mint is not None:
+            self._on_mint()
         return jwt.encode(claims, self._key, algorithm=self.auth.algorithm,  # type: ignore[arg-type]
                           headers=headers)
 

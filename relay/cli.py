@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import sys
 import time
 from collections.abc import Coroutine, Sequence
@@ -185,7 +184,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from relay import service
 
     try:
-        _run(service.run(config))
+        _run(service.run(config, config_path=args.config))
     except SpoolError as exc:
         logging.getLogger("relay").error("%s", exc)
         return 1
@@ -203,9 +202,9 @@ def _load_or_exit(path: str) -> Config:
 
 
 def _setup_logging(config: Config) -> None:
-    level = os.environ.get("RELAY_LOG_LEVEL", config.server.log_level).upper()
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from relay.logs import setup_logging
+
+    setup_logging(config)
 
 
 def _run(main: Coroutine[Any, Any, T]) -> T:

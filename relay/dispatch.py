@@ -32,6 +32,7 @@ from relay.config import Config, Destination
 from relay.errors import RenderError, SpoolError
 from relay.events import load_event
 from relay.health import HELD_STATUS, HealthBoard, Host, counts_as_failure
+from relay.metrics import Metrics
 from relay.payloads import Renderer, Request, build_renderer
 from relay.policy import Outcome, RetryPolicy, classify_error, classify_response, next_attempt_at
 from relay.spool import Attempt, Due, Spool
@@ -64,11 +65,14 @@ class Route:
     host: str  # scheme://host:port, or the destination name when the host is a template
 
 
-def build_routes(config: Config, clock: Callable[[], float] = time.time) -> dict[str, Route]:
+def build_routes(config: Config, clock: Callable[[], float] = time.time,
+                 metrics: Metrics | None = None) -> dict[str, Route]:
     routes = {}
     for dest in config.destinations:
+        on_mint = metrics.jwt_minted.labels(dest.name).inc if metrics is not None else None
         routes[dest.name] = Route(
-            destination=dest, renderer=build_renderer(dest, config), signing=Signing(dest, clock),
+            destination=dest, renderer=build_renderer(dest, config),
+            signing=Signing(dest, clock, on_mint),
             policy=RetryPolicy.for_destination(config.delivery, dest),
             timeout=aiohttp.ClientTimeout(total=dest.timeout or config.delivery.timeout),
             host=host_key(dest))
@@ -143,18 +147,16 @@ class Dispatcher:
     """Delivers due deliveries from the spool until stopped."""
 
     def __init__(self, config: Config, spool: Spool, *,
+                 metrics: Metrics | None = None,
                  clock: Callable[[], float] = time.time,
                  rand: Callable[[], float] = random.random) -> None:
         self.spool = spool
         self.clock = clock
         self.rand = rand
-        self.config = config
-        self.routes = build_routes(config, clock)
+        self.metrics = metrics or Metrics()
         self.session: aiohttp.ClientSession | None = None
         self.health = HealthBoard(config.health, on_change=self._host_changed)
         self._host_destinations: dict[str, list[str]] = {}
-        for name, route in self.routes.items():
-            self._host_destinations.setdefault(route.host, []).append(name)
         self._background: set[asyncio.Task[Any]] = set()
         self._inflight: dict[int, asyncio.Task[None]] = {}
         self._ready: deque[Due] = deque()  # fetched, due, not started yet
@@ -162,6 +164,24 @@ class Dispatcher:
         self._wake = asyncio.Event()
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
+        self.reconfigure(config)
+
+    def reconfigure(self, config: Config) -> None:
+        """Use a (re)loaded config for every attempt started from now on.
+
+        Attempts in flight finish with the route they started with. Deliveries of removed
+        destinations stay pending in the spool (and go out again if the name comes back);
+        host health is kept. Connection limits and the CA bundle apply after a restart.
+        """
+        self.config = config
+        self.routes = build_routes(config, self.clock, self.metrics)
+        self.health.config = config.health
+        hosts: dict[str, list[str]] = {}
+        for name, route in self.routes.items():
+            hosts.setdefault(route.host, []).append(name)
+        self._host_destinations = hosts
+        self._ready.clear()  # may hold deliveries of a removed destination
+        self._wake.set()
 
     async def start(self) -> None:
         self.session = client_session(self.config)
@@ -248,7 +268,9 @@ class Dispatcher:
         now = self.clock()
         while self._ready and len(self._inflight) < limit:
             due = self._ready.popleft()
-            route = self.routes[due.destination]
+            route = self.routes.get(due.destination)
+            if route is None:
+                continue  # its destination was removed by a reload: it stays pending
             if self._host_load[route.host] >= per_host or not self.health.allow(route.host, now):
                 waiting.append(due)  # held: not attempted, no retry used
                 continue
@@ -263,14 +285,27 @@ class Dispatcher:
         return started
 
     def _host_changed(self, host: Host, before: str, now: float) -> None:
+        if host.state == "suspended":
+            self.metrics.host_suspensions.labels(host.key).inc()
+            if before == "healthy":
+                self._spawn(self._count_held(host.key))
         if before == "suspended" and host.state == "probing":
             # The suspension is over: give its length back to the retry windows it ate into.
             held = now - host.suspended_at
-            task = asyncio.create_task(self.spool.add_held(
-                self._host_destinations.get(host.key, []), held))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self._spawn(self.spool.add_held(self._host_destinations.get(host.key, []), held))
         self._wake.set()
+
+    def _spawn(self, work: Any) -> None:
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _count_held(self, host: str) -> None:
+        """relay_deliveries_total{outcome="held"}: deliveries waiting when a host is suspended."""
+        queued = await self.spool.pending_by_destination()
+        for name in self._host_destinations.get(host, []):
+            if queued.get(name):
+                self.metrics.deliveries.labels(name, "held").inc(queued[name])
 
     def held(self, destination: str) -> dict[str, Any] | None:
         """The 598 Host Unhealthy marker for a destination whose host is suspended now."""
@@ -311,6 +346,8 @@ class Dispatcher:
             sent = await send(self.session, signed, route.timeout, self.clock)
             outcome, attempt = sent.outcome, sent.attempt
             self.health.record(route.host, counts_as_failure(outcome), self.clock())
+            if attempt.duration is not None:
+                self.metrics.attempt_seconds.labels(due.destination).observe(attempt.duration)
         failures = due.failures + (outcome.kind == "retry" and not outcome.unreachable)
         next_at = next_attempt_at(route.policy, outcome, attempts=due.attempts + 1,
                                   failures=failures,
@@ -332,6 +369,8 @@ class Dispatcher:
                       due.delivery_id, exc)
             await asyncio.sleep(1.0)
             return outcome
+        self.metrics.deliveries.labels(
+            due.destination, "retried" if state == "pending" else state).inc()
         _log_attempt(due, route, outcome, state, next_at, self.clock())
         return outcome
 

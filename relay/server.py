@@ -21,8 +21,9 @@ from relay import __version__
 from relay.config import Config
 from relay.errors import InvalidEvent, SpoolError, SpoolFull
 from relay.events import accept, parse_events
+from relay.metrics import CONTENT_TYPE_LATEST, Metrics
 from relay.routing import Router
-from relay.spool import Attempt, DeliveryRecord, Spool
+from relay.spool import Attempt, DeliveryRecord, Ingested, Spool
 from relay.spool.records import iso
 
 if TYPE_CHECKING:
@@ -36,23 +37,24 @@ ROUTER: web.AppKey[Router] = web.AppKey("router", Router)
 STATE: web.AppKey[dict[str, Any]] = web.AppKey("state", dict)
 WAKE: web.AppKey[Callable[[], None]] = web.AppKey("wake")
 DISPATCHER: web.AppKey[Any] = web.AppKey("dispatcher")
+METRICS: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
+ACCESS: web.AppKey[tuple[Any, ...]] = web.AppKey("access", tuple)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 DELIVERY_STATES = ("pending", "delivered", "failed", "skipped")
 
 
-def create_app(config: Config, spool: Spool, dispatcher: Dispatcher | None = None) -> web.Application:
+def create_app(config: Config, spool: Spool, dispatcher: Dispatcher | None = None,
+               metrics: Metrics | None = None) -> web.Application:
     """The aiohttp application; the caller opens and closes the spool and the dispatcher.
 
     Without a dispatcher the API still ingests and shows the spool (tests, tools).
     """
-    app = web.Application(
-        client_max_size=config.server.max_body_bytes,
-        middlewares=[_errors_as_json, _access_control(config)],
-    )
-    app[CONFIG] = config
+    app = web.Application(client_max_size=config.server.max_body_bytes,
+                          middlewares=[_errors_as_json, _access_control])
+    apply_config(app, config)
     app[SPOOL] = spool
-    app[ROUTER] = Router(config)
+    app[METRICS] = metrics or Metrics()
     app[STATE] = {"draining": False}
     app[WAKE] = dispatcher.wake if dispatcher is not None else (lambda: None)
     app[DISPATCHER] = dispatcher
@@ -65,7 +67,21 @@ def create_app(config: Config, spool: Spool, dispatcher: Dispatcher | None = Non
     app.router.add_get("/v1/hosts", list_hosts)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_endpoint)
     return app
+
+
+def apply_config(app: web.Application, config: Config) -> None:
+    """Switch the app to a (re)loaded config: routing, token, client networks.
+
+    ``server.listen`` and ``server.max_body_bytes`` are bound when the listener starts; the
+    service warns that changing them needs a restart.
+    """
+    app[CONFIG] = config
+    app[ROUTER] = Router(config)
+    token = config.server.token.get_secret_value().encode() if config.server.token else None
+    app[ACCESS] = (token, tuple(ipaddress.ip_network(c, strict=False)
+                                for c in config.server.allow_cidrs))
 
 
 def error(status: int, message: str, **extra: Any) -> web.Response:
@@ -78,19 +94,25 @@ def error(status: int, message: str, **extra: Any) -> web.Response:
 
 async def post_events(request: web.Request) -> web.Response:
     config, spool, router = request.app[CONFIG], request.app[SPOOL], request.app[ROUTER]
+    metrics = request.app[METRICS]
     ctype = request.content_type
     if ctype != "application/json" and not ctype.endswith("+json"):
+        metrics.events_rejected.labels("unsupported_media_type").inc()
         return error(415, f"Content-Type must be application/json (got {ctype or 'none'})")
     limit = config.server.max_body_bytes
+    too_large = f"the body is larger than server.max_body_bytes ({limit} bytes)"
     if request.content_length is not None and request.content_length > limit:
-        return error(413, f"the body is larger than server.max_body_bytes ({limit} bytes)")
+        metrics.events_rejected.labels("too_large").inc()
+        return error(413, too_large)
     try:
         body = await request.read()
     except web.HTTPRequestEntityTooLarge:
-        return error(413, f"the body is larger than server.max_body_bytes ({limit} bytes)")
+        metrics.events_rejected.labels("too_large").inc()
+        return error(413, too_large)
     try:
         events, _ = parse_events(body, config.server.max_batch)
     except InvalidEvent as exc:
+        metrics.events_rejected.labels("invalid").inc()
         return error(400, exc.summary, details=exc.details())
     now = time.time()
     batch = []
@@ -100,10 +122,13 @@ async def post_events(request: web.Request) -> web.Response:
     try:
         results = await spool.ingest(batch)
     except SpoolFull as exc:
+        metrics.events_rejected.labels("spool_full").inc()
         return error(503, str(exc), headers={"Retry-After": str(exc.retry_after)})
     except SpoolError as exc:
         log.error("ingest failed: %s", exc)
+        metrics.events_rejected.labels("spool_error").inc()
         return error(503, "the spool cannot store events right now", headers={"Retry-After": "5"})
+    _count_ingest(metrics, results)
     answer: list[dict[str, Any]] = []
     for result in results:
         entry: dict[str, Any] = {
@@ -118,6 +143,19 @@ async def post_events(request: web.Request) -> web.Response:
     if all(r.duplicate for r in results):
         return web.json_response({"events": answer, "duplicate": True}, status=200)
     return web.json_response({"events": answer}, status=202)
+
+
+def _count_ingest(metrics: Metrics, results: list[Ingested]) -> None:
+    duplicates = sum(1 for r in results if r.duplicate)
+    if duplicates:
+        metrics.events_duplicate.inc(duplicates)
+    if len(results) > duplicates:
+        metrics.events_accepted.inc(len(results) - duplicates)
+    for result in results:
+        if not result.duplicate:
+            for destination, _, state in result.deliveries:
+                if state == "skipped":
+                    metrics.deliveries.labels(destination, "skipped").inc()
 
 
 def _delivery_ref(destination: str, delivery_id: str, state: str) -> dict[str, Any]:
@@ -248,6 +286,24 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok", "version": __version__})
 
 
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    """Prometheus text format; spool and host gauges are refreshed for this scrape."""
+    metrics, spool = request.app[METRICS], request.app[SPOOL]
+    counts = await spool.counts()
+    for state in DELIVERY_STATES:
+        metrics.spool_deliveries.labels(state).set(counts.get(state, 0))
+    oldest = await spool.oldest_due(time.time())
+    metrics.oldest_due_age.set(max(0.0, time.time() - oldest) if oldest is not None else 0.0)
+    dispatcher = request.app[DISPATCHER]
+    if dispatcher is not None:
+        metrics.in_flight.set(dispatcher.in_flight)
+        for key in dispatcher.host_destinations:
+            current = dispatcher.health.host(key).state
+            for state in ("healthy", "suspended", "probing"):
+                metrics.host_state.labels(key, state).set(1 if state == current else 0)
+    return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
 async def readyz(request: web.Request) -> web.Response:
     if request.app[STATE]["draining"]:
         return error(503, "draining: the relay is shutting down")
@@ -273,25 +329,22 @@ async def _errors_as_json(request: web.Request, handler: Handler) -> web.StreamR
         return error(400, f"not valid JSON: {exc}")
 
 
-def _access_control(config: Config) -> Callable[[web.Request, Handler], Awaitable[Any]]:
-    token = config.server.token.get_secret_value().encode() if config.server.token else None
-    networks = [ipaddress.ip_network(c, strict=False) for c in config.server.allow_cidrs]
-
-    @web.middleware
-    async def access_control(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if networks:
-            try:
-                remote = ipaddress.ip_address(request.remote or "")
-            except ValueError:
-                remote = None
-            if remote is None or not any(remote in net for net in networks):
-                return error(403, "this client address is not in server.allow_cidrs")
-        if token is not None and request.path.startswith("/v1/"):
-            header = request.headers.get("Authorization", "")
-            scheme, _, given = header.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token):
-                return error(401, "missing or wrong Authorization: Bearer token",
-                             headers={"WWW-Authenticate": 'Bearer realm="relay"'})
-        return await handler(request)
-
-    return access_control
+@web.middleware
+async def _access_control(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """server.allow_cidrs for every path; server.token for /v1/*."""
+    token, networks = request.app[ACCESS]
+    if networks:
+        try:
+            remote = ipaddress.ip_address(request.remote or "")
+        except ValueError:
+            remote = None
+        if remote is None or not any(remote in net for net in networks):
+            request.app[METRICS].events_rejected.labels("forbidden").inc()
+            return error(403, "this client address is not in server.allow_cidrs")
+    if token is not None and request.path.startswith("/v1/"):
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token):
+            request.app[METRICS].events_rejected.labels("unauthorized").inc()
+            return error(401, "missing or wrong Authorization: Bearer token",
+                         headers={"WWW-Authenticate": 'Bearer realm="relay"'})
+    return await handler(request)

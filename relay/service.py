@@ -17,7 +17,10 @@ from aiohttp import web
 from relay import __version__
 from relay.config import Config
 from relay.dispatch import Dispatcher
-from relay.server import STATE, create_app
+from relay.logs import MASK, config_secrets
+from relay.metrics import Metrics
+from relay.reload import ConfigWatcher
+from relay.server import STATE, apply_config, create_app
 from relay.spool import Spool
 
 log = logging.getLogger("relay")
@@ -25,20 +28,22 @@ log = logging.getLogger("relay")
 PRUNE_EVERY = 3600.0
 
 
-async def run(config: Config, *, stop: asyncio.Event | None = None) -> None:
-    """Serve until ``stop`` is set or SIGTERM/SIGINT arrives."""
+async def run(config: Config, *, config_path: str | None = None,
+              stop: asyncio.Event | None = None) -> None:
+    """Serve until ``stop`` is set or SIGTERM/SIGINT arrives; SIGHUP reloads ``config_path``."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
 
+    metrics = Metrics()
     spool = Spool(config.spool.path, max_events=config.spool.max_events,
                   dedupe_window=config.spool.dedupe_window)
     await spool.open()
-    dispatcher = Dispatcher(config, spool)
+    dispatcher = Dispatcher(config, spool, metrics=metrics)
     await dispatcher.start()
-    app = create_app(config, spool, dispatcher)
+    app = create_app(config, spool, dispatcher, metrics)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=config.server.drain_timeout,
                            handle_signals=False)
     await runner.setup()
@@ -54,15 +59,31 @@ async def run(config: Config, *, stop: asyncio.Event | None = None) -> None:
     bound = runner.addresses[0]
     log.info("relay %s listening on http://%s:%s (spool %s, %d destinations)",
              __version__, _host(bound[0]), bound[1], config.spool.path, len(config.destinations))
-    pruner = asyncio.create_task(_prune_forever(spool, config.spool.retention))
+
+    background = [asyncio.create_task(_prune_forever(spool, config.spool.retention))]
+    if config_path is not None:
+        def apply(new: Config) -> None:
+            apply_config(app, new)
+            dispatcher.reconfigure(new)
+            MASK.update(config_secrets(new))
+
+        watcher = ConfigWatcher(
+            config_path, config, apply,
+            on_result=lambda ok: metrics.config_reloads.labels("success" if ok else "failure").inc())
+        background.append(asyncio.create_task(watcher.watch()))
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signal.SIGHUP, lambda: background.append(
+                asyncio.create_task(watcher.reload("SIGHUP"))))
     try:
         await stop.wait()
     finally:
+        # Order matters: not ready first, then no new connections, then let in-flight
+        # requests and attempts finish, then commit and close the spool.
         log.info("shutting down: draining for up to %.0fs", config.server.drain_timeout)
         app[STATE]["draining"] = True
-        pruner.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await pruner
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
         await runner.cleanup()
         await dispatcher.stop(config.server.drain_timeout)
         await spool.close()

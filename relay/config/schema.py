@@ -70,7 +70,8 @@ class ServerConfig(_Model):
     max_batch: Annotated[int, Field(ge=1, le=100_000)] = 500
     drain_timeout: Duration = 20.0                 # SIGTERM: time given to in-flight work
     allow_cidrs: tuple[str, ...] = ()              # empty = any client address
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"   # or RELAY_LOG_LEVEL
+    log_format: Literal["auto", "json", "text"] = "auto"  # auto: text on a terminal, else json
 
     @property
     def host_port(self) -> tuple[str, int]:

@@ -125,3 +125,9 @@ class QueueMixin(Store):
             "SELECT destination, COUNT(*) FROM deliveries WHERE state = 'pending' "
             "GROUP BY destination").fetchall())
         return dict(rows)
+
+    async def oldest_due(self, now: float) -> float | None:
+        """``not_before`` of the longest-waiting due delivery, or None when nothing is due."""
+        return await self._read(lambda conn: conn.execute(
+            "SELECT MIN(not_before) FROM deliveries WHERE state = 'pending' AND not_before <= ?",
+            (now,)).fetchone()[0])

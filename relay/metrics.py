@@ -1,0 +1,56 @@
+"""Prometheus metrics (prometheus-client), one registry per relay process.
+
+Names follow Prometheus conventions: ``relay_`` prefix, ``_total`` counters, ``_seconds``
+units. Label values are config names (destination, host, state, outcome, reason): never event
+data, never secrets. Counters are bumped where things happen; gauges that describe the spool
+and hosts are refreshed just before each scrape.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+__all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 90.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.events_accepted = Counter(
+            "relay_events_accepted_total", "Events stored (202)", registry=r)
+        self.events_rejected = Counter(
+            "relay_events_rejected_total", "Ingest requests refused, by reason",
+            ["reason"], registry=r)
+        self.events_duplicate = Counter(
+            "relay_events_duplicate_total", "Events not stored again: id seen within the "
+            "dedupe window", registry=r)
+        self.deliveries = Counter(
+            "relay_deliveries_total", "Delivery outcomes: delivered, retried, failed, skipped, "
+            "held", ["destination", "outcome"], registry=r)
+        self.attempt_seconds = Histogram(
+            "relay_attempt_duration_seconds", "Time from request to response (or error)",
+            ["destination"], buckets=LATENCY_BUCKETS, registry=r)
+        self.spool_deliveries = Gauge(
+            "relay_spool_deliveries", "Deliveries in the spool, by state", ["state"], registry=r)
+        self.oldest_due_age = Gauge(
+            "relay_spool_oldest_due_age_seconds", "How long the oldest due delivery has been "
+            "waiting (0 when none is due)", registry=r)
+        self.host_state = Gauge(
+            "relay_host_state", "1 for the state each destination host is in",
+            ["host", "state"], registry=r)
+        self.host_suspensions = Counter(
+            "relay_host_suspensions_total", "Times a host was suspended", ["host"], registry=r)
+        self.jwt_minted = Counter(
+            "relay_jwt_tokens_minted_total", "JWTs signed (cached ones are reused)",
+            ["destination"], registry=r)
+        self.config_reloads = Counter(
+            "relay_config_reloads_total", "Config reloads, by result", ["result"], registry=r)
+        self.in_flight = Gauge(
+            "relay_attempts_in_flight", "Delivery attempts under way", registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

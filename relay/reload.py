@@ -1,0 +1,96 @@
+"""Hot reload: notice config changes (SIGHUP, or the file changing on disk), validate, apply.
+
+The file is polled (every ``interval``) by what ``stat`` says of the path *and* where its
+symlinks lead, so a Kubernetes ConfigMap swap (the ``..data`` symlink moved atomically) is seen
+as a change. An invalid new config is logged with its paths and counted; the relay keeps
+running on the one it has.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from relay.config import Config, load_config
+from relay.errors import ConfigError
+
+log = logging.getLogger("relay.reload")
+
+RESTART_KEYS = (("server", "listen"), ("server", "max_body_bytes"), ("spool", "path"),
+                ("delivery", "concurrency"), ("delivery", "per_host_concurrency"),
+                ("delivery", "ca_file"))
+
+
+def fingerprint(path: str) -> tuple[object, ...]:
+    """What changes when the file (or the target of its symlinks) is replaced or edited."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        return ("missing", exc.errno)
+    return (os.path.realpath(path), st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def needs_restart(old: Config, new: Config) -> list[str]:
+    return [f"{section}.{key}" for section, key in RESTART_KEYS
+            if getattr(getattr(old, section), key) != getattr(getattr(new, section), key)]
+
+
+def describe_change(old: Config, new: Config) -> str:
+    before = {d.name: d for d in old.destinations}
+    after = {d.name: d for d in new.destinations}
+    parts = []
+    if added := sorted(after.keys() - before.keys()):
+        parts.append("added " + ", ".join(added))
+    if removed := sorted(before.keys() - after.keys()):
+        parts.append("removed " + ", ".join(removed) + " (their pending deliveries are kept)")
+    if changed := sorted(n for n in before.keys() & after.keys() if before[n] != after[n]):
+        parts.append("changed " + ", ".join(changed))
+    return "; ".join(parts) or "no destination changed"
+
+
+class ConfigWatcher:
+    """Reloads ``path`` on demand or when it changes, handing valid configs to ``apply``."""
+
+    def __init__(self, path: str, current: Config, apply: Callable[[Config], None],
+                 on_result: Callable[[bool], None] = lambda ok: None,
+                 interval: float = 1.0) -> None:
+        self.path = path
+        self.current = current
+        self._apply = apply
+        self._on_result = on_result
+        self.interval = interval
+        self._seen = fingerprint(path)
+        self._lock = asyncio.Lock()
+
+    async def watch(self) -> None:
+        """Poll for changes until cancelled."""
+        while True:
+            await asyncio.sleep(self.interval)
+            now = fingerprint(self.path)
+            if now != self._seen:
+                self._seen = now
+                await self.reload("the file changed")
+
+    async def reload(self, reason: str) -> bool:
+        async with self._lock:
+            try:
+                # Reading and validating touches the disk (config, secret files): off the loop.
+                new = await asyncio.to_thread(load_config, Path(self.path))
+            except ConfigError as exc:
+                log.error("config reload (%s) failed; still running on the previous config:\n%s",
+                          reason, exc, extra={"reload": "failed"})
+                self._on_result(False)
+                return False
+            restart = needs_restart(self.current, new)
+            if restart:
+                log.warning("config reload: %s take effect only after a restart",
+                            ", ".join(restart))
+            summary = describe_change(self.current, new)
+            self.current = new
+            self._apply(new)
+            log.info("config reloaded (%s): %s", reason, summary, extra={"reload": "ok"})
+            self._on_result(True)
+            return True
