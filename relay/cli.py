@@ -70,6 +70,14 @@ def _parser() -> argparse.ArgumentParser:
     replay.add_argument("--all", action="store_true", help="every failed delivery")
     replay.set_defaults(func=cmd_replay)
 
+    health = sub.add_parser("healthcheck", help="exit 0 if the relay answers /healthz (for "
+                                                "container HEALTHCHECKs: no curl needed)")
+    health.add_argument("-c", "--config", metavar="FILE", help="read server.listen from FILE")
+    health.add_argument("--url", help="base URL (default: from the config, else "
+                                      "http://127.0.0.1:8080)")
+    health.add_argument("--timeout", type=float, default=3.0)
+    health.set_defaults(func=cmd_healthcheck)
+
     sink = sub.add_parser("sink", help="run a local receiver that prints what it gets")
     sink.add_argument("--port", type=int, default=9000)
     sink.add_argument("--host", default="127.0.0.1")
@@ -168,6 +176,24 @@ def cmd_replay(args: argparse.Namespace) -> int:
     for delivery_id in answer["replayed"]:
         print(delivery_id)
     return 0
+
+
+def cmd_healthcheck(args: argparse.Namespace) -> int:
+    import urllib.request
+
+    url = args.url
+    if url is None and args.config:
+        host, port = _load_or_exit(args.config).server.host_port
+        host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+        url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
+    url = (url or "http://127.0.0.1:8080").rstrip("/") + "/healthz"
+    try:
+        with urllib.request.urlopen(url, timeout=args.timeout) as resp:
+            ok = resp.status == 200
+    except OSError as exc:
+        print(f"relay healthcheck: {url}: {exc}", file=sys.stderr)
+        return 1
+    return 0 if ok else 1
 
 
 def cmd_sink(args: argparse.Namespace) -> int:

@@ -1,9 +1,9 @@
-"""Hot reload: notice config changes (SIGHUP, or the file changing on disk), validate, apply.
+"""Hot reload: notice config changes (SIGHUP, or files changing on disk), validate, apply.
 
-The file is polled (every ``interval``) by what ``stat`` says of the path *and* where its
-symlinks lead, so a Kubernetes ConfigMap swap (the ``..data`` symlink moved atomically) is seen
-as a change. An invalid new config is logged with its paths and counted; the relay keeps
-running on the one it has.
+The config file, and every secret file it names (``*_file``), is polled every ``interval`` by
+what ``stat`` says of the path *and* where its symlinks lead, so a Kubernetes ConfigMap or
+Secret swap (the ``..data`` symlink moved atomically) is seen as a change. An invalid new
+config is logged with its paths and counted; the relay keeps running on the one it has.
 """
 
 from __future__ import annotations
@@ -14,7 +14,10 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+import yaml
+
 from relay.config import Config, load_config
+from relay.config.load import SECRET_FILE_KEYS
 from relay.errors import ConfigError
 
 log = logging.getLogger("relay.reload")
@@ -31,6 +34,34 @@ def fingerprint(path: str) -> tuple[object, ...]:
     except OSError as exc:
         return ("missing", exc.errno)
     return (os.path.realpath(path), st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def secret_files(path: str) -> list[str]:
+    """The *_file paths a config names (so a rotated Secret triggers a reload too)."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        return []
+    found: list[str] = []
+
+    def walk(node: object) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key in SECRET_FILE_KEYS and isinstance(value, str):
+                    found.append(str(Path(path).parent / value))  # absolute paths stay as is
+                else:
+                    walk(value)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item)
+
+    walk(raw)
+    return sorted(set(found))
+
+
+def watched(path: str) -> tuple[object, ...]:
+    """Fingerprint of the config file and every secret file it names."""
+    return (fingerprint(path), *(fingerprint(f) for f in secret_files(path)))
 
 
 def needs_restart(old: Config, new: Config) -> list[str]:
@@ -62,14 +93,14 @@ class ConfigWatcher:
         self._apply = apply
         self._on_result = on_result
         self.interval = interval
-        self._seen = fingerprint(path)
+        self._seen = watched(path)
         self._lock = asyncio.Lock()
 
     async def watch(self) -> None:
         """Poll for changes until cancelled."""
         while True:
             await asyncio.sleep(self.interval)
-            now = fingerprint(self.path)
+            now = await asyncio.to_thread(watched, self.path)
             if now != self._seen:
                 self._seen = now
                 await self.reload("the file changed")

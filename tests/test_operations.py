@@ -220,3 +220,30 @@ def test_mask_secrets_filter(tmp_path: Path) -> None:
         {"msg": "x", "delivery_id": "dlv_1", "levelname": "INFO"})))
     assert line["delivery_id"] == "dlv_1" and line["message"] == "x"
     assert re.match(r"\d{4}-\d\d-\d\dT", line["time"])
+
+
+async def test_rotated_secret_file_triggers_reload(tmp_path: Path) -> None:
+    """Changing a secret file the config names reloads the config with the new secret."""
+    import asyncio
+
+    from relay.reload import ConfigWatcher
+
+    secret = tmp_path / "token"
+    secret.write_text("first-token-value")
+    path = write_config(tmp_path, destinations=[{
+        "name": "b", "format": "braze", "url": "http://127.0.0.1:9/b",
+        "auth": {"type": "bearer", "token_file": str(secret)}}])
+    applied: list[Any] = []
+    watcher = ConfigWatcher(str(path), load_config(path), applied.append, interval=0.05)
+    task = asyncio.create_task(watcher.watch())
+    try:
+        await asyncio.sleep(0.2)
+        assert applied == []
+        secret.write_text("second-token-value")
+        for _ in range(100):
+            if applied:
+                break
+            await asyncio.sleep(0.02)
+        assert applied[0].destinations[0].auth.token.get_secret_value() == "second-token-value"
+    finally:
+        task.cancel()
