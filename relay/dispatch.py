@@ -26,11 +26,12 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
+import cachetools
 
 from relay.auth import Signing
 from relay.config import Config, Destination
 from relay.errors import RenderError, SpoolError
-from relay.events import load_event
+from relay.events import Event, load_event
 from relay.health import HELD_STATUS, HealthBoard, Host, counts_as_failure
 from relay.metrics import Metrics
 from relay.payloads import Renderer, Request, build_renderer
@@ -164,6 +165,8 @@ class Dispatcher:
         self._wake = asyncio.Event()
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
+        # An event goes to several destinations: parse its stored JSON once, not per delivery.
+        self._events: cachetools.LRUCache[int, Event] = cachetools.LRUCache(maxsize=4096)
         self.reconfigure(config)
 
     def reconfigure(self, config: Config) -> None:
@@ -337,7 +340,10 @@ class Dispatcher:
         assert self.session is not None
         now = self.clock()
         try:
-            request = route.renderer.render(load_event(due.event_json), due.delivery_id)
+            event = self._events.get(due.event_seq)
+            if event is None:
+                event = self._events[due.event_seq] = load_event(due.event_json)
+            request = route.renderer.render(event, due.delivery_id)
         except RenderError as exc:
             outcome = Outcome("failed", error="render", detail=str(exc))
             attempt = Attempt(now, None, None, f"render: {exc}", None)

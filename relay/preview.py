@@ -12,7 +12,7 @@ import time
 from relay.auth import Signing, mask
 from relay.config import Config
 from relay.errors import InvalidEvent, RenderError
-from relay.events import accept, parse_events
+from relay.events import accept, load_event, parse_events
 from relay.ids import delivery_id
 from relay.payloads import Request, build_renderer
 from relay.routing import Router
@@ -29,17 +29,18 @@ def preview(config: Config, destination: str, raw_event: bytes) -> tuple[str, bo
     except InvalidEvent as exc:
         return "relay render: " + exc.render(), False
     accepted = accept(events[0], time.time())
-    route = next((r for r in Router(config).route(accepted.event) if r.destination == dest.name),
+    event = load_event(accepted.body)
+    route = next((r for r in Router(config).route(accepted) if r.destination == dest.name),
                  None)
     if route is None:
-        return (f"not sent: destination {dest.name} does not take {accepted.event.channel} "
-                f"events with status {accepted.event.status!r} (see its channels, statuses"
+        return (f"not sent: destination {dest.name} does not take {event.channel} "
+                f"events with status {event.status!r} (see its channels, statuses"
                 f"{', org/sandbox' if dest.format == 'ajo' else ''})"), True
     if route.state == "skipped":
         return f"skipped: {route.reason}", True
     did = delivery_id(time.time())
     try:
-        request = build_renderer(dest, config).render(accepted.event, did)
+        request = build_renderer(dest, config).render(event, did)
     except RenderError as exc:
         return f"would fail without sending: {exc}", False
     signed = mask(Signing(dest).sign(request, did))

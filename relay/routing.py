@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from relay.config import CHANNELS, STATUSES, Config, Destination
-from relay.events import Event
+from relay.events import Accepted, Event
 from relay.payloads import skip_reason
 
 
@@ -35,7 +35,7 @@ class Router:
                     if channel in dest.channels
                     and (dest.statuses is None or status in dest.statuses))
 
-    def route(self, event: Event) -> tuple[Route, ...]:
+    def route(self, event: Event | Accepted) -> tuple[Route, ...]:
         candidates = self._table[event.channel, event.status]
         if event.org is None and event.sandbox is None:
             return tuple(route for _, route in candidates)
@@ -47,7 +47,7 @@ def _route(dest: Destination, status: str) -> Route:
     return Route(dest.name, "pending") if reason is None else Route(dest.name, "skipped", reason)
 
 
-def _ajo_matches(dest: Destination, event: Event) -> bool:
+def _ajo_matches(dest: Destination, event: Event | Accepted) -> bool:
     if dest.format != "ajo" or dest.ajo is None:
         return True  # org/sandbox only choose among ajo destinations
     if event.org is not None and event.org != dest.ajo.ims_org:

@@ -33,7 +33,9 @@ def synthetic_event(dest: Destination) -> Event:
         "failure": {"reason": "relay test event"} if status in ("bounced", "aborted", "failed")
         else None,
     }))
-    return accept(event, time.time()).event
+    accepted = accept(event, time.time()).event
+    assert accepted is not None
+    return accepted
 
 
 def request_json(request: Request) -> dict[str, Any]:

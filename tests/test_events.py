@@ -137,3 +137,23 @@ def test_org_and_sandbox_pick_the_ajo_destination() -> None:
     assert "ajo" in routes(r, sandbox="068abf40-575e-11ea-8512-9b1bfdb82603")
     assert set(routes(r, org="otherOrg")) == {"braze", "crm"}
     assert set(routes(r, sandbox="dev")) == {"braze", "crm"}
+
+
+def test_accept_body_stores_the_senders_json_with_fixed_values() -> None:
+    """The ingest fast path keeps the sender's fields and adds id, request_id, occurred_at."""
+    from relay.events import accept_body
+
+    body = json.dumps([event(1, failure={"code": 25}), {"channel": "sms", "status": "sent",
+                                                         "message_id": "m2"}]).encode()
+    events, _ = parse_events(body, 10)
+    first, second = accept_body(body, events, 1598899122.25)
+    assert (first.id, first.sender_id) == ("evt-1", True)
+    assert second.id.startswith("evt_") and not second.sender_id
+    assert (second.channel, second.status) == ("sms", "sent")
+    stored = load_event(second.body)
+    assert stored.id == second.id and stored.request_id and len(stored.request_id) == 32
+    assert stored.occurred_at is not None and stored.occurred_at.timestamp() == 1598899122.25
+    again = load_event(first.body)
+    assert again.failure is not None and again.failure.code == "25"
+    assert again == events[0].model_copy(update={"request_id": again.request_id,
+                                                 "occurred_at": again.occurred_at})

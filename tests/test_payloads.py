@@ -65,7 +65,9 @@ RENDERERS = build_renderers(config())
 def make_event(**fields: Any) -> Event:
     base = {"channel": "email", "status": "delivered", "message_id": "m-1"}
     (event,), _ = parse_events(json.dumps({**base, **fields}).encode(), 1)
-    return accept(event, 1598899122.0).event
+    accepted = accept(event, 1598899122.0).event
+    assert accepted is not None
+    return accepted
 
 
 def body(name: str, event: Event) -> Any:
