@@ -37,7 +37,7 @@ lint: $(VENV)/.installed-test
 
 ## bench: run every benchmark in bench/ (prints tables; takes a few minutes)
 bench: $(VENV)/.installed-test
-	@for script in bench/*.py; do echo "== $$script"; $(BIN)/python $$script || exit 1; done
+	@for script in bench/[!_]*.py; do echo "== $$script"; $(BIN)/python $$script || exit 1; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis relay-spool.db*
