@@ -187,3 +187,21 @@ class ServerThread(LoopThread):
         await stop.wait()
         await runner.cleanup()
         await self.spool.close()
+
+
+async def start_stack(config: Any, aiohttp_client: Any) -> tuple[Any, Any, Any]:
+    """Spool + dispatcher + the app under aiohttp's test client, in this loop; stop_stack ends it."""
+    from relay.dispatch import Dispatcher
+    from relay.server import create_app
+    from relay.spool import Spool
+
+    spool = Spool(config.spool.path, max_events=config.spool.max_events)
+    await spool.open()
+    dispatcher = Dispatcher(config, spool)
+    await dispatcher.start()
+    return await aiohttp_client(create_app(config, spool, dispatcher)), spool, dispatcher
+
+
+async def stop_stack(spool: Any, dispatcher: Any, drain: float = 1.0) -> None:
+    await dispatcher.stop(drain)
+    await spool.close()

@@ -17,9 +17,8 @@ import pytest
 
 from relay.config import load_config
 from relay.dispatch import Dispatcher
-from relay.server import create_app
 from relay.spool import Spool
-from tests.helpers import RelayProcess, event, http, write_config
+from tests.helpers import RelayProcess, event, http, start_stack, stop_stack, write_config
 from tests.receiver import Answer, Receiver
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]
@@ -165,11 +164,7 @@ def test_receiver_outage_under_load(tmp_path: Path, capsys: Any) -> None:
 async def _stack(tmp_path: Path, aiohttp_client: Any, receiver: Receiver,
                  **extra: Any) -> tuple[Any, Spool, Dispatcher]:
     config = load_config(chaos_config(tmp_path, receiver, **extra), env={})
-    spool = Spool(config.spool.path, max_events=config.spool.max_events)
-    await spool.open()
-    dispatcher = Dispatcher(config, spool)
-    await dispatcher.start()
-    return await aiohttp_client(create_app(config, spool, dispatcher)), spool, dispatcher
+    return await start_stack(config, aiohttp_client)
 
 
 async def test_full_spool_answers_503_and_recovers(tmp_path: Path, aiohttp_client: Any) -> None:
@@ -193,8 +188,7 @@ async def test_full_spool_answers_503_and_recovers(tmp_path: Path, aiohttp_clien
                 await asyncio.sleep(0.05)
             assert resp.status == 202
         finally:
-            await dispatcher.stop(1)
-            await spool.close()
+            await stop_stack(spool, dispatcher)
 
 
 async def test_full_disk_answers_503_and_recovers(tmp_path: Path, aiohttp_client: Any) -> None:
@@ -224,5 +218,4 @@ async def test_full_disk_answers_503_and_recovers(tmp_path: Path, aiohttp_client
             refused = {f"evt-{1000 + (len(statuses) - 1) * 50 + k}" for k in range(50)}
             assert not stored & refused          # the refused batch left nothing behind
         finally:
-            await dispatcher.stop(1)
-            await spool.close()
+            await stop_stack(spool, dispatcher)

@@ -13,10 +13,7 @@ from typing import Any
 import pytest
 
 from relay.config import load_config
-from relay.dispatch import Dispatcher
-from relay.server import create_app
-from relay.spool import Spool
-from tests.helpers import event, write_config
+from tests.helpers import event, start_stack, stop_stack, write_config
 from tests.receiver import Answer, Receiver
 
 pytestmark = pytest.mark.slow
@@ -52,11 +49,7 @@ async def test_dead_host_is_suspended_held_and_drained(
         destinations=[{"name": "bad", "format": "braze", "url": f"{bad.url}/braze"},
                       {"name": "good", "format": "braze", "url": f"{good.url}/braze"}]),
         env={})
-    spool = Spool(config.spool.path)
-    await spool.open()
-    dispatcher = Dispatcher(config, spool)
-    await dispatcher.start()
-    client = await aiohttp_client(create_app(config, spool, dispatcher))
+    client, spool, dispatcher = await start_stack(config, aiohttp_client)
     try:
         ids: dict[str, set[str]] = {"bad": set(), "good": set()}
         for start in range(0, 500, 100):
@@ -100,8 +93,7 @@ async def test_dead_host_is_suspended_held_and_drained(
         assert failed["deliveries"] == []
         assert (await bad_host())["state"] == "healthy"
     finally:
-        await dispatcher.stop(1)
-        await spool.close()
+        await stop_stack(spool, dispatcher)
 
 
 async def _state_is(get: Any, state: str) -> Any:
@@ -119,11 +111,7 @@ async def test_slow_host_does_not_hold_up_others(tmp_path: Path, aiohttp_client:
                       "concurrency": 8},
             destinations=[{"name": "slow", "format": "braze", "url": f"{slow.url}/b"},
                           {"name": "fast", "format": "braze", "url": f"{fast.url}/b"}]), env={})
-        spool = Spool(config.spool.path)
-        await spool.open()
-        dispatcher = Dispatcher(config, spool)
-        await dispatcher.start()
-        client = await aiohttp_client(create_app(config, spool, dispatcher))
+        client, spool, dispatcher = await start_stack(config, aiohttp_client)
         try:
             # The slow host's deliveries are older: they come first in the spool.
             await client.post("/v1/events", json=[event(i) for i in range(40)])
@@ -132,5 +120,4 @@ async def test_slow_host_does_not_hold_up_others(tmp_path: Path, aiohttp_client:
             # (2 at a time, 0.5 s each); it has barely begun.
             assert len(slow.received()) <= 8
         finally:
-            await dispatcher.stop(0.1)
-            await spool.close()
+            await stop_stack(spool, dispatcher, 0.1)
