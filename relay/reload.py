@@ -22,6 +22,9 @@ from relay.errors import ConfigError
 
 log = logging.getLogger("relay.reload")
 
+SETTLE = 0.2        # seconds a changed file must stay the same before it is read
+SETTLE_CHECKS = 25  # at most 5 s of waiting for a file that keeps changing
+
 RESTART_KEYS = (("server", "listen"), ("server", "max_body_bytes"), ("spool", "path"),
                 ("delivery", "concurrency"), ("delivery", "per_host_concurrency"),
                 ("delivery", "ca_file"))
@@ -97,13 +100,22 @@ class ConfigWatcher:
         self._lock = asyncio.Lock()
 
     async def watch(self) -> None:
-        """Poll for changes until cancelled."""
+        """Poll for changes until cancelled; reload once a change has settled."""
         while True:
             await asyncio.sleep(self.interval)
             now = await asyncio.to_thread(watched, self.path)
-            if now != self._seen:
-                self._seen = now
-                await self.reload("the file changed")
+            if now == self._seen:
+                continue
+            # An editor that truncates and then writes leaves a moment in which the file is
+            # empty (and an empty config is valid): wait until it stops changing.
+            for _ in range(SETTLE_CHECKS):
+                await asyncio.sleep(SETTLE)
+                again = await asyncio.to_thread(watched, self.path)
+                if again == now:
+                    break
+                now = again
+            self._seen = now
+            await self.reload("the file changed")
 
     async def reload(self, reason: str) -> bool:
         async with self._lock:

@@ -247,3 +247,30 @@ async def test_rotated_secret_file_triggers_reload(tmp_path: Path) -> None:
         assert applied[0].destinations[0].auth.token.get_secret_value() == "second-token-value"
     finally:
         task.cancel()
+
+
+async def test_a_half_written_config_is_not_applied(tmp_path: Path) -> None:
+    """An editor's truncate-then-write is read once it settles: the empty file in between
+    (itself a valid config) is never applied."""
+    import asyncio
+
+    from relay.reload import ConfigWatcher
+
+    path = write_config(tmp_path)
+    full = path.read_text()
+    applied: list[Any] = []
+    watcher = ConfigWatcher(str(path), load_config(path), applied.append, interval=0.05)
+    task = asyncio.create_task(watcher.watch())
+    try:
+        await asyncio.sleep(0.1)
+        path.write_text("")                    # truncated ...
+        await asyncio.sleep(0.1)
+        path.write_text(full + "\n# edited\n")  # ... then written
+        for _ in range(100):
+            if applied:
+                break
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.3)
+        assert len(applied) == 1 and len(applied[0].destinations) == 3
+    finally:
+        task.cancel()
