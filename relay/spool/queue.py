@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from collections.abc import Collection, Sequence
 from typing import Any
 
+from relay.errors import SpoolError
 from relay.spool.records import Attempt, Due
-from relay.spool.store import Store
+from relay.spool.store import Store, _Job
 
 
 class QueueMixin(Store):
@@ -47,30 +49,48 @@ class QueueMixin(Store):
     async def record_attempt(self, due: Due, attempt: Attempt, *, state: str,
                              not_before: float | None, failures: int,
                              reason: str | None) -> None:
-        """Write one attempt and the delivery's new state; resolves once committed."""
-        def write(conn: sqlite3.Connection) -> None:
+        """Write one attempt and the delivery's new state; resolves once committed.
+
+        Outcomes that reach the writer together are written in bulk (see _record_group).
+        """
+        if self._writer is None or self._loop is None:
+            raise SpoolError("the spool is closed")
+        future: asyncio.Future[None] = self._loop.create_future()
+        self._jobs.put(_Job(future, None, outcome=(due, attempt, state, not_before, failures,
+                                                   reason)))
+        await future
+
+    def _record_group(self, conn: sqlite3.Connection, jobs: list[_Job]) -> list[tuple[Any, ...]]:
+        """Every attempt outcome of one group: two executemany and, for finished deliveries,
+        one pending-count update per event, instead of six statements per outcome."""
+        now = self.clock()
+        attempts, updates, finished = [], [], []
+        for job in jobs:
+            due, attempt, state, not_before, failures, reason = job.outcome  # type: ignore[misc]
             n = due.attempts + 1
-            conn.execute(
-                "INSERT INTO attempts(delivery_seq, n, at, duration, status_code, error, excerpt) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (due.seq, n, attempt.at, attempt.duration, attempt.status_code, attempt.error,
-                 attempt.excerpt))
-            conn.execute(
-                "UPDATE deliveries SET attempts = ?, failures = ?, state = ?, not_before = ?, "
-                "updated_at = ?, first_attempt_at = COALESCE(first_attempt_at, ?), reason = ? "
-                "WHERE seq = ?",
-                (n, failures, state, not_before if not_before is not None else attempt.at,
-                 self.clock(), attempt.at, reason, due.seq))
+            attempts.append((due.seq, n, attempt.at, attempt.duration, attempt.status_code,
+                             attempt.error, attempt.excerpt))
+            updates.append((n, failures, state, not_before if not_before is not None else attempt.at,
+                            now, attempt.at, reason, due.seq))
             if state != "pending":
-                self._finish_one(conn, due.event_seq)
-
-        await self.submit(write)
-
-    def _finish_one(self, conn: sqlite3.Connection, event_seq: int) -> None:
-        left = conn.execute("UPDATE events SET pending = pending - 1 WHERE seq = ? "
-                            "RETURNING pending", (event_seq,)).fetchone()
-        if left is not None and left[0] == 0:
-            self.open_events -= 1
+                finished.append(due.event_seq)
+        conn.executemany(
+            "INSERT INTO attempts(delivery_seq, n, at, duration, status_code, error, excerpt) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)", attempts)
+        conn.executemany(
+            "UPDATE deliveries SET attempts = ?, failures = ?, state = ?, not_before = ?, "
+            "updated_at = ?, first_attempt_at = COALESCE(first_attempt_at, ?), reason = ? "
+            "WHERE seq = ?", updates)
+        if finished:
+            conn.executemany("UPDATE events SET pending = pending - 1 WHERE seq = ?",
+                             [(seq,) for seq in finished])
+            seqs = sorted(set(finished))
+            for start in range(0, len(seqs), 500):
+                chunk = seqs[start:start + 500]
+                self.open_events -= conn.execute(
+                    f"SELECT COUNT(*) FROM events WHERE pending = 0 AND seq IN "
+                    f"({','.join('?' * len(chunk))})", chunk).fetchone()[0]
+        return [(job.future, None, None) for job in jobs]
 
     async def replay(self, *, delivery_ids: Sequence[str] = (), destination: str | None = None,
                      failed_since: float | None = None) -> list[str]:

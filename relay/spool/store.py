@@ -76,15 +76,18 @@ CREATE TABLE attempts(
 
 
 class _Job:
-    """A unit of work for the writer: ``fn(conn)``, or (when ``events`` is set) an ingest."""
+    """A unit of work for the writer: ``fn(conn)``; or, run in bulk with others of its kind,
+    an ingest (``events``) or an attempt outcome (``outcome``)."""
 
-    __slots__ = ("events", "fn", "future")
+    __slots__ = ("events", "fn", "future", "outcome")
 
     def __init__(self, future: asyncio.Future[Any], fn: Callable[[sqlite3.Connection], Any] | None,
-                 events: Sequence[tuple[Accepted, Sequence[Route]]] | None = None) -> None:
+                 events: Sequence[tuple[Accepted, Sequence[Route]]] | None = None,
+                 outcome: tuple[Any, ...] | None = None) -> None:
         self.future = future
         self.fn = fn
         self.events = events
+        self.outcome = outcome
 
 
 _STOP = object()
@@ -201,6 +204,9 @@ class Store:
         open_before, seq_before = self.open_events, self._next_seq
         try:
             conn.execute("BEGIN IMMEDIATE")
+            records = [job for job in jobs if job.outcome is not None]
+            if records:
+                outcomes += self._record_group(conn, records)
             ingests = [job for job in jobs if job.events is not None]
             if ingests:
                 outcomes += self._ingest_group(conn, ingests)
@@ -228,6 +234,9 @@ class Store:
 
     def _ingest_group(self, conn: sqlite3.Connection, jobs: list[_Job]) -> list[tuple[Any, ...]]:
         raise NotImplementedError  # provided by the ingest part of Spool
+
+    def _record_group(self, conn: sqlite3.Connection, jobs: list[_Job]) -> list[tuple[Any, ...]]:
+        raise NotImplementedError  # provided by the queue part of Spool
 
 
 def _settle(outcomes: list[tuple[Any, ...]]) -> None:
