@@ -74,7 +74,6 @@ class JwtSigner:
                  on_mint: Callable[[], None] | None = None) -> None:
         self.auth = auth
         self.clock = clock
-        self.minted = 0
         self._on_mint = on_mint
         key: object = auth.key.get_secret_value()
         if auth.algorithm.startswith("HS"):
@@ -107,7 +106,6 @@ class JwtSigner:
             if value is not None:
                 claims[claim] = value
         headers = {"kid": self.auth.key_id} if self.auth.key_id else None
-        self.minted += 1
         if self._on_mint is not None:
             self._on_mint()
         return jwt.encode(claims, self._key, algorithm=self.auth.algorithm,  # type: ignore[arg-type]

@@ -5,12 +5,12 @@
     ├── InvalidEvent              a sender's event is wrong; carries (json path, message) pairs
     ├── SpoolError                the durable store cannot take or give data
     │   └── SpoolFull             spool.max_events reached, or the disk is full: answer 503
-    └── DeliveryError             one attempt to reach a destination did not succeed
-        ├── RetryableDeliveryError    timeout, connection/DNS/TLS, 5xx, 408, 429: try again later
-        └── PermanentDeliveryError    3xx, other 4xx: give up
-            └── RenderError           a template failed, or a rendered URL is not allowed
+    └── RenderError               a delivery's request cannot be built (template failure, URL
+                                  outside allowed_hosts/ports): it fails, nothing is sent
 
-A suspended host is not an error at all: its deliveries wait in the spool.
+What a receiver answers (or a timeout, a refused connection) is not an exception: relay.policy
+classifies it into an Outcome value (delivered / retry / failed). A suspended host is not an
+error at all: its deliveries wait in the spool.
 Library exceptions (yaml, pydantic, sqlite3, aiohttp, pyjwt) are mapped to these at the module
 that calls the library, with ``raise ... from exc``.
 """
@@ -69,17 +69,5 @@ class SpoolFull(SpoolError):
         self.retry_after = retry_after
 
 
-class DeliveryError(RelayError):
-    """One delivery attempt failed."""
-
-
-class RetryableDeliveryError(DeliveryError):
-    """The attempt may succeed later: timeout, connection error, 5xx, 408, 429."""
-
-
-class PermanentDeliveryError(DeliveryError):
-    """The attempt can never succeed as it is: 3xx, other 4xx, unrenderable payload."""
-
-
-class RenderError(PermanentDeliveryError):
+class RenderError(RelayError):
     """The request for this delivery cannot be built; no request is sent."""

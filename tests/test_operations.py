@@ -69,7 +69,10 @@ def test_metrics_change_as_events_flow(tmp_path: Path, receiver: Receiver) -> No
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             after = http("GET", relay.url + "/metrics")[2]
-            if metric(after, "relay_deliveries_total", destination="a", outcome="delivered") == 5:
+            # The spool gauges are read at the start of a scrape and the counters at its end,
+            # so one scrape can straddle the commit of the last outcomes: wait for both.
+            if metric(after, "relay_deliveries_total", destination="a", outcome="delivered") == 5 \
+                    and metric(after, "relay_spool_deliveries", state="delivered") == 5:
                 break
             time.sleep(0.05)
         assert metric(after, "relay_events_accepted_total") == 5

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Sequence
 
-from relay.spool.records import Attempt, DeliveryRecord
+from relay.spool.records import Attempt, DeliveryRecord, where
 from relay.spool.store import Store
 
 _SELECT_DELIVERY = (
@@ -47,14 +47,9 @@ class LogMixin(Store):
         limit: int = 100,
     ) -> list[DeliveryRecord]:
         """Deliveries in creation order, after the ``seq`` cursor, filtered."""
-        where, args = ["d.seq > ?"], [after]
-        if state is not None:
-            where.append("d.state = ?")
-            args.append(state)
-        if destination is not None:
-            where.append("d.destination = ?")
-            args.append(destination)
-        sql = f"{_SELECT_DELIVERY} WHERE {' AND '.join(where)} ORDER BY d.seq LIMIT ?"
+        clause, args = where(("d.seq > ?", after), ("d.state = ?", state),
+                             ("d.destination = ?", destination))
+        sql = f"{_SELECT_DELIVERY} WHERE {clause} ORDER BY d.seq LIMIT ?"
         rows = await self._read(lambda conn: conn.execute(sql, (*args, limit)).fetchall())
         return [DeliveryRecord(*row) for row in rows]
 

@@ -8,7 +8,7 @@ from collections.abc import Collection, Sequence
 from typing import Any
 
 from relay.errors import SpoolError
-from relay.spool.records import Attempt, Due
+from relay.spool.records import Attempt, Due, where
 from relay.spool.store import Store, _Job
 
 
@@ -99,18 +99,12 @@ class QueueMixin(Store):
         Selects by ids, or by destination and/or failure time; returns the ids replayed.
         """
         def write(conn: sqlite3.Connection) -> list[str]:
-            where, args = ["state = 'failed'"], []
-            if delivery_ids:
-                where.append(f"delivery_id IN ({','.join('?' * len(delivery_ids))})")
-                args += list(delivery_ids)
-            if destination is not None:
-                where.append("destination = ?")
-                args.append(destination)
-            if failed_since is not None:
-                where.append("updated_at >= ?")
-                args.append(failed_since)
+            clause, args = where(
+                ("state = ?", "failed"),
+                (f"delivery_id IN ({','.join('?' * len(delivery_ids))})", list(delivery_ids)),
+                ("destination = ?", destination), ("updated_at >= ?", failed_since))
             rows = conn.execute(f"SELECT seq, delivery_id, event_seq FROM deliveries WHERE "
-                                f"{' AND '.join(where)} LIMIT 100000", args).fetchall()
+                                f"{clause} LIMIT 100000", args).fetchall()
             now = self.clock()
             for seq, _, event_seq in rows:
                 conn.execute("UPDATE deliveries SET state = 'pending', not_before = ?, "

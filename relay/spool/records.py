@@ -75,5 +75,18 @@ class DeliveryRecord:
         }
 
 
+def where(*conditions: tuple[str, Any]) -> tuple[str, list[Any]]:
+    """``("a = ?", 1), ("b IN (?,?)", [2, 3]), ("c = ?", None)`` -> ``"a = ? AND b IN (?,?)",
+    [1, 2, 3]``: conditions whose value is None (or empty) are left out."""
+    clauses: list[str] = []
+    args: list[Any] = []
+    for clause, value in conditions:
+        if value is None or (isinstance(value, list | tuple) and not value):
+            continue
+        clauses.append(clause)
+        args += list(value) if isinstance(value, list | tuple) else [value]
+    return " AND ".join(clauses), args
+
+
 def iso(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z"
