@@ -199,8 +199,7 @@ async def test_full_disk_answers_503_and_recovers(tmp_path: Path, aiohttp_client
         try:
             assert (await client.post("/v1/events", json=event(1))).status == 202
             # The disk fills up: SQLite may not grow the file past its current size.
-            pages = await spool.submit(lambda c: c.execute("PRAGMA page_count").fetchone()[0])
-            await spool.submit(lambda c: c.execute(f"PRAGMA max_page_count={pages}"))
+            await spool.page_limit(0)
             statuses = []
             for i in range(200):
                 resp = await client.post("/v1/events", json=[event(1000 + i * 50 + k)
@@ -211,7 +210,7 @@ async def test_full_disk_answers_503_and_recovers(tmp_path: Path, aiohttp_client
             assert statuses[-1] == 503 and set(statuses) <= {202, 503}
             assert "disk" in (await resp.json())["error"] and int(resp.headers["Retry-After"]) > 0
             assert (await client.get("/healthz")).status == 200
-            await spool.submit(lambda c: c.execute("PRAGMA max_page_count=1073741823"))
+            await spool.page_limit(None)
             again = await client.post("/v1/events", json=event(5000))   # space is back
             assert again.status == 202
             stored = {d.event_id for d in await spool.list_deliveries(limit=1000)}

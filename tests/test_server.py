@@ -25,7 +25,9 @@ async def client_for(tmp_path: Path, aiohttp_client: Any):
     spools: list[Spool] = []
 
     async def make(**sections: Any) -> Any:
-        config = make_config(tmp_path, **sections)
+        # one spool file per relay: a second writer on the same file is refused
+        spool_section = {"path": str(tmp_path / f"spool{len(spools)}.db"), **sections.pop("spool", {})}
+        config = make_config(tmp_path, spool=spool_section, **sections)
         spool = Spool(config.spool.path, max_events=config.spool.max_events)
         await spool.open()
         spools.append(spool)

@@ -1,11 +1,10 @@
 """The durable spool: every accepted event and each of its deliveries, in one SQLite file.
 
-One writer thread owns the write connection and runs *group commit*: it takes every job that
-queued while the previous transaction was committing and runs them all in one transaction (each
-in its own savepoint, so one failing job does not undo the others), then one fsync. Callers
-await an asyncio future that resolves only after COMMIT returns, so a 202 is never sent for data
-that a SIGKILL could lose. Reads use a second connection on a reader thread (WAL lets them run
-beside writes). The event loop never touches the disk.
+A writer process (writer.py) owns every write and runs *group commit*: it takes every job that
+arrived while the previous transaction was committing and runs them all in one transaction, then
+one fsync. Callers await a future that resolves only after COMMIT returns, so a 202 is never sent
+for data that a SIGKILL could lose. Reads use a second connection on a reader thread (WAL lets
+them run beside writes). The event loop never touches the disk (store.py).
 
 A delivery row is the unit of work: (event, destination) with ``state`` (pending, delivered,
 failed, skipped), ``attempts`` and ``not_before``. Retries are a new ``not_before``, written here;
@@ -16,7 +15,7 @@ from relay.spool.ingest import IngestMixin
 from relay.spool.log import LogMixin
 from relay.spool.queue import QueueMixin
 from relay.spool.records import Attempt, DeliveryRecord, Due, Ingested
-from relay.spool.store import SCHEMA_VERSION
+from relay.spool.writer import SCHEMA_VERSION
 
 
 class Spool(IngestMixin, QueueMixin, LogMixin):

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Sequence
 
-from relay.spool.records import Attempt, DeliveryRecord, where
+from relay.spool.records import Attempt, DeliveryRecord
 from relay.spool.store import Store
+from relay.spool.writer import where
 
 _SELECT_DELIVERY = (
     "SELECT d.delivery_id, e.id, d.destination, d.state, d.attempts, d.not_before, d.created_at, "
@@ -15,23 +15,9 @@ _SELECT_DELIVERY = (
 
 class LogMixin(Store):
     async def prune(self, retention: float) -> int:
-        """Delete finished events (and their deliveries and attempts) older than ``retention``."""
-        cutoff = self.clock() - retention
-
-        def prune(conn: sqlite3.Connection) -> int:
-            seqs = [r[0] for r in conn.execute(
-                "SELECT seq FROM events WHERE received_at < ? AND pending = 0 LIMIT 10000",
-                (cutoff,))]
-            if not seqs:
-                return 0
-            marks = ",".join("?" * len(seqs))
-            conn.execute(f"DELETE FROM attempts WHERE delivery_seq IN (SELECT seq FROM deliveries "
-                         f"WHERE event_seq IN ({marks}))", seqs)
-            conn.execute(f"DELETE FROM deliveries WHERE event_seq IN ({marks})", seqs)
-            conn.execute(f"DELETE FROM events WHERE seq IN ({marks})", seqs)
-            return len(seqs)
-
-        return await self.submit(prune)
+        """Delete finished events (and their deliveries and attempts) older than ``retention``;
+        at most 10,000 events per call."""
+        return await self._call("prune", (self.clock() - retention,))
 
     async def get_delivery(self, delivery_id: str) -> DeliveryRecord | None:
         rows = await self._read(lambda conn: conn.execute(

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 
-@dataclass(frozen=True, slots=True)
-class Ingested:
-    """What the spool did with one accepted event."""
+class Ingested(NamedTuple):
+    """What the spool did with one accepted event (a NamedTuple: one per ingested event)."""
 
     id: str
     duplicate: bool
@@ -73,19 +72,6 @@ class DeliveryRecord:
             "updated_at": iso(self.updated_at),
             "reason": self.reason,
         }
-
-
-def where(*conditions: tuple[str, Any]) -> tuple[str, list[Any]]:
-    """``("a = ?", 1), ("b IN (?,?)", [2, 3]), ("c = ?", None)`` -> ``"a = ? AND b IN (?,?)",
-    [1, 2, 3]``: conditions whose value is None (or empty) are left out."""
-    clauses: list[str] = []
-    args: list[Any] = []
-    for clause, value in conditions:
-        if value is None or (isinstance(value, list | tuple) and not value):
-            continue
-        clauses.append(clause)
-        args += list(value) if isinstance(value, list | tuple) else [value]
-    return " AND ".join(clauses), args
 
 
 def iso(ts: float) -> str:

@@ -1,11 +1,13 @@
-"""The spool's engine: one SQLite file, a writer thread with group commit, a reader thread.
+"""The spool's engine on the relay's side: a writer process for every write, a reader thread.
 
-One writer thread owns the write connection and runs *group commit*: it takes every job that
-queued while the previous transaction was committing and runs them all in one transaction (each
-generic job in its own savepoint, so one failing job does not undo the others; ingest jobs in
-bulk), then one fsync. Callers await an asyncio future that resolves only after COMMIT returns,
-so a 202 is never sent for data that a SIGKILL could lose. Reads use a second connection on a
-reader thread (WAL lets them run beside writes). The event loop never touches the disk.
+Writes go to the writer process (relay/spool/writer.py, which explains why it is a process)
+over a socketpair: ``_call`` queues a job, the jobs queued during one event-loop turn leave in one
+write, and each job's future resolves when the writer answers, which it does only after the
+group's COMMIT. So a 202 is never sent for data that a SIGKILL could lose. If the writer dies,
+waiting jobs fail (the sender sees 503 and retries) and a new writer is started.
+
+Reads use their own connection on a reader thread (WAL lets them run beside the writer). The
+event loop never touches the disk.
 """
 
 from __future__ import annotations
@@ -13,88 +15,32 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import queue
+import socket
 import sqlite3
-import threading
+import subprocess
+import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
 from relay.errors import SpoolError, SpoolFull
-from relay.events import Accepted
-from relay.routing import Route
+from relay.spool import writer
+from relay.spool.writer import frame, split_frames
 
 log = logging.getLogger("relay.spool")
 
 T = TypeVar("T")
-SCHEMA_VERSION = 1
-MAX_GROUP = 512  # jobs per transaction: bounds the latency one group adds to the next
-
-SCHEMA = """
-CREATE TABLE events(
-    seq         INTEGER PRIMARY KEY,
-    id          TEXT NOT NULL,              -- the sender's id, or one the relay generated
-    sender_id   INTEGER NOT NULL,           -- 1: id is the sender's idempotency key
-    received_at REAL NOT NULL,
-    pending     INTEGER NOT NULL,           -- deliveries of this event not yet finished
-    deliveries  TEXT NOT NULL,              -- 'destination delivery_id state|...' as created
-    body        TEXT NOT NULL               -- the normalised event JSON
-);
-CREATE INDEX events_by_sender_id ON events(id) WHERE sender_id = 1;
-CREATE INDEX events_by_time ON events(received_at);
-
-CREATE TABLE deliveries(
-    seq         INTEGER PRIMARY KEY,
-    delivery_id TEXT NOT NULL UNIQUE,       -- Webhook-Id: stable across retries
-    event_seq   INTEGER NOT NULL REFERENCES events(seq),
-    destination TEXT NOT NULL,
-    state       TEXT NOT NULL,              -- pending | delivered | failed | skipped
-    attempts    INTEGER NOT NULL DEFAULT 0, -- requests tried (or render failures)
-    failures    INTEGER NOT NULL DEFAULT 0, -- retryable responses (5xx, 408, 429): max_retries
-    first_attempt_at REAL,                  -- start of the retry windows
-    held        REAL NOT NULL DEFAULT 0,    -- seconds its host was suspended since then
-    not_before  REAL NOT NULL,              -- not attempted before this unix time
-    created_at  REAL NOT NULL,
-    updated_at  REAL NOT NULL,
-    reason      TEXT                        -- why skipped / failed, for the activity log
-);
-CREATE INDEX deliveries_due ON deliveries(not_before, seq) WHERE state = 'pending';
-
-CREATE TABLE attempts(
-    delivery_seq INTEGER NOT NULL,
-    n            INTEGER NOT NULL,
-    at           REAL NOT NULL,
-    duration     REAL,
-    status_code  INTEGER,
-    error        TEXT,
-    excerpt      TEXT,
-    PRIMARY KEY (delivery_seq, n)
-) WITHOUT ROWID;
-"""
-
-
-class _Job:
-    """A unit of work for the writer: ``fn(conn)``; or, run in bulk with others of its kind,
-    an ingest (``events``) or an attempt outcome (``outcome``)."""
-
-    __slots__ = ("events", "fn", "future", "outcome")
-
-    def __init__(self, future: asyncio.Future[Any], fn: Callable[[sqlite3.Connection], Any] | None,
-                 events: Sequence[tuple[Accepted, Sequence[Route]]] | None = None,
-                 outcome: tuple[Any, ...] | None = None) -> None:
-        self.future = future
-        self.fn = fn
-        self.events = events
-        self.outcome = outcome
-
-
-_STOP = object()
+LOCK_WAIT = 10.0       # how long a new writer waits for the spool's lock (a killed relay's
+                       # writer finishing its last group) before naming the relay that holds it
+START_TIMEOUT = 60.0
+STOP_TIMEOUT = 30.0
 
 
 class Store:
-    """Connections, threads and transactions; the Spool's operations are built on these."""
+    """The writer process, the link to it, and the reader thread; the Spool's operations are
+    built on ``_call`` (writes) and ``_read`` (reads)."""
 
     def __init__(
         self,
@@ -108,177 +54,187 @@ class Store:
         self.max_events = max_events
         self.dedupe_window = dedupe_window
         self.clock = clock
-        self.open_events = 0          # events with at least one pending delivery (writer-owned)
-        self._next_seq = 1            # next events.seq (writer-owned)
-        self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._writer: threading.Thread | None = None
+        self.is_open = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._transport: asyncio.Transport | None = None
+        self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._next_job = 1
+        self._out: list[bytes] = []
+        self._buffer = bytearray()
+        self._closing = False
+        self._up = False            # a writer said ready and has not gone away since
+        self._respawn: asyncio.Task[None] | None = None
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-spool-read")
         self._read_conn: sqlite3.Connection | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self.is_open = False
 
     # -- lifecycle -------------------------------------------------------------------------
 
     async def open(self) -> None:
-        """Create or open the file, migrate the schema, and start the writer thread."""
+        """Start the writer (it creates or migrates the file) and open the reader."""
         self._loop = asyncio.get_running_loop()
-        ready: asyncio.Future[None] = self._loop.create_future()
-        self._writer = threading.Thread(target=self._run_writer, args=(ready,),
-                                        name="relay-spool-write", daemon=True)
-        self._writer.start()
-        await ready
+        self._closing = False
+        await self._start_writer()
         await self._read(lambda conn: None)
         self.is_open = True
 
     async def close(self) -> None:
-        """Finish every queued job, commit, and close both connections."""
-        if self._writer is None:
+        """Let the writer finish every queued job and commit, then stop it and the reader."""
+        if self._loop is None:
             return
+        self._closing = True
         self.is_open = False
-        self._jobs.put(_STOP)
-        await asyncio.get_running_loop().run_in_executor(None, self._writer.join)
-        self._writer = None
+        if self._respawn is not None:
+            self._respawn.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._respawn
+        if self._transport is not None:
+            with contextlib.suppress(SpoolError):
+                await asyncio.wait_for(self._call("stop", ()), STOP_TIMEOUT)
+            self._transport.close()
+        await self._reap()
         await self._read(self._close_reader)
         self._reader.shutdown(wait=True)
+        self._loop = None
 
-    # -- writes (group-committed) ----------------------------------------------------------
+    async def _start_writer(self) -> None:
+        assert self._loop is not None
+        ours, theirs = socket.socketpair()
+        try:
+            # -P: the script's directory (relay/spool) must not shadow stdlib modules (queue).
+            # Popen, not asyncio's subprocess API: one fork/exec at start-up (no loop time worth
+            # saving), and it behaves the same on uvloop and on loops in other threads (tests).
+            self._proc = subprocess.Popen(  # noqa: ASYNC220
+                [sys.executable, "-P", writer.__file__, str(theirs.fileno()), self.path,
+                 str(self.max_events), str(LOCK_WAIT)],
+                pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
+        except OSError as exc:
+            ours.close()
+            raise SpoolError(f"cannot start the spool writer: {exc}") from exc
+        finally:
+            theirs.close()
+        ready = self._loop.create_future()
+        self._pending = {0: ready}
+        self._buffer.clear()
+        self._transport, _ = await self._loop.create_unix_connection(lambda: _Link(self), sock=ours)
+        try:
+            await asyncio.wait_for(ready, START_TIMEOUT)
+            self._up = True
+        except (TimeoutError, SpoolError) as exc:
+            self._transport.close()
+            self._transport = None
+            await self._reap()
+            if isinstance(exc, SpoolError):
+                raise
+            raise SpoolError(f"the spool writer did not start within {START_TIMEOUT:.0f}s") from None
 
-    def submit(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
-        """Run ``fn(conn)`` in the next group transaction; resolves once it is committed."""
-        if self._writer is None or self._loop is None:
-            raise SpoolError("the spool is closed")
-        future: asyncio.Future[T] = self._loop.create_future()
-        self._jobs.put(_Job(future, fn))
+    async def _reap(self) -> None:
+        """Wait for the writer process to exit (kill it if it will not), by its PID."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, proc.wait, STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            log.error("the spool writer (pid %d) did not exit; killing it", proc.pid)
+            proc.kill()
+            await asyncio.get_running_loop().run_in_executor(None, proc.wait)
+
+    # -- writes ----------------------------------------------------------------------------
+
+    def _call(self, op: str, args: Any) -> asyncio.Future[Any]:
+        """Queue one job for the writer; the future resolves once its group is committed."""
+        if self._transport is None or self._loop is None:
+            raise SpoolError("the spool is closed" if self._closing or self._loop is None
+                             else "the spool writer is restarting")
+        job = self._next_job
+        self._next_job += 1
+        future: asyncio.Future[Any] = self._loop.create_future()
+        self._pending[job] = future
+        if not self._out:
+            self._loop.call_soon(self._flush)
+        self._out.append(frame((job, op, args)))
         return future
+
+    def _flush(self) -> None:
+        out, self._out = self._out, []
+        if self._transport is not None and out:
+            self._transport.write(b"".join(out))
+
+    def _received(self, data: bytes) -> None:
+        self._buffer += data
+        for job, error, result in split_frames(self._buffer):
+            future = self._pending.pop(job, None)
+            if future is None or future.done():  # the caller went away; the data is committed
+                continue
+            if error is None:
+                future.set_result(result)
+            else:
+                kind, message, retry_after = error
+                future.set_exception(SpoolFull(message, retry_after=retry_after) if kind == "full"
+                                     else SpoolError(message))
+
+    def _lost(self) -> None:
+        self._transport = None
+        code = self._proc.poll() if self._proc is not None else None
+        pending, self._pending = self._pending, {}
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(SpoolError(
+                    f"the spool writer exited (code {code}) before answering"))
+        was_up, self._up = self._up, False
+        if was_up and not self._closing and self._loop is not None:
+            log.error("the spool writer exited unexpectedly (code %s); starting a new one", code)
+            self._respawn = self._loop.create_task(self._restart())
+
+    async def _restart(self) -> None:
+        await self._reap()
+        while not self._closing:
+            try:
+                await self._start_writer()
+                log.warning("the spool writer is running again")
+                return
+            except SpoolError as exc:
+                log.error("cannot restart the spool writer: %s", exc)
+                await asyncio.sleep(1.0)
 
     # -- reads -----------------------------------------------------------------------------
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         def run() -> T:
             if self._read_conn is None:
-                self._read_conn = _connect(self.path)
+                self._read_conn = writer.connect(self.path)
             try:
                 return fn(self._read_conn)
             except sqlite3.Error as exc:
                 raise SpoolError(f"spool read failed: {exc}") from exc
 
-        return await asyncio.get_running_loop().run_in_executor(self._reader, run)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._reader, run)
+        except writer.JobError as exc:
+            raise SpoolError(exc.message) from exc
 
     def _close_reader(self, conn: sqlite3.Connection) -> None:
         conn.close()
         self._read_conn = None
 
-    # -- the writer thread -----------------------------------------------------------------
+    async def stats(self) -> dict[str, int]:
+        """The writer's counts: ``open_events`` (events with a delivery still pending, checked
+        against spool.max_events) and ``groups`` (transactions run since it started)."""
+        return await self._call("stats", ())
 
-    def _run_writer(self, ready: asyncio.Future[None]) -> None:
-        assert self._loop is not None
-        try:
-            conn = _connect(self.path)
-            _migrate(conn)
-            self.open_events = conn.execute(
-                "SELECT COUNT(*) FROM events WHERE pending > 0").fetchone()[0]
-            self._next_seq = conn.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM events").fetchone()[0]
-        except (sqlite3.Error, OSError, SpoolError) as exc:
-            error = exc if isinstance(exc, SpoolError) else \
-                SpoolError(f"cannot open spool {self.path}: {exc}")
-            self._loop.call_soon_threadsafe(_settle, [(ready, None, error)])
-            return
-        self._loop.call_soon_threadsafe(_settle, [(ready, None, None)])
-        stopping = False
-        while not stopping:
-            jobs = [self._jobs.get()]
-            while len(jobs) < MAX_GROUP:
-                try:
-                    jobs.append(self._jobs.get_nowait())
-                except queue.Empty:
-                    break
-            if _STOP in jobs:
-                stopping = True
-                jobs = [j for j in jobs if j is not _STOP]
-            if jobs:
-                self._loop.call_soon_threadsafe(_settle, self._run_group(conn, jobs))
-        conn.close()
-
-    def _run_group(self, conn: sqlite3.Connection, jobs: list[_Job]) -> list[tuple[Any, ...]]:
-        outcomes: list[tuple[Any, ...]] = []
-        open_before, seq_before = self.open_events, self._next_seq
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            records = [job for job in jobs if job.outcome is not None]
-            if records:
-                outcomes += self._record_group(conn, records)
-            ingests = [job for job in jobs if job.events is not None]
-            if ingests:
-                outcomes += self._ingest_group(conn, ingests)
-            for job in jobs:
-                if job.fn is None:
-                    continue
-                conn.execute("SAVEPOINT job")
-                try:
-                    outcomes.append((job.future, job.fn(conn), None))
-                    conn.execute("RELEASE job")
-                except Exception as exc:  # each job's error goes to its caller
-                    conn.execute("ROLLBACK TO job")
-                    conn.execute("RELEASE job")
-                    outcomes.append((job.future, None, _map_error(exc)))
-            conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            # Nothing of this group is on disk: every job fails, and in-memory counts rewind.
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
-            self.open_events, self._next_seq = open_before, seq_before
-            error = _map_error(exc)
-            log.error("spool commit failed: %s", exc)
-            return [(job.future, None, error) for job in jobs]
-        return outcomes
-
-    def _ingest_group(self, conn: sqlite3.Connection, jobs: list[_Job]) -> list[tuple[Any, ...]]:
-        raise NotImplementedError  # provided by the ingest part of Spool
-
-    def _record_group(self, conn: sqlite3.Connection, jobs: list[_Job]) -> list[tuple[Any, ...]]:
-        raise NotImplementedError  # provided by the queue part of Spool
+    async def page_limit(self, pages: int | None) -> int:
+        """Let the spool file grow by at most ``pages`` more pages (None: no cap); returns its
+        page count. Tests use it to make SQLite report a full disk."""
+        return await self._call("page_limit", (pages,))
 
 
-def _settle(outcomes: list[tuple[Any, ...]]) -> None:
-    """Resolve the futures of one committed group (runs on the event loop)."""
-    for future, result, error in outcomes:
-        if future.done():  # the caller went away (cancelled); the data is committed anyway
-            continue
-        if error is None:
-            future.set_result(result)
-        else:
-            future.set_exception(error)
+class _Link(asyncio.Protocol):
+    def __init__(self, store: Store) -> None:
+        self.store = store
 
+    def data_received(self, data: bytes) -> None:
+        self.store._received(data)
 
-def _map_error(exc: BaseException) -> BaseException:
-    if isinstance(exc, sqlite3.Error):
-        code = getattr(exc, "sqlite_errorcode", None)
-        if code == sqlite3.SQLITE_FULL:
-            return SpoolFull("the disk holding the spool is full", retry_after=30)
-        return SpoolError(f"spool write failed: {exc}")
-    return exc
-
-
-def _connect(path: str) -> sqlite3.Connection:
-    try:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
-        conn.execute("PRAGMA journal_mode=WAL")
-        # FULL: each commit is fsynced, so an acknowledged event survives power loss, not only
-        # a process crash. Group commit pays for one fsync per group, not per request.
-        conn.execute("PRAGMA synchronous=FULL")
-        conn.execute("PRAGMA foreign_keys=OFF")
-        conn.execute("PRAGMA busy_timeout=30000")
-        return conn
-    except (sqlite3.Error, OSError) as exc:
-        raise SpoolError(f"cannot open spool {path}: {exc}") from exc
-
-
-def _migrate(conn: sqlite3.Connection) -> None:
-    version = conn.execute("PRAGMA user_version").fetchone()[0]
-    if version == SCHEMA_VERSION:
-        return
-    if version > SCHEMA_VERSION:
-        raise SpoolError(f"the spool was written by a newer relay (schema {version}, this relay "
-                         f"knows {SCHEMA_VERSION}); upgrade the relay or use another spool.path")
-    conn.executescript("BEGIN;" + SCHEMA + f"PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.store._lost()
