@@ -11,6 +11,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -51,7 +52,7 @@ def create_app(config: Config, spool: Spool, dispatcher: Dispatcher | None = Non
     Without a dispatcher the API still ingests and shows the spool (tests, tools).
     """
     app = web.Application(client_max_size=config.server.max_body_bytes,
-                          middlewares=[_errors_as_json, _access_control])
+                          middlewares=[_guard])
     apply_config(app, config)
     app[SPOOL] = spool
     app[METRICS] = metrics or Metrics()
@@ -129,23 +130,29 @@ async def post_events(request: web.Request) -> web.Response:
     if any(state == "pending" for r in results if not r.duplicate for _, _, state in r.deliveries):
         request.app[WAKE]()
     every_repeat = all(r.duplicate for r in results)
-    return web.Response(text=_answer_json(results, every_repeat), status=200 if every_repeat else 202,
-                        content_type="application/json")
+    return web.Response(body=_answer_json(results, every_repeat).encode(),
+                        status=200 if every_repeat else 202, content_type="application/json")
 
 
 def _answer_json(results: list[Ingested], every_repeat: bool) -> str:
     """The ingest answer, written directly: on big batches json.dumps of nested dicts cost as
     much as validating the events. Destination names (config-checked) and delivery ids (hex)
-    need no escaping; event ids are the sender's and go through json.dumps."""
+    need no escaping; a sender's event id is written as it is when it holds only characters
+    JSON never escapes, else through json.dumps."""
     entries = []
     for result in results:
         refs = ",".join(
             f'{{"destination":"{dest}","delivery_id":"{did}"'
             + (',"skipped":true}' if state == "skipped" else "}")
             for dest, did, state in result.deliveries)
-        entries.append(f'{{"id":{json.dumps(result.id, ensure_ascii=False)},"deliveries":[{refs}]'
+        event_id = result.id
+        quoted = f'"{event_id}"' if _plain(event_id) else json.dumps(event_id, ensure_ascii=False)
+        entries.append(f'{{"id":{quoted},"deliveries":[{refs}]'
                        + (',"duplicate":true}' if result.duplicate else "}"))
     return '{"events":[' + ",".join(entries) + "]" + (',"duplicate":true}' if every_repeat else "}")
+
+
+_plain = re.compile(r"[A-Za-z0-9_.:@+/=-]*").fullmatch  # JSON strings as they are
 
 
 def _count_ingest(metrics: Metrics, results: list[Ingested]) -> None:
@@ -312,22 +319,9 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 @web.middleware
-async def _errors_as_json(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """aiohttp's own 404/405/413 pages become JSON; unexpected errors are logged, not leaked."""
-    try:
-        return await handler(request)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        return error(exc.status, exc.reason, headers={
-            k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")})
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        return error(400, f"not valid JSON: {exc}")
-
-
-@web.middleware
-async def _access_control(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """server.allow_cidrs for every path; server.token for /v1/*."""
+async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """server.allow_cidrs for every path and server.token for /v1/*; aiohttp's own 404/405/413
+    pages become JSON. (One middleware, not two: each costs a wrapper call per request.)"""
     token, networks = request.app[ACCESS]
     if networks:
         try:
@@ -343,4 +337,12 @@ async def _access_control(request: web.Request, handler: Handler) -> web.StreamR
             request.app[METRICS].events_rejected.labels("unauthorized").inc()
             return error(401, "missing or wrong Authorization: Bearer token",
                          headers={"WWW-Authenticate": 'Bearer realm="relay"'})
-    return await handler(request)
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return error(exc.status, exc.reason, headers={
+            k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")})
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return error(400, f"not valid JSON: {exc}")

@@ -157,3 +157,27 @@ def test_accept_body_stores_the_senders_json_with_fixed_values() -> None:
     assert again.failure is not None and again.failure.code == "25"
     assert again == events[0].model_copy(update={"request_id": again.request_id,
                                                  "occurred_at": again.occurred_at})
+
+
+@pytest.mark.parametrize("body", [
+    # a key present as null must be replaced, not repeated
+    b'{"id": null, "request_id": null, "channel": "email", "status": "sent", "message_id": "m"}',
+    # the key's name inside a value: the event is re-encoded, the value kept
+    b'{"channel":"email","status":"sent","message_id":"m","attributes":{"note":"\\"id\\""}}',
+    # a batch with odd whitespace, unicode and escapes
+    b' [ {"channel":"sms","status":"sent","message_id":"m\\u00e9\\n"} ,\n\t{"channel":"email",'
+    b'"status":"sent","message_id":"\xc3\xa9","attributes":{"a":[1,{"b":"}"}]}} ] ',
+])
+def test_accept_body_splices_or_reencodes_to_one_valid_object(body: bytes) -> None:
+    """Filled keys appear exactly once in every stored object, whatever the sender's text."""
+    from relay.events import accept_body
+
+    events, _ = parse_events(body, 10)
+    for original, accepted in zip(events, accept_body(body, events, 1598899122.25), strict=True):
+        pairs = json.loads(accepted.body, object_pairs_hook=lambda kv: kv)
+        keys = [k for k, _ in pairs]
+        assert len(keys) == len(set(keys)), accepted.body
+        stored = load_event(accepted.body)
+        assert stored.id == accepted.id and stored.request_id and stored.occurred_at
+        assert stored.message_id == original.message_id
+        assert stored.attributes == original.attributes

@@ -210,3 +210,12 @@ def test_arbitrary_bytes_never_get_a_5xx(live_server: ServerThread, raw: bytes) 
     status, _, _ = http("POST", live_server.url + "/v1/events", raw)
     assert 400 <= status < 500
     assert http("GET", live_server.url + "/healthz")[0] == 200
+
+
+async def test_answer_carries_any_sender_id_exactly(client_for: Any) -> None:
+    """Sender ids are written into the answer as they are only when JSON needs no escape."""
+    client = await client_for()
+    odd = ['plain-id_1.2:3@x', 'quote"back\\slash', "caf\u00e9 \u2603", "tab\there", "</script>"]
+    resp = await client.post("/v1/events", json=[event(0, id=i) for i in odd])
+    assert resp.status == 202
+    assert [entry["id"] for entry in (await resp.json())["events"]] == odd

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import gc
 import marshal
 import os
 import signal
@@ -41,7 +42,7 @@ from typing import Any
 if __name__ == "__main__":  # started as a script: import relay from the tree this file is in
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from relay.ids import delivery_id
+from relay.ids import delivery_id_prefix, random_part
 
 SCHEMA_VERSION = 1
 MAX_GROUP = 512     # jobs per transaction: bounds the latency one group adds to the next
@@ -174,7 +175,7 @@ def where(*conditions: tuple[str, Any]) -> tuple[str, list[Any]]:
 def pack(deliveries: Sequence[tuple[str, str, str]]) -> str:
     """``[(destination, delivery_id, state)]`` as ``dest id state|...`` (names have no spaces
     or bars: config restricts them), several times cheaper than JSON on the ingest path."""
-    return "|".join(f"{d} {i} {s}" for d, i, s in deliveries)
+    return "|".join(map(" ".join, deliveries))
 
 
 def unpack(listing: str) -> list[tuple[str, str, str]]:
@@ -246,6 +247,7 @@ class Writer:
             job_deliveries: list[tuple[Any, ...]] = []
             job_known: dict[str, str] = {}
             new_open = 0
+            prefix = delivery_id_prefix(now)
             for event_id, sender_id, received_at, body, routes in events:
                 if sender_id:
                     listing = job_known.get(event_id) or known.get(event_id)
@@ -253,7 +255,9 @@ class Writer:
                         results.append((event_id, True, unpack(listing)))
                         continue
                 seq = self.next_seq + len(event_rows) + len(job_events)
-                created = [(dest, delivery_id(now), state) for dest, state, _ in routes]
+                r = random_part()
+                created = [(dest, f"{prefix}{r + i:020x}", state)
+                           for i, (dest, state, _) in enumerate(routes, 1)]
                 pending = sum(1 for _, state, _ in routes if state == "pending")
                 new_open += pending > 0
                 listing = pack(created)
@@ -469,6 +473,10 @@ def serve(sock: socket.socket, path: str, max_events: int, lock_wait: float) -> 
         sock.sendall(frame((0, error.wire(), None)))
         return 1
     sock.sendall(frame((0, None, os.getpid())))
+    # The writer makes no reference cycles; collecting every 700 allocations (the default)
+    # measured 5% of its time under load.
+    gc.freeze()
+    gc.set_threshold(100_000, 50, 50)
     buffer = bytearray()
     try:
         while (jobs := _next_jobs(sock, buffer)) is not None:
