@@ -2,27 +2,39 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Collection, Sequence
 from typing import Any
 
 from relay.spool.records import Attempt, Due
 from relay.spool.store import Store
 
+_DUE = (
+    "SELECT json_group_array(json_array(seq, delivery_id, destination, attempts, failures, "
+    "first_attempt_at, held, event_seq, body)) FROM ("
+    "SELECT d.seq, d.delivery_id, d.destination, d.attempts, d.failures, d.first_attempt_at, "
+    "d.held, d.event_seq, e.body FROM deliveries d JOIN events e ON e.seq = d.event_seq "
+    "WHERE d.state = 'pending' AND d.not_before <= ? "
+    "AND d.destination IN (SELECT value FROM json_each(?)) "
+    "AND d.seq NOT IN (SELECT value FROM json_each(?)) "
+    "ORDER BY d.not_before, d.seq LIMIT ?)")
+
 
 class QueueMixin(Store):
     async def due(self, now: float, limit: int, destinations: Sequence[str],
                   exclude: Collection[int] = ()) -> list[Due]:
-        """Pending deliveries due by ``now`` for these destinations, oldest first."""
+        """Pending deliveries due by ``now`` for these destinations, oldest first.
+
+        The rows come back as one JSON array in one row: Python's sqlite3 releases the GIL for
+        each row it steps to, and the reader thread must win it back from the busy event loop
+        every time (256 rows took tens of ms under load). The lists ride in as JSON too, so the
+        statement text never changes and stays prepared.
+        """
         if not destinations or limit <= 0:
             return []
-        where, args = self._pending_filter(destinations, exclude)
-        sql = ("SELECT d.seq, d.delivery_id, d.destination, d.attempts, d.failures, "
-               "d.first_attempt_at, d.held, d.event_seq, e.body FROM deliveries d "
-               "JOIN events e ON e.seq = d.event_seq "
-               f"WHERE d.state = 'pending' AND d.not_before <= ? {where} "
-               "ORDER BY d.not_before, d.seq LIMIT ?")
-        rows = await self._read(lambda conn: conn.execute(sql, (now, *args, limit)).fetchall())
-        return [Due(*row) for row in rows]
+        args = (now, json.dumps(list(destinations)), json.dumps(list(exclude)), limit)
+        found = await self._read(lambda conn: conn.execute(_DUE, args).fetchone()[0])
+        return [Due(*row) for row in json.loads(found)]
 
     async def next_due_at(self, destinations: Sequence[str],
                           exclude: Collection[int] = ()) -> float | None:
