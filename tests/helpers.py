@@ -57,6 +57,20 @@ def write_config(tmp_path: Path, **sections: Any) -> Path:
     return path
 
 
+def process_gone(pid: int, timeout: float = 10.0) -> bool:
+    """True once ``pid`` has exited (gone, or a zombie nobody reaped yet) within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return True
+        if state in ("Z", "X"):
+            return True
+        time.sleep(0.05)
+    return False
+
+
 def event(i: int = 0, **fields: Any) -> dict[str, Any]:
     base = {"id": f"evt-{i}", "channel": "email", "status": "delivered",
             "message_id": f"msg-{i}", "recipient": {"email": f"user{i}@example.com"}}
@@ -115,6 +129,12 @@ class RelayProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def writer_pid(self) -> int:
+        """The pid of the relay's spool writer process (its one child)."""
+        assert self.proc is not None
+        (child,) = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
+        return int(child)
 
     def kill(self, sig: int = signal.SIGKILL, timeout: float = 30.0) -> int:
         assert self.proc is not None

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import RelayProcess, event, http, write_config
+from tests.helpers import RelayProcess, event, http, process_gone, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -49,8 +49,10 @@ def test_sigkill_right_after_202_loses_nothing(relay: RelayProcess, tmp_path: Pa
             pool.submit(sender, w)
         while len(acknowledged) < 600:   # keep posting until a good number are acknowledged
             threading.Event().wait(0.01)
+        writer = relay.writer_pid()
         assert relay.kill(signal.SIGKILL) == -signal.SIGKILL
         stop.set()
+    assert process_gone(writer), "the spool writer outlived its killed relay"
 
     conn = sqlite3.connect(tmp_path / "spool.db")
     stored = {row[0] for row in conn.execute("SELECT delivery_id FROM deliveries")}
@@ -80,8 +82,10 @@ def test_sigterm_exits_zero_and_keeps_data(relay: RelayProcess) -> None:
     relay.start()
     status, _, body = http("POST", relay.url + "/v1/events", [event(i) for i in range(50)])
     assert status == 202 and len(body["events"]) == 50
+    writer = relay.writer_pid()
     assert relay.kill(signal.SIGTERM) == 0
     assert "stopped" in relay.log()
+    assert process_gone(writer, timeout=0.5)   # stopped (and reaped) by the relay itself
     relay.start()
     status, _, page = http("GET", relay.url + "/v1/deliveries?limit=1000")
     assert status == 200 and len(page["deliveries"]) == 50 * 3 - 0  # ajo, braze, crm each
