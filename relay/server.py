@@ -11,7 +11,6 @@ import hmac
 import ipaddress
 import json
 import logging
-import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -24,7 +23,7 @@ from relay.errors import InvalidEvent, SpoolError, SpoolFull
 from relay.events import accept_body, parse_events
 from relay.metrics import CONTENT_TYPE_LATEST, Metrics
 from relay.routing import Router
-from relay.spool import Attempt, DeliveryRecord, Ingested, Spool
+from relay.spool import Attempt, DeliveryRecord, Receipt, Spool
 from relay.spool.records import iso
 
 if TYPE_CHECKING:
@@ -118,7 +117,7 @@ async def post_events(request: web.Request) -> web.Response:
     batch = [(accepted, router.route(accepted))
              for accepted in accept_body(body, events, time.time())]
     try:
-        results = await spool.ingest(batch)
+        receipt = await spool.ingest_receipt(batch)
     except SpoolFull as exc:
         metrics.events_rejected.labels("spool_full").inc()
         return error(503, str(exc), headers={"Retry-After": str(exc.retry_after)})
@@ -126,46 +125,22 @@ async def post_events(request: web.Request) -> web.Response:
         log.error("ingest failed: %s", exc)
         metrics.events_rejected.labels("spool_error").inc()
         return error(503, "the spool cannot store events right now", headers={"Retry-After": "5"})
-    _count_ingest(metrics, results)
-    if any(state == "pending" for r in results if not r.duplicate for _, _, state in r.deliveries):
+    _count_ingest(metrics, receipt)
+    if receipt.pending:
         request.app[WAKE]()
-    every_repeat = all(r.duplicate for r in results)
-    return web.Response(body=_answer_json(results, every_repeat).encode(),
-                        status=200 if every_repeat else 202, content_type="application/json")
+    every_repeat = receipt.stored == 0   # 200 when nothing was new: a retried request
+    answer = '{"events":' + receipt.events_json + (',"duplicate":true}' if every_repeat else "}")
+    return web.Response(body=answer.encode(), status=200 if every_repeat else 202,
+                        content_type="application/json")
 
 
-def _answer_json(results: list[Ingested], every_repeat: bool) -> str:
-    """The ingest answer, written directly: on big batches json.dumps of nested dicts cost as
-    much as validating the events. Destination names (config-checked) and delivery ids (hex)
-    need no escaping; a sender's event id is written as it is when it holds only characters
-    JSON never escapes, else through json.dumps."""
-    entries = []
-    for result in results:
-        refs = ",".join(
-            f'{{"destination":"{dest}","delivery_id":"{did}"'
-            + (',"skipped":true}' if state == "skipped" else "}")
-            for dest, did, state in result.deliveries)
-        event_id = result.id
-        quoted = f'"{event_id}"' if _plain(event_id) else json.dumps(event_id, ensure_ascii=False)
-        entries.append(f'{{"id":{quoted},"deliveries":[{refs}]'
-                       + (',"duplicate":true}' if result.duplicate else "}"))
-    return '{"events":[' + ",".join(entries) + "]" + (',"duplicate":true}' if every_repeat else "}")
-
-
-_plain = re.compile(r"[A-Za-z0-9_.:@+/=-]*").fullmatch  # JSON strings as they are
-
-
-def _count_ingest(metrics: Metrics, results: list[Ingested]) -> None:
-    duplicates = sum(1 for r in results if r.duplicate)
-    if duplicates:
-        metrics.events_duplicate.inc(duplicates)
-    if len(results) > duplicates:
-        metrics.events_accepted.inc(len(results) - duplicates)
-    for result in results:
-        if not result.duplicate:
-            for destination, _, state in result.deliveries:
-                if state == "skipped":
-                    metrics.deliveries.labels(destination, "skipped").inc()
+def _count_ingest(metrics: Metrics, receipt: Receipt) -> None:
+    if receipt.duplicates:
+        metrics.events_duplicate.inc(receipt.duplicates)
+    if receipt.stored:
+        metrics.events_accepted.inc(receipt.stored)
+    for destination in receipt.skipped:
+        metrics.deliveries.labels(destination, "skipped").inc()
 
 
 # -- activity log ---------------------------------------------------------------------------

@@ -14,7 +14,7 @@ nothing sleeps in memory waiting to retry.
 from relay.spool.ingest import IngestMixin
 from relay.spool.log import LogMixin
 from relay.spool.queue import QueueMixin
-from relay.spool.records import Attempt, DeliveryRecord, Due, Ingested
+from relay.spool.records import Attempt, DeliveryRecord, Due, Ingested, Receipt
 from relay.spool.writer import SCHEMA_VERSION
 
 
@@ -22,4 +22,4 @@ class Spool(IngestMixin, QueueMixin, LogMixin):
     """Durable store of events and deliveries; see the module docstring."""
 
 
-__all__ = ["SCHEMA_VERSION", "Attempt", "DeliveryRecord", "Due", "Ingested", "Spool"]
+__all__ = ["SCHEMA_VERSION", "Attempt", "DeliveryRecord", "Due", "Ingested", "Receipt", "Spool"]

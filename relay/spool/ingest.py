@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from relay.spool.records import Ingested
+from relay.spool.records import Ingested, Receipt
 from relay.spool.store import Store
 
 if TYPE_CHECKING:
@@ -14,16 +14,20 @@ if TYPE_CHECKING:
 
 
 class IngestMixin(Store):
-    async def ingest(self, events: Sequence[tuple[Accepted, Sequence[Route]]]) -> list[Ingested]:
+    async def ingest_receipt(self, events: Sequence[tuple[Accepted, Sequence[Route]]]) -> Receipt:
         """Store events with their deliveries, all or nothing; resolves once committed.
 
         A sender id seen within ``dedupe_window`` is not stored again: its entry is a duplicate
         carrying the deliveries first created for it. Raises SpoolFull when ``max_events``
-        events already await delivery. (The writer does the work: Writer.ingest_group.)
+        events already await delivery. The writer does the work (Writer.ingest_group) and
+        writes the receipt's JSON too, off the event loop's core.
         """
         now = self.clock()
-        results = await self._call("ingest", (now, now - self.dedupe_window, [
+        return Receipt(*await self._call("ingest", (now, now - self.dedupe_window, [
             (a.id, int(a.sender_id), a.received_at, a.body,
              [(r.destination, r.state, r.reason) for r in routes])
-            for a, routes in events]))
-        return [Ingested(*result) for result in results]
+            for a, routes in events])))
+
+    async def ingest(self, events: Sequence[tuple[Accepted, Sequence[Route]]]) -> list[Ingested]:
+        """ingest_receipt, with the receipt as one Ingested per event."""
+        return (await self.ingest_receipt(events)).entries()

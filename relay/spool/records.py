@@ -2,9 +2,29 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from typing import Any, NamedTuple
+
+
+class Receipt(NamedTuple):
+    """What the spool did with one request's events, as the ingest answer needs it."""
+
+    events_json: str        # JSON array: per event {"id", "deliveries": [...], "duplicate"?}
+    stored: int             # events stored now
+    duplicates: int         # events whose id was seen within the dedupe window
+    skipped: list[str]      # destination of every skipped delivery created now
+    pending: bool           # some delivery created now awaits sending: wake the dispatcher
+
+    def entries(self) -> list[Ingested]:
+        """The receipt as objects (tests, tools); deliveries are "pending" or "skipped" as
+        created."""
+        return [Ingested(e["id"], e.get("duplicate", False),
+                         [(d["destination"], d["delivery_id"],
+                           "skipped" if d.get("skipped") else "pending")
+                          for d in e["deliveries"]])
+                for e in json.loads(self.events_json)]
 
 
 class Ingested(NamedTuple):

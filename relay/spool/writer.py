@@ -26,8 +26,10 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import gc
+import json
 import marshal
 import os
+import re
 import signal
 import socket
 import sqlite3
@@ -178,6 +180,22 @@ def pack(deliveries: Sequence[tuple[str, str, str]]) -> str:
     return "|".join(map(" ".join, deliveries))
 
 
+_plain = re.compile(r"[A-Za-z0-9_.:@+/=-]*").fullmatch  # JSON strings needing no escapes
+
+
+def receipt_entry(event_id: str, deliveries: Sequence[tuple[str, str, str]], duplicate: bool) -> str:
+    """One event of the ingest answer (SPEC: ``{"id", "deliveries": [{"destination",
+    "delivery_id", "skipped"?}], "duplicate"?}``), written directly: json.dumps of nested dicts
+    cost as much as validating the events. Destination names (config-checked) and delivery ids
+    (hex) need no escaping; a sender's id is written as it is when it holds only characters JSON
+    never escapes, else through json.dumps."""
+    refs = ",".join(f'{{"destination":"{dest}","delivery_id":"{did}"'
+                    + (',"skipped":true}' if state == "skipped" else "}")
+                    for dest, did, state in deliveries)
+    quoted = f'"{event_id}"' if _plain(event_id) else json.dumps(event_id, ensure_ascii=False)
+    return f'{{"id":{quoted},"deliveries":[{refs}]' + (',"duplicate":true}' if duplicate else "}")
+
+
 def unpack(listing: str) -> list[tuple[str, str, str]]:
     return [tuple(part.split(" ", 2)) for part in listing.split("|")] if listing else []  # type: ignore[misc]
 
@@ -242,7 +260,8 @@ class Writer:
         delivery_rows: list[tuple[Any, ...]] = []
         answers: list[tuple[int, Any, Any]] = []
         for job_id, _, (now, _since, events) in jobs:
-            results: list[tuple[str, bool, Any]] = []
+            entries: list[str] = []        # the receipt: one JSON object per event
+            skipped: list[str] = []
             job_events: list[tuple[Any, ...]] = []
             job_deliveries: list[tuple[Any, ...]] = []
             job_known: dict[str, str] = {}
@@ -252,7 +271,7 @@ class Writer:
                 if sender_id:
                     listing = job_known.get(event_id) or known.get(event_id)
                     if listing is not None:
-                        results.append((event_id, True, unpack(listing)))
+                        entries.append(receipt_entry(event_id, unpack(listing), True))
                         continue
                 seq = self.next_seq + len(event_rows) + len(job_events)
                 r = random_part()
@@ -267,7 +286,9 @@ class Writer:
                     for (dest, did, state), (_, _, reason) in zip(created, routes, strict=True)]
                 if sender_id:
                     job_known[event_id] = listing
-                results.append((event_id, False, created))
+                if pending < len(created):
+                    skipped += [dest for dest, _, state in created if state == "skipped"]
+                entries.append(receipt_entry(event_id, created, False))
             if new_open and self.open_events + new_open > self.max_events:
                 answers.append((job_id, ("full", f"the spool holds spool.max_events="
                                                  f"{self.max_events} events awaiting delivery", 30),
@@ -277,7 +298,8 @@ class Writer:
             known.update(job_known)
             event_rows += job_events
             delivery_rows += job_deliveries
-            answers.append((job_id, None, results))
+            answers.append((job_id, None, ("[" + ",".join(entries) + "]", len(job_events),
+                                           len(entries) - len(job_events), skipped, new_open > 0)))
         run_chunked(self.conn, "INSERT INTO events(seq, id, sender_id, received_at, pending, "
                                "deliveries, body) {values}", 7, event_rows)
         self.next_seq += len(event_rows)
