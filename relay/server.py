@@ -285,8 +285,11 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     if request.app[STATE]["draining"]:
         return error(503, "draining: the relay is shutting down")
-    if not request.app[SPOOL].is_open:
+    spool = request.app[SPOOL]
+    if not spool.is_open:
         return error(503, "the spool is not open")
+    if not spool.writable:
+        return error(503, "the spool writer is restarting")
     return web.json_response({"status": "ready"})
 
 

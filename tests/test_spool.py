@@ -200,13 +200,15 @@ async def test_killed_writer_fails_waiting_jobs_and_is_replaced(tmp_path: Path) 
     spool = Spool(tmp_path / "s.db", clock=Clock())
     await spool.open()
     try:
-        assert spool._proc is not None
+        assert spool._proc is not None and spool.writable
         old = spool._proc.pid
         calls = [asyncio.ensure_future(spool.ingest([item(i)])) for i in range(300)]
         await asyncio.sleep(0)
         spool._proc.kill()
         results = await asyncio.gather(*calls, return_exceptions=True)
         assert all(isinstance(r, list | SpoolError) for r in results), results
+        assert any(isinstance(r, SpoolError) for r in results)   # the kill hit waiting jobs
+        assert not spool.writable                                # readyz says 503 meanwhile
         for _ in range(200):   # until the new writer said ready
             try:
                 await spool.stats()
@@ -217,7 +219,7 @@ async def test_killed_writer_fails_waiting_jobs_and_is_replaced(tmp_path: Path) 
         else:
             pytest.fail("no new spool writer within 10s")
         assert spool._proc is not None and spool._proc.pid != old
-        assert any(isinstance(r, SpoolError) for r in results)   # the kill hit waiting jobs
+        assert spool.writable
         for i, result in enumerate(results):   # the senders retry; acknowledged ones are kept
             (again,) = await spool.ingest([item(i)])
             # (a failed one may have been committed just before the kill: at-least-once)

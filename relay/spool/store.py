@@ -68,6 +68,11 @@ class Store:
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-spool-read")
         self._read_conn: sqlite3.Connection | None = None
 
+    @property
+    def writable(self) -> bool:
+        """A writer is up and taking jobs (False while a killed one is being replaced)."""
+        return self._up and not self._closing
+
     # -- lifecycle -------------------------------------------------------------------------
 
     async def open(self) -> None:
