@@ -42,24 +42,30 @@ class Signing:
                  on_mint: Callable[[], None] | None = None) -> None:
         self.destination = dest
         self.clock = clock
+        self._static = {"User-Agent": USER_AGENT, **_static_auth(dest)}
         self._auth = _auth_step(dest, clock, on_mint)
 
     def sign(self, request: Request, delivery_id: str) -> Request:
-        request = request.with_headers(**{"Webhook-Id": delivery_id, "User-Agent": USER_AGENT})
+        request = request.with_headers(**{"Webhook-Id": delivery_id, **self._static})
         return self._auth(request, delivery_id) if self._auth else request
+
+
+def _static_auth(dest: Destination) -> dict[str, str]:
+    """Auth headers that never change (bearer, basic): merged with the common ones at once."""
+    auth = dest.auth
+    if isinstance(auth, BearerAuth):
+        return {"Authorization": f"Bearer {auth.token.get_secret_value()}"}
+    if isinstance(auth, BasicAuth):
+        pair = f"{auth.username}:{auth.password.get_secret_value()}".encode()
+        return {"Authorization": "Basic " + base64.b64encode(pair).decode()}
+    return {}
 
 
 def _auth_step(dest: Destination, clock: Callable[[], float],
                on_mint: Callable[[], None] | None = None,
                ) -> Callable[[Request, str], Request] | None:
+    """The per-request auth step (JWT from its cache, HMAC over the body), if any."""
     auth = dest.auth
-    if isinstance(auth, BearerAuth):
-        value = f"Bearer {auth.token.get_secret_value()}"
-        return lambda request, _: request.with_headers(Authorization=value)
-    if isinstance(auth, BasicAuth):
-        pair = f"{auth.username}:{auth.password.get_secret_value()}".encode()
-        value = "Basic " + base64.b64encode(pair).decode()
-        return lambda request, _: request.with_headers(Authorization=value)
     if isinstance(auth, JwtAuth):
         return JwtSigner(auth, clock, on_mint).sign
     if isinstance(auth, HmacAuth):

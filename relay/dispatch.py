@@ -20,7 +20,7 @@ import random
 import ssl
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -51,7 +51,7 @@ class Sent:
 
     outcome: Outcome
     attempt: Attempt
-    response_headers: dict[str, str] = field(default_factory=dict)
+    response_headers: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +64,8 @@ class Route:
     policy: RetryPolicy
     timeout: aiohttp.ClientTimeout
     host: str  # scheme://host:port, or the destination name when the host is a template
+    latency: Any = None                       # its attempt-duration histogram child
+    counted: dict[str, Any] = field(default_factory=dict)  # state -> deliveries counter child
 
 
 def build_routes(config: Config, clock: Callable[[], float] = time.time,
@@ -76,7 +78,12 @@ def build_routes(config: Config, clock: Callable[[], float] = time.time,
             signing=Signing(dest, clock, on_mint),
             policy=RetryPolicy.for_destination(config.delivery, dest),
             timeout=aiohttp.ClientTimeout(total=dest.timeout or config.delivery.timeout),
-            host=host_key(dest))
+            host=host_key(dest),
+            # labelled children looked up once, not per delivery
+            latency=metrics.attempt_seconds.labels(dest.name) if metrics is not None else None,
+            counted={state: metrics.deliveries.labels(dest.name, outcome)
+                     for state, outcome in (("delivered", "delivered"), ("pending", "retried"),
+                                            ("failed", "failed"))} if metrics is not None else {})
     return routes
 
 
@@ -113,7 +120,7 @@ async def send(session: aiohttp.ClientSession, request: Request,
             excerpt = raw.decode("utf-8", errors="replace")
             outcome = classify_response(resp.status, resp.headers.get("Retry-After"), clock())
             return Sent(outcome, Attempt(started, time.monotonic() - t0, resp.status, None,
-                                         excerpt), dict(resp.headers))
+                                         excerpt), resp.headers)
     except Exception as exc:
         error, detail = _error_class(exc, timeout.total or 0)
         outcome = classify_error(error, detail)
@@ -352,8 +359,8 @@ class Dispatcher:
             sent = await send(self.session, signed, route.timeout, self.clock)
             outcome, attempt = sent.outcome, sent.attempt
             self.health.record(route.host, counts_as_failure(outcome), self.clock())
-            if attempt.duration is not None:
-                self.metrics.attempt_seconds.labels(due.destination).observe(attempt.duration)
+            if attempt.duration is not None and route.latency is not None:
+                route.latency.observe(attempt.duration)
         failures = due.failures + (outcome.kind == "retry" and not outcome.unreachable)
         next_at = next_attempt_at(route.policy, outcome, attempts=due.attempts + 1,
                                   failures=failures,
@@ -375,8 +382,8 @@ class Dispatcher:
                       due.delivery_id, exc)
             await asyncio.sleep(1.0)
             return outcome
-        self.metrics.deliveries.labels(
-            due.destination, "retried" if state == "pending" else state).inc()
+        if state in route.counted:
+            route.counted[state].inc()
         _log_attempt(due, route, outcome, state, next_at, self.clock())
         return outcome
 

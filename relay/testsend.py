@@ -64,7 +64,7 @@ async def test_send(config: Config, name: str) -> dict[str, Any]:
     answer["outcome"] = sent.outcome.kind
     if sent.attempt.status_code is not None:
         answer["response"] = {"status": sent.attempt.status_code,
-                              "headers": sent.response_headers,
+                              "headers": dict(sent.response_headers),
                               "body": sent.attempt.excerpt,
                               "duration_ms": round((sent.attempt.duration or 0) * 1000, 1)}
     else:
