@@ -120,6 +120,10 @@ async def post_events(request: web.Request) -> web.Response:
         receipt = await spool.ingest_receipt(batch)
     except SpoolFull as exc:
         metrics.events_rejected.labels("spool_full").inc()
+        now = time.monotonic()
+        if now - _last_full_warning[0] >= 10.0:  # a full spool refuses every request: say it
+            _last_full_warning[0] = now          # once per 10 s, the metric counts them all
+            log.warning("ingest refused (503): %s", exc)
         return error(503, str(exc), headers={"Retry-After": str(exc.retry_after)})
     except SpoolError as exc:
         log.error("ingest failed: %s", exc)
@@ -132,6 +136,9 @@ async def post_events(request: web.Request) -> web.Response:
     answer = '{"events":' + receipt.events_json + (',"duplicate":true}' if every_repeat else "}")
     return web.Response(body=answer.encode(), status=200 if every_repeat else 202,
                         content_type="application/json")
+
+
+_last_full_warning = [-1e9]
 
 
 def _count_ingest(metrics: Metrics, receipt: Receipt) -> None:

@@ -240,12 +240,12 @@ class Writer:
                     answers.append((job_id, _as_job_error(exc).wire(), None))
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
-            # Nothing of this group is on disk: every job fails, and the counts rewind.
+            # Nothing of this group is on disk: every job fails, and the counts rewind. (The
+            # relay logs the failure where a job's caller sees it, as JSON like its other logs.)
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
             self.open_events, self.next_seq = open_before, seq_before
             error = _as_job_error(exc).wire()
-            print(f"relay spool writer: commit failed: {exc}", file=sys.stderr, flush=True)
             return [(job_id, error, None) for job_id, _, _ in jobs]
         return answers
 
