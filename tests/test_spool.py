@@ -238,3 +238,21 @@ async def test_close_stops_the_writer_process(tmp_path: Path) -> None:
     await spool.ingest([item(1)])
     await spool.close()
     assert proc.poll() == 0
+
+
+async def test_writer_that_does_not_answer_is_stopped(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A writer that says nothing within START_TIMEOUT (here: stuck waiting for the lock) is
+    killed and reaped, and open() fails with a SpoolError saying so."""
+    monkeypatch.setattr("relay.spool.store.LOCK_WAIT", 30.0)
+    monkeypatch.setattr("relay.spool.store.START_TIMEOUT", 0.5)
+    first = Spool(tmp_path / "s.db")
+    await first.open()
+    try:
+        second = Spool(tmp_path / "s.db")
+        with pytest.raises(SpoolError, match="did not start: no answer within"):
+            await second.open()
+        assert second._proc is None            # killed and waited for, not left behind
+        assert (await first.stats())["groups"] >= 0
+    finally:
+        await first.close()

@@ -121,17 +121,24 @@ class Store:
         ready = self._loop.create_future()
         self._pending = {0: ready}
         self._buffer.clear()
-        self._transport, _ = await self._loop.create_unix_connection(lambda: _Link(self), sock=ours)
         try:
+            self._transport, _ = await self._loop.create_unix_connection(
+                lambda: _Link(self), sock=ours)
             await asyncio.wait_for(ready, START_TIMEOUT)
             self._up = True
-        except (TimeoutError, SpoolError) as exc:
-            self._transport.close()
-            self._transport = None
+        except (OSError, TimeoutError, SpoolError) as exc:
+            if self._transport is not None:
+                self._transport.close()
+                self._transport = None
+            else:
+                ours.close()
+            if self._proc is not None and self._proc.poll() is None:
+                self._proc.kill()  # it said nothing in time, or we cannot talk to it
             await self._reap()
             if isinstance(exc, SpoolError):
                 raise
-            raise SpoolError(f"the spool writer did not start within {START_TIMEOUT:.0f}s") from None
+            reason = f"no answer within {START_TIMEOUT:g}s" if isinstance(exc, TimeoutError) else exc
+            raise SpoolError(f"the spool writer did not start: {reason}") from None
 
     async def _reap(self) -> None:
         """Wait for the writer process to exit (kill it if it will not), by its PID."""
