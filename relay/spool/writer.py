@@ -503,7 +503,8 @@ def serve(sock: socket.socket, path: str, max_events: int, lock_wait: float) -> 
     try:
         while (jobs := _next_jobs(sock, buffer)) is not None:
             stop = [job for job in jobs if job[1] == "stop"]
-            answers = writer.run_group([job for job in jobs if job[1] != "stop"])
+            work = [job for job in jobs if job[1] != "stop"]
+            answers = writer.run_group(work) if work else []
             answers += [(job_id, None, None) for job_id, _, _ in stop]
             sock.sendall(b"".join(frame(answer) for answer in answers))
             if stop:
