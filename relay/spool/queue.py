@@ -9,15 +9,21 @@ from typing import Any
 from relay.spool.records import Attempt, Due
 from relay.spool.store import Store
 
+# Pending deliveries of some destinations (JSON list), leaving out some seqs (JSON list): the
+# lists ride in as JSON, so the statements' text never changes and they stay prepared.
+_PENDING = ("d.state = 'pending' AND d.destination IN (SELECT value FROM json_each(:destinations)) "
+            "AND d.seq NOT IN (SELECT value FROM json_each(:exclude))")
 _DUE = (
     "SELECT json_group_array(json_array(seq, delivery_id, destination, attempts, failures, "
     "first_attempt_at, held, event_seq, body)) FROM ("
     "SELECT d.seq, d.delivery_id, d.destination, d.attempts, d.failures, d.first_attempt_at, "
     "d.held, d.event_seq, e.body FROM deliveries d JOIN events e ON e.seq = d.event_seq "
-    "WHERE d.state = 'pending' AND d.not_before <= ? "
-    "AND d.destination IN (SELECT value FROM json_each(?)) "
-    "AND d.seq NOT IN (SELECT value FROM json_each(?)) "
-    "ORDER BY d.not_before, d.seq LIMIT ?)")
+    f"WHERE {_PENDING} AND d.not_before <= :now ORDER BY d.not_before, d.seq LIMIT :limit)")
+_NEXT_DUE = f"SELECT MIN(d.not_before) FROM deliveries d WHERE {_PENDING}"
+
+
+def _pending_args(destinations: Sequence[str], exclude: Collection[int]) -> dict[str, Any]:
+    return {"destinations": json.dumps(list(destinations)), "exclude": json.dumps(list(exclude))}
 
 
 class QueueMixin(Store):
@@ -27,12 +33,11 @@ class QueueMixin(Store):
 
         The rows come back as one JSON array in one row: Python's sqlite3 releases the GIL for
         each row it steps to, and the reader thread must win it back from the busy event loop
-        every time (256 rows took tens of ms under load). The lists ride in as JSON too, so the
-        statement text never changes and stays prepared.
+        every time (256 rows took tens of ms under load).
         """
         if not destinations or limit <= 0:
             return []
-        args = (now, json.dumps(list(destinations)), json.dumps(list(exclude)), limit)
+        args = {**_pending_args(destinations, exclude), "now": now, "limit": limit}
         found = await self._read(lambda conn: conn.execute(_DUE, args).fetchone()[0])
         return [Due(*row) for row in json.loads(found)]
 
@@ -41,19 +46,8 @@ class QueueMixin(Store):
         """The earliest ``not_before`` among pending deliveries of these destinations."""
         if not destinations:
             return None
-        where, args = self._pending_filter(destinations, exclude)
-        sql = f"SELECT MIN(d.not_before) FROM deliveries d WHERE d.state = 'pending' {where}"
-        return await self._read(lambda conn: conn.execute(sql, args).fetchone()[0])
-
-    @staticmethod
-    def _pending_filter(destinations: Sequence[str],
-                        exclude: Collection[int]) -> tuple[str, list[Any]]:
-        where = f"AND d.destination IN ({','.join('?' * len(destinations))})"
-        args: list[Any] = list(destinations)
-        if exclude:
-            where += f" AND d.seq NOT IN ({','.join('?' * len(exclude))})"
-            args += list(exclude)
-        return where, args
+        args = _pending_args(destinations, exclude)
+        return await self._read(lambda conn: conn.execute(_NEXT_DUE, args).fetchone()[0])
 
     async def record_attempt(self, due: Due, attempt: Attempt, *, state: str,
                              not_before: float | None, failures: int,

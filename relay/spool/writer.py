@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import gc
 import json
 import marshal
@@ -149,16 +150,10 @@ def run_chunked(conn: sqlite3.Connection, template: str, ncols: int,
         start += size
 
 
-_SQL_CACHE: dict[tuple[str, int, int], str] = {}
-
-
+@functools.cache  # a few templates x power-of-two sizes
 def _values_sql(template: str, ncols: int, nrows: int) -> str:
-    key = (template, ncols, nrows)
-    sql = _SQL_CACHE.get(key)
-    if sql is None:
-        row = "(" + ",".join("?" * ncols) + ")"
-        sql = _SQL_CACHE[key] = template.format(values="VALUES " + ",".join([row] * nrows))
-    return sql
+    row = "(" + ",".join("?" * ncols) + ")"
+    return template.format(values="VALUES " + ",".join([row] * nrows))
 
 
 def where(*conditions: tuple[str, Any]) -> tuple[str, list[Any]]:
