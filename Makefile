@@ -27,13 +27,15 @@ run: $(VENV)/.installed
 	  trap 'kill $$sink 2>/dev/null' EXIT INT TERM; \
 	  $(BIN)/relay serve -c $(CONFIG)
 
-## test: set up .venv with the test extra, then lint and run the whole test suite
+## test: set up .venv with the test extra, then lint, type-check and run the whole test suite
 test: $(VENV)/.installed-test
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/pytest
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 ## bench: run every benchmark in bench/ (prints tables; takes a few minutes)
 bench: $(VENV)/.installed-test

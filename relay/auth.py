@@ -17,7 +17,6 @@ import re
 import time
 import uuid
 from collections.abc import Callable
-from typing import Protocol
 
 import cachetools
 import jwt
@@ -25,14 +24,10 @@ import jwt
 from relay import __version__
 from relay.config import BasicAuth, BearerAuth, Destination, HmacAuth, JwtAuth
 from relay.errors import ConfigError
-from relay.payloads import Request
+from relay.request import Request
 
 USER_AGENT = f"relay/{__version__} (+webhook relay)"
 JWT_REFRESH_MARGIN = 60.0  # seconds before exp at which a cached token is replaced
-
-
-class Signer(Protocol):
-    def sign(self, request: Request, delivery_id: str) -> Request: ...
 
 
 class Signing:
@@ -89,7 +84,7 @@ class JwtSigner:
                                                 "bytes (RFC 7518 section 3.2)")])
         else:
             try:
-                key = jwt.get_algorithm_by_name(auth.algorithm).prepare_key(key)  # type: ignore[arg-type]
+                key = jwt.get_algorithm_by_name(auth.algorithm).prepare_key(key)
             except (ValueError, TypeError, jwt.InvalidKeyError) as exc:
                 raise ConfigError([("auth.key", f"not a private key usable with {auth.algorithm}: "
                                                 f"{exc}")]) from exc
@@ -166,12 +161,3 @@ def mask(request: Request) -> Request:
                 value = "****"
         headers[name] = value
     return Request(request.method, request.url, headers, request.body)
-
-
-def auth_problems(dest: Destination, at: str) -> list[tuple[str, str]]:
-    """Keys that cannot sign (bad PEM, bad base64), found at load time instead of at send time."""
-    try:
-        Signing(dest)
-    except ConfigError as exc:
-        return [(f"{at}.{path}", message) for path, message in exc.problems]
-    return []

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from relay import __version__
-from relay.config import Config, load_config
+from relay.config import Config, parse_duration
+from relay.destinations import Loaded, load
 from relay.errors import ConfigError, SpoolError
 
 T = TypeVar("T")
@@ -89,7 +90,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     try:
-        config = load_config(args.file)
+        config = load(args.file).config
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 1
@@ -100,13 +101,13 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def cmd_render(args: argparse.Namespace) -> int:
     from relay.preview import preview
 
-    config = _load_or_exit(args.config)
+    loaded = _load_or_exit(args.config)
     try:
         raw = sys.stdin.buffer.read() if args.event == "-" else Path(args.event).read_bytes()
     except OSError as exc:
         print(f"relay render: cannot read {args.event}: {exc.strerror}", file=sys.stderr)
         return 1
-    text, ok = preview(config, args.destination, raw)
+    text, ok = preview(loaded, args.destination, raw)
     print(text, file=sys.stdout if ok else sys.stderr)
     return 0 if ok else 1
 
@@ -116,13 +117,14 @@ def cmd_test(args: argparse.Namespace) -> int:
 
     from relay.testsend import test_send
 
-    config = _load_or_exit(args.config)
-    if config.destination(args.name) is None:
+    config, destinations = _load_or_exit(args.config)
+    target = destinations.get(args.name)
+    if target is None:
         names = ", ".join(d.name for d in config.destinations) or "none configured"
         print(f"relay test: no destination {args.name!r} (destinations: {names})",
               file=sys.stderr)
         return 1
-    answer = _run(test_send(config, args.name))
+    answer = _run(test_send(config, target))
     print(json.dumps(answer, indent=2, ensure_ascii=False))
     return 0 if answer.get("outcome") == "delivered" else 1
 
@@ -133,9 +135,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     import urllib.request
     from datetime import datetime
 
-    from relay.config import parse_duration
-
-    config = _load_or_exit(args.config)
+    config = _load_or_exit(args.config).config
     body: dict[str, object] = {}
     if args.ids:
         body["delivery_ids"] = args.ids
@@ -183,7 +183,7 @@ def cmd_healthcheck(args: argparse.Namespace) -> int:
 
     url = args.url
     if url is None and args.config:
-        host, port = _load_or_exit(args.config).server.host_port
+        host, port = _load_or_exit(args.config).config.server.host_port
         host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
         url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
     url = (url or "http://127.0.0.1:8080").rstrip("/") + "/healthz"
@@ -199,18 +199,20 @@ def cmd_healthcheck(args: argparse.Namespace) -> int:
 def cmd_sink(args: argparse.Namespace) -> int:
     from relay.sink import run_sink
 
-    config = _load_or_exit(args.config) if args.config else None
+    config = _load_or_exit(args.config).config if args.config else None
     run_sink(args.port, args.host, config)
     return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    config = _load_or_exit(args.config)
-    _setup_logging(config)
     from relay import service
+    from relay.metrics import Metrics
 
+    metrics = Metrics()
+    loaded = _load_or_exit(args.config, metrics)
+    _setup_logging(loaded.config)
     try:
-        _run(service.run(config, config_path=args.config))
+        _run(service.run(loaded, metrics=metrics, config_path=args.config))
     except SpoolError as exc:
         logging.getLogger("relay").error("%s", exc)
         return 1
@@ -219,9 +221,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_or_exit(path: str) -> Config:
+def _load_or_exit(path: str, metrics: Any = None) -> Loaded:
+    """The config with its destinations compiled (JWTs counted into ``metrics``), or exit 1."""
     try:
-        return load_config(path)
+        return load(path, on_mint=metrics.mint_counter if metrics is not None else None)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         raise SystemExit(1) from exc

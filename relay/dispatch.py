@@ -1,7 +1,7 @@
 """The dispatcher: takes due deliveries from the spool, sends them, writes the outcome back.
 
-One pipeline per delivery: load event -> render (payloads) -> sign (auth) -> send (aiohttp)
--> classify (policy) -> next attempt time (policy) -> record (spool). Nothing sleeps waiting to
+One pipeline per delivery, each step its own function: load event -> render (payloads) ->
+sign (auth) -> send (transport) -> classify and decide (policy) -> record (spool). Nothing sleeps waiting to
 retry: a retry is a new ``not_before`` in the spool, and the loop wakes on new work, on a
 finished attempt, or when the next delivery falls due. Concurrency is bounded globally
 (``delivery.concurrency``) and per host (``delivery.per_host_concurrency``); a host at its limit
@@ -17,144 +17,51 @@ import asyncio
 import contextlib
 import logging
 import random
-import ssl
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
-import aiohttp
 import cachetools
 
-from relay.auth import Signing
-from relay.config import Config, Destination
+from relay.config import Config
+from relay.destinations import CompiledDestination, compile_destinations
 from relay.errors import RenderError, SpoolError
 from relay.events import Event, load_event
 from relay.health import HELD_STATUS, HealthBoard, Host, counts_as_failure
 from relay.metrics import Metrics
-from relay.payloads import Renderer, Request, build_renderer
-from relay.policy import Outcome, RetryPolicy, classify_error, classify_response, next_attempt_at
+from relay.policy import Outcome, Verdict, classify, decide
 from relay.spool import Attempt, Due, Spool
+from relay.transport import AiohttpTransport, Transport
 
 log = logging.getLogger("relay.dispatch")
 
-EXCERPT_BYTES = 1024
 PREFETCH = 256       # due deliveries read from the spool at a time
 IDLE_RECHECK = 60.0  # wake at least this often, e.g. after a replay made by another process
 
 
 @dataclass(frozen=True, slots=True)
-class Sent:
-    """What one HTTP attempt produced."""
+class _Meters:
+    """A destination's labelled metric children, looked up once per config, not per attempt."""
 
-    outcome: Outcome
-    attempt: Attempt
-    response_headers: Mapping[str, str] = field(default_factory=dict)
+    latency: Any
+    counted: dict[str, Any]   # verdict state -> relay_deliveries_total child
 
-
-@dataclass(frozen=True, slots=True)
-class Route:
-    """Everything needed to deliver to one destination, built once per config."""
-
-    destination: Destination
-    renderer: Renderer
-    signing: Signing
-    policy: RetryPolicy
-    timeout: aiohttp.ClientTimeout
-    host: str  # scheme://host:port, or the destination name when the host is a template
-    latency: Any = None                       # its attempt-duration histogram child
-    counted: dict[str, Any] = field(default_factory=dict)  # state -> deliveries counter child
-
-
-def build_routes(config: Config, clock: Callable[[], float] = time.time,
-                 metrics: Metrics | None = None) -> dict[str, Route]:
-    routes = {}
-    for dest in config.destinations:
-        on_mint = metrics.jwt_minted.labels(dest.name).inc if metrics is not None else None
-        routes[dest.name] = Route(
-            destination=dest, renderer=build_renderer(dest, config),
-            signing=Signing(dest, clock, on_mint),
-            policy=RetryPolicy.for_destination(config.delivery, dest),
-            timeout=aiohttp.ClientTimeout(total=dest.timeout or config.delivery.timeout),
-            host=host_key(dest),
-            # labelled children looked up once, not per delivery
-            latency=metrics.attempt_seconds.labels(dest.name) if metrics is not None else None,
-            counted={state: metrics.deliveries.labels(dest.name, outcome)
-                     for state, outcome in (("delivered", "delivered"), ("pending", "retried"),
-                                            ("failed", "failed"))} if metrics is not None else {})
-    return routes
-
-
-def host_key(dest: Destination) -> str:
-    if "{" in (urlsplit(dest.url).netloc or "{"):
-        return f"template:{dest.name}"
-    parts = urlsplit(dest.url)
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    return f"{parts.scheme}://{(parts.hostname or '').lower()}:{port}"
-
-
-def client_session(config: Config) -> aiohttp.ClientSession:
-    """One shared session: pooled keep-alive connections, TLS verified, no cookies."""
-    context = ssl.create_default_context(cafile=config.delivery.ca_file)
-    connector = aiohttp.TCPConnector(limit=config.delivery.concurrency,
-                                     limit_per_host=config.delivery.per_host_concurrency,
-                                     ssl=context, ttl_dns_cache=60)
-    return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar(),
-                                 auto_decompress=True)
-
-
-async def send(session: aiohttp.ClientSession, request: Request,
-               timeout: aiohttp.ClientTimeout | float,
-               clock: Callable[[], float] = time.time) -> Sent:
-    """Make one HTTP attempt; never raises for network trouble, it is an Outcome."""
-    if not isinstance(timeout, aiohttp.ClientTimeout):
-        timeout = aiohttp.ClientTimeout(total=timeout)
-    started, t0 = clock(), time.monotonic()
-    try:
-        async with session.request(
-                request.method, request.url, headers=request.headers, data=request.body or None,
-                allow_redirects=False, timeout=timeout) as resp:
-            raw = await resp.content.read(EXCERPT_BYTES)
-            excerpt = raw.decode("utf-8", errors="replace")
-            outcome = classify_response(resp.status, resp.headers.get("Retry-After"), clock())
-            return Sent(outcome, Attempt(started, time.monotonic() - t0, resp.status, None,
-                                         excerpt), resp.headers)
-    except Exception as exc:
-        error, detail = _error_class(exc, timeout.total or 0)
-        outcome = classify_error(error, detail)
-        return Sent(outcome, Attempt(started, time.monotonic() - t0, None,
-                                     f"{error}: {detail}", None))
-
-
-def _error_class(exc: BaseException, timeout: float) -> tuple[str, str]:
-    """aiohttp's exception zoo -> the error classes of relay.policy."""
-    detail = str(exc) or type(exc).__name__
-    if isinstance(exc, aiohttp.ConnectionTimeoutError):
-        return "connect_timeout", f"no connection within {timeout:g}s"
-    if isinstance(exc, TimeoutError | asyncio.TimeoutError):
-        return "timeout", f"no response within {timeout:g}s"
-    if isinstance(exc, aiohttp.ClientConnectorCertificateError | aiohttp.ClientSSLError):
-        return "tls", detail
-    dns_error = getattr(aiohttp, "ClientConnectorDNSError", None)
-    if dns_error is not None and isinstance(exc, dns_error):
-        return "dns", detail
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return "connect", detail
-    if isinstance(exc, aiohttp.ServerDisconnectedError):
-        return "disconnected", "the server closed the connection without answering"
-    if isinstance(exc, aiohttp.ClientOSError | aiohttp.ClientPayloadError | ConnectionError):
-        return "reset", detail
-    if isinstance(exc, aiohttp.InvalidURL):
-        return "invalid_url", detail
-    return "client_error", f"{type(exc).__name__}: {detail}"
+    @classmethod
+    def of(cls, metrics: Metrics, name: str) -> _Meters:
+        return cls(metrics.attempt_seconds.labels(name),
+                   {state: metrics.deliveries.labels(name, outcome)
+                    for state, outcome in (("delivered", "delivered"), ("pending", "retried"),
+                                           ("failed", "failed"))})
 
 
 class Dispatcher:
     """Delivers due deliveries from the spool until stopped."""
 
     def __init__(self, config: Config, spool: Spool, *,
+                 destinations: dict[str, CompiledDestination] | None = None,
+                 transport: Transport | None = None,
                  metrics: Metrics | None = None,
                  clock: Callable[[], float] = time.time,
                  rand: Callable[[], float] = random.random) -> None:
@@ -162,7 +69,7 @@ class Dispatcher:
         self.clock = clock
         self.rand = rand
         self.metrics = metrics or Metrics()
-        self.session: aiohttp.ClientSession | None = None
+        self.transport: Transport = transport or AiohttpTransport(config, clock)
         self.health = HealthBoard(config.health, on_change=self._host_changed)
         self._host_destinations: dict[str, list[str]] = {}
         self._background: set[asyncio.Task[Any]] = set()
@@ -174,27 +81,32 @@ class Dispatcher:
         self._task: asyncio.Task[None] | None = None
         # An event goes to several destinations: parse its stored JSON once, not per delivery.
         self._events: cachetools.LRUCache[int, Event] = cachetools.LRUCache(maxsize=4096)
-        self.reconfigure(config)
+        self.reconfigure(config, destinations)
 
-    def reconfigure(self, config: Config) -> None:
+    def reconfigure(self, config: Config,
+                    destinations: dict[str, CompiledDestination] | None = None) -> None:
         """Use a (re)loaded config for every attempt started from now on.
 
         Attempts in flight finish with the route they started with. Deliveries of removed
         destinations stay pending in the spool (and go out again if the name comes back);
         host health is kept. Connection limits and the CA bundle apply after a restart.
+        ``destinations`` are the config's compiled destinations (compiled here if not given).
         """
+        if destinations is None:
+            destinations = compile_destinations(config, clock=self.clock,
+                                                on_mint=self.metrics.mint_counter)
         self.config = config
-        self.routes = build_routes(config, self.clock, self.metrics)
+        self.destinations = destinations
+        self._meters = {name: _Meters.of(self.metrics, name) for name in destinations}
         self.health.config = config.health
         hosts: dict[str, list[str]] = {}
-        for name, route in self.routes.items():
-            hosts.setdefault(route.host, []).append(name)
+        for name, compiled in destinations.items():
+            hosts.setdefault(compiled.host, []).append(name)
         self._host_destinations = hosts
         self._ready.clear()  # may hold deliveries of a removed destination
         self._wake.set()
 
     async def start(self) -> None:
-        self.session = client_session(self.config)
         self._task = asyncio.create_task(self._run(), name="relay-dispatcher")
 
     def wake(self) -> None:
@@ -213,19 +125,13 @@ class Dispatcher:
             for task in late:  # left pending in the spool: they are tried again after restart
                 task.cancel()
             await asyncio.gather(*late, return_exceptions=True)
-        if self.session is not None:
-            await self.session.close()
+        close = getattr(self.transport, "close", None)
+        if close is not None:
+            await close()
 
     @property
     def in_flight(self) -> int:
         return len(self._inflight)
-
-    @property
-    def host_destinations(self) -> dict[str, list[str]]:
-        return self._host_destinations
-
-    def host_load(self, host: str) -> int:
-        return self._host_load[host]
 
     async def _run(self) -> None:
         limit = self.config.delivery.concurrency
@@ -278,14 +184,14 @@ class Dispatcher:
         now = self.clock()
         while self._ready and len(self._inflight) < limit:
             due = self._ready.popleft()
-            route = self.routes.get(due.destination)
-            if route is None:
+            target = self.destinations.get(due.destination)
+            if target is None:
                 continue  # its destination was removed by a reload: it stays pending
-            if self._host_load[route.host] >= per_host or not self.health.allow(route.host, now):
+            if self._host_load[target.host] >= per_host or not self.health.allow(target.host, now):
                 waiting.append(due)  # held: not attempted, no retry used
                 continue
-            self._host_load[route.host] += 1
-            self._inflight[due.seq] = asyncio.create_task(self._attempt(due, route))
+            self._host_load[target.host] += 1
+            self._inflight[due.seq] = asyncio.create_task(self._attempt(due, target))
             started += 1
         self._ready.extendleft(reversed(waiting))  # keep their place, oldest first
         if waiting and not started:
@@ -319,87 +225,92 @@ class Dispatcher:
 
     def held(self, destination: str) -> dict[str, Any] | None:
         """The 598 Host Unhealthy marker for a destination whose host is suspended now."""
-        route = self.routes.get(destination)
-        if route is None:
+        target = self.destinations.get(destination)
+        if target is None:
             return None
-        host = self.health.hosts.get(route.host)
+        host = self.health.hosts.get(target.host)
         if host is None or host.state == "healthy":
             return None
-        return {"status_code": HELD_STATUS, "reason": "Host Unhealthy", "host": route.host,
+        return {"status_code": HELD_STATUS, "reason": "Host Unhealthy", "host": target.host,
                 "state": host.state, "until": host.suspended_until}
 
-    async def _attempt(self, due: Due, route: Route) -> None:
+    def hosts(self, now: float) -> list[dict[str, Any]]:
+        """Every destination host's health, destinations and attempts in flight (reading it
+        creates no host entries)."""
+        return [self.health.peek(key, now) | {"destinations": names,
+                                              "in_flight": self._host_load[key]}
+                for key, names in sorted(self._host_destinations.items())]
+
+    async def _attempt(self, due: Due, target: CompiledDestination) -> None:
         try:
-            await self.deliver(due, route)
+            await self.deliver(due, target)
         except asyncio.CancelledError:
             raise
         except Exception:  # a bug must not kill the dispatcher; the delivery stays pending
             log.exception("delivery %s: unexpected error", due.delivery_id)
             await asyncio.sleep(1.0)
         finally:
-            self.health.abandon_probe(route.host, self.clock())  # no-op unless it was unjudged
-            self._host_load[route.host] -= 1
+            self.health.abandon_probe(target.host, self.clock())  # no-op unless it was unjudged
+            self._host_load[target.host] -= 1
             self._inflight.pop(due.seq, None)
             self._wake.set()
 
-    async def deliver(self, due: Due, route: Route) -> Outcome:
-        """One attempt for one delivery, outcome committed to the spool before returning."""
-        assert self.session is not None
-        now = self.clock()
+    async def deliver(self, due: Due, target: CompiledDestination) -> Outcome:
+        """One attempt for one delivery, outcome committed to the spool before returning:
+        render -> sign -> send -> classify -> decide -> record."""
+        meters = self._meters.get(target.name)
+        started = self.clock()
         try:
-            event = self._events.get(due.event_seq)
-            if event is None:
-                event = self._events[due.event_seq] = load_event(due.event_json)
-            request = route.renderer.render(event, due.delivery_id)
+            request = target.renderer.render(self._event(due), due.delivery_id)
         except RenderError as exc:
             outcome = Outcome("failed", error="render", detail=str(exc))
-            attempt = Attempt(now, None, None, f"render: {exc}", None)
+            attempt = Attempt(started, None, None, f"render: {exc}", None)
         else:
-            signed = route.signing.sign(request, due.delivery_id)
-            sent = await send(self.session, signed, route.timeout, self.clock)
-            outcome, attempt = sent.outcome, sent.attempt
-            self.health.record(route.host, counts_as_failure(outcome), self.clock())
-            if attempt.duration is not None and route.latency is not None:
-                route.latency.observe(attempt.duration)
-        failures = due.failures + (outcome.kind == "retry" and not outcome.unreachable)
-        next_at = next_attempt_at(route.policy, outcome, attempts=due.attempts + 1,
-                                  failures=failures,
-                                  first_attempt_at=due.first_attempt_at or now,
-                                  now=self.clock(), rand=self.rand(), held=due.held)
-        if outcome.kind == "delivered":
-            state, reason = "delivered", None
-        elif next_at is not None:
-            state, reason = "pending", outcome.detail
-        else:
-            state = "failed"
-            reason = outcome.detail if outcome.kind == "failed" else \
-                f"{outcome.detail} (retries exhausted after {due.attempts + 1} attempts)"
+            signed = target.signing.sign(request, due.delivery_id)
+            exchange = await self.transport.handle_request(signed, target.timeout)
+            outcome = classify(exchange, self.clock())
+            attempt = Attempt(exchange.started_at, exchange.duration, exchange.status,
+                              exchange.error_text, exchange.excerpt)
+            self.health.record(target.host, counts_as_failure(outcome), self.clock())
+            if meters is not None:
+                meters.latency.observe(exchange.duration)
+        now = self.clock()
+        verdict = decide(outcome, due, now, target.policy, rand=self.rand(), started=started)
         try:
-            await self.spool.record_attempt(due, attempt, state=state, not_before=next_at,
-                                            failures=failures, reason=reason)
+            await self.spool.record_attempt(due, attempt, state=verdict.state,
+                                            not_before=verdict.not_before,
+                                            failures=verdict.failures, reason=verdict.reason)
         except SpoolError as exc:
             log.error("delivery %s: cannot record the attempt (%s); it will be tried again",
                       due.delivery_id, exc)
             await asyncio.sleep(1.0)
             return outcome
-        if state in route.counted:
-            route.counted[state].inc()
-        _log_attempt(due, route, outcome, state, next_at, self.clock())
+        if meters is not None and verdict.state in meters.counted:
+            meters.counted[verdict.state].inc()
+        _log_attempt(due, target, outcome, verdict, now)
         return outcome
 
+    def _event(self, due: Due) -> Event:
+        """The delivery's event, parsed once for all its destinations."""
+        event = self._events.get(due.event_seq)
+        if event is None:
+            event = self._events[due.event_seq] = load_event(due.event_json)
+        return event
 
-def _log_attempt(due: Due, route: Route, outcome: Outcome, state: str, next_at: float | None,
+
+def _log_attempt(due: Due, target: CompiledDestination, outcome: Outcome, verdict: Verdict,
                  now: float) -> None:
+    state = verdict.state
     if state == "delivered" and not log.isEnabledFor(logging.DEBUG):
         return  # the common case costs nothing
     extra: dict[str, Any] = {"delivery_id": due.delivery_id, "destination": due.destination,
-                             "host": route.host, "outcome": state}
+                             "host": target.host, "outcome": state}
     if state == "delivered":
         log.debug("delivered %s to %s (%s)", due.delivery_id, due.destination, outcome.detail,
                   extra=extra)
     elif state == "pending":
         log.info("delivery %s to %s: %s; retry in %.0fs", due.delivery_id, due.destination,
-                 outcome.detail, (next_at or now) - now, extra=extra)
+                 outcome.detail, (verdict.not_before or now) - now, extra=extra)
     else:
         log.warning("delivery %s to %s failed: %s", due.delivery_id, due.destination,
                     outcome.detail, extra=extra)

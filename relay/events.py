@@ -1,6 +1,6 @@
 """The local event senders post, its validation, and its normal form before it is stored.
 
-Owns the ``Event`` schema of SPEC.md ("The local event") and the JSON paths named in 400s. It
+Owns the ``Event`` schema (README "The local event") and the JSON paths named in 400s. It
 fills what the relay must fix once per event (``id``, ``request_id``, ``occurred_at``) so that
 every retry renders the same values. It never touches disk or the network.
 """
@@ -11,7 +11,7 @@ import json
 import re
 import time
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal, NamedTuple
+from typing import Annotated, Any, NamedTuple
 
 import pydantic
 from pydantic import AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
@@ -19,6 +19,7 @@ from pydantic import AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Fiel
 from relay import ids
 from relay.errors import InvalidEvent
 from relay.validation import problems_from
+from relay.vocab import Channel, Status
 
 Text = Annotated[str, Field(min_length=1, max_length=2048)]
 Ident = Annotated[str, Field(min_length=1, max_length=256)]
@@ -66,9 +67,8 @@ class Timestamps(_Strict):
 
 class Event(_Strict):
     id: Ident | None = None
-    channel: Literal["email", "sms"]
-    status: Literal["sent", "processed", "delivered", "delayed", "bounced", "aborted", "failed",
-                    "excluded"]
+    channel: Channel
+    status: Status
     message_id: Ident
     occurred_at: AwareDatetime | None = None
     request_id: Ident | None = None
@@ -102,13 +102,12 @@ def parse_events(body: bytes, max_batch: int) -> tuple[list[Event], bool]:
     if start not in (b"{", b"["):
         raise InvalidEvent([("", "the body must be one event (a JSON object) or an array of "
                                  "events")])
-    adapter = _MANY if start == b"[" else _ONE
     try:
-        parsed = adapter.validate_json(body)
+        if start == b"{":
+            return [_ONE.validate_json(body)], False
+        parsed = _MANY.validate_json(body)
     except pydantic.ValidationError as exc:
         raise InvalidEvent(problems_from(exc, noun="field", known=EVENT_FIELDS, limit=50)) from exc
-    if start == b"{":
-        return [parsed], False
     if not parsed:
         raise InvalidEvent([("", "the array holds no events")])
     if len(parsed) > max_batch:
@@ -136,8 +135,15 @@ class Accepted(NamedTuple):
 
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
-_scan = json.JSONDecoder().scan_once
+_scan = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
 _space = re.compile(r"[ \t\n\r]*")
+
+
+def _skip(text: str, at: int = 0) -> re.Match[str]:
+    """The run of JSON white space at ``at`` (possibly empty: it always matches)."""
+    found = _space.match(text, at)
+    assert found is not None
+    return found
 
 
 def accept_body(body: bytes, events: list[Event], received_at: float) -> list[Accepted]:
@@ -190,15 +196,15 @@ def _iso_utc(ts: float) -> str:
 def _objects(text: str, count: int) -> list[str]:
     """The text of each event in a validated body: the object itself, or each element of the
     array (json's C scanner finds where each one ends)."""
-    start = _space.match(text).end()
+    start = _skip(text).end()
     if text[start] == "{":
         return [text[start:].rstrip()]
     pieces = []
-    at = _space.match(text, start + 1).end()
+    at = _skip(text, start + 1).end()
     for _ in range(count):
         _, end = _scan(text, at)
         pieces.append(text[at:end])
-        at = _space.match(text, _space.match(text, end).end() + 1).end()  # past the comma
+        at = _skip(text, _skip(text, end).end() + 1).end()  # past the comma
     return pieces
 
 

@@ -4,7 +4,7 @@
                             ^                                |
                             +-------(probe fails)------------+
 
-Trip (SPEC.md "Host health", after Braze's unhealthy-host detection): within the moving
+Trip (README "Host health", after Braze's unhealthy-host detection): within the moving
 ``health.window`` at least ``min_failures`` failures at a failure rate of at least
 ``failure_rate``, or ``consecutive_failures`` failures in a row. Failures that count: timeouts,
 connection errors, 408, 429, 502, 503, 504, 529; any other answer shows the host is up. A
@@ -87,6 +87,15 @@ class HealthBoard:
         if found is None:
             found = self.hosts[key] = Host(key)
         return found
+
+    def peek(self, key: str, now: float) -> dict[str, object]:
+        """A host's snapshot, without creating an entry for a host never heard of."""
+        host = self.hosts.get(key)
+        return (host if host is not None else Host(key)).snapshot(now)
+
+    def state_of(self, key: str) -> State:
+        host = self.hosts.get(key)
+        return host.state if host is not None else "healthy"
 
     def allow(self, key: str, now: float) -> bool:
         """May a request go to this host now? At the end of a suspension, yes once: the probe."""

@@ -8,6 +8,8 @@ and hosts are refreshed just before each scrape.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -51,6 +53,10 @@ class Metrics:
             "relay_config_reloads_total", "Config reloads, by result", ["result"], registry=r)
         self.in_flight = Gauge(
             "relay_attempts_in_flight", "Delivery attempts under way", registry=r)
+
+    def mint_counter(self, destination: str) -> Callable[[], None]:
+        """A destination's "JWT minted" callback; its series appears with its first token."""
+        return lambda: self.jwt_minted.labels(destination).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

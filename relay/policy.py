@@ -1,7 +1,9 @@
-"""Delivery policy as pure functions: what a response means, and when (if ever) to try again.
+"""Delivery policy as pure functions: what an attempt's result means, and what happens next.
 
 No I/O, no sleeping, no clock reads: time and randomness come in as arguments, so every rule
-of SPEC.md ("Delivery rules") is a table-driven unit test.
+(README "Delivery rules") is a table-driven unit test. The dispatcher's steps:
+``classify(exchange)`` -> ``Outcome``; ``decide(outcome, delivery, now, rules)`` -> ``Verdict``
+(the delivery's next state, retry time, failure count and reason), which the spool records.
 
     response                               outcome
     2xx                                    delivered
@@ -17,9 +19,10 @@ from __future__ import annotations
 
 import email.utils
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 from relay.config import DeliveryConfig, Destination
+from relay.request import Exchange
 
 Kind = Literal["delivered", "retry", "failed"]
 
@@ -51,11 +54,18 @@ class RetryPolicy:
     def for_destination(cls, delivery: DeliveryConfig, dest: Destination) -> RetryPolicy:
         def pick(name: str) -> float:
             own = getattr(dest, name)
-            return getattr(delivery, name) if own is None else own
+            return float(getattr(delivery, name) if own is None else own)
 
         return cls(max_retries=int(pick("max_retries")), retry_window=pick("retry_window"),
                    unreachable_window=pick("unreachable_window"),
                    backoff_initial=pick("backoff_initial"), backoff_max=pick("backoff_max"))
+
+
+def classify(exchange: Exchange, now: float) -> Outcome:
+    """Outcome of one attempt: by its response, or by its error class when there was none."""
+    if exchange.status is not None:
+        return classify_response(exchange.status, exchange.headers.get("Retry-After"), now)
+    return classify_error(exchange.error or "client_error", exchange.detail)
 
 
 def classify_response(status: int, retry_after: str | None = None, now: float = 0.0) -> Outcome:
@@ -98,7 +108,7 @@ def backoff(policy: RetryPolicy, retry_number: int, rand: float) -> float:
     """Delay before retry ``retry_number`` (1-based): initial x 2^(n-1), jittered, capped."""
     base = policy.backoff_initial * (2 ** max(0, retry_number - 1))
     jittered = min(base, policy.backoff_max) * (1 - policy.jitter + 2 * policy.jitter * rand)
-    return min(jittered, policy.backoff_max)
+    return float(min(jittered, policy.backoff_max))
 
 
 def next_attempt_at(
@@ -136,3 +146,46 @@ def next_attempt_at(
         deadline = first_attempt_at + held + policy.retry_window
     when = now + delay
     return when if when <= deadline else None
+
+
+class Progress(Protocol):
+    """What ``decide`` needs to know of a delivery before this attempt."""
+
+    @property
+    def attempts(self) -> int: ...
+    @property
+    def failures(self) -> int: ...
+    @property
+    def first_attempt_at(self) -> float | None: ...
+    @property
+    def held(self) -> float: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """A delivery's state after one attempt, as the spool records it."""
+
+    state: Literal["pending", "delivered", "failed"]
+    not_before: float | None   # when to try again (pending only)
+    failures: int              # retryable responses so far, this one included
+    reason: str | None         # for the activity log; None once delivered
+
+
+def decide(outcome: Outcome, delivery: Progress, now: float, rules: RetryPolicy, *,
+           rand: float, started: float | None = None) -> Verdict:
+    """The next state of ``delivery`` after an attempt (started at ``started``, judged at
+    ``now``) that had ``outcome``: delivered, pending with a retry time, or failed."""
+    failures = delivery.failures + (outcome.kind == "retry" and not outcome.unreachable)
+    first = delivery.first_attempt_at
+    if first is None:
+        first = started if started is not None else now
+    next_at = next_attempt_at(rules, outcome, attempts=delivery.attempts + 1, failures=failures,
+                              first_attempt_at=first, now=now, rand=rand, held=delivery.held)
+    if outcome.kind == "delivered":
+        return Verdict("delivered", None, failures, None)
+    if next_at is not None:
+        return Verdict("pending", next_at, failures, outcome.detail)
+    if outcome.kind == "failed":
+        return Verdict("failed", None, failures, outcome.detail)
+    return Verdict("failed", None, failures, f"{outcome.detail} (retries exhausted after "
+                                             f"{delivery.attempts + 1} attempts)")

@@ -9,19 +9,19 @@ from __future__ import annotations
 import shlex
 import time
 
-from relay.auth import Signing, mask
-from relay.config import Config
+from relay.auth import mask
+from relay.destinations import Loaded
 from relay.errors import InvalidEvent, RenderError
 from relay.events import accept, load_event, parse_events
 from relay.ids import delivery_id
-from relay.payloads import Request, build_renderer
+from relay.request import Request
 from relay.routing import Router
 
 
-def preview(config: Config, destination: str, raw_event: bytes) -> tuple[str, bool]:
+def preview(loaded: Loaded, destination: str, raw_event: bytes) -> tuple[str, bool]:
     """(text to print, True when a request was rendered or the event would be skipped)."""
-    dest = config.destination(destination)
-    if dest is None:
+    config, target = loaded.config, loaded.destinations.get(destination)
+    if target is None:
         names = ", ".join(d.name for d in config.destinations) or "none configured"
         return f"relay render: no destination {destination!r} (destinations: {names})", False
     try:
@@ -30,6 +30,7 @@ def preview(config: Config, destination: str, raw_event: bytes) -> tuple[str, bo
         return "relay render: " + exc.render(), False
     accepted = accept(events[0], time.time())
     event = load_event(accepted.body)
+    dest = target.destination
     route = next((r for r in Router(config).route(accepted) if r.destination == dest.name),
                  None)
     if route is None:
@@ -40,10 +41,10 @@ def preview(config: Config, destination: str, raw_event: bytes) -> tuple[str, bo
         return f"skipped: {route.reason}", True
     did = delivery_id(time.time())
     try:
-        request = build_renderer(dest, config).render(event, did)
+        request = target.renderer.render(event, did)
     except RenderError as exc:
         return f"would fail without sending: {exc}", False
-    signed = mask(Signing(dest).sign(request, did))
+    signed = mask(target.signing.sign(request, did))
     return (f"# {dest.name} ({dest.format}), delivery {did}; secrets masked\n"
             f"{as_http(signed)}\n\n# the same as curl:\n{as_curl(signed)}"), True
 

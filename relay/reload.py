@@ -16,8 +16,9 @@ from pathlib import Path
 
 import yaml
 
-from relay.config import Config, load_config
+from relay.config import Config
 from relay.config.load import SECRET_FILE_KEYS
+from relay.destinations import Loaded, load
 from relay.errors import ConfigError
 
 log = logging.getLogger("relay.reload")
@@ -86,14 +87,16 @@ def describe_change(old: Config, new: Config) -> str:
 
 
 class ConfigWatcher:
-    """Reloads ``path`` on demand or when it changes, handing valid configs to ``apply``."""
+    """Reloads ``path`` on demand or when it changes, handing valid configs (with their
+    destinations compiled by ``load``) to ``apply``."""
 
-    def __init__(self, path: str, current: Config, apply: Callable[[Config], None],
+    def __init__(self, path: str, current: Config, apply: Callable[[Loaded], None],
                  on_result: Callable[[bool], None] = lambda ok: None,
-                 interval: float = 1.0) -> None:
+                 interval: float = 1.0, load: Callable[[str], Loaded] = load) -> None:
         self.path = path
         self.current = current
         self._apply = apply
+        self._load = load
         self._on_result = on_result
         self.interval = interval
         self._seen = watched(path)
@@ -121,19 +124,20 @@ class ConfigWatcher:
         async with self._lock:
             try:
                 # Reading and validating touches the disk (config, secret files): off the loop.
-                new = await asyncio.to_thread(load_config, Path(self.path))
+                loaded = await asyncio.to_thread(self._load, self.path)
             except ConfigError as exc:
                 log.error("config reload (%s) failed; still running on the previous config:\n%s",
                           reason, exc, extra={"reload": "failed"})
                 self._on_result(False)
                 return False
+            new = loaded.config
             restart = needs_restart(self.current, new)
             if restart:
                 log.warning("config reload: %s take effect only after a restart",
                             ", ".join(restart))
             summary = describe_change(self.current, new)
             self.current = new
-            self._apply(new)
+            self._apply(loaded)
             log.info("config reloaded (%s): %s", reason, summary, extra={"reload": "ok"})
             self._on_result(True)
             return True

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from relay.config import CHANNELS, STATUSES, Config, Destination
+from relay.config import Config, Destination
 from relay.events import Accepted, Event
-from relay.payloads import skip_reason
+from relay.vocab import CHANNELS, STATUSES, skip_reason
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,6 +1,6 @@
 """The HTTP face of the relay: ingest, health, and the activity log.
 
-Owns status codes and JSON shapes of SPEC.md ("Answers", "HTTP API"). A handler validates, hands
+Owns the status codes and JSON shapes of the API (README "HTTP API"). A handler validates, hands
 the spool its work and answers; it never waits on a destination. Anything a client sends gets a
 4xx with a JSON body naming the problem, or 503 when the spool cannot take more; never a 500.
 """
@@ -13,51 +13,79 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from aiohttp import web
 
 from relay import __version__
 from relay.config import Config
+from relay.destinations import CompiledDestination, compile_destinations
 from relay.errors import InvalidEvent, SpoolError, SpoolFull
 from relay.events import accept_body, parse_events
 from relay.metrics import CONTENT_TYPE_LATEST, Metrics
 from relay.routing import Router
 from relay.spool import Attempt, DeliveryRecord, Receipt, Spool
 from relay.spool.records import iso
-
-if TYPE_CHECKING:
-    from relay.dispatch import Dispatcher
+from relay.testsend import test_send
+from relay.vocab import DELIVERY_STATES
 
 log = logging.getLogger("relay.server")
+
+class DispatchView(Protocol):
+    """What the API reads of delivery in progress (the dispatcher), and nothing more."""
+
+    @property
+    def in_flight(self) -> int: ...
+
+    def wake(self) -> None: ...
+
+    def held(self, destination: str) -> dict[str, Any] | None:
+        """The "598 Host Unhealthy" marker when the destination's host is not healthy now."""
+        ...
+
+    def hosts(self, now: float) -> list[dict[str, Any]]:
+        """Each destination host: its health snapshot, ``destinations`` and ``in_flight``."""
+        ...
+
+
+class _Warned:
+    """When the last "spool full" warning was logged (one per 10 s; the metric counts all)."""
+
+    at = -1e9
+
 
 CONFIG: web.AppKey[Config] = web.AppKey("config", Config)
 SPOOL: web.AppKey[Spool] = web.AppKey("spool", Spool)
 ROUTER: web.AppKey[Router] = web.AppKey("router", Router)
+DESTINATIONS: web.AppKey[dict[str, CompiledDestination]] = web.AppKey("destinations", dict)
 STATE: web.AppKey[dict[str, Any]] = web.AppKey("state", dict)
 WAKE: web.AppKey[Callable[[], None]] = web.AppKey("wake")
-DISPATCHER: web.AppKey[Any] = web.AppKey("dispatcher")
+DISPATCHER: web.AppKey[DispatchView | None] = web.AppKey("dispatcher")
+WARNED: web.AppKey[_Warned] = web.AppKey("warned", _Warned)
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
 ACCESS: web.AppKey[tuple[Any, ...]] = web.AppKey("access", tuple)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-DELIVERY_STATES = ("pending", "delivered", "failed", "skipped")
 
 
-def create_app(config: Config, spool: Spool, dispatcher: Dispatcher | None = None,
-               metrics: Metrics | None = None) -> web.Application:
+def create_app(config: Config, spool: Spool, dispatcher: DispatchView | None = None,
+               metrics: Metrics | None = None,
+               destinations: dict[str, CompiledDestination] | None = None) -> web.Application:
     """The aiohttp application; the caller opens and closes the spool and the dispatcher.
 
     Without a dispatcher the API still ingests and shows the spool (tests, tools).
+    ``destinations`` are the config's compiled destinations (for test sends), compiled here
+    when not given.
     """
     app = web.Application(client_max_size=config.server.max_body_bytes,
                           middlewares=[_guard])
-    apply_config(app, config)
+    apply_config(app, config, destinations)
     app[SPOOL] = spool
     app[METRICS] = metrics or Metrics()
     app[STATE] = {"draining": False}
     app[WAKE] = dispatcher.wake if dispatcher is not None else (lambda: None)
     app[DISPATCHER] = dispatcher
+    app[WARNED] = _Warned()
     app.router.add_post("/v1/events", post_events)
     app.router.add_get("/v1/deliveries", list_deliveries)
     app.router.add_post("/v1/deliveries/retry", retry_many)
@@ -71,13 +99,15 @@ def create_app(config: Config, spool: Spool, dispatcher: Dispatcher | None = Non
     return app
 
 
-def apply_config(app: web.Application, config: Config) -> None:
+def apply_config(app: web.Application, config: Config,
+                 destinations: dict[str, CompiledDestination] | None = None) -> None:
     """Switch the app to a (re)loaded config: routing, token, client networks.
 
     ``server.listen`` and ``server.max_body_bytes`` are bound when the listener starts; the
     service warns that changing them needs a restart.
     """
     app[CONFIG] = config
+    app[DESTINATIONS] = destinations if destinations is not None else compile_destinations(config)
     app[ROUTER] = Router(config)
     token = config.server.token.get_secret_value().encode() if config.server.token else None
     app[ACCESS] = (token, tuple(ipaddress.ip_network(c, strict=False)
@@ -120,9 +150,9 @@ async def post_events(request: web.Request) -> web.Response:
         receipt = await spool.ingest_receipt(batch)
     except SpoolFull as exc:
         metrics.events_rejected.labels("spool_full").inc()
-        now = time.monotonic()
-        if now - _last_full_warning[0] >= 10.0:  # a full spool refuses every request: say it
-            _last_full_warning[0] = now          # once per 10 s, the metric counts them all
+        now, warned = time.monotonic(), request.app[WARNED]
+        if now - warned.at >= 10.0:  # a full spool refuses every request: say it once per 10 s
+            warned.at = now
             log.warning("ingest refused (503): %s", exc)
         return error(503, str(exc), headers={"Retry-After": str(exc.retry_after)})
     except SpoolError as exc:
@@ -136,9 +166,6 @@ async def post_events(request: web.Request) -> web.Response:
     answer = '{"events":' + receipt.events_json + (',"duplicate":true}' if every_repeat else "}")
     return web.Response(body=answer.encode(), status=200 if every_repeat else 202,
                         content_type="application/json")
-
-
-_last_full_warning = [-1e9]
 
 
 def _count_ingest(metrics: Metrics, receipt: Receipt) -> None:
@@ -200,15 +227,12 @@ async def list_hosts(request: web.Request) -> web.Response:
     if dispatcher is None:
         return web.json_response({"hosts": []})
     queued = await request.app[SPOOL].pending_by_destination()
-    now = time.time()
     hosts = []
-    for key, names in sorted(dispatcher.host_destinations.items()):
-        entry = dispatcher.health.host(key).snapshot(now)
+    for entry in dispatcher.hosts(time.time()):
         if entry["suspended_until"] is not None:
             entry["suspended_until"] = iso(entry["suspended_until"])
-        hosts.append(entry | {"destinations": names,
-                              "queued": sum(queued.get(name, 0) for name in names),
-                              "in_flight": dispatcher.host_load(key)})
+        entry["queued"] = sum(queued.get(name, 0) for name in entry["destinations"])
+        hosts.append(entry)
     return web.json_response({"hosts": hosts})
 
 
@@ -256,12 +280,11 @@ async def retry_many(request: web.Request) -> web.Response:
 
 async def test_destination(request: web.Request) -> web.Response:
     """Send a synthetic event to one destination now, bypassing the spool."""
-    from relay.testsend import test_send
-
-    config, name = request.app[CONFIG], request.match_info["name"]
-    if config.destination(name) is None:
+    name = request.match_info["name"]
+    target = request.app[DESTINATIONS].get(name)
+    if target is None:
         return error(404, f"no destination {name!r}")
-    return web.json_response(await test_send(config, name))
+    return web.json_response(await test_send(request.app[CONFIG], target))
 
 
 # -- health ---------------------------------------------------------------------------------
@@ -282,10 +305,9 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
     dispatcher = request.app[DISPATCHER]
     if dispatcher is not None:
         metrics.in_flight.set(dispatcher.in_flight)
-        for key in dispatcher.host_destinations:
-            current = dispatcher.health.host(key).state
-            for state in ("healthy", "suspended", "probing"):
-                metrics.host_state.labels(key, state).set(1 if state == current else 0)
+        for host in dispatcher.hosts(time.time()):
+            for health in ("healthy", "suspended", "probing"):
+                metrics.host_state.labels(host["host"], health).set(int(health == host["state"]))
     return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

@@ -12,11 +12,12 @@ import contextlib
 import gc
 import logging
 import signal
+from typing import Any
 
 from aiohttp import web
 
 from relay import __version__
-from relay.config import Config
+from relay.destinations import Loaded, load
 from relay.dispatch import Dispatcher
 from relay.logs import MASK, config_secrets
 from relay.metrics import Metrics
@@ -29,22 +30,26 @@ log = logging.getLogger("relay")
 PRUNE_EVERY = 3600.0
 
 
-async def run(config: Config, *, config_path: str | None = None,
-              stop: asyncio.Event | None = None) -> None:
-    """Serve until ``stop`` is set or SIGTERM/SIGINT arrives; SIGHUP reloads ``config_path``."""
+async def run(loaded: Loaded, *, metrics: Metrics | None = None,
+              config_path: str | None = None, stop: asyncio.Event | None = None) -> None:
+    """Serve until ``stop`` is set or SIGTERM/SIGINT arrives; SIGHUP reloads ``config_path``.
+
+    ``loaded`` was made by ``relay.destinations.load`` with ``metrics.mint_counter``, so its
+    signers count into ``metrics``.
+    """
+    config, metrics = loaded.config, metrics or Metrics()
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
 
-    metrics = Metrics()
     spool = Spool(config.spool.path, max_events=config.spool.max_events,
                   dedupe_window=config.spool.dedupe_window)
     await spool.open()
-    dispatcher = Dispatcher(config, spool, metrics=metrics)
+    dispatcher = Dispatcher(config, spool, destinations=loaded.destinations, metrics=metrics)
     await dispatcher.start()
-    app = create_app(config, spool, dispatcher, metrics)
+    app = create_app(config, spool, dispatcher, metrics, loaded.destinations)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=config.server.drain_timeout,
                            handle_signals=False)
     await runner.setup()
@@ -66,16 +71,18 @@ async def run(config: Config, *, config_path: str | None = None,
     log.info("relay %s listening on http://%s:%s (spool %s, %d destinations)",
              __version__, _host(bound[0]), bound[1], config.spool.path, len(config.destinations))
 
-    background = [asyncio.create_task(_prune_forever(spool, config.spool.retention))]
+    background: list[asyncio.Task[Any]] = [
+        asyncio.create_task(_prune_forever(spool, config.spool.retention))]
     if config_path is not None:
-        def apply(new: Config) -> None:
-            apply_config(app, new)
-            dispatcher.reconfigure(new)
-            MASK.update(config_secrets(new))
+        def apply(new: Loaded) -> None:
+            apply_config(app, new.config, new.destinations)
+            dispatcher.reconfigure(new.config, new.destinations)
+            MASK.update(config_secrets(new.config))
 
         watcher = ConfigWatcher(
             config_path, config, apply,
-            on_result=lambda ok: metrics.config_reloads.labels("success" if ok else "failure").inc())
+            on_result=lambda ok: metrics.config_reloads.labels("success" if ok else "failure").inc(),
+            load=lambda path: load(path, on_mint=metrics.mint_counter))
         background.append(asyncio.create_task(watcher.watch()))
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(signal.SIGHUP, lambda: background.append(

@@ -12,11 +12,12 @@ import hashlib
 import hmac
 import json
 import sys
-from typing import TextIO
+from typing import Any, TextIO
 from urllib.parse import urlsplit
 
 import jwt
 from aiohttp import web
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from relay.config import Config, Destination, HmacAuth, JwtAuth
 
@@ -34,19 +35,17 @@ def verify(dest: Destination, headers: dict[str, str], body: bytes) -> str:
         wid, ts = headers.get("webhook-id", ""), headers.get("webhook-timestamp", "")
         given = {part.split(",", 1)[-1] for part in headers.get("webhook-signature", "").split()}
         for secret in secrets:
-            key = base64.b64decode(secret.get_secret_value().removeprefix("whsec_"))
-            mac = hmac.new(key, f"{wid}.{ts}.".encode() + body, hashlib.sha256).digest()
+            raw = base64.b64decode(secret.get_secret_value().removeprefix("whsec_"))
+            mac = hmac.new(raw, f"{wid}.{ts}.".encode() + body, hashlib.sha256).digest()
             if base64.b64encode(mac).decode() in given:
                 return "HMAC signature: valid (Standard Webhooks)"
         return "HMAC signature: INVALID"
     if isinstance(auth, JwtAuth):
         value = headers.get(auth.header, "")
         token = value.removeprefix(f"{auth.scheme} ") if auth.scheme else value
-        key = auth.key.get_secret_value()
+        key: Any = auth.key.get_secret_value()
         if not auth.algorithm.startswith("HS"):
-            from cryptography.hazmat.primitives.serialization import load_pem_private_key
-
-            key = load_pem_private_key(key.encode(), None).public_key()  # type: ignore[assignment]
+            key = load_pem_private_key(key.encode(), None).public_key()  # verify with its public half
         try:
             claims = jwt.decode(token, key, algorithms=[auth.algorithm], audience=auth.audience,
                                 issuer=auth.issuer)

@@ -11,12 +11,15 @@ import time
 from typing import Any
 
 from relay import ids
-from relay.auth import Signing, mask
+from relay.auth import mask
 from relay.config import Config, Destination
-from relay.dispatch import client_session, send
+from relay.destinations import CompiledDestination
 from relay.errors import RenderError
 from relay.events import Event, accept
-from relay.payloads import FORMAT_STATUSES, Request, build_renderer
+from relay.policy import classify
+from relay.request import Request
+from relay.transport import AiohttpTransport, Transport
+from relay.vocab import FORMAT_STATUSES
 
 
 def synthetic_event(dest: Destination) -> Event:
@@ -44,29 +47,33 @@ def request_json(request: Request) -> dict[str, Any]:
             "body": body}
 
 
-async def test_send(config: Config, name: str) -> dict[str, Any]:
-    dest = config.destination(name)
-    if dest is None:
-        raise KeyError(name)
+async def test_send(config: Config, target: CompiledDestination,
+                    transport: Transport | None = None) -> dict[str, Any]:
+    """Render, sign and send one synthetic event to ``target``; the answer shows both sides."""
+    dest = target.destination
     event = synthetic_event(dest)
     delivery_id = ids.delivery_id(time.time())
-    answer: dict[str, Any] = {"destination": name, "delivery_id": delivery_id,
+    answer: dict[str, Any] = {"destination": dest.name, "delivery_id": delivery_id,
                               "event": event.model_dump(mode="json", exclude_none=True)}
     try:
-        request = Signing(dest).sign(build_renderer(dest, config).render(event, delivery_id),
-                                     delivery_id)
+        request = target.signing.sign(target.renderer.render(event, delivery_id), delivery_id)
     except RenderError as exc:
         return answer | {"sent": False, "error": str(exc)}
     answer["request"] = request_json(mask(request))
-    async with client_session(config) as session:
-        sent = await send(session, request, dest.timeout or config.delivery.timeout)
-    answer["sent"] = True
-    answer["outcome"] = sent.outcome.kind
-    if sent.attempt.status_code is not None:
-        answer["response"] = {"status": sent.attempt.status_code,
-                              "headers": dict(sent.response_headers),
-                              "body": sent.attempt.excerpt,
-                              "duration_ms": round((sent.attempt.duration or 0) * 1000, 1)}
+    if transport is not None:
+        exchange = await transport.handle_request(request, target.timeout)
     else:
-        answer["error"] = sent.attempt.error
+        own = AiohttpTransport(config)
+        try:
+            exchange = await own.handle_request(request, target.timeout)
+        finally:
+            await own.close()
+    answer["sent"] = True
+    answer["outcome"] = classify(exchange, time.time()).kind
+    if exchange.status is not None:
+        answer["response"] = {"status": exchange.status, "headers": dict(exchange.headers),
+                              "body": exchange.excerpt,
+                              "duration_ms": round(exchange.duration * 1000, 1)}
+    else:
+        answer["error"] = exchange.error_text
     return answer

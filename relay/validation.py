@@ -6,6 +6,7 @@ paths such as ``[3].channel``). Owns wording only; it never decides what is vali
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Iterable
 from typing import Any
 
@@ -74,8 +75,6 @@ def describe(err: Any, path: str, noun: str = "key", known: Iterable[str] = ()) 
 
 
 def suggest(key: str, known: Iterable[str]) -> str:
-    import difflib
-
     close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.75)
     return f" (did you mean {close[0]!r}?)" if close else ""
 

@@ -15,8 +15,9 @@ from standardwebhooks.webhooks import WebhookVerificationError
 
 from relay.auth import USER_AGENT, Signing, mask
 from relay.config import Destination, parse_config
+from relay.destinations import compile_destinations
 from relay.errors import ConfigError
-from relay.payloads import Request
+from relay.request import Request
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 OLD_SECRET = "whsec_" + base64.b64encode(b"an older secret for rotation!").decode()
@@ -123,13 +124,13 @@ def test_hmac_verifies_with_standardwebhooks() -> None:
 def test_bad_keys_are_config_errors() -> None:
     """A PEM that does not parse, or a whsec_ secret that is not base64, fails at load."""
     with pytest.raises(ConfigError) as info:
-        parse_config(json.dumps({"destinations": [
+        compile_destinations(parse_config(json.dumps({"destinations": [
             {"name": "a", "format": "braze", "url": "https://h/",
              "auth": {"type": "jwt", "algorithm": "RS256", "key": "not a pem"}},
             {"name": "b", "format": "braze", "url": "https://h/",
              "auth": {"type": "hmac", "secret": "whsec_%%%"}},
             {"name": "c", "format": "braze", "url": "https://h/",
-             "auth": {"type": "jwt", "algorithm": "HS384", "key": "short"}}]}), env={})
+             "auth": {"type": "jwt", "algorithm": "HS384", "key": "short"}}]}), env={}))
     found = dict(info.value.problems)
     assert "at least 48 bytes" in found["destinations[2].auth.key"]
     assert "RS256" in found["destinations[0].auth.key"]

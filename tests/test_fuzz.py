@@ -13,9 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from relay.config import Config, load_config, validate_config
-from relay.dispatch import build_routes
+from relay.destinations import compile_destinations
 from relay.errors import ConfigError
-from relay.payloads import build_renderers
 from relay.routing import Router
 from tests.helpers import ServerThread, http, write_config
 from tests.test_payloads import local_events
@@ -116,11 +115,11 @@ def test_generated_configs_load_and_run_or_name_paths(raw: dict[str, Any]) -> No
     signers, retry policies), or fails with a ConfigError whose every problem has a path."""
     try:
         config = validate_config(raw, env={}, base_dir=Path("/nonexistent"))
+        compile_destinations(config)
     except ConfigError as exc:
         assert exc.problems
         assert all(path for path, _ in exc.problems), exc.problems
         return
     assert isinstance(config, Config)
     Router(config)
-    build_renderers(config)
-    build_routes(config)
+    compile_destinations(config)

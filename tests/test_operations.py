@@ -247,7 +247,8 @@ async def test_rotated_secret_file_triggers_reload(tmp_path: Path) -> None:
             if applied:
                 break
             await asyncio.sleep(0.02)
-        assert applied[0].destinations[0].auth.token.get_secret_value() == "second-token-value"
+        assert applied[0].config.destinations[0].auth.token.get_secret_value() == \
+            "second-token-value"
     finally:
         task.cancel()
 
@@ -274,6 +275,6 @@ async def test_a_half_written_config_is_not_applied(tmp_path: Path) -> None:
                 break
             await asyncio.sleep(0.02)
         await asyncio.sleep(0.3)
-        assert len(applied) == 1 and len(applied[0].destinations) == 3
+        assert len(applied) == 1 and len(applied[0].config.destinations) == 3
     finally:
         task.cancel()

@@ -11,10 +11,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from relay.config import Config, parse_config
+from relay.destinations import compile_destinations
 from relay.errors import ConfigError, RenderError
 from relay.events import Event, accept, parse_events
-from relay.payloads import AJO_STATUS, BRAZE_STATUS, build_renderers
+from relay.payloads import Renderer
 from relay.payloads._json import braze_time
+from relay.vocab import AJO_STATUS, BRAZE_STATUS
 from tests.helpers import FIXTURES, SHARED
 
 AJO_FIXTURE = json.loads((FIXTURES / "ajo_feedback_bounce.json").read_text())
@@ -57,6 +59,11 @@ def test_fixture_copies_match_shared(name: str) -> None:
 
 def config(text: str = CONFIG) -> Config:
     return parse_config(text, env={})
+
+
+def build_renderers(cfg: Config) -> dict[str, Renderer]:
+    """Each destination's renderer, compiled as the relay compiles them."""
+    return {name: c.renderer for name, c in compile_destinations(cfg).items()}
 
 
 RENDERERS = build_renderers(config())
@@ -234,13 +241,13 @@ destinations:
 def test_template_syntax_errors_are_config_errors_naming_the_destination() -> None:
     """A Liquid syntax error fails config loading at the destination's key."""
     with pytest.raises(ConfigError) as info:
-        config("""
+        build_renderers(config("""
 destinations:
   - name: t
     format: template
     url: "https://h.example.com/{{ x"
     template: {body: {type: json, fields: {a: "{% if %}"}}}
-""")
+"""))
     found = dict(info.value.problems)
     assert "Liquid syntax error" in found["destinations[0].url"]
     assert "Liquid syntax error" in found["destinations[0].template.body.fields.a"]

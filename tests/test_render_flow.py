@@ -11,10 +11,10 @@ from typing import Any
 
 from relay.config import load_config
 from relay.events import load_event
-from relay.payloads import build_renderers
 from relay.server import create_app
 from relay.spool import Spool
 from tests.helpers import FIXTURES, ROOT, write_config
+from tests.test_payloads import build_renderers
 
 AJO_EVENT = {
     "id": "evt-ajo-1", "channel": "email", "status": "bounced", "message_id": "HUMA-26362805",

@@ -2,8 +2,6 @@
 
 from relay.config.load import check_config, load_config, parse_config, validate_config
 from relay.config.schema import (
-    CHANNELS,
-    STATUSES,
     AjoConfig,
     BasicAuth,
     BearerAuth,
@@ -26,7 +24,7 @@ from relay.config.schema import (
 )
 
 __all__ = [
-    "CHANNELS", "STATUSES", "AjoConfig", "BasicAuth", "BearerAuth", "Config", "DeliveryConfig",
+    "AjoConfig", "BasicAuth", "BearerAuth", "Config", "DeliveryConfig",
     "Destination", "HealthConfig", "HmacAuth", "JsonBody", "JwtAuth", "NoAuth", "RawBody",
     "ServerConfig", "SpoolConfig", "TemplateConfig", "TemplateVariant", "allowed_hosts",
     "check_config", "load_config", "parse_config", "parse_duration", "split_listen",

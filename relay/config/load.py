@@ -6,7 +6,9 @@ Loading runs four passes, each collecting every problem before failing:
   3. ``*_file`` secrets read from disk (``token_file``, ``password_file``, ``key_file``, ``secret_file``),
   4. schema validation (unknown keys, wrong types, durations to seconds) and cross-field checks.
 Defaults are written once, beside their field. Secrets are ``SecretStr`` and never appear in repr.
-This module does no I/O after load and knows nothing of HTTP, SQLite or payload formats.
+This module does no I/O after load and knows nothing of HTTP, SQLite or payload formats: what
+needs compiling (templates, signing keys) is checked by ``relay.destinations``, which builds on
+the ``Config`` made here.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import ssl
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -43,6 +46,7 @@ from relay.config.schema import (
 from relay.errors import ConfigError
 from relay.validation import join as _join
 from relay.validation import problems_from
+from relay.vocab import FORMAT_STATUSES
 
 SECRET_FILE_KEYS = ("token_file", "password_file", "key_file", "secret_file")
 
@@ -111,8 +115,6 @@ def check_config(config: Config) -> list[tuple[str, str]]:
     if config.delivery.backoff_initial > config.delivery.backoff_max:
         problems.append(("delivery.backoff_initial", "must not exceed delivery.backoff_max"))
     if config.delivery.ca_file is not None:
-        import ssl
-
         try:
             ssl.create_default_context(cafile=config.delivery.ca_file)
         except (OSError, ssl.SSLError) as exc:
@@ -144,8 +146,6 @@ def check_config(config: Config) -> list[tuple[str, str]]:
 
 
 def _check_destination(dest: Destination, at: str, config: Config) -> list[tuple[str, str]]:
-    from relay.payloads import FORMAT_STATUSES  # the status table lives with the payload shapes
-
     problems: list[tuple[str, str]] = []
     if dest.format == "ajo" and dest.ajo is None:
         problems.append((f"{at}.ajo", "required for format ajo: {ims_org: ..., sandbox: "
@@ -177,13 +177,6 @@ def _check_destination(dest: Destination, at: str, config: Config) -> list[tuple
                                                       "'whsec_' followed by base64"))
                 break
     problems += _check_url(dest, at, config)
-    if not problems:  # compile templates and keys only once the rest of the entry is sound
-        from relay.auth import auth_problems
-        from relay.payloads.template import syntax_problems
-
-        if dest.format == "template":
-            problems += syntax_problems(dest, at)
-        problems += auth_problems(dest, at)
     return problems
 
 

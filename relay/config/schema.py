@@ -12,9 +12,7 @@ from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, SecretStr
 
-CHANNELS = ("email", "sms")
-STATUSES = ("sent", "processed", "delivered", "delayed", "bounced", "aborted", "failed", "excluded")
-FORMATS = ("ajo", "braze", "template")
+from relay.vocab import CHANNELS, Channel, Format, Status
 
 # ---------------------------------------------------------------------------------------------
 # Scalar types
@@ -37,8 +35,6 @@ def parse_duration(value: Any) -> float:
 
 Duration = Annotated[float, BeforeValidator(parse_duration), Field(ge=0)]
 PositiveDuration = Annotated[float, BeforeValidator(parse_duration), Field(gt=0)]
-Channel = Literal["email", "sms"]
-Status = Literal["sent", "processed", "delivered", "delayed", "bounced", "aborted", "failed", "excluded"]
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
 Port = Annotated[int, Field(ge=1, le=65535)]
 
@@ -190,7 +186,7 @@ class TemplateConfig(_Model):
 
 class Destination(_Model):
     name: Name
-    format: Literal["ajo", "braze", "template"]
+    format: Format
     url: Annotated[str, Field(min_length=1)]
     channels: tuple[Channel, ...] = CHANNELS
     statuses: tuple[Status, ...] | None = None     # none: every status the format can express

@@ -1,4 +1,4 @@
-"""Adobe Journey Optimizer feedback webhook (``fixtures/ajo_feedback_bounce.json``).
+"""Adobe Journey Optimizer feedback webhook (documented example: ``tests/fixtures/ajo_feedback_bounce.json``).
 
 ``imsOrg`` and ``sandbox`` come from the destination, everything else from the event. Keys are
 always present in the documented order; what the event does not know is ``null``.
@@ -10,8 +10,9 @@ from typing import Any
 
 from relay.config import Destination
 from relay.events import Event
-from relay.payloads import AJO_STATUS, Request, merge_headers
 from relay.payloads._json import dumps
+from relay.request import Request, merge_headers
+from relay.vocab import AJO_STATUS
 
 _FAILURE_STATUSES = frozenset({"bounced", "aborted", "failed", "delayed"})
 

@@ -1,4 +1,4 @@
-"""Braze transactional email HTTP event postback (``fixtures/braze_postbacks.json``).
+"""Braze transactional email HTTP event postback (``tests/fixtures/braze_postbacks.json``).
 
 Each status carries only the timestamps Braze documents for it, formatted
 ``2020-08-31T18:58:42.000+00:00``; ``reason`` on aborted and bounced; ``campaign_api_id`` and
@@ -11,8 +11,9 @@ from typing import Any
 
 from relay.config import Destination
 from relay.events import Event
-from relay.payloads import BRAZE_STATUS, Request, merge_headers
 from relay.payloads._json import braze_time, dumps
+from relay.request import Request, merge_headers
+from relay.vocab import BRAZE_STATUS
 
 _SENT_STEPS = ("received_at", "enqueued_at", "executed_at")
 

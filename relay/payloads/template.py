@@ -21,8 +21,8 @@ from relay.config import Destination, JsonBody, RawBody, allowed_hosts
 from relay.config.schema import Body
 from relay.errors import ConfigError, RenderError
 from relay.events import Event
-from relay.payloads import Request, merge_headers
 from relay.payloads._json import dumps
+from relay.request import Request, merge_headers
 
 ENV = Environment()
 
@@ -33,15 +33,6 @@ def parse(source: str, path: str) -> BoundTemplate:
         return ENV.from_string(source)
     except LiquidError as exc:
         raise ConfigError([(path, f"Liquid syntax error: {_first_line(exc)}")]) from exc
-
-
-def syntax_problems(dest: Destination, at: str) -> list[tuple[str, str]]:
-    """Every template syntax error of one destination, as config problems."""
-    try:
-        TemplateRenderer(dest, ())
-    except ConfigError as exc:
-        return [(f"{at}.{path}", message) for path, message in exc.problems]
-    return []
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,102 @@
+"""Each destination compiled once: renderer, signer, retry rules, timeout and host key.
+
+The one place where templates are parsed and signing keys loaded. ``load()`` is what every
+command that runs or checks a config calls (serve, check-config, reload, render, test): the
+config's structure from ``relay.config``, then each destination compiled here, every mistake a
+``ConfigError`` naming its path (``destinations[2].auth.key``). The dispatcher uses the compiled
+destinations it is handed, so nothing is compiled twice.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import NamedTuple
+from urllib.parse import urlsplit
+
+from relay.auth import Signing
+from relay.config import Config, Destination, load_config
+from relay.errors import ConfigError
+from relay.payloads import Renderer, build_renderer
+from relay.policy import RetryPolicy
+
+MintCounter = Callable[[str], Callable[[], None]]  # destination name -> "a JWT was minted"
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledDestination:
+    """Everything needed to deliver to one destination, built once per config."""
+
+    destination: Destination
+    renderer: Renderer
+    signing: Signing
+    policy: RetryPolicy
+    timeout: float        # seconds per attempt
+    host: str             # scheme://host:port, or template:<name> when the host is a template
+
+    @property
+    def name(self) -> str:
+        return self.destination.name
+
+
+class Loaded(NamedTuple):
+    """A config file, validated, with its destinations compiled."""
+
+    config: Config
+    destinations: dict[str, CompiledDestination]
+
+
+def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None, *,
+         clock: Callable[[], float] = time.time, on_mint: MintCounter | None = None) -> Loaded:
+    """Read and validate a config file and compile its destinations; ConfigError otherwise."""
+    config = load_config(path, env)
+    return Loaded(config, compile_destinations(config, clock=clock, on_mint=on_mint))
+
+
+def compile_destinations(config: Config, *, clock: Callable[[], float] = time.time,
+                         on_mint: MintCounter | None = None) -> dict[str, CompiledDestination]:
+    """Every destination of ``config`` compiled; one ConfigError lists every problem."""
+    compiled: dict[str, CompiledDestination] = {}
+    problems: list[tuple[str, str]] = []
+    for i, dest in enumerate(config.destinations):
+        try:
+            compiled[dest.name] = compile_destination(
+                dest, config, clock=clock, on_mint=on_mint(dest.name) if on_mint else None)
+        except ConfigError as exc:
+            problems += [(f"destinations[{i}].{path}", message) for path, message in exc.problems]
+    if problems:
+        raise ConfigError(problems, config.source)
+    return compiled
+
+
+def compile_destination(dest: Destination, config: Config, *,
+                        clock: Callable[[], float] = time.time,
+                        on_mint: Callable[[], None] | None = None) -> CompiledDestination:
+    """One destination; ConfigError paths are relative to it (``auth.key``, ``url``)."""
+    problems: list[tuple[str, str]] = []
+    renderer = signing = None
+    try:
+        renderer = build_renderer(dest, config)
+    except ConfigError as exc:
+        problems += exc.problems
+    try:
+        signing = Signing(dest, clock, on_mint)
+    except ConfigError as exc:
+        problems += exc.problems
+    if problems or renderer is None or signing is None:
+        raise ConfigError(problems)
+    return CompiledDestination(
+        destination=dest, renderer=renderer, signing=signing,
+        policy=RetryPolicy.for_destination(config.delivery, dest),
+        timeout=dest.timeout or config.delivery.timeout, host=host_key(dest))
+
+
+def host_key(dest: Destination) -> str:
+    """The health key of a destination's host: ``scheme://host:port``."""
+    if "{" in (urlsplit(dest.url).netloc or "{"):
+        return f"template:{dest.name}"
+    parts = urlsplit(dest.url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return f"{parts.scheme}://{(parts.hostname or '').lower()}:{port}"

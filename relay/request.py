@@ -1,0 +1,53 @@
+"""One HTTP attempt as data: the ``Request`` rendering builds and signing extends, and the
+``Exchange`` a transport gives back, before the retry policy judges it.
+
+Knows nothing of payload formats, auth or sockets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One HTTP request, exactly as it will be sent."""
+
+    method: str
+    url: str
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes = b""
+
+    def with_headers(self, **extra: str) -> Request:
+        return Request(self.method, self.url, merge_headers(self.headers, extra), self.body)
+
+
+def merge_headers(base: dict[str, str], extra: dict[str, str]) -> dict[str, str]:
+    """``base`` with ``extra`` set on top; header names compare case-insensitively."""
+    lowered = {k.lower() for k in extra}
+    merged = {k: v for k, v in base.items() if k.lower() not in lowered}
+    merged.update(extra)
+    return merged
+
+
+@dataclass(frozen=True, slots=True)
+class Exchange:
+    """What one attempt produced: a response (``status``) or an error class (``error``).
+
+    Error classes are named by the transport: connect, connect_timeout, dns, tls, refused,
+    timeout, reset, disconnected, invalid_url, client_error (see ``relay.policy``).
+    """
+
+    started_at: float                 # unix time the request was started
+    duration: float                   # seconds until the response (or the error)
+    status: int | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+    excerpt: str | None = None        # the start of the response body
+    error: str | None = None
+    detail: str = ""                  # a human sentence for the error
+
+    @property
+    def error_text(self) -> str | None:
+        """The activity log's ``error`` field of this attempt."""
+        return None if self.error is None else f"{self.error}: {self.detail}"

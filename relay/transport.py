@@ -1,0 +1,91 @@
+"""The HTTP send, behind a one-method seam: ``Transport.handle_request(request, timeout)``.
+
+A transport makes one attempt and reports what happened as an ``Exchange`` (a response, or an
+error class for a timeout, a refused connection, a TLS failure...). It never judges the result
+(that is ``relay.policy.classify``), never retries, never follows redirects and never raises for
+network trouble. ``AiohttpTransport`` is the real one; tests may pass their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+import aiohttp
+
+from relay.config import Config
+from relay.request import Exchange, Request
+
+EXCERPT_BYTES = 1024  # of each response body, kept for the activity log
+
+
+class Transport(Protocol):
+    async def handle_request(self, request: Request, timeout: float) -> Exchange:
+        """Make one attempt; network trouble is an ``Exchange`` with ``error`` set."""
+        ...
+
+
+def client_session(config: Config) -> aiohttp.ClientSession:
+    """One shared session: pooled keep-alive connections, TLS verified, no cookies."""
+    context = ssl.create_default_context(cafile=config.delivery.ca_file)
+    connector = aiohttp.TCPConnector(limit=config.delivery.concurrency,
+                                     limit_per_host=config.delivery.per_host_concurrency,
+                                     ssl=context, ttl_dns_cache=60)
+    return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar(),
+                                 auto_decompress=True)
+
+
+class AiohttpTransport:
+    """Sends with one pooled aiohttp session, made on first use (it needs a running loop)."""
+
+    def __init__(self, config: Config, clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.clock = clock
+        self._session: aiohttp.ClientSession | None = None
+
+    async def handle_request(self, request: Request, timeout: float) -> Exchange:
+        if self._session is None:
+            self._session = client_session(self.config)
+        started, t0 = self.clock(), time.monotonic()
+        try:
+            async with self._session.request(
+                    request.method, request.url, headers=request.headers,
+                    data=request.body or None, allow_redirects=False,
+                    timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+                raw = await resp.content.read(EXCERPT_BYTES)
+                return Exchange(started, time.monotonic() - t0, resp.status, resp.headers,
+                                raw.decode("utf-8", errors="replace"))
+        except Exception as exc:
+            error, detail = error_class(exc, timeout)
+            return Exchange(started, time.monotonic() - t0, error=error, detail=detail)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+def error_class(exc: BaseException, timeout: float) -> tuple[str, str]:
+    """aiohttp's exception zoo -> the error classes of relay.policy, with a detail sentence."""
+    detail = str(exc) or type(exc).__name__
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return "connect_timeout", f"no connection within {timeout:g}s"
+    if isinstance(exc, TimeoutError | asyncio.TimeoutError):
+        return "timeout", f"no response within {timeout:g}s"
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError | aiohttp.ClientSSLError):
+        return "tls", detail
+    dns_error = getattr(aiohttp, "ClientConnectorDNSError", None)
+    if dns_error is not None and isinstance(exc, dns_error):
+        return "dns", detail
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return "connect", detail
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "disconnected", "the server closed the connection without answering"
+    if isinstance(exc, aiohttp.ClientOSError | aiohttp.ClientPayloadError | ConnectionError):
+        return "reset", detail
+    if isinstance(exc, aiohttp.InvalidURL):
+        return "invalid_url", detail
+    return "client_error", f"{type(exc).__name__}: {detail}"
