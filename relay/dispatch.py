@@ -33,12 +33,15 @@ from relay.health import HELD_STATUS, HealthBoard, Host, counts_as_failure
 from relay.metrics import Metrics
 from relay.policy import Outcome, Verdict, classify, decide
 from relay.spool import Attempt, Due, Spool
+from relay.supervise import Supervisor
 from relay.transport import AiohttpTransport, Transport
 
 log = logging.getLogger("relay.dispatch")
 
 PREFETCH = 256       # due deliveries read from the spool at a time
 IDLE_RECHECK = 60.0  # wake at least this often, e.g. after a replay made by another process
+EVENT_CACHE_BYTES = 8 << 20  # parsed events kept, by the size of their stored JSON
+RECORD_RETRY_MAX = 30.0      # longest wait between tries to record a kept outcome
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,12 +66,14 @@ class Dispatcher:
                  destinations: dict[str, CompiledDestination] | None = None,
                  transport: Transport | None = None,
                  metrics: Metrics | None = None,
+                 supervisor: Supervisor | None = None,
                  clock: Callable[[], float] = time.time,
                  rand: Callable[[], float] = random.random) -> None:
         self.spool = spool
         self.clock = clock
         self.rand = rand
         self.metrics = metrics or Metrics()
+        self.supervisor = supervisor or Supervisor(self.metrics.count_restart)
         self.transport: Transport = transport or AiohttpTransport(config, clock)
         self.health = HealthBoard(config.health, on_change=self._host_changed)
         self._host_destinations: dict[str, list[str]] = {}
@@ -80,7 +85,15 @@ class Dispatcher:
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
         # An event goes to several destinations: parse its stored JSON once, not per delivery.
-        self._events: cachetools.LRUCache[int, Event] = cachetools.LRUCache(maxsize=4096)
+        # The budget is in bytes (each entry weighs its stored JSON), not entries: 4,096 events
+        # of 1 MiB each once held gigabytes.
+        self._events: cachetools.LRUCache[int, tuple[Event, int]] = cachetools.LRUCache(
+            maxsize=EVENT_CACHE_BYTES, getsizeof=lambda entry: entry[1])
+        # Outcome first: attempts that were made but whose outcome the spool could not take
+        # (disk full, spool restarting). They are kept here and recorded as soon as it can;
+        # meanwhile no new attempt starts, and these deliveries are not sent again.
+        self._unrecorded: dict[int, tuple[Due, Attempt, Verdict]] = {}
+        self.record_error: str | None = None
         self.reconfigure(config, destinations)
 
     def reconfigure(self, config: Config,
@@ -107,7 +120,7 @@ class Dispatcher:
         self._wake.set()
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="relay-dispatcher")
+        self._task = self.supervisor.spawn("dispatcher", self._run)
 
     def wake(self) -> None:
         self._wake.set()
@@ -135,9 +148,19 @@ class Dispatcher:
 
     async def _run(self) -> None:
         limit = self.config.delivery.concurrency
+        record_wait = 1.0
         while not self._stopping:
             self._wake.clear()
             wait: float | None = IDLE_RECHECK
+            if self._unrecorded:
+                # Dispatching is paused until every kept outcome is written.
+                if await self._record_kept():
+                    record_wait = 1.0
+                    continue
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), record_wait)
+                record_wait = min(record_wait * 2, RECORD_RETRY_MAX)
+                continue
             try:
                 now = self.clock()
                 names = self._open_destinations(now)
@@ -145,7 +168,7 @@ class Dispatcher:
                     # Fetch a good batch at once: one read per batch, not one per slot. Hosts
                     # that are suspended or at their limit are left out of the query, so their
                     # backlog never stands in front of other hosts' deliveries.
-                    exclude = self._inflight.keys()
+                    exclude = self._inflight.keys() | self._unrecorded.keys()
                     self._ready.extend(await self.spool.due(
                         now, max(limit * 4, PREFETCH), names, exclude))
                     if not self._ready:
@@ -257,17 +280,26 @@ class Dispatcher:
 
     async def deliver(self, due: Due, target: CompiledDestination) -> Outcome:
         """One attempt for one delivery, outcome committed to the spool before returning:
-        render -> sign -> send -> classify -> decide -> record."""
+        render -> sign -> send -> classify -> decide -> record. A request that was sent is
+        never sent again because its outcome could not be recorded (see _unrecorded)."""
         meters = self._meters.get(target.name)
         started = self.clock()
         try:
-            request = target.renderer.render(self._event(due), due.delivery_id)
+            request = target.signing.sign(target.renderer.render(self._event(due), due.delivery_id),
+                                          due.delivery_id)
         except RenderError as exc:
             outcome = Outcome("failed", error="render", detail=str(exc))
             attempt = Attempt(started, None, None, f"render: {exc}", None)
+        except Exception as exc:  # a bug or a bad key: an attempt like any other, with backoff
+            if due.attempts == 0:  # once per delivery, with the traceback; then plain lines
+                log.exception("delivery %s to %s: cannot prepare the request", due.delivery_id,
+                              due.destination, extra={"delivery_id": due.delivery_id,
+                                                      "destination": due.destination})
+            detail = f"cannot prepare the request: {type(exc).__name__}: {exc}"
+            outcome = Outcome("retry", error="internal", detail=detail)
+            attempt = Attempt(started, None, None, f"internal: {detail}", None)
         else:
-            signed = target.signing.sign(request, due.delivery_id)
-            exchange = await self.transport.handle_request(signed, target.timeout)
+            exchange = await self.transport.handle_request(request, target.timeout)
             outcome = classify(exchange, self.clock())
             attempt = Attempt(exchange.started_at, exchange.duration, exchange.status,
                               exchange.error_text, exchange.excerpt)
@@ -277,24 +309,63 @@ class Dispatcher:
         now = self.clock()
         verdict = decide(outcome, due, now, target.policy, rand=self.rand(), started=started)
         try:
-            await self.spool.record_attempt(due, attempt, state=verdict.state,
-                                            not_before=verdict.not_before,
-                                            failures=verdict.failures, reason=verdict.reason)
+            await self._record(due, attempt, verdict)
         except SpoolError as exc:
-            log.error("delivery %s: cannot record the attempt (%s); it will be tried again",
-                      due.delivery_id, exc)
-            await asyncio.sleep(1.0)
+            self._keep_unrecorded(due, attempt, verdict, exc)
             return outcome
         if meters is not None and verdict.state in meters.counted:
             meters.counted[verdict.state].inc()
         _log_attempt(due, target, outcome, verdict, now)
         return outcome
 
+    async def _record(self, due: Due, attempt: Attempt, verdict: Verdict) -> None:
+        await self.spool.record_attempt(due, attempt, state=verdict.state,
+                                        not_before=verdict.not_before,
+                                        failures=verdict.failures, reason=verdict.reason)
+
+    def _keep_unrecorded(self, due: Due, attempt: Attempt, verdict: Verdict,
+                         exc: SpoolError) -> None:
+        if not self._unrecorded:
+            log.error("cannot record delivery outcomes (%s): dispatching is paused until the "
+                      "spool takes them; the attempts made are kept, not repeated", exc)
+        self._unrecorded[due.seq] = (due, attempt, verdict)
+        self.record_error = str(exc)
+        self._ready.clear()
+        self._wake.set()
+
+    async def _record_kept(self) -> bool:
+        """Try to record every kept outcome; True once none is left."""
+        for seq, (due, attempt, verdict) in list(self._unrecorded.items()):
+            try:
+                await self._record(due, attempt, verdict)
+            except SpoolError as exc:
+                self.record_error = str(exc)
+                return False
+            del self._unrecorded[seq]
+        log.warning("delivery outcomes are recorded again: dispatching resumes")
+        self.record_error = None
+        return True
+
+    def not_ready(self) -> str | None:
+        """Why delivery is not working now (a supervised task down, or outcomes the spool
+        cannot take so dispatching is paused), or None."""
+        if self.supervisor.down:
+            return "; ".join(f"task {name} is restarting after: {why}"
+                             for name, why in sorted(self.supervisor.down.items()))
+        if self._unrecorded:
+            return (f"{len(self._unrecorded)} delivery outcomes cannot be recorded "
+                    f"({self.record_error}); dispatching is paused")
+        return None
+
     def _event(self, due: Due) -> Event:
-        """The delivery's event, parsed once for all its destinations."""
-        event = self._events.get(due.event_seq)
-        if event is None:
-            event = self._events[due.event_seq] = load_event(due.event_json)
+        """The delivery's event, parsed once for all its destinations (within the budget)."""
+        entry = self._events.get(due.event_seq)
+        if entry is not None:
+            return entry[0]
+        event = load_event(due.event_json)
+        size = len(due.event_json)
+        if size <= EVENT_CACHE_BYTES // 8:  # one huge event must not flush all the others
+            self._events[due.event_seq] = (event, size)
         return event
 
 

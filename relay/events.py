@@ -7,7 +7,9 @@ every retry renders the same values. It never touches disk or the network.
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import re
 import time
 from datetime import UTC, datetime
@@ -92,28 +94,84 @@ _ONE = pydantic.TypeAdapter(Event)
 _MANY = pydantic.TypeAdapter(list[Event])
 
 
+MAX_PROBLEMS = 20  # problems listed in one 400; the rest are counted, not described
+
+
 def parse_events(body: bytes, max_batch: int) -> tuple[list[Event], bool]:
     """Validate a request body: one event object or an array of events, all or nothing.
 
     Returns the events and whether the body was an array. Raises InvalidEvent with JSON paths
-    such as ``[3].channel`` (array) or ``channel`` (single object).
+    such as ``[3].channel`` (array) or ``channel`` (single object), at most MAX_PROBLEMS of
+    them. A batch's length is checked before its events (pydantic stops at ``max_batch`` + 1),
+    so a hostile body costs no more to refuse than a valid one costs to accept.
     """
     start = body.lstrip()[:1]
     if start not in (b"{", b"["):
         raise InvalidEvent([("", "the body must be one event (a JSON object) or an array of "
                                  "events")])
+    if _SUSPECT.search(body):
+        _refuse_non_finite(body)
     try:
         if start == b"{":
             return [_ONE.validate_json(body)], False
-        parsed = _MANY.validate_json(body)
+        events = _batch(max_batch).validate_json(body)
     except pydantic.ValidationError as exc:
-        raise InvalidEvent(problems_from(exc, noun="field", known=EVENT_FIELDS, limit=50)) from exc
-    if not parsed:
+        first = exc.errors(include_url=False)[0]
+        if first["type"] == "too_long" and first["loc"] == ():
+            raise InvalidEvent([("", f"a batch holds at most {max_batch} events "
+                                     f"(server.max_batch); this one has more")]) from None
+        raise InvalidEvent(problems_from(exc, noun="field", known=EVENT_FIELDS,
+                                         limit=MAX_PROBLEMS)) from exc
+    if not events:
         raise InvalidEvent([("", "the array holds no events")])
-    if len(parsed) > max_batch:
-        raise InvalidEvent([("", f"a batch holds at most {max_batch} events (server.max_batch); "
-                                 f"this one has {len(parsed)}")])
-    return parsed, True
+    return events, True
+
+
+@functools.cache
+def _batch(max_batch: int) -> pydantic.TypeAdapter[list[Event]]:
+    return pydantic.TypeAdapter(Annotated[list[Event], Field(max_length=max_batch)])
+
+
+# Where a number that is not finite could be: NaN, Infinity, an exponent, 300+ digits. Only a
+# body with one of these (rare: ``1e5`` in a string matches too) is decoded a second time.
+_SUSPECT = re.compile(rb"NaN|Infinity|\d[eE][+-]?\d|\d{300}")
+
+
+class _NonFinite(float):
+    """A JSON number that is not a finite float (NaN, Infinity, 1e999), marked for its path."""
+
+
+def _mark(text: str) -> float:
+    value = float(text)
+    return value if math.isfinite(value) else _NonFinite(value)
+
+
+_decode_marking = json.JSONDecoder(parse_float=_mark, parse_constant=_mark).decode
+
+
+def _refuse_non_finite(body: bytes) -> None:
+    """400 at the path of every number that is not finite: Python's json (and pydantic) read
+    NaN, Infinity and 1e999; JSON has none of them, and receivers may choke on them."""
+    try:
+        value = _decode_marking(body.decode("utf-8"))
+    except (ValueError, RecursionError):
+        return  # not JSON at all: validation says so, with its own message
+    paths = _non_finite_paths(value, "")
+    if paths:
+        raise InvalidEvent([(path, "must be a finite number (NaN, Infinity and numbers too "
+                                   "large for a float are not JSON)")
+                            for path in paths[:MAX_PROBLEMS]])
+
+
+def _non_finite_paths(node: Any, path: str) -> list[str]:
+    if isinstance(node, _NonFinite):
+        return [path]
+    if isinstance(node, dict):
+        return [p for key, value in node.items()
+                for p in _non_finite_paths(value, f"{path}.{key}" if path else str(key))]
+    if isinstance(node, list):
+        return [p for i, value in enumerate(node) for p in _non_finite_paths(value, f"{path}[{i}]")]
+    return []
 
 
 class Accepted(NamedTuple):

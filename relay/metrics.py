@@ -53,6 +53,12 @@ class Metrics:
             "relay_config_reloads_total", "Config reloads, by result", ["result"], registry=r)
         self.in_flight = Gauge(
             "relay_attempts_in_flight", "Delivery attempts under way", registry=r)
+        self.task_restarts = Counter(
+            "relay_task_restarts_total", "Long-lived tasks restarted after a failure",
+            ["task"], registry=r)
+
+    def count_restart(self, task: str) -> None:
+        self.task_restarts.labels(task).inc()
 
     def mint_counter(self, destination: str) -> Callable[[], None]:
         """A destination's "JWT minted" callback; its series appears with its first token."""

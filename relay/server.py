@@ -47,6 +47,10 @@ class DispatchView(Protocol):
         """Each destination host: its health snapshot, ``destinations`` and ``in_flight``."""
         ...
 
+    def not_ready(self) -> str | None:
+        """Why delivery does not work now (a task restarting, dispatching paused), or None."""
+        ...
+
 
 class _Warned:
     """When the last "spool full" warning was logged (one per 10 s; the metric counts all)."""
@@ -319,6 +323,9 @@ async def readyz(request: web.Request) -> web.Response:
         return error(503, "the spool is not open")
     if not spool.writable:
         return error(503, "the spool writer is restarting")
+    dispatcher = request.app[DISPATCHER]
+    if dispatcher is not None and (why := dispatcher.not_ready()) is not None:
+        return error(503, why)
     return web.json_response({"status": "ready"})
 
 

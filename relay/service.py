@@ -19,11 +19,13 @@ from aiohttp import web
 from relay import __version__
 from relay.destinations import Loaded, load
 from relay.dispatch import Dispatcher
+from relay.errors import SpoolError
 from relay.logs import MASK, config_secrets
 from relay.metrics import Metrics
 from relay.reload import ConfigWatcher
 from relay.server import STATE, apply_config, create_app
 from relay.spool import Spool
+from relay.supervise import Supervisor
 
 log = logging.getLogger("relay")
 
@@ -47,7 +49,9 @@ async def run(loaded: Loaded, *, metrics: Metrics | None = None,
     spool = Spool(config.spool.path, max_events=config.spool.max_events,
                   dedupe_window=config.spool.dedupe_window)
     await spool.open()
-    dispatcher = Dispatcher(config, spool, destinations=loaded.destinations, metrics=metrics)
+    supervisor = Supervisor(metrics.count_restart)
+    dispatcher = Dispatcher(config, spool, destinations=loaded.destinations, metrics=metrics,
+                            supervisor=supervisor)
     await dispatcher.start()
     app = create_app(config, spool, dispatcher, metrics, loaded.destinations)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=config.server.drain_timeout,
@@ -71,8 +75,8 @@ async def run(loaded: Loaded, *, metrics: Metrics | None = None,
     log.info("relay %s listening on http://%s:%s (spool %s, %d destinations)",
              __version__, _host(bound[0]), bound[1], config.spool.path, len(config.destinations))
 
-    background: list[asyncio.Task[Any]] = [
-        asyncio.create_task(_prune_forever(spool, config.spool.retention))]
+    supervisor.spawn("prune", lambda: _prune_forever(spool, config.spool.retention))
+    background: list[asyncio.Task[Any]] = []
     if config_path is not None:
         def apply(new: Loaded) -> None:
             apply_config(app, new.config, new.destinations)
@@ -83,7 +87,7 @@ async def run(loaded: Loaded, *, metrics: Metrics | None = None,
             config_path, config, apply,
             on_result=lambda ok: metrics.config_reloads.labels("success" if ok else "failure").inc(),
             load=lambda path: load(path, on_mint=metrics.mint_counter))
-        background.append(asyncio.create_task(watcher.watch()))
+        supervisor.spawn("reload", watcher.watch)
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(signal.SIGHUP, lambda: background.append(
                 asyncio.create_task(watcher.reload("SIGHUP"))))
@@ -99,6 +103,7 @@ async def run(loaded: Loaded, *, metrics: Metrics | None = None,
         await asyncio.gather(*background, return_exceptions=True)
         await runner.cleanup()
         await dispatcher.stop(config.server.drain_timeout)
+        await supervisor.stop()
         await spool.close()
         log.info("stopped")
 
@@ -108,8 +113,8 @@ async def _prune_forever(spool: Spool, retention: float) -> None:
         try:
             while (pruned := await spool.prune(retention)) > 0:
                 log.info("pruned %d finished events older than spool.retention", pruned)
-        except Exception:
-            log.exception("pruning the spool failed; will try again")
+        except SpoolError as exc:  # the spool is busy or restarting: next round
+            log.warning("pruning the spool failed (%s); will try again", exc)
         await asyncio.sleep(PRUNE_EVERY)
 
 

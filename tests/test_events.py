@@ -8,7 +8,7 @@ import pytest
 
 from relay.config import parse_config
 from relay.errors import InvalidEvent
-from relay.events import accept, load_event, parse_events
+from relay.events import MAX_PROBLEMS, accept, load_event, parse_events
 from relay.routing import Router
 from tests.helpers import destinations, event
 
@@ -181,3 +181,33 @@ def test_accept_body_splices_or_reencodes_to_one_valid_object(body: bytes) -> No
         assert stored.id == accepted.id and stored.request_id and stored.occurred_at
         assert stored.message_id == original.message_id
         assert stored.attributes == original.attributes
+
+
+@pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity", "1e999", "-1e999"])
+def test_non_finite_numbers_are_refused_with_their_path(number: str) -> None:
+    """NaN, Infinity and floats too large to be finite are not JSON: 400 at their path."""
+    body = ('[{"id":"a","channel":"sms","status":"sent","message_id":"m",'
+            f'"attributes":{{"ok":1.5,"deep":[1,{{"x":{number}}}]}}}}]').encode()
+    assert "finite" in paths(body)["[0].attributes.deep[1].x"]
+
+
+def test_an_oversized_batch_is_refused_before_its_events_are_checked() -> None:
+    """349,524 empty objects: one problem (the batch size), not a million missing fields."""
+    found = paths(b"[" + b",".join([b"{}"] * 349_524) + b"]")
+    assert list(found) == [""] and "at most 500 events" in found[""]
+
+
+def test_problems_are_capped_with_a_count_of_the_rest() -> None:
+    """A batch of 500 broken events lists at most 20 problems and says how many more."""
+    with pytest.raises(InvalidEvent) as info:
+        parse_events(json.dumps([{}] * 500).encode(), 500)
+    problems = info.value.problems
+    assert len(problems) == MAX_PROBLEMS + 1
+    assert problems[-1] == ("", f"... and {500 * 3 - MAX_PROBLEMS} more problems")
+
+
+def test_deeply_nested_json_is_a_400_not_a_crash() -> None:
+    """Nesting past the parser's recursion limit is invalid JSON, named as such."""
+    deep = b'{"channel":"sms","status":"sent","message_id":"m","attributes":' + \
+        b'{"a":' * 100_000 + b"1" + b"}" * 100_001
+    assert "recursion limit" in paths(deep)[""]
