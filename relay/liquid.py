@@ -34,7 +34,7 @@ import json
 import math
 import re
 from collections.abc import Iterable, Iterator, Mapping
-from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
+from decimal import ROUND_HALF_UP, Decimal
 from typing import Any, ClassVar, TextIO
 from urllib.parse import quote
 
@@ -93,7 +93,6 @@ class _RubyTokenStream(TokenStream):
 
 _RUBY_ESCAPES = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\t": "\\t", "\r": "\\r", "\f": "\\f",
                  "\v": "\\v", "\b": "\\b", "\a": "\\a", "\x1b": "\\e"}
-_RUBY_INTERPOLATION = re.compile(r"#(?=[{$@])")
 
 
 def _ruby_float(value: float) -> str:
@@ -122,8 +121,10 @@ def _ruby_inspect(value: object) -> str:
         return str(value)
     if isinstance(value, str):
         out = []
-        for char in _RUBY_INTERPOLATION.sub("\\#", value):
-            if char in _RUBY_ESCAPES:
+        for i, char in enumerate(value):
+            if char == "#" and value[i + 1:i + 2] in ("{", "$", "@"):
+                out.append("\\#")
+            elif char in _RUBY_ESCAPES:
                 out.append(_RUBY_ESCAPES[char])
             elif ord(char) < 0x20 or ord(char) == 0x7F:
                 out.append(f"\\u{ord(char):04X}" if ord(char) != 0x7F else "\\x7F")
@@ -340,10 +341,10 @@ def _unknown_filters(template: BoundTemplate, source: str) -> list[str]:
     for name, spans in sorted(template.analyze(include_partials=False).filters.items()):
         if name in ENV.filters:
             continue
-        line, col = spans[0].line_col(source) if source else (1, 1)
+        line, col = spans[0].line_col(source)
         why = ("is python-liquid only, not Braze/Ruby Liquid" if name in REJECTED_FILTERS
                else "is not a known filter")
-        problems.append(f"filter {name!r} (line {line}, column {col}) {why}")
+        problems.append(f"filter {name!r} (line {line}, column {col + 1}) {why}")
     return problems
 
 
