@@ -39,15 +39,16 @@ from typing import Any, ClassVar, TextIO
 from urllib.parse import quote
 
 from liquid import BoundTemplate, Environment, RenderContext
-from liquid.ast import Node
+from liquid.ast import BlockNode, Node
 from liquid.builtin.expressions import tokenize as _liquid_tokenize
 from liquid.builtin.output import Output, OutputNode
 from liquid.builtin.tags.echo_tag import EchoNode, EchoTag
+from liquid.builtin.tags.liquid_tag import LiquidTag
 from liquid.exceptions import LiquidError, LiquidSyntaxError
 from liquid.filter import math_filter, num_arg
 from liquid.parser import get_parser
 from liquid.stream import TokenStream
-from liquid.token import TOKEN_DOT, TOKEN_EXPRESSION, TOKEN_OUTPUT, TOKEN_WORD, Token
+from liquid.token import TOKEN_DOT, TOKEN_EXPRESSION, TOKEN_OUTPUT, TOKEN_TAG, TOKEN_WORD, Token
 from liquid.undefined import Undefined, is_undefined
 
 __all__ = ["ENV", "REJECTED_FILTERS", "REJECTED_TAGS", "LiquidError", "RelayEnvironment", "parse",
@@ -188,6 +189,19 @@ class _Echo(EchoTag):
     node_class = _RubyEchoNode
 
 
+class _Liquid(LiquidTag):
+    """``{% liquid %}`` whose lines are read with the same Ruby token rules as everything else."""
+
+    def parse(self, stream: TokenStream) -> Node:
+        token = stream.eat(TOKEN_TAG)
+        if stream.current.kind != TOKEN_EXPRESSION:  # an empty {% liquid %} renders nothing
+            return self.node_class(token, None, block=BlockNode(token, []))
+        expression = stream.current
+        inner = _RubyTokenStream(self._tokenize(expression.value, token=expression),
+                                 block_depth_carry=stream.block_depth)
+        return self.node_class(token, expression, block=get_parser(self.env).parse_block(inner, end=()))
+
+
 # --- filters ----------------------------------------------------------------------------------
 
 @math_filter
@@ -302,6 +316,7 @@ class RelayEnvironment(Environment):
         super().setup_tags_and_filters(extra=False)
         self.add_tag(_Output)
         self.add_tag(_Echo)
+        self.add_tag(_Liquid)
         for name in REJECTED_TAGS:
             self.tags.pop(name, None)
         for name in REJECTED_FILTERS:
