@@ -195,6 +195,7 @@ class _Liquid(LiquidTag):
     def parse(self, stream: TokenStream) -> Node:
         token = stream.eat(TOKEN_TAG)
         if stream.current.kind != TOKEN_EXPRESSION:  # an empty {% liquid %} renders nothing
+            stream.pos -= 1  # the parser steps past the tag's last token: here the tag itself
             return self.node_class(token, None, block=BlockNode(token, []))
         expression = stream.current
         inner = _RubyTokenStream(self._tokenize(expression.value, token=expression),
