@@ -64,10 +64,11 @@ REJECTED_FILTERS = frozenset({
     # python-liquid only (not in Ruby Liquid 5.4 nor Braze): rendering them would differ from Braze.
     "escapejs", "safe", "squish", "find", "find_index", "has", "reject", "sum",
 })
-REJECTED_TAGS = frozenset({
-    "doc",                # python-liquid only
-    "include", "render",  # partials: Braze has none, and the relay has no template files
-})
+REJECTED_TAGS = {
+    "doc": "is python-liquid only, not Braze/Ruby Liquid",
+    "include": "is not supported: Braze has no partials, the relay no template files",
+    "render": "is not supported: Braze has no partials, the relay no template files",
+}
 
 
 def _tokenize(source: str, parent_token: Token) -> Iterator[Token]:
@@ -348,7 +349,11 @@ def template_problems(source: str) -> list[str]:
     try:
         template = ENV.from_string(source)
     except LiquidError as exc:
-        return [_first_line(exc)]
+        message = _first_line(exc)
+        for tag, why in REJECTED_TAGS.items():
+            if message in (f"unexpected tag '{tag}'", f"expected tag, found {tag}"):
+                return [f"tag {tag!r} {why}"]
+        return [message]
     return _unknown_filters(template, source)
 
 
