@@ -111,7 +111,11 @@ def test_sigkill_under_load_loses_nothing(tmp_path: Path, capsys: Any) -> None:
                 for cycle in range(4):
                     receiver.set_default([Answer(200, delay=0.2), Answer(503),
                                           Answer(200, delay=0.02)][cycle % 3])
-                    time.sleep(rng.uniform(1.0, 3.0))
+                    # enough load before each kill for the test to mean something, then a
+                    # random moment (was: a random 1-3 s, too little load on a slow machine)
+                    eventually(lambda: len(senders.acked), lambda n, want=60 * (cycle + 1): n >= want,
+                               timeout=60, what="60 more acknowledged events this cycle")
+                    time.sleep(rng.uniform(0.0, 2.0))
                     relay.kill(signal.SIGKILL)
                     time.sleep(rng.uniform(0.0, 0.3))
                     relay.start()
