@@ -202,16 +202,19 @@ async def test_killed_writer_fails_waiting_jobs_and_is_replaced(tmp_path: Path) 
         assert all(isinstance(r, list | SpoolError) for r in results), results
         assert any(isinstance(r, SpoolError) for r in results)   # the kill hit waiting jobs
         assert not spool.writable                                # readyz says 503 meanwhile
+
         async def answers() -> bool:
             try:
                 await spool.stats()
             except SpoolError as exc:
                 assert "writer" in str(exc)
                 return False
-            return True
+            # a job queued while the new writer starts can be answered just before open()
+            # marks it up: wait for both
+            return spool.writable
 
-        await async_eventually(answers, what="a new spool writer to answer", timeout=10,
-                               interval=0.05)
+        await async_eventually(answers, what="a new spool writer to answer and be writable",
+                               timeout=10, interval=0.05)
         assert spool._proc is not None and spool._proc.pid != old
         assert spool.writable
         for i, result in enumerate(results):   # the senders retry; acknowledged ones are kept
