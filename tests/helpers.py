@@ -100,7 +100,8 @@ def write_config(tmp_path: Path, **sections: Any) -> Path:
     config: dict[str, Any] = {
         "server": {"listen": f"127.0.0.1:{port}"},
         "spool": {"path": str(tmp_path / "spool.db")},
-        "delivery": {"allowed_ports": [80, 443, 9]},
+        # the test receivers listen on loopback: an internal network, refused unless listed
+        "delivery": {"allowed_ports": [80, 443, 9], "allowed_networks": ["127.0.0.0/8"]},
         "destinations": destinations(),
     }
     for key, value in sections.items():

@@ -113,6 +113,7 @@ def receiver_config(receiver: Receiver, **overrides: Any) -> dict[str, Any]:
     url = receiver.url
     return {
         "delivery": {"allowed_ports": [80, 443, receiver.port], "backoff_initial": "50ms",
+                     "allowed_networks": ["127.0.0.0/8"],
                      "backoff_max": "200ms", "timeout": "2s", **overrides.pop("delivery", {})},
         "destinations": overrides.pop("destinations", None) or [
             {"name": "ajo", "format": "ajo", "url": f"{url}/ajo", "allow_insecure_http": True,
