@@ -127,8 +127,8 @@ class Store:
             self._transport, _ = await self._loop.create_unix_connection(
                 lambda: _Link(self), sock=ours)
             await asyncio.wait_for(ready, START_TIMEOUT)
-            self._up = True
         except (OSError, TimeoutError, SpoolError) as exc:
+            self._up = False   # a ready that came as the wait ran out: this writer is dropped
             if self._transport is not None:
                 self._transport.close()
                 self._transport = None
@@ -183,6 +183,8 @@ class Store:
             if future is None or future.done():  # the caller went away; the data is committed
                 continue
             if error is None:
+                if job == 0:   # ready: writable now, before any answer in the same data wakes
+                    self._up = True   # its caller (open() waits for ready a step later)
                 future.set_result(result)
             else:
                 kind, message, retry_after = error
