@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from relay.spool.records import Ingested, Receipt
 from relay.spool.store import Store
-from relay.spool.wire import IngestEvent, IngestJob
+from relay.spool.wire import IngestJob
 
 if TYPE_CHECKING:
     from relay.events import Accepted
@@ -25,8 +25,8 @@ class IngestMixin(Store):
         """
         now = self.clock()
         return Receipt(*await self._call(IngestJob(now, now - self.dedupe_window, [
-            tuple(IngestEvent(a.id, int(a.sender_id), a.received_at, a.body,
-                              [(r.destination, r.state, r.reason) for r in routes]))
+            (a.id, int(a.sender_id), a.received_at, a.body,   # an IngestEventTuple
+             [(r.destination, r.state, r.reason) for r in routes])
             for a, routes in events])))
 
     async def ingest(self, events: Sequence[tuple[Accepted, Sequence[Route]]]) -> list[Ingested]:
