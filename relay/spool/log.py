@@ -18,7 +18,8 @@ class LogMixin(Store):
     async def prune(self, retention: float) -> int:
         """Delete finished events (and their deliveries and attempts) older than ``retention``;
         at most 10,000 events per call."""
-        return await self._call(PruneJob(self.clock() - retention))
+        result: int = await self._call(PruneJob(self.clock() - retention))
+        return result
 
     async def get_delivery(self, delivery_id: str) -> DeliveryRecord | None:
         rows = await self._read(lambda conn: conn.execute(

@@ -70,15 +70,17 @@ class QueueMixin(Store):
 
         Selects by ids, or by destination and/or failure time; returns the ids replayed.
         """
-        return await self._call(ReplayJob(self.clock(), list(delivery_ids), destination,
+        result: list[str] = await self._call(ReplayJob(self.clock(), list(delivery_ids), destination,
                                           failed_since))
+        return result
 
     async def add_held(self, destinations: Sequence[str], seconds: float) -> int:
         """Credit ``seconds`` of host suspension to the retry window of every delivery of these
         destinations that has started retrying (held time must not use up retry_window)."""
         if not destinations or seconds <= 0:
             return 0
-        return await self._call(AddHeldJob(list(destinations), seconds))
+        result: int = await self._call(AddHeldJob(list(destinations), seconds))
+        return result
 
     async def pending_by_destination(self) -> dict[str, int]:
         """How many deliveries wait, per destination."""

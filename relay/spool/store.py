@@ -238,12 +238,14 @@ class Store:
     async def stats(self) -> dict[str, int]:
         """The writer's counts: ``open_events`` (events with a delivery still pending, checked
         against spool.max_events) and ``groups`` (transactions run since it started)."""
-        return await self._call(StatsJob())
+        result: dict[str, int] = await self._call(StatsJob())
+        return result
 
     async def page_limit(self, pages: int | None) -> int:
         """Let the spool file grow by at most ``pages`` more pages (None: no cap); returns its
         page count. Tests use it to make SQLite report a full disk."""
-        return await self._call(PageLimitJob(pages))
+        result: int = await self._call(PageLimitJob(pages))
+        return result
 
 
 class _Link(asyncio.Protocol):

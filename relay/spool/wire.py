@@ -154,7 +154,8 @@ def frame(message: Any) -> bytes:
 
 def split_frames(buffer: bytearray, limit: int = 1 << 30) -> list[Any]:
     """Complete frames at the start of ``buffer`` (removed from it), at most ``limit``."""
-    messages, offset = [], 0
+    messages: list[Any] = []
+    offset = 0
     while len(messages) < limit and len(buffer) - offset >= 4:
         (size,) = _HEADER.unpack_from(buffer, offset)
         if len(buffer) - offset - 4 < size:
