@@ -41,7 +41,8 @@ log = logging.getLogger("relay.dispatch")
 
 PREFETCH = 256       # due deliveries read from the spool at a time
 IDLE_RECHECK = 60.0  # wake at least this often, e.g. after a replay made by another process
-EVENT_CACHE_BYTES = 8 << 20  # parsed events kept, by the size of their stored JSON
+EVENT_CACHE_BYTES = 4 << 20  # parsed events kept, by the size of their stored JSON
+INFLIGHT_BYTES = 8 << 20     # event JSON of the attempts under way (one attempt at least)
 RECORD_RETRY_MAX = 30.0      # longest wait between tries to record a kept outcome
 
 
@@ -93,6 +94,7 @@ class Dispatcher:
         self._inflight: dict[int, asyncio.Task[None]] = {}
         self._ready: deque[Due] = deque()  # fetched, due, not started yet
         self._host_load: Counter[str] = Counter()
+        self._inflight_bytes = 0
         self._wake = asyncio.Event()
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
@@ -227,6 +229,10 @@ class Dispatcher:
             target = self.destinations.get(due.destination)
             if target is None:
                 continue  # its destination was removed by a reload: it stays pending
+            size = len(due.event_json)
+            if self._inflight and self._inflight_bytes + size > INFLIGHT_BYTES:
+                waiting.append(due)  # memory is bounded in bytes too: wait for a slot
+                continue
             # An event-chosen endpoint is known once the request is rendered: render it now.
             prepared = self._prepare(due, target) if target.host is None else None
             host = target.host or (prepared.host if prepared else "")
@@ -236,6 +242,7 @@ class Dispatcher:
                 waiting.append(due)  # held: not attempted, no retry used
                 continue
             self._host_load[host] += 1
+            self._inflight_bytes += size
             self._inflight[due.seq] = asyncio.create_task(self._attempt(due, target, host,
                                                                         prepared))
             started += 1
@@ -324,6 +331,7 @@ class Dispatcher:
         finally:
             self.health.abandon_probe(host, self.clock())  # no-op unless it was unjudged
             self._host_load[host] -= 1
+            self._inflight_bytes -= len(due.event_json)
             self._inflight.pop(due.seq, None)
             self._wake.set()
 

@@ -7,10 +7,12 @@ the spool its work and answers; it never waits on a destination. Anything a clie
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
 import json
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
@@ -52,6 +54,24 @@ class DispatchView(Protocol):
         ...
 
 
+class _Recent:
+    """Spool reads for /metrics and /v1/hosts, each shared for ``ttl`` seconds: whatever the
+    number of scrapers, the counts run at most once a second (on the API's reader)."""
+
+    def __init__(self, ttl: float = 1.0) -> None:
+        self.ttl = ttl
+        self._entries: dict[str, tuple[float, asyncio.Future[Any]]] = {}
+
+    async def get(self, key: str, read: Callable[[], Awaitable[Any]]) -> Any:
+        now = time.monotonic()
+        found = self._entries.get(key)
+        if found is None or now - found[0] > self.ttl or \
+                (found[1].done() and found[1].exception() is not None):
+            found = (now, asyncio.ensure_future(read()))
+            self._entries[key] = found
+        return await asyncio.shield(found[1])
+
+
 class _Warned:
     """When the last "spool full" warning was logged (one per 10 s; the metric counts all)."""
 
@@ -66,10 +86,13 @@ STATE: web.AppKey[dict[str, Any]] = web.AppKey("state", dict)
 WAKE: web.AppKey[Callable[[], None]] = web.AppKey("wake")
 DISPATCHER: web.AppKey[DispatchView | None] = web.AppKey("dispatcher")
 WARNED: web.AppKey[_Warned] = web.AppKey("warned", _Warned)
+RECENT: web.AppKey[_Recent] = web.AppKey("recent", _Recent)
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
 ACCESS: web.AppKey[tuple[Any, ...]] = web.AppKey("access", tuple)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+MAX_INT = 2**63       # SQLite's and PostgreSQL's integers: no number from a client beyond
+MAX_REPLAY_IDS = 10_000
 
 
 def create_app(config: Config, spool: Spool, dispatcher: DispatchView | None = None,
@@ -90,6 +113,7 @@ def create_app(config: Config, spool: Spool, dispatcher: DispatchView | None = N
     app[WAKE] = dispatcher.wake if dispatcher is not None else (lambda: None)
     app[DISPATCHER] = dispatcher
     app[WARNED] = _Warned()
+    app[RECENT] = _Recent()
     app.router.add_post("/v1/events", post_events)
     app.router.add_get("/v1/deliveries", list_deliveries)
     app.router.add_post("/v1/deliveries/retry", retry_many)
@@ -139,10 +163,15 @@ async def post_events(request: web.Request) -> web.Response:
         metrics.events_rejected.labels("too_large").inc()
         return error(413, too_large)
     try:
-        body = await request.read()
+        async with asyncio.timeout(config.server.read_timeout):
+            body = await request.read()
     except web.HTTPRequestEntityTooLarge:
         metrics.events_rejected.labels("too_large").inc()
         return error(413, too_large)
+    except TimeoutError:
+        metrics.events_rejected.labels("timeout").inc()
+        return error(408, f"the body did not arrive within server.read_timeout "
+                          f"({config.server.read_timeout:g}s)", headers={"Connection": "close"})
     try:
         events, _ = parse_events(body, config.server.max_batch)
     except InvalidEvent as exc:
@@ -195,7 +224,9 @@ async def list_deliveries(request: web.Request) -> web.Response:
     except ValueError:
         return error(400, "limit and next must be whole numbers")
     if not 1 <= limit <= 1000:
-        return error(400, f"limit must be between 1 and 1000 (got {limit})")
+        return error(400, "limit must be between 1 and 1000")
+    if not 0 <= after < MAX_INT:
+        return error(400, "next must be a cursor from a previous answer (0 <= next < 2**63)")
     records = await request.app[SPOOL].list_deliveries(
         state=state, destination=query.get("destination") or None, after=after, limit=limit)
     next_cursor = str(records[-1].seq) if len(records) == limit else None
@@ -230,7 +261,7 @@ async def list_hosts(request: web.Request) -> web.Response:
     dispatcher = request.app[DISPATCHER]
     if dispatcher is None:
         return web.json_response({"hosts": []})
-    queued = await request.app[SPOOL].pending_by_destination()
+    queued = await request.app[RECENT].get("queued", request.app[SPOOL].pending_by_destination)
     hosts = []
     for entry in dispatcher.hosts(time.time()):
         if entry["suspended_until"] is not None:
@@ -259,8 +290,8 @@ async def retry_one(request: web.Request) -> web.Response:
 async def retry_many(request: web.Request) -> web.Response:
     """Replay failed deliveries by ``delivery_ids``, ``destination`` and/or ``failed_since``."""
     try:
-        body = await request.json() if request.can_read_body else {}
-    except ValueError:
+        body = json.loads(await request.read() or b"{}") if request.can_read_body else {}
+    except (ValueError, RecursionError):
         return error(400, "the body must be a JSON object")
     if not isinstance(body, dict) or set(body) - {"delivery_ids", "destination", "failed_since"}:
         return error(400, "expected {\"delivery_ids\": [...], \"destination\": ..., "
@@ -270,11 +301,14 @@ async def retry_many(request: web.Request) -> web.Response:
     if not (ids or destination or since is not None):
         return error(400, "say which failed deliveries to replay: delivery_ids, destination "
                           "or failed_since (use failed_since: 0 for all)")
-    if not (isinstance(ids, list) and all(isinstance(i, str) for i in ids)) \
-            or not (destination is None or isinstance(destination, str)) \
-            or not (since is None or isinstance(since, int | float)):
-        return error(400, "delivery_ids is a list of strings, destination a string, "
-                          "failed_since a number")
+    if not (isinstance(ids, list) and len(ids) <= MAX_REPLAY_IDS
+            and all(isinstance(i, str) and len(i) <= 256 for i in ids)):
+        return error(400, f"delivery_ids must be a list of at most {MAX_REPLAY_IDS} ids")
+    if not (destination is None or (isinstance(destination, str) and len(destination) <= 256)):
+        return error(400, "destination must be a destination name")
+    if not (since is None or (isinstance(since, int | float) and not isinstance(since, bool)
+            and math.isfinite(since) and 0 <= since < MAX_INT)):
+        return error(400, "failed_since must be unix seconds (a number, 0 for all)")
     replayed = await request.app[SPOOL].replay(delivery_ids=ids, destination=destination,
                                                failed_since=since)
     if replayed:
@@ -301,10 +335,11 @@ async def healthz(request: web.Request) -> web.Response:
 async def metrics_endpoint(request: web.Request) -> web.Response:
     """Prometheus text format; spool and host gauges are refreshed for this scrape."""
     metrics, spool = request.app[METRICS], request.app[SPOOL]
-    counts = await spool.counts()
+    recent = request.app[RECENT]
+    counts = await recent.get("counts", spool.counts)
     for state in DELIVERY_STATES:
         metrics.spool_deliveries.labels(state).set(counts.get(state, 0))
-    oldest = await spool.oldest_due(time.time())
+    oldest = await recent.get("oldest", lambda: spool.oldest_due(time.time()))
     metrics.oldest_due_age.set(max(0.0, time.time() - oldest) if oldest is not None else 0.0)
     dispatcher = request.app[DISPATCHER]
     if dispatcher is not None:
@@ -329,6 +364,54 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ready"})
 
 
+# -- connections ----------------------------------------------------------------------------
+
+_BUSY_BODY = b'{"error":"the relay has server.max_connections connections open; retry shortly"}'
+_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+         b"Retry-After: 1\r\nConnection: close\r\nContent-Length: "
+         + str(len(_BUSY_BODY)).encode() + b"\r\n\r\n" + _BUSY_BODY)
+
+
+class _Busy(asyncio.Protocol):
+    """A connection over server.max_connections: answered 503 at once and closed."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        transport.write(_BUSY)
+        transport.close()
+
+
+class _Capped:
+    """aiohttp's protocol factory, handing out at most ``limit`` live connections."""
+
+    def __init__(self, server: web.Server, limit: int) -> None:
+        self._server, self._limit = server, limit
+
+    def __call__(self) -> asyncio.Protocol:
+        if len(self._server.connections) >= self._limit:
+            return _Busy()
+        return self._server()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._server, name)
+
+
+class Runner(web.AppRunner):
+    """The app's runner with the relay's connection bounds: at most server.max_connections
+    open (more are answered 503 and closed), and server.read_timeout for a connection that
+    sends no complete request (idle, or headers half sent) and between kept-alive requests.
+    A request's body gets the same time (see post_events)."""
+
+    def __init__(self, app: web.Application, config: Config, **kwargs: Any) -> None:
+        super().__init__(app, access_log=None, handle_signals=False,
+                         keepalive_timeout=config.server.read_timeout, **kwargs)
+        self._limit = config.server.max_connections
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        return _Capped(server, self._limit)  # type: ignore[return-value]
+
+
 # -- middlewares ----------------------------------------------------------------------------
 
 
@@ -347,7 +430,9 @@ async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
             return error(403, "this client address is not in server.allow_cidrs")
     if token is not None and request.path.startswith("/v1/"):
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token):
+        # A header with non-ASCII bytes (aiohttp keeps them as surrogates) is simply wrong.
+        if scheme.lower() != "bearer" or not given.isascii() \
+                or not hmac.compare_digest(given.strip().encode(), token):
             request.app[METRICS].events_rejected.labels("unauthorized").inc()
             return error(401, "missing or wrong Authorization: Bearer token",
                          headers={"WWW-Authenticate": 'Bearer realm="relay"'})

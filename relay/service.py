@@ -11,19 +11,21 @@ import asyncio
 import contextlib
 import gc
 import logging
+import resource
 import signal
 from typing import Any
 
 from aiohttp import web
 
 from relay import __version__
+from relay.config import Config
 from relay.destinations import Loaded, load
 from relay.dispatch import Dispatcher
 from relay.errors import SpoolError
 from relay.logs import MASK, config_secrets
 from relay.metrics import Metrics
 from relay.reload import ConfigWatcher
-from relay.server import STATE, apply_config, create_app
+from relay.server import STATE, Runner, apply_config, create_app
 from relay.spool import Spool
 from relay.supervise import Supervisor
 
@@ -54,8 +56,8 @@ async def run(loaded: Loaded, *, metrics: Metrics | None = None,
                             supervisor=supervisor)
     await dispatcher.start()
     app = create_app(config, spool, dispatcher, metrics, loaded.destinations)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=config.server.drain_timeout,
-                           handle_signals=False)
+    _raise_open_files(config)
+    runner = Runner(app, config, shutdown_timeout=config.server.drain_timeout)
     await runner.setup()
     host, port = config.server.host_port
     site = web.TCPSite(runner, host, port, backlog=1024, reuse_address=True)
@@ -116,6 +118,20 @@ async def _prune_forever(spool: Spool, retention: float) -> None:
         except SpoolError as exc:  # the spool is busy or restarting: next round
             log.warning("pruning the spool failed (%s); will try again", exc)
         await asyncio.sleep(PRUNE_EVERY)
+
+
+def _raise_open_files(config: Config) -> None:
+    """Let the process hold server.max_connections connections plus its own files: the soft
+    open-files limit (often 1,024) is raised toward the hard one."""
+    need = config.server.max_connections + config.delivery.concurrency + 128
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < need:
+        target = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        if target < need:
+            log.warning("open-files limit %d is below server.max_connections + delivery."
+                        "concurrency + 128 = %d: raise it (ulimit -n) or lower them", target, need)
 
 
 def _host(host: str) -> str:

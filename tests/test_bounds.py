@@ -119,8 +119,6 @@ def _timed_post(url: str, body: bytes) -> tuple[float, int, Any]:
 # -- (a) an invalid batch costs what its size costs ----------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14: the batch length is checked after every "
-                                       "element is validated and all their errors collected")
 def test_invalid_max_size_batch_is_refused_cheaply(relay: Callable[..., RelayProcess]) -> None:
     """A max-size `[{},{},...]` batch gets a 400 with at most 20 details plus a count of the
     rest, the relay grows by less than 100 MB, and the answer takes at most 4x as long as a
@@ -155,8 +153,6 @@ def test_invalid_max_size_batch_is_refused_cheaply(relay: Callable[..., RelayPro
 # -- (b) numbers JSON cannot carry are refused ----------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14: NaN, Infinity and 1e999 are accepted in "
-                                       "attributes")
 @pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity", "1e999"])
 def test_non_finite_numbers_in_attributes_are_refused(relay: Callable[..., RelayProcess],
                                                       literal: str) -> None:
@@ -183,15 +179,8 @@ HOSTILE: list[tuple[str, str, str, bytes | None]] = [
     ("limit=10**30", "GET", f"/v1/deliveries?limit={10**30}", None),
     ("JSON nested 100000 deep", "POST", "/v1/deliveries/retry", _deep_json(100_000)),
 ]
-KNOWN_5XX = {"failed_since 2**70": "kills the spool writer",
-             "next=10**30": "sqlite OverflowError is a 500",
-             "JSON nested 100000 deep": "RecursionError is a 500"}
-
-
-@pytest.mark.parametrize(("name", "method", "path", "body"), [
-    pytest.param(*case, id=case[0], marks=[pytest.mark.xfail(
-        strict=True, reason=f"issue 14: {KNOWN_5XX[case[0]]}")] if case[0] in KNOWN_5XX else [])
-    for case in HOSTILE])
+@pytest.mark.parametrize(("name", "method", "path", "body"),
+                         [pytest.param(*case, id=case[0]) for case in HOSTILE])
 def test_hostile_api_input_is_a_client_error(relay: Callable[..., RelayProcess], name: str,
                                              method: str, path: str, body: bytes | None) -> None:
     """Out-of-range numbers and deeply nested JSON get a 4xx, and the spool writer lives on."""
@@ -210,7 +199,6 @@ def _writer_or_none(proc: RelayProcess) -> int | None:
         return None
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14: a non-ASCII Authorization header is a 500")
 @pytest.mark.parametrize("method", ["POST /v1/events", "GET /v1/deliveries"])
 def test_non_ascii_authorization_is_a_401(relay: Callable[..., RelayProcess],
                                           method: str) -> None:
@@ -228,8 +216,6 @@ def test_non_ascii_authorization_is_a_401(relay: Callable[..., RelayProcess],
 # -- (d) idle connections are closed and do not shut others out -----------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14: no server.read_timeout; idle and half-sent "
-                                       "connections stay open")
 def test_idle_connections_are_closed_after_read_timeout(
         relay: Callable[..., RelayProcess]) -> None:
     """With 1000 idle connections open a normal POST still gets its 202, and the server closes
@@ -286,8 +272,6 @@ def _big_events(count: int) -> list[bytes]:
     return [template.replace(b'"big-000"', b'"big-%03d"' % i, 1) for i in range(count)]
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14: the parsed-event cache and the due-row "
-                                       "prefetch are bounded by count, not bytes")
 def test_big_pending_events_across_a_restart_stay_small(tmp_path: Path) -> None:
     """100 pending 1 MiB events, delivered after a restart, keep relay + writer under 200 MB."""
     with Receiver(default=Answer(delay=30)) as receiver:

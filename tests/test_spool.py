@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -253,3 +254,39 @@ async def test_writer_that_does_not_answer_is_stopped(tmp_path: Path,
         assert (await first.stats())["groups"] >= 0
     finally:
         await first.close()
+
+
+async def test_a_schema_1_spool_is_migrated_with_its_pending_work(tmp_path: Path) -> None:
+    """A spool file written by the previous schema opens, keeps its pending deliveries, and
+    they come back due with their event (sizes filled in by the migration)."""
+    path = tmp_path / "old.db"
+    spool = Spool(path)
+    await spool.open()
+    (ingested,) = await spool.ingest([item(1)])
+    await spool.close()
+    conn = sqlite3.connect(path)  # make it a schema-1 file again: no size column
+    conn.executescript("ALTER TABLE events DROP COLUMN size; PRAGMA user_version=1;")
+    conn.close()
+    spool = Spool(path)
+    await spool.open()
+    try:
+        due = await spool.due(time.time() + 60, 10, ["a", "b"])
+        assert {d.delivery_id for d in due} == {d[1] for d in ingested.deliveries}
+        assert all('"id":"e1"' in d.event_json for d in due)
+        conn = sqlite3.connect(path)
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert conn.execute("SELECT size FROM events").fetchone()[0] > 0
+        conn.close()
+    finally:
+        await spool.close()
+
+
+async def test_a_due_batch_is_bounded_by_the_size_of_its_events(spool: Spool) -> None:
+    """Due rows come back within the byte budget (always at least one), oldest first."""
+    big = [accept(Event(id=f"big{i}", channel="email", status="sent", message_id=f"m{i}",
+                        attributes={"blob": "x" * 10_000}), 1000.0) for i in range(6)]
+    await spool.ingest([(a, (Route("a", "pending"),)) for a in big])
+    first = await spool.due(2000.0, 100, ["a"], budget=25_000)
+    assert [d.event_json for d in first] == [a.body for a in big[:3]]  # 3 x 10 KB fit, not 4
+    alone = await spool.due(2000.0, 100, ["a"], budget=1)
+    assert len(alone) == 1 and alone[0].event_json == big[0].body

@@ -64,6 +64,9 @@ class ServerConfig(_Model):
     max_body_bytes: Annotated[int, Field(ge=1024)] = 1_048_576
     max_batch: Annotated[int, Field(ge=1, le=100_000)] = 500
     drain_timeout: Duration = 20.0                 # SIGTERM: time given to in-flight work
+    max_connections: Annotated[int, Field(ge=1, le=1_000_000)] = 1024  # more: 503 at once
+    read_timeout: PositiveDuration = 30.0          # for a request's headers and body, and
+                                                   # the idle time of a kept-alive connection
     allow_cidrs: tuple[str, ...] = ()              # empty = any client address
     log_level: Literal["debug", "info", "warning", "error"] = "info"   # or RELAY_LOG_LEVEL
     log_format: Literal["auto", "json", "text"] = "auto"  # auto: text on a terminal, else json

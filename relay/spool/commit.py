@@ -171,7 +171,8 @@ class Writer:
                 pending = sum(1 for _, state, _ in routes if state == "pending")
                 new_open += pending > 0
                 listing = pack(created)
-                job_events.append((seq, event_id, sender_id, received_at, pending, listing, body))
+                job_events.append((seq, event_id, sender_id, received_at, pending, listing, body,
+                                   len(body)))
                 job_deliveries += [
                     (did, seq, dest, state, now, now, now, reason)
                     for (dest, did, state), (_, _, reason) in zip(created, routes, strict=True)]
@@ -192,7 +193,7 @@ class Writer:
             answers.append((job_id, None, ("[" + ",".join(entries) + "]", len(job_events),
                                            len(entries) - len(job_events), skipped, new_open > 0)))
         run_chunked(self.conn, "INSERT INTO events(seq, id, sender_id, received_at, pending, "
-                               "deliveries, body) {values}", 7, event_rows)
+                               "deliveries, body, size) {values}", 8, event_rows)
         run_chunked(self.conn, "INSERT INTO deliveries(delivery_id, event_seq, destination, state, "
                                "not_before, created_at, updated_at, reason) {values}", 8,
                     delivery_rows)

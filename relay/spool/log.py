@@ -23,7 +23,7 @@ class LogMixin(Store):
 
     async def get_delivery(self, delivery_id: str) -> DeliveryRecord | None:
         rows = await self._read(lambda conn: conn.execute(
-            _SELECT_DELIVERY + " WHERE d.delivery_id = ?", (delivery_id,)).fetchall())
+            _SELECT_DELIVERY + " WHERE d.delivery_id = ?", (delivery_id,)).fetchall(), lane="api")
         return DeliveryRecord(*rows[0]) if rows else None
 
     async def list_deliveries(
@@ -38,7 +38,7 @@ class LogMixin(Store):
         clause, args = where(("d.seq > ?", after), ("d.state = ?", state),
                              ("d.destination = ?", destination))
         sql = f"{_SELECT_DELIVERY} WHERE {clause} ORDER BY d.seq LIMIT ?"
-        rows = await self._read(lambda conn: conn.execute(sql, (*args, limit)).fetchall())
+        rows = await self._read(lambda conn: conn.execute(sql, (*args, limit)).fetchall(), lane="api")
         return [DeliveryRecord(*row) for row in rows]
 
     async def attempts_of(self, seqs: Sequence[int]) -> dict[int, list[Attempt]]:
@@ -47,7 +47,7 @@ class LogMixin(Store):
             return {}
         sql = (f"SELECT delivery_seq, at, duration, status_code, error, excerpt FROM attempts "
                f"WHERE delivery_seq IN ({','.join('?' * len(seqs))}) ORDER BY delivery_seq, n")
-        rows = await self._read(lambda conn: conn.execute(sql, list(seqs)).fetchall())
+        rows = await self._read(lambda conn: conn.execute(sql, list(seqs)).fetchall(), lane="api")
         found: dict[int, list[Attempt]] = {}
         for seq, *fields in rows:
             found.setdefault(seq, []).append(Attempt(*fields))
@@ -57,11 +57,11 @@ class LogMixin(Store):
         """The stored event (normalised JSON) behind a delivery."""
         rows = await self._read(lambda conn: conn.execute(
             "SELECT e.body FROM deliveries d JOIN events e ON e.seq = d.event_seq "
-            "WHERE d.delivery_id = ?", (delivery_id,)).fetchall())
+            "WHERE d.delivery_id = ?", (delivery_id,)).fetchall(), lane="api")
         return rows[0][0] if rows else None
 
     async def counts(self) -> dict[str, int]:
         """Number of deliveries by state."""
         rows = await self._read(lambda conn: conn.execute(
-            "SELECT state, COUNT(*) FROM deliveries GROUP BY state").fetchall())
+            "SELECT state, COUNT(*) FROM deliveries GROUP BY state").fetchall(), lane="api")
         return {state: n for state, n in rows}

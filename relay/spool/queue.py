@@ -14,12 +14,19 @@ from relay.spool.wire import AddHeldJob, RecordJob, ReplayJob
 # lists ride in as JSON, so the statements' text never changes and they stay prepared.
 _PENDING = ("d.state = 'pending' AND d.destination IN (SELECT value FROM json_each(:destinations)) "
             "AND d.seq NOT IN (SELECT value FROM json_each(:exclude))")
+# The oldest due rows, as many as fit in :budget characters of event JSON (at least one): the
+# running total reads only the events' size column; bodies are read for the rows kept.
 _DUE = (
+    "WITH due AS (SELECT d.seq, d.delivery_id, d.destination, d.attempts, d.failures, "
+    "d.first_attempt_at, d.held, d.event_seq, d.not_before, e.size, "
+    "SUM(e.size) OVER (ORDER BY d.not_before, d.seq ROWS UNBOUNDED PRECEDING) AS upto "
+    "FROM deliveries d JOIN events e ON e.seq = d.event_seq "
+    f"WHERE {_PENDING} AND d.not_before <= :now ORDER BY d.not_before, d.seq LIMIT :limit) "
     "SELECT json_group_array(json_array(seq, delivery_id, destination, attempts, failures, "
     "first_attempt_at, held, event_seq, body)) FROM ("
-    "SELECT d.seq, d.delivery_id, d.destination, d.attempts, d.failures, d.first_attempt_at, "
-    "d.held, d.event_seq, e.body FROM deliveries d JOIN events e ON e.seq = d.event_seq "
-    f"WHERE {_PENDING} AND d.not_before <= :now ORDER BY d.not_before, d.seq LIMIT :limit)")
+    "SELECT due.*, e.body FROM due JOIN events e ON e.seq = due.event_seq "
+    "WHERE due.upto - due.size < :budget ORDER BY due.not_before, due.seq)")
+DUE_BUDGET = 8 << 20  # characters of event JSON in one due batch
 _NEXT_DUE = f"SELECT MIN(d.not_before) FROM deliveries d WHERE {_PENDING}"
 
 
@@ -29,8 +36,9 @@ def _pending_args(destinations: Sequence[str], exclude: Collection[int]) -> dict
 
 class QueueMixin(Store):
     async def due(self, now: float, limit: int, destinations: Sequence[str],
-                  exclude: Collection[int] = ()) -> list[Due]:
-        """Pending deliveries due by ``now`` for these destinations, oldest first.
+                  exclude: Collection[int] = (), budget: int = DUE_BUDGET) -> list[Due]:
+        """Pending deliveries due by ``now`` for these destinations, oldest first: at most
+        ``limit``, and no more than fit in ``budget`` characters of event JSON (one at least).
 
         The rows come back as one JSON array in one row: Python's sqlite3 releases the GIL for
         each row it steps to, and the reader thread must win it back from the busy event loop
@@ -38,7 +46,8 @@ class QueueMixin(Store):
         """
         if not destinations or limit <= 0:
             return []
-        args = {**_pending_args(destinations, exclude), "now": now, "limit": limit}
+        args = {**_pending_args(destinations, exclude), "now": now, "limit": limit,
+                "budget": budget}
         found = await self._read(lambda conn: conn.execute(_DUE, args).fetchone()[0])
         return [Due(*row) for row in json.loads(found)]
 
@@ -86,11 +95,11 @@ class QueueMixin(Store):
         """How many deliveries wait, per destination."""
         rows = await self._read(lambda conn: conn.execute(
             "SELECT destination, COUNT(*) FROM deliveries WHERE state = 'pending' "
-            "GROUP BY destination").fetchall())
+            "GROUP BY destination").fetchall(), lane="api")
         return dict(rows)
 
     async def oldest_due(self, now: float) -> float | None:
         """``not_before`` of the longest-waiting due delivery, or None when nothing is due."""
         return await self._read(lambda conn: conn.execute(
             "SELECT MIN(not_before) FROM deliveries WHERE state = 'pending' AND not_before <= ?",
-            (now,)).fetchone()[0])
+            (now,)).fetchone()[0], lane="api")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from relay.spool.wire import JobError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 SCHEMA = """
 CREATE TABLE events(
@@ -23,7 +23,8 @@ CREATE TABLE events(
     received_at REAL NOT NULL,
     pending     INTEGER NOT NULL,           -- deliveries of this event not yet finished
     deliveries  TEXT NOT NULL,              -- 'destination delivery_id state|...' as created
-    body        TEXT NOT NULL               -- the normalised event JSON
+    body        TEXT NOT NULL,              -- the normalised event JSON
+    size        INTEGER NOT NULL DEFAULT 0  -- length of body: due batches are bounded by it
 );
 CREATE INDEX events_by_sender_id ON events(id) WHERE sender_id = 1;
 CREATE INDEX events_by_time ON events(received_at);
@@ -76,7 +77,8 @@ def connect(path: str) -> sqlite3.Connection:
 
 
 def migrate(conn: sqlite3.Connection) -> None:
-    """Create the tables in a new file; refuse a file written by a newer schema."""
+    """Create the tables in a new file, bring an older file up to date (forward only, in one
+    transaction); refuse a file written by a newer schema."""
     version = conn.execute("PRAGMA user_version").fetchone()[0]
     if version == SCHEMA_VERSION:
         return
@@ -84,4 +86,15 @@ def migrate(conn: sqlite3.Connection) -> None:
         raise JobError("error", f"the spool was written by a newer relay (schema {version}, this "
                                 f"relay knows {SCHEMA_VERSION}); upgrade the relay or use another "
                                 "spool.path")
-    conn.executescript("BEGIN;" + SCHEMA + f"PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
+    if version == 0:
+        conn.executescript("BEGIN;" + SCHEMA + f"PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
+        return
+    steps = "".join(MIGRATIONS[v] for v in range(version, SCHEMA_VERSION))
+    conn.executescript("BEGIN;" + steps + f"PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
+
+
+# version -> the statements that bring a file of that version to the next one
+MIGRATIONS = {
+    1: "ALTER TABLE events ADD COLUMN size INTEGER NOT NULL DEFAULT 0;"
+       "UPDATE events SET size = length(body) WHERE pending > 0;",
+}

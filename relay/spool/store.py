@@ -67,8 +67,9 @@ class Store:
         self._closing = False
         self._up = False            # a writer said ready and has not gone away since
         self._respawn: asyncio.Task[None] | None = None
-        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-spool-read")
-        self._read_conn: sqlite3.Connection | None = None
+        # Two readers, each a thread with its own connection: the dispatcher's reads of due
+        # work never queue behind the API's listings and counts, nor those behind it.
+        self._lanes = {"work": _Reader(self.path, "work"), "api": _Reader(self.path, "api")}
 
     @property
     def writable(self) -> bool:
@@ -100,8 +101,8 @@ class Store:
                 await asyncio.wait_for(self._call(StopJob()), STOP_TIMEOUT)
             self._transport.close()
         await self._reap()
-        await self._read(self._close_reader)
-        self._reader.shutdown(wait=True)
+        for lane in self._lanes.values():
+            await lane.close()
         self._loop = None
 
     async def _start_writer(self) -> None:
@@ -217,23 +218,10 @@ class Store:
 
     # -- reads -----------------------------------------------------------------------------
 
-    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        def run() -> T:
-            if self._read_conn is None:
-                self._read_conn = connect(self.path)
-            try:
-                return fn(self._read_conn)
-            except sqlite3.Error as exc:
-                raise SpoolError(f"spool read failed: {exc}") from exc
-
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self._reader, run)
-        except JobError as exc:
-            raise SpoolError(exc.message) from exc
-
-    def _close_reader(self, conn: sqlite3.Connection) -> None:
-        conn.close()
-        self._read_conn = None
+    async def _read(self, fn: Callable[[sqlite3.Connection], T], lane: str = "work") -> T:
+        """Run ``fn`` on a reader thread: lane "work" (the dispatcher) or "api" (listings,
+        counts, metrics)."""
+        return await self._lanes[lane].run(fn)
 
     async def stats(self) -> dict[str, int]:
         """The writer's counts: ``open_events`` (events with a delivery still pending, checked
@@ -257,3 +245,35 @@ class _Link(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.store._lost()
+
+
+class _Reader:
+    """One reader thread with its own connection to the spool file (WAL: beside the writer)."""
+
+    def __init__(self, path: str, name: str) -> None:
+        self.path = path
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"relay-spool-{name}")
+        self._conn: sqlite3.Connection | None = None
+
+    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        def call() -> T:
+            if self._conn is None:
+                self._conn = connect(self.path)
+            try:
+                return fn(self._conn)
+            except sqlite3.Error as exc:
+                raise SpoolError(f"spool read failed: {exc}") from exc
+
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, call)
+        except JobError as exc:
+            raise SpoolError(exc.message) from exc
+
+    async def close(self) -> None:
+        def shut(conn: sqlite3.Connection) -> None:
+            conn.close()
+            self._conn = None
+
+        if self._conn is not None:
+            await self.run(shut)
+        self._pool.shutdown(wait=True)
