@@ -21,6 +21,9 @@ with warnings.catch_warnings():  # platformdirs warns at import when XDG_RUNTIME
     warnings.simplefilter("ignore")
     import pgserver
     from pgserver._commands import pg_ctl
+    from pgserver.utils import PostmasterInfo
+
+START_TIMEOUT = 120  # crash recovery on a loaded 2-core machine can take more than pgserver's 10 s
 
 
 class PgServer:
@@ -32,6 +35,7 @@ class PgServer:
             warnings.simplefilter("ignore")
             self.server = pgserver.get_server(pgdata, cleanup_mode="stop")
         self._names = itertools.count(1)
+        self._socket_dir = self.server.get_postmaster_info().socket_dir
 
     def dsn(self, database: str = "postgres") -> str:
         return str(self.server.get_uri(database))
@@ -53,9 +57,12 @@ class PgServer:
         pg_ctl(["-w", "-m", mode, "stop"], pgdata=self.pgdata, user=self.server.system_user)
 
     def start(self) -> None:
-        """Start the stopped server again on the same socket."""
-        with self.server._lock:
-            self.server.ensure_postgres_running()
+        """Start the stopped server again on the same socket; returns once it takes
+        connections."""
+        pg_ctl(["-w", "-t", str(START_TIMEOUT), "-o", '-h ""', "-o", f"-k {self._socket_dir}",
+                "-l", str(self.server.log), "start"],
+               pgdata=self.pgdata, user=self.server.system_user, timeout=START_TIMEOUT + 10)
+        self.server._postmaster_info = PostmasterInfo.read_from_pgdata(self.pgdata)
 
     def close(self) -> None:
         self.server.cleanup()

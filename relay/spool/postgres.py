@@ -196,7 +196,7 @@ class PostgresSpool:
     async def _reconnect(self) -> None:
         while not self._closing and self._pool is not None:
             await asyncio.sleep(PROBE_EVERY)
-            self._pool.expire_connections()  # connections from before the loss are dead
+            await self._pool.expire_connections()  # connections from before the loss are dead
             try:
                 async with self._pool.acquire(timeout=CONNECT_TIMEOUT) as conn:
                     await conn.fetchval("SELECT 1")
