@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import subprocess
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +21,7 @@ import pytest
 with warnings.catch_warnings():  # platformdirs warns at import when XDG_RUNTIME_DIR is unset
     warnings.simplefilter("ignore")
     import pgserver
-    from pgserver._commands import pg_ctl
+    from pgserver._commands import POSTGRES_BIN_PATH, pg_ctl
     from pgserver.utils import PostmasterInfo
 
 START_TIMEOUT = 120  # crash recovery on a loaded 2-core machine can take more than pgserver's 10 s
@@ -54,7 +55,13 @@ class PgServer:
     def stop(self, mode: str = "immediate") -> None:
         """Stop the server (``immediate``: as a crash, every connection cut, WAL replayed at
         start); returns once its processes are gone."""
-        pg_ctl(["-w", "-m", mode, "stop"], pgdata=self.pgdata, user=self.server.system_user)
+        try:
+            pg_ctl(["-w", "-m", mode, "stop"], pgdata=self.pgdata, user=self.server.system_user)
+        except subprocess.CalledProcessError as exc:  # pg_ctl's reason is in the test's log
+            status = subprocess.run([str(POSTGRES_BIN_PATH / "pg_ctl"), "-D", str(self.pgdata),
+                                     "status"], capture_output=True, text=True, check=False)
+            if status.returncode != 3:  # 3: not running, which is what stop is for
+                raise RuntimeError(f"cannot stop PostgreSQL: {status.stdout}") from exc
 
     def start(self) -> None:
         """Start the stopped server again on the same socket; returns once it takes
