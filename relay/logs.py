@@ -66,6 +66,8 @@ def config_secrets(config: Config) -> list[str]:
     found: list[str] = []
     if config.server.token:
         found.append(config.server.token.get_secret_value())
+    if config.spool.postgres.dsn:
+        found.append(config.spool.postgres.dsn.get_secret_value())
     for dest in config.destinations:
         auth = dest.auth
         if isinstance(auth, BearerAuth):

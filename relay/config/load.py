@@ -49,7 +49,7 @@ from relay.validation import join as _join
 from relay.validation import problems_from
 from relay.vocab import FORMAT_STATUSES
 
-SECRET_FILE_KEYS = ("token_file", "password_file", "key_file", "secret_file")
+SECRET_FILE_KEYS = ("token_file", "password_file", "key_file", "secret_file", "dsn_file")
 
 
 def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
@@ -113,6 +113,8 @@ def validate_config(
 def check_config(config: Config) -> list[tuple[str, str]]:
     """Cross-field rules that a schema alone cannot express."""
     problems: list[tuple[str, str]] = []
+    if config.spool.backend == "postgres" and config.spool.postgres.dsn is None:
+        problems.append(("spool.postgres.dsn", "required for spool.backend postgres (or dsn_file)"))
     if config.delivery.backoff_initial > config.delivery.backoff_max:
         problems.append(("delivery.backoff_initial", "must not exceed delivery.backoff_max"))
     if config.delivery.ca_file is not None:

@@ -76,8 +76,17 @@ class ServerConfig(_Model):
         return split_listen(self.listen)
 
 
+class PostgresConfig(_Model):
+    dsn: SecretStr | None = None                   # postgresql://user:password@host/db (or dsn_file)
+    schema_: Annotated[str, Field(alias="schema", min_length=1, max_length=63)] = "relay"
+    pool_size: Annotated[int, Field(ge=1, le=1000)] = 10
+    lease: PositiveDuration | None = None          # a claimed delivery's lease; default timeout + 30s
+
+
 class SpoolConfig(_Model):
+    backend: Literal["sqlite", "postgres"] = "sqlite"
     path: str = "./relay-spool.db"                 # SQLite file (WAL mode)
+    postgres: PostgresConfig = PostgresConfig()
     max_events: Annotated[int, Field(ge=1)] = 1_000_000  # events awaiting delivery; then 503
     retention: Duration = 7 * 86400.0              # finished records kept this long
     dedupe_window: Duration = 86400.0              # a repeated event id within it is a duplicate

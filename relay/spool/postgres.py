@@ -1,0 +1,520 @@
+"""The spool on PostgreSQL: the SQLite spool's guarantees on a database that outlives the pod.
+
+Same public API as ``relay.spool.Spool`` (the server, dispatcher and API cannot tell them
+apart), same receipt JSON, same delivery ids (relay.ids).
+
+Driver: asyncpg. It is an asyncio driver speaking PostgreSQL's binary protocol directly (no
+libpq, no thread pool), the fastest Python driver in every published comparison, with prepared
+statements cached per connection, and arrays bound as parameters: a whole group becomes one
+``unnest(...)`` statement, whatever its size, and the statement text never changes.
+
+Guarantees, as in the SQLite spool:
+
+* Durable on 202: ``ingest_receipt`` resolves after COMMIT (synchronous_commit as the server
+  has it; the default, on, flushes the WAL before COMMIT returns).
+* Group commit: every ingest and attempt outcome queued while the previous transaction ran goes
+  into the next one, written with set-based statements (postgres_sql.py): per group a dedupe
+  upsert, one insert of events with their deliveries, and one outcome update. Each request stays
+  all or nothing: one refused for spool.max_events adds no rows.
+* Dedupe by a unique key: ``sender_ids`` is upserted (``ON CONFLICT``), replacing a row only
+  when it is older than spool.dedupe_window, so a repeat after the window is stored again.
+* A lost database connection is not a crash: jobs fail with SpoolError (the server answers 503
+  with Retry-After), ``writable`` turns False (``/readyz`` says so), reads raise SpoolError, a
+  probe retries every ``PROBE_EVERY`` seconds, and the pool reconnects when the database returns.
+
+For several replicas on one database (issue 17), ``due()`` claims rows with ``FOR UPDATE SKIP
+LOCKED`` and a lease (``lease_owner``: this replica's id, ``RELAY_REPLICA_ID`` or
+hostname:pid; ``lease_until``), and ``record_attempt`` applies only while the lease is ours.
+``close()`` releases this replica's claims.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
+
+from relay.errors import SpoolError, SpoolFull
+from relay.ids import delivery_id_prefix, random_part
+from relay.spool import postgres_sql as sql
+from relay.spool.postgres_schema import migrate, quote_ident
+from relay.spool.records import Attempt, DeliveryRecord, Due, Ingested, Receipt
+from relay.spool.writer import pack, receipt_entry, unpack
+
+if TYPE_CHECKING:
+    from relay.events import Accepted
+    from relay.routing import Route
+
+log = logging.getLogger("relay.spool")
+
+MAX_GROUP = 512          # jobs per transaction, as in the SQLite writer
+PROBE_EVERY = 0.5        # seconds between reconnect attempts while the database is unreachable
+CONNECT_TIMEOUT = 5.0
+COMMAND_TIMEOUT = 30.0
+# SQLSTATE classes that mean "the database went away", not "this statement is wrong":
+# 08 connection exception, 57 operator intervention (shutdown), 53 insufficient resources.
+_DOWN_CLASSES = ("08", "57", "53")
+
+
+def replica_id() -> str:
+    """This replica's name in ``lease_owner``: RELAY_REPLICA_ID, else hostname:pid."""
+    return os.environ.get("RELAY_REPLICA_ID") or f"{socket.gethostname()}:{os.getpid()}"
+
+
+@dataclass(slots=True)
+class _Job:
+    kind: str                               # "ingest" | "record"
+    args: Any
+    future: asyncio.Future[Any] = field(repr=False)
+
+
+class PostgresSpool:
+    """Durable store of events and deliveries in PostgreSQL; see the module docstring."""
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        schema: str = "relay",
+        pool_size: int = 10,
+        lease: float = 120.0,
+        max_events: int = 1_000_000,
+        dedupe_window: float = 86400.0,
+        replica: str | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.dsn = dsn
+        self.schema = schema
+        self.pool_size = pool_size
+        self.lease = lease
+        self.max_events = max_events
+        self.dedupe_window = dedupe_window
+        self.replica = replica or replica_id()
+        self.clock = clock
+        self.is_open = False
+        self.groups = 0             # transactions run by the group writer since open()
+        self._pool: asyncpg.Pool | None = None
+        self._jobs: deque[_Job] = deque()
+        self._wake = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
+        self._probe: asyncio.Task[None] | None = None
+        self._closing = False
+        self._up = False
+
+    @property
+    def writable(self) -> bool:
+        """The database answers and the spool takes jobs (False while it is unreachable)."""
+        return self._up and self.is_open and not self._closing
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Connect, create or migrate the schema (one replica at a time), start the writer."""
+        self._closing = False
+        try:
+            conn = await asyncpg.connect(self.dsn, timeout=CONNECT_TIMEOUT)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            raise SpoolError(f"cannot connect to spool.postgres.dsn: {exc}") from exc
+        try:
+            await migrate(conn, self.schema)
+        except asyncpg.PostgresError as exc:
+            raise SpoolError(f"cannot migrate spool schema {self.schema!r}: {exc}") from exc
+        finally:
+            await conn.close()
+        try:
+            self._pool = await asyncpg.create_pool(
+                self.dsn, min_size=1, max_size=self.pool_size, timeout=CONNECT_TIMEOUT,
+                command_timeout=COMMAND_TIMEOUT,
+                server_settings={"search_path": quote_ident(self.schema), "jit": "off"})
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            raise SpoolError(f"cannot connect to spool.postgres.dsn: {exc}") from exc
+        self._up = True
+        self.is_open = True
+        self._writer = asyncio.create_task(self._write_forever(), name="relay-spool-pg-writer")
+
+    async def close(self) -> None:
+        """Commit every queued job, release this replica's leases, close the pool."""
+        if self._pool is None:
+            return
+        self._closing = True
+        self._wake.set()
+        if self._writer is not None:
+            await self._writer
+        for task in (self._probe,):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        with contextlib.suppress(SpoolError):
+            async with self._connection() as conn:
+                await conn.execute(sql.RELEASE, self.replica)
+        self.is_open = False
+        pool, self._pool = self._pool, None
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(pool.close(), COMMAND_TIMEOUT)
+        self._up = False
+
+    # -- connections and failures ----------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _connection(self) -> AsyncIterator[asyncpg.Connection]:
+        """A pooled connection; database errors become SpoolError, and a lost database marks
+        the spool unwritable until the probe reaches it again."""
+        if self._pool is None:
+            raise SpoolError("the spool is closed")
+        try:
+            async with self._pool.acquire(timeout=CONNECT_TIMEOUT) as conn:
+                yield conn
+        except SpoolError:
+            raise
+        except asyncpg.PostgresError as exc:
+            if (exc.sqlstate or "")[:2] in _DOWN_CLASSES:
+                self._lost(exc)
+                raise SpoolError(f"the spool database is unreachable: {exc}") from exc
+            raise SpoolError(f"spool statement failed: {exc}") from exc
+        except (OSError, asyncpg.InterfaceError, TimeoutError) as exc:
+            self._lost(exc)
+            raise SpoolError(f"the spool database is unreachable: {exc or type(exc).__name__}") from exc
+
+    def _lost(self, exc: BaseException) -> None:
+        if self._up:
+            log.error("the spool database is unreachable (%s); ingest answers 503 until it returns",
+                      exc or type(exc).__name__)
+        self._up = False
+        if (self._probe is None or self._probe.done()) and not self._closing:
+            self._probe = asyncio.create_task(self._reconnect(), name="relay-spool-pg-probe")
+
+    async def _reconnect(self) -> None:
+        while not self._closing and self._pool is not None:
+            await asyncio.sleep(PROBE_EVERY)
+            await self._pool.expire_connections()  # connections from before the loss are dead
+            try:
+                async with self._pool.acquire(timeout=CONNECT_TIMEOUT) as conn:
+                    await conn.fetchval("SELECT 1")
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+                continue
+            self._up = True
+            log.warning("the spool database is reachable again")
+            return
+
+    def _check_writable(self) -> None:
+        if self._pool is None or self._closing:
+            raise SpoolError("the spool is closed")
+        if not self._up:
+            raise SpoolError("the spool database is unreachable")
+
+    async def _fetch(self, query: str, *args: Any) -> list[Any]:
+        async with self._connection() as conn:
+            return list(await conn.fetch(query, *args))
+
+    async def _fetchval(self, query: str, *args: Any) -> Any:
+        async with self._connection() as conn:
+            return await conn.fetchval(query, *args)
+
+    # -- group commit ----------------------------------------------------------------------
+
+    def _submit(self, kind: str, args: Any) -> asyncio.Future[Any]:
+        self._check_writable()
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._jobs.append(_Job(kind, args, future))
+        self._wake.set()
+        return future
+
+    async def _write_forever(self) -> None:
+        """Take every job queued while the previous group ran; run them in one transaction."""
+        while True:
+            if not self._jobs:
+                if self._closing:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            group = [self._jobs.popleft() for _ in range(min(MAX_GROUP, len(self._jobs)))]
+            await self._run_group(group)
+
+    async def _run_group(self, group: list[_Job]) -> None:
+        self.groups += 1
+        try:
+            async with self._connection() as conn, conn.transaction():
+                answers = await self._write_group(conn, group)
+        except SpoolError as exc:
+            if len(group) > 1 and self._up:  # a statement error, not a lost database: find
+                for job in group:            # the job that causes it; the others go through
+                    await self._run_group([job])
+                return
+            for job in group:
+                if not job.future.done():
+                    job.future.set_exception(SpoolError(str(exc)))
+            return
+        for job, (error, result) in zip(group, answers, strict=True):
+            if job.future.done():
+                continue  # the caller went away; the data is committed
+            if error is not None:
+                job.future.set_exception(error)
+            else:
+                job.future.set_result(result)
+
+    async def _write_group(self, conn: asyncpg.Connection,
+                           group: list[_Job]) -> list[tuple[Exception | None, Any]]:
+        answers: dict[int, tuple[Exception | None, Any]] = {}
+        records = [job for job in group if job.kind == "record"]
+        if records:
+            await self._record_group(conn, [job.args for job in records])
+            answers.update((id(job), (None, None)) for job in records)
+        ingests = [job for job in group if job.kind == "ingest"]
+        if ingests:
+            answers.update(zip(map(id, ingests), await self._ingest_group(conn, ingests),
+                               strict=True))
+        return [answers[id(job)] for job in group]
+
+    async def _ingest_group(self, conn: asyncpg.Connection,
+                            jobs: list[_Job]) -> list[tuple[Exception | None, Any]]:
+        """Every ingest of a group: one dedupe upsert, one insert of events and deliveries."""
+        # Delivery ids for every event first: a sender id's row is claimed with the deliveries
+        # of its first occurrence in the group.
+        plans: list[list[tuple[list[tuple[str, str, str]], str]]] = []
+        first: dict[str, tuple[int, int]] = {}     # sender id -> (job, event) first seen
+        claim: tuple[list[str], list[float], list[str]] = ([], [], [])
+        for j, job in enumerate(jobs):
+            now, _since, events = job.args
+            prefix = delivery_id_prefix(now)
+            plan = []
+            for k, (event_id, sender_id, received_at, _body, routes) in enumerate(events):
+                r = random_part()
+                created = [(dest, f"{prefix}{r + i:020x}", state)
+                           for i, (dest, state, _) in enumerate(routes, 1)]
+                listing = pack(created)
+                plan.append((created, listing))
+                if sender_id and event_id not in first:
+                    first[event_id] = (j, k)
+                    claim[0].append(event_id)
+                    claim[1].append(received_at)
+                    claim[2].append(listing)
+            plans.append(plan)
+        since = min(job.args[1] for job in jobs)
+        claimed: set[str] = set()
+        known: dict[str, str] = {}                 # sender id -> deliveries listing (duplicates)
+        open_events = 0
+        for kind, sender, value in await conn.fetch(sql.CLAIM, *claim, since):
+            if kind == "c":
+                claimed.add(sender)
+            elif kind == "d":
+                known[sender] = value
+            else:
+                open_events = int(value)
+        raced = [i for i in claim[0] if i not in claimed and i not in known]
+        if raced:  # inserted by a concurrent transaction that committed while we waited
+            known.update(await conn.fetch(sql.SENDER_IDS, raced))
+
+        events_cols: tuple[list[Any], ...] = ([], [], [], [], [])
+        deliveries_cols: tuple[list[Any], ...] = ([], [], [], [], [], [])
+        fixes: dict[str, str | None] = {}          # sender ids a refused request had claimed
+        answers: list[tuple[Exception | None, Any]] = []
+        total_open = 0
+        for j, (job, plan) in enumerate(zip(jobs, plans, strict=True)):
+            now, _since, events = job.args
+            entries: list[str] = []
+            skipped: list[str] = []
+            job_events: list[tuple[Any, ...]] = []
+            job_deliveries: list[tuple[Any, ...]] = []
+            job_known: dict[str, str] = {}
+            new_open = 0
+            for (event_id, sender_id, received_at, body, routes), (created, listing) in \
+                    zip(events, plan, strict=True):
+                if sender_id:
+                    prior = job_known.get(event_id) or known.get(event_id)
+                    if prior is not None:
+                        entries.append(receipt_entry(event_id, unpack(prior), True))
+                        continue
+                    job_known[event_id] = listing
+                pending = sum(1 for _, state, _ in routes if state == "pending")
+                new_open += pending > 0
+                job_events.append((event_id, sender_id, received_at, pending, body))
+                ordinal = len(job_events)
+                job_deliveries += [(did, ordinal, dest, state, now, reason)
+                                   for (dest, did, state), (_, _, reason)
+                                   in zip(created, routes, strict=True)]
+                if pending < len(created):
+                    skipped += [dest for dest, _, state in created if state == "skipped"]
+                entries.append(receipt_entry(event_id, created, False))
+            if new_open and open_events + total_open + new_open > self.max_events:
+                answers.append((SpoolFull(f"the spool holds spool.max_events={self.max_events} "
+                                          "events awaiting delivery", retry_after=30), None))
+                for event_id in job_known:
+                    if first.get(event_id, (-1, -1))[0] == j and event_id in claimed:
+                        fixes.setdefault(event_id, None)
+                continue
+            for event_id, listing in job_known.items():
+                known[event_id] = listing
+                if event_id in fixes:           # first claimed by a refused request
+                    fixes[event_id] = listing
+            total_open += new_open
+            base = len(events_cols[0])  # deliveries name their event by its place in INSERT
+            for row in job_events:
+                for col, value in zip(events_cols, row, strict=True):
+                    col.append(value)
+            for did, ordinal, dest, state, at, reason in job_deliveries:
+                for col, value in zip(deliveries_cols, (did, base + ordinal, dest, state, at,
+                                                        reason), strict=True):
+                    col.append(value)
+            answers.append((None, ("[" + ",".join(entries) + "]", len(job_events),
+                                   len(entries) - len(job_events), skipped, new_open > 0)))
+        if events_cols[0]:
+            await conn.execute(sql.INSERT, *events_cols, *deliveries_cols, total_open)
+        if fixes:
+            await conn.execute(sql.FIX_SENDER_IDS, list(fixes), list(fixes.values()))
+        return answers
+
+    async def _record_group(self, conn: asyncpg.Connection, outcomes: list[tuple[Any, ...]]) -> None:
+        """Attempt outcomes in one statement; those whose lease another replica took since are
+        left out (logged: that replica's attempt is the one that counts)."""
+        cols: tuple[list[Any], ...] = tuple([] for _ in range(11))
+        for outcome in outcomes:
+            for col, value in zip(cols, outcome, strict=True):
+                col.append(value)
+        applied = {row[0] for row in await conn.fetch(sql.RECORD, self.clock(), self.replica, *cols)}
+        if len(applied) < len(outcomes):
+            lost = [seq for seq in cols[0] if seq not in applied]
+            log.warning("%d attempt outcomes not recorded: this replica's lease on deliveries "
+                        "%s had been taken over", len(lost), lost[:10])
+
+    # -- ingest ----------------------------------------------------------------------------
+
+    async def ingest_receipt(self, events: Sequence[tuple[Accepted, Sequence[Route]]]) -> Receipt:
+        """Store events with their deliveries, all or nothing; resolves once committed.
+
+        A sender id seen within ``dedupe_window`` is not stored again: its entry is a duplicate
+        carrying the deliveries first created for it. Raises SpoolFull when ``max_events``
+        events already await delivery, SpoolError when the database cannot be reached.
+        """
+        now = self.clock()
+        return Receipt(*await self._submit("ingest", (now, now - self.dedupe_window, [
+            (a.id, bool(a.sender_id), a.received_at, a.body,
+             [(r.destination, r.state, r.reason) for r in routes])
+            for a, routes in events])))
+
+    async def ingest(self, events: Sequence[tuple[Accepted, Sequence[Route]]]) -> list[Ingested]:
+        """ingest_receipt, with the receipt as one Ingested per event."""
+        return (await self.ingest_receipt(events)).entries()
+
+    # -- the work queue --------------------------------------------------------------------
+
+    async def due(self, now: float, limit: int, destinations: Sequence[str],
+                  exclude: Collection[int] = ()) -> list[Due]:
+        """Claim pending deliveries due by ``now`` for these destinations, oldest first: rows
+        no other replica holds an unexpired lease on, leased to this one for ``lease`` s."""
+        if not destinations or limit <= 0:
+            return []
+        rows = await self._fetch(sql.DUE, list(destinations), list(exclude), now, self.replica,
+                                 self.clock(), limit, self.lease)
+        rows.sort(key=lambda row: (row[9], row[0]))
+        return [Due(*row[:9]) for row in rows]
+
+    async def next_due_at(self, destinations: Sequence[str],
+                          exclude: Collection[int] = ()) -> float | None:
+        """The earliest time a pending delivery of these destinations can be claimed."""
+        if not destinations:
+            return None
+        value: float | None = await self._fetchval(sql.NEXT_DUE, list(destinations), list(exclude),
+                                                   self.replica, self.clock())
+        return value
+
+    async def record_attempt(self, due: Due, attempt: Attempt, *, state: str,
+                             not_before: float | None, failures: int,
+                             reason: str | None) -> None:
+        """Write one attempt and the delivery's new state; resolves once committed. Ignored
+        (with a warning) if this replica's lease on the delivery was taken over."""
+        await self._submit("record", (
+            due.seq, due.attempts + 1, attempt.at, attempt.duration, attempt.status_code,
+            attempt.error, attempt.excerpt, state,
+            not_before if not_before is not None else attempt.at, failures, reason))
+
+    async def replay(self, *, delivery_ids: Sequence[str] = (), destination: str | None = None,
+                     failed_since: float | None = None) -> list[str]:
+        """Put failed deliveries back to pending, due now, with fresh retry windows.
+
+        Selects by ids, or by destination and/or failure time; returns the ids replayed.
+        """
+        self._check_writable()
+        rows = await self._fetch(sql.REPLAY, self.clock(), list(delivery_ids), destination,
+                                 failed_since)
+        return [row[0] for row in rows]
+
+    async def add_held(self, destinations: Sequence[str], seconds: float) -> int:
+        """Credit ``seconds`` of host suspension to the retry window of every delivery of these
+        destinations that has started retrying."""
+        if not destinations or seconds <= 0:
+            return 0
+        self._check_writable()
+        async with self._connection() as conn:
+            status = await conn.execute(sql.ADD_HELD, list(destinations), seconds)
+        return int(status.split()[-1])
+
+    async def pending_by_destination(self) -> dict[str, int]:
+        """How many deliveries wait, per destination."""
+        return {row[0]: row[1] for row in await self._fetch(sql.PENDING_BY_DESTINATION)}
+
+    async def oldest_due(self, now: float) -> float | None:
+        """``not_before`` of the longest-waiting due delivery, or None when nothing is due."""
+        value: float | None = await self._fetchval(sql.OLDEST_DUE, now)
+        return value
+
+    # -- the activity log ------------------------------------------------------------------
+
+    async def prune(self, retention: float) -> int:
+        """Delete finished events (and their deliveries and attempts) older than ``retention``,
+        at most 10,000 per call, and sender ids older than the dedupe window."""
+        self._check_writable()
+        now = self.clock()
+        async with self._connection() as conn, conn.transaction():
+            pruned: int = await conn.fetchval(sql.PRUNE, now - retention)
+            await conn.execute(sql.PRUNE_SENDER_IDS, now - self.dedupe_window)
+        return pruned
+
+    async def get_delivery(self, delivery_id: str) -> DeliveryRecord | None:
+        rows = await self._fetch(sql.GET_DELIVERY, delivery_id)
+        return DeliveryRecord(*rows[0]) if rows else None
+
+    async def list_deliveries(
+        self,
+        *,
+        state: str | None = None,
+        destination: str | None = None,
+        after: int = 0,
+        limit: int = 100,
+    ) -> list[DeliveryRecord]:
+        """Deliveries in creation order, after the ``seq`` cursor, filtered."""
+        rows = await self._fetch(sql.LIST_DELIVERIES, after, state, destination, limit)
+        return [DeliveryRecord(*row) for row in rows]
+
+    async def attempts_of(self, seqs: Sequence[int]) -> dict[int, list[Attempt]]:
+        """Attempts of these deliveries (by seq), oldest first."""
+        if not seqs:
+            return {}
+        found: dict[int, list[Attempt]] = {}
+        for seq, *fields in await self._fetch(sql.ATTEMPTS_OF, list(seqs)):
+            found.setdefault(seq, []).append(Attempt(*fields))
+        return found
+
+    async def event_json(self, delivery_id: str) -> str | None:
+        """The stored event (normalised JSON) behind a delivery."""
+        value: str | None = await self._fetchval(sql.EVENT_JSON, delivery_id)
+        return value
+
+    async def counts(self) -> dict[str, int]:
+        """Number of deliveries by state."""
+        return {row[0]: row[1] for row in await self._fetch(sql.COUNTS)}
+
+    async def stats(self) -> dict[str, int]:
+        """``open_events`` (events with a delivery still pending, checked against
+        spool.max_events) and ``groups`` (transactions the group writer ran since open())."""
+        return {"open_events": int(await self._fetchval(sql.OPEN_EVENTS)), "groups": self.groups}

@@ -1,0 +1,182 @@
+"""The PostgreSQL spool's statements: set-based, one round trip per group, text never changes.
+
+Lists travel as arrays (``unnest``, ``= ANY``), so every statement is prepared once per
+connection (asyncpg caches them) whatever the group's size. Names are unqualified: connections
+have ``search_path`` set to the spool's schema.
+"""
+
+# Dedupe. Upsert every sender id of a group (first occurrence of each); a row is replaced only
+# when older than the dedupe window ($4). Answers: 'c' rows claimed now (insert or replace),
+# 'd' rows that were already there within the window (with their deliveries, as of the
+# statement's snapshot), and one 'n' row: open_events for spool.max_events.
+CLAIM = """
+WITH input AS (
+    SELECT * FROM unnest($1::text[], $2::float8[], $3::text[]) AS t(id, received_at, deliveries)),
+claimed AS (
+    INSERT INTO sender_ids AS s(id, received_at, deliveries)
+    SELECT id, received_at, deliveries FROM input
+    ON CONFLICT (id) DO UPDATE SET received_at = EXCLUDED.received_at,
+                                   deliveries = EXCLUDED.deliveries
+    WHERE s.received_at < $4
+    RETURNING s.id)
+SELECT 'c' AS kind, id, NULL AS deliveries FROM claimed
+UNION ALL
+SELECT 'd', s.id, s.deliveries FROM sender_ids s
+WHERE s.id = ANY($1) AND s.id NOT IN (SELECT id FROM claimed)
+UNION ALL
+SELECT 'n', NULL, open_events::text FROM counters
+"""
+
+# A sender id another transaction inserted while ours waited on it (read committed: this
+# statement sees the row that CLAIM's snapshot did not).
+SENDER_IDS = "SELECT id, deliveries FROM sender_ids WHERE id = ANY($1::text[])"
+
+OPEN_EVENTS = "SELECT open_events FROM counters"
+
+# Events (seq drawn here, in order) with their deliveries (joined on the event's position in
+# the group), and the open-events counter, in one statement.
+INSERT = """
+WITH e AS MATERIALIZED (
+    SELECT nextval(pg_get_serial_sequence('events', 'seq')) AS seq, t.*
+    FROM unnest($1::text[], $2::bool[], $3::float8[], $4::int[], $5::text[])
+         WITH ORDINALITY AS t(id, sender_id, received_at, pending, body, ord)),
+ins_e AS (
+    INSERT INTO events(seq, id, sender_id, received_at, pending, body)
+    SELECT seq, id, sender_id, received_at, pending, body FROM e),
+ins_d AS (
+    INSERT INTO deliveries(delivery_id, event_seq, destination, state, not_before, created_at,
+                           updated_at, reason)
+    SELECT d.delivery_id, e.seq, d.destination, d.state, d.now, d.now, d.now, d.reason
+    FROM unnest($6::text[], $7::bigint[], $8::text[], $9::text[], $10::float8[], $11::text[])
+         WITH ORDINALITY AS d(delivery_id, event_ord, destination, state, now, reason, ord)
+    JOIN e ON e.ord = d.event_ord
+    ORDER BY d.ord)
+UPDATE counters SET open_events = open_events + $12
+"""
+
+# A group's refused requests had claimed sender ids: give each to the event stored for it
+# later in the group, or drop it.
+FIX_SENDER_IDS = """
+WITH f AS (SELECT * FROM unnest($1::text[], $2::text[]) AS t(id, deliveries)),
+gone AS (DELETE FROM sender_ids s USING f WHERE s.id = f.id AND f.deliveries IS NULL)
+UPDATE sender_ids s SET deliveries = f.deliveries FROM f
+WHERE s.id = f.id AND f.deliveries IS NOT NULL
+"""
+
+# Attempt outcomes, applied only where this replica ($2) still holds the lease; the events'
+# pending counts and open_events follow. Answers the seqs applied.
+RECORD = """
+WITH o AS (
+    SELECT * FROM unnest($3::bigint[], $4::int[], $5::float8[], $6::float8[], $7::int[],
+                         $8::text[], $9::text[], $10::text[], $11::float8[], $12::int[],
+                         $13::text[])
+         AS t(seq, n, at, duration, status_code, error, excerpt, state, not_before, failures,
+              reason)),
+upd AS (
+    UPDATE deliveries d SET attempts = o.n, failures = o.failures, state = o.state,
+           not_before = o.not_before, updated_at = $1,
+           first_attempt_at = COALESCE(d.first_attempt_at, o.at), reason = o.reason,
+           lease_owner = NULL, lease_until = NULL
+    FROM o WHERE d.seq = o.seq AND d.lease_owner = $2
+    RETURNING d.seq, d.event_seq, o.state),
+att AS (
+    INSERT INTO attempts(delivery_seq, n, at, duration, status_code, error, excerpt)
+    SELECT o.seq, o.n, o.at, o.duration, o.status_code, o.error, o.excerpt
+    FROM o JOIN upd ON upd.seq = o.seq
+    ON CONFLICT DO NOTHING),
+fin AS (
+    UPDATE events e SET pending = e.pending - c.n
+    FROM (SELECT event_seq, count(*) AS n FROM upd WHERE state <> 'pending' GROUP BY event_seq) c
+    WHERE e.seq = c.event_seq
+    RETURNING e.pending),
+cnt AS (
+    UPDATE counters SET open_events = open_events - (SELECT count(*) FROM fin WHERE pending = 0))
+SELECT seq FROM upd
+"""
+
+# Claim due deliveries: rows no other replica holds an unexpired lease on, locked without
+# waiting (SKIP LOCKED), leased to $4 until $5 + $7.
+DUE = """
+WITH c AS (
+    SELECT seq FROM deliveries
+    WHERE state = 'pending' AND destination = ANY($1::text[]) AND seq <> ALL($2::bigint[])
+      AND not_before <= $3
+      AND (lease_owner IS NULL OR lease_owner = $4 OR lease_until < $5)
+    ORDER BY not_before, seq LIMIT $6
+    FOR UPDATE SKIP LOCKED)
+UPDATE deliveries d SET lease_owner = $4, lease_until = $5 + $7
+FROM c WHERE d.seq = c.seq
+RETURNING d.seq, d.delivery_id, d.destination, d.attempts, d.failures, d.first_attempt_at,
+          d.held, d.event_seq, (SELECT body FROM events e WHERE e.seq = d.event_seq), d.not_before
+"""
+
+# The earliest time one of these deliveries can be claimed: its not_before, or the end of
+# another replica's lease on it.
+NEXT_DUE = """
+SELECT min(CASE WHEN lease_owner IS NOT NULL AND lease_owner <> $3 AND lease_until >= $4
+                THEN greatest(not_before, lease_until) ELSE not_before END)
+FROM deliveries
+WHERE state = 'pending' AND destination = ANY($1::text[]) AND seq <> ALL($2::bigint[])
+"""
+
+RELEASE = "UPDATE deliveries SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = $1"
+
+REPLAY = """
+WITH r AS (
+    UPDATE deliveries SET state = 'pending', not_before = $1, failures = 0,
+           first_attempt_at = NULL, held = 0, reason = NULL, updated_at = $1,
+           lease_owner = NULL, lease_until = NULL
+    WHERE seq IN (
+        SELECT seq FROM deliveries
+        WHERE state = 'failed' AND (cardinality($2::text[]) = 0 OR delivery_id = ANY($2))
+          AND ($3::text IS NULL OR destination = $3)
+          AND ($4::float8 IS NULL OR updated_at >= $4)
+        ORDER BY seq LIMIT 100000 FOR UPDATE)
+    RETURNING seq, delivery_id, event_seq),
+e AS (
+    UPDATE events SET pending = pending + c.n
+    FROM (SELECT event_seq, count(*) AS n FROM r GROUP BY event_seq) c
+    WHERE events.seq = c.event_seq
+    RETURNING events.pending, c.n),
+k AS (UPDATE counters SET open_events = open_events + (SELECT count(*) FROM e WHERE pending = n))
+SELECT delivery_id FROM r ORDER BY seq
+"""
+
+ADD_HELD = """
+UPDATE deliveries SET held = held + $2
+WHERE state = 'pending' AND first_attempt_at IS NOT NULL AND destination = ANY($1::text[])
+"""
+
+PRUNE = """
+WITH p AS (SELECT seq FROM events WHERE received_at < $1 AND pending = 0 LIMIT 10000),
+da AS (DELETE FROM attempts WHERE delivery_seq IN (
+           SELECT seq FROM deliveries WHERE event_seq IN (SELECT seq FROM p))),
+dd AS (DELETE FROM deliveries WHERE event_seq IN (SELECT seq FROM p)),
+de AS (DELETE FROM events WHERE seq IN (SELECT seq FROM p) RETURNING 1)
+SELECT count(*) FROM de
+"""
+
+PRUNE_SENDER_IDS = """
+DELETE FROM sender_ids WHERE id IN (SELECT id FROM sender_ids WHERE received_at < $1 LIMIT 10000)
+"""
+
+SELECT_DELIVERY = """
+SELECT d.delivery_id, e.id, d.destination, d.state, d.attempts, d.not_before, d.created_at,
+       d.updated_at, d.reason, d.seq
+FROM deliveries d JOIN events e ON e.seq = d.event_seq
+"""
+GET_DELIVERY = SELECT_DELIVERY + " WHERE d.delivery_id = $1"
+LIST_DELIVERIES = SELECT_DELIVERY + """
+WHERE d.seq > $1 AND ($2::text IS NULL OR d.state = $2) AND ($3::text IS NULL OR d.destination = $3)
+ORDER BY d.seq LIMIT $4
+"""
+ATTEMPTS_OF = """
+SELECT delivery_seq, at, duration, status_code, error, excerpt FROM attempts
+WHERE delivery_seq = ANY($1::bigint[]) ORDER BY delivery_seq, n
+"""
+EVENT_JSON = ("SELECT e.body FROM deliveries d JOIN events e ON e.seq = d.event_seq "
+              "WHERE d.delivery_id = $1")
+COUNTS = "SELECT state, count(*) FROM deliveries GROUP BY state"
+PENDING_BY_DESTINATION = ("SELECT destination, count(*) FROM deliveries WHERE state = 'pending' "
+                          "GROUP BY destination")
+OLDEST_DUE = "SELECT min(not_before) FROM deliveries WHERE state = 'pending' AND not_before <= $1"
