@@ -33,7 +33,8 @@ from relay.health import HELD_STATUS, HealthBoard, Host, counts_as_failure
 from relay.metrics import Metrics
 from relay.policy import Outcome, Verdict, classify, decide
 from relay.request import Request, endpoint
-from relay.spool import Attempt, Due, Spool
+from relay.spool import Attempt, Due
+from relay.spool.contract import WorkQueue
 from relay.supervise import Supervisor
 from relay.transport import AiohttpTransport, Transport
 
@@ -75,7 +76,7 @@ class _Meters:
 class Dispatcher:
     """Delivers due deliveries from the spool until stopped."""
 
-    def __init__(self, config: Config, spool: Spool, *,
+    def __init__(self, config: Config, spool: WorkQueue, *,
                  destinations: dict[str, CompiledDestination] | None = None,
                  transport: Transport | None = None,
                  metrics: Metrics | None = None,

@@ -26,7 +26,8 @@ from relay.errors import InvalidEvent, SpoolError, SpoolFull
 from relay.events import accept_body, parse_events
 from relay.metrics import CONTENT_TYPE_LATEST, Metrics
 from relay.routing import Router
-from relay.spool import Attempt, DeliveryRecord, Receipt, Spool
+from relay.spool import Attempt, DeliveryRecord, Receipt
+from relay.spool.contract import SpoolBackend
 from relay.spool.records import iso
 from relay.testsend import test_send
 from relay.vocab import DELIVERY_STATES
@@ -79,7 +80,7 @@ class _Warned:
 
 
 CONFIG: web.AppKey[Config] = web.AppKey("config", Config)
-SPOOL: web.AppKey[Spool] = web.AppKey("spool", Spool)
+SPOOL: web.AppKey[SpoolBackend] = web.AppKey("spool")
 ROUTER: web.AppKey[Router] = web.AppKey("router", Router)
 DESTINATIONS: web.AppKey[dict[str, CompiledDestination]] = web.AppKey("destinations", dict)
 STATE: web.AppKey[dict[str, Any]] = web.AppKey("state", dict)
@@ -95,7 +96,7 @@ MAX_INT = 2**63       # SQLite's and PostgreSQL's integers: no number from a cli
 MAX_REPLAY_IDS = 10_000
 
 
-def create_app(config: Config, spool: Spool, dispatcher: DispatchView | None = None,
+def create_app(config: Config, spool: SpoolBackend, dispatcher: DispatchView | None = None,
                metrics: Metrics | None = None,
                destinations: dict[str, CompiledDestination] | None = None) -> web.Application:
     """The aiohttp application; the caller opens and closes the spool and the dispatcher.
@@ -357,7 +358,7 @@ async def readyz(request: web.Request) -> web.Response:
     if not spool.is_open:
         return error(503, "the spool is not open")
     if not spool.writable:
-        return error(503, "the spool writer is restarting")
+        return error(503, spool.unavailable or "the spool cannot store events right now")
     dispatcher = request.app[DISPATCHER]
     if dispatcher is not None and (why := dispatcher.not_ready()) is not None:
         return error(503, why)

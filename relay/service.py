@@ -26,7 +26,8 @@ from relay.logs import MASK, config_secrets
 from relay.metrics import Metrics
 from relay.reload import ConfigWatcher
 from relay.server import STATE, Runner, apply_config, create_app
-from relay.spool import Spool
+from relay.spool.backends import open_spool
+from relay.spool.contract import SpoolBackend
 from relay.supervise import Supervisor
 
 log = logging.getLogger("relay")
@@ -48,8 +49,7 @@ async def run(loaded: Loaded, *, metrics: Metrics | None = None,
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
 
-    spool = Spool(config.spool.path, max_events=config.spool.max_events,
-                  dedupe_window=config.spool.dedupe_window)
+    spool = open_spool(config.spool, delivery_timeout=config.delivery.timeout)
     await spool.open()
     supervisor = Supervisor(metrics.count_restart)
     dispatcher = Dispatcher(config, spool, destinations=loaded.destinations, metrics=metrics,
@@ -110,7 +110,7 @@ async def run(loaded: Loaded, *, metrics: Metrics | None = None,
         log.info("stopped")
 
 
-async def _prune_forever(spool: Spool, retention: float) -> None:
+async def _prune_forever(spool: SpoolBackend, retention: float) -> None:
     while True:
         try:
             while (pruned := await spool.prune(retention)) > 0:

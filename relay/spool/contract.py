@@ -1,4 +1,4 @@
-"""What each consumer needs from the spool, as Protocols (a sketch for the lead to wire in).
+"""What each consumer needs from the spool, as Protocols: the seam between backends.
 
 The server ingests (IngestStore), the dispatcher works the queue (WorkQueue), the API reads the
 activity log (ActivityLog). ``relay.spool.Spool`` (SQLite) and
@@ -24,6 +24,10 @@ class Lifecycle(Protocol):
 
     @property
     def writable(self) -> bool: ...
+    @property
+    def unavailable(self) -> str | None:
+        """Why the spool cannot take writes now (for /readyz), or None."""
+        ...
     async def open(self) -> None: ...
     async def close(self) -> None: ...
 
@@ -36,7 +40,7 @@ class IngestStore(Lifecycle, Protocol):
 
 class WorkQueue(Protocol):
     async def due(self, now: float, limit: int, destinations: Sequence[str],
-                  exclude: Collection[int] = ()) -> list[Due]: ...
+                  exclude: Collection[int] = (), budget: int = ...) -> list[Due]: ...
     async def next_due_at(self, destinations: Sequence[str],
                           exclude: Collection[int] = ()) -> float | None: ...
     async def record_attempt(self, due: Due, attempt: Attempt, *, state: str,

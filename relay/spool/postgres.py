@@ -47,8 +47,8 @@ from relay.errors import SpoolError, SpoolFull
 from relay.ids import delivery_id_prefix, random_part
 from relay.spool import postgres_sql as sql
 from relay.spool.postgres_schema import migrate, quote_ident
+from relay.spool.receipt import pack, receipt_entry, unpack
 from relay.spool.records import Attempt, DeliveryRecord, Due, Ingested, Receipt
-from relay.spool.writer import pack, receipt_entry, unpack
 
 if TYPE_CHECKING:
     from relay.events import Accepted
@@ -109,11 +109,19 @@ class PostgresSpool:
         self._probe: asyncio.Task[None] | None = None
         self._closing = False
         self._up = False
+        self._down_reason: str | None = None
 
     @property
     def writable(self) -> bool:
         """The database answers and the spool takes jobs (False while it is unreachable)."""
         return self._up and self.is_open and not self._closing
+
+    @property
+    def unavailable(self) -> str | None:
+        if self._closing or not self.is_open:
+            return "the spool is closed"
+        return None if self._up else (f"the spool database is unreachable "
+                                      f"({self._down_reason or 'no answer'}); retrying")
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -186,6 +194,7 @@ class PostgresSpool:
             raise SpoolError(f"the spool database is unreachable: {exc or type(exc).__name__}") from exc
 
     def _lost(self, exc: BaseException) -> None:
+        self._down_reason = str(exc) or type(exc).__name__
         if self._up:
             log.error("the spool database is unreachable (%s); ingest answers 503 until it returns",
                       exc or type(exc).__name__)
@@ -409,15 +418,25 @@ class PostgresSpool:
     # -- the work queue --------------------------------------------------------------------
 
     async def due(self, now: float, limit: int, destinations: Sequence[str],
-                  exclude: Collection[int] = ()) -> list[Due]:
+                  exclude: Collection[int] = (), budget: int = 8 << 20) -> list[Due]:
         """Claim pending deliveries due by ``now`` for these destinations, oldest first: rows
-        no other replica holds an unexpired lease on, leased to this one for ``lease`` s."""
+        no other replica holds an unexpired lease on, leased to this one for ``lease`` s.
+        Claims past ``budget`` characters of event JSON (one at least) are released again."""
         if not destinations or limit <= 0:
             return []
         rows = await self._fetch(sql.DUE, list(destinations), list(exclude), now, self.replica,
                                  self.clock(), limit, self.lease)
         rows.sort(key=lambda row: (row[9], row[0]))
-        return [Due(*row[:9]) for row in rows]
+        kept: list[Any] = []
+        total = 0
+        for row in rows:
+            if kept and total + len(row[8]) > budget:
+                break
+            kept.append(row)
+            total += len(row[8])
+        if len(kept) < len(rows):
+            await self._fetch(sql.UNCLAIM, [row[0] for row in rows[len(kept):]], self.replica)
+        return [Due(*row[:9]) for row in kept]
 
     async def next_due_at(self, destinations: Sequence[str],
                           exclude: Collection[int] = ()) -> float | None:

@@ -180,3 +180,9 @@ COUNTS = "SELECT state, count(*) FROM deliveries GROUP BY state"
 PENDING_BY_DESTINATION = ("SELECT destination, count(*) FROM deliveries WHERE state = 'pending' "
                           "GROUP BY destination")
 OLDEST_DUE = "SELECT min(not_before) FROM deliveries WHERE state = 'pending' AND not_before <= $1"
+
+# Give claims back (a due batch over its byte budget): they are claimable again at once.
+UNCLAIM = """
+UPDATE deliveries SET lease_owner = NULL, lease_until = NULL
+WHERE seq = ANY($1::bigint[]) AND lease_owner = $2
+"""

@@ -76,6 +76,12 @@ class Store:
         """A writer is up and taking jobs (False while a killed one is being replaced)."""
         return self._up and not self._closing
 
+    @property
+    def unavailable(self) -> str | None:
+        if self._closing:
+            return "the spool is closing"
+        return None if self._up else "the spool writer is restarting"
+
     # -- lifecycle -------------------------------------------------------------------------
 
     async def open(self) -> None:
