@@ -78,7 +78,8 @@ def main() -> None:
                 asyncio.run(drive(fport, rport, 1000, "warm"))
                 results["forwarder"] = asyncio.run(drive(fport, rport, total, "fwd"))
             config = {"spool": {"path": str(tmpdir / "spool.db")},
-                      "delivery": {"allowed_ports": [rport], "per_host_concurrency": 64},
+                      "delivery": {"allowed_ports": [rport], "per_host_concurrency": 64,
+                                   "allowed_networks": ["127.0.0.0/8"]},
                       "destinations": [{"name": "braze", "format": "braze",
                                         "url": f"http://127.0.0.1:{rport}/braze"}]}
             with relay(config, tmpdir):

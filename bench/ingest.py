@@ -42,7 +42,8 @@ def main() -> None:
             rows.append(("bare aiohttp+uvloop (no store)", mode, conns, *_cols(r)))
     with tempfile.TemporaryDirectory() as tmp:
         config = {"spool": {"path": str(Path(tmp) / "spool.db")},
-                  "delivery": {"allowed_ports": [80, 443, 9]}, "destinations": DESTINATIONS}
+                  "delivery": {"allowed_ports": [80, 443, 9], "allowed_networks": ["127.0.0.0/8"]},
+                  "destinations": DESTINATIONS}
         with relay(config, Path(tmp)) as (_, port):
             load(port, batch=1, connections=64, seconds=2, prefix=f"warm{tag}")
             for mode, batch, conns in runs:

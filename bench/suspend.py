@@ -73,7 +73,7 @@ def main() -> None:
                      tmpdir / "recv.log"):
             config = {"spool": {"path": str(tmpdir / "spool.db")},
                       "delivery": {"allowed_ports": [rport], "backoff_initial": "1s",
-                                   "backoff_max": "5s"},
+                                   "backoff_max": "5s", "allowed_networks": ["127.0.0.0/8"]},
                       "health": {"consecutive_failures": 10, "suspend_for": f"{suspend:.0f}s",
                                  "suspend_max": f"{suspend:.0f}s"},
                       "destinations": [{"name": "braze", "format": "braze",

@@ -9,18 +9,20 @@ destinations it is handed, so nothing is compiled twice.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
-from urllib.parse import urlsplit
 
 from relay.auth import Signing
 from relay.config import Config, Destination, load_config
 from relay.errors import ConfigError
 from relay.payloads import Renderer, build_renderer
 from relay.policy import RetryPolicy
+from relay.request import endpoint
 
 MintCounter = Callable[[str], Callable[[], None]]  # destination name -> "a JWT was minted"
 
@@ -34,7 +36,7 @@ class CompiledDestination:
     signing: Signing
     policy: RetryPolicy
     timeout: float        # seconds per attempt
-    host: str             # scheme://host:port, or template:<name> when the host is a template
+    host: str | None      # scheme://host:port; None when event data chooses it (a template)
 
     @property
     def name(self) -> str:
@@ -87,16 +89,22 @@ def compile_destination(dest: Destination, config: Config, *,
         problems += exc.problems
     if problems or renderer is None or signing is None:
         raise ConfigError(problems)
+    policy = RetryPolicy.for_destination(config.delivery, dest)
+    host = host_key(dest)
+    if host is None and dest.unreachable_window is None:
+        # An endpoint chosen by event data may never have existed: give up on one that cannot
+        # be reached after retry_window, not after a day of retries.
+        policy = dataclasses.replace(
+            policy, unreachable_window=min(policy.unreachable_window, policy.retry_window))
     return CompiledDestination(
-        destination=dest, renderer=renderer, signing=signing,
-        policy=RetryPolicy.for_destination(config.delivery, dest),
-        timeout=dest.timeout or config.delivery.timeout, host=host_key(dest))
+        destination=dest, renderer=renderer, signing=signing, policy=policy,
+        timeout=dest.timeout or config.delivery.timeout, host=host)
 
 
-def host_key(dest: Destination) -> str:
-    """The health key of a destination's host: ``scheme://host:port``."""
-    if "{" in (urlsplit(dest.url).netloc or "{"):
-        return f"template:{dest.name}"
-    parts = urlsplit(dest.url)
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    return f"{parts.scheme}://{(parts.hostname or '').lower()}:{port}"
+def host_key(dest: Destination) -> str | None:
+    """The health key of a destination's host, ``scheme://host:port``; None when the host or
+    port is a template (each rendered endpoint is then its own key: ``endpoint(url)``)."""
+    head, *templated = re.split(r"\{\{|\{%", dest.url, maxsplit=1)
+    if templated and "/" not in head.partition("://")[2]:
+        return None  # a template starts before the path: the host or port is the event's
+    return endpoint(head)

@@ -32,6 +32,7 @@ from relay.events import Event, load_event
 from relay.health import HELD_STATUS, HealthBoard, Host, counts_as_failure
 from relay.metrics import Metrics
 from relay.policy import Outcome, Verdict, classify, decide
+from relay.request import Request, endpoint
 from relay.spool import Attempt, Due, Spool
 from relay.supervise import Supervisor
 from relay.transport import AiohttpTransport, Transport
@@ -42,6 +43,17 @@ PREFETCH = 256       # due deliveries read from the spool at a time
 IDLE_RECHECK = 60.0  # wake at least this often, e.g. after a replay made by another process
 EVENT_CACHE_BYTES = 8 << 20  # parsed events kept, by the size of their stored JSON
 RECORD_RETRY_MAX = 30.0      # longest wait between tries to record a kept outcome
+
+
+@dataclass(frozen=True, slots=True)
+class _Prepared:
+    """A delivery's request, rendered and signed, or the attempt that failed to make it."""
+
+    request: Request | None
+    started: float
+    host: str                       # its health key: scheme://host:port
+    outcome: Outcome | None = None  # when there is no request
+    attempt: Attempt | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,8 +126,12 @@ class Dispatcher:
         self.health.config = config.health
         hosts: dict[str, list[str]] = {}
         for name, compiled in destinations.items():
-            hosts.setdefault(compiled.host, []).append(name)
+            if compiled.host is not None:
+                hosts.setdefault(compiled.host, []).append(name)
         self._host_destinations = hosts
+        # Destinations whose host comes from event data: each rendered endpoint is its own
+        # health key, so an event-chosen endpoint can only suspend itself.
+        self._templated = [name for name, c in destinations.items() if c.host is None]
         self._ready.clear()  # may hold deliveries of a removed destination
         self._wake.set()
 
@@ -178,7 +194,7 @@ class Dispatcher:
                 started = self._start_some(limit)
                 if started and not self._ready and len(self._inflight) < limit:
                     continue  # the batch is used up and slots are free: more may be due
-                probe_at = min((until for h in self._host_destinations
+                probe_at = min((until for h in self.health.hosts
                                 if (until := self.health.blocked_until(h)) is not None),
                                default=None)
                 if probe_at is not None:
@@ -193,11 +209,12 @@ class Dispatcher:
                 await asyncio.wait_for(self._wake.wait(), wait)
 
     def _open_destinations(self, now: float) -> list[str]:
-        """Destinations whose host takes requests now: not suspended, not at its limit."""
+        """Destinations whose host takes requests now: not suspended, not at its limit (and
+        every destination whose endpoint is chosen per event: that is judged per delivery)."""
         per_host = self.config.delivery.per_host_concurrency
         return [name for host, names in self._host_destinations.items()
                 if self._host_load[host] < per_host and not self.health.is_blocked(host, now)
-                for name in names]
+                for name in names] + self._templated
 
     def _start_some(self, limit: int) -> int:
         """Start ready deliveries while slots are free, passing over busy or suspended hosts."""
@@ -210,11 +227,17 @@ class Dispatcher:
             target = self.destinations.get(due.destination)
             if target is None:
                 continue  # its destination was removed by a reload: it stays pending
-            if self._host_load[target.host] >= per_host or not self.health.allow(target.host, now):
+            # An event-chosen endpoint is known once the request is rendered: render it now.
+            prepared = self._prepare(due, target) if target.host is None else None
+            host = target.host or (prepared.host if prepared else "")
+            # At the end of a suspension, a delivery that never failed there probes first.
+            if self._host_load[host] >= per_host or \
+                    not self.health.allow(host, now, fresh=due.attempts == 0):
                 waiting.append(due)  # held: not attempted, no retry used
                 continue
-            self._host_load[target.host] += 1
-            self._inflight[due.seq] = asyncio.create_task(self._attempt(due, target))
+            self._host_load[host] += 1
+            self._inflight[due.seq] = asyncio.create_task(self._attempt(due, target, host,
+                                                                        prepared))
             started += 1
         self._ready.extendleft(reversed(waiting))  # keep their place, oldest first
         if waiting and not started:
@@ -249,8 +272,8 @@ class Dispatcher:
     def held(self, destination: str) -> dict[str, Any] | None:
         """The 598 Host Unhealthy marker for a destination whose host is suspended now."""
         target = self.destinations.get(destination)
-        if target is None:
-            return None
+        if target is None or target.host is None:
+            return None  # an event-chosen endpoint: held per endpoint, see /v1/hosts
         host = self.health.hosts.get(target.host)
         if host is None or host.state == "healthy":
             return None
@@ -260,50 +283,68 @@ class Dispatcher:
     def hosts(self, now: float) -> list[dict[str, Any]]:
         """Every destination host's health, destinations and attempts in flight (reading it
         creates no host entries)."""
-        return [self.health.peek(key, now) | {"destinations": names,
-                                              "in_flight": self._host_load[key]}
-                for key, names in sorted(self._host_destinations.items())]
+        static = [self.health.peek(key, now) | {"destinations": names,
+                                                "in_flight": self._host_load[key]}
+                  for key, names in self._host_destinations.items()]
+        chosen = [self.health.peek(key, now) | {"destinations": self._templated,
+                                                "in_flight": self._host_load[key]}
+                  for key in self.health.hosts if key not in self._host_destinations]
+        return sorted(static + chosen, key=lambda entry: str(entry["host"]))
 
-    async def _attempt(self, due: Due, target: CompiledDestination) -> None:
-        try:
-            await self.deliver(due, target)
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # a bug must not kill the dispatcher; the delivery stays pending
-            log.exception("delivery %s: unexpected error", due.delivery_id)
-            await asyncio.sleep(1.0)
-        finally:
-            self.health.abandon_probe(target.host, self.clock())  # no-op unless it was unjudged
-            self._host_load[target.host] -= 1
-            self._inflight.pop(due.seq, None)
-            self._wake.set()
-
-    async def deliver(self, due: Due, target: CompiledDestination) -> Outcome:
-        """One attempt for one delivery, outcome committed to the spool before returning:
-        render -> sign -> send -> classify -> decide -> record. A request that was sent is
-        never sent again because its outcome could not be recorded (see _unrecorded)."""
-        meters = self._meters.get(target.name)
+    def _prepare(self, due: Due, target: CompiledDestination) -> _Prepared:
+        """Render and sign one delivery's request, or the failed attempt that says why not."""
         started = self.clock()
         try:
             request = target.signing.sign(target.renderer.render(self._event(due), due.delivery_id),
                                           due.delivery_id)
         except RenderError as exc:
-            outcome = Outcome("failed", error="render", detail=str(exc))
-            attempt = Attempt(started, None, None, f"render: {exc}", None)
+            return _Prepared(None, started, f"render:{target.name}",
+                             Outcome("failed", error="render", detail=str(exc)),
+                             Attempt(started, None, None, f"render: {exc}", None))
         except Exception as exc:  # a bug or a bad key: an attempt like any other, with backoff
             if due.attempts == 0:  # once per delivery, with the traceback; then plain lines
                 log.exception("delivery %s to %s: cannot prepare the request", due.delivery_id,
                               due.destination, extra={"delivery_id": due.delivery_id,
                                                       "destination": due.destination})
             detail = f"cannot prepare the request: {type(exc).__name__}: {exc}"
-            outcome = Outcome("retry", error="internal", detail=detail)
-            attempt = Attempt(started, None, None, f"internal: {detail}", None)
+            return _Prepared(None, started, f"render:{target.name}",
+                             Outcome("retry", error="internal", detail=detail),
+                             Attempt(started, None, None, f"internal: {detail}", None))
+        return _Prepared(request, started, target.host or endpoint(request.url))
+
+    async def _attempt(self, due: Due, target: CompiledDestination, host: str,
+                       prepared: _Prepared | None) -> None:
+        try:
+            await self.deliver(due, target, prepared)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a bug must not kill the dispatcher; the delivery stays pending
+            log.exception("delivery %s: unexpected error", due.delivery_id)
+            await asyncio.sleep(1.0)
+        finally:
+            self.health.abandon_probe(host, self.clock())  # no-op unless it was unjudged
+            self._host_load[host] -= 1
+            self._inflight.pop(due.seq, None)
+            self._wake.set()
+
+    async def deliver(self, due: Due, target: CompiledDestination,
+                      prepared: _Prepared | None = None) -> Outcome:
+        """One attempt for one delivery, outcome committed to the spool before returning:
+        render and sign (``prepared``, if not done yet) -> send -> classify -> decide ->
+        record. A request that was sent is never sent again because its outcome could not be
+        recorded (see _unrecorded)."""
+        meters = self._meters.get(target.name)
+        prepared = prepared or self._prepare(due, target)
+        started, request = prepared.started, prepared.request
+        if request is None:
+            assert prepared.outcome is not None and prepared.attempt is not None
+            outcome, attempt = prepared.outcome, prepared.attempt
         else:
             exchange = await self.transport.handle_request(request, target.timeout)
             outcome = classify(exchange, self.clock())
             attempt = Attempt(exchange.started_at, exchange.duration, exchange.status,
                               exchange.error_text, exchange.excerpt)
-            self.health.record(target.host, counts_as_failure(outcome), self.clock())
+            self.health.record(prepared.host, counts_as_failure(outcome), self.clock())
             if meters is not None:
                 meters.latency.observe(exchange.duration)
         now = self.clock()

@@ -40,7 +40,8 @@ def counts_as_failure(outcome: Outcome) -> bool:
     """Whether an attempt's outcome is a health failure for its host."""
     if outcome.status is not None:
         return outcome.status in COUNTED_STATUSES
-    return outcome.error not in (None, "render", "invalid_url", "client_error")
+    return outcome.error not in (None, "render", "invalid_url", "client_error", "internal",
+                                 "blocked")
 
 
 @dataclass
@@ -53,6 +54,7 @@ class Host:
     suspended_at: float = 0.0
     suspended_until: float = 0.0
     total_suspensions: int = 0
+    passed_over: bool = False     # a stale candidate was refused the probe this suspension
 
     def failures_in_window(self) -> int:
         return sum(1 for _, failed in self.results if failed)
@@ -97,12 +99,19 @@ class HealthBoard:
         host = self.hosts.get(key)
         return host.state if host is not None else "healthy"
 
-    def allow(self, key: str, now: float) -> bool:
-        """May a request go to this host now? At the end of a suspension, yes once: the probe."""
+    def allow(self, key: str, now: float, fresh: bool = True) -> bool:
+        """May a request go to this host now? At the end of a suspension, yes once: the probe.
+
+        A probe should show whether the host is back, not whether one poisoned delivery still
+        fails: a delivery that already failed (``fresh=False``) is passed over once, so a fresh
+        one asked for next takes the probe; asked again, it takes the probe itself."""
         host = self.hosts.get(key)
         if host is None or host.state == "healthy":
             return True
         if host.state == "suspended" and now >= host.suspended_until:
+            if not fresh and not host.passed_over:
+                host.passed_over = True
+                return False
             self._move(host, "probing", now)
             return True
         return False
@@ -161,6 +170,7 @@ class HealthBoard:
 
     def _move(self, host: Host, state: State, now: float) -> None:
         before, host.state = host.state, state
+        host.passed_over = False
         if state == "suspended":
             log.warning("host %s suspended for %.1fs (suspension %d in a row)", host.key,
                         host.suspended_until - now, host.suspensions)

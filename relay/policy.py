@@ -26,9 +26,12 @@ from relay.request import Exchange
 
 Kind = Literal["delivered", "retry", "failed"]
 
-# Error classes, named at the transport boundary (relay.dispatch maps aiohttp's exceptions).
+# Error classes, named at the transport boundary (relay.transport maps aiohttp's exceptions).
+# Others are final: blocked (an internal address, see relay.egress), invalid_url, client_error,
+# render; "internal" (a request that could not be prepared) is retried like a 5xx.
 UNREACHABLE_ERRORS = frozenset({"connect", "connect_timeout", "dns", "tls", "refused"})
-RETRYABLE_ERRORS = UNREACHABLE_ERRORS | frozenset({"timeout", "reset", "disconnected"})
+RETRYABLE_ERRORS = UNREACHABLE_ERRORS | frozenset({"timeout", "reset", "disconnected",
+                                                  "internal"})
 
 
 @dataclass(frozen=True, slots=True)

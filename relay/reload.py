@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import yaml
@@ -92,28 +92,32 @@ class ConfigWatcher:
 
     def __init__(self, path: str, current: Config, apply: Callable[[Loaded], None],
                  on_result: Callable[[bool], None] = lambda ok: None,
-                 interval: float = 1.0, load: Callable[[str], Loaded] = load) -> None:
+                 interval: float = 1.0, load: Callable[[str], Loaded] = load,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+                 probe: Callable[[str], tuple[object, ...]] = watched) -> None:
         self.path = path
         self.current = current
         self._apply = apply
         self._load = load
         self._on_result = on_result
         self.interval = interval
-        self._seen = watched(path)
+        self._sleep = sleep    # injected so tests step the polling without real waiting
+        self._probe = probe
+        self._seen = probe(path)
         self._lock = asyncio.Lock()
 
     async def watch(self) -> None:
         """Poll for changes until cancelled; reload once a change has settled."""
         while True:
-            await asyncio.sleep(self.interval)
-            now = await asyncio.to_thread(watched, self.path)
+            await self._sleep(self.interval)
+            now = await asyncio.to_thread(self._probe, self.path)
             if now == self._seen:
                 continue
             # An editor that truncates and then writes leaves a moment in which the file is
             # empty (and an empty config is valid): wait until it stops changing.
             for _ in range(SETTLE_CHECKS):
-                await asyncio.sleep(SETTLE)
-                again = await asyncio.to_thread(watched, self.path)
+                await self._sleep(SETTLE)
+                again = await asyncio.to_thread(self._probe, self.path)
                 if again == now:
                     break
                 now = again

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,3 +52,27 @@ class Exchange:
     def error_text(self) -> str | None:
         """The activity log's ``error`` field of this attempt."""
         return None if self.error is None else f"{self.error}: {self.detail}"
+
+
+def endpoint(url: str) -> str:
+    """``scheme://host:port`` of a URL (the port written out): what host health is kept by."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    port = port or (443 if parts.scheme == "https" else 80)
+    host = (parts.hostname or "").lower()
+    return f"{parts.scheme}://{f'[{host}]' if ':' in host else host}:{port}"
+
+
+def split_host_port(entry: str) -> tuple[str, int | None]:
+    """``"host"`` -> ("host", None); ``"host:8443"`` -> ("host", 8443); ``"[::1]:443"`` too."""
+    entry = entry.strip().lower()
+    if entry.startswith("["):
+        host, _, rest = entry[1:].partition("]")
+        return host, int(rest[1:]) if rest.startswith(":") and rest[1:].isdigit() else None
+    host, sep, port = entry.rpartition(":")
+    if sep and port.isdigit() and ":" not in host:
+        return host, int(port)
+    return entry, None

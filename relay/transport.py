@@ -15,8 +15,10 @@ from collections.abc import Callable
 from typing import Protocol
 
 import aiohttp
+from yarl import URL
 
 from relay.config import Config
+from relay.egress import Blocked, GuardedResolver, blocked_cause, check_literal, parse_networks
 from relay.request import Exchange, Request
 
 EXCERPT_BYTES = 1024  # of each response body, kept for the activity log
@@ -29,11 +31,14 @@ class Transport(Protocol):
 
 
 def client_session(config: Config) -> aiohttp.ClientSession:
-    """One shared session: pooled keep-alive connections, TLS verified, no cookies."""
+    """One shared session: pooled keep-alive connections, TLS verified, no cookies, and only
+    the addresses relay.egress allows (a name that resolves to an internal address is
+    refused unless delivery.allowed_networks holds it)."""
     context = ssl.create_default_context(cafile=config.delivery.ca_file)
+    resolver = GuardedResolver(parse_networks(config.delivery.allowed_networks))
     connector = aiohttp.TCPConnector(limit=config.delivery.concurrency,
                                      limit_per_host=config.delivery.per_host_concurrency,
-                                     ssl=context, ttl_dns_cache=60)
+                                     ssl=context, ttl_dns_cache=60, resolver=resolver)
     return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar(),
                                  auto_decompress=True)
 
@@ -44,12 +49,20 @@ class AiohttpTransport:
     def __init__(self, config: Config, clock: Callable[[], float] = time.time) -> None:
         self.config = config
         self.clock = clock
+        self._allowed = parse_networks(config.delivery.allowed_networks)
         self._session: aiohttp.ClientSession | None = None
 
     async def handle_request(self, request: Request, timeout: float) -> Exchange:
         if self._session is None:
             self._session = client_session(self.config)
         started, t0 = self.clock(), time.monotonic()
+        try:
+            # aiohttp connects to an IP literal without asking the resolver: check it here.
+            check_literal(URL(request.url).host or "", self._allowed)
+        except Blocked as exc:
+            return Exchange(started, 0.0, error="blocked", detail=str(exc))
+        except ValueError as exc:
+            return Exchange(started, 0.0, error="invalid_url", detail=str(exc))
         try:
             async with self._session.request(
                     request.method, request.url, headers=request.headers,
@@ -71,6 +84,9 @@ class AiohttpTransport:
 def error_class(exc: BaseException, timeout: float) -> tuple[str, str]:
     """aiohttp's exception zoo -> the error classes of relay.policy, with a detail sentence."""
     detail = str(exc) or type(exc).__name__
+    blocked = blocked_cause(exc)
+    if blocked is not None:
+        return "blocked", str(blocked)
     if isinstance(exc, aiohttp.ConnectionTimeoutError):
         return "connect_timeout", f"no connection within {timeout:g}s"
     if isinstance(exc, TimeoutError | asyncio.TimeoutError):

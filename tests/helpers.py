@@ -1,4 +1,9 @@
-"""Real parts for tests: config files, a relay subprocess, an in-thread relay server."""
+"""Real parts for tests: config files, a relay subprocess, an in-thread relay server, the
+in-loop stack (spool + dispatcher + app), a settable clock, and ``eventually`` for waiting.
+
+Fixtures built on these live in tests/conftest.py; everything here stays importable for
+subprocess-based and synchronous (hypothesis) tests.
+"""
 
 from __future__ import annotations
 
@@ -13,8 +18,9 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
@@ -23,6 +29,56 @@ SHARED = ROOT.parent / "shared"
 # The documented payload examples, copied from shared/fixtures so the repository tests itself;
 # test_fixture_copies_match_shared fails if the copies drift from the originals.
 FIXTURES = ROOT / "tests" / "fixtures"
+
+T = TypeVar("T")
+
+
+def _timed_out(what: str, timeout: float, last: object) -> AssertionError:
+    return AssertionError(f"not within {timeout}s: {what}; last value seen: {last!r}")
+
+
+def eventually(get: Callable[[], T], until: Callable[[T], object] = bool, *, what: str = "",
+               timeout: float = 15.0, interval: float = 0.02) -> T:
+    """Call ``get`` every ``interval`` until ``until(value)`` holds, and return that value.
+
+    The one way tests wait for something to happen: on timeout an AssertionError says what was
+    awaited (``what``, else the callable's name) and the last value ``get`` returned.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = get()
+        if until(value):
+            return value
+        if time.monotonic() >= deadline:
+            raise _timed_out(what or getattr(get, "__qualname__", repr(get)), timeout, value)
+        time.sleep(interval)
+
+
+async def async_eventually(get: Callable[[], T | Awaitable[T]],
+                           until: Callable[[T], object] = bool, *, what: str = "",
+                           timeout: float = 15.0, interval: float = 0.02) -> T:
+    """``eventually`` for async tests: ``get`` may be a coroutine function; waits without
+    blocking the loop."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = get()
+        if isinstance(value, Awaitable):
+            value = await value
+        if until(value):  # type: ignore[arg-type]
+            return value  # type: ignore[return-value]
+        if time.monotonic() >= deadline:
+            raise _timed_out(what or getattr(get, "__qualname__", repr(get)), timeout, value)
+        await asyncio.sleep(interval)
+
+
+class Clock:
+    """A clock that stands still until a test moves it (``clock.now += 60``)."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
 
 
 def destinations(url: str = "http://127.0.0.1:9/") -> list[dict[str, Any]]:
@@ -44,7 +100,8 @@ def write_config(tmp_path: Path, **sections: Any) -> Path:
     config: dict[str, Any] = {
         "server": {"listen": f"127.0.0.1:{port}"},
         "spool": {"path": str(tmp_path / "spool.db")},
-        "delivery": {"allowed_ports": [80, 443, 9]},
+        # the test receivers listen on loopback: an internal network, refused unless listed
+        "delivery": {"allowed_ports": [80, 443, 9], "allowed_networks": ["127.0.0.0/8"]},
         "destinations": destinations(),
     }
     for key, value in sections.items():
@@ -57,18 +114,13 @@ def write_config(tmp_path: Path, **sections: Any) -> Path:
     return path
 
 
-def process_gone(pid: int, timeout: float = 10.0) -> bool:
-    """True once ``pid`` has exited (gone, or a zombie nobody reaped yet) within ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except FileNotFoundError:
-            return True
-        if state in ("Z", "X"):
-            return True
-        time.sleep(0.05)
-    return False
+def process_gone(pid: int) -> bool:
+    """True if ``pid`` has exited (gone, or a zombie nobody reaped yet)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return True
+    return state in ("Z", "X")
 
 
 def event(i: int = 0, **fields: Any) -> dict[str, Any]:
@@ -114,18 +166,24 @@ class RelayProcess:
             [sys.executable, "-m", "relay", "serve", "-c", str(self.config_path)],
             stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.config_path.parent)
         log.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        proc = self.proc
+
+        def listening() -> str | None:
             text = self.log_path.read_bytes()[offset:].decode(errors="replace")
             found = re.search(r"listening on (http://\S+)", text)
             if found:
-                self.url = found.group(1)
-                return self
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"relay exited with {self.proc.returncode}:\n{text}")
-            time.sleep(0.02)
-        self.stop()
-        raise RuntimeError(f"relay did not start within {timeout}s:\n{self.log()}")
+                return found.group(1)
+            if proc.poll() is not None:
+                raise RuntimeError(f"relay exited with {proc.returncode}:\n{text}")
+            return None
+
+        try:
+            self.url = eventually(listening, what="the relay to log 'listening on'",
+                                  timeout=timeout)
+        except AssertionError as exc:
+            self.stop()
+            raise RuntimeError(f"relay did not start: {exc}\n{self.log()}") from None
+        return self
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -209,19 +267,59 @@ class ServerThread(LoopThread):
         await self.spool.close()
 
 
-async def start_stack(config: Any, aiohttp_client: Any) -> tuple[Any, Any, Any]:
-    """Spool + dispatcher + the app under aiohttp's test client, in this loop; stop_stack ends it."""
-    from relay.dispatch import Dispatcher
-    from relay.server import create_app
-    from relay.spool import Spool
+class Stack:
+    """Spool + dispatcher + the relay's app under aiohttp's test client, all in the test's loop.
 
-    spool = Spool(config.spool.path, max_events=config.spool.max_events)
-    await spool.open()
-    dispatcher = Dispatcher(config, spool)
-    await dispatcher.start()
-    return await aiohttp_client(create_app(config, spool, dispatcher)), spool, dispatcher
+    Start one with ``Stack.start`` (or the ``make_stack`` fixture, which also stops it).
+    """
 
+    def __init__(self, config: Any, client: Any, spool: Any, dispatcher: Any) -> None:
+        self.config, self.client, self.spool, self.dispatcher = config, client, spool, dispatcher
+        self._stopped = False
 
-async def stop_stack(spool: Any, dispatcher: Any, drain: float = 1.0) -> None:
-    await dispatcher.stop(drain)
-    await spool.close()
+    @classmethod
+    async def start(cls, config: Any, aiohttp_client: Any, *, dispatch: bool = True,
+                    **dispatcher_options: Any) -> Stack:
+        """``dispatch=False`` serves the API on the spool with no dispatcher running;
+        ``dispatcher_options`` (``clock``, ``rand``) go to the Dispatcher."""
+        from relay.dispatch import Dispatcher
+        from relay.server import create_app
+        from relay.spool import Spool
+
+        spool = Spool(config.spool.path, max_events=config.spool.max_events)
+        await spool.open()
+        dispatcher = None
+        if dispatch:
+            dispatcher = Dispatcher(config, spool, **dispatcher_options)
+            await dispatcher.start()
+            client = await aiohttp_client(create_app(config, spool, dispatcher))
+        else:
+            client = await aiohttp_client(create_app(config, spool))
+        return cls(config, client, spool, dispatcher)
+
+    async def stop(self, drain: float = 1.0) -> None:
+        """Stop the dispatcher (letting attempts finish for ``drain`` s), close the spool."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if self.dispatcher is not None:
+            await self.dispatcher.stop(drain)
+        await self.spool.close()
+
+    async def post(self, *events: dict[str, Any]) -> dict[str, str]:
+        """POST the events (expecting 202); ``"<event id>/<destination>" -> delivery id``."""
+        resp = await self.client.post("/v1/events", json=list(events))
+        assert resp.status == 202, await resp.text()
+        body = await resp.json()
+        return {f"{e['id']}/{d['destination']}": d["delivery_id"]
+                for e in body["events"] for d in e["deliveries"]}
+
+    async def delivery(self, delivery_id: str) -> dict[str, Any]:
+        resp = await self.client.get(f"/v1/deliveries/{delivery_id}")
+        return await resp.json()
+
+    async def settle(self, delivery_id: str, state: str, timeout: float = 10.0) -> dict[str, Any]:
+        """Wait until the delivery is in ``state``; returns its record."""
+        return await async_eventually(lambda: self.delivery(delivery_id),
+                                      lambda found: found["status"] == state,
+                                      what=f"{delivery_id} to become {state}", timeout=timeout)

@@ -16,7 +16,7 @@ from typing import Any
 from aiohttp import web
 from multidict import CIMultiDict
 
-from tests.helpers import LoopThread
+from tests.helpers import LoopThread, async_eventually, eventually
 
 
 @dataclass
@@ -63,25 +63,17 @@ class Receiver(LoopThread):
             return [r for r in self.requests if r.path.startswith(path_prefix)]
 
     def wait_for(self, count: int, path_prefix: str = "", timeout: float = 15.0) -> list[Received]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            got = self.received(path_prefix)
-            if len(got) >= count:
-                return got
-            time.sleep(0.02)
-        raise AssertionError(f"expected {count} requests to {path_prefix!r}, got "
-                             f"{len(self.received(path_prefix))} in {timeout}s")
+        """Block until at least ``count`` requests to ``path_prefix`` arrived; returns them."""
+        return eventually(lambda: self.received(path_prefix), lambda got: len(got) >= count,
+                          what=f"{count} requests to {path_prefix!r}", timeout=timeout)
 
     async def await_for(self, count: int, path_prefix: str = "",
                         timeout: float = 15.0) -> list[Received]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            got = self.received(path_prefix)
-            if len(got) >= count:
-                return got
-            await asyncio.sleep(0.02)
-        raise AssertionError(f"expected {count} requests to {path_prefix!r}, got "
-                             f"{len(self.received(path_prefix))} in {timeout}s")
+        """``wait_for`` without blocking the event loop."""
+        return await async_eventually(lambda: self.received(path_prefix),
+                                      lambda got: len(got) >= count,
+                                      what=f"{count} requests to {path_prefix!r}",
+                                      timeout=timeout)
 
     async def _handle(self, request: web.Request) -> web.Response:
         body = await request.read()
@@ -121,6 +113,7 @@ def receiver_config(receiver: Receiver, **overrides: Any) -> dict[str, Any]:
     url = receiver.url
     return {
         "delivery": {"allowed_ports": [80, 443, receiver.port], "backoff_initial": "50ms",
+                     "allowed_networks": ["127.0.0.0/8"],
                      "backoff_max": "200ms", "timeout": "2s", **overrides.pop("delivery", {})},
         "destinations": overrides.pop("destinations", None) or [
             {"name": "ajo", "format": "ajo", "url": f"{url}/ajo", "allow_insecure_http": True,

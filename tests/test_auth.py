@@ -18,19 +18,12 @@ from relay.config import Destination, parse_config
 from relay.destinations import compile_destinations
 from relay.errors import ConfigError
 from relay.request import Request
+from tests.helpers import Clock
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 OLD_SECRET = "whsec_" + base64.b64encode(b"an older secret for rotation!").decode()
 REQUEST = Request("POST", "https://h.example.com/x", {"Content-Type": "application/json"},
                   b'{"a":1}')
-
-
-class Clock:
-    def __init__(self, now: float = 1_700_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def dest(auth: dict[str, Any], **extra: Any) -> Destination:
@@ -69,7 +62,7 @@ def test_jwt_verifies_with_pyjwt(algorithm: str) -> None:
                "ES256": lambda: ec.generate_private_key(ec.SECP256R1()),
                "EdDSA": ed25519.Ed25519PrivateKey.generate}[algorithm]()
         private, public = pem(key), key.public_key()
-    clock = Clock()
+    clock = Clock(1_700_000_000.0)
     signing = Signing(dest({"type": "jwt", "algorithm": algorithm, "key": private,
                             "issuer": "relay", "subject": "feedback", "audience": "ajo",
                             "ttl": "5m", "claims": {"tenant": "t1"}, "key_id": "k1"}), clock)
@@ -86,7 +79,7 @@ def test_jwt_verifies_with_pyjwt(algorithm: str) -> None:
 
 def test_jwt_is_cached_until_60s_before_expiry() -> None:
     """The same token is reused until 60 s before exp, then a fresh one (new jti) is minted."""
-    clock = Clock()
+    clock = Clock(1_700_000_000.0)
     signing = Signing(dest({"type": "jwt", "key": "k" * 32, "ttl": "5m"}), clock)
     first = signing.sign(REQUEST, "a").headers["Authorization"]
     clock.now += 239

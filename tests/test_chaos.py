@@ -16,9 +16,7 @@ from typing import Any
 import pytest
 
 from relay.config import load_config
-from relay.dispatch import Dispatcher
-from relay.spool import Spool
-from tests.helpers import RelayProcess, event, http, start_stack, stop_stack, write_config
+from tests.helpers import RelayProcess, async_eventually, event, eventually, http, write_config
 from tests.receiver import Answer, Receiver
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]
@@ -97,13 +95,9 @@ def delivered(receiver: Receiver, path: str) -> Counter[str]:
 
 
 def wait_all_delivered(receiver: Receiver, acked: set[str], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if all(acked <= set(delivered(receiver, p)) for p in ("/a", "/b")):
-            return
-        time.sleep(0.2)
-    missing = {p: len(acked - set(delivered(receiver, p))) for p in ("/a", "/b")}
-    raise AssertionError(f"acknowledged events never delivered: {missing}")
+    eventually(lambda: {p: len(acked - set(delivered(receiver, p))) for p in ("/a", "/b")},
+               lambda missing: not any(missing.values()), interval=0.2, timeout=timeout,
+               what="every acknowledged event delivered to /a and /b (value: how many not)")
 
 
 def test_sigkill_under_load_loses_nothing(tmp_path: Path, capsys: Any) -> None:
@@ -117,7 +111,11 @@ def test_sigkill_under_load_loses_nothing(tmp_path: Path, capsys: Any) -> None:
                 for cycle in range(4):
                     receiver.set_default([Answer(200, delay=0.2), Answer(503),
                                           Answer(200, delay=0.02)][cycle % 3])
-                    time.sleep(rng.uniform(1.0, 3.0))
+                    # enough load before each kill for the test to mean something, then a
+                    # random moment (was: a random 1-3 s, too little load on a slow machine)
+                    eventually(lambda: len(senders.acked), lambda n, want=60 * (cycle + 1): n >= want,
+                               timeout=60, what="60 more acknowledged events this cycle")
+                    time.sleep(rng.uniform(0.0, 2.0))
                     relay.kill(signal.SIGKILL)
                     time.sleep(rng.uniform(0.0, 0.3))
                     relay.start()
@@ -161,60 +159,47 @@ def test_receiver_outage_under_load(tmp_path: Path, capsys: Any) -> None:
             relay.stop()
 
 
-async def _stack(tmp_path: Path, aiohttp_client: Any, receiver: Receiver,
-                 **extra: Any) -> tuple[Any, Spool, Dispatcher]:
-    config = load_config(chaos_config(tmp_path, receiver, **extra), env={})
-    return await start_stack(config, aiohttp_client)
-
-
-async def test_full_spool_answers_503_and_recovers(tmp_path: Path, aiohttp_client: Any) -> None:
+async def test_full_spool_answers_503_and_recovers(tmp_path: Path, make_stack: Any,
+                                                   receivers: Any) -> None:
     """At spool.max_events ingest answers 503 with Retry-After, the relay keeps serving, and
     ingest resumes once deliveries drain."""
-    import asyncio
-
-    with Receiver(Answer(503)) as receiver:
-        client, spool, dispatcher = await _stack(tmp_path, aiohttp_client, receiver,
-                                                 spool={"max_events": 20})
-        try:
-            assert (await client.post("/v1/events", json=[event(i) for i in range(20)])).status == 202
-            full = await client.post("/v1/events", json=event(99))
-            assert full.status == 503 and int(full.headers["Retry-After"]) > 0
-            assert (await client.get("/healthz")).status == 200
-            receiver.set_default(Answer(200))                  # deliveries drain: room returns
-            for _ in range(200):
-                resp = await client.post("/v1/events", json=event(99))
-                if resp.status == 202:
-                    break
-                await asyncio.sleep(0.05)
-            assert resp.status == 202
-        finally:
-            await stop_stack(spool, dispatcher)
+    receiver = receivers(Answer(503))
+    stack = await make_stack(load_config(chaos_config(tmp_path, receiver,
+                                                      spool={"max_events": 20}), env={}))
+    client = stack.client
+    assert (await client.post("/v1/events", json=[event(i) for i in range(20)])).status == 202
+    full = await client.post("/v1/events", json=event(99))
+    assert full.status == 503 and int(full.headers["Retry-After"]) > 0
+    assert (await client.get("/healthz")).status == 200
+    receiver.set_default(Answer(200))                  # deliveries drain: room returns
+    resp = await async_eventually(lambda: client.post("/v1/events", json=event(99)),
+                                  lambda resp: resp.status == 202, interval=0.05,
+                                  what="ingest to accept again once deliveries drained")
+    assert resp.status == 202
 
 
-async def test_full_disk_answers_503_and_recovers(tmp_path: Path, aiohttp_client: Any) -> None:
+async def test_full_disk_answers_503_and_recovers(tmp_path: Path, make_stack: Any,
+                                                  receiver: Receiver) -> None:
     """When SQLite reports the disk full (SQLITE_FULL), ingest answers 503 with Retry-After and
     stores nothing partial; the relay keeps serving; ingest resumes when space returns."""
-    with Receiver(Answer(200)) as receiver:
-        client, spool, dispatcher = await _stack(tmp_path, aiohttp_client, receiver)
-        try:
-            assert (await client.post("/v1/events", json=event(1))).status == 202
-            # The disk fills up: SQLite may not grow the file past its current size.
-            await spool.page_limit(0)
-            statuses = []
-            for i in range(200):
-                resp = await client.post("/v1/events", json=[event(1000 + i * 50 + k)
-                                                             for k in range(50)])
-                statuses.append(resp.status)
-                if resp.status == 503:
-                    break
-            assert statuses[-1] == 503 and set(statuses) <= {202, 503}
-            assert "disk" in (await resp.json())["error"] and int(resp.headers["Retry-After"]) > 0
-            assert (await client.get("/healthz")).status == 200
-            await spool.page_limit(None)
-            again = await client.post("/v1/events", json=event(5000))   # space is back
-            assert again.status == 202
-            stored = {d.event_id for d in await spool.list_deliveries(limit=1000)}
-            refused = {f"evt-{1000 + (len(statuses) - 1) * 50 + k}" for k in range(50)}
-            assert not stored & refused          # the refused batch left nothing behind
-        finally:
-            await stop_stack(spool, dispatcher)
+    stack = await make_stack(load_config(chaos_config(tmp_path, receiver), env={}))
+    client, spool = stack.client, stack.spool
+    assert (await client.post("/v1/events", json=event(1))).status == 202
+    # The disk fills up: SQLite may not grow the file past its current size.
+    await spool.page_limit(0)
+    statuses = []
+    for i in range(200):
+        resp = await client.post("/v1/events", json=[event(1000 + i * 50 + k)
+                                                     for k in range(50)])
+        statuses.append(resp.status)
+        if resp.status == 503:
+            break
+    assert statuses[-1] == 503 and set(statuses) <= {202, 503}
+    assert "disk" in (await resp.json())["error"] and int(resp.headers["Retry-After"]) > 0
+    assert (await client.get("/healthz")).status == 200
+    await spool.page_limit(None)
+    again = await client.post("/v1/events", json=event(5000))   # space is back
+    assert again.status == 202
+    stored = {d.event_id for d in await spool.list_deliveries(limit=1000)}
+    refused = {f"evt-{1000 + (len(statuses) - 1) * 50 + k}" for k in range(50)}
+    assert not stored & refused          # the refused batch left nothing behind

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -11,72 +10,15 @@ import jwt
 import pytest
 from standardwebhooks import Webhook
 
-from relay.config import load_config
-from relay.dispatch import Dispatcher
-from relay.server import create_app
-from relay.spool import Spool
-from tests.helpers import event, write_config
+from relay.policy import next_attempt_at
+from tests.helpers import async_eventually, event
 from tests.receiver import Answer, Receiver, closed_port, receiver_config
 
 
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    with Receiver() as r:
-        yield r
-
-
-class Stack:
-    def __init__(self, client: Any, spool: Spool, dispatcher: Dispatcher) -> None:
-        self.client, self.spool, self.dispatcher = client, spool, dispatcher
-
-    async def post(self, *events: dict[str, Any]) -> dict[str, str]:
-        resp = await self.client.post("/v1/events", json=list(events))
-        assert resp.status == 202, await resp.text()
-        body = await resp.json()
-        return {f"{e['id']}/{d['destination']}": d["delivery_id"]
-                for e in body["events"] for d in e["deliveries"]}
-
-    async def delivery(self, delivery_id: str) -> dict[str, Any]:
-        resp = await self.client.get(f"/v1/deliveries/{delivery_id}")
-        return await resp.json()
-
-    async def settle(self, delivery_id: str, state: str, timeout: float = 10.0) -> dict[str, Any]:
-        import asyncio
-        import time
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            found = await self.delivery(delivery_id)
-            if found["status"] == state:
-                return found
-            await asyncio.sleep(0.02)
-        raise AssertionError(f"{delivery_id} never became {state}: {found}")
-
-
-@pytest.fixture
-async def stack_for(tmp_path: Path, aiohttp_client: Any) -> AsyncIterator[Any]:
-    made: list[tuple[Spool, Dispatcher]] = []
-
-    async def make(**sections: Any) -> Stack:
-        config = load_config(write_config(tmp_path, **sections), env={})
-        spool = Spool(config.spool.path)
-        await spool.open()
-        dispatcher = Dispatcher(config, spool)
-        await dispatcher.start()
-        made.append((spool, dispatcher))
-        client = await aiohttp_client(create_app(config, spool, dispatcher))
-        return Stack(client, spool, dispatcher)
-
-    yield make
-    for spool, dispatcher in made:
-        await dispatcher.stop(1)
-        await spool.close()
-
-
-async def test_delivers_each_format_with_headers_and_signatures(stack_for: Any,
+async def test_delivers_each_format_with_headers_and_signatures(make_stack: Any,
                                                                 receiver: Receiver) -> None:
     """Each destination gets its shape, Webhook-Id, User-Agent, and a verifiable signature."""
-    stack = await stack_for(**receiver_config(receiver))
+    stack = await make_stack(**receiver_config(receiver))
     ids = await stack.post(event(1, status="bounced", failure={"reason": "550 no such user"}))
     for delivery_id in ids.values():
         await stack.settle(delivery_id, "delivered")
@@ -100,10 +42,10 @@ async def test_delivers_each_format_with_headers_and_signatures(stack_for: Any,
 
 
 async def test_500_twice_then_200_is_three_attempts_with_one_webhook_id(
-        stack_for: Any, receiver: Receiver) -> None:
+        make_stack: Any, receiver: Receiver) -> None:
     """Retryable answers are retried through the spool with the same Webhook-Id."""
     receiver.answer(Answer(500, body="boom"), Answer(503))
-    stack = await stack_for(**receiver_config(receiver, destinations=[
+    stack = await make_stack(**receiver_config(receiver, destinations=[
         {"name": "braze", "format": "braze", "url": f"{receiver.url}/braze"}]))
     ids = await stack.post(event(1))
     found = await stack.settle(ids["evt-1/braze"], "delivered")
@@ -115,10 +57,10 @@ async def test_500_twice_then_200_is_three_attempts_with_one_webhook_id(
     assert got[1].at - got[0].at >= 0.035  # backoff_initial 50 ms, jitter 20 %
 
 
-async def test_400_fails_at_once_and_replay_delivers(stack_for: Any, receiver: Receiver) -> None:
+async def test_400_fails_at_once_and_replay_delivers(make_stack: Any, receiver: Receiver) -> None:
     """A 400 is one attempt and a failed entry with status and excerpt; replay delivers it."""
     receiver.answer(Answer(400, body='{"error": "bad field"}'))
-    stack = await stack_for(**receiver_config(receiver, destinations=[
+    stack = await make_stack(**receiver_config(receiver, destinations=[
         {"name": "braze", "format": "braze", "url": f"{receiver.url}/braze"}]))
     ids = await stack.post(event(1))
     failed = await stack.settle(ids["evt-1/braze"], "failed")
@@ -138,34 +80,45 @@ async def test_400_fails_at_once_and_replay_delivers(stack_for: Any, receiver: R
 
 
 @pytest.mark.parametrize("status", [301, 302, 404, 410])
-async def test_3xx_and_other_4xx_are_not_retried(stack_for: Any, receiver: Receiver,
+async def test_3xx_and_other_4xx_are_not_retried(make_stack: Any, receiver: Receiver,
                                                   status: int) -> None:
     """Redirects are never followed and other 4xx never retried."""
     receiver.set_default(Answer(status, headers={"Location": "/elsewhere"}))
-    stack = await stack_for(**receiver_config(receiver, destinations=[
+    stack = await make_stack(**receiver_config(receiver, destinations=[
         {"name": "braze", "format": "braze", "url": f"{receiver.url}/braze"}]))
     ids = await stack.post(event(1))
     failed = await stack.settle(ids["evt-1/braze"], "failed")
     assert len(receiver.received()) == 1 and failed["attempts"][0]["status_code"] == status
 
 
-async def test_408_and_429_honour_retry_after(stack_for: Any, receiver: Receiver) -> None:
+async def test_408_and_429_honour_retry_after(make_stack: Any, receiver: Receiver,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """408/429 are retried, waiting as long as Retry-After says (clamped, 1 s minimum)."""
+    delays: list[float | None] = []  # the wait the policy chose after each attempt
+
+    def spy(policy: Any, outcome: Any, **facts: Any) -> float | None:
+        when = next_attempt_at(policy, outcome, **facts)
+        delays.append(None if when is None else when - facts["now"])
+        return when
+
+    monkeypatch.setattr("relay.policy.next_attempt_at", spy)  # what policy.decide calls
     receiver.answer(Answer(429, headers={"Retry-After": "1"}), Answer(408))
-    stack = await stack_for(**receiver_config(receiver, delivery={"backoff_max": "5s"}, destinations=[
-        {"name": "braze", "format": "braze", "url": f"{receiver.url}/braze"}]))
+    stack = await make_stack(**receiver_config(receiver, delivery={"backoff_max": "5s"}, destinations=[
+        {"name": "braze", "format": "braze", "url": f"{receiver.url}/braze"}]),
+        rand=lambda: 0.5)  # jitter factor exactly 1
     ids = await stack.post(event(1))
     await stack.settle(ids["evt-1/braze"], "delivered")
     got = receiver.received()
     assert len(got) == 3
     assert got[1].at - got[0].at >= 0.95  # Retry-After: 1
-    assert got[2].at - got[1].at < 0.9    # plain backoff after the 408
+    # Retry-After: 1 after the 429; plain backoff (backoff_initial 50 ms x 2) after the 408
+    assert delays == [pytest.approx(1.0), pytest.approx(0.1), None]
 
 
-async def test_retries_exhausted_become_failed(stack_for: Any, receiver: Receiver) -> None:
+async def test_retries_exhausted_become_failed(make_stack: Any, receiver: Receiver) -> None:
     """After max_retries retryable answers the delivery is failed (dead letter)."""
     receiver.set_default(Answer(502))
-    stack = await stack_for(**receiver_config(receiver, delivery={"max_retries": 2}, destinations=[
+    stack = await make_stack(**receiver_config(receiver, delivery={"max_retries": 2}, destinations=[
         {"name": "braze", "format": "braze", "url": f"{receiver.url}/braze"}]))
     ids = await stack.post(event(1))
     failed = await stack.settle(ids["evt-1/braze"], "failed")
@@ -173,10 +126,10 @@ async def test_retries_exhausted_become_failed(stack_for: Any, receiver: Receive
     assert "retries exhausted after 3 attempts" in failed["reason"]
 
 
-async def test_timeout_is_retried(stack_for: Any, receiver: Receiver) -> None:
+async def test_timeout_is_retried(make_stack: Any, receiver: Receiver) -> None:
     """A receiver slower than the timeout counts as a retryable timeout."""
     receiver.answer(Answer(200, delay=1.0))
-    stack = await stack_for(**receiver_config(receiver, destinations=[
+    stack = await make_stack(**receiver_config(receiver, destinations=[
         {"name": "braze", "format": "braze", "url": f"{receiver.url}/braze",
          "timeout": "300ms"}]))
     ids = await stack.post(event(1))
@@ -185,28 +138,24 @@ async def test_timeout_is_retried(stack_for: Any, receiver: Receiver) -> None:
     assert found["attempts"][1]["status_code"] == 200
 
 
-async def test_connection_refused_stays_pending(stack_for: Any, tmp_path: Path) -> None:
+async def test_connection_refused_stays_pending(make_stack: Any, tmp_path: Path) -> None:
     """An unreachable endpoint keeps the delivery pending, retrying, with the error recorded."""
     port = closed_port()
-    stack = await stack_for(delivery={"allowed_ports": [port], "backoff_initial": "50ms",
+    stack = await make_stack(delivery={"allowed_ports": [port], "backoff_initial": "50ms",
                                       "backoff_max": "100ms"},
                             destinations=[{"name": "braze", "format": "braze",
                                            "url": f"http://127.0.0.1:{port}/braze"}])
     ids = await stack.post(event(1))
-    import asyncio
-
-    for _ in range(200):
-        found = await stack.delivery(ids["evt-1/braze"])
-        if len(found["attempts"]) >= 3:
-            break
-        await asyncio.sleep(0.02)
+    found = await async_eventually(lambda: stack.delivery(ids["evt-1/braze"]),
+                                   lambda found: len(found["attempts"]) >= 3,
+                                   what="three attempts at the unreachable endpoint")
     assert found["status"] == "pending" and len(found["attempts"]) >= 3
     assert all(a["error"].startswith("connect") for a in found["attempts"])
 
 
-async def test_render_failure_fails_without_a_request(stack_for: Any, receiver: Receiver) -> None:
+async def test_render_failure_fails_without_a_request(make_stack: Any, receiver: Receiver) -> None:
     """A template rendering onto a host outside allowed_hosts fails with the reason, unsent."""
-    stack = await stack_for(**receiver_config(receiver, destinations=[
+    stack = await make_stack(**receiver_config(receiver, destinations=[
         {"name": "t", "format": "template", "url": "http://{{ event.attributes.host }}/x",
          "allowed_hosts": ["127.0.0.1"], "template": {"method": "GET"}}]))
     ids = await stack.post(event(1, attributes={"host": "evil.example.com"}))
@@ -216,10 +165,10 @@ async def test_render_failure_fails_without_a_request(stack_for: Any, receiver: 
     assert receiver.received() == []
 
 
-async def test_bulk_replay_by_destination(stack_for: Any, receiver: Receiver) -> None:
+async def test_bulk_replay_by_destination(make_stack: Any, receiver: Receiver) -> None:
     """POST /v1/deliveries/retry replays every failed delivery of a destination."""
     receiver.answer(*[Answer(400)] * 3)
-    stack = await stack_for(**receiver_config(receiver, destinations=[
+    stack = await make_stack(**receiver_config(receiver, destinations=[
         {"name": "braze", "format": "braze", "url": f"{receiver.url}/braze"}]))
     ids = await stack.post(event(1), event(2), event(3))
     for delivery_id in ids.values():
@@ -232,10 +181,10 @@ async def test_bulk_replay_by_destination(stack_for: Any, receiver: Receiver) ->
     assert bad.status == 400
 
 
-async def test_test_send_returns_request_and_response(stack_for: Any, receiver: Receiver) -> None:
+async def test_test_send_returns_request_and_response(make_stack: Any, receiver: Receiver) -> None:
     """The destination test endpoint sends now and shows the masked request and the answer."""
     receiver.answer(Answer(201, body="created"))
-    stack = await stack_for(**receiver_config(receiver))
+    stack = await make_stack(**receiver_config(receiver))
     resp = await stack.client.post("/v1/destinations/ajo/test")
     assert resp.status == 200
     answer = await resp.json()

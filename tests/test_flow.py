@@ -5,22 +5,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import RelayProcess, event, http, write_config
+from tests.helpers import RelayProcess, event, eventually, http, write_config
 from tests.receiver import Answer, Receiver, receiver_config
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    with Receiver() as r:
-        yield r
 
 
 def test_posted_events_reach_the_receiver_once_each(tmp_path: Path, receiver: Receiver) -> None:
@@ -55,11 +47,10 @@ def test_failed_delivery_replayed_with_the_cli(tmp_path: Path, receiver: Receive
         assert status == 202
         delivery_id = body["events"][0]["deliveries"][0]["delivery_id"]
         receiver.wait_for(1)
-        for _ in range(100):
-            _, _, found = http("GET", f"{relay.url}/v1/deliveries/{delivery_id}", headers=auth)
-            if found["status"] == "failed":
-                break
-            time.sleep(0.05)
+        found = eventually(
+            lambda: http("GET", f"{relay.url}/v1/deliveries/{delivery_id}", headers=auth)[2],
+            lambda found: found["status"] == "failed", what=f"{delivery_id} to become failed",
+            timeout=5, interval=0.05)
         assert found["status"] == "failed" and found["attempts"][0]["response_excerpt"] == "nope"
         # the CLI reads server.listen from the config: point it at the port actually bound
         port = relay.url.rsplit(":", 1)[1]

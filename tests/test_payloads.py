@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -175,7 +176,8 @@ def test_template_json_body_url_headers_and_default() -> None:
     request = RENDERERS["crm"].render(
         make_event(recipient={"email": "a b@x.com"}, attributes={"order_id": 42}), "dlv_1")
     assert request.method == "PUT"
-    assert request.url == "https://crm.example.com/users/a+b%40x.com"
+    # the URL as sent: yarl (aiohttp's URL library) writes '@' unescaped in a path
+    assert request.url == "https://crm.example.com/users/a+b@x.com"
     assert request.headers["X-Order"] == "42"
     assert request.headers["Content-Type"] == "application/json"
     assert json.loads(request.body) == {"message_body": "Order 42", "status": "delivered"}
@@ -233,7 +235,7 @@ destinations:
     renderer = build_renderers(cfg)["t"]
     with pytest.raises(RenderError, match="divide by 0"):
         renderer.render(make_event(attributes={"v": "ok"}), "d")
-    with pytest.raises(RenderError, match="line break"):
+    with pytest.raises(RenderError, match="control character"):
         renderer.render(make_event(retry_count=1, attributes={"v": "a\r\nX-Injected: 1"}), "d")
     assert renderer.render(make_event(retry_count=2, attributes={"v": "ok"}), "d").body == b"5"
 
@@ -291,8 +293,13 @@ def test_any_valid_event_renders_in_every_format(data: dict[str, Any]) -> None:
         if fmt == "braze" and event.status not in BRAZE_STATUS:
             continue
         order = str((event.attributes or {}).get("order_id", ""))
-        if fmt == "template" and ("\n" in order or "\r" in order):
-            with pytest.raises(RenderError, match="line break"):  # it feeds the X-Order header
+        if fmt == "template" and re.search(r"[\x00-\x08\x0a-\x1f\x7f]", order):
+            with pytest.raises(RenderError, match="control character"):  # it feeds X-Order
+                RENDERERS[name].render(event, "dlv_x")
+            continue
+        email = event.recipient.email if event.recipient else None
+        if fmt == "template" and event.language not in ("de", "DE") and email in (".", ".."):
+            with pytest.raises(RenderError, match="path segment"):  # it is the URL's last segment
                 RENDERERS[name].render(event, "dlv_x")
             continue
         request = RENDERERS[name].render(event, "dlv_x")

@@ -9,11 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from relay.config import load_config
 from relay.events import load_event
-from relay.server import create_app
-from relay.spool import Spool
-from tests.helpers import FIXTURES, ROOT, write_config
+from tests.helpers import FIXTURES, ROOT
 from tests.test_payloads import build_renderers
 
 AJO_EVENT = {
@@ -26,24 +23,18 @@ AJO_EVENT = {
 }
 
 
-async def test_posted_event_renders_to_the_ajo_fixture(tmp_path: Path, aiohttp_client: Any) -> None:
+async def test_posted_event_renders_to_the_ajo_fixture(make_stack: Any) -> None:
     """The event posted to /v1/events, read back from the spool, renders to the AJO fixture."""
-    config = load_config(write_config(tmp_path), env={})
-    spool = Spool(config.spool.path)
-    await spool.open()
-    try:
-        client = await aiohttp_client(create_app(config, spool))
-        resp = await client.post("/v1/events", json=AJO_EVENT)
-        assert resp.status == 202
-        deliveries = {d["destination"]: d["delivery_id"]
-                      for d in (await resp.json())["events"][0]["deliveries"]}
-        stored = await spool.event_json(deliveries["ajo"])
-        assert stored is not None
-        request = build_renderers(config)["ajo"].render(load_event(stored), deliveries["ajo"])
-        assert json.loads(request.body) == json.loads((FIXTURES / "ajo_feedback_bounce.json")
-                                                      .read_text())
-    finally:
-        await spool.close()
+    stack = await make_stack(dispatch=False)
+    resp = await stack.client.post("/v1/events", json=AJO_EVENT)
+    assert resp.status == 202
+    deliveries = {d["destination"]: d["delivery_id"]
+                  for d in (await resp.json())["events"][0]["deliveries"]}
+    stored = await stack.spool.event_json(deliveries["ajo"])
+    assert stored is not None
+    request = build_renderers(stack.config)["ajo"].render(load_event(stored), deliveries["ajo"])
+    assert json.loads(request.body) == json.loads((FIXTURES / "ajo_feedback_bounce.json")
+                                                  .read_text())
 
 
 def test_relay_render_prints_a_curl_command(tmp_path: Path) -> None:

@@ -11,8 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from relay.config import Config, load_config
-from relay.server import STATE, create_app
-from relay.spool import Spool
+from relay.server import STATE
 from tests.helpers import ServerThread, event, http, write_config
 
 
@@ -21,21 +20,11 @@ def make_config(tmp_path: Path, **sections: Any) -> Config:
 
 
 @pytest.fixture
-async def client_for(tmp_path: Path, aiohttp_client: Any):
-    spools: list[Spool] = []
-
+def client_for(make_stack: Any) -> Any:
     async def make(**sections: Any) -> Any:
-        # one spool file per relay: a second writer on the same file is refused
-        spool_section = {"path": str(tmp_path / f"spool{len(spools)}.db"), **sections.pop("spool", {})}
-        config = make_config(tmp_path, spool=spool_section, **sections)
-        spool = Spool(config.spool.path, max_events=config.spool.max_events)
-        await spool.open()
-        spools.append(spool)
-        return await aiohttp_client(create_app(config, spool))
+        return (await make_stack(dispatch=False, **sections)).client
 
-    yield make
-    for spool in spools:
-        await spool.close()
+    return make
 
 
 async def test_single_event_gets_202_with_deliveries(client_for: Any) -> None:

@@ -12,6 +12,7 @@ from relay.errors import SpoolError, SpoolFull
 from relay.events import Event, accept
 from relay.routing import Route
 from relay.spool import Spool
+from tests.helpers import Clock, async_eventually
 
 PENDING = (Route("a", "pending"), Route("b", "pending"))
 
@@ -22,17 +23,9 @@ def item(i: int, sender_id: bool = True, routes: tuple[Route, ...] = PENDING, at
     return accept(ev, at), routes
 
 
-class Clock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
-async def spool(tmp_path: Path):
-    s = Spool(tmp_path / "spool.db", max_events=100, clock=Clock())
+async def spool(tmp_path: Path, clock: Clock):
+    s = Spool(tmp_path / "spool.db", max_events=100, clock=clock)
     await s.open()
     yield s
     await s.close()
@@ -209,15 +202,19 @@ async def test_killed_writer_fails_waiting_jobs_and_is_replaced(tmp_path: Path) 
         assert all(isinstance(r, list | SpoolError) for r in results), results
         assert any(isinstance(r, SpoolError) for r in results)   # the kill hit waiting jobs
         assert not spool.writable                                # readyz says 503 meanwhile
-        for _ in range(200):   # until the new writer said ready
+
+        async def answers() -> bool:
             try:
                 await spool.stats()
-                break
             except SpoolError as exc:
                 assert "writer" in str(exc)
-                await asyncio.sleep(0.05)
-        else:
-            pytest.fail("no new spool writer within 10s")
+                return False
+            # a job queued while the new writer starts can be answered just before open()
+            # marks it up: wait for both
+            return spool.writable
+
+        await async_eventually(answers, what="a new spool writer to answer and be writable",
+                               timeout=10, interval=0.05)
         assert spool._proc is not None and spool._proc.pid != old
         assert spool.writable
         for i, result in enumerate(results):   # the senders retry; acknowledged ones are kept

@@ -18,7 +18,6 @@ from relay.config.schema import (
     SpoolConfig,
     TemplateConfig,
     TemplateVariant,
-    allowed_hosts,
     parse_duration,
     split_listen,
 )
@@ -26,7 +25,7 @@ from relay.config.schema import (
 __all__ = [
     "AjoConfig", "BasicAuth", "BearerAuth", "Config", "DeliveryConfig",
     "Destination", "HealthConfig", "HmacAuth", "JsonBody", "JwtAuth", "NoAuth", "RawBody",
-    "ServerConfig", "SpoolConfig", "TemplateConfig", "TemplateVariant", "allowed_hosts",
+    "ServerConfig", "SpoolConfig", "TemplateConfig", "TemplateVariant",
     "check_config", "load_config", "parse_config", "parse_duration", "split_listen",
     "validate_config",
 ]

@@ -44,6 +44,7 @@ from relay.config.schema import (
     TemplateVariant,
 )
 from relay.errors import ConfigError
+from relay.request import split_host_port
 from relay.validation import join as _join
 from relay.validation import problems_from
 from relay.vocab import FORMAT_STATUSES
@@ -121,11 +122,13 @@ def check_config(config: Config) -> list[tuple[str, str]]:
             problems.append(("delivery.ca_file", f"cannot load CA bundle: {exc}"))
     if config.health.suspend_for > config.health.suspend_max:
         problems.append(("health.suspend_for", "must not exceed health.suspend_max"))
-    for i, cidr in enumerate(config.server.allow_cidrs):
-        try:
-            ipaddress.ip_network(cidr, strict=False)
-        except ValueError:
-            problems.append((f"server.allow_cidrs[{i}]", f"not a CIDR such as 127.0.0.0/8: {cidr!r}"))
+    for where, cidrs in (("server.allow_cidrs", config.server.allow_cidrs),
+                         ("delivery.allowed_networks", config.delivery.allowed_networks)):
+        for i, cidr in enumerate(cidrs):
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                problems.append((f"{where}[{i}]", f"not a CIDR such as 127.0.0.0/8: {cidr!r}"))
     problems += _check_open_listener(config)
 
     seen_names: dict[str, int] = {}
@@ -204,36 +207,54 @@ def _check_destination(dest: Destination, at: str, config: Config) -> list[tuple
 
 
 def _check_url(dest: Destination, at: str, config: Config) -> list[tuple[str, str]]:
-    templated = "{{" in dest.url or "{%" in dest.url
+    """The configured URL as far as its literal part goes (a template's rendered URL is
+    checked again before every request), its ports and, for templates, allowed_hosts."""
+    head, *templated = re.split(r"\{\{|\{%", dest.url, maxsplit=1)
     if templated and dest.format != "template":
         return [(f"{at}.url", "only template destinations may use Liquid in the url")]
-    # A templated URL is checked here as far as its literal prefix goes; the rendered URL is
-    # checked again before every request.
+    fixed = not templated or "/" in head.partition("://")[2]  # host and port are literal
+    outer = config.delivery.allowed_ports
+    shown = ", ".join(str(p) for p in outer)
+    problems: list[tuple[str, str]] = []
     try:
-        parts = urlsplit(dest.url)
-        port = parts.port
+        parts = urlsplit(head)
+        port = parts.port if fixed else None
     except ValueError as exc:
         return [(f"{at}.url", f"not a valid URL: {exc}")]
-    problems: list[tuple[str, str]] = []
-    if parts.scheme not in ("http", "https"):
-        return [(f"{at}.url", f"must start with https:// or http:// (got {dest.url!r})")]
-    host = parts.hostname or ""
-    host_templated = "{" in host or "%" in host
-    if not host:
+    if parts.scheme not in ("http", "https") or "://" not in head:
+        return [(f"{at}.url", "must start with https:// or http:// (the scheme cannot be a "
+                              "template)")]
+    if fixed and not parts.hostname:
         problems.append((f"{at}.url", "has no host"))
+    if "@" in parts.netloc:
+        problems.append((f"{at}.url", "must not carry userinfo (user:password@); use auth"))
     if dest.format == "ajo" and parts.scheme != "https" and not dest.allow_insecure_http:
         problems.append((f"{at}.url", "ajo destinations need https:// (set allow_insecure_http: "
                                       "true to allow http, e.g. for a local test receiver)"))
-    port = port or (443 if parts.scheme == "https" else 80)
-    if port not in config.delivery.allowed_ports:
-        allowed = ", ".join(str(p) for p in config.delivery.allowed_ports)
-        problems.append((f"{at}.url", f"port {port} is not in delivery.allowed_ports ({allowed})"))
+    for j, own in enumerate(dest.allowed_ports or ()):
+        if own not in outer:
+            problems.append((f"{at}.allowed_ports[{j}]",
+                             f"port {own} is not in delivery.allowed_ports ({shown})"))
+    if fixed:
+        port = port or (443 if parts.scheme == "https" else 80)
+        if port not in outer:
+            problems.append((f"{at}.url", f"port {port} is not in delivery.allowed_ports ({shown})"))
+        elif dest.allowed_ports and port not in dest.allowed_ports:
+            problems.append((f"{at}.url", f"port {port} is not in this destination's "
+                                          "allowed_ports"))
     if dest.format == "template":
-        if dest.allowed_hosts is None and host_templated:
+        hosts: set[str] = set()
+        for j, entry in enumerate(dest.allowed_hosts or ()):
+            host, host_port = split_host_port(entry)
+            hosts.add(host)
+            if host_port is not None and host_port not in outer:
+                problems.append((f"{at}.allowed_hosts[{j}]", f"port {host_port} is not in "
+                                                             f"delivery.allowed_ports ({shown})"))
+        if dest.allowed_hosts is None and not fixed:
             problems.append((f"{at}.allowed_hosts", "required when the url's host is a template"))
-        elif dest.allowed_hosts is not None and host and not host_templated \
-                and host.lower() not in {h.lower() for h in dest.allowed_hosts}:
-            problems.append((f"{at}.url", f"host {host!r} is not in allowed_hosts"))
+        elif dest.allowed_hosts is not None and fixed and parts.hostname \
+                and parts.hostname.lower() not in hosts:
+            problems.append((f"{at}.url", f"host {parts.hostname!r} is not in allowed_hosts"))
     return problems
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import re
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, SecretStr
 
@@ -90,7 +89,8 @@ class DeliveryConfig(_Model):
     unreachable_window: Duration = 86400.0         # when the host cannot be reached at all
     backoff_initial: Duration = 30.0
     backoff_max: Duration = 600.0
-    allowed_ports: tuple[Port, ...] = (80, 443)
+    allowed_ports: tuple[Port, ...] = (80, 443)   # the outer bound for every destination
+    allowed_networks: tuple[str, ...] = ()         # internal CIDRs destinations may reach
     concurrency: Annotated[int, Field(ge=1, le=10_000)] = 64
     per_host_concurrency: Annotated[int, Field(ge=1, le=10_000)] = 16
     ca_file: str | None = None                     # extra CA bundle (PEM) for TLS verification
@@ -196,7 +196,10 @@ class Destination(_Model):
     allow_insecure_http: bool = False
     auth: Auth = NoAuth(type="none")
     headers: dict[str, str] = Field(default_factory=dict)
-    allowed_hosts: tuple[str, ...] | None = None   # template: hosts a rendered URL may reach
+    allowed_hosts: tuple[str, ...] | None = None   # template: "host" or "host:port" a rendered
+                                                   # URL may reach (default: the url's host)
+    allowed_ports: tuple[Port, ...] | None = None  # ports of this destination (default: the url's
+                                                   # own port); within delivery.allowed_ports
     template: TemplateConfig | None = None
     # Per-destination overrides of delivery.*; none = use the delivery section's value.
     timeout: PositiveDuration | None = None
@@ -217,13 +220,6 @@ class Config(_Model):
 
     def destination(self, name: str) -> Destination | None:
         return next((d for d in self.destinations if d.name == name), None)
-
-
-def allowed_hosts(dest: Destination) -> frozenset[str]:
-    """Hosts a template destination's rendered URL may reach (lower-case)."""
-    if dest.allowed_hosts is not None:
-        return frozenset(h.lower() for h in dest.allowed_hosts)
-    return frozenset({(urlsplit(dest.url).hostname or "").lower()})
 
 
 def split_listen(listen: str) -> tuple[str, int]:

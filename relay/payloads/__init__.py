@@ -34,7 +34,7 @@ def build_renderer(dest: Destination, config: Config) -> Renderer:
         return AjoRenderer(dest)
     if dest.format == "braze":
         return BrazeRenderer(dest)
-    return TemplateRenderer(dest, config.delivery.allowed_ports)
+    return TemplateRenderer(dest, config.delivery)
 
 
 __all__ = ["AjoRenderer", "BrazeRenderer", "Renderer", "TemplateRenderer", "build_renderer"]

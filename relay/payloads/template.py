@@ -1,55 +1,135 @@
 """Braze-style webhook campaigns: Liquid-templated URL, method, headers and body.
 
-Templates are parsed once, when the renderer is built; syntax errors are config errors naming
-the destination and key. At render time the context is ``event`` (the stored event, so
-``event.attributes.order_id`` works), ``delivery_id`` and ``destination``. Missing values render
-empty, as in Braze, and the ``default`` filter supplies a fallback. A render error, a header
-value with a line break, or a rendered URL outside ``allowed_hosts`` / ``delivery.allowed_ports``
-raises RenderError: the delivery fails with that reason and no request is sent.
+Templates are parsed once, when the renderer is built (``relay.liquid``, Braze's dialect);
+syntax errors and unknown filters are config errors naming the destination and key. At render
+time the context is ``event`` (the stored event, so ``event.attributes.order_id`` works),
+``delivery_id`` and ``destination``. Missing values render empty, as in Braze, and the
+``default`` filter supplies a fallback.
+
+A rendered URL is checked as it will be sent: parsed and normalised with yarl (what aiohttp
+sends with), http(s) only, no userinfo, no ``.``/``..`` path segments (an event value must not
+climb out of the configured path), the static path prefix of the configured URL kept, the host
+in ``allowed_hosts`` and the port allowed for that host (``allowed_ports``, default the
+configured URL's own port) and in ``delivery.allowed_ports``. A header value with a control
+character, a URL or header value over 8 KiB, a render error or a failed check raises
+RenderError: the delivery fails with that reason and no request is sent. Reasons name the
+scheme, host and port, never the whole rendered URL (it may carry secrets).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
-from liquid import BoundTemplate, Environment
-from liquid.exceptions import LiquidError
+from liquid import BoundTemplate
+from yarl import URL
 
-from relay.config import Destination, JsonBody, RawBody, allowed_hosts
+from relay.config import DeliveryConfig, Destination, JsonBody, RawBody
 from relay.config.schema import Body
 from relay.errors import ConfigError, RenderError
 from relay.events import Event
+from relay.liquid import ENV, LiquidError, parse, template_problems
 from relay.payloads._json import dumps
-from relay.request import Request, merge_headers
+from relay.request import Request, merge_headers, split_host_port
 
-ENV = Environment()
+MAX_URL = 8192           # bytes of a rendered URL
+MAX_HEADER_VALUE = 8192  # bytes of one rendered header value
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # C0 controls but tab, and DEL
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
-def parse(source: str, path: str) -> BoundTemplate:
-    """Parse one template; a syntax error becomes a ConfigError at ``path``."""
-    try:
-        return ENV.from_string(source)
-    except LiquidError as exc:
-        raise ConfigError([(path, f"Liquid syntax error: {_first_line(exc)}")]) from exc
+def compile_template(source: str, path: str, problems: list[tuple[str, str]]) -> BoundTemplate:
+    """Parse one template; each problem (syntax, unknown filter) is added at ``path``."""
+    found = template_problems(source)
+    if found:
+        problems.extend((path, f"Liquid: {message}" if message.startswith(("filter ", "tag "))
+                         else f"Liquid syntax error: {message}") for message in found)
+        return ENV.from_string("")
+    return parse(source)
+
+
+def static_path_prefix(url: str) -> str:
+    """The path a templated URL keeps whatever the event: up to the last '/' before the first
+    template (``https://h/crm/{{ id }}`` -> ``/crm/``); "" when the host is templated."""
+    head, *templated = re.split(r"\{\{|\{%", url, maxsplit=1)
+    if not templated:
+        return ""
+    path = urlsplit(head).path if "/" in head.partition("://")[2] else ""
+    return path.rsplit("/", 1)[0] + "/" if path else ""
 
 
 @dataclass(frozen=True, slots=True)
 class _Compiled:
     url: BoundTemplate
+    path_prefix: str
     method: str
     headers: tuple[tuple[str, BoundTemplate], ...]
     body: tuple[str, Any] | None          # ("json", ((key, template), ...)) | ("raw", template)
     content_type: str | None
 
 
+@dataclass(frozen=True, slots=True)
+class Endpoints:
+    """Where a destination's rendered URLs may point: hosts, and ports per host."""
+
+    outer: frozenset[int]                  # delivery.allowed_ports
+    hosts: dict[str, frozenset[int]]       # host -> the ports it may be reached on
+
+    @classmethod
+    def of(cls, dest: Destination, delivery: DeliveryConfig) -> Endpoints:
+        head, *rest = re.split(r"\{\{|\{%", dest.url, maxsplit=1)
+        parts = urlsplit(head)
+        # The host and port are fixed when no template starts before the path does.
+        netloc_static = not rest or "/" in head.partition("://")[2]
+        try:
+            own_port = parts.port if netloc_static else None
+        except ValueError:
+            own_port = None
+        default = own_port or _DEFAULT_PORTS.get(parts.scheme, 443)
+        ports = frozenset(dest.allowed_ports) if dest.allowed_ports else frozenset({default})
+        hosts: dict[str, frozenset[int]] = {}
+        for entry in dest.allowed_hosts or [parts.hostname or ""]:
+            host, port = split_host_port(entry)  # "host": the destination's ports; "host:port"
+            hosts[host] = hosts.get(host, frozenset()) | (ports if port is None else {port})
+        return cls(frozenset(delivery.allowed_ports), hosts)
+
+    def check(self, rendered: str, path_prefix: str = "") -> str:
+        """The URL to send (normalised), or RenderError saying what is not allowed."""
+        if len(rendered.encode()) > MAX_URL:
+            raise RenderError(f"rendered url is longer than {MAX_URL} bytes")
+        try:
+            url = URL(rendered)
+            scheme, host, port = url.scheme, (url.host or "").lower(), url.port
+        except (ValueError, TypeError) as exc:
+            raise RenderError(f"rendered url is not a valid URL ({exc})") from exc
+        if scheme not in _DEFAULT_PORTS or not host:
+            raise RenderError("rendered url is not an http(s) URL with a host")
+        where = f"{scheme}://{host}:{port}"
+        if url.user is not None or url.password is not None or "@" in (urlsplit(rendered).netloc):
+            raise RenderError(f"rendered url for {where} carries userinfo (user:password@), "
+                              "which is refused")
+        raw_path = urlsplit(rendered).path
+        if any(unquote(segment) in (".", "..") for segment in raw_path.split("/")):
+            raise RenderError(f"rendered url for {where} has a '.' or '..' path segment")
+        if host not in self.hosts:
+            raise RenderError(f"rendered url host {host!r} is not in allowed_hosts "
+                              f"({', '.join(sorted(self.hosts))})")
+        if port not in self.hosts[host] or port not in self.outer:
+            key = "delivery.allowed_ports" if port in self.hosts[host] else \
+                "the destination's allowed_ports, or allowed_hosts as host:port"
+            raise RenderError(f"rendered url port {port} for {host} is not allowed (see {key})")
+        if path_prefix and not url.raw_path.startswith(path_prefix):
+            raise RenderError(f"rendered url for {where} leaves the configured path "
+                              f"{path_prefix!r}")
+        return str(url)
+
+
 class TemplateRenderer:
-    def __init__(self, dest: Destination, allowed_ports: tuple[int, ...]) -> None:
-        assert dest.template is not None or not allowed_ports, "config guarantees a template"
+    def __init__(self, dest: Destination, delivery: DeliveryConfig) -> None:
         self.destination = dest
-        self._ports = frozenset(allowed_ports)
-        self._hosts = allowed_hosts(dest)
+        self.endpoints = Endpoints.of(dest, delivery)
         template = dest.template
         problems: list[tuple[str, str]] = []
         method = template.method if template else "POST"
@@ -63,6 +143,7 @@ class TemplateRenderer:
             base = self._default
             self._variants[lang.lower()] = _Compiled(
                 own.url if variant.url is not None else base.url,
+                own.path_prefix if variant.url is not None else base.path_prefix,
                 own.method,
                 own.headers if variant.headers is not None else base.headers,
                 own.body if variant.body is not None else base.body,
@@ -72,29 +153,23 @@ class TemplateRenderer:
 
     def _compile(self, url: str, method: str, headers: dict[str, str], body: Body | None,
                  at: str, problems: list[tuple[str, str]]) -> _Compiled:
-        def compile_one(source: str, path: str) -> BoundTemplate:
-            try:
-                return parse(source, at + path)
-            except ConfigError as exc:
-                problems.extend(exc.problems)
-                return ENV.from_string("")
-
-        url_t = compile_one(url, "url")
-        header_ts = tuple((name, compile_one(value, f"headers.{name}"))
+        url_t = compile_template(url, at + "url", problems)
+        header_ts = tuple((name, compile_template(value, f"{at}headers.{name}", problems))
                           for name, value in headers.items())
         where = at or "template."
         compiled_body: tuple[str, Any] | None = None
         content_type: str | None = None
         if isinstance(body, JsonBody):
             compiled_body = ("json", tuple(
-                (key, compile_one(value, f"{where.removeprefix(at)}body.fields.{key}"))
+                (key, compile_template(value, f"{where}body.fields.{key}", problems))
                 for key, value in body.fields.items()))
             content_type = "application/json"
         elif isinstance(body, RawBody):
-            compiled_body = ("raw", compile_one(body.template,
-                                                f"{where.removeprefix(at)}body.template"))
+            compiled_body = ("raw", compile_template(body.template, f"{where}body.template",
+                                                     problems))
             content_type = body.content_type
-        return _Compiled(url_t, method, header_ts, compiled_body, content_type)
+        return _Compiled(url_t, static_path_prefix(url), method, header_ts, compiled_body,
+                         content_type)
 
     def variant(self, language: str | None) -> _Compiled:
         """The exact language, else its primary subtag (fr-CA -> fr), else the default."""
@@ -109,16 +184,19 @@ class TemplateRenderer:
         compiled = self.variant(event.language)
         context = {"event": event.model_dump(mode="json"), "delivery_id": delivery_id,
                    "destination": self.destination.name}
-        url = _render(compiled.url, context, "url").strip()
-        self._check_url(url)
+        url = self.endpoints.check(_render(compiled.url, context, "url").strip(),
+                                   compiled.path_prefix)
         headers: dict[str, str] = {}
         if compiled.content_type is not None:
             headers["Content-Type"] = compiled.content_type
         rendered_headers = {}
         for name, template in compiled.headers:
             value = _render(template, context, f"headers.{name}")
-            if "\r" in value or "\n" in value:
-                raise RenderError(f"header {name} rendered with a line break")
+            if _CONTROL.search(value):
+                raise RenderError(f"header {name} rendered with a control character "
+                                  "(line breaks included)")
+            if len(value.encode()) > MAX_HEADER_VALUE:
+                raise RenderError(f"header {name} rendered longer than {MAX_HEADER_VALUE} bytes")
             rendered_headers[name] = value
         headers = merge_headers(headers, rendered_headers)
         body = b""
@@ -129,22 +207,6 @@ class TemplateRenderer:
             else:
                 body = _render(spec, context, "body.template").encode()
         return Request(compiled.method, url, headers, body)
-
-    def _check_url(self, url: str) -> None:
-        try:
-            parts = urlsplit(url)
-            port = parts.port
-        except ValueError as exc:
-            raise RenderError(f"rendered url is not valid ({exc}): {url!r}") from exc
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise RenderError(f"rendered url is not an http(s) URL with a host: {url!r}")
-        host = parts.hostname.lower()
-        if host not in self._hosts:
-            raise RenderError(f"rendered url host {host!r} is not in allowed_hosts "
-                              f"({', '.join(sorted(self._hosts))})")
-        port = port or (443 if parts.scheme == "https" else 80)
-        if port not in self._ports:
-            raise RenderError(f"rendered url port {port} is not in delivery.allowed_ports")
 
 
 def _render(template: BoundTemplate, context: dict[str, Any], what: str) -> str:

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from relay.spool.records import Ingested, Receipt
 from relay.spool.store import Store
+from relay.spool.wire import IngestJob
 
 if TYPE_CHECKING:
     from relay.events import Accepted
@@ -23,8 +24,8 @@ class IngestMixin(Store):
         writes the receipt's JSON too, off the event loop's core.
         """
         now = self.clock()
-        return Receipt(*await self._call("ingest", (now, now - self.dedupe_window, [
-            (a.id, int(a.sender_id), a.received_at, a.body,
+        return Receipt(*await self._call(IngestJob(now, now - self.dedupe_window, [
+            (a.id, int(a.sender_id), a.received_at, a.body,   # an IngestEventTuple
              [(r.destination, r.state, r.reason) for r in routes])
             for a, routes in events])))
 

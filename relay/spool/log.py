@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from relay.spool.records import Attempt, DeliveryRecord
+from relay.spool.sql import where
 from relay.spool.store import Store
-from relay.spool.writer import where
+from relay.spool.wire import PruneJob
 
 _SELECT_DELIVERY = (
     "SELECT d.delivery_id, e.id, d.destination, d.state, d.attempts, d.not_before, d.created_at, "
@@ -17,7 +18,8 @@ class LogMixin(Store):
     async def prune(self, retention: float) -> int:
         """Delete finished events (and their deliveries and attempts) older than ``retention``;
         at most 10,000 events per call."""
-        return await self._call("prune", (self.clock() - retention,))
+        result: int = await self._call(PruneJob(self.clock() - retention))
+        return result
 
     async def get_delivery(self, delivery_id: str) -> DeliveryRecord | None:
         rows = await self._read(lambda conn: conn.execute(

@@ -8,6 +8,7 @@ from typing import Any
 
 from relay.spool.records import Attempt, Due
 from relay.spool.store import Store
+from relay.spool.wire import AddHeldJob, RecordJob, ReplayJob
 
 # Pending deliveries of some destinations (JSON list), leaving out some seqs (JSON list): the
 # lists ride in as JSON, so the statements' text never changes and they stay prepared.
@@ -56,10 +57,12 @@ class QueueMixin(Store):
 
         Outcomes that reach the writer together are written in bulk (Writer.record_group).
         """
-        await self._call("record", (
-            self.clock(), due.seq, due.event_seq, due.attempts + 1, attempt.at, attempt.duration,
-            attempt.status_code, attempt.error, attempt.excerpt, state,
-            not_before if not_before is not None else attempt.at, failures, reason))
+        await self._call(RecordJob(
+            now=self.clock(), seq=due.seq, event_seq=due.event_seq, n=due.attempts + 1,
+            at=attempt.at, duration=attempt.duration, status_code=attempt.status_code,
+            error=attempt.error, excerpt=attempt.excerpt, state=state,
+            not_before=not_before if not_before is not None else attempt.at, failures=failures,
+            reason=reason))
 
     async def replay(self, *, delivery_ids: Sequence[str] = (), destination: str | None = None,
                      failed_since: float | None = None) -> list[str]:
@@ -67,15 +70,17 @@ class QueueMixin(Store):
 
         Selects by ids, or by destination and/or failure time; returns the ids replayed.
         """
-        return await self._call("replay", (self.clock(), list(delivery_ids), destination,
-                                           failed_since))
+        result: list[str] = await self._call(ReplayJob(self.clock(), list(delivery_ids), destination,
+                                          failed_since))
+        return result
 
     async def add_held(self, destinations: Sequence[str], seconds: float) -> int:
         """Credit ``seconds`` of host suspension to the retry window of every delivery of these
         destinations that has started retrying (held time must not use up retry_window)."""
         if not destinations or seconds <= 0:
             return 0
-        return await self._call("add_held", (list(destinations), seconds))
+        result: int = await self._call(AddHeldJob(list(destinations), seconds))
+        return result
 
     async def pending_by_destination(self) -> dict[str, int]:
         """How many deliveries wait, per destination."""

@@ -1,10 +1,11 @@
 """The spool's engine on the relay's side: a writer process for every write, a reader thread.
 
 Writes go to the writer process (relay/spool/writer.py, which explains why it is a process)
-over a socketpair: ``_call`` queues a job, the jobs queued during one event-loop turn leave in one
-write, and each job's future resolves when the writer answers, which it does only after the
-group's COMMIT. So a 202 is never sent for data that a SIGKILL could lose. If the writer dies,
-waiting jobs fail (the sender sees 503 and retries) and a new writer is started.
+over a socketpair, as the jobs of relay/spool/wire.py: ``_call`` queues a job, the jobs queued
+during one event-loop turn leave in one write, and each job's future resolves when the writer
+answers, which it does only after the group's COMMIT. So a 202 is never sent for data that a
+SIGKILL could lose. If the writer dies, waiting jobs fail (the sender sees 503 and retries) and a
+new writer is started.
 
 Reads use their own connection on a reader thread (WAL lets them run beside the writer). The
 event loop never touches the disk.
@@ -27,7 +28,8 @@ from typing import Any, TypeVar
 
 from relay.errors import SpoolError, SpoolFull
 from relay.spool import writer
-from relay.spool.writer import frame, split_frames
+from relay.spool.sqlite_schema import connect
+from relay.spool.wire import Job, JobError, PageLimitJob, StatsJob, StopJob, request, split_frames
 
 log = logging.getLogger("relay.spool")
 
@@ -95,7 +97,7 @@ class Store:
                 await self._respawn
         if self._transport is not None:
             with contextlib.suppress(SpoolError):
-                await asyncio.wait_for(self._call("stop", ()), STOP_TIMEOUT)
+                await asyncio.wait_for(self._call(StopJob()), STOP_TIMEOUT)
             self._transport.close()
         await self._reap()
         await self._read(self._close_reader)
@@ -125,8 +127,8 @@ class Store:
             self._transport, _ = await self._loop.create_unix_connection(
                 lambda: _Link(self), sock=ours)
             await asyncio.wait_for(ready, START_TIMEOUT)
-            self._up = True
         except (OSError, TimeoutError, SpoolError) as exc:
+            self._up = False   # a ready that came as the wait ran out: this writer is dropped
             if self._transport is not None:
                 self._transport.close()
                 self._transport = None
@@ -154,18 +156,19 @@ class Store:
 
     # -- writes ----------------------------------------------------------------------------
 
-    def _call(self, op: str, args: Any) -> asyncio.Future[Any]:
-        """Queue one job for the writer; the future resolves once its group is committed."""
+    def _call(self, job: Job) -> asyncio.Future[Any]:
+        """Queue one job for the writer; the future resolves once its group is committed, with
+        the job's result or a SpoolError (SpoolFull) saying why it failed."""
         if self._transport is None or self._loop is None:
             raise SpoolError("the spool is closed" if self._closing or self._loop is None
                              else "the spool writer is restarting")
-        job = self._next_job
-        self._next_job += 1
+        frame = request(self._next_job, job)   # before anything changes: it may raise
         future: asyncio.Future[Any] = self._loop.create_future()
-        self._pending[job] = future
+        self._pending[self._next_job] = future
+        self._next_job += 1
         if not self._out:
             self._loop.call_soon(self._flush)
-        self._out.append(frame((job, op, args)))
+        self._out.append(frame)
         return future
 
     def _flush(self) -> None:
@@ -180,6 +183,8 @@ class Store:
             if future is None or future.done():  # the caller went away; the data is committed
                 continue
             if error is None:
+                if job == 0:   # ready: writable now, before any answer in the same data wakes
+                    self._up = True   # its caller (open() waits for ready a step later)
                 future.set_result(result)
             else:
                 kind, message, retry_after = error
@@ -215,7 +220,7 @@ class Store:
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         def run() -> T:
             if self._read_conn is None:
-                self._read_conn = writer.connect(self.path)
+                self._read_conn = connect(self.path)
             try:
                 return fn(self._read_conn)
             except sqlite3.Error as exc:
@@ -223,7 +228,7 @@ class Store:
 
         try:
             return await asyncio.get_running_loop().run_in_executor(self._reader, run)
-        except writer.JobError as exc:
+        except JobError as exc:
             raise SpoolError(exc.message) from exc
 
     def _close_reader(self, conn: sqlite3.Connection) -> None:
@@ -233,12 +238,14 @@ class Store:
     async def stats(self) -> dict[str, int]:
         """The writer's counts: ``open_events`` (events with a delivery still pending, checked
         against spool.max_events) and ``groups`` (transactions run since it started)."""
-        return await self._call("stats", ())
+        result: dict[str, int] = await self._call(StatsJob())
+        return result
 
     async def page_limit(self, pages: int | None) -> int:
         """Let the spool file grow by at most ``pages`` more pages (None: no cap); returns its
         page count. Tests use it to make SQLite report a full disk."""
-        return await self._call("page_limit", (pages,))
+        result: int = await self._call(PageLimitJob(pages))
+        return result
 
 
 class _Link(asyncio.Protocol):

@@ -1,0 +1,313 @@
+"""Group commit: the writer's jobs, many in one transaction, each failing on its own.
+
+``Writer.run_group`` runs every job of a group in one transaction (ingests and attempt outcomes
+in bulk, other jobs each in a savepoint), then COMMIT, and only then are the answers sent. Any
+exception from one job becomes that job's error: a bulk statement that raises is undone to its
+savepoint and its jobs are run again one by one, each in its own savepoint, so only the bad job
+fails. Only an error that leaves no transaction to continue (SQLite rolled it back, COMMIT
+failed) fails the whole group, and then nothing of it is on disk.
+
+Runs in the writer process: stdlib, relay.ids and the writer's own modules only. It never
+reads the socket, never answers before COMMIT and never lets one job's exception escape.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from collections import Counter
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from relay.ids import delivery_id_prefix, random_part
+from relay.spool.receipt import pack, receipt_entry, unpack
+from relay.spool.sql import marks, run_chunked, where
+from relay.spool.wire import (
+    AddHeldJob,
+    Answer,
+    IngestEvent,
+    IngestJob,
+    Job,
+    JobError,
+    PageLimitJob,
+    PruneJob,
+    RecordJob,
+    ReplayJob,
+    StatsJob,
+    op_name,
+    parse,
+)
+
+J = TypeVar("J", IngestJob, RecordJob)
+
+
+class Writer:
+    """The write connection, the counts only the writer changes, and one method per job kind."""
+
+    def __init__(self, conn: sqlite3.Connection, max_events: int) -> None:
+        self.conn = conn
+        self.max_events = max_events
+        self.open_events = conn.execute("SELECT COUNT(*) FROM events WHERE pending > 0").fetchone()[0]
+        self.next_seq = conn.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM events").fetchone()[0]
+        self.groups = 0  # transactions run (group commit: fewer than jobs under load)
+
+    def run_group(self, requests: list[tuple[int, str, Any]]) -> list[Answer]:
+        """One transaction for every job; answers ``(job_id, error, result)`` after COMMIT."""
+        conn = self.conn
+        answers: list[Answer] = []
+        records: list[tuple[int, RecordJob]] = []
+        ingests: list[tuple[int, IngestJob]] = []
+        others: list[tuple[int, Job]] = []
+        for job_id, op, args in requests:
+            try:
+                job = parse(op, args)
+            except JobError as exc:
+                answers.append((job_id, exc.wire(), None))
+                continue
+            if isinstance(job, RecordJob):
+                records.append((job_id, job))
+            elif isinstance(job, IngestJob):
+                ingests.append((job_id, job))
+            else:
+                others.append((job_id, job))
+        counts = self.open_events, self.next_seq
+        self.groups += 1
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            if records:
+                answers += self._bulk("record job", records, self.record_group)
+            if ingests:
+                answers += self._bulk("ingest job", ingests, self.ingest_group)
+            for job_id, job in others:
+                answers.append(self._one(job_id, f"{op_name(job)} job", self._handle, job_id, job))
+            conn.execute("COMMIT")
+        except Exception as exc:
+            # Nothing of this group is on disk: every job fails, and the counts rewind. (The
+            # relay logs the failure where a job's caller sees it, as JSON like its other logs.)
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            self.open_events, self.next_seq = counts
+            error = as_job_error(exc, "group of jobs").wire()
+            return [(job_id, error, None) for job_id, _, _ in requests]
+        return answers
+
+    def _bulk(self, op: str, jobs: list[tuple[int, J]],
+              run: Callable[[list[tuple[int, J]]], list[Answer]]) -> list[Answer]:
+        """``run`` over every job at once; if it raises, over each job in its own savepoint."""
+        if len(jobs) > 1:
+            counts = self.open_events, self.next_seq
+            self.conn.execute("SAVEPOINT bulk")
+            try:
+                answers = run(jobs)
+                self.conn.execute("RELEASE bulk")
+                return answers
+            except Exception:  # one bad job must not fail the others: find it
+                self.conn.execute("ROLLBACK TO bulk")
+                self.conn.execute("RELEASE bulk")
+                self.open_events, self.next_seq = counts
+        return [self._one(job_id, op, lambda job: run([job])[0], (job_id, job))
+                for job_id, job in jobs]
+
+    def _one(self, job_id: int, op: str, fn: Callable[..., Answer], *args: Any) -> Answer:
+        """``fn(*args)``'s answer in a savepoint; on any exception the job's error, with its
+        writes and counts undone. (If SQLite already rolled the whole transaction back, ROLLBACK
+        TO raises and run_group fails the group.)"""
+        counts = self.open_events, self.next_seq
+        self.conn.execute("SAVEPOINT job")
+        try:
+            answer = fn(*args)
+            self.conn.execute("RELEASE job")
+            return answer
+        except Exception as exc:
+            self.conn.execute("ROLLBACK TO job")
+            self.conn.execute("RELEASE job")
+            self.open_events, self.next_seq = counts
+            return (job_id, as_job_error(exc, op).wire(), None)
+
+    def _handle(self, job_id: int, job: Job) -> Answer:
+        if isinstance(job, ReplayJob):
+            return (job_id, None, self.replay(job))
+        if isinstance(job, AddHeldJob):
+            return (job_id, None, self.add_held(job))
+        if isinstance(job, PruneJob):
+            return (job_id, None, self.prune(job))
+        if isinstance(job, PageLimitJob):
+            return (job_id, None, self.page_limit(job))
+        if isinstance(job, StatsJob):
+            return (job_id, None, self.stats())
+        raise JobError("error", f"the writer does not run {type(job).__name__} in a group")
+
+    # -- ingest ----------------------------------------------------------------------------
+
+    def ingest_group(self, jobs: list[tuple[int, IngestJob]]) -> list[Answer]:
+        """Every ingest of a group with one dedupe query and two multi-row inserts.
+
+        Each job (a request's events) stays all-or-nothing: one refused for spool.max_events adds
+        no rows. Event seqs are assigned here, so deliveries need no ``lastrowid`` round trip.
+        """
+        known = self._recent_sender_ids([job for _, job in jobs])
+        event_rows: list[tuple[Any, ...]] = []
+        delivery_rows: list[tuple[Any, ...]] = []
+        answers: list[Answer] = []
+        open_events = self.open_events
+        for job_id, (now, _since, events) in jobs:
+            entries: list[str] = []        # the receipt: one JSON object per event
+            skipped: list[str] = []
+            job_events: list[tuple[Any, ...]] = []
+            job_deliveries: list[tuple[Any, ...]] = []
+            job_known: dict[str, str] = {}
+            new_open = 0
+            prefix = delivery_id_prefix(now)
+            for event_id, sender_id, received_at, body, routes in map(IngestEvent._make, events):
+                if sender_id:
+                    listing = job_known.get(event_id) or known.get(event_id)
+                    if listing is not None:
+                        entries.append(receipt_entry(event_id, unpack(listing), True))
+                        continue
+                seq = self.next_seq + len(event_rows) + len(job_events)
+                r = random_part()
+                created = [(dest, f"{prefix}{r + i:020x}", state)
+                           for i, (dest, state, _) in enumerate(routes, 1)]
+                pending = sum(1 for _, state, _ in routes if state == "pending")
+                new_open += pending > 0
+                listing = pack(created)
+                job_events.append((seq, event_id, sender_id, received_at, pending, listing, body))
+                job_deliveries += [
+                    (did, seq, dest, state, now, now, now, reason)
+                    for (dest, did, state), (_, _, reason) in zip(created, routes, strict=True)]
+                if sender_id:
+                    job_known[event_id] = listing
+                if pending < len(created):
+                    skipped += [dest for dest, _, state in created if state == "skipped"]
+                entries.append(receipt_entry(event_id, created, False))
+            if new_open and open_events + new_open > self.max_events:
+                answers.append((job_id, ("full", f"the spool holds spool.max_events="
+                                                 f"{self.max_events} events awaiting delivery", 30),
+                                None))
+                continue
+            open_events += new_open
+            known.update(job_known)
+            event_rows += job_events
+            delivery_rows += job_deliveries
+            answers.append((job_id, None, ("[" + ",".join(entries) + "]", len(job_events),
+                                           len(entries) - len(job_events), skipped, new_open > 0)))
+        run_chunked(self.conn, "INSERT INTO events(seq, id, sender_id, received_at, pending, "
+                               "deliveries, body) {values}", 7, event_rows)
+        run_chunked(self.conn, "INSERT INTO deliveries(delivery_id, event_seq, destination, state, "
+                               "not_before, created_at, updated_at, reason) {values}", 8,
+                    delivery_rows)
+        # the counts change only once every row is in: a statement that raised left them as
+        # they were
+        self.open_events = open_events
+        self.next_seq += len(event_rows)
+        return answers
+
+    def _recent_sender_ids(self, jobs: list[IngestJob]) -> dict[str, str]:
+        """sender id -> deliveries listing, for the sender ids of these jobs still within
+        spool.dedupe_window (each job carries its own window start)."""
+        since = min(job.since for job in jobs)
+        ids = list({event[0] for job in jobs for event in job.events if event[1]})
+        known: dict[str, str] = {}
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            rows = self.conn.execute(
+                f"SELECT id, deliveries FROM events WHERE sender_id = 1 AND id IN "
+                f"({marks(len(chunk))}) AND received_at >= ? ORDER BY seq", (*chunk, since))
+            known.update(rows)  # ordered by seq: the newest entry for an id wins
+        return known
+
+    # -- attempt outcomes ------------------------------------------------------------------
+
+    def record_group(self, outcomes: list[tuple[int, RecordJob]]) -> list[Answer]:
+        """Attempt outcomes in a few multi-row statements: the attempts, the deliveries' new
+        state and, for finished deliveries, their events' pending counts."""
+        attempts, updates = [], []
+        finished: Counter[int] = Counter()
+        for _, job in outcomes:
+            attempts.append((job.seq, job.n, job.at, job.duration, job.status_code, job.error,
+                             job.excerpt))
+            updates.append((job.seq, job.n, job.failures, job.state, job.not_before, job.at,
+                            job.reason, job.now))
+            if job.state != "pending":
+                finished[job.event_seq] += 1
+        run_chunked(self.conn, "INSERT INTO attempts(delivery_seq, n, at, duration, status_code, "
+                               "error, excerpt) {values}", 7, attempts)
+        run_chunked(self.conn, "UPDATE deliveries SET attempts = v.column2, failures = v.column3, "
+                               "state = v.column4, not_before = v.column5, updated_at = v.column8, "
+                               "first_attempt_at = COALESCE(first_attempt_at, v.column6), "
+                               "reason = v.column7 FROM ({values}) AS v WHERE seq = v.column1",
+                    8, updates)
+        if finished:
+            run_chunked(self.conn, "UPDATE events SET pending = pending - v.column2 "
+                                   "FROM ({values}) AS v WHERE seq = v.column1",
+                        2, list(finished.items()))
+            seqs = sorted(finished)
+            for start in range(0, len(seqs), 500):
+                chunk = seqs[start:start + 500]
+                self.open_events -= self.conn.execute(
+                    f"SELECT COUNT(*) FROM events WHERE pending = 0 AND seq IN "
+                    f"({marks(len(chunk))})", chunk).fetchone()[0]
+        return [(job_id, None, None) for job_id, _ in outcomes]
+
+    # -- the other jobs, each in its own savepoint -----------------------------------------
+
+    def replay(self, job: ReplayJob) -> list[str]:
+        """Failed deliveries back to pending, due now, with fresh retry windows."""
+        clause, args = where(
+            ("state = ?", "failed"),
+            (f"delivery_id IN ({marks(len(job.delivery_ids))})", list(job.delivery_ids)),
+            ("destination = ?", job.destination), ("updated_at >= ?", job.failed_since))
+        rows = self.conn.execute(f"SELECT seq, delivery_id, event_seq FROM deliveries WHERE "
+                                 f"{clause} LIMIT 100000", args).fetchall()
+        for seq, _, event_seq in rows:
+            self.conn.execute("UPDATE deliveries SET state = 'pending', not_before = ?, "
+                              "failures = 0, first_attempt_at = NULL, held = 0, reason = NULL, "
+                              "updated_at = ? WHERE seq = ?", (job.now, job.now, seq))
+            before = self.conn.execute("UPDATE events SET pending = pending + 1 WHERE seq = ? "
+                                       "RETURNING pending", (event_seq,)).fetchone()
+            if before is not None and before[0] == 1:
+                self.open_events += 1
+        return [delivery_id for _, delivery_id, _ in rows]
+
+    def add_held(self, job: AddHeldJob) -> int:
+        """Credit host suspension time to the retry window of deliveries already retrying."""
+        return self.conn.execute(
+            f"UPDATE deliveries SET held = held + ? WHERE state = 'pending' AND "
+            f"first_attempt_at IS NOT NULL AND destination IN ({marks(len(job.destinations))})",
+            (job.seconds, *job.destinations)).rowcount
+
+    def prune(self, job: PruneJob) -> int:
+        """Delete finished events received before ``cutoff`` with their deliveries and attempts."""
+        seqs = [r[0] for r in self.conn.execute(
+            "SELECT seq FROM events WHERE received_at < ? AND pending = 0 LIMIT 10000",
+            (job.cutoff,))]
+        if not seqs:
+            return 0
+        in_seqs = marks(len(seqs))
+        self.conn.execute(f"DELETE FROM attempts WHERE delivery_seq IN (SELECT seq FROM deliveries "
+                          f"WHERE event_seq IN ({in_seqs}))", seqs)
+        self.conn.execute(f"DELETE FROM deliveries WHERE event_seq IN ({in_seqs})", seqs)
+        self.conn.execute(f"DELETE FROM events WHERE seq IN ({in_seqs})", seqs)
+        return len(seqs)
+
+    def page_limit(self, job: PageLimitJob) -> int:
+        """Cap the file at ``pages`` more pages than it has (None: lift the cap); returns the
+        page count. Lets tests make SQLite's "disk full" happen on demand."""
+        count: int = self.conn.execute("PRAGMA page_count").fetchone()[0]
+        limit = count + job.pages if job.pages is not None else 2**31
+        self.conn.execute(f"PRAGMA max_page_count={limit}")
+        return count
+
+    def stats(self) -> dict[str, int]:
+        return {"open_events": self.open_events, "groups": self.groups}
+
+
+def as_job_error(exc: BaseException, what: str) -> JobError:
+    """What the caller of ``what`` (e.g. "replay job") is told about ``exc``."""
+    if isinstance(exc, JobError):
+        return exc
+    if isinstance(exc, sqlite3.Error) and getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+        return JobError("full", "the disk holding the spool is full", 30)
+    if isinstance(exc, sqlite3.Error):
+        return JobError("error", f"spool write failed: {exc}")
+    return JobError("error", f"the spool cannot run this {what}: {type(exc).__name__}: {exc}")

@@ -1,0 +1,52 @@
+"""SQL building blocks shared by the writer's jobs and the relay's reads.
+
+Multi-row statements (``run_chunked``: one SQLite step for many rows, where executemany takes
+one per row), optional WHERE conditions (``where``) and ``?`` lists (``marks``). Pure helpers
+over a connection they are handed: stdlib only, no schema knowledge, never commit.
+"""
+
+from __future__ import annotations
+
+import functools
+import sqlite3
+from collections.abc import Sequence
+from typing import Any
+
+_MAX_CHUNK = 1024   # rows per statement (x 9 columns: far below SQLite's variable limit)
+
+
+def run_chunked(conn: sqlite3.Connection, template: str, ncols: int,
+                rows: Sequence[Sequence[Any]]) -> None:
+    """Run ``template`` (SQL with a ``{values}`` slot for ``VALUES (...), ...``) over ``rows``
+    with few statements: chunks of power-of-two sizes, each prepared once and then cached.
+    One multi-row statement costs one SQLite step where executemany costs one per row."""
+    start = 0
+    while start < len(rows):
+        size = min(_MAX_CHUNK, 1 << ((len(rows) - start).bit_length() - 1))
+        chunk = rows[start:start + size]
+        conn.execute(_values_sql(template, ncols, size), [v for row in chunk for v in row])
+        start += size
+
+
+@functools.cache  # a few templates x power-of-two sizes
+def _values_sql(template: str, ncols: int, nrows: int) -> str:
+    row = "(" + ",".join("?" * ncols) + ")"
+    return template.format(values="VALUES " + ",".join([row] * nrows))
+
+
+def where(*conditions: tuple[str, Any]) -> tuple[str, list[Any]]:
+    """``("a = ?", 1), ("b IN (?,?)", [2, 3]), ("c = ?", None)`` -> ``"a = ? AND b IN (?,?)",
+    [1, 2, 3]``: conditions whose value is None (or empty) are left out."""
+    clauses: list[str] = []
+    args: list[Any] = []
+    for clause, value in conditions:
+        if value is None or (isinstance(value, list | tuple) and not value):
+            continue
+        clauses.append(clause)
+        args += list(value) if isinstance(value, list | tuple) else [value]
+    return " AND ".join(clauses), args
+
+
+def marks(n: int) -> str:
+    """``?,?,...``: ``n`` placeholders for an ``IN (...)`` list."""
+    return ",".join("?" * n)

@@ -1,0 +1,87 @@
+"""The spool file's schema and settings: creating, migrating and opening the SQLite file.
+
+Both processes open the file through ``connect`` (the writer to write, the relay's reader thread
+to read), so both use the same journal mode and busy timeout. ``migrate`` runs only in the
+writer. Stdlib only: the writer imports this at start-up. It never decides what goes in the
+tables; the writer's jobs (relay/spool/commit.py) do.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+from relay.spool.wire import JobError
+
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE events(
+    seq         INTEGER PRIMARY KEY,
+    id          TEXT NOT NULL,              -- the sender's id, or one the relay generated
+    sender_id   INTEGER NOT NULL,           -- 1: id is the sender's idempotency key
+    received_at REAL NOT NULL,
+    pending     INTEGER NOT NULL,           -- deliveries of this event not yet finished
+    deliveries  TEXT NOT NULL,              -- 'destination delivery_id state|...' as created
+    body        TEXT NOT NULL               -- the normalised event JSON
+);
+CREATE INDEX events_by_sender_id ON events(id) WHERE sender_id = 1;
+CREATE INDEX events_by_time ON events(received_at);
+
+CREATE TABLE deliveries(
+    seq         INTEGER PRIMARY KEY,
+    delivery_id TEXT NOT NULL UNIQUE,       -- Webhook-Id: stable across retries
+    event_seq   INTEGER NOT NULL REFERENCES events(seq),
+    destination TEXT NOT NULL,
+    state       TEXT NOT NULL,              -- pending | delivered | failed | skipped
+    attempts    INTEGER NOT NULL DEFAULT 0, -- requests tried (or render failures)
+    failures    INTEGER NOT NULL DEFAULT 0, -- retryable responses (5xx, 408, 429): max_retries
+    first_attempt_at REAL,                  -- start of the retry windows
+    held        REAL NOT NULL DEFAULT 0,    -- seconds its host was suspended since then
+    not_before  REAL NOT NULL,              -- not attempted before this unix time
+    created_at  REAL NOT NULL,
+    updated_at  REAL NOT NULL,
+    reason      TEXT                        -- why skipped / failed, for the activity log
+);
+CREATE INDEX deliveries_due ON deliveries(not_before, seq) WHERE state = 'pending';
+
+CREATE TABLE attempts(
+    delivery_seq INTEGER NOT NULL,
+    n            INTEGER NOT NULL,
+    at           REAL NOT NULL,
+    duration     REAL,
+    status_code  INTEGER,
+    error        TEXT,
+    excerpt      TEXT,
+    PRIMARY KEY (delivery_seq, n)
+) WITHOUT ROWID;
+"""
+
+
+def connect(path: str) -> sqlite3.Connection:
+    """A connection to the spool file with the relay's settings (used by both processes)."""
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30,
+                               cached_statements=256)  # room for every run_chunked size
+        conn.execute("PRAGMA journal_mode=WAL")
+        # FULL: each commit is fsynced, so an acknowledged event survives power loss, not only
+        # a process crash. Group commit pays for one fsync per group, not per request.
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA foreign_keys=OFF")
+        conn.execute("PRAGMA busy_timeout=30000")
+        return conn
+    except (sqlite3.Error, OSError) as exc:
+        raise JobError("error", f"cannot open spool {path}: {exc}") from exc
+
+
+def migrate(conn: sqlite3.Connection) -> None:
+    """Create the tables in a new file; refuse a file written by a newer schema."""
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version == SCHEMA_VERSION:
+        return
+    if version > SCHEMA_VERSION:
+        raise JobError("error", f"the spool was written by a newer relay (schema {version}, this "
+                                f"relay knows {SCHEMA_VERSION}); upgrade the relay or use another "
+                                "spool.path")
+    conn.executescript("BEGIN;" + SCHEMA + f"PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")

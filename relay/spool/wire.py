@@ -1,0 +1,166 @@
+"""What the relay and its spool writer say to each other: the jobs, their errors, the framing.
+
+Both sides import these definitions, so a job's fields are written down once. Frames are a
+4-byte little-endian length and a ``marshal`` payload. A request is ``(job_id, op, args)`` with
+``args`` one of the job NamedTuples below sent as a plain tuple (marshal refuses tuple
+subclasses: ``request`` sends ``tuple(job)``, ``parse`` rebuilds it with ``_make``). An answer is
+``(job_id, error, result)`` where ``error`` is None or ``JobError.wire()``. Frame 0 from the
+writer says it is ready (its pid) or why it cannot open the spool.
+
+Stdlib only, and no I/O: the writer process imports this at start-up, which must stay fast.
+"""
+
+from __future__ import annotations
+
+import marshal
+import struct
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+_HEADER = struct.Struct("<I")
+
+Answer = tuple[int, "tuple[str, str, int] | None", Any]   # (job_id, error, result)
+
+
+class JobError(Exception):
+    """A job's failure as the relay should see it: ``kind`` is "full" (answer 503 with
+    Retry-After) or "error"."""
+
+    def __init__(self, kind: str, message: str, retry_after: int = 0) -> None:
+        super().__init__(message)
+        self.kind, self.message, self.retry_after = kind, message, retry_after
+
+    def wire(self) -> tuple[str, str, int]:
+        return (self.kind, self.message, self.retry_after)
+
+
+# -- the jobs --------------------------------------------------------------------------------
+
+class IngestEvent(NamedTuple):
+    """One accepted event of an ingest job, with the deliveries to create for it."""
+
+    id: str
+    sender_id: int                # 1: ``id`` is the sender's idempotency key
+    received_at: float
+    body: str                     # the normalised event JSON
+    routes: list[tuple[str, str, str | None]]   # (destination, state, reason) per delivery
+
+
+# An IngestEvent as the relay builds it: a plain tuple of the same fields, because building the
+# NamedTuple and converting it cost ~1 us per event on the event loop's core (the writer
+# rebuilds it with IngestEvent._make). The assignment below makes mypy check that both agree.
+IngestEventTuple = tuple[str, int, float, str, list[tuple[str, str, str | None]]]
+if TYPE_CHECKING:
+    _same_fields: IngestEventTuple = IngestEvent("", 0, 0.0, "", [])
+
+
+class IngestJob(NamedTuple):
+    """Store a request's events, all or nothing; answers the Receipt's fields."""
+
+    now: float
+    since: float                  # the dedupe window starts here
+    events: list[IngestEventTuple]
+
+
+class RecordJob(NamedTuple):
+    """One attempt's outcome and the delivery's new state."""
+
+    now: float
+    seq: int                      # the delivery
+    event_seq: int
+    n: int                        # the attempt's number, from 1
+    at: float
+    duration: float | None
+    status_code: int | None
+    error: str | None
+    excerpt: str | None
+    state: str                    # pending | delivered | failed
+    not_before: float
+    failures: int
+    reason: str | None
+
+
+class ReplayJob(NamedTuple):
+    """Failed deliveries back to pending; answers the delivery ids replayed."""
+
+    now: float
+    delivery_ids: list[str]
+    destination: str | None
+    failed_since: float | None
+
+
+class AddHeldJob(NamedTuple):
+    """Credit host suspension time to deliveries already retrying; answers the rows changed."""
+
+    destinations: list[str]
+    seconds: float
+
+
+class PruneJob(NamedTuple):
+    """Delete finished events received before ``cutoff``; answers how many."""
+
+    cutoff: float
+
+
+class PageLimitJob(NamedTuple):
+    """Cap the file's growth (None: lift the cap); answers its page count."""
+
+    pages: int | None
+
+
+class StatsJob(NamedTuple):
+    """The writer's counts."""
+
+
+class StopJob(NamedTuple):
+    """Answer, then exit once this group is done."""
+
+
+Job = (IngestJob | RecordJob | ReplayJob | AddHeldJob | PruneJob | PageLimitJob | StatsJob
+       | StopJob)
+
+JOBS: dict[str, type[Job]] = {
+    "ingest": IngestJob, "record": RecordJob, "replay": ReplayJob, "add_held": AddHeldJob,
+    "prune": PruneJob, "page_limit": PageLimitJob, "stats": StatsJob, "stop": StopJob}
+_OP: dict[type, str] = {cls: op for op, cls in JOBS.items()}
+
+
+def op_name(job: Job) -> str:
+    """The name ``job`` travels under ("record", "ingest", ...)."""
+    return _OP[type(job)]
+
+
+def request(job_id: int, job: Job) -> bytes:
+    """The frame asking the writer to run ``job``."""
+    return frame((job_id, _OP[type(job)], tuple(job)))
+
+
+def parse(op: str, args: Any) -> Job:
+    """A request's job, rebuilt; a JobError naming what is wrong with it otherwise."""
+    cls = JOBS.get(op)
+    if cls is None:
+        raise JobError("error", f"unknown spool job {op!r}")
+    try:
+        return cls._make(args)
+    except TypeError as exc:
+        raise JobError("error", f"malformed spool {op} job: {exc}") from exc
+
+
+# -- framing ---------------------------------------------------------------------------------
+
+def frame(message: Any) -> bytes:
+    payload = marshal.dumps(message)
+    return _HEADER.pack(len(payload)) + payload
+
+
+def split_frames(buffer: bytearray, limit: int = 1 << 30) -> list[Any]:
+    """Complete frames at the start of ``buffer`` (removed from it), at most ``limit``."""
+    messages: list[Any] = []
+    offset = 0
+    while len(messages) < limit and len(buffer) - offset >= 4:
+        (size,) = _HEADER.unpack_from(buffer, offset)
+        if len(buffer) - offset - 4 < size:
+            break
+        messages.append(marshal.loads(buffer[offset + 4:offset + 4 + size]))
+        offset += 4 + size
+    del buffer[:offset]
+    return messages

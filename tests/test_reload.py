@@ -1,0 +1,146 @@
+"""Hot reload's watcher, stepped by an injected sleep: no test here waits for real time.
+
+The sleep given to ConfigWatcher runs the test's next scripted step (a file edit, or nothing)
+and returns at once; when the script is used up it raises ``Done``, which ends ``watch()``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from relay.config import load_config
+from relay.destinations import Loaded
+from relay.reload import SETTLE, SETTLE_CHECKS, ConfigWatcher
+from tests.helpers import write_config
+
+INTERVAL = 1.0
+
+
+class Done(Exception):
+    """The scripted sleep has no steps left."""
+
+
+class Steps:
+    """An injected sleep: records each duration asked for, runs the next step, returns."""
+
+    def __init__(self, *steps: Callable[[], object] | None) -> None:
+        self.steps = list(steps)
+        self.slept: list[float] = []
+
+    async def __call__(self, seconds: float) -> None:
+        if not self.steps:
+            raise Done
+        self.slept.append(seconds)
+        step = self.steps.pop(0)
+        if step is not None:
+            step()
+
+
+def fingerprints(*values: object) -> Callable[[str], tuple[object, ...]]:
+    """A probe answering ``values`` in turn (the first at construction), then the last forever."""
+    answers = iter(values)
+    last: list[object] = []
+
+    def probe(path: str) -> tuple[object, ...]:
+        last[:] = [next(answers, *last)]
+        return (last[0],)
+
+    return probe
+
+
+class Run:
+    """A watcher on a real config file, with what it applied and reported."""
+
+    def __init__(self, tmp_path: Path, sleep: Steps, **watcher: Any) -> None:
+        self.path = write_config(tmp_path, **watcher.pop("sections", {}))
+        self.config = load_config(self.path)
+        self.applied: list[Loaded] = []
+        self.results: list[bool] = []
+        self.watcher = ConfigWatcher(str(self.path), self.config, self.applied.append,
+                                     on_result=self.results.append, interval=INTERVAL,
+                                     sleep=sleep, **watcher)
+
+    async def watch(self) -> None:
+        with pytest.raises(Done):
+            await self.watcher.watch()
+
+
+async def test_unchanged_polls_do_nothing(tmp_path: Path) -> None:
+    """Polls that find the same fingerprint neither reload nor wait to settle."""
+    sleep = Steps(None, None, None)
+    run = Run(tmp_path, sleep, probe=fingerprints("a"))
+    await run.watch()
+    assert sleep.slept == [INTERVAL] * 3
+    assert run.applied == [] and run.results == []
+
+
+async def test_a_change_that_settles_reloads_once(tmp_path: Path) -> None:
+    """A change still the same one SETTLE later is reloaded once, and not again on the next
+    poll."""
+    sleep = Steps(None, None, None)
+    run = Run(tmp_path, sleep, probe=fingerprints("a", "b", "b"))
+    await run.watch()
+    assert sleep.slept == [INTERVAL, SETTLE, INTERVAL]
+    assert len(run.applied) == 1 and run.results == [True]
+
+
+async def test_a_change_is_waited_on_until_it_stops(tmp_path: Path) -> None:
+    """A file still changing at the first settle check is checked again until it holds still."""
+    sleep = Steps(None, None, None, None)
+    run = Run(tmp_path, sleep, probe=fingerprints("a", "b", "c", "d", "d"))
+    await run.watch()
+    assert sleep.slept == [INTERVAL, SETTLE, SETTLE, SETTLE]
+    assert len(run.applied) == 1
+
+
+async def test_a_file_that_keeps_changing_is_waited_on_at_most_settle_checks(
+        tmp_path: Path) -> None:
+    """A file that never holds still is waited on SETTLE_CHECKS x SETTLE, then reloaded once."""
+    counter = itertools.count()
+    sleep = Steps(*[None] * (1 + SETTLE_CHECKS))
+    run = Run(tmp_path, sleep, probe=lambda path: (next(counter),))
+    await run.watch()
+    assert sleep.slept == [INTERVAL] + [SETTLE] * SETTLE_CHECKS
+    assert len(run.applied) == 1
+
+
+async def test_a_half_written_config_is_not_applied(tmp_path: Path) -> None:
+    """An editor's truncate-then-write is read once it settles: the empty file in between
+    (itself a valid config) is never applied."""
+    path = write_config(tmp_path)
+    full = path.read_text()
+    sleep = Steps(lambda: path.write_text(""),                    # truncated at a poll ...
+                  lambda: path.write_text(full + "\n# edited\n"),  # ... written while settling
+                  None, None)
+    run = Run(tmp_path, sleep)
+    await run.watch()
+    assert len(run.applied) == 1 and len(run.applied[0].config.destinations) == 3
+
+
+async def test_rotated_secret_file_triggers_reload(tmp_path: Path) -> None:
+    """Changing a secret file the config names reloads the config with the new secret."""
+    secret = tmp_path / "token"
+    secret.write_text("first-token-value")
+    sleep = Steps(None, lambda: secret.write_text("second-token-value"), None)
+    run = Run(tmp_path, sleep, sections={"destinations": [{
+        "name": "b", "format": "braze", "url": "http://127.0.0.1:9/b",
+        "auth": {"type": "bearer", "token_file": str(secret)}}]})
+    await run.watch()
+    assert sleep.slept == [INTERVAL, INTERVAL, SETTLE]     # the first poll saw no change
+    (applied,) = run.applied
+    assert applied.config.destinations[0].auth.token.get_secret_value() == "second-token-value"
+
+
+async def test_an_invalid_edit_keeps_the_running_config(tmp_path: Path) -> None:
+    """An edit that does not validate is reported as a failure and nothing is applied."""
+    path = write_config(tmp_path)
+    sleep = Steps(lambda: path.write_text(path.read_text() + "\nbogus_section: {}\n"), None)
+    run = Run(tmp_path, sleep)
+    await run.watch()
+    assert run.applied == [] and run.results == [False]
+    assert run.watcher.current is run.config

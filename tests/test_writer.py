@@ -1,0 +1,191 @@
+"""The spool writer: a light process to start, and no single job can kill it or fail its group."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from relay.errors import SpoolError
+from relay.events import Event, accept
+from relay.routing import Route
+from relay.spool import Attempt, Spool, writer
+from relay.spool.commit import Writer
+from relay.spool.sqlite_schema import connect, migrate
+from relay.spool.wire import (
+    IngestJob,
+    Job,
+    RecordJob,
+    ReplayJob,
+    StatsJob,
+    op_name,
+    split_frames,
+)
+
+HEAVY = ("asyncio", "aiohttp", "pydantic", "yaml", "liquid", "prometheus_client", "jwt")
+TOO_BIG = 2**70   # no SQLite INTEGER holds it: binding it raises OverflowError
+
+
+def test_writer_process_imports_nothing_heavy(tmp_path: Path) -> None:
+    """The writer, started as the relay starts it, loads none of the relay's heavy modules."""
+    ours, theirs = socket.socketpair()
+    with ours:
+        proc = subprocess.Popen(
+            [sys.executable, "-P", "-X", "importtime", writer.__file__, str(theirs.fileno()),
+             str(tmp_path / "s.db"), "100", "5"],
+            pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        theirs.close()
+        buffer = bytearray()
+        while not (ready := split_frames(buffer)):
+            data = ours.recv(1 << 16)
+            assert data, "the writer closed the socket before saying ready"
+            buffer += data
+        assert ready == [(0, None, proc.pid)]
+    _, stderr = proc.communicate(timeout=30)   # it exits once the relay's end is closed
+    assert proc.returncode == 0
+    imported = {line.rsplit("|", 1)[1].strip() for line in stderr.decode().splitlines()
+                if line.startswith("import time:") and "|" in line}
+    assert "relay.spool.commit" in imported     # the listing is the writer's real imports
+    loaded = sorted(m for m in imported if m.split(".")[0] in HEAVY)
+    assert loaded == []
+    assert not imported & {"relay.spool.api", "relay.spool.store", "relay.spool.records"}
+
+
+# -- Writer.run_group on a real SQLite file, in this process ----------------------------------
+
+@pytest.fixture
+def db(tmp_path: Path) -> Iterator[Writer]:
+    conn = connect(str(tmp_path / "s.db"))
+    migrate(conn)
+    yield Writer(conn, max_events=100)
+    conn.close()
+
+
+def raw(job_id: int, job: Job) -> tuple[int, str, Any]:
+    """A request as it arrives from the socket: the job as a plain tuple."""
+    return (job_id, op_name(job), tuple(job))
+
+
+def ingest(event_id: str, received_at: Any = 1000.0, routes: int = 1) -> IngestJob:
+    return IngestJob(1000.0, 0.0, [
+        (event_id, 1, received_at, "{}", [(f"d{i}", "pending", None) for i in range(routes)])])
+
+
+def record(seq: int, event_seq: int, status_code: Any = 200) -> RecordJob:
+    return RecordJob(now=1001.0, seq=seq, event_seq=event_seq, n=1, at=1001.0, duration=0.1,
+                     status_code=status_code, error=None, excerpt=None, state="delivered",
+                     not_before=1001.0, failures=0, reason=None)
+
+
+def errors(answers: list[tuple[int, Any, Any]]) -> dict[int, Any]:
+    return {job_id: error for job_id, error, _ in answers}
+
+
+def test_poisoned_record_fails_alone_in_its_group(db: Writer) -> None:
+    """A record job SQLite cannot bind fails; the group's other records and jobs commit."""
+    db.run_group([raw(1, ingest("e1", routes=3))])
+    deliveries = db.conn.execute("SELECT seq, event_seq FROM deliveries ORDER BY seq").fetchall()
+    jobs = [record(seq, event_seq, TOO_BIG if i == 1 else 200)
+            for i, (seq, event_seq) in enumerate(deliveries)]
+    answers = db.run_group([raw(10 + i, job) for i, job in enumerate(jobs)]
+                           + [raw(20, ReplayJob(1001.0, [], None, TOO_BIG)), raw(21, StatsJob())])
+    found = errors(answers)
+    assert found[10] is None and found[12] is None and found[21] is None
+    assert found[11][0] == "error" and "record job: OverflowError" in found[11][1]
+    assert found[20][0] == "error" and "replay job: OverflowError" in found[20][1]
+    states = db.conn.execute("SELECT seq, state FROM deliveries ORDER BY seq").fetchall()
+    assert [state for _, state in states] == ["delivered", "pending", "delivered"]
+    assert db.conn.execute("SELECT COUNT(*) FROM attempts").fetchone()[0] == 2
+    assert db.stats()["open_events"] == 1   # the event still has its poisoned delivery to go
+
+
+def test_poisoned_ingest_fails_alone_and_numbering_stays_right(db: Writer) -> None:
+    """An ingest SQLite cannot bind fails; the others in its group are stored, and later
+    ingests get fresh event numbers (the failed job's numbers are given back)."""
+    answers = db.run_group([raw(1, ingest("e1")), raw(2, ingest("e2", received_at=TOO_BIG)),
+                            raw(3, ingest("e3"))])
+    found = errors(answers)
+    assert found[1] is None and found[3] is None
+    assert found[2][0] == "error" and "ingest job: OverflowError" in found[2][1]
+    assert errors(db.run_group([raw(4, ingest("e4"))])) == {4: None}
+    rows = db.conn.execute("SELECT seq, id FROM events ORDER BY seq").fetchall()
+    assert rows == [(1, "e1"), (2, "e3"), (3, "e4")]
+    assert db.stats()["open_events"] == 3
+
+
+def test_malformed_jobs_get_errors(db: Writer) -> None:
+    """An unknown op or a job with the wrong number of fields is answered with an error."""
+    answers = db.run_group([(1, "explode", ()), (2, "record", (1, 2)), raw(3, ingest("e1"))])
+    found = errors(answers)
+    assert "unknown spool job 'explode'" in found[1][1]
+    assert "malformed spool record job" in found[2][1]
+    assert found[3] is None
+
+
+# -- the real writer process ----------------------------------------------------------------
+
+class Clock:
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def item(i: int) -> tuple[Any, tuple[Route, ...]]:
+    ev = Event(id=f"e{i}", channel="email", status="sent", message_id=f"m{i}")
+    return accept(ev, 1000.0), (Route("a", "pending"),)
+
+
+@pytest.fixture
+async def spool(tmp_path: Path):
+    s = Spool(tmp_path / "spool.db", max_events=100, clock=Clock())
+    await s.open()
+    yield s
+    await s.close()
+
+
+async def test_unbindable_replay_is_an_error_and_the_writer_lives(spool: Spool) -> None:
+    """replay(failed_since=2**70) fails for its caller only: same writer pid, ingest works."""
+    assert spool._proc is not None
+    pid = spool._proc.pid
+    with pytest.raises(SpoolError, match="replay job: OverflowError"):
+        await spool.replay(failed_since=TOO_BIG)
+    assert spool._proc is not None and spool._proc.pid == pid and spool.writable
+    (stored,) = await spool.ingest([item(1)])
+    assert not stored.duplicate
+    assert spool._proc.pid == pid
+
+
+async def test_poisoned_record_among_good_ones_through_the_spool(spool: Spool) -> None:
+    """Outcomes sent together, one unbindable: it alone fails, the others are committed."""
+    await spool.ingest([item(i) for i in range(3)])
+    due = await spool.due(1000.0, 10, ["a"])
+    assert spool._proc is not None
+    pid = spool._proc.pid
+    results = await asyncio.gather(*(
+        spool.record_attempt(d, Attempt(1000.0, 0.1, TOO_BIG if i == 1 else 200, None, None),
+                             state="delivered", not_before=None, failures=0, reason=None)
+        for i, d in enumerate(due)), return_exceptions=True)
+    assert results[0] is None and results[2] is None
+    assert isinstance(results[1], SpoolError) and "record job" in str(results[1])
+    states = {r.event_id: r.state for r in await spool.list_deliveries()}
+    assert states == {"e0": "delivered", "e1": "pending", "e2": "delivered"}
+    assert spool._proc.pid == pid
+
+
+def test_sqlite_really_refuses_the_poison() -> None:
+    """The poison used here is one SQLite cannot bind (so the tests above test something)."""
+    conn = sqlite3.connect(":memory:")
+    try:
+        with pytest.raises(OverflowError):
+            conn.execute("SELECT ?", (TOO_BIG,))
+    finally:
+        conn.close()
