@@ -5,7 +5,8 @@ across retries) and ``User-Agent``; then, by ``auth.type``: ``bearer``, ``basic`
 (pyjwt; tokens cached with cachetools until 60 s before they expire) or ``hmac`` (Standard
 Webhooks: ``webhook-id``, ``webhook-timestamp``, ``webhook-signature: v1,<base64>`` over
 ``id.timestamp.body``; one signature per secret while rotating). ``mask`` hides secrets for
-display.
+display: every header value not on the short ``PUBLIC_HEADERS`` list, and configured query
+values (``destination_secrets`` lists a destination's secret values, for logs too).
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from urllib.parse import unquote_plus
 
 import cachetools
 import jwt
@@ -143,21 +144,99 @@ def _whsec_key(secret: str) -> bytes:
         raise ConfigError([("auth.secret", "not valid base64 after 'whsec_'")]) from exc
 
 
-_SECRET_HEADER = re.compile(r"authorization|signature|token|secret|api[-_]?key|password|cookie",
-                            re.IGNORECASE)
+# Headers whose values are never secret and are shown as they are; every other header value
+# (X-Braze-Key, X-Auth, anything a destination configures) is masked. Keep this list short:
+# a header missing from it is only hidden, one wrongly on it leaks.
+PUBLIC_HEADERS = frozenset({
+    "accept", "accept-encoding", "content-encoding", "content-length", "content-type",
+    "user-agent", "webhook-id", "webhook-timestamp"})
+_SCHEMES = ("Bearer", "Basic", "Token")
+MASKED = "****"
 
 
-def mask(request: Request) -> Request:
-    """The request with secret-looking header values hidden (scheme words kept)."""
+def is_public_header(name: str) -> bool:
+    return name.lower() in PUBLIC_HEADERS
+
+
+def destination_secrets(dest: Destination) -> list[str]:
+    """Every secret value a destination configures: its auth secrets, the value of every
+    header not on ``PUBLIC_HEADERS`` (and the part after a scheme word such as ``Bearer``),
+    and every literal query value of its configured URLs.
+
+    Values containing Liquid markup are left out: what they render to comes from event data
+    and is masked by header name (``mask``), not by value.
+    """
+    found: list[str] = []
+    auth = dest.auth
+    if isinstance(auth, BearerAuth):
+        found.append(auth.token.get_secret_value())
+    elif isinstance(auth, BasicAuth):
+        found.append(auth.password.get_secret_value())
+    elif isinstance(auth, JwtAuth):
+        found.append(auth.key.get_secret_value())
+    elif isinstance(auth, HmacAuth):
+        found += [s.get_secret_value() for s in ([auth.secret] if auth.secret else [])]
+        found += [s.get_secret_value() for s in auth.secrets]
+    template = dest.template
+    variants = list(template.variants.values()) if template is not None else []
+    header_sets = [dest.headers] + [v.headers for v in variants if v.headers]
+    for headers in header_sets:
+        for name, value in headers.items():
+            if is_public_header(name) or _templated(value):
+                continue
+            found.append(value)
+            scheme, _, rest = value.partition(" ")
+            if rest and scheme in _SCHEMES:
+                found.append(rest)
+    for url in [dest.url] + [v.url for v in variants if v.url]:
+        found += [value for value in _query_values(url) if value and not _templated(value)]
+    return [s for s in found if s]
+
+
+def mask(request: Request, secrets: Iterable[str] = ()) -> Request:
+    """The request with secrets hidden, for showing to people.
+
+    Every header value not on ``PUBLIC_HEADERS`` becomes ``****`` (scheme words and the
+    ``v1,`` of signatures kept); in the URL, every query value equal to one of ``secrets``
+    (see ``destination_secrets``) does too.
+    """
     headers = {}
     for name, value in request.headers.items():
-        if _SECRET_HEADER.search(name):
+        if not is_public_header(name):
             scheme, _, rest = value.partition(" ")
             if name.lower() == "webhook-signature":
-                value = " ".join(part.split(",", 1)[0] + ",****" for part in value.split())
-            elif rest and scheme in ("Bearer", "Basic", "Token"):
-                value = f"{scheme} ****"
+                value = " ".join(part.split(",", 1)[0] + "," + MASKED for part in value.split())
+            elif rest and scheme in _SCHEMES:
+                value = f"{scheme} {MASKED}"
             else:
-                value = "****"
+                value = MASKED
         headers[name] = value
-    return Request(request.method, request.url, headers, request.body)
+    return Request(request.method, mask_query(request.url, secrets), headers, request.body)
+
+
+def mask_query(url: str, secrets: Iterable[str]) -> str:
+    """``url`` with each query value that is one of ``secrets`` replaced by ``****``."""
+    hidden = set(secrets)
+    base, sep, query = url.partition("?")
+    if not sep or not hidden:
+        return url
+    query, hash_, fragment = query.partition("#")
+    parts = []
+    for pair in query.split("&"):
+        name, eq, value = pair.partition("=")
+        if eq and (value in hidden or unquote_plus(value) in hidden):
+            value = MASKED
+        parts.append(name + eq + value)
+    return base + "?" + "&".join(parts) + hash_ + fragment
+
+
+def _query_values(url: str) -> list[str]:
+    _, sep, query = url.partition("?")
+    if not sep:
+        return []
+    query = query.partition("#")[0]
+    return [unquote_plus(pair.partition("=")[2]) for pair in query.split("&") if "=" in pair]
+
+
+def _templated(value: str) -> bool:
+    return "{{" in value or "{%" in value

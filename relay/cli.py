@@ -89,11 +89,15 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from relay.config.lint import config_warnings
+
     try:
         config = load(args.file).config
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 1
+    for path, message in config_warnings(config):  # likely mistakes: said, not refused
+        print(f"warning: {path}: {message}", file=sys.stderr)
     print(f"OK: {args.file} ({len(config.destinations)} destinations)")
     return 0
 

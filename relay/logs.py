@@ -1,7 +1,8 @@
 """Logging: one JSON object per line (or text on a terminal), with secrets masked.
 
 Fields given as ``extra={...}`` (delivery_id, destination, host, outcome, ...) become JSON keys.
-Every configured secret value is replaced by ``****`` in every message, whatever logged it.
+Every configured secret value (``config_secrets``) is replaced by ``****`` in every message,
+``extra`` field and traceback, whatever logged it.
 """
 
 from __future__ import annotations
@@ -9,11 +10,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Iterable
+from urllib.parse import quote, quote_plus
 
-from relay.config import BasicAuth, BearerAuth, Config, HmacAuth, JwtAuth
+from relay.auth import MASKED, destination_secrets
+from relay.config import Config
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 
@@ -30,58 +34,93 @@ class JsonFormatter(logging.Formatter):
         for key, value in vars(record).items():
             if key not in _STANDARD and not key.startswith("_"):
                 entry[key] = value
-        if record.exc_info:
+        if record.exc_text:  # set (and masked) by MaskSecrets
+            entry["exception"] = record.exc_text
+        elif record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            entry["stack"] = record.stack_info
         return json.dumps(entry, ensure_ascii=False, default=str)
 
 
+# A secret shorter than this is masked only where it stands as a whole token (not next to a
+# letter or digit): a 3-character token is hidden in "token=abc" and "Bearer abc" but the
+# "abc" inside "abcdef" is left alone, so a short secret does not shred every log line.
+# Longer secrets are masked wherever they occur.
+WHOLE_TOKEN_BELOW = 8
+
+
 class MaskSecrets(logging.Filter):
-    """Replaces known secret values in log messages (and their arguments) with ****."""
+    """Replaces known secret values with ``****`` in a record's message and arguments, its
+    ``extra`` fields and its traceback, whatever logged it. Secrets of any length are masked
+    (see ``WHOLE_TOKEN_BELOW`` for how short ones are matched)."""
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
         super().__init__()
-        self.secrets: list[str] = []
+        self.pattern: re.Pattern[str] | None = None
         self.update(secrets)
 
     def update(self, secrets: Iterable[str]) -> None:
-        # Longest first, so a secret containing another is masked whole; tiny values would
-        # mask ordinary words, so they are left alone.
-        self.secrets = sorted({s for s in secrets if len(s) >= 6}, key=len, reverse=True)
+        values: set[str] = set()
+        for secret in secrets:
+            secret = secret.strip()
+            if secret:
+                # As written, and as it appears percent-encoded in a logged URL.
+                values |= {secret, quote(secret, safe=""), quote_plus(secret, safe="")}
+        # Longest first, so a secret containing another is masked whole.
+        parts = [re.escape(s) if len(s) >= WHOLE_TOKEN_BELOW
+                 else rf"(?<![A-Za-z0-9]){re.escape(s)}(?![A-Za-z0-9])"
+                 for s in sorted(values, key=len, reverse=True)]
+        self.pattern = re.compile("|".join(parts)) if parts else None
+
+    def mask(self, text: str) -> str:
+        return self.pattern.sub(MASKED, text) if self.pattern is not None else text
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not self.secrets:
+        if self.pattern is None:
             return True
         message = record.getMessage()
-        masked = message
-        for secret in self.secrets:
-            if secret in masked:
-                masked = masked.replace(secret, "****")
+        masked = self.mask(message)
         if masked != message:
             record.msg, record.args = masked, None
+        for key, value in list(vars(record).items()):
+            if key not in _STANDARD and not key.startswith("_"):
+                setattr(record, key, self._mask_value(value))
+        if record.exc_info and not record.exc_text:
+            record.exc_text = _PLAIN.formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = self.mask(record.exc_text)
+        if record.stack_info:
+            record.stack_info = self.mask(record.stack_info)
         return True
+
+    def _mask_value(self, value: object) -> object:
+        if isinstance(value, str):
+            return self.mask(value)
+        if isinstance(value, dict):
+            return {k: self._mask_value(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [self._mask_value(v) for v in value]
+        if value is None or isinstance(value, bool):
+            return value
+        text = str(value)  # a number, or an object JSON output would show by str()
+        masked = self.mask(text)
+        return value if masked == text else masked
+
+
+_PLAIN = logging.Formatter()
 
 
 def config_secrets(config: Config) -> list[str]:
-    """Every secret value in a config, for masking."""
+    """Every secret value in a config, for masking: ``server.token`` and each destination's
+    ``relay.auth.destination_secrets`` (auth, non-public header values, query values)."""
     found: list[str] = []
     if config.server.token:
         found.append(config.server.token.get_secret_value())
     if config.spool.postgres.dsn:
         found.append(config.spool.postgres.dsn.get_secret_value())
     for dest in config.destinations:
-        auth = dest.auth
-        if isinstance(auth, BearerAuth):
-            found.append(auth.token.get_secret_value())
-        elif isinstance(auth, BasicAuth):
-            found.append(auth.password.get_secret_value())
-        elif isinstance(auth, JwtAuth):
-            found.append(auth.key.get_secret_value())
-        elif isinstance(auth, HmacAuth):
-            found += [s.get_secret_value() for s in ([auth.secret] if auth.secret else [])]
-            found += [s.get_secret_value() for s in auth.secrets]
-        for name, value in dest.headers.items():
-            if name.lower() in ("authorization", "x-api-key", "api-key", "cookie"):
-                found.append(value.split(" ", 1)[-1])
+        found += destination_secrets(dest)
     return found
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import shlex
 import time
 
-from relay.auth import mask
+from relay.auth import destination_secrets, mask
 from relay.destinations import Loaded
 from relay.errors import InvalidEvent, RenderError
 from relay.events import accept, load_event, parse_events
@@ -44,7 +44,7 @@ def preview(loaded: Loaded, destination: str, raw_event: bytes) -> tuple[str, bo
         request = target.renderer.render(event, did)
     except RenderError as exc:
         return f"would fail without sending: {exc}", False
-    signed = mask(target.signing.sign(request, did))
+    signed = mask(target.signing.sign(request, did), destination_secrets(dest))
     return (f"# {dest.name} ({dest.format}), delivery {did}; secrets masked\n"
             f"{as_http(signed)}\n\n# the same as curl:\n{as_curl(signed)}"), True
 

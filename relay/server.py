@@ -416,12 +416,18 @@ class Runner(web.AppRunner):
 # -- middlewares ----------------------------------------------------------------------------
 
 
+# Open to probes and scrapers whatever server.token and server.allow_cidrs say: the kubelet
+# and Prometheus carry no token, and metrics carry config names only (no event data, no secret).
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
 @web.middleware
 async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """server.allow_cidrs for every path and server.token for /v1/*; aiohttp's own 404/405/413
-    pages become JSON. (One middleware, not two: each costs a wrapper call per request.)"""
+    """server.allow_cidrs for every path but ``OPEN_PATHS`` and server.token for /v1/*;
+    aiohttp's own 404/405/413 pages become JSON. (One middleware, not two: each costs a
+    wrapper call per request.)"""
     token, networks = request.app[ACCESS]
-    if networks:
+    if networks and request.path not in OPEN_PATHS:
         try:
             remote = ipaddress.ip_address(request.remote or "")
         except ValueError:

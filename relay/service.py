@@ -11,8 +11,10 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import resource
 import signal
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -49,6 +51,8 @@ async def run(loaded: Loaded, *, metrics: Metrics | None = None,
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
 
+    if config.spool.backend == "sqlite":
+        private_spool_files(config.spool.path)
     spool = open_spool(config.spool, delivery_timeout=config.delivery.timeout)
     await spool.open()
     supervisor = Supervisor(metrics.count_restart)
@@ -108,6 +112,32 @@ async def run(loaded: Loaded, *, metrics: Metrics | None = None,
         await supervisor.stop()
         await spool.close()
         log.info("stopped")
+
+
+SPOOL_FILE_SUFFIXES = ("", "-wal", "-shm", ".lock")
+
+
+def private_spool_files(path: str) -> None:
+    """Make the spool's files readable by this user only (0600): they hold recipients'
+    addresses. The database file is created 0600 before SQLite opens it (SQLite gives its
+    ``-wal`` and ``-shm`` files the database file's mode); files an older relay left with
+    group or other bits are tightened, with a warning."""
+    if path == ":memory:" or path.startswith("file:"):
+        return
+    base = Path(path)
+    with contextlib.suppress(OSError):  # the spool reports what is wrong with its path itself
+        base.parent.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(base, os.O_RDWR | os.O_CREAT, 0o600))
+    for suffix in SPOOL_FILE_SUFFIXES:
+        file = Path(path + suffix)
+        try:
+            mode = file.stat().st_mode & 0o777
+            if mode & 0o077:
+                file.chmod(mode & 0o700)
+                log.warning("spool file %s was readable by others (mode %o); now %o",
+                            file, mode, mode & 0o700)
+        except OSError:
+            continue
 
 
 async def _prune_forever(spool: SpoolBackend, retention: float) -> None:

@@ -11,7 +11,7 @@ import time
 from typing import Any
 
 from relay import ids
-from relay.auth import mask
+from relay.auth import destination_secrets, mask
 from relay.config import Config, Destination
 from relay.destinations import CompiledDestination
 from relay.errors import RenderError
@@ -59,7 +59,7 @@ async def test_send(config: Config, target: CompiledDestination,
         request = target.signing.sign(target.renderer.render(event, delivery_id), delivery_id)
     except RenderError as exc:
         return answer | {"sent": False, "error": str(exc)}
-    answer["request"] = request_json(mask(request))
+    answer["request"] = request_json(mask(request, destination_secrets(dest)))
     if transport is not None:
         exchange = await transport.handle_request(request, target.timeout)
     else:

@@ -7,6 +7,7 @@ paths such as ``[3].channel``). Owns wording only; it never decides what is vali
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -23,7 +24,9 @@ def problems_from(
 ) -> list[tuple[str, str]]:
     """``(path, message)`` for each error; ``data`` lets union tags be dropped from paths."""
     errors = exc.errors(include_url=False)
-    problems = [describe(err, loc_to_path(err["loc"], data), noun, known) for err in errors[:limit]]
+    problems = [describe(err, loc_to_path(err["loc"], data), noun, known,
+                         secret=is_secret_location(err["loc"]))
+                for err in errors[:limit]]
     if len(errors) > limit:
         problems.append(("", f"... and {len(errors) - limit} more problems"))
     return problems
@@ -52,8 +55,33 @@ def join(path: str, key: Any) -> str:
     return f"{path}.{key}" if path else str(key)
 
 
-def describe(err: Any, path: str, noun: str = "key", known: Iterable[str] = ()) -> tuple[str, str]:
+# A key naming a secret (``token``, ``password``, ``api_key``, ``dsn``...): the value given for
+# it is never repeated in a message, whatever its type (a numeric token is still a token).
+_SECRET_KEY = re.compile(r"token|password|passwd|secret|key|dsn|credential", re.IGNORECASE)
+_NOT_SECRET_KEYS = frozenset({"key_id"})
+# Every value under these keys is treated as secret: JWT claims, and header values (which
+# ``relay.auth`` masks too, unless the header is on its public list).
+_SECRET_CONTAINERS = frozenset({"claims", "headers"})
+
+
+def is_secret_location(loc: Iterable[Any]) -> bool:
+    """True when a validation error's location is, or is inside, a secret-holding key."""
+    for part in loc:
+        if not isinstance(part, str):
+            continue
+        if part in _SECRET_CONTAINERS:
+            return True
+        if part not in _NOT_SECRET_KEYS and _SECRET_KEY.search(part):
+            return True
+    return False
+
+
+def describe(err: Any, path: str, noun: str = "key", known: Iterable[str] = (),
+             secret: bool = False) -> tuple[str, str]:
+    """One error as (path, message); with ``secret`` the input value is never shown."""
     kind, ctx, got = err["type"], err.get("ctx") or {}, err.get("input")
+    if secret:
+        got = None
     if kind == "extra_forbidden":
         return path, f"unknown {noun}" + suggest(path.rsplit(".", 1)[-1], known)
     if kind == "missing":
@@ -63,7 +91,8 @@ def describe(err: Any, path: str, noun: str = "key", known: Iterable[str] = ()) 
     if kind == "union_tag_invalid":
         return join(path, "type"), f"must be one of {ctx.get('expected_tags')} (got {ctx.get('tag')!r})"
     if kind == "literal_error":
-        return path, f"must be one of {ctx.get('expected')} (got {_short(got)})"
+        return path, f"must be one of {ctx.get('expected')}" + \
+            (f" (got {_short(got)})" if got is not None else "")
     if kind == "value_error":
         return path, str(ctx.get("error", err["msg"]))
     if kind == "json_invalid":

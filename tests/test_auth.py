@@ -131,10 +131,12 @@ def test_bad_keys_are_config_errors() -> None:
 
 
 def test_mask_hides_secrets_but_keeps_shape() -> None:
-    """Masking hides tokens and signatures, keeps scheme words and harmless headers."""
+    """Masking hides tokens, signatures and every header not on the public list, keeping
+    scheme words and public headers such as Content-Type."""
     request = Request("POST", "https://h/", {"Authorization": "Bearer abc", "X-Api-Key": "k",
                                              "webhook-signature": "v1,AAA v1,BBB",
-                                             "X-Env": "prod"})
+                                             "X-Env": "prod", "Content-Type": "text/plain"})
     masked = mask(request).headers
     assert masked == {"Authorization": "Bearer ****", "X-Api-Key": "****",
-                      "webhook-signature": "v1,**** v1,****", "X-Env": "prod"}
+                      "webhook-signature": "v1,**** v1,****", "X-Env": "****",
+                      "Content-Type": "text/plain"}

@@ -176,6 +176,12 @@ def test_image_install_path(tmp_path: Path) -> None:
     version = subprocess.run([str(relay), "--version"], capture_output=True, text=True,
                              check=True)
     assert version.stdout.startswith("relay ")
-    check = subprocess.run([str(relay), "check-config", str(ROOT / "docker" / "config.yaml")],
-                           capture_output=True, text=True)
+    image_config = str(ROOT / "docker" / "config.yaml")
+    check = subprocess.run([str(relay), "check-config", image_config], capture_output=True,
+                           text=True, env={**os.environ, "RELAY_TOKEN": "t0ken"})
     assert check.returncode == 0 and check.stdout.startswith("OK"), check.stderr
+    # Closed by default: on 0.0.0.0 without RELAY_TOKEN the image refuses to start.
+    env = {k: v for k, v in os.environ.items() if k != "RELAY_TOKEN"}
+    check = subprocess.run([str(relay), "check-config", image_config], capture_output=True,
+                           text=True, env=env)
+    assert check.returncode == 1 and "server.token" in check.stderr

@@ -113,6 +113,16 @@ async def test_allow_cidrs(client_for: Any) -> None:
     assert (await open_client.post("/v1/events", json=event(1))).status == 202
 
 
+async def test_probes_and_metrics_are_open_whatever_allow_cidrs_and_token_say(
+        client_for: Any) -> None:
+    """/healthz, /readyz and /metrics answer a client outside server.allow_cidrs and without
+    the token, while /v1/* refuses it."""
+    client = await client_for(server={"allow_cidrs": ["10.0.0.0/8"], "token": "t0k"})
+    assert (await client.post("/v1/events", json=event(1))).status == 403
+    for path in ("/healthz", "/readyz", "/metrics"):
+        assert (await client.get(path)).status == 200, path
+
+
 async def test_spool_full_is_503_with_retry_after(client_for: Any, caplog: Any) -> None:
     """When spool.max_events events await delivery, ingest answers 503 with Retry-After, and
     the log says so (once per 10 s: the metric counts every refusal)."""

@@ -131,6 +131,7 @@ def check_config(config: Config) -> list[tuple[str, str]]:
                 ipaddress.ip_network(cidr, strict=False)
             except ValueError:
                 problems.append((f"{where}[{i}]", f"not a CIDR such as 127.0.0.0/8: {cidr!r}"))
+    problems += _check_open_listener(config)
 
     seen_names: dict[str, int] = {}
     seen_ajo: dict[tuple[str, str], int] = {}
@@ -148,6 +149,28 @@ def check_config(config: Config) -> list[tuple[str, str]]:
                                              f"destinations[{seen_ajo[key]}] has the same"))
             seen_ajo.setdefault(key, i)
     return problems
+
+
+def _check_open_listener(config: Config) -> list[tuple[str, str]]:
+    """Closed by default: an API reachable from other machines needs a token or client
+    networks, unless the operator says an open one is meant."""
+    server = config.server
+    host, _ = server.host_port
+    if server.token or server.allow_cidrs or server.allow_unauthenticated or is_loopback(host):
+        return []
+    return [("server.listen", f"{server.listen} is reachable from other machines and the API "
+             "has no protection: set server.token (or server.token_file) or "
+             "server.allow_cidrs, or set server.allow_unauthenticated: true to run it open")]
+
+
+def is_loopback(host: str) -> bool:
+    """``127.0.0.1``, ``::1`` and ``localhost`` are; a wildcard or any other name is not."""
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _check_destination(dest: Destination, at: str, config: Config) -> list[tuple[str, str]]:

@@ -60,14 +60,16 @@ def _valid_listen(value: str) -> str:
 
 class ServerConfig(_Model):
     listen: Annotated[str, AfterValidator(_valid_listen)] = "127.0.0.1:8080"  # port 0: any free
-    token: OptionalSecret = None                   # Bearer token for /v1/*; none = open
+    token: OptionalSecret = None                   # Bearer token for /v1/* (or token_file)
     max_body_bytes: Annotated[int, Field(ge=1024)] = 1_048_576
     max_batch: Annotated[int, Field(ge=1, le=100_000)] = 500
     drain_timeout: Duration = 20.0                 # SIGTERM: time given to in-flight work
     max_connections: Annotated[int, Field(ge=1, le=1_000_000)] = 1024  # more: 503 at once
     read_timeout: PositiveDuration = 30.0          # for a request's headers and body, and
                                                    # the idle time of a kept-alive connection
-    allow_cidrs: tuple[str, ...] = ()              # empty = any client address
+    allow_cidrs: tuple[str, ...] = ()              # for /v1/*; empty = any client address
+    # A non-loopback listen address needs token or allow_cidrs unless this says it is meant.
+    allow_unauthenticated: bool = False
     log_level: Literal["debug", "info", "warning", "error"] = "info"   # or RELAY_LOG_LEVEL
     log_format: Literal["auto", "json", "text"] = "auto"  # auto: text on a terminal, else json
 
