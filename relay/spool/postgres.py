@@ -230,6 +230,14 @@ class PostgresSpool:
         async with self._connection() as conn:
             return list(await conn.fetch(query, *args))
 
+    async def _fetch_lightly(self, query: str, *args: Any) -> list[Any]:
+        """``_fetch`` in a transaction that does not wait for its WAL flush: for claims only.
+        A claim lost in a crash costs nothing (the row is simply claimable again), and an
+        fsync per due batch measured as a fifth of the delivery path's time."""
+        async with self._connection() as conn, conn.transaction():
+            await conn.execute("SET LOCAL synchronous_commit TO off")
+            return list(await conn.fetch(query, *args))
+
     async def _fetchval(self, query: str, *args: Any) -> Any:
         async with self._connection() as conn:
             return await conn.fetchval(query, *args)
@@ -429,8 +437,8 @@ class PostgresSpool:
         Claims past ``budget`` characters of event JSON (one at least) are released again."""
         if not destinations or limit <= 0:
             return []
-        rows = await self._fetch(sql.DUE, list(destinations), list(exclude), now, self.replica,
-                                 self.clock(), limit, self.lease)
+        rows = await self._fetch_lightly(sql.DUE, list(destinations), list(exclude), now,
+                                         self.replica, self.clock(), limit, self.lease)
         rows.sort(key=lambda row: (row[9], row[0]))
         kept: list[Any] = []
         total = 0
@@ -440,7 +448,8 @@ class PostgresSpool:
             kept.append(row)
             total += len(row[8])
         if len(kept) < len(rows):
-            await self._fetch(sql.UNCLAIM, [row[0] for row in rows[len(kept):]], self.replica)
+            await self._fetch_lightly(sql.UNCLAIM, [row[0] for row in rows[len(kept):]],
+                                      self.replica)
         return [Due(*row[:9]) for row in kept]
 
     async def next_due_at(self, destinations: Sequence[str],
