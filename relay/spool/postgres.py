@@ -442,8 +442,8 @@ class PostgresSpool:
         rows.sort(key=lambda row: (row[9], row[0]))
         kept: list[Any] = []
         total = 0
-        for row in rows:
-            if kept and total + len(row[8]) > budget:
+        for row in rows:  # as in SQLite: a row is kept while those before it fit the budget
+            if total >= budget:
                 break
             kept.append(row)
             total += len(row[8])
