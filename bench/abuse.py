@@ -186,7 +186,7 @@ def received(port: int) -> int:
 
 def relay_config(tmpdir: Path, rport: int, name: str, **delivery: Any) -> dict[str, Any]:
     return {"spool": {"path": str(tmpdir / f"{name}.db")},
-            "delivery": {"allowed_ports": [rport], **delivery},
+            "delivery": {"allowed_ports": [rport], "allowed_networks": ["127.0.0.0/8"], **delivery},
             "destinations": [{"name": "braze", "format": "braze",
                               "url": f"http://127.0.0.1:{rport}/braze"}]}
 
