@@ -189,6 +189,9 @@ async def post_events(request: web.Request) -> web.Response:
         return error(400, exc.summary, details=exc.details())
     batch = [(accepted, router.route(accepted))
              for accepted in accept_body(body, events, time.time())]
+    # The parsed events (a big event's attributes weigh several times its text) and the raw
+    # body are not needed while the spool commits: let them go before waiting.
+    del events, body
     try:
         receipt = await spool.ingest_receipt(batch)
     except SpoolFull as exc:
