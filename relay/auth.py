@@ -128,7 +128,7 @@ def signing_key(algorithm: str, key: str) -> object:
         prepared = _private_key(algorithm, key)
     try:  # the proof: whatever the checks above missed, a key that cannot sign fails here
         jwt.encode({"trial": True}, prepared, algorithm=algorithm)  # type: ignore[arg-type]
-    except Exception as exc:  # noqa: BLE001 - pyjwt and cryptography raise many kinds
+    except Exception as exc:  # pyjwt and cryptography raise many kinds
         raise _key_error(f"this key cannot sign {algorithm}: {exc}") from exc
     return prepared
 
@@ -152,7 +152,7 @@ def _private_key(algorithm: str, text: str) -> object:
     except TypeError as exc:
         raise _key_error("this private key is encrypted; give it unencrypted (keep the file "
                          "readable by the relay only)") from exc
-    except Exception as exc:  # noqa: BLE001 - ValueError, UnsupportedAlgorithm
+    except Exception as exc:  # ValueError, UnsupportedAlgorithm
         raise _key_error(f"not a PEM private key ({exc}); {algorithm} needs {want} in PEM "
                          "(-----BEGIN PRIVATE KEY-----)") from exc
     kind = _describe(key)
@@ -167,9 +167,9 @@ def _private_key(algorithm: str, text: str) -> object:
             raise _key_error(f"{algorithm} needs {want}, not {kind}")
         if key.curve.name != _EC_CURVES[algorithm]:
             raise _key_error(f"{algorithm} needs {want}, not {kind} (RFC 7518 section 3.4)")
-    elif algorithm == "EdDSA":
-        if not isinstance(key, ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey):
-            raise _key_error(f"EdDSA needs {want}, not {kind}")
+    elif algorithm == "EdDSA" and \
+            not isinstance(key, ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey):
+        raise _key_error(f"EdDSA needs {want}, not {kind}")
     return key
 
 

@@ -113,7 +113,7 @@ def cmd_render(args: argparse.Namespace) -> int:
         return 1
     try:
         text, ok = preview(loaded, args.destination, raw)
-    except Exception as exc:  # noqa: BLE001 - a command for people: one line, no traceback
+    except Exception as exc:  # a command for people: one line, no traceback
         text, ok = _unexpected("relay render", exc), False
     print(text, file=sys.stdout if ok else sys.stderr)
     return 0 if ok else 1
@@ -133,7 +133,7 @@ def cmd_test(args: argparse.Namespace) -> int:
         return 1
     try:
         answer = _run(test_send(config, target))
-    except Exception as exc:  # noqa: BLE001 - a command for people: one line, no traceback
+    except Exception as exc:  # a command for people: one line, no traceback
         print(_unexpected("relay test", exc), file=sys.stderr)
         return 1
     print(json.dumps(answer, indent=2, ensure_ascii=False))
