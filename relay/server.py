@@ -110,9 +110,9 @@ def create_app(config: Config, spool: SpoolBackend, dispatcher: DispatchView | N
     """
     app = web.Application(client_max_size=config.server.max_body_bytes,
                           middlewares=[_guard])
+    app[METRICS] = metrics or Metrics()
     apply_config(app, config, destinations)
     app[SPOOL] = spool
-    app[METRICS] = metrics or Metrics()
     app[STATE] = {"draining": False}
     app[WAKE] = dispatcher.wake if dispatcher is not None else (lambda: None)
     app[DISPATCHER] = dispatcher
@@ -135,14 +135,17 @@ def create_app(config: Config, spool: SpoolBackend, dispatcher: DispatchView | N
 
 def apply_config(app: web.Application, config: Config,
                  destinations: dict[str, CompiledDestination] | None = None) -> None:
-    """Switch the app to a (re)loaded config: routing, token, client networks.
+    """Switch the app to a (re)loaded config: routing, token, client networks, and the
+    destinations' metric series.
 
     ``server.listen`` and ``server.max_body_bytes`` are bound when the listener starts; the
     service warns that changing them needs a restart.
     """
     app[CONFIG] = config
-    app[DESTINATIONS] = destinations if destinations is not None else compile_destinations(config)
+    compiled = destinations if destinations is not None else compile_destinations(config)
+    app[DESTINATIONS] = compiled
     app[ROUTER] = Router(config)
+    app[METRICS].destinations_loaded(compiled.keys())
     token = config.server.token.get_secret_value().encode() if config.server.token else None
     app[ACCESS] = (token, tuple(ipaddress.ip_network(c, strict=False)
                                 for c in config.server.allow_cidrs))
