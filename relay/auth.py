@@ -2,7 +2,9 @@
 
 It knows nothing of payload formats. Every request gets ``Webhook-Id`` (the delivery id, stable
 across retries) and ``User-Agent``; then, by ``auth.type``: ``bearer``, ``basic``, ``jwt``
-(pyjwt; tokens cached with cachetools until 60 s before they expire) or ``hmac`` (Standard
+(pyjwt; tokens cached with cachetools until 60 s before they expire, or one per request with
+``auth.reuse: false``; the key is checked at load by type, curve and size and by signing once)
+or ``hmac`` (Standard
 Webhooks: ``webhook-id``, ``webhook-timestamp``, ``webhook-signature: v1,<base64>`` over
 ``id.timestamp.body``; one signature per secret while rotating). ``mask`` hides secrets for
 display: every header value not on the short ``PUBLIC_HEADERS`` list, and configured query

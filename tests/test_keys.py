@@ -193,3 +193,26 @@ def test_test_command_never_prints_a_traceback(tmp_path: Path, case: str) -> Non
     assert done.returncode == 1, done
     assert "Traceback" not in done.stderr + done.stdout
     assert (done.stderr + done.stdout).strip()
+
+
+async def test_reuse_false_sends_a_fresh_jti_per_delivery(make_stack: Any,
+                                                          receiver: Any) -> None:
+    """Delivered through the real dispatcher to a real receiver, two deliveries of a
+    destination with auth.reuse false carry different jti; with the default they share one."""
+    from tests.receiver import receiver_config
+
+    def fresh(name: str, reuse: bool) -> dict[str, Any]:
+        return {"name": name, "format": "braze", "url": f"{receiver.url}/{name}",
+                "auth": {"type": "jwt", "algorithm": "HS256", "key": "k" * 32, "reuse": reuse}}
+
+    stack = await make_stack(**receiver_config(
+        receiver, destinations=[fresh("fresh", False), fresh("cached", True)]))
+    await stack.post(event(1), event(2))
+    got = await receiver.await_for(4)
+
+    def jtis(prefix: str) -> set[str]:
+        return {jwt.decode(r.headers["Authorization"].split()[1], "k" * 32,
+                           algorithms=["HS256"])["jti"] for r in got if r.path.startswith(prefix)}
+
+    assert len(jtis("/fresh")) == 2
+    assert len(jtis("/cached")) == 1
