@@ -65,6 +65,15 @@ class _Recent:
     def __init__(self, ttl: float = 1.0) -> None:
         self.ttl = ttl
         self._entries: dict[str, tuple[float, asyncio.Future[Any]]] = {}
+        self._next: dict[str, float] = {}
+
+    async def pace(self, key: str, interval: float) -> None:
+        """Return ``interval`` after the previous caller for ``key`` did (sleeping till then)."""
+        now = time.monotonic()
+        turn = max(now, self._next.get(key, now))
+        self._next[key] = turn + interval
+        if turn > now:
+            await asyncio.sleep(turn - now)
 
     async def get(self, key: str, read: Callable[[], Awaitable[Any]]) -> Any:
         now = time.monotonic()
@@ -390,21 +399,33 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def metrics_endpoint(request: web.Request) -> web.Response:
-    """Prometheus text format; spool and host gauges are refreshed for this scrape."""
-    metrics, spool = request.app[METRICS], request.app[SPOOL]
+    """Prometheus text format. A scrape is answered from a rendering at most a second old,
+    and scrapes are paced (SCRAPE_PACE apart, whatever the number of scrapers): Prometheus
+    scrapes every few seconds, and a scraper in a loop must not take delivery's core."""
     recent = request.app[RECENT]
+    await recent.pace("metrics", SCRAPE_PACE)
+    body = await recent.get("metrics", lambda: _render_metrics(request.app))
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+SCRAPE_PACE = 0.05  # seconds between two scrape answers: at most 20 a second in all
+
+
+async def _render_metrics(app: web.Application) -> bytes:
+    """Refresh the spool and host gauges, then render every metric."""
+    metrics, spool, recent = app[METRICS], app[SPOOL], app[RECENT]
     counts = await recent.get("counts", spool.counts)
     for state in DELIVERY_STATES:
         metrics.spool_deliveries.labels(state).set(counts.get(state, 0))
     oldest = await recent.get("oldest", lambda: spool.oldest_due(time.time()))
     metrics.oldest_due_age.set(max(0.0, time.time() - oldest) if oldest is not None else 0.0)
-    dispatcher = request.app[DISPATCHER]
+    dispatcher = app[DISPATCHER]
     if dispatcher is not None:
         metrics.in_flight.set(dispatcher.in_flight)
         for host in dispatcher.hosts(time.time()):
             for health in ("healthy", "suspended", "probing"):
                 metrics.host_state.labels(host["host"], health).set(int(health == host["state"]))
-    return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+    return metrics.render()
 
 
 async def readyz(request: web.Request) -> web.Response:
@@ -502,10 +523,11 @@ class Runner(web.AppRunner):
     sends no complete request (idle, or headers half sent) and between kept-alive requests.
     A request's body gets the same time (see post_events)."""
 
-    def __init__(self, app: web.Application, config: Config, **kwargs: Any) -> None:
+    def __init__(self, app: web.Application, config: Config, *,
+                 max_connections: int | None = None, **kwargs: Any) -> None:
         super().__init__(app, access_log=None, handle_signals=False,
                          keepalive_timeout=config.server.read_timeout, **kwargs)
-        self._limit = config.server.max_connections
+        self._limit = max_connections or config.server.max_connections
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
