@@ -111,7 +111,10 @@ def cmd_render(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"relay render: cannot read {args.event}: {exc.strerror}", file=sys.stderr)
         return 1
-    text, ok = preview(loaded, args.destination, raw)
+    try:
+        text, ok = preview(loaded, args.destination, raw)
+    except Exception as exc:  # a command for people: one line, no traceback
+        text, ok = _unexpected("relay render", exc), False
     print(text, file=sys.stdout if ok else sys.stderr)
     return 0 if ok else 1
 
@@ -128,9 +131,19 @@ def cmd_test(args: argparse.Namespace) -> int:
         print(f"relay test: no destination {args.name!r} (destinations: {names})",
               file=sys.stderr)
         return 1
-    answer = _run(test_send(config, target))
+    try:
+        answer = _run(test_send(config, target))
+    except Exception as exc:  # a command for people: one line, no traceback
+        print(_unexpected("relay test", exc), file=sys.stderr)
+        return 1
     print(json.dumps(answer, indent=2, ensure_ascii=False))
     return 0 if answer.get("outcome") == "delivered" else 1
+
+
+def _unexpected(command: str, exc: Exception) -> str:
+    """What ``render`` and ``test`` say about an error they did not foresee (a bug)."""
+    return (f"{command}: unexpected error ({type(exc).__name__}: {exc}); "
+            "run `relay serve` with RELAY_LOG_LEVEL=debug or report it")
 
 
 def cmd_replay(args: argparse.Namespace) -> int:

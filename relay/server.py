@@ -18,12 +18,15 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
+from aiohttp.web_protocol import RequestHandler
 
 from relay import __version__
 from relay.config import Config
 from relay.destinations import CompiledDestination, compile_destinations
 from relay.errors import InvalidEvent, SpoolError, SpoolFull
 from relay.events import accept_body, parse_events
+from relay.logs import Throttle
 from relay.metrics import CONTENT_TYPE_LATEST, Metrics
 from relay.routing import Router
 from relay.spool import Attempt, DeliveryRecord, Receipt
@@ -116,20 +119,22 @@ def create_app(config: Config, spool: SpoolBackend, dispatcher: DispatchView | N
     """
     app = web.Application(client_max_size=config.server.max_body_bytes,
                           middlewares=[_guard])
+    app[METRICS] = metrics or Metrics()
     apply_config(app, config, destinations)
     app[SPOOL] = spool
-    app[METRICS] = metrics or Metrics()
     app[STATE] = {"draining": False}
     app[WAKE] = dispatcher.wake if dispatcher is not None else (lambda: None)
     app[DISPATCHER] = dispatcher
     app[WARNED] = _Warned()
     app[RECENT] = _Recent()
-    app.router.add_post("/v1/events", post_events)
+    app.router.add_post("/v1/events", post_events, expect_handler=expect_events)
     app.router.add_get("/v1/deliveries", list_deliveries)
-    app.router.add_post("/v1/deliveries/retry", retry_many)
+    app.router.add_post("/v1/deliveries/retry", retry_many, expect_handler=expect_continue)
     app.router.add_get("/v1/deliveries/{delivery_id}", get_delivery)
-    app.router.add_post("/v1/deliveries/{delivery_id}/retry", retry_one)
-    app.router.add_post("/v1/destinations/{name}/test", test_destination)
+    app.router.add_post("/v1/deliveries/{delivery_id}/retry", retry_one,
+                        expect_handler=expect_continue)
+    app.router.add_post("/v1/destinations/{name}/test", test_destination,
+                        expect_handler=expect_continue)
     app.router.add_get("/v1/hosts", list_hosts)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -139,14 +144,17 @@ def create_app(config: Config, spool: SpoolBackend, dispatcher: DispatchView | N
 
 def apply_config(app: web.Application, config: Config,
                  destinations: dict[str, CompiledDestination] | None = None) -> None:
-    """Switch the app to a (re)loaded config: routing, token, client networks.
+    """Switch the app to a (re)loaded config: routing, token, client networks, and the
+    destinations' metric series.
 
     ``server.listen`` and ``server.max_body_bytes`` are bound when the listener starts; the
     service warns that changing them needs a restart.
     """
     app[CONFIG] = config
-    app[DESTINATIONS] = destinations if destinations is not None else compile_destinations(config)
+    compiled = destinations if destinations is not None else compile_destinations(config)
+    app[DESTINATIONS] = compiled
     app[ROUTER] = Router(config)
+    app[METRICS].destinations_loaded(compiled.keys())
     token = config.server.token.get_secret_value().encode() if config.server.token else None
     app[ACCESS] = (token, tuple(ipaddress.ip_network(c, strict=False)
                                 for c in config.server.allow_cidrs))
@@ -157,21 +165,69 @@ def error(status: int, message: str, **extra: Any) -> web.Response:
     return web.json_response({"error": message, **extra}, status=status, headers=headers)
 
 
+# -- Expect: 100-continue -------------------------------------------------------------------
+
+
+async def expect_continue(request: web.Request) -> web.StreamResponse | None:
+    """``Expect: 100-continue`` answered with the final status when the headers already decide
+    it (403, 401), so the client does not upload a body for nothing; else ``100 Continue``.
+    aiohttp calls it before the middlewares."""
+    return await _expect(request, lambda _: None)
+
+
+async def expect_events(request: web.Request) -> web.StreamResponse | None:
+    """``expect_continue`` for ``POST /v1/events``, with its 415 and 413 too."""
+    return await _expect(request, _ingest_headers_refused)
+
+
+async def _expect(request: web.Request,
+                  check: Callable[[web.Request], web.Response | None]) -> web.Response | None:
+    expect = request.headers.get("Expect", "")
+    if expect.lower() != "100-continue":
+        return _closing(error(417, f"only Expect: 100-continue is understood (got {expect!r})"))
+    refused = _refused(request) or check(request)
+    if refused is not None:
+        return _closing(refused)
+    if request.version >= (1, 1):
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the final response is still to come
+    return None
+
+
+def _closing(response: web.Response) -> web.Response:
+    # The client holds its body back: the connection cannot carry another request.
+    response.force_close()
+    return response
+
+
+def _ingest_headers_refused(request: web.Request) -> web.Response | None:
+    """415 for a body that is not JSON, 413 for a Content-Length over the limit, or None."""
+    metrics = request.app[METRICS]
+    ctype = request.content_type
+    if ctype != "application/json" and not ctype.endswith("+json"):
+        metrics.events_rejected.labels("unsupported_media_type").inc()
+        return error(415, f"Content-Type must be application/json (got {ctype or 'none'})")
+    limit = request.app[CONFIG].server.max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        metrics.events_rejected.labels("too_large").inc()
+        return error(413, _too_large(limit))
+    return None
+
+
+def _too_large(limit: int) -> str:
+    return f"the body is larger than server.max_body_bytes ({limit} bytes)"
+
+
 # -- ingest ---------------------------------------------------------------------------------
 
 
 async def post_events(request: web.Request) -> web.Response:
     config, spool, router = request.app[CONFIG], request.app[SPOOL], request.app[ROUTER]
     metrics = request.app[METRICS]
-    ctype = request.content_type
-    if ctype != "application/json" and not ctype.endswith("+json"):
-        metrics.events_rejected.labels("unsupported_media_type").inc()
-        return error(415, f"Content-Type must be application/json (got {ctype or 'none'})")
-    limit = config.server.max_body_bytes
-    too_large = f"the body is larger than server.max_body_bytes ({limit} bytes)"
-    if request.content_length is not None and request.content_length > limit:
-        metrics.events_rejected.labels("too_large").inc()
-        return error(413, too_large)
+    refused = _ingest_headers_refused(request)
+    if refused is not None:
+        return refused
+    too_large = _too_large(config.server.max_body_bytes)
     try:
         async with asyncio.timeout(config.server.read_timeout):
             body = await request.read()
@@ -406,8 +462,50 @@ class _Busy(asyncio.Protocol):
         transport.close()
 
 
+class _Handler(RequestHandler):
+    """aiohttp's connection handler, quiet under junk: a request it cannot parse (garbage,
+    an HTTP/2 preface, a bad request line or header, a broken body) is answered in the relay's
+    JSON error shape (431 for a header too large) and logged as one info line at most every
+    ``JUNK_EVERY`` seconds, with the count held back, never a traceback (the junk may carry a
+    secret). Errors of the relay's own code still go to aiohttp's handling (500, logged)."""
+
+    def handle_error(self, request: web.BaseRequest, status: int = 500,
+                     exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        if not isinstance(exc, HttpProcessingError):
+            return super().handle_error(request, status, exc, message)
+        status, text = _parse_error(exc)
+        held = _JUNK.allow()
+        if held is not None:
+            log.info("malformed HTTP request from %s answered %d (%s)%s", request.remote,
+                     status, type(exc).__name__,
+                     f"; {held} more since the last such line" if held else "")
+        if request.writer.output_size > 0:  # part of a response went out: nothing to add
+            raise ConnectionError("a response was already started")
+        response = error(status, text)
+        response.force_close()
+        return response
+
+
+JUNK_EVERY = 10.0  # seconds between two "malformed HTTP request" lines
+_JUNK = Throttle(JUNK_EVERY)
+
+
+def _parse_error(exc: HttpProcessingError) -> tuple[int, str]:
+    """The status and message for a request aiohttp could not parse."""
+    if isinstance(exc, LineTooLong):
+        line = exc.args[0] if exc.args else b""
+        if isinstance(line, bytes | str) and line[:1] in (b"/", "/"):
+            return 414, "the request target is too long"
+        return 431, f"a request header is too large (at most {exc.args[1]} bytes)"
+    if "Too many headers" in (exc.message or ""):
+        return 431, "too many request headers"
+    return 400, "malformed HTTP request"
+
+
 class _Capped:
-    """aiohttp's protocol factory, handing out at most ``limit`` live connections."""
+    """aiohttp's protocol factory, handing out at most ``limit`` live connections, each
+    handled by ``_Handler``."""
 
     def __init__(self, server: web.Server, limit: int) -> None:
         self._server, self._limit = server, limit
@@ -415,7 +513,8 @@ class _Capped:
     def __call__(self) -> asyncio.Protocol:
         if len(self._server.connections) >= self._limit:
             return _Busy()
-        return self._server()
+        server = self._server
+        return _Handler(server, loop=server._loop, **server._kwargs)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._server, name)
@@ -446,11 +545,9 @@ class Runner(web.AppRunner):
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
-@web.middleware
-async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """server.allow_cidrs for every path but ``OPEN_PATHS`` and server.token for /v1/*;
-    aiohttp's own 404/405/413 pages become JSON. (One middleware, not two: each costs a
-    wrapper call per request.)"""
+def _refused(request: web.Request) -> web.Response | None:
+    """server.allow_cidrs for every path but ``OPEN_PATHS`` and server.token for /v1/*: the
+    403 or 401 answer, or None when the request may go on."""
     token, networks = request.app[ACCESS]
     if networks and request.path not in OPEN_PATHS:
         try:
@@ -468,6 +565,16 @@ async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
             request.app[METRICS].events_rejected.labels("unauthorized").inc()
             return error(401, "missing or wrong Authorization: Bearer token",
                          headers={"WWW-Authenticate": 'Bearer realm="relay"'})
+    return None
+
+
+@web.middleware
+async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """``_refused`` for every request; aiohttp's own 404/405/413 pages become JSON. (One
+    middleware, not two: each costs a wrapper call per request.)"""
+    refused = _refused(request)
+    if refused is not None:
+        return refused
     try:
         return await handler(request)
     except web.HTTPException as exc:

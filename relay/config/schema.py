@@ -142,6 +142,13 @@ class BasicAuth(_Model):
     password: SecretStr
 
 
+def _at_least_a_second(ttl: float) -> float:
+    if ttl < 1:  # iat and exp are whole seconds: a shorter ttl gives exp == iat
+        raise ValueError(f"must be at least 1s: a JWT's iat and exp are whole seconds "
+                         f"(got {ttl * 1000:g}ms)")
+    return ttl
+
+
 class JwtAuth(_Model):
     type: Literal["jwt"]
     algorithm: Literal[
@@ -152,7 +159,8 @@ class JwtAuth(_Model):
     issuer: str | None = None
     subject: str | None = None
     audience: str | None = None
-    ttl: PositiveDuration = 300.0
+    ttl: Annotated[PositiveDuration, AfterValidator(_at_least_a_second)] = 300.0
+    reuse: bool = True                             # false: a fresh token (jti, iat) per request
     claims: dict[str, Any] = Field(default_factory=dict)
     header: str = "Authorization"
     scheme: str = "Bearer"                         # "" sends the bare token
