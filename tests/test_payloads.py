@@ -50,7 +50,7 @@ destinations:
 """
 
 
-@pytest.mark.skipif(not (SHARED / "fixtures").is_dir(), 
+@pytest.mark.skipif(not (SHARED / "fixtures").is_dir(),
                     reason="shared/ is not beside the repo: tests/fixtures carries copies of the "
                            "documented fixtures; the check against the originals runs only when "
                            "the workspace's shared/ folder is present")
