@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import gc
 import logging
 import os
@@ -71,6 +72,10 @@ async def run(loaded: Loaded, *, metrics: Metrics | None = None,
         await runner.cleanup()
         await dispatcher.stop(0)
         await spool.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise SystemExit(f"relay: cannot listen on {config.server.listen}: port {port} is "
+                             "already in use (another relay, or make run, still running?): stop "
+                             "it, or set server.listen to a free port") from exc
         raise SystemExit(f"relay: cannot listen on {config.server.listen}: {exc.strerror}") from exc
     # Everything made while starting (config, pydantic schemas, aiohttp, prometheus) lives as
     # long as the process: keep it out of the collector's full passes, which otherwise walk all
