@@ -81,6 +81,29 @@ async def test_generated_ids_are_never_duplicates(spool: Spool) -> None:
     assert not any(r.duplicate for r in results)
 
 
+async def test_spool_at_max_bytes_refuses_new_events(tmp_path: Path) -> None:
+    """Once the file reaches spool.max_bytes new events are refused (SpoolFull, naming the key,
+    with a Retry-After) and none of the batch is stored; below the bound ingest works."""
+    roomy = Spool(tmp_path / "roomy.db", max_bytes=64 * 1024 * 1024)
+    await roomy.open()
+    try:
+        (ok,) = await roomy.ingest([item(1)])
+        assert not ok.duplicate
+        assert 0 < (await roomy.stats())["bytes"] < 64 * 1024 * 1024
+    finally:
+        await roomy.close()
+    spool = Spool(tmp_path / "s.db", max_bytes=1)  # the empty schema is already larger
+    await spool.open()
+    try:
+        with pytest.raises(SpoolFull) as info:
+            await spool.ingest([item(1), item(2)])
+        assert "spool.max_bytes=1" in str(info.value) and info.value.retry_after > 0
+        assert await spool.list_deliveries() == []
+        assert (await spool.stats())["open_events"] == 0
+    finally:
+        await spool.close()
+
+
 async def test_spool_full_refuses_whole_batch(tmp_path: Path) -> None:
     """At max_events the spool refuses a batch entirely and stores none of it."""
     spool = Spool(tmp_path / "s.db", max_events=3)

@@ -90,6 +90,9 @@ class SpoolConfig(_Model):
     path: str = "./relay-spool.db"                 # SQLite file (WAL mode)
     postgres: PostgresConfig = PostgresConfig()
     max_events: Annotated[int, Field(ge=1)] = 1_000_000  # events awaiting delivery; then 503
+    max_bytes: Annotated[int, Field(ge=0)] = 0     # SQLite file size that refuses new events
+                                                   # (503); 0 = no bound. Keep it below the
+                                                   # volume's size (the chart does)
     retention: Duration = 7 * 86400.0              # finished records kept this long
     dedupe_window: Duration = 86400.0              # a repeated event id within it is a duplicate
 
