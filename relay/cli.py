@@ -14,8 +14,11 @@ from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+import yaml
+
 from relay import __version__
 from relay.config import Config, parse_duration
+from relay.config.schema import ServerConfig, split_listen
 from relay.destinations import Loaded, load
 from relay.errors import ConfigError, SpoolError
 
@@ -73,7 +76,8 @@ def _parser() -> argparse.ArgumentParser:
 
     health = sub.add_parser("healthcheck", help="exit 0 if the relay answers /healthz (for "
                                                 "container HEALTHCHECKs: no curl needed)")
-    health.add_argument("-c", "--config", metavar="FILE", help="read server.listen from FILE")
+    health.add_argument("-c", "--config", metavar="FILE",
+                        help="read server.listen from FILE (nothing else is read or checked)")
     health.add_argument("--url", help="base URL (default: from the config, else "
                                       "http://127.0.0.1:8080)")
     health.add_argument("--timeout", type=float, default=3.0)
@@ -187,7 +191,14 @@ def cmd_healthcheck(args: argparse.Namespace) -> int:
 
     url = args.url
     if url is None and args.config:
-        host, port = _load_or_exit(args.config).config.server.host_port
+        # Only the address: a config edit the running relay rightly refused must not make
+        # its liveness check fail (and the container restart into that bad config).
+        try:
+            host, port = _listen_of(args.config)
+        except (OSError, ValueError, yaml.YAMLError) as exc:
+            print(f"relay healthcheck: cannot read server.listen from {args.config}: {exc}",
+                  file=sys.stderr)
+            return 1
         host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
         url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
     url = (url or "http://127.0.0.1:8080").rstrip("/") + "/healthz"
@@ -198,6 +209,14 @@ def cmd_healthcheck(args: argparse.Namespace) -> int:
         print(f"relay healthcheck: {url}: {exc}", file=sys.stderr)
         return 1
     return 0 if ok else 1
+
+
+def _listen_of(path: str) -> tuple[str, int]:
+    """``server.listen`` of a config file (default 127.0.0.1:8080), the rest unread."""
+    data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    server = data.get("server") if isinstance(data, dict) else None
+    listen = server.get("listen") if isinstance(server, dict) else None
+    return split_listen(str(listen or ServerConfig().listen))
 
 
 def cmd_sink(args: argparse.Namespace) -> int:
@@ -214,6 +233,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     metrics = Metrics()
     loaded = _load_or_exit(args.config, metrics)
+    if not loaded.config.destinations:
+        # check-config accepts an empty list (a file being written); a relay that would store
+        # events forever and deliver none must not start.
+        print(f"relay serve: {args.config} has no destinations, so nothing would be delivered. "
+              f"Mount your config (docker run -v $PWD/relay.yaml:/etc/relay/config.yaml:ro ..., "
+              f"or the Helm chart's config.destinations) or pass -c FILE; see "
+              f"config.example.yaml", file=sys.stderr)
+        return 1
     _setup_logging(loaded.config)
     try:
         _run(service.run(loaded, metrics=metrics, config_path=args.config))
