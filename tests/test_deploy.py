@@ -466,25 +466,64 @@ def test_dockerfile_lints_clean() -> None:
     assert out.returncode == 0, out.stdout + out.stderr
 
 
+def _locked() -> dict[str, str]:
+    """name -> version pinned by requirements.lock."""
+    pins = {}
+    for line in (ROOT / "requirements.lock").read_text().splitlines():
+        if "==" in line and not line.lstrip().startswith("#"):
+            name, version = line.split("==")
+            pins[re.sub(r"[-_.]+", "-", name.strip()).lower()] = version.split(";")[0].strip()
+    return pins
+
+
+def test_dockerfile_builds_from_the_lock_and_ships_no_installer() -> None:
+    """The Dockerfile builds its wheels with --constraint requirements.lock, and its runtime
+    stage copies a pip-less venv and removes the base image's pip and setuptools; the lock pins
+    every runtime dependency pyproject names."""
+    text = (ROOT / "Dockerfile").read_text()
+    build, runtime = text.split("\nFROM ${PYTHON_IMAGE}\n")
+    assert "--constraint requirements.lock" in build and "venv --without-pip" in build
+    assert "pip uninstall --yes --no-cache-dir pip setuptools" in runtime
+    assert "pip install" not in runtime and "COPY --from=build /opt/relay /opt/relay" in runtime
+    import tomllib
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = [*project["dependencies"], *project["optional-dependencies"]["postgres"]]
+    names = {re.sub(r"[-_.]+", "-", re.split(r"[<>=!~;\[ ]", d)[0]).lower() for d in wanted}
+    assert names <= _locked().keys(), names - _locked().keys()
+
+
 @pytest.mark.slow
 def test_image_install_path(tmp_path: Path) -> None:
-    """Build the wheels exactly as the Dockerfile does, install them with no index into a fresh
-    venv, and run `relay --version` and `relay check-config` on the config the image ships."""
+    """Build the wheels exactly as the Dockerfile does (constrained by requirements.lock),
+    install them with no index into a venv without pip, check every version is the locked one,
+    and run `relay --version` and `relay check-config` on the config the image ships."""
     src = tmp_path / "src"
     src.mkdir()
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "README.md", "requirements.lock"):
         shutil.copy(ROOT / name, src / name)
     shutil.copytree(ROOT / "relay", src / "relay",
                     ignore=shutil.ignore_patterns("__pycache__"))
     wheels = tmp_path / "wheels"
     pip = [sys.executable, "-m", "pip"]
-    subprocess.run([*pip, "wheel", "--quiet", "--wheel-dir", str(wheels), "."], cwd=src,
-                   check=True, env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
+    env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    subprocess.run([*pip, "wheel", "--quiet", "--wheel-dir", str(wheels), "--constraint",
+                    "requirements.lock", ".[postgres]"], cwd=src, check=True, env=env)
     target = tmp_path / "venv"
-    venv.create(target, with_pip=True)
+    venv.create(target, with_pip=False)
     py = target / "bin" / "python"
-    subprocess.run([str(py), "-m", "pip", "install", "--quiet", "--no-index", "--find-links",
-                    str(wheels), "relay"], check=True)
+    subprocess.run([*pip, "--python", str(py), "install", "--quiet", "--no-index",
+                    "--find-links", str(wheels), "--constraint", "requirements.lock",
+                    "relay[postgres]"], cwd=src, check=True, env=env)
+    listing = subprocess.run(
+        [str(py), "-c", "import importlib.metadata as m, json; print(json.dumps("
+                        "{d.metadata['Name']: d.version for d in m.distributions()}))"],
+        capture_output=True, text=True, check=True)
+    installed = {re.sub(r"[-_.]+", "-", k).lower(): v
+                 for k, v in json.loads(listing.stdout).items()}
+    assert "pip" not in installed and "setuptools" not in installed
+    locked = _locked()
+    assert {k: v for k, v in installed.items() if k != "relay"} == \
+        {k: locked[k] for k in installed if k != "relay"}
     relay = target / "bin" / "relay"
     version = subprocess.run([str(relay), "--version"], capture_output=True, text=True,
                              check=True)
@@ -498,3 +537,7 @@ def test_image_install_path(tmp_path: Path) -> None:
     check = subprocess.run([str(relay), "check-config", image_config], capture_output=True,
                            text=True, env=env)
     assert check.returncode == 1 and "server.token" in check.stderr
+    # And with no destinations `relay serve` refuses, saying how to mount a config.
+    serve = subprocess.run([str(relay), "serve", "-c", image_config], capture_output=True,
+                           text=True, env={**env, "RELAY_TOKEN": "t0ken"}, timeout=60)
+    assert serve.returncode == 1 and "/etc/relay/config.yaml" in serve.stderr
