@@ -14,6 +14,7 @@ import logging
 import os
 import resource
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from relay.config import Config
 from relay.destinations import Loaded, load
 from relay.dispatch import Dispatcher
 from relay.errors import SpoolError
+from relay.health_shared import SharedHealth, shared_health
 from relay.logs import MASK, config_secrets
 from relay.metrics import Metrics
 from relay.reload import ConfigWatcher
@@ -57,7 +59,10 @@ async def run(loaded: Loaded, *, metrics: Metrics | None = None,
     await spool.open()
     supervisor = Supervisor(metrics.count_restart)
     dispatcher = Dispatcher(config, spool, destinations=loaded.destinations, metrics=metrics,
-                            supervisor=supervisor)
+                            supervisor=supervisor, **_health_for(config, spool))
+    if isinstance(dispatcher.health, SharedHealth):  # replicas share suspensions
+        dispatcher.health.wake = dispatcher.wake
+        supervisor.spawn("shared-health", dispatcher.health.follow)
     await dispatcher.start()
     app = create_app(config, spool, dispatcher, metrics, loaded.destinations)
     _raise_open_files(config)
@@ -148,6 +153,17 @@ async def _prune_forever(spool: SpoolBackend, retention: float) -> None:
         except SpoolError as exc:  # the spool is busy or restarting: next round
             log.warning("pruning the spool failed (%s); will try again", exc)
         await asyncio.sleep(PRUNE_EVERY)
+
+
+def _health_for(config: Config, spool: SpoolBackend) -> dict[str, Any]:
+    """Host health shared through the database when the spool is PostgreSQL (several
+    replicas may share it); otherwise the dispatcher keeps its own board."""
+    if config.spool.backend != "postgres":
+        return {}
+    from relay.spool.postgres import PostgresSpool  # asyncpg: the optional extra
+
+    assert isinstance(spool, PostgresSpool)
+    return {"health": shared_health(spool, probe_lease=spool.lease, clock=time.time)}
 
 
 def _raise_open_files(config: Config) -> None:

@@ -120,6 +120,10 @@ WHERE state = 'pending' AND destination = ANY($1::text[]) AND seq <> ALL($2::big
 """
 
 RELEASE = "UPDATE deliveries SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = $1"
+PENDING = "SELECT count(*) FROM deliveries WHERE state = 'pending'"
+
+# Pruning runs on one replica at a time: the others find the lock taken and skip the round.
+PRUNE_LOCK = "SELECT pg_try_advisory_xact_lock(hashtext($1))"
 
 REPLAY = """
 WITH r AS (
