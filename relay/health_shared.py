@@ -55,17 +55,18 @@ RESET = f"UPDATE hosts SET consecutive = 0 WHERE key = $1 AND consecutive <> 0 R
 SUSPEND = f"""
 INSERT INTO hosts AS h(key, state, version, suspensions, total_suspensions, suspended_at,
                        suspended_until)
-VALUES ($1, 'suspended', 1, 1, 1, $2, $2 + least($3, $4))
+VALUES ($1::text, 'suspended', 1, 1, 1, $2::float8, $2 + least($3::float8, $4::float8))
 ON CONFLICT (key) DO UPDATE
 SET state = 'suspended', version = h.version + 1, consecutive = 0,
     suspensions = h.suspensions + 1, total_suspensions = h.total_suspensions + 1,
     suspended_at = $2, suspended_until = $2 + least($3 * (h.suspensions + 1), $4),
     probe_owner = NULL, probe_until = NULL
-WHERE h.state = 'healthy' OR (h.state = 'probing' AND h.probe_owner = $5)
+WHERE h.state = 'healthy' OR (h.state = 'probing' AND h.probe_owner = $5::text)
 RETURNING {COLUMNS}
 """
 CLAIM_PROBE = f"""
-UPDATE hosts SET state = 'probing', version = version + 1, probe_owner = $3, probe_until = $2 + $4
+UPDATE hosts SET state = 'probing', version = version + 1, probe_owner = $3::text,
+    probe_until = $2::float8 + $4::float8
 WHERE key = $1 AND ((state = 'suspended' AND suspended_until <= $2)
                     OR (state = 'probing' AND probe_until <= $2))
 RETURNING {COLUMNS}
@@ -77,7 +78,7 @@ WHERE key = $1 AND state = 'probing' AND probe_owner = $2
 RETURNING {COLUMNS}
 """
 ABANDON_PROBE = f"""
-UPDATE hosts SET state = 'suspended', version = version + 1, suspended_until = $3,
+UPDATE hosts SET state = 'suspended', version = version + 1, suspended_until = $3::float8,
        probe_owner = NULL, probe_until = NULL
 WHERE key = $1 AND state = 'probing' AND probe_owner = $2
 RETURNING {COLUMNS}
@@ -189,14 +190,18 @@ class SharedHealth(HealthBoard):
     async def follow(self) -> None:
         """Poll the table into the local board every POLL_EVERY seconds, until cancelled."""
         while True:
-            try:
-                rows = await self.store.fetch_rows(ALL)
-            except SpoolError:
-                rows = []  # the spool reports a lost database; the local board goes on
-            now = self.clock()
-            for row in rows:
-                self._apply(row, now)
+            await self.refresh()
             await asyncio.sleep(POLL_EVERY)
+
+    async def refresh(self) -> None:
+        """Read the whole table into the local board once."""
+        try:
+            rows = await self.store.fetch_rows(ALL)
+        except SpoolError:
+            return  # the spool reports a lost database; the local board goes on
+        now = self.clock()
+        for row in rows:
+            self._apply(row, now)
 
     async def close(self) -> None:
         """Wait for the statements still on their way (each is short)."""

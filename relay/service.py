@@ -15,6 +15,7 @@ import os
 import resource
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ from relay.supervise import Supervisor
 log = logging.getLogger("relay")
 
 PRUNE_EVERY = 3600.0
+FOLLOW_EVERY = 0.5  # seconds: how soon an idle replica takes work another one stored or released
 
 
 async def run(loaded: Loaded, *, metrics: Metrics | None = None,
@@ -60,9 +62,10 @@ async def run(loaded: Loaded, *, metrics: Metrics | None = None,
     supervisor = Supervisor(metrics.count_restart)
     dispatcher = Dispatcher(config, spool, destinations=loaded.destinations, metrics=metrics,
                             supervisor=supervisor, **_health_for(config, spool))
-    if isinstance(dispatcher.health, SharedHealth):  # replicas share suspensions
+    if isinstance(dispatcher.health, SharedHealth):  # replicas share suspensions and work
         dispatcher.health.wake = dispatcher.wake
         supervisor.spawn("shared-health", dispatcher.health.follow)
+        supervisor.spawn("other-replicas", lambda: _follow_other_replicas(spool, dispatcher.wake))
     await dispatcher.start()
     app = create_app(config, spool, dispatcher, metrics, loaded.destinations)
     _raise_open_files(config)
@@ -164,6 +167,21 @@ def _health_for(config: Config, spool: SpoolBackend) -> dict[str, Any]:
 
     assert isinstance(spool, PostgresSpool)
     return {"health": shared_health(spool, probe_lease=spool.lease, clock=time.time)}
+
+
+async def _follow_other_replicas(spool: Any, wake: Callable[[], None]) -> None:
+    """Wake the dispatcher when another replica stored events or gave claims back: otherwise
+    an idle replica would find that work only at its next recheck."""
+    mark = None
+    while True:
+        try:
+            seen = await spool.work_mark()
+        except SpoolError:
+            seen = mark
+        if mark is not None and seen != mark:
+            wake()
+        mark = seen
+        await asyncio.sleep(FOLLOW_EVERY)
 
 
 def _raise_open_files(config: Config) -> None:

@@ -166,7 +166,7 @@ class PostgresSpool:
                     await task
         with contextlib.suppress(SpoolError):
             async with self._connection() as conn:
-                released = int((await conn.execute(sql.RELEASE, self.replica)).split()[-1])
+                released = await conn.fetchval(sql.RELEASE, self.replica)
                 pending = await conn.fetchval(sql.PENDING)
             # Claims given back, not left to expire: the other replicas take them at once.
             log.info("replica %s released %d claimed deliveries; %d deliveries pending for the "
@@ -226,6 +226,12 @@ class PostgresSpool:
             raise SpoolError("the spool is closed")
         if not self._up:
             raise SpoolError("the spool database is unreachable")
+
+    async def work_mark(self) -> tuple[int, int]:
+        """(newest event seq, claims released so far): changes when any replica stores events
+        or gives claims back, so an idle replica can look for work."""
+        row = (await self._fetch(sql.WORK_MARK))[0]
+        return (row[0] or 0, row[1])
 
     async def fetch_rows(self, query: str, *args: Any) -> list[Any]:
         """Run one statement on the spool's schema (for modules sharing this database, such

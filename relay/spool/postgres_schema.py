@@ -17,6 +17,8 @@ Tables (the same rows as the SQLite spool, plus what a shared database needs):
   when it is older than spool.dedupe_window: the unique key is the dedupe, no read-then-insert.
 * ``counters``: one row, ``open_events`` (events with a delivery still pending), kept in the
   same transactions that change it, checked against spool.max_events.
+* ``counters.released`` (version 2): claims given back by replicas that stopped; with the
+  newest event's seq, what an idle replica watches to learn of work it was not told about.
 * ``hosts`` (version 2): host health shared by replicas (relay/health_shared.py): state,
   suspension, consecutive failures counted in the database, and who holds the probe.
 
@@ -103,6 +105,7 @@ MIGRATIONS: tuple[str, ...] = (
         probe_owner     text,                      -- the replica sending the probe
         probe_until     double precision           -- its claim on the probe ends
     );
+    ALTER TABLE counters ADD COLUMN released bigint NOT NULL DEFAULT 0;  -- claims given back
     """,
 )
 
