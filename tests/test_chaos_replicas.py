@@ -7,12 +7,13 @@ from __future__ import annotations
 import random
 import signal
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.helpers import eventually
+from tests.helpers import RelayProcess, eventually
 from tests.pg import PgServer, pg_dsn, pg_server
 from tests.receiver import Answer, Receiver
 from tests.replicas import delivered, replicas
@@ -37,55 +38,58 @@ def test_three_replicas_sigkill_and_database_restart_lose_nothing(
                           delivery={"max_retries": 50, "retry_window": "30m"},
                           health={"consecutive_failures": 20, "suspend_for": "500ms",
                                   "suspend_max": "2s"})
-        for relay in relays:
-            relay.start()
-        senders = [Senders(relay, threads=2) for relay in relays]
-        kills: list[str] = []
         try:
-            for s in senders:
-                s.__enter__()
-
-            def acked() -> int:
-                return sum(len(s.acked) for s in senders)
-            for cycle in range(KILLS + 1):
-                receiver.set_default([Answer(200, delay=0.2), Answer(503),
-                                      Answer(200, delay=0.02)][cycle % 3])
-                eventually(acked, lambda n, want=60 * (cycle + 1): n >= want, timeout=60,
-                           what="60 more acknowledged events this cycle")
-                time.sleep(rng.uniform(0.0, 1.5))
-                if cycle == 2:                     # the database goes away, and comes back
-                    pg_server.stop()
-                    time.sleep(rng.uniform(0.5, 1.5))
-                    pg_server.start()
-                    kills.append("postgres")
-                    continue
-                victim = rng.randrange(3)
-                relays[victim].kill(signal.SIGKILL)
-                kills.append(f"r{victim}")
-                time.sleep(rng.uniform(0.0, 0.3))
-                relays[victim].start(timeout=30)
-            receiver.set_default(Answer(200))
-            time.sleep(1.0)
-        finally:
-            for s in senders:
-                s.__exit__(None, None, None)
-        try:
-            everything = set().union(*(s.acked for s in senders))
-            assert len(everything) > 200, "the load was too light to mean anything"
-            eventually(lambda: len(everything - set(delivered(receiver))), lambda n: n == 0,
-                       interval=0.2, timeout=90, what="every acknowledged event delivered "
-                       "(value: how many not yet)")
-            counts = delivered(receiver)
-            dupes = sum(n - 1 for n in counts.values() if n > 1)
-            refused: dict[int, int] = {}
-            for s in senders:
-                for status, n in s.non_ok.items():
-                    refused[status] = refused.get(status, 0) + n
-            with capsys.disabled():
-                print(f"\nchaos/3 replicas ({', '.join(kills)}): {len(everything)} events "
-                      f"acknowledged, all delivered; duplicate deliveries: {dupes}; "
-                      f"non-2xx answers to senders: {refused}")
-            assert set(refused) <= {503}
+            run(relays, receiver, pg_server, rng, capsys)
         finally:
             for relay in relays:
                 relay.stop()
+
+
+def run(relays: list[RelayProcess], receiver: Receiver, pg_server: PgServer,
+        rng: random.Random, capsys: Any) -> None:
+    for relay in relays:
+        relay.start()
+    senders = [Senders(relay, threads=2) for relay in relays]
+    kills: list[str] = []
+    try:
+        for s in senders:
+            s.__enter__()
+
+        def acked() -> int:
+            return sum(len(s.acked) for s in senders)
+        for cycle in range(KILLS + 1):
+            receiver.set_default([Answer(200, delay=0.2), Answer(503),
+                                  Answer(200, delay=0.02)][cycle % 3])
+            eventually(acked, lambda n, want=60 * (cycle + 1): n >= want, timeout=60,
+                       what="60 more acknowledged events this cycle")
+            time.sleep(rng.uniform(0.0, 1.5))
+            if cycle == 2:                     # the database goes away, and comes back
+                pg_server.stop()
+                time.sleep(rng.uniform(0.5, 1.5))
+                pg_server.start()
+                kills.append("postgres")
+                continue
+            victim = rng.randrange(3)
+            relays[victim].kill(signal.SIGKILL)
+            kills.append(f"r{victim}")
+            time.sleep(rng.uniform(0.0, 0.3))
+            relays[victim].start(timeout=30)
+        receiver.set_default(Answer(200))
+        time.sleep(1.0)
+    finally:
+        for s in senders:
+            s.__exit__(None, None, None)
+    everything = set().union(*(s.acked for s in senders))
+    assert len(everything) > 200, "the load was too light to mean anything"
+    eventually(lambda: len(everything - set(delivered(receiver))), lambda n: n == 0,
+               interval=0.2, timeout=90,
+               what="every acknowledged event delivered (value: how many not yet)")
+    dupes = sum(n - 1 for n in delivered(receiver).values() if n > 1)
+    refused: Counter[int] = Counter()
+    for s in senders:
+        refused.update(s.non_ok)
+    with capsys.disabled():
+        print(f"\nchaos/3 replicas ({', '.join(kills)}): {len(everything)} events "
+              f"acknowledged, all delivered; duplicate deliveries: {dupes}; "
+              f"non-2xx answers to senders: {dict(refused)}")
+    assert set(refused) <= {503}
