@@ -74,6 +74,38 @@ def relay(config: dict[str, Any], workdir: Path) -> Iterator[tuple[subprocess.Po
         yield proc, port
 
 
+BACKENDS = ("sqlite", "postgres")
+
+
+def backends_arg(parser: Any) -> None:
+    parser.add_argument("--backend", choices=(*BACKENDS, "both"), default="both",
+                        help="spool backend(s) to measure, side by side (default: both)")
+
+
+@contextmanager
+def spools(choice: str, workdir: Path) -> Iterator[list[tuple[str, dict[str, Any]]]]:
+    """(backend name, spool config section) for each backend asked for; PostgreSQL is a real
+    server (pgserver, as in the tests) started here on a unix socket and stopped after."""
+    names = BACKENDS if choice == "both" else (choice,)
+    found = [(name, {"path": str(workdir / f"{name}.db")}) for name in names if name == "sqlite"]
+    if "postgres" not in names:
+        yield found
+        return
+    sys.path.insert(0, str(ROOT))
+    from tests.pg import PgServer
+
+    base = Path(tempfile.mkdtemp(prefix="relay-bench-pg-"))
+    base.chmod(0o755)
+    server = PgServer(base / "pgdata")
+    try:
+        postgres = {"backend": "postgres",
+                    "postgres": {"dsn": server.new_database(), "schema": "relay"}}
+        yield [*found, ("postgres", postgres)]
+    finally:
+        server.close()
+        shutil.rmtree(base, ignore_errors=True)
+
+
 @contextmanager
 def bare_server() -> Iterator[int]:
     """aiohttp + uvloop answering 202 without validating or storing: the ceiling."""

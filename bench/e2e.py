@@ -20,7 +20,7 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import BENCH, PY, free_port, machine, process, relay, table
+from _common import BENCH, PY, backends_arg, free_port, machine, process, relay, spools, table
 
 
 async def _count(session: aiohttp.ClientSession, port: int) -> int:
@@ -65,10 +65,11 @@ async def drive(ingest_port: int, receiver_port: int, total: int, tag: str) -> d
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--events", type=int, default=20_000)
+    backends_arg(parser)
     args = parser.parse_args()
     total = args.events // 100 * 100
     rows, results = [], {}
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, spools(args.backend, Path(tmp)) as backends:
         tmpdir = Path(tmp)
         rport = free_port()
         with process([PY, str(BENCH / "_receiver.py"), str(rport)], rport, tmpdir / "recv.log"):
@@ -77,25 +78,35 @@ def main() -> None:
                           f"http://127.0.0.1:{rport}/braze"], fport, tmpdir / "fwd.log"):
                 asyncio.run(drive(fport, rport, 1000, "warm"))
                 results["forwarder"] = asyncio.run(drive(fport, rport, total, "fwd"))
-            config = {"spool": {"path": str(tmpdir / "spool.db")},
-                      "delivery": {"allowed_ports": [rport], "per_host_concurrency": 64,
-                                   "allowed_networks": ["127.0.0.0/8"]},
-                      "destinations": [{"name": "braze", "format": "braze",
-                                        "url": f"http://127.0.0.1:{rport}/braze"}]}
-            with relay(config, tmpdir):
-                pass  # start once so the first run does not pay for creating the spool
-            with relay(config, tmpdir) as (_, port):
-                asyncio.run(drive(port, rport, 1000, "warm"))
-                results["relay"] = asyncio.run(drive(port, rport, total, f"r{time.time()}"))
-    for name, label in (("forwarder", "minimal forwarder, not durable"),
-                        ("relay", "relay: durable spool, braze shape")):
+            for backend, spool in backends:
+                config = {"spool": spool,
+                          "delivery": {"allowed_ports": [rport], "per_host_concurrency": 64,
+                                       "allowed_networks": ["127.0.0.0/8"]},
+                          "destinations": [{"name": "braze", "format": "braze",
+                                            "url": f"http://127.0.0.1:{rport}/braze"}]}
+                with relay(config, tmpdir):
+                    pass  # start once so the first run does not pay for creating the spool
+                with relay(config, tmpdir) as (_, port):
+                    asyncio.run(drive(port, rport, 1000, f"warm{backend}"))
+                    results[backend] = asyncio.run(drive(port, rport, total,
+                                                         f"r{backend}{time.time()}"))
+    labels = {"forwarder": "minimal forwarder, not durable",
+              "sqlite": "relay: durable SQLite spool, braze shape",
+              "postgres": "relay: durable PostgreSQL spool, braze shape"}
+    for name in (n for n in ("forwarder", "sqlite", "postgres") if n in results):
         r = results[name]
-        rows.append((label, total, r["seconds"], r["events_s"], r["ingest_s"], r["p50_post_ms"]))
+        rows.append((labels[name], total, r["seconds"], r["events_s"], r["ingest_s"],
+                     r["p50_post_ms"]))
     table(f"End to end, {total:,} events in batches of 100 (8 senders) to one fast local "
           f"receiver; load from this script's aiohttp client; {machine()}",
           ["server", "events", "seconds", "delivered/s", "accepted/s", "p50 POST ms"], rows)
-    ratio = results["relay"]["events_s"] / results["forwarder"]["events_s"]
-    print(f"\nrelay/forwarder delivered events/s: {ratio:.2f} (target >= 0.80)")
+    print()
+    for backend in (b for b in ("sqlite", "postgres") if b in results):
+        ratio = results[backend]["events_s"] / results["forwarder"]["events_s"]
+        print(f"relay ({backend})/forwarder delivered events/s: {ratio:.2f} (target >= 0.80)")
+    if "sqlite" in results and "postgres" in results:
+        ratio = results["postgres"]["events_s"] / results["sqlite"]["events_s"]
+        print(f"postgres/sqlite end to end: {ratio:.2f} (target >= 0.50)")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import bare_server, load, machine, relay, table
+from _common import backends_arg, bare_server, load, machine, relay, spools, table
 
 DESTINATIONS = [  # one of each format, as in config.example.yaml (nothing is delivered here)
     {"name": "ajo", "format": "ajo", "url": "http://127.0.0.1:9/ajo", "allow_insecure_http": True,
@@ -29,6 +29,7 @@ DESTINATIONS = [  # one of each format, as in config.example.yaml (nothing is de
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=float, default=10.0, help="per measurement")
+    backends_arg(parser)
     args = parser.parse_args()
     runs = [("single", 1, 64), ("batch of 100", 100, 16)]
     rows = []
@@ -40,26 +41,35 @@ def main() -> None:
             results["bare", mode] = r = load(port, batch=batch, connections=conns,
                                              seconds=args.seconds, prefix=f"bare{tag}")
             rows.append(("bare aiohttp+uvloop (no store)", mode, conns, *_cols(r)))
-    with tempfile.TemporaryDirectory() as tmp:
-        config = {"spool": {"path": str(Path(tmp) / "spool.db")},
-                  "delivery": {"allowed_ports": [80, 443, 9], "allowed_networks": ["127.0.0.0/8"]},
-                  "destinations": DESTINATIONS}
-        with relay(config, Path(tmp)) as (_, port):
-            load(port, batch=1, connections=64, seconds=2, prefix=f"warm{tag}")
-            for mode, batch, conns in runs:
-                results["relay", mode] = r = load(port, batch=batch, connections=conns,
-                                                  seconds=args.seconds, prefix=f"relay{tag}")
-                rows.append(("relay (durable)", mode, conns, *_cols(r)))
+    with tempfile.TemporaryDirectory() as tmp, spools(args.backend, Path(tmp)) as backends:
+        for backend, spool in backends:
+            config = {"spool": spool,
+                      "delivery": {"allowed_ports": [80, 443, 9],
+                                   "allowed_networks": ["127.0.0.0/8"]},
+                      "destinations": DESTINATIONS}
+            with relay(config, Path(tmp)) as (_, port):
+                load(port, batch=1, connections=64, seconds=2, prefix=f"warm{backend}{tag}")
+                for mode, batch, conns in runs:
+                    results[backend, mode] = r = load(port, batch=batch, connections=conns,
+                                                      seconds=args.seconds,
+                                                      prefix=f"{backend}{tag}")
+                    rows.append((f"relay, {backend} spool", mode, conns, *_cols(r)))
     table(f"Ingest, {args.seconds:.0f}s per row; load: wrk -t1 (Lua, unique ids); {machine()}",
           ["server", "mode", "conns", "req/s", "events/s", "p50 ms", "p99 ms", "errors"], rows)
-    print("\nrelay (durable) = validate + fan-out to 3 destinations + group-committed SQLite "
-          "(WAL, fsync per commit, in the relay's writer process) before the 202")
-    single = results["relay", "single"]["req_s"] / results["bare", "single"]["req_s"]
-    p99 = results["relay", "single"]["p99_ms"] / results["bare", "single"]["p99_ms"]
-    print(f"single events: relay/bare throughput {single:.2f} (target >= 0.60), "
-          f"p99 relay/bare {p99:.1f}x (target <= 2x)")
-    print(f"batches of 100: {results['relay', 'batch of 100']['events_s']:,.0f} events/s "
-          "(target >= 50,000)")
+    print("\nrelay = validate + fan-out to 3 destinations + a group-committed durable spool "
+          "(SQLite: WAL, fsync per commit, in the relay's writer process; PostgreSQL: one "
+          "transaction per group, on this machine) before the 202")
+    for backend in (b for b in ("sqlite", "postgres") if (b, "single") in results):
+        single = results[backend, "single"]["req_s"] / results["bare", "single"]["req_s"]
+        p99 = results[backend, "single"]["p99_ms"] / results["bare", "single"]["p99_ms"]
+        print(f"{backend}: single events relay/bare throughput {single:.2f} (target >= 0.60), "
+              f"p99 relay/bare {p99:.1f}x (target <= 2x); batches of 100 "
+              f"{results[backend, 'batch of 100']['events_s']:,.0f} events/s")
+    if ("sqlite", "single") in results and ("postgres", "single") in results:
+        for mode, target in (("single", "single-event postgres >= 0.5 of sqlite"),
+                             ("batch of 100", "batches >= 20,000 events/s on postgres")):
+            ratio = results["postgres", mode]["events_s"] / results["sqlite", mode]["events_s"]
+            print(f"postgres/sqlite, {mode}: {ratio:.2f} ({target})")
 
 
 def _cols(r: dict[str, float]) -> tuple[float, ...]:

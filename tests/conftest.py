@@ -10,6 +10,7 @@ import pytest
 
 from relay.config import Config, load_config
 from tests.helpers import Clock, Stack, write_config
+from tests.pg import pg_dsn, pg_server  # noqa: F401 - the real PostgreSQL fixtures, for every test
 from tests.receiver import Answer, Receiver
 
 

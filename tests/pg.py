@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
 import subprocess
+import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -76,13 +78,20 @@ class PgServer:
 
 
 @pytest.fixture(scope="session")
-def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PgServer]:
-    """One PostgreSQL for the whole session, stopped at its end."""
-    server = PgServer(tmp_path_factory.mktemp("pgdata"))
+def pg_server() -> Iterator[PgServer]:
+    """One PostgreSQL for the whole session, stopped at its end.
+
+    Its data lives outside pytest's temporary folder: run as root, the server runs as the
+    user ``pgserver``, which must be able to reach it, and pytest makes its own folder private
+    (0700) again whenever a pytest session starts."""
+    base = Path(tempfile.mkdtemp(prefix="relay-pg-"))
+    base.chmod(0o755)
+    server = PgServer(base / "pgdata")
     try:
         yield server
     finally:
         server.close()
+        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture
