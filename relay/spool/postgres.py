@@ -240,8 +240,9 @@ class PostgresSpool:
 
     async def fetch_rows(self, query: str, *args: Any) -> list[Any]:
         """Run one statement on the spool's schema (for modules sharing this database, such
-        as relay/health_shared.py); database errors become SpoolError."""
-        return await self._fetch(query, *args)
+        as relay/health_shared.py), committed without waiting for the WAL flush: for state
+        whose loss in a crash costs nothing. Database errors become SpoolError."""
+        return await self._fetch_lightly(query, *args)
 
     async def _fetch(self, query: str, *args: Any) -> list[Any]:
         async with self._connection() as conn:
