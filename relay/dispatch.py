@@ -84,14 +84,16 @@ class Dispatcher:
                  metrics: Metrics | None = None,
                  supervisor: Supervisor | None = None,
                  clock: Callable[[], float] = time.time,
-                 rand: Callable[[], float] = random.random) -> None:
+                 rand: Callable[[], float] = random.random,
+                 health: Callable[..., HealthBoard] = HealthBoard) -> None:
         self.spool = spool
         self.clock = clock
         self.rand = rand
         self.metrics = metrics or Metrics()
         self.supervisor = supervisor or Supervisor(self.metrics.count_restart)
         self.transport: Transport = transport or AiohttpTransport(config, clock)
-        self.health = HealthBoard(config.health, on_change=self._host_changed)
+        # A board of this process's own (SQLite) or shared by replicas (relay/health_shared.py).
+        self.health = health(config.health, on_change=self._host_changed)
         self._host_destinations: dict[str, list[str]] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._inflight: dict[int, asyncio.Task[None]] = {}
@@ -156,6 +158,9 @@ class Dispatcher:
         if pending:
             log.info("waiting up to %.0fs for %d attempts in flight", timeout, len(pending))
             _, late = await asyncio.wait(pending, timeout=timeout)
+            if late:
+                log.warning("abandoning %d attempts still in flight after %.0fs: they stay "
+                            "pending", len(late), timeout)
             for task in late:  # left pending in the spool: they are tried again after restart
                 task.cancel()
             await asyncio.gather(*late, return_exceptions=True)

@@ -15,6 +15,8 @@ import logging
 import os
 import resource
 import signal
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,7 @@ from relay.config import Config
 from relay.destinations import Loaded, load
 from relay.dispatch import Dispatcher
 from relay.errors import SpoolError
+from relay.health_shared import SharedHealth, shared_health
 from relay.logs import MASK, config_secrets
 from relay.metrics import Metrics
 from relay.reload import ConfigWatcher
@@ -36,6 +39,7 @@ from relay.supervise import Supervisor
 log = logging.getLogger("relay")
 
 PRUNE_EVERY = 3600.0
+FOLLOW_EVERY = 0.5  # seconds: how soon an idle replica takes work another one stored or released
 
 
 async def run(loaded: Loaded, *, metrics: Metrics | None = None,
@@ -58,7 +62,11 @@ async def run(loaded: Loaded, *, metrics: Metrics | None = None,
     await spool.open()
     supervisor = Supervisor(metrics.count_restart)
     dispatcher = Dispatcher(config, spool, destinations=loaded.destinations, metrics=metrics,
-                            supervisor=supervisor)
+                            supervisor=supervisor, **_health_for(config, spool))
+    if isinstance(dispatcher.health, SharedHealth):  # replicas share suspensions and work
+        dispatcher.health.wake = dispatcher.wake
+        supervisor.spawn("shared-health", dispatcher.health.follow)
+        supervisor.spawn("other-replicas", lambda: _follow_other_replicas(spool, dispatcher.wake))
     await dispatcher.start()
     app = create_app(config, spool, dispatcher, metrics, loaded.destinations)
     runner = Runner(app, config, max_connections=_connection_cap(config),
@@ -171,6 +179,32 @@ async def _prune_forever(spool: SpoolBackend, retention: float) -> None:
         except SpoolError as exc:  # the spool is busy or restarting: next round
             log.warning("pruning the spool failed (%s); will try again", exc)
         await asyncio.sleep(PRUNE_EVERY)
+
+
+def _health_for(config: Config, spool: SpoolBackend) -> dict[str, Any]:
+    """Host health shared through the database when the spool is PostgreSQL (several
+    replicas may share it); otherwise the dispatcher keeps its own board."""
+    if config.spool.backend != "postgres":
+        return {}
+    from relay.spool.postgres import PostgresSpool  # asyncpg: the optional extra
+
+    assert isinstance(spool, PostgresSpool)
+    return {"health": shared_health(spool, probe_lease=spool.lease, clock=time.time)}
+
+
+async def _follow_other_replicas(spool: Any, wake: Callable[[], None]) -> None:
+    """Wake the dispatcher when another replica stored events or gave claims back: otherwise
+    an idle replica would find that work only at its next recheck."""
+    mark = None
+    while True:
+        try:
+            seen = await spool.work_mark()
+        except SpoolError:
+            seen = mark
+        if mark is not None and seen != mark:
+            wake()
+        mark = seen
+        await asyncio.sleep(FOLLOW_EVERY)
 
 
 FILES_RESERVED = 128  # open files kept for the spool, logs and the like

@@ -25,7 +25,9 @@ Guarantees, as in the SQLite spool:
 For several replicas on one database (issue 17), ``due()`` claims rows with ``FOR UPDATE SKIP
 LOCKED`` and a lease (``lease_owner``: this replica's id, ``RELAY_REPLICA_ID`` or
 hostname:pid; ``lease_until``), and ``record_attempt`` applies only while the lease is ours.
-``close()`` releases this replica's claims.
+``close()`` releases this replica's claims (and logs how many are left for the others);
+``prune()`` runs on one replica at a time (``pg_try_advisory_xact_lock``); host health is shared
+through the ``hosts`` table (relay/health_shared.py).
 """
 
 from __future__ import annotations
@@ -169,7 +171,11 @@ class PostgresSpool:
                     await task
         with contextlib.suppress(SpoolError):
             async with self._connection() as conn:
-                await conn.execute(sql.RELEASE, self.replica)
+                released = await conn.fetchval(sql.RELEASE, self.replica)
+                pending = await conn.fetchval(sql.PENDING)
+            # Claims given back, not left to expire: the other replicas take them at once.
+            log.info("replica %s released %d claimed deliveries; %d deliveries pending for the "
+                     "other replicas", self.replica, released, pending)
         self.is_open = False
         pool, self._pool = self._pool, None
         with contextlib.suppress(Exception):
@@ -225,6 +231,18 @@ class PostgresSpool:
             raise SpoolError("the spool is closed")
         if not self._up:
             raise SpoolError("the spool database is unreachable")
+
+    async def work_mark(self) -> tuple[int, int]:
+        """(newest event seq, claims released so far): changes when any replica stores events
+        or gives claims back, so an idle replica can look for work."""
+        row = (await self._fetch(sql.WORK_MARK))[0]
+        return (row[0] or 0, row[1])
+
+    async def fetch_rows(self, query: str, *args: Any) -> list[Any]:
+        """Run one statement on the spool's schema (for modules sharing this database, such
+        as relay/health_shared.py), committed without waiting for the WAL flush: for state
+        whose loss in a crash costs nothing. Database errors become SpoolError."""
+        return await self._fetch_lightly(query, *args)
 
     async def _fetch(self, query: str, *args: Any) -> list[Any]:
         async with self._connection() as conn:
@@ -505,10 +523,13 @@ class PostgresSpool:
 
     async def prune(self, retention: float) -> int:
         """Delete finished events (and their deliveries and attempts) older than ``retention``,
-        at most 10,000 per call, and sender ids older than the dedupe window."""
+        at most 10,000 per call, and sender ids older than the dedupe window. One replica at a
+        time (a transaction advisory lock): while another holds it, this one prunes nothing."""
         self._check_writable()
         now = self.clock()
         async with self._connection() as conn, conn.transaction():
+            if not await conn.fetchval(sql.PRUNE_LOCK, f"relay.prune:{self.schema}"):
+                return 0                        # another replica is pruning now
             pruned: int = await conn.fetchval(sql.PRUNE, now - retention)
             await conn.execute(sql.PRUNE_SENDER_IDS, now - self.dedupe_window)
         return pruned

@@ -17,6 +17,10 @@ Tables (the same rows as the SQLite spool, plus what a shared database needs):
   when it is older than spool.dedupe_window: the unique key is the dedupe, no read-then-insert.
 * ``counters``: one row, ``open_events`` (events with a delivery still pending), kept in the
   same transactions that change it, checked against spool.max_events.
+* ``counters.released`` (version 2): claims given back by replicas that stopped; with the
+  newest event's seq, what an idle replica watches to learn of work it was not told about.
+* ``hosts`` (version 2): host health shared by replicas (relay/health_shared.py): state,
+  suspension, consecutive failures counted in the database, and who holds the probe.
 
 No foreign keys: every write path names the rows it touches (and per-row FK triggers would cost
 more than the inserts on the ingest path); prune deletes attempts, deliveries and events itself.
@@ -28,7 +32,7 @@ import asyncpg
 
 from relay.errors import SpoolError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Each migration brings the schema from version i to i + 1 (index i); never edit a released one.
 MIGRATIONS: tuple[str, ...] = (
@@ -87,6 +91,21 @@ MIGRATIONS: tuple[str, ...] = (
         open_events bigint NOT NULL
     );
     INSERT INTO counters(open_events) VALUES (0);
+    """,
+    """
+    CREATE TABLE hosts(
+        key             text PRIMARY KEY,          -- scheme://host:port
+        state           text NOT NULL DEFAULT 'healthy',  -- healthy | suspended | probing
+        version         bigint NOT NULL DEFAULT 0, -- +1 on every change of state
+        consecutive     integer NOT NULL DEFAULT 0,
+        suspensions     integer NOT NULL DEFAULT 0,  -- in a row, since it last recovered
+        total_suspensions integer NOT NULL DEFAULT 0,
+        suspended_at    double precision NOT NULL DEFAULT 0,
+        suspended_until double precision NOT NULL DEFAULT 0,
+        probe_owner     text,                      -- the replica sending the probe
+        probe_until     double precision           -- its claim on the probe ends
+    );
+    ALTER TABLE counters ADD COLUMN released bigint NOT NULL DEFAULT 0;  -- claims given back
     """,
 )
 

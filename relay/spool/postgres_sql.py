@@ -119,7 +119,18 @@ FROM deliveries
 WHERE state = 'pending' AND destination = ANY($1::text[]) AND seq <> ALL($2::bigint[])
 """
 
-RELEASE = "UPDATE deliveries SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = $1"
+RELEASE = """
+WITH r AS (UPDATE deliveries SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = $1
+           RETURNING 1)
+UPDATE counters SET released = released + (SELECT count(*) FROM r)
+RETURNING (SELECT count(*) FROM r)
+"""
+# Changes when another replica stores events or gives claims back (an idle replica polls it).
+WORK_MARK = "SELECT (SELECT max(seq) FROM events), released FROM counters"
+PENDING = "SELECT count(*) FROM deliveries WHERE state = 'pending'"
+
+# Pruning runs on one replica at a time: the others find the lock taken and skip the round.
+PRUNE_LOCK = "SELECT pg_try_advisory_xact_lock(hashtext($1))"
 
 REPLAY = """
 WITH r AS (

@@ -1,0 +1,184 @@
+"""Several replicas on one PostgreSQL, in one process: shared host health (relay/health_shared.py),
+spool.max_events across replicas, pruning under an advisory lock, leases around a slow attempt.
+The same behaviours with real relay processes are in tests/test_replicas.py."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import pytest
+
+from relay.config import HealthConfig
+from relay.errors import SpoolFull
+from relay.health_shared import SharedHealth
+from relay.spool import Attempt
+from relay.spool.postgres import PostgresSpool
+from tests.pg import pg_dsn, pg_server
+from tests.test_spool_contract import Clock, item, record
+
+__all__ = ["pg_dsn", "pg_server"]  # fixtures used here
+
+HOST = "http://127.0.0.1:9"
+RULES = HealthConfig(consecutive_failures=4, min_failures=1000, suspend_for="10s",
+                     suspend_max="100s")
+
+
+@pytest.fixture
+async def spools(pg_dsn: str) -> AsyncIterator[list[PostgresSpool]]:
+    """Three replicas' spools on one database, sharing one settable clock."""
+    clock = Clock()
+    made = [PostgresSpool(pg_dsn, replica=f"r{i}", lease=60.0, clock=clock, max_events=5)
+            for i in range(3)]
+    for spool in made:
+        await spool.open()
+    yield made
+    for spool in made:
+        await spool.close()
+
+
+def boards(spools: list[PostgresSpool]) -> list[SharedHealth]:
+    return [SharedHealth(RULES, store=s, probe_lease=30.0, clock=s.clock) for s in spools]
+
+
+async def settle(*all_boards: SharedHealth) -> None:
+    """Every queued statement answered, then every board reads the table once."""
+    for board in all_boards:
+        await board.close()
+    for board in all_boards:
+        await board.refresh()
+
+
+async def row(spool: PostgresSpool) -> Any:
+    (found,) = await spool.fetch_rows("SELECT * FROM hosts WHERE key = $1", HOST)
+    return found
+
+
+async def test_consecutive_failures_are_counted_across_replicas(spools: list[PostgresSpool]) -> None:
+    """Failures on three replicas add up in one count: the fourth (threshold 4) suspends the
+    host for every replica, though none saw more than two itself."""
+    a, b, c = boards(spools)
+    for board in (a, b, a, b):
+        assert board.allow(HOST, 1000.0)
+        board.record(HOST, True, 1000.0)
+        await board.close()
+    assert (await row(spools[0]))["state"] == "suspended"
+    await settle(a, b, c)
+    for board in (a, b, c):
+        assert board.is_blocked(HOST, 1001.0) and not board.allow(HOST, 1001.0)
+        assert board.peek(HOST, 1001.0)["state"] == "suspended"
+
+
+async def test_success_resets_the_shared_count(spools: list[PostgresSpool]) -> None:
+    """A success on any replica resets the shared count (once it has seen the count is not
+    zero: at most one poll later), so failures elsewhere start over."""
+    a, b, _ = boards(spools)
+    for _ in range(3):
+        a.record(HOST, True, 1000.0)
+        await a.close()
+    await b.refresh()
+    b.record(HOST, False, 1000.0)
+    await settle(a, b)
+    assert (await row(spools[0]))["consecutive"] == 0
+    a.record(HOST, True, 1000.0)
+    await settle(a, b)
+    assert (await row(spools[0]))["state"] == "healthy"
+    assert b.peek(HOST, 1000.0)["consecutive_failures"] == 1
+
+
+async def test_one_replica_sends_the_probe(spools: list[PostgresSpool]) -> None:
+    """When the suspension ends, replicas asking together get one probe between them; its
+    success reopens the host for all."""
+    a, b, c = boards(spools)
+    for _ in range(4):
+        a.record(HOST, True, 1000.0)
+        await a.close()
+    await settle(a, b, c)
+    later = 1011.0                                   # suspend_for is 10 s
+    assert [board.allow(HOST, later) for board in (a, b, c)] == [False] * 3   # claims asked
+    await settle(a, b, c)
+    granted = [board.allow(HOST, later) for board in (a, b, c)]
+    assert granted.count(True) == 1
+    prober = (a, b, c)[granted.index(True)]
+    assert [board.allow(HOST, later) for board in (a, b, c)] == [False] * 3   # one probe only
+    assert (await row(spools[0]))["probe_owner"] == prober.replica
+    prober.record(HOST, False, later + 0.1)
+    await settle(a, b, c)
+    for board in (a, b, c):
+        assert board.allow(HOST, later + 0.2) and board.state_of(HOST) == "healthy"
+
+
+async def test_failed_probe_suspends_for_longer_and_a_dead_prober_passes_it_on(
+        spools: list[PostgresSpool]) -> None:
+    """A failed probe suspends the host again for twice as long, for every replica; a probe
+    claimed by a replica that then goes silent is taken by another once the claim ends."""
+    a, b, _ = boards(spools)
+    for _ in range(4):
+        a.record(HOST, True, 1000.0)
+        await a.close()
+    await settle(a, b)
+    assert not a.allow(HOST, 1011.0)
+    await settle(a, b)
+    assert a.allow(HOST, 1011.0)
+    a.record(HOST, True, 1011.5)                     # the probe fails
+    await settle(a, b)
+    assert (await row(spools[0]))["suspended_until"] == pytest.approx(1031.5)
+    assert b.blocked_until(HOST) == pytest.approx(1031.5)
+    assert not a.allow(HOST, 1032.0)                 # a claims the next probe, never sends it
+    await settle(a, b)
+    assert a.allow(HOST, 1032.0)
+    assert not b.allow(HOST, 1033.0)                 # a holds the probe (claim: 30 s)
+    await settle(a, b)
+    assert not b.allow(HOST, 1063.0)                 # the claim ended: b asks for it
+    await settle(a, b)
+    assert b.allow(HOST, 1063.0)
+
+
+async def test_max_events_counts_across_replicas(spools: list[PostgresSpool]) -> None:
+    """spool.max_events (5 here) bounds the events awaiting delivery in the whole database,
+    whichever replicas stored them."""
+    one, two, _ = spools
+    await one.ingest([item(i) for i in range(3)])
+    await two.ingest([item(i) for i in range(3, 5)])
+    with pytest.raises(SpoolFull):
+        await two.ingest([item(9)])
+    with pytest.raises(SpoolFull):
+        await one.ingest([item(9)])
+
+
+async def test_prune_runs_on_one_replica_at_a_time(spools: list[PostgresSpool],
+                                                   pg_dsn: str) -> None:
+    """While one replica holds the prune lock another prunes nothing; then it prunes."""
+    one, two, _ = spools
+    await one.ingest([item(1)])
+    for due in await one.due(1000.0, 10, ["a", "b"]):
+        await record(one, due, "delivered")
+    clock = one.clock
+    assert isinstance(clock, Clock)
+    clock.now += 3600
+    holder = await asyncpg.connect(pg_dsn)
+    try:
+        async with holder.transaction():
+            assert await holder.fetchval("SELECT pg_try_advisory_xact_lock(hashtext($1))",
+                                         "relay.prune:relay")
+            assert await two.prune(60.0) == 0
+        assert await two.prune(60.0) == 1
+    finally:
+        await holder.close()
+
+
+async def test_a_slow_live_attempt_keeps_its_lease(spools: list[PostgresSpool]) -> None:
+    """An attempt as slow as delivery.timeout, on a live replica, is not claimed by another
+    (the lease is timeout + margin); its outcome is recorded by the replica that made it."""
+    one, two, _ = spools
+    await one.ingest([item(1, routes=item(1)[1][:1])])
+    (mine,) = await one.due(1000.0, 10, ["a", "b"])
+    clock = one.clock
+    assert isinstance(clock, Clock)
+    clock.now += 59.0                                # the lease is 60 s: the attempt is slow
+    assert await two.due(clock.now, 10, ["a", "b"]) == []
+    await one.record_attempt(mine, Attempt(clock.now, 59.0, 200, None, None), state="delivered",
+                             not_before=None, failures=0, reason=None)
+    got = await two.get_delivery(mine.delivery_id)
+    assert got is not None and (got.state, got.attempts) == ("delivered", 1)
