@@ -14,7 +14,7 @@ import json
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,21 @@ from _common import BENCH, PY, backends_arg, cpu_seconds, free_port, machine, pr
 async def _count(session: aiohttp.ClientSession, port: int) -> int:
     async with session.get(f"http://127.0.0.1:{port}/count") as resp:
         return (await resp.json())["count"]
+
+
+async def send_and_count(session: aiohttp.ClientSession, sender: Callable[[], Awaitable[None]],
+                         receiver_port: int, base: int, total: int) -> tuple[float, float]:
+    """Run 8 senders, then wait until the receiver has counted ``total`` more events; returns
+    (seconds until every POST was answered, seconds until every event arrived)."""
+    start = time.perf_counter()
+    await asyncio.gather(*(sender() for _ in range(8)))
+    accepted = time.perf_counter() - start
+    deadline = start + 600
+    while (await _count(session, receiver_port)) - base < total:
+        if time.perf_counter() > deadline:
+            raise RuntimeError("not every event arrived within 600 s")
+        await asyncio.sleep(0.01)
+    return accepted, time.perf_counter() - start
 
 
 async def drive(ingest_port: int, receiver_port: int, total: int, tag: str) -> dict[str, float]:
@@ -50,15 +65,7 @@ async def drive(ingest_port: int, receiver_port: int, total: int, tag: str) -> d
                     assert resp.status == 202, await resp.text()
                 post_latencies.append(time.perf_counter() - t)
 
-        start = time.perf_counter()
-        await asyncio.gather(*(sender() for _ in range(8)))
-        accepted = time.perf_counter() - start
-        deadline = start + 600
-        while (await _count(session, receiver_port)) - base < total:
-            if time.perf_counter() > deadline:
-                raise RuntimeError("not every event arrived within 600 s")
-            await asyncio.sleep(0.01)
-        done = time.perf_counter() - start
+        accepted, done = await send_and_count(session, sender, receiver_port, base, total)
     post_latencies.sort()
     return {"events_s": total / done, "ingest_s": total / accepted, "seconds": done,
             "p50_post_ms": post_latencies[len(post_latencies) // 2] * 1000}

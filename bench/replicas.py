@@ -25,13 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _common import BENCH, PY, free_port, machine, process, relay, table
+from e2e import _count, send_and_count
 
 from tests.pg import PgServer
-
-
-async def _count(session: aiohttp.ClientSession, port: int) -> int:
-    async with session.get(f"http://127.0.0.1:{port}/count") as resp:
-        return int((await resp.json())["ok"])
 
 
 async def drive(ports: list[int], receiver_port: int, total: int, tag: str) -> dict[str, float]:
@@ -51,15 +47,7 @@ async def drive(ports: list[int], receiver_port: int, total: int, tag: str) -> d
                                         headers={"Content-Type": "application/json"}) as resp:
                     assert resp.status == 202, await resp.text()
 
-        start = time.perf_counter()
-        await asyncio.gather(*(sender() for _ in range(8)))
-        accepted = time.perf_counter() - start
-        deadline = start + 600
-        while (await _count(session, receiver_port)) - base < total:
-            if time.perf_counter() > deadline:
-                raise RuntimeError("not every event arrived within 600 s")
-            await asyncio.sleep(0.01)
-        done = time.perf_counter() - start
+        accepted, done = await send_and_count(session, sender, receiver_port, base, total)
         await asyncio.sleep(1.0)  # late duplicates, if any
         extra = (await _count(session, receiver_port)) - base - total
     return {"events_s": total / done, "ingest_s": total / accepted, "seconds": done,
