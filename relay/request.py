@@ -7,8 +7,12 @@ Knows nothing of payload formats, auth or sockets.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
+
+if TYPE_CHECKING:
+    from relay.connection import Via
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,9 +23,14 @@ class Request:
     url: str
     headers: dict[str, str] = field(default_factory=dict)
     body: bytes = b""
+    via: Via | None = field(default=None, repr=False)  # TLS and proxy options (relay.connection)
 
     def with_headers(self, **extra: str) -> Request:
-        return Request(self.method, self.url, merge_headers(self.headers, extra), self.body)
+        return Request(self.method, self.url, merge_headers(self.headers, extra), self.body,
+                       self.via)
+
+    def routed(self, via: Via | None) -> Request:
+        return self if via is None else replace(self, via=via)
 
 
 def merge_headers(base: dict[str, str], extra: dict[str, str]) -> dict[str, str]:

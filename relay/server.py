@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
-from relay import __version__
+from relay import __version__, tracing
 from relay.config import Config
 from relay.destinations import CompiledDestination, compile_destinations
 from relay.errors import InvalidEvent, SpoolError, SpoolFull
@@ -179,7 +179,8 @@ async def post_events(request: web.Request) -> web.Response:
         metrics.events_rejected.labels("invalid").inc()
         return error(400, exc.summary, details=exc.details())
     batch = [(accepted, router.route(accepted))
-             for accepted in accept_body(body, events, time.time())]
+             for accepted in accept_body(body, events, time.time(),
+                                         tracing.incoming(request.headers))]
     try:
         receipt = await spool.ingest_receipt(batch)
     except SpoolFull as exc:

@@ -36,12 +36,15 @@ from relay.config.schema import (
     HmacAuth,
     JsonBody,
     JwtAuth,
+    OAuth2Auth,
+    RateLimit,
     RawBody,
     SandboxConfig,
     ServerConfig,
     SpoolConfig,
     TemplateConfig,
     TemplateVariant,
+    TlsConfig,
 )
 from relay.errors import ConfigError
 from relay.request import split_host_port
@@ -49,7 +52,11 @@ from relay.validation import join as _join
 from relay.validation import problems_from
 from relay.vocab import FORMAT_STATUSES
 
-SECRET_FILE_KEYS = ("token_file", "password_file", "key_file", "secret_file", "dsn_file")
+SECRET_FILE_KEYS = ("token_file", "password_file", "key_file", "secret_file", "dsn_file",
+                    "client_secret_file")
+# Under a destination's ``tls`` these name files loaded as they are (certificates, keys), not
+# secrets read into the config: relative paths are made absolute against the config's folder.
+TLS_FILE_KEYS = ("cert_file", "key_file", "ca_file")
 
 
 def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
@@ -132,6 +139,8 @@ def check_config(config: Config) -> list[tuple[str, str]]:
             except ValueError:
                 problems.append((f"{where}[{i}]", f"not a CIDR such as 127.0.0.0/8: {cidr!r}"))
     problems += _check_open_listener(config)
+    if config.delivery.proxy is not None:
+        problems += check_proxy(config.delivery.proxy.get_secret_value(), "delivery.proxy")
 
     seen_names: dict[str, int] = {}
     seen_ajo: dict[tuple[str, str], int] = {}
@@ -204,8 +213,40 @@ def _check_destination(dest: Destination, at: str, config: Config) -> list[tuple
                 problems.append((f"{at}.auth.secret", "a Standard Webhooks secret starts with "
                                                       "'whsec_' followed by base64"))
                 break
+    if isinstance(dest.auth, OAuth2Auth):
+        problems += _check_http_url(dest.auth.token_url, f"{at}.auth.token_url")
+    if dest.proxy is not None and dest.proxy.get_secret_value() != "direct":
+        problems += check_proxy(dest.proxy.get_secret_value(), f"{at}.proxy")
     problems += _check_url(dest, at, config)
     return problems
+
+
+def _check_http_url(url: str, at: str) -> list[tuple[str, str]]:
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 -- raises ValueError for a bad port
+    except ValueError as exc:
+        return [(at, f"not a valid URL: {exc}")]
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return [(at, f"expected an http:// or https:// URL with a host (got {url!r})")]
+    return []
+
+
+def check_proxy(url: str, at: str) -> list[tuple[str, str]]:
+    """An egress proxy: ``http://[user:password@]host:port`` (the value is never echoed: it
+    may hold a password)."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return [(at, "not a valid proxy URL: expected http://[user:password@]host:port")]
+    if parts.scheme != "http" or not parts.hostname:
+        return [(at, "expected http://[user:password@]host:port (the connection to the proxy is "
+                     "plain HTTP; HTTPS destinations are tunnelled through it with CONNECT)")]
+    if parts.path not in ("", "/") or parts.query:
+        return [(at, "a proxy URL has no path or query: http://[user:password@]host:port")]
+    del port
+    return []
 
 
 def _check_url(dest: Destination, at: str, config: Config) -> list[tuple[str, str]]:
@@ -313,6 +354,9 @@ def _read_secret_files(node: Any, path: str, base: Path, problems: list[tuple[st
     if not isinstance(node, dict):
         return node
     out: dict[Any, Any] = {}
+    if path.endswith(".tls") or path == "tls":
+        return {key: str(base / value) if key in TLS_FILE_KEYS and isinstance(value, str) and value
+                else value for key, value in node.items()}
     for key, value in node.items():
         if key in SECRET_FILE_KEYS:
             target = key.removesuffix("_file")
@@ -334,7 +378,10 @@ def _read_secret_files(node: Any, path: str, base: Path, problems: list[tuple[st
 
 
 _MODELS = (Config, ServerConfig, SpoolConfig, DeliveryConfig, HealthConfig, Destination, AjoConfig,
-           SandboxConfig, BearerAuth, BasicAuth, JwtAuth, HmacAuth, TemplateConfig,
+           OAuth2Auth,
+    RateLimit,
+    SandboxConfig, BearerAuth, BasicAuth, JwtAuth, HmacAuth, OAuth2Auth, RateLimit, TlsConfig,
+           TemplateConfig,
            TemplateVariant, JsonBody, RawBody)
 _KNOWN_KEYS = frozenset(field for model in _MODELS for field in model.model_fields) - {"source"}
 

@@ -94,6 +94,25 @@ class SpoolConfig(_Model):
     dedupe_window: Duration = 86400.0              # a repeated event id within it is a duplicate
 
 
+class RateLimit(_Model):
+    """A token bucket: ``per_second`` tokens a second, at most ``burst`` saved up."""
+
+    per_second: Annotated[float, Field(gt=0, le=1_000_000)]
+    burst: Annotated[int, Field(ge=1, le=1_000_000)] | None = None   # default: per_second, at least 1
+
+
+class TlsConfig(_Model):
+    """A destination's TLS: a client certificate (mTLS), its own CA bundle and server name.
+
+    File paths, not secrets: they are loaded into an ``ssl.SSLContext`` when the destination is
+    compiled (and again when one of them changes, see relay.reload)."""
+
+    cert_file: str | None = None                   # PEM client certificate (chain)
+    key_file: str | None = None                    # PEM private key of cert_file
+    ca_file: str | None = None                     # CA bundle that verifies the destination
+    server_name: str | None = None                 # SNI and the name the certificate must hold
+
+
 class DeliveryConfig(_Model):
     timeout: PositiveDuration = 90.0               # per attempt
     max_retries: Annotated[int, Field(ge=0, le=100)] = 5
@@ -106,6 +125,10 @@ class DeliveryConfig(_Model):
     concurrency: Annotated[int, Field(ge=1, le=10_000)] = 64
     per_host_concurrency: Annotated[int, Field(ge=1, le=10_000)] = 16
     ca_file: str | None = None                     # extra CA bundle (PEM) for TLS verification
+    proxy: OptionalSecret = None                   # egress proxy for every destination:
+                                                   # http://[user:password@]host:port (secret:
+                                                   # its credentials); see docs/controls.md
+    rate_limit: RateLimit | None = None            # default for destinations without their own
 
 
 class HealthConfig(_Model):
@@ -165,7 +188,21 @@ class HmacAuth(_Model):
     secrets: tuple[SecretStr, ...] = ()            # several during rotation: all sign
 
 
-Auth = Annotated[NoAuth | BearerAuth | BasicAuth | JwtAuth | HmacAuth, Field(discriminator="type")]
+class OAuth2Auth(_Model):
+    """OAuth 2.0 client credentials (RFC 6749 section 4.4)."""
+
+    type: Literal["oauth2"]
+    token_url: Annotated[str, Field(min_length=1)]
+    client_id: Annotated[str, Field(min_length=1)]
+    client_secret: SecretStr                       # or client_secret_file
+    scope: str | None = None                       # space-separated scopes
+    audience: str | None = None                    # sent as "audience" (Auth0, Okta...)
+    header: str = "Authorization"
+    scheme: str = "Bearer"
+
+
+Auth = Annotated[NoAuth | BearerAuth | BasicAuth | JwtAuth | HmacAuth | OAuth2Auth,
+                 Field(discriminator="type")]
 
 
 class JsonBody(_Model):
@@ -220,6 +257,9 @@ class Destination(_Model):
     unreachable_window: Duration | None = None
     backoff_initial: Duration | None = None
     backoff_max: Duration | None = None
+    rate_limit: RateLimit | None = None            # none: delivery.rate_limit (none: unlimited)
+    tls: TlsConfig | None = None                   # client certificate, CA bundle, server name
+    proxy: OptionalSecret = None                   # none: delivery.proxy; "direct": no proxy
 
 
 class Config(_Model):
