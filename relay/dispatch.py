@@ -93,6 +93,8 @@ class Dispatcher:
         self.transport: Transport = transport or AiohttpTransport(config, clock)
         self.health = HealthBoard(config.health, on_change=self._host_changed)
         self.limits = RateLimits()
+        self._limited: set[str] = set()  # destinations held back by their rate limit this round
+        self._limited_seqs: cachetools.LRUCache[int, bool] = cachetools.LRUCache(1 << 16)
         self._host_destinations: dict[str, list[str]] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._inflight: dict[int, asyncio.Task[None]] = {}
@@ -206,7 +208,9 @@ class Dispatcher:
                                default=None)
                 if probe_at is not None:
                     wait = min(wait or IDLE_RECHECK, max(0.0, probe_at - self.clock()))
-                token_at = self.limits.next_at(self.clock())  # a rate-limited one may go then
+                # Deliveries held back by a rate limit may go when their next token is there.
+                token_at = self.limits.next_at(self.clock(), self._limited)
+                self._limited = set()
                 if token_at is not None:
                     wait = min(wait or IDLE_RECHECK, max(0.0, token_at - self.clock()))
             except SpoolError as exc:
@@ -222,10 +226,11 @@ class Dispatcher:
         """Destinations whose host takes requests now: not suspended, not at its limit (and
         every destination whose endpoint is chosen per event: that is judged per delivery)."""
         per_host = self.config.delivery.per_host_concurrency
-        return [name for host, names in self._host_destinations.items()
-                if self._host_load[host] < per_host and not self.health.is_blocked(host, now)
-                for name in names if self.limits.ready(name, now)] + \
-            [name for name in self._templated if self.limits.ready(name, now)]
+        open_ = [name for host, names in self._host_destinations.items()
+                 if self._host_load[host] < per_host and not self.health.is_blocked(host, now)
+                 for name in names] + self._templated
+        self._limited.update(name for name in open_ if not self.limits.ready(name, now))
+        return [name for name in open_ if name not in self._limited]
 
     def _start_some(self, limit: int) -> int:
         """Start ready deliveries while slots are free, passing over busy or suspended hosts."""
@@ -239,7 +244,7 @@ class Dispatcher:
             if target is None:
                 continue  # its destination was removed by a reload: it stays pending
             if not self.limits.ready(target.name, now):
-                self._count_limited(target.name)
+                self._count_limited(due.seq, target.name)
                 waiting.append(due)  # over its rate limit: held like a suspended host's
                 continue
             size = len(due.event_json)
@@ -267,8 +272,13 @@ class Dispatcher:
             self._ready.clear()
         return started
 
-    def _count_limited(self, destination: str) -> None:
-        """relay_deliveries_total{outcome="limited"}: a delivery held back by a rate limit."""
+    def _count_limited(self, seq: int, destination: str) -> None:
+        """relay_deliveries_total{outcome="limited"}: a delivery held back by a rate limit
+        (counted once, however often it is passed over)."""
+        self._limited.add(destination)
+        if seq in self._limited_seqs:
+            return
+        self._limited_seqs[seq] = True
         self.limits.hold(destination)
         self.metrics.deliveries.labels(destination, "limited").inc()
 

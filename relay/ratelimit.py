@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from relay.config import Config, RateLimit
@@ -105,14 +105,14 @@ class RateLimits:
         return bucket is None or bucket.take(now)
 
     def hold(self, destination: str) -> None:
-        """Count one delivery held back (it is counted again each time it is passed over)."""
+        """Count one delivery held back (the dispatcher counts each delivery once)."""
         self.limited[destination] = self.limited.get(destination, 0) + 1
 
-    def next_at(self, now: float, destinations: list[str] | None = None) -> float | None:
-        """When the next token of an empty bucket is due, or None when none is empty."""
-        names = self.buckets if destinations is None else destinations
-        times = [bucket.next_at(now) for name in names
-                 if (bucket := self.buckets.get(name)) is not None and not bucket.ready(now)]
+    def next_at(self, now: float, destinations: Iterable[str]) -> float | None:
+        """When the first of ``destinations`` (those held back) has a token again (``now`` if
+        one has already), or None when none of them is rate-limited."""
+        times = [bucket.next_at(now) for name in destinations
+                 if (bucket := self.buckets.get(name)) is not None]
         return min(times, default=None)
 
     def describe(self, destination: str, now: float) -> dict[str, object] | None:

@@ -9,6 +9,7 @@ network trouble. ``AiohttpTransport`` is the real one; tests may pass their own.
 from __future__ import annotations
 
 import asyncio
+import base64
 import ssl
 import time
 from collections.abc import Callable
@@ -79,9 +80,10 @@ class AiohttpTransport:
                 options["server_hostname"] = via.server_name
             if via.proxy is not None:
                 options["proxy"] = via.proxy.url
-                if via.proxy.username is not None:
-                    options["proxy_auth"] = aiohttp.BasicAuth(via.proxy.username,
-                                                              via.proxy.password or "")
+                if via.proxy.username is not None:  # Basic, on the CONNECT (or proxied) request
+                    pair = f"{via.proxy.username}:{via.proxy.password or ''}".encode()
+                    options["proxy_headers"] = {
+                        "Proxy-Authorization": "Basic " + base64.b64encode(pair).decode()}
         try:
             async with self._session.request(
                     request.method, request.url, headers=request.headers,
