@@ -107,12 +107,30 @@ def spools(choice: str, workdir: Path) -> Iterator[list[tuple[str, dict[str, Any
 
 
 @contextmanager
-def bare_server() -> Iterator[int]:
+def bare_server() -> Iterator[tuple[subprocess.Popen[Any], int]]:
     """aiohttp + uvloop answering 202 without validating or storing: the ceiling."""
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp, \
-            process([PY, str(BENCH / "_bare.py"), str(port)], port, Path(tmp) / "bare.log"):
-        yield port
+            process([PY, str(BENCH / "_bare.py"), str(port)], port, Path(tmp) / "bare.log") as proc:
+        yield proc, port
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds used so far by a process and its live children (the relay's
+    spool writer), from /proc: the figure of merit that machine noise does not move much."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    pids = [pid]
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with open(task / "children") as listing:
+            pids += [int(child) for child in listing.read().split()]
+    for one in pids:
+        try:
+            fields = Path(f"/proc/{one}/stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / tick
 
 
 def wrk_available() -> bool:
@@ -140,6 +158,7 @@ def load(port: int, *, batch: int, connections: int, seconds: float, prefix: str
         "p99_ms": int(fields["p99_us"]) / 1000,
         "errors": int(fields["non2xx"]) + int(fields["sockerr"]),
         "requests": requests,
+        "events": requests * batch,
     }
 
 

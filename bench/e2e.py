@@ -14,13 +14,15 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import BENCH, PY, backends_arg, free_port, machine, process, relay, spools, table
+from _common import BENCH, PY, backends_arg, cpu_seconds, free_port, machine, process, relay, spools, table
 
 
 async def _count(session: aiohttp.ClientSession, port: int) -> int:
@@ -62,6 +64,15 @@ async def drive(ingest_port: int, receiver_port: int, total: int, tag: str) -> d
             "p50_post_ms": post_latencies[len(post_latencies) // 2] * 1000}
 
 
+def timed(pid: int, run: Callable[[], Coroutine[Any, Any, dict[str, float]]],
+          events: int) -> dict[str, float]:
+    """One drive, with the CPU the server's processes spent per 1,000 events."""
+    before = cpu_seconds(pid)
+    result = asyncio.run(run())
+    result["cpu_s_per_1k"] = (cpu_seconds(pid) - before) * 1000 / events
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--events", type=int, default=20_000)
@@ -75,9 +86,10 @@ def main() -> None:
         with process([PY, str(BENCH / "_receiver.py"), str(rport)], rport, tmpdir / "recv.log"):
             fport = free_port()
             with process([PY, str(BENCH / "_forwarder.py"), str(fport),
-                          f"http://127.0.0.1:{rport}/braze"], fport, tmpdir / "fwd.log"):
+                          f"http://127.0.0.1:{rport}/braze"], fport, tmpdir / "fwd.log") as fwd:
                 asyncio.run(drive(fport, rport, 1000, "warm"))
-                results["forwarder"] = asyncio.run(drive(fport, rport, total, "fwd"))
+                results["forwarder"] = timed(fwd.pid, lambda: drive(fport, rport, total, "fwd"),
+                                             total)
             for backend, spool in backends:
                 config = {"spool": spool,
                           "delivery": {"allowed_ports": [rport], "per_host_concurrency": 64,
@@ -86,24 +98,28 @@ def main() -> None:
                                             "url": f"http://127.0.0.1:{rport}/braze"}]}
                 with relay(config, tmpdir):
                     pass  # start once so the first run does not pay for creating the spool
-                with relay(config, tmpdir) as (_, port):
+                with relay(config, tmpdir) as (proc, port):
                     asyncio.run(drive(port, rport, 1000, f"warm{backend}"))
-                    results[backend] = asyncio.run(drive(port, rport, total,
-                                                         f"r{backend}{time.time()}"))
+                    tag = f"r{backend}{time.time()}"
+                    results[backend] = timed(proc.pid, lambda t=tag: drive(port, rport, total, t),
+                                             total)
     labels = {"forwarder": "minimal forwarder, not durable",
               "sqlite": "relay: durable SQLite spool, braze shape",
               "postgres": "relay: durable PostgreSQL spool, braze shape"}
     for name in (n for n in ("forwarder", "sqlite", "postgres") if n in results):
         r = results[name]
         rows.append((labels[name], total, r["seconds"], r["events_s"], r["ingest_s"],
-                     r["p50_post_ms"]))
+                     r["p50_post_ms"], r["cpu_s_per_1k"]))
     table(f"End to end, {total:,} events in batches of 100 (8 senders) to one fast local "
           f"receiver; load from this script's aiohttp client; {machine()}",
-          ["server", "events", "seconds", "delivered/s", "accepted/s", "p50 POST ms"], rows)
+          ["server", "events", "seconds", "delivered/s", "accepted/s", "p50 POST ms",
+           "CPU s/1k ev"], rows)
     print()
     for backend in (b for b in ("sqlite", "postgres") if b in results):
         ratio = results[backend]["events_s"] / results["forwarder"]["events_s"]
-        print(f"relay ({backend})/forwarder delivered events/s: {ratio:.2f} (target >= 0.80)")
+        cpu = results[backend]["cpu_s_per_1k"] / results["forwarder"]["cpu_s_per_1k"]
+        print(f"relay ({backend})/forwarder delivered events/s: {ratio:.2f} (target >= 0.80); "
+              f"CPU per event relay/forwarder {cpu:.1f}x")
     if "sqlite" in results and "postgres" in results:
         ratio = results["postgres"]["events_s"] / results["sqlite"]["events_s"]
         print(f"postgres/sqlite end to end: {ratio:.2f} (target >= 0.50)")

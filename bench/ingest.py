@@ -15,7 +15,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import backends_arg, bare_server, load, machine, relay, spools, table
+from _common import backends_arg, bare_server, cpu_seconds, load, machine, relay, spools, table
+
+
+def measured(pid: int, port: int, **kwargs: object) -> dict[str, float]:
+    """One load run, with the CPU the server's processes spent per 1,000 events."""
+    before = cpu_seconds(pid)
+    result = load(port, **kwargs)  # type: ignore[arg-type]
+    result["cpu_s_per_1k"] = (cpu_seconds(pid) - before) * 1000 / max(1, result["events"])
+    return result
 
 DESTINATIONS = [  # one of each format, as in config.example.yaml (nothing is delivered here)
     {"name": "ajo", "format": "ajo", "url": "http://127.0.0.1:9/ajo", "allow_insecure_http": True,
@@ -35,11 +43,11 @@ def main() -> None:
     rows = []
     results: dict[tuple[str, str], dict[str, float]] = {}
     tag = str(int(time.time()))
-    with bare_server() as port:
+    with bare_server() as (bare, port):
         load(port, batch=1, connections=64, seconds=2, prefix="warm")
         for mode, batch, conns in runs:
-            results["bare", mode] = r = load(port, batch=batch, connections=conns,
-                                             seconds=args.seconds, prefix=f"bare{tag}")
+            results["bare", mode] = r = measured(bare.pid, port, batch=batch, connections=conns,
+                                                 seconds=args.seconds, prefix=f"bare{tag}")
             rows.append(("bare aiohttp+uvloop (no store)", mode, conns, *_cols(r)))
     with tempfile.TemporaryDirectory() as tmp, spools(args.backend, Path(tmp)) as backends:
         for backend, spool in backends:
@@ -47,23 +55,26 @@ def main() -> None:
                       "delivery": {"allowed_ports": [80, 443, 9],
                                    "allowed_networks": ["127.0.0.0/8"]},
                       "destinations": DESTINATIONS}
-            with relay(config, Path(tmp)) as (_, port):
+            with relay(config, Path(tmp)) as (proc, port):
                 load(port, batch=1, connections=64, seconds=2, prefix=f"warm{backend}{tag}")
                 for mode, batch, conns in runs:
-                    results[backend, mode] = r = load(port, batch=batch, connections=conns,
-                                                      seconds=args.seconds,
-                                                      prefix=f"{backend}{tag}")
+                    results[backend, mode] = r = measured(proc.pid, port, batch=batch,
+                                                          connections=conns, seconds=args.seconds,
+                                                          prefix=f"{backend}{tag}")
                     rows.append((f"relay, {backend} spool", mode, conns, *_cols(r)))
     table(f"Ingest, {args.seconds:.0f}s per row; load: wrk -t1 (Lua, unique ids); {machine()}",
-          ["server", "mode", "conns", "req/s", "events/s", "p50 ms", "p99 ms", "errors"], rows)
+          ["server", "mode", "conns", "req/s", "events/s", "p50 ms", "p99 ms", "errors",
+           "CPU s/1k ev"], rows)
     print("\nrelay = validate + fan-out to 3 destinations + a group-committed durable spool "
           "(SQLite: WAL, fsync per commit, in the relay's writer process; PostgreSQL: one "
           "transaction per group, on this machine) before the 202")
     for backend in (b for b in ("sqlite", "postgres") if (b, "single") in results):
         single = results[backend, "single"]["req_s"] / results["bare", "single"]["req_s"]
         p99 = results[backend, "single"]["p99_ms"] / results["bare", "single"]["p99_ms"]
+        cpu = results[backend, "single"]["cpu_s_per_1k"] / results["bare", "single"]["cpu_s_per_1k"]
         print(f"{backend}: single events relay/bare throughput {single:.2f} (target >= 0.60), "
-              f"p99 relay/bare {p99:.1f}x (target <= 2x); batches of 100 "
+              f"p99 relay/bare {p99:.1f}x (target <= 2x), CPU per event relay/bare {cpu:.1f}x "
+              f"(target <= 1.6x); batches of 100 "
               f"{results[backend, 'batch of 100']['events_s']:,.0f} events/s")
     if ("sqlite", "single") in results and ("postgres", "single") in results:
         for mode, target in (("single", "single-event postgres >= 0.5 of sqlite"),
@@ -73,7 +84,8 @@ def main() -> None:
 
 
 def _cols(r: dict[str, float]) -> tuple[float, ...]:
-    return (r["req_s"], r["events_s"], r["p50_ms"], r["p99_ms"], int(r["errors"]))
+    return (r["req_s"], r["events_s"], r["p50_ms"], r["p99_ms"], int(r["errors"]),
+            r["cpu_s_per_1k"])
 
 
 if __name__ == "__main__":

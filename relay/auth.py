@@ -2,7 +2,9 @@
 
 It knows nothing of payload formats. Every request gets ``Webhook-Id`` (the delivery id, stable
 across retries) and ``User-Agent``; then, by ``auth.type``: ``bearer``, ``basic``, ``jwt``
-(pyjwt; tokens cached with cachetools until 60 s before they expire) or ``hmac`` (Standard
+(pyjwt; tokens cached with cachetools until 60 s before they expire, or one per request with
+``auth.reuse: false``; the key is checked at load by type, curve and size and by signing once)
+or ``hmac`` (Standard
 Webhooks: ``webhook-id``, ``webhook-timestamp``, ``webhook-signature: v1,<base64>`` over
 ``id.timestamp.body``; one signature per secret while rotating). ``mask`` hides secrets for
 display: every header value not on the short ``PUBLIC_HEADERS`` list, and configured query
@@ -70,30 +72,22 @@ def _auth_step(dest: Destination, clock: Callable[[], float],
 
 
 class JwtSigner:
-    """Mints a JWT with iss/sub/aud/iat/exp/jti and custom claims; reuses it until near exp."""
+    """Mints a JWT with iss/sub/aud/iat/exp/jti and custom claims; reuses it until near exp,
+    or mints one per request with ``auth.reuse: false``."""
 
     def __init__(self, auth: JwtAuth, clock: Callable[[], float] = time.time,
                  on_mint: Callable[[], None] | None = None) -> None:
         self.auth = auth
         self.clock = clock
         self._on_mint = on_mint
-        key: object = auth.key.get_secret_value()
-        if auth.algorithm.startswith("HS"):
-            need = int(auth.algorithm[2:]) // 8  # RFC 7518 3.2: at least the hash size
-            if len(auth.key.get_secret_value().encode()) < need:
-                raise ConfigError([("auth.key", f"{auth.algorithm} needs a key of at least {need} "
-                                                "bytes (RFC 7518 section 3.2)")])
-        else:
-            try:
-                key = jwt.get_algorithm_by_name(auth.algorithm).prepare_key(key)
-            except (ValueError, TypeError, jwt.InvalidKeyError) as exc:
-                raise ConfigError([("auth.key", f"not a private key usable with {auth.algorithm}: "
-                                                f"{exc}")]) from exc
-        self._key = key
+        self._key = signing_key(auth.algorithm, auth.key.get_secret_value())
         reuse = max(auth.ttl - JWT_REFRESH_MARGIN, auth.ttl / 2)
-        self._cache: cachetools.TTLCache[str, str] = cachetools.TTLCache(1, reuse, timer=clock)
+        self._cache: cachetools.TTLCache[str, str] | None = (
+            cachetools.TTLCache(1, reuse, timer=clock) if auth.reuse else None)
 
     def token(self) -> str:
+        if self._cache is None:
+            return self._mint()
         token = self._cache.get("token")
         if token is None:
             token = self._cache["token"] = self._mint()
@@ -117,6 +111,91 @@ class JwtSigner:
         scheme = self.auth.scheme
         value = f"{scheme} {self.token()}" if scheme else self.token()
         return request.with_headers(**{self.auth.header: value})
+
+
+MIN_RSA_BITS = 2048  # NIST SP 800-131A; RFC 7518 3.3 requires it for RS*/PS*
+_EC_CURVES = {"ES256": "secp256r1", "ES384": "secp384r1", "ES512": "secp521r1"}
+
+
+def signing_key(algorithm: str, key: str) -> object:
+    """The key ``algorithm`` signs with, checked by signing once; ConfigError(``auth.key``)
+    with a sentence saying what is wrong and what would be right otherwise."""
+    if algorithm.startswith("HS"):
+        need = int(algorithm[2:]) // 8  # RFC 7518 3.2: at least the hash size
+        if len(key.encode()) < need:
+            raise _key_error(f"{algorithm} needs a key of at least {need} bytes "
+                             "(RFC 7518 section 3.2)")
+        prepared: object = key
+    else:
+        prepared = _private_key(algorithm, key)
+    try:  # the proof: whatever the checks above missed, a key that cannot sign fails here
+        jwt.encode({"trial": True}, prepared, algorithm=algorithm)  # type: ignore[arg-type]
+    except Exception as exc:  # pyjwt and cryptography raise many kinds
+        raise _key_error(f"this key cannot sign {algorithm}: {exc}") from exc
+    return prepared
+
+
+def _private_key(algorithm: str, text: str) -> object:
+    """A PEM (or OpenSSH) private key of the kind ``algorithm`` needs."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+
+    data = text.strip().encode()
+    want = _wanted(algorithm)
+    if b"PUBLIC KEY-----" in data or data.startswith((b"ssh-", b"ecdsa-")) \
+            or b"CERTIFICATE-----" in data:
+        raise _key_error(f"this is a public key or certificate; {algorithm} signs with the "
+                         f"private key: {want} in PEM (-----BEGIN PRIVATE KEY-----)")
+    try:
+        if b"OPENSSH PRIVATE KEY-----" in data:
+            key: object = serialization.load_ssh_private_key(data, password=None)
+        else:
+            key = serialization.load_pem_private_key(data, password=None)
+    except TypeError as exc:
+        raise _key_error("this private key is encrypted; give it unencrypted (keep the file "
+                         "readable by the relay only)") from exc
+    except Exception as exc:  # ValueError, UnsupportedAlgorithm
+        raise _key_error(f"not a PEM private key ({exc}); {algorithm} needs {want} in PEM "
+                         "(-----BEGIN PRIVATE KEY-----)") from exc
+    kind = _describe(key)
+    if algorithm[:2] in ("RS", "PS"):
+        if not isinstance(key, rsa.RSAPrivateKey):
+            raise _key_error(f"{algorithm} needs {want}, not {kind}")
+        if key.key_size < MIN_RSA_BITS:
+            raise _key_error(f"this RSA key has {key.key_size} bits; {algorithm} needs at "
+                             f"least {MIN_RSA_BITS} (RFC 7518 section 3.3)")
+    elif algorithm in _EC_CURVES:
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise _key_error(f"{algorithm} needs {want}, not {kind}")
+        if key.curve.name != _EC_CURVES[algorithm]:
+            raise _key_error(f"{algorithm} needs {want}, not {kind} (RFC 7518 section 3.4)")
+    elif algorithm == "EdDSA" and \
+            not isinstance(key, ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey):
+        raise _key_error(f"EdDSA needs {want}, not {kind}")
+    return key
+
+
+def _wanted(algorithm: str) -> str:
+    if algorithm[:2] in ("RS", "PS"):
+        return f"an RSA private key of at least {MIN_RSA_BITS} bits"
+    if algorithm in _EC_CURVES:
+        return f"an EC private key on curve {_EC_CURVES[algorithm]}"
+    return "an Ed25519 or Ed448 private key"
+
+
+def _describe(key: object) -> str:
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    if isinstance(key, rsa.RSAPrivateKey):
+        return f"an RSA key ({key.key_size} bits)"
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        return f"an EC key on curve {key.curve.name}"
+    name = type(key).__name__.removeprefix("_").replace("PrivateKey", "")
+    return f"an {name} key" if name[:1] in "AEIOU" else f"a {name} key"
+
+
+def _key_error(message: str) -> ConfigError:
+    return ConfigError([("auth.key", message)])
 
 
 class HmacSigner:

@@ -1,4 +1,5 @@
-"""The ``relay`` command: serve, check-config.
+"""The ``relay`` command: serve, check-config, config-reference, render, test, replay,
+healthcheck, sink. Every subcommand takes ``-c/--config FILE``.
 
 Exit codes: 0 success, 1 invalid input (config errors), 2 usage errors.
 """
@@ -13,6 +14,7 @@ import time
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 from relay import __version__
 from relay.config import Config, parse_duration
@@ -33,57 +35,101 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="relay", description="Durable webhook relay for mail/SMS delivery feedback.")
+        prog="relay", description="Durable webhook relay for mail/SMS delivery feedback: takes "
+        "local events on HTTP, stores them, and delivers them to AJO, Braze and Liquid-templated "
+        "webhooks with retries. Every command takes -c/--config FILE.",
+        epilog="Exit codes: 0 success, 1 failure (invalid config, unreachable relay, ...), "
+               "2 usage error. Docs: README.md and docs/ in the repository.")
     parser.add_argument("--version", action="version", version=f"relay {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    serve = sub.add_parser("serve", help="run the relay")
-    serve.add_argument("-c", "--config", required=True, metavar="FILE", help="YAML config file")
+    def command(name: str, summary: str, description: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=summary, description=description)
+
+    def config_option(cmd: argparse.ArgumentParser, required: bool = True,
+                      text: str = "the relay's YAML config file") -> None:
+        cmd.add_argument("-c", "--config", required=required, metavar="FILE", help=text)
+
+    serve = command("serve", "run the relay",
+                    "Run the relay: the HTTP API on server.listen, the spool, delivery. SIGHUP "
+                    "(or a changed config file) reloads; SIGTERM drains and exits 0.")
+    config_option(serve)
     serve.set_defaults(func=cmd_serve)
 
-    check = sub.add_parser("check-config", help="validate a config file and exit")
-    check.add_argument("file", metavar="FILE")
+    check = command("check-config", "validate a config file and exit",
+                    "Validate a config file as serve would (every problem at once, each with its "
+                    "path), print warnings about likely mistakes, and exit 0 (valid) or 1.")
+    config_option(check, required=False)
+    check.add_argument("file", metavar="FILE", nargs="?",
+                       help="the config file (the same as -c FILE)")
     check.set_defaults(func=cmd_check_config)
 
-    render = sub.add_parser(
-        "render", help="print the exact request a destination would get for an event",
-        description="Print the method, URL, headers and body that would be sent (secrets "
-                    "masked) and an equivalent curl command, or why the event would be skipped.")
-    render.add_argument("-c", "--config", required=True, metavar="FILE", help="YAML config file")
-    render.add_argument("--destination", "-d", required=True, metavar="NAME")
+    reference = command("config-reference", "print every config key as Markdown",
+                        "Print the configuration reference (every key with its type, default and "
+                        "meaning) generated from the schema; docs/configuration.md is its output.")
+    reference.add_argument("-c", "--config", metavar="FILE",
+                           help="accepted for symmetry with other commands; not read")
+    reference.set_defaults(func=cmd_config_reference)
+
+    render = command(
+        "render", "print the exact request a destination would get for an event",
+        "Print the method, URL, headers and body that would be sent (secrets masked) and an "
+        "equivalent curl command, or why the event would be skipped. Nothing is sent.")
+    config_option(render)
+    render.add_argument("--destination", "-d", required=True, metavar="NAME",
+                        help="the destination's name in the config")
     render.add_argument("event", metavar="EVENT.json", help="a local event as JSON ('-': stdin)")
     render.set_defaults(func=cmd_render)
 
-    test = sub.add_parser("test", help="send a test event to a destination now and show the "
-                                       "request and the response")
-    test.add_argument("-c", "--config", required=True, metavar="FILE", help="YAML config file")
+    test = command("test", "send a test event to a destination now and show the request and "
+                           "the response",
+                   "Send a synthetic event straight to one destination (no relay running, no "
+                   "spool) and print the request as sent (secrets masked) and the answer. Exit 0 "
+                   "when the destination accepted it.")
+    config_option(test)
     test.add_argument("name", metavar="NAME", help="destination name")
     test.set_defaults(func=cmd_test)
 
-    replay = sub.add_parser("replay", help="put failed deliveries back in the queue (asks the "
-                                           "running relay named by the config)")
-    replay.add_argument("-c", "--config", required=True, metavar="FILE", help="YAML config file")
+    replay = command("replay", "put failed deliveries back in the queue",
+                     "Ask the running relay (at the config's server.listen, with server.token) "
+                     "to make failed deliveries pending again, due now, with fresh retry "
+                     "windows. Only server.listen and the token are read from the config. Exit 1 "
+                     "when a given --id is unknown or not failed.")
+    config_option(replay)
     replay.add_argument("--id", dest="ids", action="append", default=[], metavar="DELIVERY_ID",
-                        help="a delivery id (repeatable)")
+                        help="a failed delivery's id (repeatable)")
     replay.add_argument("--destination", metavar="NAME", help="every failed delivery of NAME")
     replay.add_argument("--since", metavar="TIME",
                         help="failed since TIME: RFC 3339, or a duration ago such as 2h")
     replay.add_argument("--all", action="store_true", help="every failed delivery")
     replay.set_defaults(func=cmd_replay)
 
-    health = sub.add_parser("healthcheck", help="exit 0 if the relay answers /healthz (for "
-                                                "container HEALTHCHECKs: no curl needed)")
-    health.add_argument("-c", "--config", metavar="FILE", help="read server.listen from FILE")
+    health = command("healthcheck", "exit 0 if the relay answers /healthz",
+                     "Exit 0 if the relay answers GET /healthz with 200, else 1: a container "
+                     "HEALTHCHECK that needs no curl.")
+    config_option(health, required=False, text="read server.listen from FILE")
     health.add_argument("--url", help="base URL (default: from the config, else "
                                       "http://127.0.0.1:8080)")
-    health.add_argument("--timeout", type=float, default=3.0)
+    health.add_argument("--timeout", type=float, default=3.0, metavar="SECONDS",
+                        help="give up after this many seconds (default 3)")
     health.set_defaults(func=cmd_healthcheck)
 
-    sink = sub.add_parser("sink", help="run a local receiver that prints what it gets")
-    sink.add_argument("--port", type=int, default=9000)
-    sink.add_argument("--host", default="127.0.0.1")
-    sink.add_argument("-c", "--config", metavar="FILE",
-                      help="relay config: verify JWT/HMAC of matching destinations")
+    sink = command("sink", "run a local receiver that prints what it gets (and fails on demand)",
+                   "A local HTTP receiver for trying the relay: prints every request, checks "
+                   "JWT/HMAC signatures of the config's destinations, and answers 200 unless "
+                   "told to fail. --status, --fail-rate and --delay take VALUE (every path) or "
+                   "PATH=VALUE (paths starting with PATH; the longest match wins) and repeat.")
+    sink.add_argument("--port", type=int, default=9000, help="port to listen on (default 9000)")
+    sink.add_argument("--host", default="127.0.0.1", help="address to listen on (default "
+                                                          "127.0.0.1)")
+    config_option(sink, required=False,
+                  text="relay config: verify JWT/HMAC of matching destinations")
+    sink.add_argument("--status", action="append", default=[], metavar="[PATH=]CODE",
+                      help="answer CODE instead of 200, e.g. 503 or /braze=503")
+    sink.add_argument("--fail-rate", action="append", default=[], metavar="[PATH=]SHARE",
+                      help="answer 503 to this share of requests, e.g. 0.5")
+    sink.add_argument("--delay", action="append", default=[], metavar="[PATH=]DURATION",
+                      help="wait this long before answering, e.g. 2s or /crm=500ms")
     sink.set_defaults(func=cmd_sink)
     return parser
 
@@ -91,14 +137,28 @@ def _parser() -> argparse.ArgumentParser:
 def cmd_check_config(args: argparse.Namespace) -> int:
     from relay.config.lint import config_warnings
 
+    if args.file and args.config and args.file != args.config:
+        print("relay check-config: give the file once (FILE or -c FILE)", file=sys.stderr)
+        return 2
+    file = args.config or args.file
+    if not file:
+        print("relay check-config: which file? relay check-config -c FILE", file=sys.stderr)
+        return 2
     try:
-        config = load(args.file).config
+        config = load(file).config
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 1
     for path, message in config_warnings(config):  # likely mistakes: said, not refused
         print(f"warning: {path}: {message}", file=sys.stderr)
-    print(f"OK: {args.file} ({len(config.destinations)} destinations)")
+    print(f"OK: {file} ({len(config.destinations)} destinations)")
+    return 0
+
+
+def cmd_config_reference(args: argparse.Namespace) -> int:
+    from relay.config.reference import reference
+
+    sys.stdout.write(reference())
     return 0
 
 
@@ -111,7 +171,10 @@ def cmd_render(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"relay render: cannot read {args.event}: {exc.strerror}", file=sys.stderr)
         return 1
-    text, ok = preview(loaded, args.destination, raw)
+    try:
+        text, ok = preview(loaded, args.destination, raw)
+    except Exception as exc:  # a command for people: one line, no traceback
+        text, ok = _unexpected("relay render", exc), False
     print(text, file=sys.stdout if ok else sys.stderr)
     return 0 if ok else 1
 
@@ -128,18 +191,26 @@ def cmd_test(args: argparse.Namespace) -> int:
         print(f"relay test: no destination {args.name!r} (destinations: {names})",
               file=sys.stderr)
         return 1
-    answer = _run(test_send(config, target))
+    try:
+        answer = _run(test_send(config, target))
+    except Exception as exc:  # a command for people: one line, no traceback
+        print(_unexpected("relay test", exc), file=sys.stderr)
+        return 1
     print(json.dumps(answer, indent=2, ensure_ascii=False))
     return 0 if answer.get("outcome") == "delivered" else 1
 
 
+def _unexpected(command: str, exc: Exception) -> str:
+    """What ``render`` and ``test`` say about an error they did not foresee (a bug)."""
+    return (f"{command}: unexpected error ({type(exc).__name__}: {exc}); "
+            "run `relay serve` with RELAY_LOG_LEVEL=debug or report it")
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
-    import json
-    import urllib.error
-    import urllib.request
     from datetime import datetime
 
-    config = _load_or_exit(args.config).config
+    from relay.config.load import read_access
+
     body: dict[str, object] = {}
     if args.ids:
         body["delivery_ids"] = args.ids
@@ -160,26 +231,56 @@ def cmd_replay(args: argparse.Namespace) -> int:
     if not body:
         print("relay replay: say which: --id, --destination, --since or --all", file=sys.stderr)
         return 2
-    host, port = config.server.host_port
-    host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-    url = f"http://{host if ':' not in host else f'[{host}]'}:{port}/v1/deliveries/retry"
+    try:
+        access = read_access(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    try:
+        status, answer = _api(access, "POST", "/v1/deliveries/retry", body)
+        if status >= 300:
+            print(f"relay replay: {status}: {answer.get('error', answer)}", file=sys.stderr)
+            return 1
+        replayed = answer["replayed"]
+        print(f"replayed {len(replayed)} deliveries")
+        for delivery_id in replayed:
+            print(delivery_id)
+        missed = [i for i in args.ids if i not in replayed]
+        for delivery_id in missed:  # say why each id given was not replayed
+            status, found = _api(access, "GET", f"/v1/deliveries/{quote(delivery_id)}")
+            why = f"is {found.get('state')}, not failed" if status == 200 else "is not known"
+            print(f"relay replay: delivery {delivery_id!r} {why}", file=sys.stderr)
+    except OSError as exc:
+        print(f"relay replay: cannot reach the relay at {access.base_url}: {exc} (is it running "
+              f"with this config?)", file=sys.stderr)
+        return 1
+    except ValueError as exc:
+        print(f"relay replay: the relay's answer is not JSON: {exc}", file=sys.stderr)
+        return 1
+    return 1 if missed else 0
+
+
+def _api(access: Any, method: str, path: str,
+         body: object | None = None) -> tuple[int, dict[str, Any]]:
+    """(status, JSON answer) of one request to the running relay's API."""
+    import json
+    import urllib.error
+    import urllib.request
+
     headers = {"Content-Type": "application/json"}
-    if config.server.token:
-        headers["Authorization"] = f"Bearer {config.server.token.get_secret_value()}"
-    request = urllib.request.Request(url, json.dumps(body).encode(), headers, method="POST")
+    if access.token:
+        headers["Authorization"] = f"Bearer {access.token}"
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(access.base_url + path, data, headers, method=method)
     try:
         with urllib.request.urlopen(request, timeout=30) as resp:
-            answer = json.loads(resp.read())
+            return resp.status, json.loads(resp.read())
     except urllib.error.HTTPError as exc:
-        print(f"relay replay: {exc.code}: {exc.read().decode(errors='replace')}", file=sys.stderr)
-        return 1
-    except OSError as exc:
-        print(f"relay replay: cannot reach the relay at {url}: {exc}", file=sys.stderr)
-        return 1
-    print(f"replayed {len(answer['replayed'])} deliveries")
-    for delivery_id in answer["replayed"]:
-        print(delivery_id)
-    return 0
+        text = exc.read()
+        try:
+            return exc.code, json.loads(text)
+        except ValueError:
+            return exc.code, {"error": text.decode(errors="replace")}
 
 
 def cmd_healthcheck(args: argparse.Namespace) -> int:
@@ -201,10 +302,21 @@ def cmd_healthcheck(args: argparse.Namespace) -> int:
 
 
 def cmd_sink(args: argparse.Namespace) -> int:
-    from relay.sink import run_sink
+    from relay.sink import SinkError, parse_rules, run_sink
 
+    try:
+        rules = parse_rules(args.status, args.fail_rate, args.delay)
+    except SinkError as exc:
+        print(f"relay sink: {exc}", file=sys.stderr)
+        return 2
     config = _load_or_exit(args.config).config if args.config else None
-    run_sink(args.port, args.host, config)
+    try:
+        _run(run_sink(args.port, args.host, config, rules))
+    except SinkError as exc:
+        print(f"relay sink: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        pass
     return 0
 
 

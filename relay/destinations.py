@@ -19,7 +19,8 @@ from typing import NamedTuple
 
 from relay import tracing
 from relay.auth import Signing
-from relay.config import Config, Destination, OAuth2Auth, load_config
+from relay.config import Config, Destination, OAuth2Auth
+from relay.config.load import check_file
 from relay.connection import Via, build_via
 from relay.errors import ConfigError
 from relay.events import Event
@@ -66,17 +67,33 @@ class Loaded(NamedTuple):
 
 def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None, *,
          clock: Callable[[], float] = time.time, on_mint: MintCounter | None = None) -> Loaded:
-    """Read and validate a config file and compile its destinations; ConfigError otherwise."""
-    config = load_config(path, env)
-    return Loaded(config, compile_destinations(config, clock=clock, on_mint=on_mint))
+    """Read and validate a config file and compile its destinations; ConfigError otherwise.
+
+    One round: the destinations that pass validation are compiled even when other parts of the
+    file are wrong, and the one ConfigError lists the problems of both passes.
+    """
+    checked = check_file(path, env)
+    problems = list(checked.problems)
+    compiled: dict[str, CompiledDestination] = {}
+    try:
+        compiled = compile_destinations(checked.config, clock=clock, on_mint=on_mint,
+                                        positions=checked.positions)
+    except ConfigError as exc:
+        problems += exc.problems
+    if problems:
+        raise ConfigError(dict.fromkeys(problems), str(path))  # each once, in file order
+    return Loaded(checked.config, compiled)
 
 
 def compile_destinations(config: Config, *, clock: Callable[[], float] = time.time,
-                         on_mint: MintCounter | None = None) -> dict[str, CompiledDestination]:
-    """Every destination of ``config`` compiled; one ConfigError lists every problem."""
+                         on_mint: MintCounter | None = None,
+                         positions: tuple[int, ...] | None = None) -> dict[str, CompiledDestination]:
+    """Every destination of ``config`` compiled; one ConfigError lists every problem.
+    ``positions`` is each destination's index in the file when some were left out."""
     compiled: dict[str, CompiledDestination] = {}
     problems: list[tuple[str, str]] = []
-    for i, dest in enumerate(config.destinations):
+    for n, dest in enumerate(config.destinations):
+        i = positions[n] if positions is not None else n
         try:
             compiled[dest.name] = compile_destination(
                 dest, config, clock=clock, on_mint=on_mint(dest.name) if on_mint else None)

@@ -44,8 +44,10 @@ log = logging.getLogger("relay.dispatch")
 
 PREFETCH = 256       # due deliveries read from the spool at a time
 IDLE_RECHECK = 60.0  # wake at least this often, e.g. after a replay made by another process
-EVENT_CACHE_BYTES = 4 << 20  # parsed events kept, by the size of their stored JSON
-INFLIGHT_BYTES = 8 << 20     # event JSON of the attempts under way (one attempt at least)
+# Memory is bounded in bytes of stored event JSON (a parsed event weighs several times its
+# text): 100 events of 1 MiB pending or in flight stay under 200 MB resident (bench/abuse.py).
+EVENT_CACHE_BYTES = 2 << 20  # parsed events kept for their other destinations
+INFLIGHT_BYTES = 4 << 20     # events of the attempts under way (one attempt at least)
 RECORD_RETRY_MAX = 30.0      # longest wait between tries to record a kept outcome
 
 

@@ -13,7 +13,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from urllib.parse import quote, quote_plus
 
 from relay.auth import MASKED, destination_secrets
@@ -109,6 +109,25 @@ class MaskSecrets(logging.Filter):
 
 
 _PLAIN = logging.Formatter()
+
+
+class Throttle:
+    """At most one line per ``every`` seconds for a kind of noise (junk requests): ``allow()``
+    says whether to log this one, and how many were held back since the last."""
+
+    def __init__(self, every: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.every, self.clock = every, clock
+        self._last: float | None = None
+        self._held = 0
+
+    def allow(self) -> int | None:
+        """None: do not log this one (it is counted); else the count held back before it."""
+        now = self.clock()
+        if self._last is not None and now - self._last < self.every:
+            self._held += 1
+            return None
+        self._last, held, self._held = now, self._held, 0
+        return held
 
 
 def config_secrets(config: Config) -> list[str]:

@@ -4,17 +4,36 @@ Names follow Prometheus conventions: ``relay_`` prefix, ``_total`` counters, ``_
 units. Label values are config names (destination, host, state, outcome, reason): never event
 data, never secrets. Counters are bumped where things happen; gauges that describe the spool
 and hosts are refreshed just before each scrape.
+
+No noise: no ``_created`` samples (prometheus-client can only turn them off for the whole
+process, which is the relay's own), and a labelled series exists only where it applies: the
+outcome counters of each configured destination start at 0 (``destinations_loaded``, at start
+and on reload), JWT counters appear with a destination's first token, so never for a
+destination without JWT auth.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
 
+# Process-wide in prometheus-client (there is no per-registry switch): the relay's process.
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
+# relay_deliveries_total outcomes a dashboard graphs for every destination, so they exist at 0
+# from the start; "held" appears when a host is first suspended.
+OUTCOMES = ("delivered", "retried", "failed", "skipped")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 90.0)
 
 
@@ -56,6 +75,12 @@ class Metrics:
         self.task_restarts = Counter(
             "relay_task_restarts_total", "Long-lived tasks restarted after a failure",
             ["task"], registry=r)
+
+    def destinations_loaded(self, names: Iterable[str]) -> None:
+        """Start each destination's outcome series at 0 (idempotent: counts are kept)."""
+        for name in names:
+            for outcome in OUTCOMES:
+                self.deliveries.labels(name, outcome)
 
     def count_restart(self, task: str) -> None:
         self.task_restarts.labels(task).inc()

@@ -18,12 +18,15 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
+from aiohttp.web_protocol import RequestHandler
 
 from relay import __version__, tracing
 from relay.config import Config
 from relay.destinations import CompiledDestination, compile_destinations
 from relay.errors import InvalidEvent, SpoolError, SpoolFull
 from relay.events import accept_body, parse_events
+from relay.logs import Throttle
 from relay.metrics import CONTENT_TYPE_LATEST, Metrics
 from relay.routing import Router
 from relay.spool import Attempt, DeliveryRecord, Receipt
@@ -62,6 +65,15 @@ class _Recent:
     def __init__(self, ttl: float = 1.0) -> None:
         self.ttl = ttl
         self._entries: dict[str, tuple[float, asyncio.Future[Any]]] = {}
+        self._next: dict[str, float] = {}
+
+    async def pace(self, key: str, interval: float) -> None:
+        """Return ``interval`` after the previous caller for ``key`` did (sleeping till then)."""
+        now = time.monotonic()
+        turn = max(now, self._next.get(key, now))
+        self._next[key] = turn + interval
+        if turn > now:
+            await asyncio.sleep(turn - now)
 
     async def get(self, key: str, read: Callable[[], Awaitable[Any]]) -> Any:
         now = time.monotonic()
@@ -107,20 +119,22 @@ def create_app(config: Config, spool: SpoolBackend, dispatcher: DispatchView | N
     """
     app = web.Application(client_max_size=config.server.max_body_bytes,
                           middlewares=[_guard])
+    app[METRICS] = metrics or Metrics()
     apply_config(app, config, destinations)
     app[SPOOL] = spool
-    app[METRICS] = metrics or Metrics()
     app[STATE] = {"draining": False}
     app[WAKE] = dispatcher.wake if dispatcher is not None else (lambda: None)
     app[DISPATCHER] = dispatcher
     app[WARNED] = _Warned()
     app[RECENT] = _Recent()
-    app.router.add_post("/v1/events", post_events)
+    app.router.add_post("/v1/events", post_events, expect_handler=expect_events)
     app.router.add_get("/v1/deliveries", list_deliveries)
-    app.router.add_post("/v1/deliveries/retry", retry_many)
+    app.router.add_post("/v1/deliveries/retry", retry_many, expect_handler=expect_continue)
     app.router.add_get("/v1/deliveries/{delivery_id}", get_delivery)
-    app.router.add_post("/v1/deliveries/{delivery_id}/retry", retry_one)
-    app.router.add_post("/v1/destinations/{name}/test", test_destination)
+    app.router.add_post("/v1/deliveries/{delivery_id}/retry", retry_one,
+                        expect_handler=expect_continue)
+    app.router.add_post("/v1/destinations/{name}/test", test_destination,
+                        expect_handler=expect_continue)
     app.router.add_get("/v1/hosts", list_hosts)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -130,14 +144,17 @@ def create_app(config: Config, spool: SpoolBackend, dispatcher: DispatchView | N
 
 def apply_config(app: web.Application, config: Config,
                  destinations: dict[str, CompiledDestination] | None = None) -> None:
-    """Switch the app to a (re)loaded config: routing, token, client networks.
+    """Switch the app to a (re)loaded config: routing, token, client networks, and the
+    destinations' metric series.
 
     ``server.listen`` and ``server.max_body_bytes`` are bound when the listener starts; the
     service warns that changing them needs a restart.
     """
     app[CONFIG] = config
-    app[DESTINATIONS] = destinations if destinations is not None else compile_destinations(config)
+    compiled = destinations if destinations is not None else compile_destinations(config)
+    app[DESTINATIONS] = compiled
     app[ROUTER] = Router(config)
+    app[METRICS].destinations_loaded(compiled.keys())
     token = config.server.token.get_secret_value().encode() if config.server.token else None
     app[ACCESS] = (token, tuple(ipaddress.ip_network(c, strict=False)
                                 for c in config.server.allow_cidrs))
@@ -148,21 +165,69 @@ def error(status: int, message: str, **extra: Any) -> web.Response:
     return web.json_response({"error": message, **extra}, status=status, headers=headers)
 
 
+# -- Expect: 100-continue -------------------------------------------------------------------
+
+
+async def expect_continue(request: web.Request) -> web.StreamResponse | None:
+    """``Expect: 100-continue`` answered with the final status when the headers already decide
+    it (403, 401), so the client does not upload a body for nothing; else ``100 Continue``.
+    aiohttp calls it before the middlewares."""
+    return await _expect(request, lambda _: None)
+
+
+async def expect_events(request: web.Request) -> web.StreamResponse | None:
+    """``expect_continue`` for ``POST /v1/events``, with its 415 and 413 too."""
+    return await _expect(request, _ingest_headers_refused)
+
+
+async def _expect(request: web.Request,
+                  check: Callable[[web.Request], web.Response | None]) -> web.Response | None:
+    expect = request.headers.get("Expect", "")
+    if expect.lower() != "100-continue":
+        return _closing(error(417, f"only Expect: 100-continue is understood (got {expect!r})"))
+    refused = _refused(request) or check(request)
+    if refused is not None:
+        return _closing(refused)
+    if request.version >= (1, 1):
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the final response is still to come
+    return None
+
+
+def _closing(response: web.Response) -> web.Response:
+    # The client holds its body back: the connection cannot carry another request.
+    response.force_close()
+    return response
+
+
+def _ingest_headers_refused(request: web.Request) -> web.Response | None:
+    """415 for a body that is not JSON, 413 for a Content-Length over the limit, or None."""
+    metrics = request.app[METRICS]
+    ctype = request.content_type
+    if ctype != "application/json" and not ctype.endswith("+json"):
+        metrics.events_rejected.labels("unsupported_media_type").inc()
+        return error(415, f"Content-Type must be application/json (got {ctype or 'none'})")
+    limit = request.app[CONFIG].server.max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        metrics.events_rejected.labels("too_large").inc()
+        return error(413, _too_large(limit))
+    return None
+
+
+def _too_large(limit: int) -> str:
+    return f"the body is larger than server.max_body_bytes ({limit} bytes)"
+
+
 # -- ingest ---------------------------------------------------------------------------------
 
 
 async def post_events(request: web.Request) -> web.Response:
     config, spool, router = request.app[CONFIG], request.app[SPOOL], request.app[ROUTER]
     metrics = request.app[METRICS]
-    ctype = request.content_type
-    if ctype != "application/json" and not ctype.endswith("+json"):
-        metrics.events_rejected.labels("unsupported_media_type").inc()
-        return error(415, f"Content-Type must be application/json (got {ctype or 'none'})")
-    limit = config.server.max_body_bytes
-    too_large = f"the body is larger than server.max_body_bytes ({limit} bytes)"
-    if request.content_length is not None and request.content_length > limit:
-        metrics.events_rejected.labels("too_large").inc()
-        return error(413, too_large)
+    refused = _ingest_headers_refused(request)
+    if refused is not None:
+        return refused
+    too_large = _too_large(config.server.max_body_bytes)
     try:
         async with asyncio.timeout(config.server.read_timeout):
             body = await request.read()
@@ -181,6 +246,9 @@ async def post_events(request: web.Request) -> web.Response:
     batch = [(accepted, router.route(accepted))
              for accepted in accept_body(body, events, time.time(),
                                          tracing.incoming(request.headers))]
+    # The parsed events (a big event's attributes weigh several times its text) and the raw
+    # body are not needed while the spool commits: let them go before waiting.
+    del events, body
     try:
         receipt = await spool.ingest_receipt(batch)
     except SpoolFull as exc:
@@ -335,21 +403,33 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def metrics_endpoint(request: web.Request) -> web.Response:
-    """Prometheus text format; spool and host gauges are refreshed for this scrape."""
-    metrics, spool = request.app[METRICS], request.app[SPOOL]
+    """Prometheus text format. A scrape is answered from a rendering at most a second old,
+    and scrapes are paced (SCRAPE_PACE apart, whatever the number of scrapers): Prometheus
+    scrapes every few seconds, and a scraper in a loop must not take delivery's core."""
     recent = request.app[RECENT]
+    await recent.pace("metrics", SCRAPE_PACE)
+    body = await recent.get("metrics", lambda: _render_metrics(request.app))
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+SCRAPE_PACE = 0.05  # seconds between two scrape answers: at most 20 a second in all
+
+
+async def _render_metrics(app: web.Application) -> bytes:
+    """Refresh the spool and host gauges, then render every metric."""
+    metrics, spool, recent = app[METRICS], app[SPOOL], app[RECENT]
     counts = await recent.get("counts", spool.counts)
     for state in DELIVERY_STATES:
         metrics.spool_deliveries.labels(state).set(counts.get(state, 0))
     oldest = await recent.get("oldest", lambda: spool.oldest_due(time.time()))
     metrics.oldest_due_age.set(max(0.0, time.time() - oldest) if oldest is not None else 0.0)
-    dispatcher = request.app[DISPATCHER]
+    dispatcher = app[DISPATCHER]
     if dispatcher is not None:
         metrics.in_flight.set(dispatcher.in_flight)
         for host in dispatcher.hosts(time.time()):
             for health in ("healthy", "suspended", "probing"):
                 metrics.host_state.labels(host["host"], health).set(int(health == host["state"]))
-    return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+    return metrics.render()
 
 
 async def readyz(request: web.Request) -> web.Response:
@@ -383,8 +463,50 @@ class _Busy(asyncio.Protocol):
         transport.close()
 
 
+class _Handler(RequestHandler):
+    """aiohttp's connection handler, quiet under junk: a request it cannot parse (garbage,
+    an HTTP/2 preface, a bad request line or header, a broken body) is answered in the relay's
+    JSON error shape (431 for a header too large) and logged as one info line at most every
+    ``JUNK_EVERY`` seconds, with the count held back, never a traceback (the junk may carry a
+    secret). Errors of the relay's own code still go to aiohttp's handling (500, logged)."""
+
+    def handle_error(self, request: web.BaseRequest, status: int = 500,
+                     exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        if not isinstance(exc, HttpProcessingError):
+            return super().handle_error(request, status, exc, message)
+        status, text = _parse_error(exc)
+        held = _JUNK.allow()
+        if held is not None:
+            log.info("malformed HTTP request from %s answered %d (%s)%s", request.remote,
+                     status, type(exc).__name__,
+                     f"; {held} more since the last such line" if held else "")
+        if request.writer.output_size > 0:  # part of a response went out: nothing to add
+            raise ConnectionError("a response was already started")
+        response = error(status, text)
+        response.force_close()
+        return response
+
+
+JUNK_EVERY = 10.0  # seconds between two "malformed HTTP request" lines
+_JUNK = Throttle(JUNK_EVERY)
+
+
+def _parse_error(exc: HttpProcessingError) -> tuple[int, str]:
+    """The status and message for a request aiohttp could not parse."""
+    if isinstance(exc, LineTooLong):
+        line = exc.args[0] if exc.args else b""
+        if isinstance(line, bytes | str) and line[:1] in (b"/", "/"):
+            return 414, "the request target is too long"
+        return 431, f"a request header is too large (at most {exc.args[1]} bytes)"
+    if "Too many headers" in (exc.message or ""):
+        return 431, "too many request headers"
+    return 400, "malformed HTTP request"
+
+
 class _Capped:
-    """aiohttp's protocol factory, handing out at most ``limit`` live connections."""
+    """aiohttp's protocol factory, handing out at most ``limit`` live connections, each
+    handled by ``_Handler``."""
 
     def __init__(self, server: web.Server, limit: int) -> None:
         self._server, self._limit = server, limit
@@ -392,7 +514,8 @@ class _Capped:
     def __call__(self) -> asyncio.Protocol:
         if len(self._server.connections) >= self._limit:
             return _Busy()
-        return self._server()
+        server = self._server
+        return _Handler(server, loop=server._loop, **server._kwargs)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._server, name)
@@ -404,10 +527,11 @@ class Runner(web.AppRunner):
     sends no complete request (idle, or headers half sent) and between kept-alive requests.
     A request's body gets the same time (see post_events)."""
 
-    def __init__(self, app: web.Application, config: Config, **kwargs: Any) -> None:
+    def __init__(self, app: web.Application, config: Config, *,
+                 max_connections: int | None = None, **kwargs: Any) -> None:
         super().__init__(app, access_log=None, handle_signals=False,
                          keepalive_timeout=config.server.read_timeout, **kwargs)
-        self._limit = config.server.max_connections
+        self._limit = max_connections or config.server.max_connections
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
@@ -422,11 +546,9 @@ class Runner(web.AppRunner):
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
-@web.middleware
-async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """server.allow_cidrs for every path but ``OPEN_PATHS`` and server.token for /v1/*;
-    aiohttp's own 404/405/413 pages become JSON. (One middleware, not two: each costs a
-    wrapper call per request.)"""
+def _refused(request: web.Request) -> web.Response | None:
+    """server.allow_cidrs for every path but ``OPEN_PATHS`` and server.token for /v1/*: the
+    403 or 401 answer, or None when the request may go on."""
     token, networks = request.app[ACCESS]
     if networks and request.path not in OPEN_PATHS:
         try:
@@ -444,6 +566,16 @@ async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
             request.app[METRICS].events_rejected.labels("unauthorized").inc()
             return error(401, "missing or wrong Authorization: Bearer token",
                          headers={"WWW-Authenticate": 'Bearer realm="relay"'})
+    return None
+
+
+@web.middleware
+async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """``_refused`` for every request; aiohttp's own 404/405/413 pages become JSON. (One
+    middleware, not two: each costs a wrapper call per request.)"""
+    refused = _refused(request)
+    if refused is not None:
+        return refused
     try:
         return await handler(request)
     except web.HTTPException as exc:

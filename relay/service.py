@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import gc
 import logging
 import os
@@ -60,8 +61,8 @@ async def run(loaded: Loaded, *, metrics: Metrics | None = None,
                             supervisor=supervisor)
     await dispatcher.start()
     app = create_app(config, spool, dispatcher, metrics, loaded.destinations)
-    _raise_open_files(config)
-    runner = Runner(app, config, shutdown_timeout=config.server.drain_timeout)
+    runner = Runner(app, config, max_connections=_connection_cap(config),
+                    shutdown_timeout=config.server.drain_timeout)
     await runner.setup()
     host, port = config.server.host_port
     site = web.TCPSite(runner, host, port, backlog=1024, reuse_address=True)
@@ -71,6 +72,10 @@ async def run(loaded: Loaded, *, metrics: Metrics | None = None,
         await runner.cleanup()
         await dispatcher.stop(0)
         await spool.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise SystemExit(f"relay: cannot listen on {config.server.listen}: port {port} is "
+                             "already in use (another relay, or make run, still running?): stop "
+                             "it, or set server.listen to a free port") from exc
         raise SystemExit(f"relay: cannot listen on {config.server.listen}: {exc.strerror}") from exc
     # Everything made while starting (config, pydantic schemas, aiohttp, prometheus) lives as
     # long as the process: keep it out of the collector's full passes, which otherwise walk all
@@ -150,18 +155,26 @@ async def _prune_forever(spool: SpoolBackend, retention: float) -> None:
         await asyncio.sleep(PRUNE_EVERY)
 
 
-def _raise_open_files(config: Config) -> None:
-    """Let the process hold server.max_connections connections plus its own files: the soft
-    open-files limit (often 1,024) is raised toward the hard one."""
-    need = config.server.max_connections + config.delivery.concurrency + 128
+FILES_RESERVED = 128  # open files kept for the spool, logs and the like
+
+
+def _connection_cap(config: Config) -> int:
+    """server.max_connections, within what the open-files limit allows: the soft limit (often
+    1,024) is raised toward the hard one first. Past the cap a connection is answered 503 at
+    once; past the limit it would not be accepted at all, and senders would hang."""
+    need = config.server.max_connections + config.delivery.concurrency + FILES_RESERVED
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY and soft < need:
         target = need if hard == resource.RLIM_INFINITY else min(need, hard)
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        if target < need:
-            log.warning("open-files limit %d is below server.max_connections + delivery."
-                        "concurrency + 128 = %d: raise it (ulimit -n) or lower them", target, need)
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return config.server.max_connections
+    cap = max(1, soft - config.delivery.concurrency - FILES_RESERVED)
+    log.warning("the open-files limit (%d) holds %d connections, not server.max_connections=%d: "
+                "raise it (ulimit -n) for more", soft, cap, config.server.max_connections)
+    return cap
 
 
 def _host(host: str) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import pydantic
@@ -19,7 +19,7 @@ def problems_from(
     data: Any = None,
     *,
     noun: str = "key",
-    known: Iterable[str] = (),
+    known: Iterable[str] | Mapping[str, tuple[str, ...]] = (),
     limit: int = 100,
 ) -> list[tuple[str, str]]:
     """``(path, message)`` for each error; ``data`` lets union tags be dropped from paths."""
@@ -76,14 +76,15 @@ def is_secret_location(loc: Iterable[Any]) -> bool:
     return False
 
 
-def describe(err: Any, path: str, noun: str = "key", known: Iterable[str] = (),
+def describe(err: Any, path: str, noun: str = "key",
+             known: Iterable[str] | Mapping[str, tuple[str, ...]] = (),
              secret: bool = False) -> tuple[str, str]:
     """One error as (path, message); with ``secret`` the input value is never shown."""
     kind, ctx, got = err["type"], err.get("ctx") or {}, err.get("input")
     if secret:
         got = None
     if kind == "extra_forbidden":
-        return path, f"unknown {noun}" + suggest(path.rsplit(".", 1)[-1], known)
+        return path, f"unknown {noun}" + suggest(path.rsplit(".", 1)[-1], known, path)
     if kind == "missing":
         return path, f"required {noun} is missing"
     if kind == "union_tag_not_found":
@@ -103,9 +104,27 @@ def describe(err: Any, path: str, noun: str = "key", known: Iterable[str] = (),
     return path, message
 
 
-def suggest(key: str, known: Iterable[str]) -> str:
-    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.75)
+def suggest(key: str, known: Iterable[str] | Mapping[str, tuple[str, ...]], path: str = "") -> str:
+    """A hint for an unknown key: where it belongs when ``known`` maps keys to the sections
+    that hold them (``; timeout belongs under delivery or a destination``), else the closest
+    known key (`` (did you mean 'timeout'?)``)."""
+    if isinstance(known, Mapping) and key in known:
+        section = _section_of(path)
+        homes = [where for where in known[key] if where != section]
+        if homes:
+            return f"; {key} belongs under {' or '.join(homes)}"
+    close = difflib.get_close_matches(key, [k for k in known if k != key], n=1, cutoff=0.75)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _section_of(path: str) -> str:
+    """``server.timeout`` -> ``server``; ``destinations[0].x`` -> ``a destination``."""
+    parent = path.rpartition(".")[0]
+    if not parent:
+        return "the top level"
+    if re.fullmatch(r"destinations\[\d+\]", parent):
+        return "a destination"
+    return parent
 
 
 def _short(value: Any) -> str:

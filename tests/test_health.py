@@ -131,6 +131,22 @@ def test_abandoned_probe_lets_the_next_request_probe() -> None:
     assert b.host(H).state == "suspended" and b.allow(H, until + 0.2)
 
 
+def test_a_delivery_that_never_failed_takes_the_probe_first() -> None:
+    """At the end of a suspension a stale delivery (it failed there before) is passed over once,
+    so a fresh one asked next probes; asked again with no fresh one, the stale one probes."""
+    b = board()
+    fail(b, 10)
+    until = b.host(H).suspended_until
+    assert not b.allow(H, until, fresh=False)          # passed over: a fresh one may come
+    assert b.host(H).state == "suspended"
+    assert b.allow(H, until, fresh=True)               # the fresh one is the probe
+    assert b.host(H).state == "probing"
+    b.record(H, True, until + 1)                        # it fails: suspended again
+    again = b.host(H).suspended_until
+    assert not b.allow(H, again, fresh=False)
+    assert b.allow(H, again, fresh=False)               # no fresh one came: the stale one goes
+
+
 def test_state_changes_are_reported_once() -> None:
     """on_change fires once per transition: suspended, probing, healthy."""
     seen: list[tuple[str, str]] = []

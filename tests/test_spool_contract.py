@@ -241,6 +241,17 @@ async def test_due_order_limit_destinations_and_exclude(spool: AnySpool) -> None
     assert await spool.next_due_at(["c"]) is None
 
 
+async def test_a_due_batch_is_bounded_by_the_size_of_its_events(spool: AnySpool) -> None:
+    """Due rows come back within the byte budget (always at least one), oldest first."""
+    big = [accept(Event(id=f"big{i}", channel="email", status="sent", message_id=f"m{i}",
+                        attributes={"blob": "x" * 10_000}), 1000.0) for i in range(6)]
+    await spool.ingest([(a, (Route("a", "pending"),)) for a in big])
+    first = await spool.due(2000.0, 100, ["a"], budget=25_000)
+    assert [d.event_json for d in first] == [a.body for a in big[:3]]  # 3 x 10 KB fit, not 4
+    alone = await spool.due(2000.0, 100, ["a"], budget=1)
+    assert len(alone) == 1 and alone[0].event_json == big[0].body
+
+
 async def test_record_attempt_states(spool: AnySpool) -> None:
     """Delivered, retry (pending with a later not_before) and failed outcomes are stored with
     their attempts; an event stops counting as open when its last delivery finishes."""

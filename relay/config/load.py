@@ -19,7 +19,7 @@ import re
 import ssl
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 import pydantic
@@ -37,6 +37,7 @@ from relay.config.schema import (
     JsonBody,
     JwtAuth,
     OAuth2Auth,
+    PostgresConfig,
     RateLimit,
     RawBody,
     SandboxConfig,
@@ -45,6 +46,7 @@ from relay.config.schema import (
     TemplateConfig,
     TemplateVariant,
     TlsConfig,
+    split_listen,
 )
 from relay.errors import ConfigError
 from relay.request import split_host_port
@@ -59,14 +61,38 @@ SECRET_FILE_KEYS = ("token_file", "password_file", "key_file", "secret_file", "d
 TLS_FILE_KEYS = ("cert_file", "key_file", "ca_file")
 
 
+class Checked(NamedTuple):
+    """A config file checked as far as it goes: its valid parts and every problem found.
+
+    A section that fails validation is replaced by its defaults, and a destination entry that
+    fails is left out, so the rest still gets its cross-field checks (and, in
+    ``relay.destinations.load``, compiled): every problem of a file is reported in one round.
+    ``positions`` is each kept destination's index in the file, for problem paths.
+    """
+
+    config: Config
+    problems: list[tuple[str, str]]
+    positions: tuple[int, ...]
+
+
 def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
     """Read, interpolate and validate a config file; raise ConfigError listing every problem."""
+    checked = check_file(path, env)
+    if checked.problems:
+        raise ConfigError(checked.problems, str(path))
+    return checked.config
+
+
+def check_file(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Checked:
+    """``load_config`` without raising on validation problems (it still raises ConfigError
+    when the file cannot be read or is not YAML: then there is nothing to check further)."""
     source = str(path)
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError([("", f"cannot read config file: {exc}")], source) from exc
-    return parse_config(text, source=source, env=env, base_dir=Path(path).parent)
+    raw = _parse_yaml(text, source)
+    return check_raw(raw, source=source, env=env, base_dir=Path(path).parent, file=True)
 
 
 def parse_config(
@@ -77,6 +103,10 @@ def parse_config(
     base_dir: Path | None = None,
 ) -> Config:
     """Validate config given as YAML text (see ``load_config``)."""
+    return validate_config(_parse_yaml(text, source), source=source, env=env, base_dir=base_dir)
+
+
+def _parse_yaml(text: str, source: str) -> dict[str, Any]:
     try:
         raw = yaml.load(text, Loader=_StrictLoader)
     except yaml.MarkedYAMLError as exc:
@@ -90,7 +120,7 @@ def parse_config(
     if not isinstance(raw, dict):
         raise ConfigError([("", f"the config must be a mapping of sections, got {_kind(raw)}")],
                           source)
-    return validate_config(raw, source=source, env=env, base_dir=base_dir)
+    return raw
 
 
 def validate_config(
@@ -101,25 +131,134 @@ def validate_config(
     base_dir: Path | None = None,
 ) -> Config:
     """Validate an already-parsed config mapping (see ``load_config``)."""
+    checked = check_raw(raw, source=source, env=env, base_dir=base_dir)
+    if checked.problems:
+        raise ConfigError(checked.problems, source)
+    return checked.config
+
+
+def check_raw(
+    raw: dict[str, Any],
+    *,
+    source: str = "config",
+    env: Mapping[str, str] | None = None,
+    base_dir: Path | None = None,
+    file: bool = False,
+) -> Checked:
+    """Every problem of a parsed config, structural and cross-field, with its valid parts.
+
+    With ``file`` (the mapping came from a file in ``base_dir``) a relative ``spool.path`` is
+    resolved against that folder, as ``*_file`` secrets are: the spool does not move with the
+    directory the relay happens to be started from.
+    """
     env = os.environ if env is None else env
     problems: list[tuple[str, str]] = []
     data = _interpolate(raw, "", env, problems)
     data = _read_secret_files(data, "", base_dir or Path.cwd(), problems)
+    if file and base_dir is not None:
+        data = _resolve_spool_path(data, base_dir)
+    flagged = {path for path, _ in problems}
     try:
         config = Config.model_validate({**data, "source": source})
     except pydantic.ValidationError as exc:
-        flagged = {path for path, _ in problems}
-        problems += [p for p in problems_from(exc, data, known=_KNOWN_KEYS) if p[0] not in flagged]
-        raise ConfigError(problems, source) from exc
+        problems += [p for p in problems_from(exc, data, known=KEY_HOMES) if p[0] not in flagged]
+        config, broken, positions = _valid_parts(data, source)
+        problems += check_config(config, positions=positions, skip=broken)
+        return Checked(config, problems, positions)
+    positions = tuple(range(len(config.destinations)))
     problems += check_config(config)
+    return Checked(config, problems, positions)
+
+
+class Access(NamedTuple):
+    """How to reach a running relay's API: what ``relay replay`` needs of a config."""
+
+    base_url: str
+    token: str | None
+
+
+def read_access(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Access:
+    """``server.listen`` and the token (``token`` or ``token_file``) of a config file, read and
+    interpolated alone: the rest of the file (destinations, their secrets) is not looked at."""
+    source = str(path)
+    try:
+        raw = _parse_yaml(Path(path).read_text(encoding="utf-8"), source)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([("", f"cannot read config file: {exc}")], source) from exc
+    server = raw.get("server") or {}
+    if not isinstance(server, dict):
+        raise ConfigError([("server", "expected a mapping")], source)
+    wanted = {k: server[k] for k in ("listen", "token", "token_file") if k in server}
+    problems: list[tuple[str, str]] = []
+    picked = _interpolate(wanted, "server", os.environ if env is None else env, problems)
+    picked = _read_secret_files(picked, "server", Path(path).parent, problems)
+    listen = picked.get("listen", ServerConfig.model_fields["listen"].default)
+    try:
+        host, port = split_listen(listen) if isinstance(listen, str) else split_listen("")
+    except ValueError as exc:
+        problems.append(("server.listen", str(exc)))
+    token = picked.get("token") or None
+    if token is not None and not isinstance(token, str):
+        problems.append(("server.token", "expected a string"))
     if problems:
         raise ConfigError(problems, source)
-    return config
+    host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    return Access(f"http://{host if ':' not in host else f'[{host}]'}:{port}", token)
 
 
-def check_config(config: Config) -> list[tuple[str, str]]:
-    """Cross-field rules that a schema alone cannot express."""
-    problems: list[tuple[str, str]] = []
+def _resolve_spool_path(data: dict[str, Any], base_dir: Path) -> dict[str, Any]:
+    spool = data.get("spool")
+    if not isinstance(spool, dict):
+        return data
+    path = spool.get("path", SpoolConfig.model_fields["path"].default)
+    if not isinstance(path, str) or not path or Path(path).is_absolute():
+        return data
+    return {**data, "spool": {**spool, "path": str(base_dir / path)}}
+
+
+_SECTIONS: dict[str, type[pydantic.BaseModel]] = {
+    "server": ServerConfig, "spool": SpoolConfig, "delivery": DeliveryConfig,
+    "health": HealthConfig}
+
+
+def _valid_parts(data: dict[str, Any], source: str) -> tuple[Config, frozenset[str], tuple[int, ...]]:
+    """The config made of the sections and destination entries that validate on their own
+    (defaults for a broken section), the names of the broken sections, and the file index of
+    each destination kept. Its problems were already reported by the whole-file pass."""
+    parts: dict[str, Any] = {}
+    broken: set[str] = set()
+    for name, model in _SECTIONS.items():
+        if name not in data:
+            continue
+        try:
+            parts[name] = model.model_validate(data[name])
+        except pydantic.ValidationError:
+            broken.add(name)
+    kept: list[Destination] = []
+    positions: list[int] = []
+    entries = data.get("destinations")
+    if isinstance(entries, list):
+        for i, entry in enumerate(entries):
+            try:
+                kept.append(Destination.model_validate(entry))
+                positions.append(i)
+            except pydantic.ValidationError:
+                pass
+    elif entries is not None:
+        broken.add("destinations")
+    return (Config(**parts, destinations=tuple(kept), source=source), frozenset(broken),
+            tuple(positions))
+
+
+def check_config(config: Config, *, positions: tuple[int, ...] | None = None,
+                 skip: frozenset[str] = frozenset()) -> list[tuple[str, str]]:
+    """Cross-field rules that a schema alone cannot express.
+
+    ``positions`` maps each destination to its index in the file (when broken entries were left
+    out); rules that read a section named in ``skip`` (it failed validation, so its defaults
+    stand in) are not run, so no problem is reported against values the file does not hold.
+    """
+    problems: list[tuple[str, str]] = []  # a section's own rules hold for its defaults
     if config.spool.backend == "postgres" and config.spool.postgres.dsn is None:
         problems.append(("spool.postgres.dsn", "required for spool.backend postgres (or dsn_file)"))
     if config.delivery.backoff_initial > config.delivery.backoff_max:
@@ -141,16 +280,22 @@ def check_config(config: Config) -> list[tuple[str, str]]:
     problems += _check_open_listener(config)
     if config.delivery.proxy is not None:
         problems += check_proxy(config.delivery.proxy.get_secret_value(), "delivery.proxy")
+    return problems + _check_destinations(config, positions, skip)
 
+
+def _check_destinations(config: Config, positions: tuple[int, ...] | None,
+                        skip: frozenset[str]) -> list[tuple[str, str]]:
+    problems: list[tuple[str, str]] = []
     seen_names: dict[str, int] = {}
     seen_ajo: dict[tuple[str, str], int] = {}
-    for i, dest in enumerate(config.destinations):
+    for n, dest in enumerate(config.destinations):
+        i = positions[n] if positions is not None else n
         at = f"destinations[{i}]"
         if dest.name in seen_names:
             problems.append((f"{at}.name", f"duplicate destination name {dest.name!r} "
                                            f"(also destinations[{seen_names[dest.name]}])"))
         seen_names.setdefault(dest.name, i)
-        problems += _check_destination(dest, at, config)
+        problems += _check_destination(dest, at, config, urls="delivery" not in skip)
         if dest.format == "ajo" and dest.ajo is not None:
             key = (dest.ajo.ims_org, dest.ajo.sandbox.id)
             if key in seen_ajo:
@@ -182,7 +327,8 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def _check_destination(dest: Destination, at: str, config: Config) -> list[tuple[str, str]]:
+def _check_destination(dest: Destination, at: str, config: Config,
+                       urls: bool = True) -> list[tuple[str, str]]:
     problems: list[tuple[str, str]] = []
     if dest.format == "ajo" and dest.ajo is None:
         problems.append((f"{at}.ajo", "required for format ajo: {ims_org: ..., sandbox: "
@@ -217,7 +363,8 @@ def _check_destination(dest: Destination, at: str, config: Config) -> list[tuple
         problems += _check_http_url(dest.auth.token_url, f"{at}.auth.token_url")
     if dest.proxy is not None and dest.proxy.get_secret_value() != "direct":
         problems += check_proxy(dest.proxy.get_secret_value(), f"{at}.proxy")
-    problems += _check_url(dest, at, config)
+    if urls:  # they read delivery.allowed_ports
+        problems += _check_url(dest, at, config)
     return problems
 
 
@@ -377,13 +524,36 @@ def _read_secret_files(node: Any, path: str, base: Path, problems: list[tuple[st
     return out
 
 
-_MODELS = (Config, ServerConfig, SpoolConfig, DeliveryConfig, HealthConfig, Destination, AjoConfig,
-           OAuth2Auth,
-    RateLimit,
-    SandboxConfig, BearerAuth, BasicAuth, JwtAuth, HmacAuth, OAuth2Auth, RateLimit, TlsConfig,
-           TemplateConfig,
-           TemplateVariant, JsonBody, RawBody)
-_KNOWN_KEYS = frozenset(field for model in _MODELS for field in model.model_fields) - {"source"}
+# Where each key belongs, for "unknown key" messages: a key that exists in another section is
+# named as misplaced ("timeout belongs under delivery or a destination"), not as a typo.
+_MODELS: tuple[tuple[type[pydantic.BaseModel], str], ...] = (
+    (Config, "the top level"), (ServerConfig, "server"), (SpoolConfig, "spool"),
+    (PostgresConfig, "spool.postgres"), (DeliveryConfig, "delivery"), (HealthConfig, "health"),
+    (Destination, "a destination"), (AjoConfig, "a destination's ajo"),
+    (SandboxConfig, "a destination's ajo.sandbox"), (BearerAuth, "a destination's auth"),
+    (BasicAuth, "a destination's auth"), (JwtAuth, "a destination's auth"),
+    (HmacAuth, "a destination's auth"), (OAuth2Auth, "a destination's auth"),
+    (RateLimit, "a rate_limit"), (TlsConfig, "a destination's tls"),
+    (TemplateConfig, "a destination's template"),
+    (TemplateVariant, "a template variant"), (JsonBody, "a template body"),
+    (RawBody, "a template body"))
+
+
+def _key_homes() -> dict[str, tuple[str, ...]]:
+    homes: dict[str, list[str]] = {}
+    for model, where in _MODELS:
+        for name, field in model.model_fields.items():
+            if name == "source":
+                continue
+            for key in {field.alias or name, name.rstrip("_")}:
+                if where not in homes.setdefault(key, []):
+                    homes[key].append(where)
+    for key in SECRET_FILE_KEYS:  # token_file lives where token does
+        homes.setdefault(key, list(homes.get(key.removesuffix("_file"), [])))
+    return {key: tuple(where) for key, where in homes.items()}
+
+
+KEY_HOMES = _key_homes()
 
 
 def _kind(value: Any) -> str:

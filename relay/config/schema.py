@@ -58,20 +58,39 @@ def _valid_listen(value: str) -> str:
     return value
 
 
+def _d(default: Any, description: str) -> Any:
+    """A field's default and its meaning, written once (docs/configuration.md is made from it)."""
+    if callable(default) and not isinstance(default, BaseModel):
+        return Field(default_factory=default, description=description)
+    return Field(default, description=description)
+
+
 class ServerConfig(_Model):
-    listen: Annotated[str, AfterValidator(_valid_listen)] = "127.0.0.1:8080"  # port 0: any free
-    token: OptionalSecret = None                   # Bearer token for /v1/* (or token_file)
-    max_body_bytes: Annotated[int, Field(ge=1024)] = 1_048_576
-    max_batch: Annotated[int, Field(ge=1, le=100_000)] = 500
-    drain_timeout: Duration = 20.0                 # SIGTERM: time given to in-flight work
-    max_connections: Annotated[int, Field(ge=1, le=1_000_000)] = 1024  # more: 503 at once
-    read_timeout: PositiveDuration = 30.0          # for a request's headers and body, and
-                                                   # the idle time of a kept-alive connection
-    allow_cidrs: tuple[str, ...] = ()              # for /v1/*; empty = any client address
-    # A non-loopback listen address needs token or allow_cidrs unless this says it is meant.
-    allow_unauthenticated: bool = False
-    log_level: Literal["debug", "info", "warning", "error"] = "info"   # or RELAY_LOG_LEVEL
-    log_format: Literal["auto", "json", "text"] = "auto"  # auto: text on a terminal, else json
+    """The local HTTP API: where it listens, who may use it, request bounds, logs."""
+
+    listen: Annotated[str, AfterValidator(_valid_listen)] = _d(
+        "127.0.0.1:8080", "host:port of the HTTP API (port 0: any free port). Restart to change.")
+    token: OptionalSecret = _d(
+        None, "Bearer token required on /v1/* (or token_file); empty or unset: none.")
+    max_body_bytes: Annotated[int, Field(ge=1024)] = _d(
+        1_048_576, "Largest request body; larger bodies get 413. Restart to change.")
+    max_batch: Annotated[int, Field(ge=1, le=100_000)] = _d(
+        500, "Most events in one POST /v1/events array.")
+    drain_timeout: Duration = _d(20.0, "On SIGTERM, time given to in-flight work.")
+    max_connections: Annotated[int, Field(ge=1, le=1_000_000)] = _d(
+        1024, "Open connections at most; more are answered 503 at once and closed.")
+    read_timeout: PositiveDuration = _d(
+        30.0, "Time for a request's headers and body, and the idle time of a kept-alive "
+              "connection.")
+    allow_cidrs: tuple[str, ...] = _d(
+        (), "Client networks allowed on /v1/* (e.g. [10.0.0.0/8]); empty: any client address.")
+    allow_unauthenticated: bool = _d(
+        False, "A non-loopback listen address needs token or allow_cidrs unless this says an "
+               "open API is meant.")
+    log_level: Literal["debug", "info", "warning", "error"] = _d(
+        "info", "Log level (RELAY_LOG_LEVEL overrides).")
+    log_format: Literal["auto", "json", "text"] = _d(
+        "auto", "auto: text on a terminal, else JSON lines (RELAY_LOG_FORMAT overrides).")
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -79,19 +98,32 @@ class ServerConfig(_Model):
 
 
 class PostgresConfig(_Model):
-    dsn: SecretStr | None = None                   # postgresql://user:password@host/db (or dsn_file)
-    schema_: Annotated[str, Field(alias="schema", min_length=1, max_length=63)] = "relay"
-    pool_size: Annotated[int, Field(ge=1, le=1000)] = 10
-    lease: PositiveDuration | None = None          # a claimed delivery's lease; default timeout + 30s
+    """The PostgreSQL spool (spool.backend: postgres), shared by several relays."""
+
+    dsn: SecretStr | None = _d(
+        None, "postgresql://user:password@host/db (or dsn_file); required for this backend.")
+    schema_: Annotated[str, Field(alias="schema", min_length=1, max_length=63)] = _d(
+        "relay", "Schema holding the relay's tables.")
+    pool_size: Annotated[int, Field(ge=1, le=1000)] = _d(10, "Connections per relay.")
+    lease: PositiveDuration | None = _d(
+        None, "How long a claimed delivery stays with its relay; default delivery.timeout + 30s.")
 
 
 class SpoolConfig(_Model):
-    backend: Literal["sqlite", "postgres"] = "sqlite"
-    path: str = "./relay-spool.db"                 # SQLite file (WAL mode)
-    postgres: PostgresConfig = PostgresConfig()
-    max_events: Annotated[int, Field(ge=1)] = 1_000_000  # events awaiting delivery; then 503
-    retention: Duration = 7 * 86400.0              # finished records kept this long
-    dedupe_window: Duration = 86400.0              # a repeated event id within it is a duplicate
+    """The durable store of events and deliveries."""
+
+    backend: Literal["sqlite", "postgres"] = _d(
+        "sqlite", "sqlite: a local file, one relay per file; postgres: shared by replicas.")
+    path: str = _d(
+        "./relay-spool.db", "SQLite file (WAL mode; -wal, -shm and .lock beside it). A relative "
+                            "path is relative to the config file's folder. Restart to change.")
+    postgres: PostgresConfig = _d(PostgresConfig(), "Settings of the postgres backend.")
+    max_events: Annotated[int, Field(ge=1)] = _d(
+        1_000_000, "Events awaiting delivery before ingest answers 503.")
+    retention: Duration = _d(
+        7 * 86400.0, "Finished events, their activity log and the dead letter are kept this long.")
+    dedupe_window: Duration = _d(
+        86400.0, "A repeated event id within this is a duplicate (answered, not stored again).")
 
 
 class RateLimit(_Model):
@@ -114,78 +146,121 @@ class TlsConfig(_Model):
 
 
 class DeliveryConfig(_Model):
-    timeout: PositiveDuration = 90.0               # per attempt
-    max_retries: Annotated[int, Field(ge=0, le=100)] = 5
-    retry_window: Duration = 1800.0
-    unreachable_window: Duration = 86400.0         # when the host cannot be reached at all
-    backoff_initial: Duration = 30.0
-    backoff_max: Duration = 600.0
-    allowed_ports: tuple[Port, ...] = (80, 443)   # the outer bound for every destination
-    allowed_networks: tuple[str, ...] = ()         # internal CIDRs destinations may reach
-    concurrency: Annotated[int, Field(ge=1, le=10_000)] = 64
-    per_host_concurrency: Annotated[int, Field(ge=1, le=10_000)] = 16
-    ca_file: str | None = None                     # extra CA bundle (PEM) for TLS verification
-    proxy: OptionalSecret = None                   # egress proxy for every destination:
-                                                   # http://[user:password@]host:port (secret:
-                                                   # its credentials); see docs/controls.md
-    rate_limit: RateLimit | None = None            # default for destinations without their own
+    """Sending: retries, backoff, the egress bounds, concurrency."""
+
+    timeout: PositiveDuration = _d(90.0, "Per attempt.")
+    max_retries: Annotated[int, Field(ge=0, le=100)] = _d(
+        5, "Retries for retryable answers (408, 429, 5xx) within retry_window.")
+    retry_window: Duration = _d(1800.0, "Retries of retryable answers stop this long after the "
+                                        "first attempt (time held by a suspension not counted).")
+    unreachable_window: Duration = _d(
+        86400.0, "Retries go on this long while the host cannot be reached at all.")
+    backoff_initial: Duration = _d(30.0, "First backoff; it doubles per retry, with ±20% jitter.")
+    backoff_max: Duration = _d(600.0, "Longest backoff; also the most a Retry-After is obeyed.")
+    allowed_ports: tuple[Port, ...] = _d(
+        (80, 443), "Ports any destination may use: the outer bound of every destination's "
+                   "allowed_ports.")
+    allowed_networks: tuple[str, ...] = _d(
+        (), "Internal networks (CIDRs) destinations may reach; loopback, private, link-local, "
+            "CGNAT and unique-local addresses are refused unless listed.")
+    concurrency: Annotated[int, Field(ge=1, le=10_000)] = _d(
+        64, "Attempts in flight at most. Restart to change.")
+    per_host_concurrency: Annotated[int, Field(ge=1, le=10_000)] = _d(
+        16, "Attempts in flight per host at most. Restart to change.")
+    ca_file: str | None = _d(
+        None, "Extra CA bundle (PEM) for TLS verification. Restart to change.")
+    proxy: OptionalSecret = _d(
+        None, "Egress proxy for every destination: http://[user:password@]host:port (its "
+              "credentials are secrets); see docs/controls.md.")
+    rate_limit: RateLimit | None = _d(
+        None, "Rate limit of every destination without its own: {per_second, burst}.")
 
 
 class HealthConfig(_Model):
-    window: PositiveDuration = 60.0
-    min_failures: Annotated[int, Field(ge=1)] = 20
-    failure_rate: Annotated[float, Field(gt=0, le=1)] = 0.9
-    consecutive_failures: Annotated[int, Field(ge=1)] = 10
-    suspend_for: PositiveDuration = 60.0
-    suspend_max: PositiveDuration = 1800.0
+    """When a host is suspended (its deliveries held) and for how long."""
+
+    window: PositiveDuration = _d(60.0, "The window failures and requests are counted in.")
+    min_failures: Annotated[int, Field(ge=1)] = _d(
+        20, "Failures in the window before failure_rate can suspend.")
+    failure_rate: Annotated[float, Field(gt=0, le=1)] = _d(
+        0.9, "Share of failed requests in the window that suspends the host.")
+    consecutive_failures: Annotated[int, Field(ge=1)] = _d(
+        10, "Failures in a row that suspend the host.")
+    suspend_for: PositiveDuration = _d(
+        60.0, "First suspension; times the number of suspensions in a row.")
+    suspend_max: PositiveDuration = _d(1800.0, "Longest suspension.")
 
 
 class SandboxConfig(_Model):
-    id: Annotated[str, Field(min_length=1)]
-    name: Annotated[str, Field(min_length=1)]
+    """The AJO sandbox of an ajo destination."""
+
+    id: Annotated[str, Field(min_length=1, description="Sandbox id.")]
+    name: Annotated[str, Field(min_length=1, description="Sandbox name.")]
 
 
 class AjoConfig(_Model):
-    ims_org: Annotated[str, Field(min_length=1)]
-    sandbox: SandboxConfig
+    """Fields of an ajo destination (required for format ajo)."""
+
+    ims_org: Annotated[str, Field(min_length=1, description="IMS organization id (imsOrg).")]
+    sandbox: SandboxConfig = Field(description="{id, name} of the sandbox.")
 
 
 class NoAuth(_Model):
-    type: Literal["none"]
+    """No signature (the default)."""
+
+    type: Literal["none"] = Field(description="Selects this kind of auth.")
 
 
 class BearerAuth(_Model):
-    type: Literal["bearer"]
-    token: SecretStr
+    """Authorization: Bearer <token>."""
+
+    type: Literal["bearer"] = Field(description="Selects this kind of auth.")
+    token: SecretStr = Field(description="The token (or token_file).")
 
 
 class BasicAuth(_Model):
-    type: Literal["basic"]
-    username: str
-    password: SecretStr
+    """HTTP basic authentication."""
+
+    type: Literal["basic"] = Field(description="Selects this kind of auth.")
+    username: str = Field(description="User name.")
+    password: SecretStr = Field(description="Password (or password_file).")
+
+
+def _at_least_a_second(ttl: float) -> float:
+    if ttl < 1:  # iat and exp are whole seconds: a shorter ttl gives exp == iat
+        raise ValueError(f"must be at least 1s: a JWT's iat and exp are whole seconds "
+                         f"(got {ttl * 1000:g}ms)")
+    return ttl
 
 
 class JwtAuth(_Model):
-    type: Literal["jwt"]
+    """A JWT signed per request (reused until 60 s before it expires)."""
+
+    type: Literal["jwt"] = Field(description="Selects this kind of auth.")
     algorithm: Literal[
         "HS256", "HS384", "HS512", "RS256", "RS384", "RS512",
         "ES256", "ES384", "ES512", "PS256", "PS384", "PS512", "EdDSA",
-    ] = "HS256"
-    key: SecretStr                                 # HMAC secret or PEM private key
-    issuer: str | None = None
-    subject: str | None = None
-    audience: str | None = None
-    ttl: PositiveDuration = 300.0
-    claims: dict[str, Any] = Field(default_factory=dict)
-    header: str = "Authorization"
-    scheme: str = "Bearer"                         # "" sends the bare token
-    key_id: str | None = None                      # JWT header "kid"
+    ] = _d("HS256", "Signing algorithm.")
+    key: SecretStr = Field(description="HMAC secret or PEM private key (or key_file).")
+    issuer: str | None = _d(None, "Claim iss.")
+    subject: str | None = _d(None, "Claim sub.")
+    audience: str | None = _d(None, "Claim aud.")
+    ttl: Annotated[PositiveDuration, AfterValidator(_at_least_a_second)] = _d(
+        300.0, "exp = iat + ttl; at least 1s.")
+    reuse: bool = _d(True, "Reuse a token until shortly before it expires; false: a fresh "
+                           "token (new jti, iat) per request, for receivers that reject replays.")
+    claims: dict[str, Any] = _d(dict, "Extra claims.")
+    header: str = _d("Authorization", "Header the token is sent in.")
+    scheme: str = _d("Bearer", "Prefix of the header value; \"\" sends the bare token.")
+    key_id: str | None = _d(None, "JWT header kid.")
 
 
 class HmacAuth(_Model):
-    type: Literal["hmac"]
-    secret: SecretStr | None = None                # whsec_<base64>
-    secrets: tuple[SecretStr, ...] = ()            # several during rotation: all sign
+    """Standard Webhooks signature headers (webhook-id, webhook-timestamp, webhook-signature)."""
+
+    type: Literal["hmac"] = Field(description="Selects this kind of auth.")
+    secret: SecretStr | None = _d(None, "whsec_<base64> (or secret_file).")
+    secrets: tuple[SecretStr, ...] = _d((), "Several during rotation: each signs.")
 
 
 class OAuth2Auth(_Model):
@@ -206,14 +281,18 @@ Auth = Annotated[NoAuth | BearerAuth | BasicAuth | JwtAuth | HmacAuth | OAuth2Au
 
 
 class JsonBody(_Model):
-    type: Literal["json"]
-    fields: dict[str, str] = Field(default_factory=dict)   # values are Liquid templates
+    """A JSON object body whose values are templates."""
+
+    type: Literal["json"] = Field(description="Selects this kind of body.")
+    fields: dict[str, str] = _d(dict, "Key -> Liquid template of its (string) value.")
 
 
 class RawBody(_Model):
-    type: Literal["raw"]
-    template: str = ""                             # Liquid template of the whole body
-    content_type: str = "text/plain; charset=utf-8"
+    """A body rendered from one template."""
+
+    type: Literal["raw"] = Field(description="Selects this kind of body.")
+    template: str = _d("", "Liquid template of the whole body.")
+    content_type: str = _d("text/plain; charset=utf-8", "Content-Type sent.")
 
 
 Body = Annotated[JsonBody | RawBody, Field(discriminator="type")]
@@ -223,51 +302,70 @@ Method = Literal["GET", "POST", "PUT", "PATCH", "DELETE"]
 class TemplateVariant(_Model):
     """A per-language override; anything not given comes from the destination's template."""
 
-    url: str | None = None
-    method: Method | None = None
-    headers: dict[str, str] | None = None
-    body: Body | None = None
+    url: str | None = _d(None, "Overrides the destination's url.")
+    method: Method | None = _d(None, "Overrides template.method.")
+    headers: dict[str, str] | None = _d(None, "Replaces the destination's headers.")
+    body: Body | None = _d(None, "Overrides template.body.")
 
 
 class TemplateConfig(_Model):
-    method: Method = "POST"
-    body: Body | None = None                       # none: no body (typical for GET/DELETE)
-    variants: dict[str, TemplateVariant] = Field(default_factory=dict)
+    """The request of a template destination (Braze-compatible Liquid)."""
+
+    method: Method = _d("POST", "HTTP method.")
+    body: Body | None = _d(None, "{type: json, fields} or {type: raw, template, content_type}; "
+                                 "none: no body (typical for GET/DELETE).")
+    variants: dict[str, TemplateVariant] = _d(
+        dict, "Per event.language (exact tag, then primary subtag) overrides.")
 
 
 class Destination(_Model):
-    name: Name
-    format: Format
-    url: Annotated[str, Field(min_length=1)]
-    channels: tuple[Channel, ...] = CHANNELS
-    statuses: tuple[Status, ...] | None = None     # none: every status the format can express
-    ajo: AjoConfig | None = None
-    allow_insecure_http: bool = False
-    auth: Auth = NoAuth(type="none")
-    headers: dict[str, str] = Field(default_factory=dict)
-    allowed_hosts: tuple[str, ...] | None = None   # template: "host" or "host:port" a rendered
-                                                   # URL may reach (default: the url's host)
-    allowed_ports: tuple[Port, ...] | None = None  # ports of this destination (default: the url's
-                                                   # own port); within delivery.allowed_ports
-    template: TemplateConfig | None = None
-    # Per-destination overrides of delivery.*; none = use the delivery section's value.
-    timeout: PositiveDuration | None = None
-    max_retries: Annotated[int, Field(ge=0, le=100)] | None = None
-    retry_window: Duration | None = None
-    unreachable_window: Duration | None = None
-    backoff_initial: Duration | None = None
-    backoff_max: Duration | None = None
-    rate_limit: RateLimit | None = None            # none: delivery.rate_limit (none: unlimited)
-    tls: TlsConfig | None = None                   # client certificate, CA bundle, server name
-    proxy: OptionalSecret = None                   # none: delivery.proxy; "direct": no proxy
+    """One receiver and the shape of what it gets."""
+
+    name: Name = Field(description="Unique name (letters, digits, . _ -); used in metrics and "
+                                   "the API.")
+    format: Format = Field(description="ajo, braze or template.")
+    url: Annotated[str, Field(min_length=1)] = Field(
+        description="Where to send; a template destination's url may use Liquid.")
+    channels: tuple[Channel, ...] = _d(CHANNELS, "Channels of the events this destination takes.")
+    statuses: tuple[Status, ...] | None = _d(
+        None, "Statuses that create a delivery; none: every status the format can express.")
+    ajo: AjoConfig | None = _d(None, "Required for format ajo.")
+    allow_insecure_http: bool = _d(False, "Let an ajo destination use http:// (local tests).")
+    auth: Auth = _d(NoAuth(type="none"), "Request signing: type none, bearer, basic, jwt or hmac.")
+    headers: dict[str, str] = _d(dict, "Extra headers (values may be Liquid in template "
+                                       "destinations).")
+    allowed_hosts: tuple[str, ...] | None = _d(
+        None, "template: \"host\" or \"host:port\" a rendered URL may reach (default: the url's "
+              "host); required when the url's host is a template.")
+    allowed_ports: tuple[Port, ...] | None = _d(
+        None, "Ports of this destination (default: the url's own port); within "
+              "delivery.allowed_ports.")
+    template: TemplateConfig | None = _d(None, "Required for format template.")
+    timeout: PositiveDuration | None = _d(None, "Overrides delivery.timeout.")
+    max_retries: Annotated[int, Field(ge=0, le=100)] | None = _d(
+        None, "Overrides delivery.max_retries.")
+    retry_window: Duration | None = _d(None, "Overrides delivery.retry_window.")
+    unreachable_window: Duration | None = _d(None, "Overrides delivery.unreachable_window.")
+    backoff_initial: Duration | None = _d(None, "Overrides delivery.backoff_initial.")
+    backoff_max: Duration | None = _d(None, "Overrides delivery.backoff_max.")
+    rate_limit: RateLimit | None = _d(
+        None, "Token bucket {per_second, burst}; none: delivery.rate_limit (none: unlimited).")
+    tls: TlsConfig | None = _d(
+        None, "TLS of this destination: cert_file and key_file (mTLS), ca_file, server_name.")
+    proxy: OptionalSecret = _d(
+        None, "Egress proxy http://[user:password@]host:port; none: delivery.proxy; \"direct\": "
+              "no proxy.")
 
 
 class Config(_Model):
-    server: ServerConfig = ServerConfig()
-    spool: SpoolConfig = SpoolConfig()
-    delivery: DeliveryConfig = DeliveryConfig()
-    health: HealthConfig = HealthConfig()
-    destinations: tuple[Destination, ...] = ()
+    """The whole file."""
+
+    server: ServerConfig = _d(ServerConfig(), "The local HTTP API.")
+    spool: SpoolConfig = _d(SpoolConfig(), "The durable store.")
+    delivery: DeliveryConfig = _d(DeliveryConfig(), "Sending and retries.")
+    health: HealthConfig = _d(HealthConfig(), "Host suspension.")
+    destinations: tuple[Destination, ...] = _d((), "The receivers; each event goes to every "
+                                                   "destination whose channels and statuses match.")
     source: str = Field(default="config", exclude=True)  # file the config came from
 
     def destination(self, name: str) -> Destination | None:

@@ -48,7 +48,7 @@ from relay.ids import delivery_id_prefix, random_part
 from relay.spool import postgres_sql as sql
 from relay.spool.postgres_schema import migrate, quote_ident
 from relay.spool.receipt import pack, receipt_entry, unpack
-from relay.spool.records import Attempt, DeliveryRecord, Due, Ingested, Receipt
+from relay.spool.records import DUE_BUDGET, Attempt, DeliveryRecord, Due, Ingested, Receipt
 
 if TYPE_CHECKING:
     from relay.events import Accepted
@@ -431,7 +431,7 @@ class PostgresSpool:
     # -- the work queue --------------------------------------------------------------------
 
     async def due(self, now: float, limit: int, destinations: Sequence[str],
-                  exclude: Collection[int] = (), budget: int = 8 << 20) -> list[Due]:
+                  exclude: Collection[int] = (), budget: int = DUE_BUDGET) -> list[Due]:
         """Claim pending deliveries due by ``now`` for these destinations, oldest first: rows
         no other replica holds an unexpired lease on, leased to this one for ``lease`` s.
         Claims past ``budget`` characters of event JSON (one at least) are released again."""
@@ -442,8 +442,8 @@ class PostgresSpool:
         rows.sort(key=lambda row: (row[9], row[0]))
         kept: list[Any] = []
         total = 0
-        for row in rows:
-            if kept and total + len(row[8]) > budget:
+        for row in rows:  # as in SQLite: a row is kept while those before it fit the budget
+            if total >= budget:
                 break
             kept.append(row)
             total += len(row[8])

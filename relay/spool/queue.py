@@ -6,7 +6,7 @@ import json
 from collections.abc import Collection, Sequence
 from typing import Any
 
-from relay.spool.records import Attempt, Due
+from relay.spool.records import DUE_BUDGET, Attempt, Due
 from relay.spool.store import Store
 from relay.spool.wire import AddHeldJob, RecordJob, ReplayJob
 
@@ -26,7 +26,7 @@ _DUE = (
     "first_attempt_at, held, event_seq, body)) FROM ("
     "SELECT due.*, e.body FROM due JOIN events e ON e.seq = due.event_seq "
     "WHERE due.upto - due.size < :budget ORDER BY due.not_before, due.seq)")
-DUE_BUDGET = 8 << 20  # characters of event JSON in one due batch
+
 _NEXT_DUE = f"SELECT MIN(d.not_before) FROM deliveries d WHERE {_PENDING}"
 
 

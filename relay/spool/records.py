@@ -7,6 +7,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+DUE_BUDGET = 4 << 20  # characters of event JSON one due batch may hold (one event at least)
+
 
 class Receipt(NamedTuple):
     """What the spool did with one request's events, as the ingest answer needs it."""

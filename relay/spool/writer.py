@@ -93,11 +93,11 @@ def lock(path: str, wait: float) -> int:
             if time.monotonic() > deadline:
                 holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
                 os.close(fd)
-                raise JobError("error", f"the spool {path} is in use by another relay (writer pid "
+                raise JobError("error", f"the spool {path} is in use by another relay (pid "
                                         f"{holder}); give each relay its own spool.path") from None
             time.sleep(0.05)
     os.ftruncate(fd, 0)
-    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    os.pwrite(fd, str(os.getppid()).encode(), 0)  # the relay's pid: what an operator stops
     return fd
 
 

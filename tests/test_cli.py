@@ -1,0 +1,155 @@
+"""The command line and config errors as a newcomer meets them: one round of errors, misplaced
+keys named, -c everywhere, replay reading only what it needs, a sink that fails on demand."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from relay.config import load_config
+from relay.destinations import load
+from relay.errors import ConfigError
+from relay.sink import Rules, SinkError, answer, parse_rules
+from tests.helpers import ROOT, RelayProcess, event, http, write_config
+
+
+def relay(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "relay", *args], capture_output=True, text=True,
+                          timeout=60, env=env)
+
+
+def test_every_problem_in_one_round(tmp_path: Path) -> None:
+    """Structure errors, URL/port checks of the valid destinations and template compile errors
+    all come in one ConfigError."""
+    path = write_config(tmp_path, server={"timeout": "30s"}, destinations=[
+        {"name": "good", "format": "braze", "url": "http://127.0.0.1:9000/x"},
+        {"name": "bad", "format": "braze", "urll": "https://x"},
+        {"name": "tpl", "format": "template", "url": "https://example.com/{{ event.id",
+         "template": {"method": "POST"}}])
+    with pytest.raises(ConfigError) as caught:
+        load(path, env={})
+    found = dict(caught.value.problems)
+    assert found["server.timeout"] == \
+        "unknown key; timeout belongs under delivery or a destination"
+    assert "destinations[1].url" in found and "did you mean 'url'" in found["destinations[1].urll"]
+    assert "port 9000 is not in delivery.allowed_ports" in found["destinations[0].url"]
+    assert "Liquid syntax error" in found["destinations[2].url"]
+
+
+def test_broken_delivery_section_does_not_invent_port_errors(tmp_path: Path) -> None:
+    """A destination is not checked against defaults standing in for a broken section."""
+    path = write_config(tmp_path, delivery={"allowed_ports": [9000], "concurrency": "many"},
+                        destinations=[{"name": "a", "format": "braze",
+                                       "url": "http://127.0.0.1:9000/x"}])
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, env={})
+    assert [p for p, _ in caught.value.problems] == ["delivery.concurrency"]
+
+
+def test_typo_still_suggests_the_close_key(tmp_path: Path) -> None:
+    """A key that exists nowhere gets the closest known key."""
+    with pytest.raises(ConfigError, match=r"server.lisen: unknown key \(did you mean 'listen'\?\)"):
+        load_config(write_config(tmp_path, server={"lisen": "x"}), env={})
+
+
+def test_relative_spool_path_is_relative_to_the_config_file(tmp_path: Path) -> None:
+    """spool.path ./x.db in /some/dir/relay.yaml is /some/dir/x.db, whatever the cwd."""
+    folder = tmp_path / "conf"
+    folder.mkdir()
+    path = write_config(folder, spool={"path": "./data/x.db"})
+    assert load_config(path, env={}).spool.path == str(folder / "data" / "x.db")
+    absolute = write_config(folder, spool={"path": str(tmp_path / "abs.db")})
+    assert load_config(absolute, env={}).spool.path == str(tmp_path / "abs.db")
+
+
+def test_check_config_takes_c_and_positional(tmp_path: Path) -> None:
+    """check-config accepts -c FILE like every command, and FILE as before."""
+    example = str(ROOT / "config.example.yaml")
+    for args in (["-c", example], [example], ["--config", example]):
+        done = relay("check-config", *args)
+        assert done.returncode == 0 and done.stdout.startswith("OK"), done.stderr
+    assert relay("check-config").returncode == 2
+
+
+@pytest.mark.parametrize("command", ["serve", "check-config", "config-reference", "render",
+                                     "test", "replay", "healthcheck", "sink"])
+def test_every_subcommand_has_a_description_and_option_help(command: str) -> None:
+    """`relay COMMAND --help` has a description, -c/--config, and help on every option."""
+    from relay.cli import _parser
+
+    sub = next(a for a in _parser()._actions if a.dest == "command").choices[command]  # type: ignore[attr-defined]
+    assert sub.description
+    assert any("--config" in a.option_strings for a in sub._actions)
+    for action in sub._actions:
+        assert action.help, f"{command} {action.option_strings or action.dest} has no help"
+
+
+def test_replay_reads_only_listen_and_token(tmp_path: Path) -> None:
+    """replay needs no destination secret to be set, and an unknown id exits 1 saying so."""
+    config = write_config(tmp_path, server={"token": "tok-12345678"})
+    text = yaml.safe_load(config.read_text())
+    text["destinations"][0]["auth"] = {"type": "bearer", "token": "${NOT_SET_ANYWHERE}"}
+    running = write_config(tmp_path)  # the relay itself runs without that destination
+    proc = RelayProcess(running, tmp_path / "relay.log").start()
+    try:
+        port = proc.url.rsplit(":", 1)[1]
+        text["server"]["listen"] = f"127.0.0.1:{port}"
+        text["server"]["token"] = None
+        replay_config = tmp_path / "replay.yaml"
+        replay_config.write_text(yaml.safe_dump(text))
+        status, _, _ = http("POST", proc.url + "/v1/events", event(1))
+        assert status == 202
+        done = relay("replay", "-c", str(replay_config), "--id", "dlv_unknown")
+        assert done.returncode == 1, done.stderr
+        assert "replayed 0 deliveries" in done.stdout
+        assert "delivery 'dlv_unknown' is not known" in done.stderr
+        assert "NOT_SET_ANYWHERE" not in done.stderr
+        done = relay("replay", "-c", str(replay_config), "--all")
+        assert done.returncode == 0 and "replayed 0 deliveries" in done.stdout
+    finally:
+        proc.stop()
+
+
+def test_serve_on_a_taken_port_is_one_line(tmp_path: Path) -> None:
+    """A relay whose port is taken exits 1 with one line naming the port and what to do."""
+    first = RelayProcess(write_config(tmp_path), tmp_path / "a.log").start()
+    try:
+        port = first.url.rsplit(":", 1)[1]
+        other = tmp_path / "other"
+        other.mkdir()
+        done = relay("serve", "-c", str(write_config(other, server={"listen": f"127.0.0.1:{port}"})))
+        assert done.returncode == 1
+        line = done.stderr.strip().splitlines()[-1]
+        assert f"port {port} is already in use" in line and "server.listen" in line
+        assert "Traceback" not in done.stderr
+    finally:
+        first.stop()
+
+
+@pytest.mark.parametrize(("rules", "path", "draw", "expected"), [
+    (Rules(), "/x", 0.0, (200, 0.0)),
+    (Rules(status={"": 503}), "/x", 0.9, (503, 0.0)),
+    (Rules(status={"": 200, "/braze": 503}), "/braze/1", 0.9, (503, 0.0)),
+    (Rules(status={"/braze": 503}), "/ajo", 0.9, (200, 0.0)),
+    (Rules(fail_rate={"": 0.5}), "/x", 0.49, (503, 0.0)),
+    (Rules(fail_rate={"": 0.5}), "/x", 0.5, (200, 0.0)),
+    (Rules(delay={"/crm": 2.0}), "/crm/a", 0.0, (200, 2.0)),
+])
+def test_sink_answers(rules: Rules, path: str, draw: float, expected: tuple[int, float]) -> None:
+    """The sink's answer: per-path status (longest prefix wins), fail rate, delay."""
+    assert answer(rules, path, draw) == expected
+
+
+def test_sink_options_parse_and_refuse_nonsense() -> None:
+    """--status, --fail-rate, --delay take VALUE or /PATH=VALUE; wrong values name the option."""
+    rules = parse_rules(["503", "/braze=400"], ["0.5"], ["/crm=2s"])
+    assert rules == Rules({"": 503, "/braze": 400}, {"": 0.5}, {"/crm": 2.0})
+    for bad in (["abc"], ["braze=503"], ["/x=700"]):
+        with pytest.raises(SinkError, match="--status"):
+            parse_rules(bad, [], [])
+    with pytest.raises(SinkError, match="--fail-rate"):
+        parse_rules([], ["2"], [])
