@@ -16,8 +16,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote
 
+import yaml
+
 from relay import __version__
 from relay.config import Config, parse_duration
+from relay.config.schema import ServerConfig, split_listen
 from relay.destinations import Loaded, load
 from relay.errors import ConfigError, SpoolError
 
@@ -106,8 +109,9 @@ def _parser() -> argparse.ArgumentParser:
 
     health = command("healthcheck", "exit 0 if the relay answers /healthz",
                      "Exit 0 if the relay answers GET /healthz with 200, else 1: a container "
-                     "HEALTHCHECK that needs no curl.")
-    config_option(health, required=False, text="read server.listen from FILE")
+                     "HEALTHCHECK that needs no curl. Reads only server.listen from the config "
+                     "(nothing else is read or checked).")
+    config_option(health, required=False, text="read server.listen from FILE (only that)")
     health.add_argument("--url", help="base URL (default: from the config, else "
                                       "http://127.0.0.1:8080)")
     health.add_argument("--timeout", type=float, default=3.0, metavar="SECONDS",
@@ -288,7 +292,14 @@ def cmd_healthcheck(args: argparse.Namespace) -> int:
 
     url = args.url
     if url is None and args.config:
-        host, port = _load_or_exit(args.config).config.server.host_port
+        # Only the address: a config edit the running relay rightly refused must not make
+        # its liveness check fail (and the container restart into that bad config).
+        try:
+            host, port = _listen_of(args.config)
+        except (OSError, ValueError, yaml.YAMLError) as exc:
+            print(f"relay healthcheck: cannot read server.listen from {args.config}: {exc}",
+                  file=sys.stderr)
+            return 1
         host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
         url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
     url = (url or "http://127.0.0.1:8080").rstrip("/") + "/healthz"
@@ -299,6 +310,14 @@ def cmd_healthcheck(args: argparse.Namespace) -> int:
         print(f"relay healthcheck: {url}: {exc}", file=sys.stderr)
         return 1
     return 0 if ok else 1
+
+
+def _listen_of(path: str) -> tuple[str, int]:
+    """``server.listen`` of a config file (default 127.0.0.1:8080), the rest unread."""
+    data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    server = data.get("server") if isinstance(data, dict) else None
+    listen = server.get("listen") if isinstance(server, dict) else None
+    return split_listen(str(listen or ServerConfig().listen))
 
 
 def cmd_sink(args: argparse.Namespace) -> int:
@@ -326,6 +345,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     metrics = Metrics()
     loaded = _load_or_exit(args.config, metrics)
+    if not loaded.config.destinations:
+        # check-config accepts an empty list (a file being written); a relay that would store
+        # events forever and deliver none must not start.
+        print(f"relay serve: {args.config} has no destinations, so nothing would be delivered. "
+              f"Mount your config (docker run -v $PWD/relay.yaml:/etc/relay/config.yaml:ro ..., "
+              f"or the Helm chart's config.destinations) or pass -c FILE; see "
+              f"config.example.yaml", file=sys.stderr)
+        return 1
     _setup_logging(loaded.config)
     try:
         _run(service.run(loaded, metrics=metrics, config_path=args.config))

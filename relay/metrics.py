@@ -60,6 +60,16 @@ class Metrics:
         self.oldest_due_age = Gauge(
             "relay_spool_oldest_due_age_seconds", "How long the oldest due delivery has been "
             "waiting (0 when none is due)", registry=r)
+        self.open_events = Gauge(
+            "relay_spool_open_events", "Events with a delivery still pending (spool.max_events "
+            "bounds it)", registry=r)
+        self.max_events = Gauge(
+            "relay_spool_max_events", "spool.max_events: ingest answers 503 past it", registry=r)
+        self.spool_bytes = Gauge(
+            "relay_spool_bytes", "Size of the SQLite spool file (0 on PostgreSQL)", registry=r)
+        self.max_bytes = Gauge(
+            "relay_spool_max_bytes", "spool.max_bytes: ingest answers 503 past it (0: no bound)",
+            registry=r)
         self.host_state = Gauge(
             "relay_host_state", "1 for the state each destination host is in",
             ["host", "state"], registry=r)

@@ -423,6 +423,11 @@ async def _render_metrics(app: web.Application) -> bytes:
         metrics.spool_deliveries.labels(state).set(counts.get(state, 0))
     oldest = await recent.get("oldest", lambda: spool.oldest_due(time.time()))
     metrics.oldest_due_age.set(max(0.0, time.time() - oldest) if oldest is not None else 0.0)
+    stats, bounds = await recent.get("stats", spool.stats), app[CONFIG].spool
+    metrics.open_events.set(stats.get("open_events", 0))
+    metrics.spool_bytes.set(stats.get("bytes", 0))
+    metrics.max_events.set(bounds.max_events)
+    metrics.max_bytes.set(bounds.max_bytes)
     dispatcher = app[DISPATCHER]
     if dispatcher is not None:
         metrics.in_flight.set(dispatcher.in_flight)

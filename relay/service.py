@@ -115,8 +115,26 @@ async def run(loaded: Loaded, *, metrics: Metrics | None = None,
         await runner.cleanup()
         await dispatcher.stop(config.server.drain_timeout)
         await supervisor.stop()
+        await _log_pending(spool, config)
         await spool.close()
         log.info("stopped")
+
+
+async def _log_pending(spool: SpoolBackend, config: Config) -> None:
+    """Say what is left undelivered at exit: it waits in the spool for the next relay that
+    opens it, and is lost if the spool goes with the pod (an emptyDir)."""
+    try:
+        pending = await spool.pending_by_destination()
+    except SpoolError as exc:
+        log.warning("cannot count the deliveries still pending: %s", exc)
+        return
+    total = sum(pending.values())
+    if total:
+        where = (config.spool.path if config.spool.backend == "sqlite"
+                 else "the PostgreSQL spool")
+        log.warning("stopping with %d deliveries pending (%s); they stay in %s for the next "
+                    "relay that opens it", total,
+                    ", ".join(f"{name}: {n}" for name, n in sorted(pending.items())), where)
 
 
 SPOOL_FILE_SUFFIXES = ("", "-wal", "-shm", ".lock")

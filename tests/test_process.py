@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import sqlite3
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -88,6 +91,9 @@ def test_sigterm_exits_zero_and_keeps_data(relay: RelayProcess) -> None:
     writer = relay.writer_pid()
     assert relay.kill(signal.SIGTERM) == 0
     assert "stopped" in relay.log()
+    # nothing listens on the destinations' port: what is left is said, per destination
+    assert re.search(r"stopping with \d+ deliveries pending \(ajo: \d+, braze: \d+, crm: \d+\)",
+                     relay.log()), relay.log()
     assert process_gone(writer)   # stopped (and reaped) by the relay before it exited
     relay.start()
     status, _, page = http("GET", relay.url + "/v1/deliveries?limit=1000")
@@ -115,3 +121,32 @@ def test_port_in_use_is_a_clear_error(relay: RelayProcess, tmp_path: Path) -> No
     with pytest.raises(RuntimeError, match="cannot listen on") as info:
         proc.start()
     assert "Traceback" not in str(info.value)
+
+
+def test_serve_refuses_a_config_with_no_destinations(tmp_path: Path) -> None:
+    """`relay serve` with no destinations exits 1 saying how to mount a config; check-config
+    of the same file passes."""
+    path = write_config(tmp_path, destinations=[])
+    proc = RelayProcess(path, tmp_path / "empty.log")
+    with pytest.raises(RuntimeError, match=r"has no destinations.*/etc/relay/config\.yaml"):
+        proc.start()
+    check = subprocess.run([sys.executable, "-m", "relay", "check-config", str(path)],
+                           capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+
+
+def test_healthcheck_asks_the_running_relay_and_reads_only_listen(relay: RelayProcess) -> None:
+    """`relay healthcheck -c` exits 0 while the relay runs even after its config file was
+    broken (only server.listen is read), and 1 once the relay is gone."""
+    relay.start()
+    port = relay.url.rsplit(":", 1)[1]
+    relay.config_path.write_text(f"server: {{listen: '127.0.0.1:{port}'}}\n"
+                                 "delivery: {timeout: soon}\ndestinations: [{name: x}]\n")
+
+    def healthcheck() -> int:
+        return subprocess.run([sys.executable, "-m", "relay", "healthcheck", "-c",
+                               str(relay.config_path)], capture_output=True).returncode
+
+    assert healthcheck() == 0
+    relay.kill(signal.SIGTERM)
+    assert healthcheck() == 1

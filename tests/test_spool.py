@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.errors import SpoolError
+from relay.errors import SpoolError, SpoolFull
 from relay.events import Event, accept
 from relay.routing import Route
 from relay.spool import Spool
@@ -32,6 +32,29 @@ async def spool(tmp_path: Path, clock: Clock):
     await s.open()
     yield s
     await s.close()
+
+
+async def test_spool_at_max_bytes_refuses_new_events(tmp_path: Path) -> None:
+    """Once the file reaches spool.max_bytes new events are refused (SpoolFull, naming the key,
+    with a Retry-After) and none of the batch is stored; below the bound ingest works."""
+    roomy = Spool(tmp_path / "roomy.db", max_bytes=64 * 1024 * 1024)
+    await roomy.open()
+    try:
+        (ok,) = await roomy.ingest([item(1)])
+        assert not ok.duplicate
+        assert 0 < (await roomy.stats())["bytes"] < 64 * 1024 * 1024
+    finally:
+        await roomy.close()
+    spool = Spool(tmp_path / "s.db", max_bytes=1)  # the empty schema is already larger
+    await spool.open()
+    try:
+        with pytest.raises(SpoolFull) as info:
+            await spool.ingest([item(1), item(2)])
+        assert "spool.max_bytes=1" in str(info.value) and info.value.retry_after > 0
+        assert await spool.list_deliveries() == []
+        assert (await spool.stats())["open_events"] == 0
+    finally:
+        await spool.close()
 
 
 async def test_newer_schema_is_refused(tmp_path: Path) -> None:

@@ -261,6 +261,9 @@ def check_config(config: Config, *, positions: tuple[int, ...] | None = None,
     problems: list[tuple[str, str]] = []  # a section's own rules hold for its defaults
     if config.spool.backend == "postgres" and config.spool.postgres.dsn is None:
         problems.append(("spool.postgres.dsn", "required for spool.backend postgres (or dsn_file)"))
+    if config.spool.backend == "postgres" and config.spool.max_bytes:
+        problems.append(("spool.max_bytes", "bounds the SQLite file only; for spool.backend "
+                                            "postgres leave it 0 and size the database instead"))
     if config.delivery.backoff_initial > config.delivery.backoff_max:
         problems.append(("delivery.backoff_initial", "must not exceed delivery.backoff_max"))
     if config.delivery.ca_file is not None:

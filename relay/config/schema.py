@@ -120,6 +120,9 @@ class SpoolConfig(_Model):
     postgres: PostgresConfig = _d(PostgresConfig(), "Settings of the postgres backend.")
     max_events: Annotated[int, Field(ge=1)] = _d(
         1_000_000, "Events awaiting delivery before ingest answers 503.")
+    max_bytes: Annotated[int, Field(ge=0)] = _d(
+        0, "SQLite file size (bytes) at which ingest answers 503; 0: no bound. Keep it below "
+           "the volume's size (the Helm chart does). Not for the postgres backend.")
     retention: Duration = _d(
         7 * 86400.0, "Finished events, their activity log and the dead letter are kept this long.")
     dedupe_window: Duration = _d(

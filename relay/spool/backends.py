@@ -33,4 +33,5 @@ def open_spool(config: SpoolConfig, *, delivery_timeout: float = 90.0) -> Spool 
                              lease=pg.lease or delivery_timeout + LEASE_MARGIN,
                              max_events=config.max_events, dedupe_window=config.dedupe_window)
     from relay.spool import Spool
-    return Spool(config.path, max_events=config.max_events, dedupe_window=config.dedupe_window)
+    return Spool(config.path, max_events=config.max_events, max_bytes=config.max_bytes,
+                 dedupe_window=config.dedupe_window)

@@ -44,9 +44,10 @@ J = TypeVar("J", IngestJob, RecordJob)
 class Writer:
     """The write connection, the counts only the writer changes, and one method per job kind."""
 
-    def __init__(self, conn: sqlite3.Connection, max_events: int) -> None:
+    def __init__(self, conn: sqlite3.Connection, max_events: int, max_bytes: int = 0) -> None:
         self.conn = conn
         self.max_events = max_events
+        self.max_bytes = max_bytes  # 0: no bound on the file's size
         self.open_events = conn.execute("SELECT COUNT(*) FROM events WHERE pending > 0").fetchone()[0]
         self.next_seq = conn.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM events").fetchone()[0]
         self.groups = 0  # transactions run (group commit: fewer than jobs under load)
@@ -150,6 +151,9 @@ class Writer:
         delivery_rows: list[tuple[Any, ...]] = []
         answers: list[Answer] = []
         open_events = self.open_events
+        # The file's size now (pages in use and free): past spool.max_bytes no new event is
+        # taken, so the relay pushes back (503) before the volume fills and the pod is evicted.
+        full = bool(self.max_bytes) and self.size() >= self.max_bytes
         for job_id, (now, _since, events) in jobs:
             entries: list[str] = []        # the receipt: one JSON object per event
             skipped: list[str] = []
@@ -181,6 +185,10 @@ class Writer:
                 if pending < len(created):
                     skipped += [dest for dest, _, state in created if state == "skipped"]
                 entries.append(receipt_entry(event_id, created, False))
+            if job_events and full:
+                answers.append((job_id, ("full", f"the spool file has reached spool.max_bytes="
+                                                 f"{self.max_bytes} bytes", 30), None))
+                continue
             if new_open and open_events + new_open > self.max_events:
                 answers.append((job_id, ("full", f"the spool holds spool.max_events="
                                                  f"{self.max_events} events awaiting delivery", 30),
@@ -299,8 +307,14 @@ class Writer:
         self.conn.execute(f"PRAGMA max_page_count={limit}")
         return count
 
+    def size(self) -> int:
+        """The database file's size in bytes (page_count * page_size: no stat call)."""
+        pages: int = self.conn.execute("PRAGMA page_count").fetchone()[0]
+        page_size: int = self.conn.execute("PRAGMA page_size").fetchone()[0]
+        return pages * page_size
+
     def stats(self) -> dict[str, int]:
-        return {"open_events": self.open_events, "groups": self.groups}
+        return {"open_events": self.open_events, "groups": self.groups, "bytes": self.size()}
 
 
 def as_job_error(exc: BaseException, what: str) -> JobError:

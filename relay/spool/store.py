@@ -49,11 +49,13 @@ class Store:
         path: str | Path,
         *,
         max_events: int = 1_000_000,
+        max_bytes: int = 0,
         dedupe_window: float = 86400.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.path = str(path)
         self.max_events = max_events
+        self.max_bytes = max_bytes      # spool.max_bytes: the writer refuses new events past it
         self.dedupe_window = dedupe_window
         self.clock = clock
         self.is_open = False
@@ -120,7 +122,7 @@ class Store:
             # saving), and it behaves the same on uvloop and on loops in other threads (tests).
             self._proc = subprocess.Popen(  # noqa: ASYNC220
                 [sys.executable, "-P", writer.__file__, str(theirs.fileno()), self.path,
-                 str(self.max_events), str(LOCK_WAIT)],
+                 str(self.max_events), str(LOCK_WAIT), str(self.max_bytes)],
                 pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
         except OSError as exc:
             ours.close()
@@ -231,7 +233,8 @@ class Store:
 
     async def stats(self) -> dict[str, int]:
         """The writer's counts: ``open_events`` (events with a delivery still pending, checked
-        against spool.max_events) and ``groups`` (transactions run since it started)."""
+        against spool.max_events), ``groups`` (transactions run since it started) and ``bytes``
+        (the file's size, checked against spool.max_bytes)."""
         result: dict[str, int] = await self._call(StatsJob())
         return result
 

@@ -14,7 +14,7 @@ an acknowledged event survives SIGKILL of either process and power loss. The wir
 relay/spool/wire.py. The writer exits when the relay closes the socket (including when the relay
 is killed) after finishing the group in hand; no job's exception ends it.
 
-Started as a script by path (``python -P relay/spool/writer.py fd path max_events lock_wait``):
+Started as a script by path (``python -P relay/spool/writer.py fd path max_events lock_wait max_bytes``):
 it imports only the stdlib and light relay modules (relay.ids, the writer's own modules of
 relay.spool, whose package ``__init__`` imports nothing until asked), so it starts in a fraction
 of the relay's start-up time. It must never import the relay's side (asyncio, aiohttp, ...).
@@ -101,13 +101,14 @@ def lock(path: str, wait: float) -> int:
     return fd
 
 
-def serve(sock: socket.socket, path: str, max_events: int, lock_wait: float) -> int:
+def serve(sock: socket.socket, path: str, max_events: int, lock_wait: float,
+          max_bytes: int = 0) -> int:
     """Open the spool, say ready, then run groups until the relay closes the socket or says stop."""
     try:
         lock(path, lock_wait)
         conn = connect(path)
         migrate(conn)
-        writer = Writer(conn, max_events)
+        writer = Writer(conn, max_events, max_bytes)
     except (sqlite3.Error, OSError, JobError) as exc:
         error = exc if isinstance(exc, JobError) else JobError("error", f"cannot open spool {path}: {exc}")
         sock.sendall(frame((0, error.wire(), None)))
@@ -135,14 +136,16 @@ def serve(sock: socket.socket, path: str, max_events: int, lock_wait: float) -> 
 
 
 def main(argv: Sequence[str]) -> int:
-    """``writer.py fd path max_events lock_wait``: serve the relay on the inherited socket."""
+    """``writer.py fd path max_events lock_wait [max_bytes]``: serve the relay on the inherited
+    socket."""
     # The relay owns shutdown (it drains, then closes the socket); a Ctrl-C or SIGTERM sent to
     # the whole process group must not stop the writer before the relay's last commit.
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, signal.SIG_IGN)
     fd, path, max_events, lock_wait = int(argv[1]), argv[2], int(argv[3]), float(argv[4])
+    max_bytes = int(argv[5]) if len(argv) > 5 else 0
     with socket.socket(fileno=fd) as sock:
-        return serve(sock, path, max_events, lock_wait)
+        return serve(sock, path, max_events, lock_wait, max_bytes)
 
 
 if __name__ == "__main__":
