@@ -8,11 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
+from typing import Any
 from urllib.parse import urlsplit
-
-if TYPE_CHECKING:
-    from relay.connection import Via
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,13 +20,14 @@ class Request:
     url: str
     headers: dict[str, str] = field(default_factory=dict)
     body: bytes = b""
-    via: Via | None = field(default=None, repr=False)  # TLS and proxy options (relay.connection)
+    # TLS and proxy options: a relay.connection.Via (Any: this module imports nothing of the relay)
+    via: Any = field(default=None, repr=False)
 
     def with_headers(self, **extra: str) -> Request:
         return Request(self.method, self.url, merge_headers(self.headers, extra), self.body,
                        self.via)
 
-    def routed(self, via: Via | None) -> Request:
+    def routed(self, via: Any) -> Request:
         return self if via is None else replace(self, via=via)
 
 

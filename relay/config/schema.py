@@ -132,8 +132,10 @@ class SpoolConfig(_Model):
 class RateLimit(_Model):
     """A token bucket: ``per_second`` tokens a second, at most ``burst`` saved up."""
 
-    per_second: Annotated[float, Field(gt=0, le=1_000_000)]
-    burst: Annotated[int, Field(ge=1, le=1_000_000)] | None = None   # default: per_second, at least 1
+    per_second: Annotated[float, Field(gt=0, le=1_000_000)] = Field(
+        description="Attempts a second, on average (several replicas: see docs/controls.md).")
+    burst: Annotated[int, Field(ge=1, le=1_000_000)] | None = _d(
+        None, "Attempts that may start at once after a quiet spell; default: per_second.")
 
 
 class TlsConfig(_Model):
@@ -142,10 +144,13 @@ class TlsConfig(_Model):
     File paths, not secrets: they are loaded into an ``ssl.SSLContext`` when the destination is
     compiled (and again when one of them changes, see relay.reload)."""
 
-    cert_file: str | None = None                   # PEM client certificate (chain)
-    key_file: str | None = None                    # PEM private key of cert_file
-    ca_file: str | None = None                     # CA bundle that verifies the destination
-    server_name: str | None = None                 # SNI and the name the certificate must hold
+    cert_file: str | None = _d(None, "PEM client certificate (chain) presented to the "
+                                     "destination (mTLS); with key_file.")
+    key_file: str | None = _d(None, "PEM private key of cert_file.")
+    ca_file: str | None = _d(None, "CA bundle that verifies this destination (instead of "
+                                   "delivery.ca_file and the system store).")
+    server_name: str | None = _d(None, "TLS server name (SNI) and the name the certificate "
+                                       "must hold, when it differs from the url's host.")
 
 
 class DeliveryConfig(_Model):
@@ -269,14 +274,15 @@ class HmacAuth(_Model):
 class OAuth2Auth(_Model):
     """OAuth 2.0 client credentials (RFC 6749 section 4.4)."""
 
-    type: Literal["oauth2"]
-    token_url: Annotated[str, Field(min_length=1)]
-    client_id: Annotated[str, Field(min_length=1)]
-    client_secret: SecretStr                       # or client_secret_file
-    scope: str | None = None                       # space-separated scopes
-    audience: str | None = None                    # sent as "audience" (Auth0, Okta...)
-    header: str = "Authorization"
-    scheme: str = "Bearer"
+    type: Literal["oauth2"] = Field(description="Selects this kind of auth.")
+    token_url: Annotated[str, Field(min_length=1)] = Field(
+        description="Token endpoint (client credentials grant).")
+    client_id: Annotated[str, Field(min_length=1)] = Field(description="The client id.")
+    client_secret: SecretStr = Field(description="The client secret (or client_secret_file).")
+    scope: str | None = _d(None, "Space-separated scopes asked for.")
+    audience: str | None = _d(None, "Sent as the audience form field (Auth0, Okta...).")
+    header: str = _d("Authorization", "Header that carries the access token.")
+    scheme: str = _d("Bearer", "Word before the token; \"\" sends the bare token.")
 
 
 Auth = Annotated[NoAuth | BearerAuth | BasicAuth | JwtAuth | HmacAuth | OAuth2Auth,
@@ -334,7 +340,8 @@ class Destination(_Model):
         None, "Statuses that create a delivery; none: every status the format can express.")
     ajo: AjoConfig | None = _d(None, "Required for format ajo.")
     allow_insecure_http: bool = _d(False, "Let an ajo destination use http:// (local tests).")
-    auth: Auth = _d(NoAuth(type="none"), "Request signing: type none, bearer, basic, jwt or hmac.")
+    auth: Auth = _d(NoAuth(type="none"), "Request signing: type none, bearer, basic, jwt, hmac "
+                                         "or oauth2.")
     headers: dict[str, str] = _d(dict, "Extra headers (values may be Liquid in template "
                                        "destinations).")
     allowed_hosts: tuple[str, ...] | None = _d(
