@@ -83,6 +83,9 @@ def timed(pid: int, run: Callable[[], Coroutine[Any, Any, dict[str, float]]],
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--events", type=int, default=20_000)
+    parser.add_argument("--destination-extra", default="{}", metavar="JSON",
+                        help="keys merged into the destination, e.g. a control to measure: "
+                             "'{\"rate_limit\": {\"per_second\": 1000000}}'")
     backends_arg(parser)
     args = parser.parse_args()
     total = args.events // 100 * 100
@@ -102,7 +105,8 @@ def main() -> None:
                           "delivery": {"allowed_ports": [rport], "per_host_concurrency": 64,
                                        "allowed_networks": ["127.0.0.0/8"]},
                           "destinations": [{"name": "braze", "format": "braze",
-                                            "url": f"http://127.0.0.1:{rport}/braze"}]}
+                                            "url": f"http://127.0.0.1:{rport}/braze",
+                                            **json.loads(args.destination_extra)}]}
                 with relay(config, tmpdir):
                     pass  # start once so the first run does not pay for creating the spool
                 with relay(config, tmpdir) as (proc, port):

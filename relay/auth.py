@@ -25,7 +25,7 @@ import cachetools
 import jwt
 
 from relay import __version__
-from relay.config import BasicAuth, BearerAuth, Destination, HmacAuth, JwtAuth
+from relay.config import BasicAuth, BearerAuth, Destination, HmacAuth, JwtAuth, OAuth2Auth
 from relay.errors import ConfigError
 from relay.request import Request
 
@@ -253,6 +253,8 @@ def destination_secrets(dest: Destination) -> list[str]:
         found.append(auth.password.get_secret_value())
     elif isinstance(auth, JwtAuth):
         found.append(auth.key.get_secret_value())
+    elif isinstance(auth, OAuth2Auth):
+        found.append(auth.client_secret.get_secret_value())
     elif isinstance(auth, HmacAuth):
         found += [s.get_secret_value() for s in ([auth.secret] if auth.secret else [])]
         found += [s.get_secret_value() for s in auth.secrets]

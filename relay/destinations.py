@@ -17,13 +17,17 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from relay import tracing
 from relay.auth import Signing
-from relay.config import Config, Destination
+from relay.config import Config, Destination, OAuth2Auth
 from relay.config.load import check_file
+from relay.connection import Via, build_via
 from relay.errors import ConfigError
+from relay.events import Event
+from relay.oauth2 import TokenProvider
 from relay.payloads import Renderer, build_renderer
 from relay.policy import RetryPolicy
-from relay.request import endpoint
+from relay.request import Request, endpoint
 
 MintCounter = Callable[[str], Callable[[], None]]  # destination name -> "a JWT was minted"
 
@@ -38,10 +42,20 @@ class CompiledDestination:
     policy: RetryPolicy
     timeout: float        # seconds per attempt
     host: str | None      # scheme://host:port; None when event data chooses it (a template)
+    via: Via | None = None              # TLS client certificate, CA bundle, proxy
+    oauth2: TokenProvider | None = None  # auth.type oauth2: tokens fetched when sending
 
     @property
     def name(self) -> str:
         return self.destination.name
+
+    def request(self, event: Event, delivery_id: str) -> Request:
+        """The delivery's request: rendered, signed, with its connection options and the
+        event's trace context (when tracing is on)."""
+        request = self.signing.sign(self.renderer.render(event, delivery_id), delivery_id)
+        if event.traceparent is not None and tracing.enabled():
+            request = request.with_headers(traceparent=event.traceparent)
+        return request.routed(self.via)
 
 
 class Loaded(NamedTuple):
@@ -95,9 +109,13 @@ def compile_destination(dest: Destination, config: Config, *,
                         on_mint: Callable[[], None] | None = None) -> CompiledDestination:
     """One destination; ConfigError paths are relative to it (``auth.key``, ``url``)."""
     problems: list[tuple[str, str]] = []
-    renderer = signing = None
+    renderer = signing = via = None
     try:
         renderer = build_renderer(dest, config)
+    except ConfigError as exc:
+        problems += exc.problems
+    try:
+        via = build_via(dest, config)
     except ConfigError as exc:
         problems += exc.problems
     try:
@@ -115,7 +133,8 @@ def compile_destination(dest: Destination, config: Config, *,
             policy, unreachable_window=min(policy.unreachable_window, policy.retry_window))
     return CompiledDestination(
         destination=dest, renderer=renderer, signing=signing, policy=policy,
-        timeout=dest.timeout or config.delivery.timeout, host=host)
+        timeout=dest.timeout or config.delivery.timeout, host=host, via=via,
+        oauth2=TokenProvider(dest.auth, clock) if isinstance(dest.auth, OAuth2Auth) else None)
 
 
 def host_key(dest: Destination) -> str | None:

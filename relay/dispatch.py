@@ -32,7 +32,9 @@ from relay.events import Event, load_event
 from relay.health import HELD_STATUS, HealthBoard, Host, counts_as_failure
 from relay.metrics import Metrics
 from relay.policy import Outcome, Verdict, classify, decide
+from relay.ratelimit import RateLimits, replica_share
 from relay.request import Request, endpoint
+from relay.sending import send
 from relay.spool import Attempt, Due
 from relay.spool.contract import WorkQueue
 from relay.supervise import Supervisor
@@ -94,6 +96,9 @@ class Dispatcher:
         self.transport: Transport = transport or AiohttpTransport(config, clock)
         # A board of this process's own (SQLite) or shared by replicas (relay/health_shared.py).
         self.health = health(config.health, on_change=self._host_changed)
+        self.limits = RateLimits()
+        self._limited: set[str] = set()  # destinations held back by their rate limit this round
+        self._limited_seqs: cachetools.LRUCache[int, bool] = cachetools.LRUCache(1 << 16)
         self._host_destinations: dict[str, list[str]] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._inflight: dict[int, asyncio.Task[None]] = {}
@@ -131,6 +136,7 @@ class Dispatcher:
         self.destinations = destinations
         self._meters = {name: _Meters.of(self.metrics, name) for name in destinations}
         self.health.config = config.health
+        self.limits.configure(config, replica_share() if config.spool.backend == "postgres" else 1)
         hosts: dict[str, list[str]] = {}
         for name, compiled in destinations.items():
             if compiled.host is not None:
@@ -209,6 +215,11 @@ class Dispatcher:
                                default=None)
                 if probe_at is not None:
                     wait = min(wait or IDLE_RECHECK, max(0.0, probe_at - self.clock()))
+                # Deliveries held back by a rate limit may go when their next token is there.
+                token_at = self.limits.next_at(self.clock(), self._limited)
+                self._limited = set()
+                if token_at is not None:
+                    wait = min(wait or IDLE_RECHECK, max(0.0, token_at - self.clock()))
             except SpoolError as exc:
                 log.error("cannot read due deliveries: %s", exc)
                 wait = 1.0
@@ -222,9 +233,11 @@ class Dispatcher:
         """Destinations whose host takes requests now: not suspended, not at its limit (and
         every destination whose endpoint is chosen per event: that is judged per delivery)."""
         per_host = self.config.delivery.per_host_concurrency
-        return [name for host, names in self._host_destinations.items()
-                if self._host_load[host] < per_host and not self.health.is_blocked(host, now)
-                for name in names] + self._templated
+        open_ = [name for host, names in self._host_destinations.items()
+                 if self._host_load[host] < per_host and not self.health.is_blocked(host, now)
+                 for name in names] + self._templated
+        self._limited.update(name for name in open_ if not self.limits.ready(name, now))
+        return [name for name in open_ if name not in self._limited]
 
     def _start_some(self, limit: int) -> int:
         """Start ready deliveries while slots are free, passing over busy or suspended hosts."""
@@ -237,6 +250,10 @@ class Dispatcher:
             target = self.destinations.get(due.destination)
             if target is None:
                 continue  # its destination was removed by a reload: it stays pending
+            if not self.limits.ready(target.name, now):
+                self._count_limited(due.seq, target.name)
+                waiting.append(due)  # over its rate limit: held like a suspended host's
+                continue
             size = len(due.event_json)
             if self._inflight and self._inflight_bytes + size > INFLIGHT_BYTES:
                 waiting.append(due)  # memory is bounded in bytes too: wait for a slot
@@ -249,6 +266,7 @@ class Dispatcher:
                     not self.health.allow(host, now, fresh=due.attempts == 0):
                 waiting.append(due)  # held: not attempted, no retry used
                 continue
+            self.limits.take(target.name, now)
             self._host_load[host] += 1
             self._inflight_bytes += size
             self._inflight[due.seq] = asyncio.create_task(self._attempt(due, target, host,
@@ -260,6 +278,16 @@ class Dispatcher:
             # those hosts out) can see other hosts' deliveries.
             self._ready.clear()
         return started
+
+    def _count_limited(self, seq: int, destination: str) -> None:
+        """relay_deliveries_total{outcome="limited"}: a delivery held back by a rate limit
+        (counted once, however often it is passed over)."""
+        self._limited.add(destination)
+        if seq in self._limited_seqs:
+            return
+        self._limited_seqs[seq] = True
+        self.limits.hold(destination)
+        self.metrics.deliveries.labels(destination, "limited").inc()
 
     def _host_changed(self, host: Host, before: str, now: float) -> None:
         if host.state == "suspended":
@@ -300,18 +328,24 @@ class Dispatcher:
         creates no host entries)."""
         static = [self.health.peek(key, now) | {"destinations": names,
                                                 "in_flight": self._host_load[key]}
+                  | self._rate_limits(names, now)
                   for key, names in self._host_destinations.items()]
         chosen = [self.health.peek(key, now) | {"destinations": self._templated,
                                                 "in_flight": self._host_load[key]}
                   for key in self.health.hosts if key not in self._host_destinations]
         return sorted(static + chosen, key=lambda entry: str(entry["host"]))
 
+    def _rate_limits(self, names: list[str], now: float) -> dict[str, Any]:
+        """``rate_limit``: per rate-limited destination, its bucket and deliveries held back."""
+        limits = {name: shown for name in names
+                  if (shown := self.limits.describe(name, now)) is not None}
+        return {"rate_limit": limits} if limits else {}
+
     def _prepare(self, due: Due, target: CompiledDestination) -> _Prepared:
         """Render and sign one delivery's request, or the failed attempt that says why not."""
         started = self.clock()
         try:
-            request = target.signing.sign(target.renderer.render(self._event(due), due.delivery_id),
-                                          due.delivery_id)
+            request = target.request(self._event(due), due.delivery_id)
         except RenderError as exc:
             return _Prepared(None, started, f"render:{target.name}",
                              Outcome("failed", error="render", detail=str(exc)),
@@ -356,7 +390,7 @@ class Dispatcher:
             assert prepared.outcome is not None and prepared.attempt is not None
             outcome, attempt = prepared.outcome, prepared.attempt
         else:
-            exchange = await self.transport.handle_request(request, target.timeout)
+            exchange = await send(target, self.transport, request, due.attempts + 1)
             outcome = classify(exchange, self.clock())
             attempt = Attempt(exchange.started_at, exchange.duration, exchange.status,
                               exchange.error_text, exchange.excerpt)

@@ -86,6 +86,9 @@ class Event(_Strict):
     sandbox: Ident | None = None
     language: Annotated[str, Field(min_length=1, max_length=35)] | None = None
     attributes: dict[str, Any] | None = None
+    # W3C trace context of the ingest request, kept by the relay when tracing is on (relay.tracing)
+    traceparent: Annotated[str, Field(pattern=r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")] \
+        | None = None
 
 
 EVENT_FIELDS = frozenset(Event.model_fields) | frozenset(Recipient.model_fields) \
@@ -204,7 +207,8 @@ def _skip(text: str, at: int = 0) -> re.Match[str]:
     return found
 
 
-def accept_body(body: bytes, events: list[Event], received_at: float) -> list[Accepted]:
+def accept_body(body: bytes, events: list[Event], received_at: float,
+                traceparent: str | None = None) -> list[Accepted]:
     """The ingest fast path: store the sender's own JSON text for each event (already validated
     as ``events``), adding what must stay the same on every retry: ``id``, ``request_id``,
     ``occurred_at``.
@@ -226,6 +230,8 @@ def accept_body(body: bytes, events: list[Event], received_at: float) -> list[Ac
             fills.append(("request_id", ids.request_id()))
         if event.occurred_at is None:
             fills.append(("occurred_at", received))
+        if traceparent is not None and event.traceparent is None:
+            fills.append(("traceparent", traceparent))  # validated: hex digits and dashes
         if fills and any(f'"{key}"' in piece for key, _ in fills):
             data = json.loads(piece)
             data.update(fills)

@@ -41,7 +41,7 @@ def counts_as_failure(outcome: Outcome) -> bool:
     if outcome.status is not None:
         return outcome.status in COUNTED_STATUSES
     return outcome.error not in (None, "render", "invalid_url", "client_error", "internal",
-                                 "blocked")
+                                 "blocked", "token")  # token: the destination was not called
 
 
 @dataclass

@@ -28,10 +28,11 @@ Kind = Literal["delivered", "retry", "failed"]
 
 # Error classes, named at the transport boundary (relay.transport maps aiohttp's exceptions).
 # Others are final: blocked (an internal address, see relay.egress), invalid_url, client_error,
-# render; "internal" (a request that could not be prepared) is retried like a 5xx.
+# render; "internal" (a request that could not be prepared) is retried like a 5xx, and so are
+# "token" (an OAuth2 token endpoint that gave no token) and "proxy" (the egress proxy refused).
 UNREACHABLE_ERRORS = frozenset({"connect", "connect_timeout", "dns", "tls", "refused"})
 RETRYABLE_ERRORS = UNREACHABLE_ERRORS | frozenset({"timeout", "reset", "disconnected",
-                                                  "internal"})
+                                                  "internal", "token", "proxy"})
 
 
 @dataclass(frozen=True, slots=True)

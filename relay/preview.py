@@ -6,6 +6,7 @@ sending, and formats the result as an HTTP request and a curl command with secre
 
 from __future__ import annotations
 
+import json
 import shlex
 import time
 
@@ -16,6 +17,7 @@ from relay.events import accept, load_event, parse_events
 from relay.ids import delivery_id
 from relay.request import Request
 from relay.routing import Router
+from relay.testsend import controls
 
 
 def preview(loaded: Loaded, destination: str, raw_event: bytes) -> tuple[str, bool]:
@@ -41,11 +43,13 @@ def preview(loaded: Loaded, destination: str, raw_event: bytes) -> tuple[str, bo
         return f"skipped: {route.reason}", True
     did = delivery_id(time.time())
     try:
-        request = target.renderer.render(event, did)
+        request = target.request(event, did)
     except RenderError as exc:
         return f"would fail without sending: {exc}", False
-    signed = mask(target.signing.sign(request, did), destination_secrets(dest))
-    return (f"# {dest.name} ({dest.format}), delivery {did}; secrets masked\n"
+    signed = mask(request, destination_secrets(dest))
+    notes = "".join(f"# {key}: {json.dumps(value) if isinstance(value, dict) else value}\n"
+                    for key, value in controls(target).items())
+    return (f"# {dest.name} ({dest.format}), delivery {did}; secrets masked\n{notes}"
             f"{as_http(signed)}\n\n# the same as curl:\n{as_curl(signed)}"), True
 
 

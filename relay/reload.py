@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from relay.config import Config
-from relay.config.load import SECRET_FILE_KEYS
+from relay.config.load import SECRET_FILE_KEYS, TLS_FILE_KEYS
 from relay.destinations import Loaded, load
 from relay.errors import ConfigError
 
@@ -29,6 +29,10 @@ SETTLE_CHECKS = 25  # at most 5 s of waiting for a file that keeps changing
 RESTART_KEYS = (("server", "listen"), ("server", "max_body_bytes"), ("spool", "path"),
                 ("delivery", "concurrency"), ("delivery", "per_host_concurrency"),
                 ("delivery", "ca_file"))
+
+
+# Secret files, and the certificate files of a destination's tls (and delivery.ca_file).
+WATCHED_FILE_KEYS = frozenset(SECRET_FILE_KEYS) | frozenset(TLS_FILE_KEYS)
 
 
 def fingerprint(path: str) -> tuple[object, ...]:
@@ -51,7 +55,7 @@ def secret_files(path: str) -> list[str]:
     def walk(node: object) -> None:
         if isinstance(node, dict):
             for key, value in node.items():
-                if key in SECRET_FILE_KEYS and isinstance(value, str):
+                if key in WATCHED_FILE_KEYS and isinstance(value, str):
                     found.append(str(Path(path).parent / value))  # absolute paths stay as is
                 else:
                     walk(value)

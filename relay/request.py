@@ -7,7 +7,8 @@ Knows nothing of payload formats, auth or sockets.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 from urllib.parse import urlsplit
 
 
@@ -19,9 +20,15 @@ class Request:
     url: str
     headers: dict[str, str] = field(default_factory=dict)
     body: bytes = b""
+    # TLS and proxy options: a relay.connection.Via (Any: this module imports nothing of the relay)
+    via: Any = field(default=None, repr=False)
 
     def with_headers(self, **extra: str) -> Request:
-        return Request(self.method, self.url, merge_headers(self.headers, extra), self.body)
+        return Request(self.method, self.url, merge_headers(self.headers, extra), self.body,
+                       self.via)
+
+    def routed(self, via: Any) -> Request:
+        return self if via is None else replace(self, via=via)
 
 
 def merge_headers(base: dict[str, str], extra: dict[str, str]) -> dict[str, str]:

@@ -21,7 +21,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
-from relay import __version__
+from relay import __version__, tracing
 from relay.config import Config
 from relay.destinations import CompiledDestination, compile_destinations
 from relay.errors import InvalidEvent, SpoolError, SpoolFull
@@ -244,7 +244,8 @@ async def post_events(request: web.Request) -> web.Response:
         metrics.events_rejected.labels("invalid").inc()
         return error(400, exc.summary, details=exc.details())
     batch = [(accepted, router.route(accepted))
-             for accepted in accept_body(body, events, time.time())]
+             for accepted in accept_body(body, events, time.time(),
+                                         tracing.incoming(request.headers))]
     # The parsed events (a big event's attributes weigh several times its text) and the raw
     # body are not needed while the spool commits: let them go before waiting.
     del events, body

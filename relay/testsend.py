@@ -11,13 +11,14 @@ import time
 from typing import Any
 
 from relay import ids
-from relay.auth import destination_secrets, mask
-from relay.config import Config, Destination
+from relay.auth import MASKED, destination_secrets, mask
+from relay.config import Config, Destination, OAuth2Auth
 from relay.destinations import CompiledDestination
 from relay.errors import RenderError
 from relay.events import Event, accept
 from relay.policy import classify
 from relay.request import Request
+from relay.sending import send
 from relay.transport import AiohttpTransport, Transport
 from relay.vocab import FORMAT_STATUSES
 
@@ -41,6 +42,21 @@ def synthetic_event(dest: Destination) -> Event:
     return accepted
 
 
+def controls(target: CompiledDestination) -> dict[str, Any]:
+    """The destination's connection and auth controls as people may see them (secrets masked):
+    proxy, TLS, OAuth2 (its token is fetched when sending and shown as ``Bearer ****``)."""
+    shown: dict[str, Any] = dict(target.via.describe()) if target.via is not None else {}
+    auth = target.destination.auth
+    if isinstance(auth, OAuth2Auth):
+        shown["auth"] = {"type": "oauth2", "token_url": auth.token_url,
+                         "client_id": auth.client_id, "client_secret": MASKED,
+                         "adds": f"{auth.header}: {auth.scheme} {MASKED}".replace("  ", " ")}
+    limit = target.destination.rate_limit
+    if limit is not None:
+        shown["rate_limit"] = limit.model_dump()
+    return shown
+
+
 def request_json(request: Request) -> dict[str, Any]:
     body = request.body.decode("utf-8", errors="replace")
     return {"method": request.method, "url": request.url, "headers": request.headers,
@@ -56,16 +72,17 @@ async def test_send(config: Config, target: CompiledDestination,
     answer: dict[str, Any] = {"destination": dest.name, "delivery_id": delivery_id,
                               "event": event.model_dump(mode="json", exclude_none=True)}
     try:
-        request = target.signing.sign(target.renderer.render(event, delivery_id), delivery_id)
+        request = target.request(event, delivery_id)
     except RenderError as exc:
         return answer | {"sent": False, "error": str(exc)}
     answer["request"] = request_json(mask(request, destination_secrets(dest)))
+    answer["request"].update(controls(target))
     if transport is not None:
-        exchange = await transport.handle_request(request, target.timeout)
+        exchange = await send(target, transport, request)
     else:
         own = AiohttpTransport(config)
         try:
-            exchange = await own.handle_request(request, target.timeout)
+            exchange = await send(target, own, request)
         finally:
             await own.close()
     answer["sent"] = True

@@ -9,10 +9,11 @@ network trouble. ``AiohttpTransport`` is the real one; tests may pass their own.
 from __future__ import annotations
 
 import asyncio
+import base64
 import ssl
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import aiohttp
 from yarl import URL
@@ -25,8 +26,11 @@ EXCERPT_BYTES = 1024  # of each response body, kept for the activity log
 
 
 class Transport(Protocol):
-    async def handle_request(self, request: Request, timeout: float) -> Exchange:
-        """Make one attempt; network trouble is an ``Exchange`` with ``error`` set."""
+    async def handle_request(self, request: Request, timeout: float,
+                             read_limit: int = EXCERPT_BYTES) -> Exchange:
+        """Make one attempt; network trouble is an ``Exchange`` with ``error`` set.
+        ``read_limit``: bytes of the response body kept (an OAuth2 token response needs more
+        than the activity log's excerpt)."""
         ...
 
 
@@ -52,23 +56,40 @@ class AiohttpTransport:
         self._allowed = parse_networks(config.delivery.allowed_networks)
         self._session: aiohttp.ClientSession | None = None
 
-    async def handle_request(self, request: Request, timeout: float) -> Exchange:
+    async def handle_request(self, request: Request, timeout: float,
+                             read_limit: int = EXCERPT_BYTES) -> Exchange:
         if self._session is None:
             self._session = client_session(self.config)
         started, t0 = self.clock(), time.monotonic()
+        via = request.via
+        options: dict[str, Any] = {}
         try:
-            # aiohttp connects to an IP literal without asking the resolver: check it here.
+            # aiohttp connects to an IP literal without asking the resolver: check it here
+            # (and the proxy's: behind a proxy the destination's name is resolved by the proxy).
             check_literal(URL(request.url).host or "", self._allowed)
+            if via is not None and via.proxy is not None:
+                check_literal(URL(via.proxy.url).host or "", self._allowed)
         except Blocked as exc:
             return Exchange(started, 0.0, error="blocked", detail=str(exc))
         except ValueError as exc:
             return Exchange(started, 0.0, error="invalid_url", detail=str(exc))
+        if via is not None:
+            if via.ssl is not None:
+                options["ssl"] = via.ssl
+            if via.server_name:
+                options["server_hostname"] = via.server_name
+            if via.proxy is not None:
+                options["proxy"] = via.proxy.url
+                if via.proxy.username is not None:  # Basic, on the CONNECT (or proxied) request
+                    pair = f"{via.proxy.username}:{via.proxy.password or ''}".encode()
+                    options["proxy_headers"] = {
+                        "Proxy-Authorization": "Basic " + base64.b64encode(pair).decode()}
         try:
             async with self._session.request(
                     request.method, request.url, headers=request.headers,
                     data=request.body or None, allow_redirects=False,
-                    timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
-                raw = await resp.content.read(EXCERPT_BYTES)
+                    timeout=aiohttp.ClientTimeout(total=timeout), **options) as resp:
+                raw = await resp.content.read(read_limit)
                 return Exchange(started, time.monotonic() - t0, resp.status, resp.headers,
                                 raw.decode("utf-8", errors="replace"))
         except Exception as exc:
@@ -93,6 +114,8 @@ def error_class(exc: BaseException, timeout: float) -> tuple[str, str]:
         return "timeout", f"no response within {timeout:g}s"
     if isinstance(exc, aiohttp.ClientConnectorCertificateError | aiohttp.ClientSSLError):
         return "tls", detail
+    if isinstance(exc, aiohttp.ClientHttpProxyError):
+        return "proxy", f"the proxy refused the tunnel: {exc.status} {exc.message}"
     dns_error = getattr(aiohttp, "ClientConnectorDNSError", None)
     if dns_error is not None and isinstance(exc, dns_error):
         return "dns", detail

@@ -13,19 +13,23 @@ from relay.config.schema import (
     JsonBody,
     JwtAuth,
     NoAuth,
+    OAuth2Auth,
+    RateLimit,
     RawBody,
     ServerConfig,
     SpoolConfig,
     TemplateConfig,
     TemplateVariant,
+    TlsConfig,
     parse_duration,
     split_listen,
 )
 
 __all__ = [
     "AjoConfig", "BasicAuth", "BearerAuth", "Config", "DeliveryConfig",
-    "Destination", "HealthConfig", "HmacAuth", "JsonBody", "JwtAuth", "NoAuth", "RawBody",
-    "ServerConfig", "SpoolConfig", "TemplateConfig", "TemplateVariant",
+    "Destination", "HealthConfig", "HmacAuth", "JsonBody", "JwtAuth", "NoAuth",
+    "OAuth2Auth", "RateLimit", "RawBody",
+    "ServerConfig", "SpoolConfig", "TemplateConfig", "TemplateVariant", "TlsConfig",
     "check_config", "load_config", "parse_config", "parse_duration", "split_listen",
     "validate_config",
 ]

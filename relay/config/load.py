@@ -36,13 +36,16 @@ from relay.config.schema import (
     HmacAuth,
     JsonBody,
     JwtAuth,
+    OAuth2Auth,
     PostgresConfig,
+    RateLimit,
     RawBody,
     SandboxConfig,
     ServerConfig,
     SpoolConfig,
     TemplateConfig,
     TemplateVariant,
+    TlsConfig,
     split_listen,
 )
 from relay.errors import ConfigError
@@ -51,7 +54,11 @@ from relay.validation import join as _join
 from relay.validation import problems_from
 from relay.vocab import FORMAT_STATUSES
 
-SECRET_FILE_KEYS = ("token_file", "password_file", "key_file", "secret_file", "dsn_file")
+SECRET_FILE_KEYS = ("token_file", "password_file", "key_file", "secret_file", "dsn_file",
+                    "client_secret_file")
+# Under a destination's ``tls`` these name files loaded as they are (certificates, keys), not
+# secrets read into the config: relative paths are made absolute against the config's folder.
+TLS_FILE_KEYS = ("cert_file", "key_file", "ca_file")
 
 
 class Checked(NamedTuple):
@@ -274,6 +281,8 @@ def check_config(config: Config, *, positions: tuple[int, ...] | None = None,
             except ValueError:
                 problems.append((f"{where}[{i}]", f"not a CIDR such as 127.0.0.0/8: {cidr!r}"))
     problems += _check_open_listener(config)
+    if config.delivery.proxy is not None:
+        problems += check_proxy(config.delivery.proxy.get_secret_value(), "delivery.proxy")
     return problems + _check_destinations(config, positions, skip)
 
 
@@ -353,9 +362,41 @@ def _check_destination(dest: Destination, at: str, config: Config,
                 problems.append((f"{at}.auth.secret", "a Standard Webhooks secret starts with "
                                                       "'whsec_' followed by base64"))
                 break
+    if isinstance(dest.auth, OAuth2Auth):
+        problems += _check_http_url(dest.auth.token_url, f"{at}.auth.token_url")
+    if dest.proxy is not None and dest.proxy.get_secret_value() != "direct":
+        problems += check_proxy(dest.proxy.get_secret_value(), f"{at}.proxy")
     if urls:  # they read delivery.allowed_ports
         problems += _check_url(dest, at, config)
     return problems
+
+
+def _check_http_url(url: str, at: str) -> list[tuple[str, str]]:
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 -- raises ValueError for a bad port
+    except ValueError as exc:
+        return [(at, f"not a valid URL: {exc}")]
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return [(at, f"expected an http:// or https:// URL with a host (got {url!r})")]
+    return []
+
+
+def check_proxy(url: str, at: str) -> list[tuple[str, str]]:
+    """An egress proxy: ``http://[user:password@]host:port`` (the value is never echoed: it
+    may hold a password)."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return [(at, "not a valid proxy URL: expected http://[user:password@]host:port")]
+    if parts.scheme != "http" or not parts.hostname:
+        return [(at, "expected http://[user:password@]host:port (the connection to the proxy is "
+                     "plain HTTP; HTTPS destinations are tunnelled through it with CONNECT)")]
+    if parts.path not in ("", "/") or parts.query:
+        return [(at, "a proxy URL has no path or query: http://[user:password@]host:port")]
+    del port
+    return []
 
 
 def _check_url(dest: Destination, at: str, config: Config) -> list[tuple[str, str]]:
@@ -463,6 +504,9 @@ def _read_secret_files(node: Any, path: str, base: Path, problems: list[tuple[st
     if not isinstance(node, dict):
         return node
     out: dict[Any, Any] = {}
+    if path.endswith(".tls") or path == "tls":
+        return {key: str(base / value) if key in TLS_FILE_KEYS and isinstance(value, str) and value
+                else value for key, value in node.items()}
     for key, value in node.items():
         if key in SECRET_FILE_KEYS:
             target = key.removesuffix("_file")
@@ -491,7 +535,9 @@ _MODELS: tuple[tuple[type[pydantic.BaseModel], str], ...] = (
     (Destination, "a destination"), (AjoConfig, "a destination's ajo"),
     (SandboxConfig, "a destination's ajo.sandbox"), (BearerAuth, "a destination's auth"),
     (BasicAuth, "a destination's auth"), (JwtAuth, "a destination's auth"),
-    (HmacAuth, "a destination's auth"), (TemplateConfig, "a destination's template"),
+    (HmacAuth, "a destination's auth"), (OAuth2Auth, "a destination's auth"),
+    (RateLimit, "a rate_limit"), (TlsConfig, "a destination's tls"),
+    (TemplateConfig, "a destination's template"),
     (TemplateVariant, "a template variant"), (JsonBody, "a template body"),
     (RawBody, "a template body"))
 

@@ -24,7 +24,10 @@ from relay.config.schema import (
     JsonBody,
     JwtAuth,
     NoAuth,
+    OAuth2Auth,
+    RateLimit,
     RawBody,
+    TlsConfig,
     parse_duration,
 )
 
@@ -43,8 +46,9 @@ each with its path (`destinations[1].auth.key: required key is missing`).
 - **`${NAME}`** in any string is the environment variable `NAME`; `${NAME:-fallback}` when it may
   be unset; `$$` is a literal `$`. An unset variable without a fallback is an error naming the key.
 - **Secrets** (type *secret*) can come from a file instead: `token_file`, `password_file`,
-  `key_file`, `secret_file`, `dsn_file` (relative to the config file's folder; a trailing newline
-  is stripped). Secrets are never printed in logs or errors.
+  `key_file`, `secret_file`, `client_secret_file`, `dsn_file` (relative to the config file's
+  folder; a trailing newline is stripped). Secrets are never printed in logs or errors. Under
+  `tls`, `cert_file`, `key_file` and `ca_file` are certificate files loaded as they are.
 - **Relative paths**: `spool.path` and the `*_file` keys are relative to the config file's
   folder, not to the directory the relay was started in.
 - **Unknown keys** are errors: a typo is named with the closest key, a key in the wrong section
@@ -54,7 +58,7 @@ each with its path (`destinations[1].auth.key: required key is missing`).
 
 # Sections in file order, then the nested parts of a destination; the unions (auth, body)
 # get one table per type.
-_AUTHS = (NoAuth, BearerAuth, BasicAuth, JwtAuth, HmacAuth)
+_AUTHS = (NoAuth, BearerAuth, BasicAuth, JwtAuth, HmacAuth, OAuth2Auth)
 _BODIES = (JsonBody, RawBody)
 
 
@@ -74,6 +78,8 @@ def reference() -> str:
     for auth in _AUTHS:
         kind = typing.get_args(auth.model_fields["type"].annotation)[0]
         out += _section(f"destinations[].auth (type: {kind})", auth)
+    out += _section("destinations[].tls", TlsConfig)
+    out += _section("destinations[].rate_limit, delivery.rate_limit", RateLimit)
     out += _section("destinations[].template", TemplateConfig)
     for body in _BODIES:
         kind = typing.get_args(body.model_fields["type"].annotation)[0]

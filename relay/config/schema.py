@@ -129,6 +129,30 @@ class SpoolConfig(_Model):
         86400.0, "A repeated event id within this is a duplicate (answered, not stored again).")
 
 
+class RateLimit(_Model):
+    """A token bucket: ``per_second`` tokens a second, at most ``burst`` saved up."""
+
+    per_second: Annotated[float, Field(gt=0, le=1_000_000)] = Field(
+        description="Attempts a second, on average (several replicas: see docs/controls.md).")
+    burst: Annotated[int, Field(ge=1, le=1_000_000)] | None = _d(
+        None, "Attempts that may start at once after a quiet spell; default: per_second.")
+
+
+class TlsConfig(_Model):
+    """A destination's TLS: a client certificate (mTLS), its own CA bundle and server name.
+
+    File paths, not secrets: they are loaded into an ``ssl.SSLContext`` when the destination is
+    compiled (and again when one of them changes, see relay.reload)."""
+
+    cert_file: str | None = _d(None, "PEM client certificate (chain) presented to the "
+                                     "destination (mTLS); with key_file.")
+    key_file: str | None = _d(None, "PEM private key of cert_file.")
+    ca_file: str | None = _d(None, "CA bundle that verifies this destination (instead of "
+                                   "delivery.ca_file and the system store).")
+    server_name: str | None = _d(None, "TLS server name (SNI) and the name the certificate "
+                                       "must hold, when it differs from the url's host.")
+
+
 class DeliveryConfig(_Model):
     """Sending: retries, backoff, the egress bounds, concurrency."""
 
@@ -153,6 +177,11 @@ class DeliveryConfig(_Model):
         16, "Attempts in flight per host at most. Restart to change.")
     ca_file: str | None = _d(
         None, "Extra CA bundle (PEM) for TLS verification. Restart to change.")
+    proxy: OptionalSecret = _d(
+        None, "Egress proxy for every destination: http://[user:password@]host:port (its "
+              "credentials are secrets); see docs/controls.md.")
+    rate_limit: RateLimit | None = _d(
+        None, "Rate limit of every destination without its own: {per_second, burst}.")
 
 
 class HealthConfig(_Model):
@@ -242,7 +271,22 @@ class HmacAuth(_Model):
     secrets: tuple[SecretStr, ...] = _d((), "Several during rotation: each signs.")
 
 
-Auth = Annotated[NoAuth | BearerAuth | BasicAuth | JwtAuth | HmacAuth, Field(discriminator="type")]
+class OAuth2Auth(_Model):
+    """OAuth 2.0 client credentials (RFC 6749 section 4.4)."""
+
+    type: Literal["oauth2"] = Field(description="Selects this kind of auth.")
+    token_url: Annotated[str, Field(min_length=1)] = Field(
+        description="Token endpoint (client credentials grant).")
+    client_id: Annotated[str, Field(min_length=1)] = Field(description="The client id.")
+    client_secret: SecretStr = Field(description="The client secret (or client_secret_file).")
+    scope: str | None = _d(None, "Space-separated scopes asked for.")
+    audience: str | None = _d(None, "Sent as the audience form field (Auth0, Okta...).")
+    header: str = _d("Authorization", "Header that carries the access token.")
+    scheme: str = _d("Bearer", "Word before the token; \"\" sends the bare token.")
+
+
+Auth = Annotated[NoAuth | BearerAuth | BasicAuth | JwtAuth | HmacAuth | OAuth2Auth,
+                 Field(discriminator="type")]
 
 
 class JsonBody(_Model):
@@ -296,7 +340,8 @@ class Destination(_Model):
         None, "Statuses that create a delivery; none: every status the format can express.")
     ajo: AjoConfig | None = _d(None, "Required for format ajo.")
     allow_insecure_http: bool = _d(False, "Let an ajo destination use http:// (local tests).")
-    auth: Auth = _d(NoAuth(type="none"), "Request signing: type none, bearer, basic, jwt or hmac.")
+    auth: Auth = _d(NoAuth(type="none"), "Request signing: type none, bearer, basic, jwt, hmac "
+                                         "or oauth2.")
     headers: dict[str, str] = _d(dict, "Extra headers (values may be Liquid in template "
                                        "destinations).")
     allowed_hosts: tuple[str, ...] | None = _d(
@@ -313,6 +358,13 @@ class Destination(_Model):
     unreachable_window: Duration | None = _d(None, "Overrides delivery.unreachable_window.")
     backoff_initial: Duration | None = _d(None, "Overrides delivery.backoff_initial.")
     backoff_max: Duration | None = _d(None, "Overrides delivery.backoff_max.")
+    rate_limit: RateLimit | None = _d(
+        None, "Token bucket {per_second, burst}; none: delivery.rate_limit (none: unlimited).")
+    tls: TlsConfig | None = _d(
+        None, "TLS of this destination: cert_file and key_file (mTLS), ca_file, server_name.")
+    proxy: OptionalSecret = _d(
+        None, "Egress proxy http://[user:password@]host:port; none: delivery.proxy; \"direct\": "
+              "no proxy.")
 
 
 class Config(_Model):
