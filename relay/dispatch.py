@@ -48,6 +48,7 @@ IDLE_RECHECK = 60.0  # wake at least this often, e.g. after a replay made by ano
 # text): 100 events of 1 MiB pending or in flight stay under 200 MB resident (bench/abuse.py).
 EVENT_CACHE_BYTES = 2 << 20  # parsed events kept for their other destinations
 INFLIGHT_BYTES = 4 << 20     # events of the attempts under way (one attempt at least)
+PARKED_MAX = 10_000          # deliveries remembered as held for a suspended chosen endpoint
 RECORD_RETRY_MAX = 30.0      # longest wait between tries to record a kept outcome
 
 
@@ -99,6 +100,10 @@ class Dispatcher:
         self.limits = RateLimits()
         self._limited: set[str] = set()  # destinations held back by their rate limit this round
         self._limited_seqs: cachetools.LRUCache[int, bool] = cachetools.LRUCache(1 << 16)
+        # Deliveries held for a suspended event-chosen endpoint (seq -> endpoint): left out of
+        # the next fetches while it is suspended, so a backlog aimed at one dead endpoint
+        # never fills the batch in front of other endpoints' and destinations' deliveries.
+        self._parked: cachetools.LRUCache[int, str] = cachetools.LRUCache(PARKED_MAX)
         self._host_destinations: dict[str, list[str]] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._inflight: dict[int, asyncio.Task[None]] = {}
@@ -200,7 +205,8 @@ class Dispatcher:
                     # Fetch a good batch at once: one read per batch, not one per slot. Hosts
                     # that are suspended or at their limit are left out of the query, so their
                     # backlog never stands in front of other hosts' deliveries.
-                    exclude = self._inflight.keys() | self._unrecorded.keys()
+                    exclude = self._inflight.keys() | self._unrecorded.keys() | \
+                        self._still_parked(now)
                     self._ready.extend(await self.spool.due(
                         now, max(limit * 4, PREFETCH), names, exclude))
                     if not self._ready:
@@ -265,6 +271,8 @@ class Dispatcher:
             if self._host_load[host] >= per_host or \
                     not self.health.allow(host, now, fresh=due.attempts == 0):
                 waiting.append(due)  # held: not attempted, no retry used
+                if target.host is None and self.health.is_blocked(host, now):
+                    self._parked[due.seq] = host
                 continue
             self.limits.take(target.name, now)
             self._host_load[host] += 1
@@ -278,6 +286,13 @@ class Dispatcher:
             # those hosts out) can see other hosts' deliveries.
             self._ready.clear()
         return started
+
+    def _still_parked(self, now: float) -> set[int]:
+        """Parked deliveries whose endpoint is still suspended (the others are let go)."""
+        for seq, host in list(self._parked.items()):
+            if not self.health.is_blocked(host, now):
+                del self._parked[seq]
+        return set(self._parked)
 
     def _count_limited(self, seq: int, destination: str) -> None:
         """relay_deliveries_total{outcome="limited"}: a delivery held back by a rate limit

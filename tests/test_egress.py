@@ -162,8 +162,8 @@ def test_blocked_is_a_final_failure_not_a_retry() -> None:
 
 
 async def test_an_event_chosen_endpoint_can_only_suspend_itself(make_stack: Any) -> None:
-    """Events aimed at a closed port suspend that endpoint, not the destination: deliveries to
-    the good endpoint keep arriving, and /v1/hosts shows both."""
+    """300 events aimed at a closed port suspend that endpoint, not the destination: deliveries
+    to the good endpoint keep arriving, and /v1/hosts shows both."""
     bad = closed_port()
     with Receiver(Answer(200)) as good:
         stack = await make_stack(
@@ -174,7 +174,11 @@ async def test_an_event_chosen_endpoint_can_only_suspend_itself(make_stack: Any)
                            "url": "http://127.0.0.1:{{ event.attributes.port }}/x",
                            "allowed_hosts": ["127.0.0.1"], "allowed_ports": [good.port, bad],
                            "template": {"method": "POST"}}])
-        await stack.post(*[event(i, attributes={"port": bad}) for i in range(12)])
+        # more than one due batch (256) aimed at the dead endpoint: they must not fill every
+        # fetch in front of the good endpoint's deliveries
+        for first in range(0, 300, 100):
+            await stack.post(*[event(i, attributes={"port": bad})
+                               for i in range(first, first + 100)])
         for _ in range(300):
             hosts = (await (await stack.client.get("/v1/hosts")).json())["hosts"]
             states = {h["host"]: h["state"] for h in hosts}
@@ -182,7 +186,7 @@ async def test_an_event_chosen_endpoint_can_only_suspend_itself(make_stack: Any)
                 break
             await asyncio.sleep(0.05)
         assert states[f"http://127.0.0.1:{bad}"] == "suspended"
-        await stack.post(*[event(100 + i, attributes={"port": good.port}) for i in range(5)])
+        await stack.post(*[event(1000 + i, attributes={"port": good.port}) for i in range(5)])
         await good.await_for(5)
         hosts = (await (await stack.client.get("/v1/hosts")).json())["hosts"]
         assert {h["host"]: h["state"] for h in hosts}.get(f"http://127.0.0.1:{good.port}",
