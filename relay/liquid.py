@@ -33,7 +33,7 @@ import hmac
 import json
 import math
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any, ClassVar, TextIO
 from urllib.parse import quote
@@ -371,8 +371,3 @@ def _unknown_filters(template: BoundTemplate, source: str) -> list[str]:
 
 def _first_line(exc: Exception) -> str:
     return (str(exc).splitlines() or [type(exc).__name__])[0]
-
-
-def filter_names() -> Iterable[str]:
-    """Every filter a template may use, sorted."""
-    return sorted(ENV.filters)

@@ -19,7 +19,6 @@ DeliveryState = Literal["pending", "delivered", "failed", "skipped"]
 
 CHANNELS: tuple[Channel, ...] = get_args(Channel)
 STATUSES: tuple[Status, ...] = get_args(Status)
-FORMATS: tuple[Format, ...] = get_args(Format)
 DELIVERY_STATES: tuple[DeliveryState, ...] = get_args(DeliveryState)
 
 # local status -> AJO messageDeliveryFeedback.feedbackStatus.value
