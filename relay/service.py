@@ -28,10 +28,11 @@ from relay.destinations import Loaded, load
 from relay.dispatch import Dispatcher
 from relay.errors import SpoolError
 from relay.health_shared import SharedHealth, shared_health
+from relay.listener import Runner
 from relay.logs import MASK, config_secrets
 from relay.metrics import Metrics
 from relay.reload import ConfigWatcher
-from relay.server import STATE, Runner, apply_config, create_app
+from relay.server import STATE, apply_config, create_app
 from relay.spool.backends import open_spool
 from relay.spool.contract import SpoolBackend
 from relay.supervise import Supervisor

@@ -1,0 +1,113 @@
+"""The listening side of the HTTP server: how many connections, how long each may take, and
+what an unparseable request gets.
+
+``Runner`` is the app's aiohttp runner with the relay's bounds: at most server.max_connections
+connections (more are answered 503 at once and closed), server.read_timeout for a connection
+that sends no complete request and between kept-alive ones, and a connection handler that is
+quiet under junk (one throttled info line, never a traceback; the relay's JSON error shape,
+431 for a header too large). What a request means is relay.server's business, not this one's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
+from aiohttp.web_protocol import RequestHandler
+
+from relay.config import Config
+from relay.logs import Throttle
+
+log = logging.getLogger("relay.server")
+
+_BUSY_BODY = b'{"error":"the relay has server.max_connections connections open; retry shortly"}'
+_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+         b"Retry-After: 1\r\nConnection: close\r\nContent-Length: "
+         + str(len(_BUSY_BODY)).encode() + b"\r\n\r\n" + _BUSY_BODY)
+
+
+class _Busy(asyncio.Protocol):
+    """A connection over server.max_connections: answered 503 at once and closed."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        transport.write(_BUSY)
+        transport.close()
+
+
+class _Handler(RequestHandler):
+    """aiohttp's connection handler, quiet under junk: a request it cannot parse (garbage,
+    an HTTP/2 preface, a bad request line or header, a broken body) is answered in the relay's
+    JSON error shape (431 for a header too large) and logged as one info line at most every
+    ``JUNK_EVERY`` seconds, with the count held back, never a traceback (the junk may carry a
+    secret). Errors of the relay's own code still go to aiohttp's handling (500, logged)."""
+
+    def handle_error(self, request: web.BaseRequest, status: int = 500,
+                     exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        if not isinstance(exc, HttpProcessingError):
+            return super().handle_error(request, status, exc, message)
+        status, text = _parse_error(exc)
+        held = _JUNK.allow()
+        if held is not None:
+            log.info("malformed HTTP request from %s answered %d (%s)%s", request.remote,
+                     status, type(exc).__name__,
+                     f"; {held} more since the last such line" if held else "")
+        if request.writer.output_size > 0:  # part of a response went out: nothing to add
+            raise ConnectionError("a response was already started")
+        response = web.json_response({"error": text}, status=status)  # the API's error shape
+        response.force_close()
+        return response
+
+
+JUNK_EVERY = 10.0  # seconds between two "malformed HTTP request" lines
+_JUNK = Throttle(JUNK_EVERY)
+
+
+def _parse_error(exc: HttpProcessingError) -> tuple[int, str]:
+    """The status and message for a request aiohttp could not parse."""
+    if isinstance(exc, LineTooLong):
+        line = exc.args[0] if exc.args else b""
+        if isinstance(line, bytes | str) and line[:1] in (b"/", "/"):
+            return 414, "the request target is too long"
+        return 431, f"a request header is too large (at most {exc.args[1]} bytes)"
+    if "Too many headers" in (exc.message or ""):
+        return 431, "too many request headers"
+    return 400, "malformed HTTP request"
+
+
+class _Capped:
+    """aiohttp's protocol factory, handing out at most ``limit`` live connections, each
+    handled by ``_Handler``."""
+
+    def __init__(self, server: web.Server, limit: int) -> None:
+        self._server, self._limit = server, limit
+
+    def __call__(self) -> asyncio.Protocol:
+        if len(self._server.connections) >= self._limit:
+            return _Busy()
+        server = self._server
+        return _Handler(server, loop=server._loop, **server._kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._server, name)
+
+
+class Runner(web.AppRunner):
+    """The app's runner with the relay's connection bounds: at most server.max_connections
+    open (more are answered 503 and closed), and server.read_timeout for a connection that
+    sends no complete request (idle, or headers half sent) and between kept-alive requests.
+    A request's body gets the same time (see post_events)."""
+
+    def __init__(self, app: web.Application, config: Config, *,
+                 max_connections: int | None = None, **kwargs: Any) -> None:
+        super().__init__(app, access_log=None, handle_signals=False,
+                         keepalive_timeout=config.server.read_timeout, **kwargs)
+        self._limit = max_connections or config.server.max_connections
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        return _Capped(server, self._limit)  # type: ignore[return-value]
