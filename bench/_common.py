@@ -115,16 +115,28 @@ def bare_server() -> Iterator[tuple[subprocess.Popen[Any], int]]:
         yield proc, port
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and every live descendant (the relay's spool writer; with server.workers, the
+    workers and theirs), from /proc."""
+    found, todo = [], [pid]
+    while todo:
+        one = todo.pop()
+        found.append(one)
+        try:
+            for task in Path(f"/proc/{one}/task").iterdir():
+                with open(task / "children") as listing:
+                    todo += [int(child) for child in listing.read().split()]
+        except FileNotFoundError:
+            continue
+    return found
+
+
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds used so far by a process and its live children (the relay's
-    spool writer), from /proc: the figure of merit that machine noise does not move much."""
+    """User + system CPU seconds used so far by a process and all its live descendants, from
+    /proc: the figure of merit that machine noise does not move much."""
     tick = os.sysconf("SC_CLK_TCK")
     total = 0
-    pids = [pid]
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        with open(task / "children") as listing:
-            pids += [int(child) for child in listing.read().split()]
-    for one in pids:
+    for one in process_tree(pid):
         try:
             fields = Path(f"/proc/{one}/stat").read_text().rsplit(")", 1)[1].split()
         except FileNotFoundError:

@@ -80,17 +80,12 @@ def timed(pid: int, run: Callable[[], Coroutine[Any, Any, dict[str, float]]],
     return result
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--events", type=int, default=20_000)
-    parser.add_argument("--destination-extra", default="{}", metavar="JSON",
-                        help="keys merged into the destination, e.g. a control to measure: "
-                             "'{\"rate_limit\": {\"per_second\": 1000000}}'")
-    backends_arg(parser)
-    args = parser.parse_args()
-    total = args.events // 100 * 100
-    rows, results = [], {}
-    with tempfile.TemporaryDirectory() as tmp, spools(args.backend, Path(tmp)) as backends:
+def run(events: int, backend: str, destination_extra: dict[str, Any] | None = None
+        ) -> dict[str, dict[str, float]]:
+    """The forwarder's figures and each backend's: name -> figures."""
+    total = events // 100 * 100
+    results: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory() as tmp, spools(backend, Path(tmp)) as backends:
         tmpdir = Path(tmp)
         rport = free_port()
         with process([PY, str(BENCH / "_receiver.py"), str(rport)], rport, tmpdir / "recv.log"):
@@ -100,27 +95,35 @@ def main() -> None:
                 asyncio.run(drive(fport, rport, 1000, "warm"))
                 results["forwarder"] = timed(fwd.pid, lambda: drive(fport, rport, total, "fwd"),
                                              total)
-            for backend, spool in backends:
+            for name, spool in backends:
                 config = {"spool": spool,
                           "delivery": {"allowed_ports": [rport], "per_host_concurrency": 64,
                                        "allowed_networks": ["127.0.0.0/8"]},
                           "destinations": [{"name": "braze", "format": "braze",
                                             "url": f"http://127.0.0.1:{rport}/braze",
-                                            **json.loads(args.destination_extra)}]}
+                                            **(destination_extra or {})}]}
                 with relay(config, tmpdir):
                     pass  # start once so the first run does not pay for creating the spool
                 with relay(config, tmpdir) as (proc, port):
-                    asyncio.run(drive(port, rport, 1000, f"warm{backend}"))
-                    tag = f"r{backend}{time.time()}"
-                    results[backend] = timed(proc.pid, lambda t=tag: drive(port, rport, total, t),
-                                             total)
+                    asyncio.run(drive(port, rport, 1000, f"warm{name}"))
+                    tag = f"r{name}{time.time()}"
+                    results[name] = timed(proc.pid, lambda t=tag: drive(port, rport, total, t),
+                                          total)
+    for figures in results.values():
+        figures["events"] = total
+    return results
+
+
+def report(results: dict[str, dict[str, float]]) -> None:
     labels = {"forwarder": "minimal forwarder, not durable",
               "sqlite": "relay: durable SQLite spool, braze shape",
               "postgres": "relay: durable PostgreSQL spool, braze shape"}
+    rows = []
+    total = int(results["forwarder"]["events"])
     for name in (n for n in ("forwarder", "sqlite", "postgres") if n in results):
         r = results[name]
         rows.append((labels[name], total, r["seconds"], r["events_s"], r["ingest_s"],
-                     r["p50_post_ms"], r["cpu_s_per_1k"]))
+                     r["p50_post_ms"], f"{r['cpu_s_per_1k']:.3f}"))
     table(f"End to end, {total:,} events in batches of 100 (8 senders) to one fast local "
           f"receiver; load from this script's aiohttp client; {machine()}",
           ["server", "events", "seconds", "delivered/s", "accepted/s", "p50 POST ms",
@@ -134,6 +137,17 @@ def main() -> None:
     if "sqlite" in results and "postgres" in results:
         ratio = results["postgres"]["events_s"] / results["sqlite"]["events_s"]
         print(f"postgres/sqlite end to end: {ratio:.2f} (target >= 0.50)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--events", type=int, default=20_000)
+    parser.add_argument("--destination-extra", default="{}", metavar="JSON",
+                        help="keys merged into the destination, e.g. a control to measure: "
+                             "'{\"rate_limit\": {\"per_second\": 1000000}}'")
+    backends_arg(parser)
+    args = parser.parse_args()
+    report(run(args.events, args.backend, json.loads(args.destination_extra)))
 
 
 if __name__ == "__main__":

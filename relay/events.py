@@ -108,26 +108,50 @@ def parse_events(body: bytes, max_batch: int) -> tuple[list[Event], bool]:
     them. A batch's length is checked before its events (pydantic stops at ``max_batch`` + 1),
     so a hostile body costs no more to refuse than a valid one costs to accept.
     """
-    start = body.lstrip()[:1]
+    start = body[:1]
     if start not in (b"{", b"["):
-        raise InvalidEvent([("", "the body must be one event (a JSON object) or an array of "
-                                 "events")])
-    if _SUSPECT.search(body):
-        _refuse_non_finite(body)
+        start = body.lstrip()[:1]
+        if start not in (b"{", b"["):
+            raise InvalidEvent([("", "the body must be one event (a JSON object) or an array "
+                                     "of events")])
     try:
-        if start == b"{":
-            return [_ONE.validate_json(body)], False
-        events = _batch(max_batch).validate_json(body)
+        events = [_ONE.validate_json(body)] if start == b"{" \
+            else _batch(max_batch).validate_json(body)
     except pydantic.ValidationError as exc:
+        # A number that is not finite is named before other problems (no digit, N or I: none)
+        if _MAYBE_NUMBER.search(body) and _SUSPECT.search(body):
+            _refuse_non_finite(body)
         first = exc.errors(include_url=False)[0]
         if first["type"] == "too_long" and first["loc"] == ():
             raise InvalidEvent([("", f"a batch holds at most {max_batch} events "
                                      f"(server.max_batch); this one has more")]) from None
         raise InvalidEvent(problems_from(exc, noun="field", known=EVENT_FIELDS,
                                          limit=MAX_PROBLEMS)) from exc
-    if not events:
+    # A valid event can hold a number that is not finite only in ``attributes`` (every other
+    # field is a string, a strict integer or a date): looking there is cheaper than scanning
+    # the body for one (a regex over the text cost more than validating it).
+    for event in events:
+        if event.attributes and not _all_finite(event.attributes):
+            _refuse_non_finite(body)  # names each path; if it could not, say it plainly
+            raise InvalidEvent([("attributes", "must hold only finite numbers (NaN, Infinity "
+                                               "and numbers too large for a float are not JSON)")])
+    if start == b"[" and not events:
         raise InvalidEvent([("", "the array holds no events")])
-    return events, True
+    return events, start == b"["
+
+
+def _all_finite(node: Any) -> bool:
+    """No float in ``node`` (decoded JSON: dicts, lists, scalars) is NaN or infinite."""
+    todo = [node]
+    while todo:
+        node = todo.pop()
+        if type(node) is dict:
+            todo += node.values()
+        elif type(node) is list:
+            todo += node
+        elif type(node) is float and not math.isfinite(node):
+            return False
+    return True
 
 
 @functools.cache
@@ -135,9 +159,10 @@ def _batch(max_batch: int) -> pydantic.TypeAdapter[list[Event]]:
     return pydantic.TypeAdapter(Annotated[list[Event], Field(max_length=max_batch)])
 
 
-# Where a number that is not finite could be: NaN, Infinity, an exponent, 300+ digits. Only a
-# body with one of these (rare: ``1e5`` in a string matches too) is decoded a second time.
+# Where a number that is not finite could be: NaN, Infinity, an exponent, 300+ digits. Only an
+# invalid body with one of these (rare: ``1e5`` in a string matches too) is decoded again.
 _SUSPECT = re.compile(rb"NaN|Infinity|\d[eE][+-]?\d|\d{300}")
+_MAYBE_NUMBER = re.compile(rb"[0-9NI]")  # 6x cheaper than _SUSPECT over a body with none
 
 
 class _NonFinite(float):
