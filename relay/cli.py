@@ -353,9 +353,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
               f"or the Helm chart's config.destinations) or pass -c FILE; see "
               f"config.example.yaml", file=sys.stderr)
         return 1
-    _setup_logging(loaded.config)
+    from relay import workers
+
+    role = workers.role_from_env()
+    if role is not None:
+        workers.become_worker(role)
+    _setup_logging(loaded.config, None if role is None else role.index)
     try:
-        _run(service.run(loaded, metrics=metrics, config_path=args.config))
+        if role is None and loaded.config.server.workers > 1:
+            return _run(workers.supervise(loaded, args.config))
+        _run(service.run(loaded, metrics=metrics, config_path=args.config, role=role))
     except SpoolError as exc:
         logging.getLogger("relay").error("%s", exc)
         return 1
@@ -373,10 +380,10 @@ def _load_or_exit(path: str, metrics: Any = None) -> Loaded:
         raise SystemExit(1) from exc
 
 
-def _setup_logging(config: Config) -> None:
+def _setup_logging(config: Config, worker: int | None = None) -> None:
     from relay.logs import setup_logging
 
-    setup_logging(config)
+    setup_logging(config, worker)
 
 
 def _run(main: Coroutine[Any, Any, T]) -> T:

@@ -50,6 +50,16 @@ class JsonFormatter(logging.Formatter):
 WHOLE_TOKEN_BELOW = 8
 
 
+class _Worker(logging.Filter):
+    def __init__(self, worker: int) -> None:
+        super().__init__()
+        self.worker = worker
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.worker = self.worker
+        return True
+
+
 class MaskSecrets(logging.Filter):
     """Replaces known secret values with ``****`` in a record's message and arguments, its
     ``extra`` fields and its traceback, whatever logged it. Secrets of any length are masked
@@ -146,17 +156,21 @@ def config_secrets(config: Config) -> list[str]:
 MASK = MaskSecrets()
 
 
-def setup_logging(config: Config) -> None:
-    """Configure the root logger from server.log_level / RELAY_LOG_LEVEL and log_format."""
+def setup_logging(config: Config, worker: int | None = None) -> None:
+    """Configure the root logger from server.log_level / RELAY_LOG_LEVEL and log_format;
+    a worker of server.workers > 1 says which one it is on every line (``worker`` field)."""
     level = os.environ.get("RELAY_LOG_LEVEL", config.server.log_level).upper()
     fmt = os.environ.get("RELAY_LOG_FORMAT", config.server.log_format)
     if fmt == "auto":
         fmt = "text" if sys.stderr.isatty() else "json"
     handler = logging.StreamHandler(sys.stderr)
+    who = "" if worker is None else f" [worker {worker}]"
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(
-        "%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        f"%(asctime)s %(levelname)s %(name)s{who}: %(message)s"))
     MASK.update(config_secrets(config))
     handler.addFilter(MASK)
+    if worker is not None:
+        handler.addFilter(_Worker(worker))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

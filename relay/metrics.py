@@ -14,17 +14,20 @@ destination without JWT auth.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
     Counter,
-    Gauge,
     Histogram,
     disable_created_metrics,
     generate_latest,
 )
+from prometheus_client import Gauge as _Gauge
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.multiprocess import MultiProcessCollector
 
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
 
@@ -35,6 +38,25 @@ disable_created_metrics()  # type: ignore[no-untyped-call]
 # from the start; "held" appears when a host is first suspended.
 OUTCOMES = ("delivered", "retried", "failed", "skipped")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 90.0)
+
+
+# server.workers > 1: the supervisor gives every worker this directory before it imports
+# prometheus-client, which then keeps each process's values in files there; a scrape of any
+# worker sums the counters and histograms of all of them (prometheus-client's multiprocess
+# mode). Gauges say how they combine: the spool and host gauges are the latest value any live
+# worker set (each sets them from the shared spool before a scrape, the dispatching ones every
+# second too), attempts in flight are summed.
+MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def multiprocess() -> bool:
+    """True in a worker of server.workers > 1 (metrics shared through files)."""
+    return bool(os.environ.get(MULTIPROC_DIR))
+
+
+def Gauge(*args: Any, mode: str = "livemostrecent", **kwargs: Any) -> _Gauge:
+    """A gauge that says how the workers' values combine (``mode``; relay/workers.py)."""
+    return _Gauge(*args, **kwargs, multiprocess_mode=mode)  # type: ignore[misc,arg-type]
 
 
 class Metrics:
@@ -81,7 +103,8 @@ class Metrics:
         self.config_reloads = Counter(
             "relay_config_reloads_total", "Config reloads, by result", ["result"], registry=r)
         self.in_flight = Gauge(
-            "relay_attempts_in_flight", "Delivery attempts under way", registry=r)
+            "relay_attempts_in_flight", "Delivery attempts under way", mode="livesum",
+            registry=r)
         self.task_restarts = Counter(
             "relay_task_restarts_total", "Long-lived tasks restarted after a failure",
             ["task"], registry=r)
@@ -100,4 +123,8 @@ class Metrics:
         return lambda: self.jwt_minted.labels(destination).inc()
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if not multiprocess():
+            return generate_latest(self.registry)
+        every = CollectorRegistry()
+        MultiProcessCollector(every)  # type: ignore[no-untyped-call]
+        return generate_latest(every)

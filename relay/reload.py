@@ -26,7 +26,8 @@ log = logging.getLogger("relay.reload")
 SETTLE = 0.2        # seconds a changed file must stay the same before it is read
 SETTLE_CHECKS = 25  # at most 5 s of waiting for a file that keeps changing
 
-RESTART_KEYS = (("server", "listen"), ("server", "max_body_bytes"), ("spool", "path"),
+RESTART_KEYS = (("server", "listen"), ("server", "max_body_bytes"), ("server", "workers"),
+                ("spool", "path"),
                 ("delivery", "concurrency"), ("delivery", "per_host_concurrency"),
                 ("delivery", "ca_file"))
 

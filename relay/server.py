@@ -429,12 +429,17 @@ async def _render_metrics(app: web.Application) -> bytes:
     metrics.max_events.set(bounds.max_events)
     metrics.max_bytes.set(bounds.max_bytes)
     dispatcher = app[DISPATCHER]
-    if dispatcher is not None:
-        metrics.in_flight.set(dispatcher.in_flight)
-        for host in dispatcher.hosts(time.time()):
-            for health in ("healthy", "suspended", "probing"):
-                metrics.host_state.labels(host["host"], health).set(int(health == host["state"]))
+    if dispatcher is not None and not getattr(dispatcher, "remote", False):
+        dispatch_gauges(metrics, dispatcher)
     return metrics.render()
+
+
+def dispatch_gauges(metrics: Metrics, dispatcher: DispatchView) -> None:
+    """Set the attempts-in-flight and host-state gauges from a dispatcher of this process."""
+    metrics.in_flight.set(dispatcher.in_flight)
+    for host in dispatcher.hosts(time.time()):
+        for health in ("healthy", "suspended", "probing"):
+            metrics.host_state.labels(host["host"], health).set(int(health == host["state"]))
 
 
 async def readyz(request: web.Request) -> web.Response:

@@ -17,7 +17,6 @@ import resource
 import signal
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -30,12 +29,15 @@ from relay.errors import SpoolError
 from relay.health_shared import SharedHealth, shared_health
 from relay.listener import Runner
 from relay.logs import MASK, config_secrets
-from relay.metrics import Metrics
+from relay.metrics import Metrics, multiprocess
 from relay.reload import ConfigWatcher
-from relay.server import STATE, apply_config, create_app
+from relay.server import STATE, DispatchView, apply_config, create_app, dispatch_gauges
+from relay.spool import Spool
 from relay.spool.backends import open_spool
 from relay.spool.contract import SpoolBackend
+from relay.spool.files import log_pending, private_spool_files
 from relay.supervise import Supervisor
+from relay.workers import RemoteDispatch, Role, publish_dispatch, say_ready
 
 log = logging.getLogger("relay")
 
@@ -44,11 +46,13 @@ FOLLOW_EVERY = 0.5  # seconds: how soon an idle replica takes work another one s
 
 
 async def run(loaded: Loaded, *, metrics: Metrics | None = None,
-              config_path: str | None = None, stop: asyncio.Event | None = None) -> None:
+              config_path: str | None = None, stop: asyncio.Event | None = None,
+              role: Role | None = None) -> None:
     """Serve until ``stop`` is set or SIGTERM/SIGINT arrives; SIGHUP reloads ``config_path``.
 
     ``loaded`` was made by ``relay.destinations.load`` with ``metrics.mint_counter``, so its
-    signers count into ``metrics``.
+    signers count into ``metrics``. ``role``: this process is one of server.workers, started
+    by a supervisor (relay/workers.py).
     """
     config, metrics = loaded.config, metrics or Metrics()
     stop = stop or asyncio.Event()
@@ -57,29 +61,54 @@ async def run(loaded: Loaded, *, metrics: Metrics | None = None,
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
 
-    if config.spool.backend == "sqlite":
+    sqlite = config.spool.backend == "sqlite"
+    if sqlite and role is None:
         private_spool_files(config.spool.path)
-    spool = open_spool(config.spool, delivery_timeout=config.delivery.timeout)
+    spool = open_spool(config.spool, delivery_timeout=config.delivery.timeout,
+                       writer_socket=role.writer_socket if role and sqlite else None)
     await spool.open()
     supervisor = Supervisor(metrics.count_restart)
-    dispatcher = Dispatcher(config, spool, destinations=loaded.destinations, metrics=metrics,
-                            supervisor=supervisor, **_health_for(config, spool))
-    if isinstance(dispatcher.health, SharedHealth):  # replicas share suspensions and work
-        dispatcher.health.wake = dispatcher.wake
-        supervisor.spawn("shared-health", dispatcher.health.follow)
-        supervisor.spawn("other-replicas", lambda: _follow_other_replicas(spool, dispatcher.wake))
-    await dispatcher.start()
-    app = create_app(config, spool, dispatcher, metrics, loaded.destinations)
+    delivers = role is None or role.delivers(config.spool.backend)
+    dispatcher: Dispatcher | None = None
+    view: DispatchView
+    if delivers:
+        dispatcher = view = Dispatcher(
+            config, spool, destinations=loaded.destinations, metrics=metrics,
+            supervisor=supervisor, **_health_for(config, spool))
+        if isinstance(dispatcher.health, SharedHealth):  # replicas share suspensions and work
+            dispatcher.health.wake = dispatcher.wake
+            supervisor.spawn("shared-health", dispatcher.health.follow)
+            supervisor.spawn("other-replicas",
+                             lambda: _follow_other_replicas(spool, dispatcher.wake))
+        await dispatcher.start()
+    else:
+        assert role is not None
+        view = remote = RemoteDispatch(role.dispatch_state)
+        supervisor.spawn("dispatch-state", remote.follow)
+    if role is not None and sqlite and dispatcher is not None:
+        # Worker 0 of SQLite workers: woken by the writer when another worker stored events,
+        # and its delivery state published for the others' API.
+        assert isinstance(spool, Spool)
+        spool.on_wake = dispatcher.wake
+        supervisor.spawn("publish-dispatch", lambda: publish_dispatch(
+            dispatcher, lambda: dispatcher.destinations, role.dispatch_state))
+    if dispatcher is not None and multiprocess():
+        supervisor.spawn("dispatch-gauges", lambda: _refresh_gauges(metrics, dispatcher))
+    app = create_app(config, spool, view, metrics, loaded.destinations)
     runner = Runner(app, config, max_connections=_connection_cap(config),
                     shutdown_timeout=config.server.drain_timeout)
     await runner.setup()
     host, port = config.server.host_port
-    site = web.TCPSite(runner, host, port, backlog=1024, reuse_address=True)
+    if role is not None:  # one of server.workers: the port the supervisor holds, shared
+        port = role.port
+    site = web.TCPSite(runner, host, port, backlog=1024, reuse_address=True,
+                       reuse_port=role is not None)
     try:
         await site.start()
     except OSError as exc:
         await runner.cleanup()
-        await dispatcher.stop(0)
+        if dispatcher is not None:
+            await dispatcher.stop(0)
         await spool.close()
         if exc.errno == errno.EADDRINUSE:
             raise SystemExit(f"relay: cannot listen on {config.server.listen}: port {port} is "
@@ -92,15 +121,23 @@ async def run(loaded: Loaded, *, metrics: Metrics | None = None,
     # after, and shorter full-collection pauses, which is what a p99 sees).
     gc.freeze()
     bound = runner.addresses[0]
-    log.info("relay %s listening on http://%s:%s (spool %s, %d destinations)",
-             __version__, _host(bound[0]), bound[1], config.spool.path, len(config.destinations))
+    if role is None:
+        log.info("relay %s listening on http://%s:%s (spool %s, %d destinations)", __version__,
+                 _host(bound[0]), bound[1], config.spool.path, len(config.destinations))
+    else:
+        log.info("worker %d of %d (pid %d) serving on http://%s:%s%s", role.index, role.count,
+                 os.getpid(), _host(bound[0]), bound[1], "" if delivers else " (ingest only: "
+                 "worker 0 delivers from the SQLite spool)")
+        say_ready(role)
 
-    supervisor.spawn("prune", lambda: _prune_forever(spool, config.spool.retention))
+    if delivers:  # SQLite workers: worker 0 alone prunes; PostgreSQL takes turns by itself
+        supervisor.spawn("prune", lambda: _prune_forever(spool, config.spool.retention))
     background: list[asyncio.Task[Any]] = []
     if config_path is not None:
         def apply(new: Loaded) -> None:
             apply_config(app, new.config, new.destinations)
-            dispatcher.reconfigure(new.config, new.destinations)
+            if dispatcher is not None:
+                dispatcher.reconfigure(new.config, new.destinations)
             MASK.update(config_secrets(new.config))
 
         watcher = ConfigWatcher(
@@ -122,54 +159,22 @@ async def run(loaded: Loaded, *, metrics: Metrics | None = None,
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
         await runner.cleanup()
-        await dispatcher.stop(config.server.drain_timeout)
+        if dispatcher is not None:
+            await dispatcher.stop(config.server.drain_timeout)
         await supervisor.stop()
-        await _log_pending(spool, config)
+        # Said once: by the supervisor of SQLite workers after they all stopped.
+        if role is None or (not sqlite and role.index == 0):
+            await log_pending(spool, config)
         await spool.close()
         log.info("stopped")
 
 
-async def _log_pending(spool: SpoolBackend, config: Config) -> None:
-    """Say what is left undelivered at exit: it waits in the spool for the next relay that
-    opens it, and is lost if the spool goes with the pod (an emptyDir)."""
-    try:
-        pending = await spool.pending_by_destination()
-    except SpoolError as exc:
-        log.warning("cannot count the deliveries still pending: %s", exc)
-        return
-    total = sum(pending.values())
-    if total:
-        where = (config.spool.path if config.spool.backend == "sqlite"
-                 else "the PostgreSQL spool")
-        log.warning("stopping with %d deliveries pending (%s); they stay in %s for the next "
-                    "relay that opens it", total,
-                    ", ".join(f"{name}: {n}" for name, n in sorted(pending.items())), where)
-
-
-SPOOL_FILE_SUFFIXES = ("", "-wal", "-shm", ".lock")
-
-
-def private_spool_files(path: str) -> None:
-    """Make the spool's files readable by this user only (0600): they hold recipients'
-    addresses. The database file is created 0600 before SQLite opens it (SQLite gives its
-    ``-wal`` and ``-shm`` files the database file's mode); files an older relay left with
-    group or other bits are tightened, with a warning."""
-    if path == ":memory:" or path.startswith("file:"):
-        return
-    base = Path(path)
-    with contextlib.suppress(OSError):  # the spool reports what is wrong with its path itself
-        base.parent.mkdir(parents=True, exist_ok=True)
-        os.close(os.open(base, os.O_RDWR | os.O_CREAT, 0o600))
-    for suffix in SPOOL_FILE_SUFFIXES:
-        file = Path(path + suffix)
-        try:
-            mode = file.stat().st_mode & 0o777
-            if mode & 0o077:
-                file.chmod(mode & 0o700)
-                log.warning("spool file %s was readable by others (mode %o); now %o",
-                            file, mode, mode & 0o700)
-        except OSError:
-            continue
+async def _refresh_gauges(metrics: Metrics, dispatcher: Dispatcher) -> None:
+    """server.workers > 1: keep this worker's attempt and host gauges current, whichever
+    worker a scrape reaches (relay/metrics.py)."""
+    while True:
+        dispatch_gauges(metrics, dispatcher)
+        await asyncio.sleep(1.0)
 
 
 async def _prune_forever(spool: SpoolBackend, retention: float) -> None:

@@ -163,7 +163,7 @@ def test_spool_files_are_private_once_serving(tmp_path: Path) -> None:
 
 def test_an_older_world_readable_spool_is_tightened(tmp_path: Path) -> None:
     """A spool file left 0644 by an older relay is made 0600 before it is opened."""
-    from relay.service import private_spool_files
+    from relay.spool.files import private_spool_files
 
     spool = tmp_path / "old.db"
     spool.write_bytes(b"")

@@ -91,6 +91,9 @@ class ServerConfig(_Model):
         "info", "Log level (RELAY_LOG_LEVEL overrides).")
     log_format: Literal["auto", "json", "text"] = _d(
         "auto", "auto: text on a terminal, else JSON lines (RELAY_LOG_FORMAT overrides).")
+    workers: Annotated[int, Field(ge=1, le=64)] = _d(
+        1, "Processes that ingest and deliver, sharing server.listen (SO_REUSEPORT) and the "
+           "spool; more than 1 uses more cores (see docs/operations.md). Restart to change.")
 
     @property
     def host_port(self) -> tuple[str, int]:

@@ -11,7 +11,7 @@ failed, skipped), ``attempts`` and ``not_before``. Retries are a new ``not_befor
 nothing sleeps in memory waiting to retry.
 
 The package holds two sides. The relay's (asyncio): api.py (Spool), store.py, ingest.py,
-queue.py, log.py, records.py. The writer process's (stdlib only): writer.py, commit.py,
+queue.py, log.py, records.py, files.py. The writer process's (stdlib only): writer.py, commit.py,
 sqlite_schema.py, sql.py, receipt.py, and wire.py which both sides share. This ``__init__``
 imports nothing until a name is asked for (PEP 562 ``__getattr__``), so the writer can import
 its modules without loading the relay's side; it must stay that way.

@@ -14,8 +14,11 @@ if TYPE_CHECKING:
 LEASE_MARGIN = 30.0  # a claim outlives one attempt (delivery.timeout) by this much
 
 
-def open_spool(config: SpoolConfig, *, delivery_timeout: float = 90.0) -> Spool | PostgresSpool:
+def open_spool(config: SpoolConfig, *, delivery_timeout: float = 90.0,
+               writer_socket: str | None = None) -> Spool | PostgresSpool:
     """The configured spool, not yet opened (the caller awaits ``open()`` and ``close()``).
+
+    ``writer_socket``: a worker of server.workers > 1 uses the supervisor's SQLite writer there.
 
     ``delivery_timeout`` (delivery.timeout) sets the default PostgreSQL lease: a delivery
     claimed by a replica stays its own for one attempt plus ``LEASE_MARGIN``.
@@ -34,4 +37,4 @@ def open_spool(config: SpoolConfig, *, delivery_timeout: float = 90.0) -> Spool 
                              max_events=config.max_events, dedupe_window=config.dedupe_window)
     from relay.spool import Spool
     return Spool(config.path, max_events=config.max_events, max_bytes=config.max_bytes,
-                 dedupe_window=config.dedupe_window)
+                 dedupe_window=config.dedupe_window, writer_socket=writer_socket)

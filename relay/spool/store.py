@@ -29,7 +29,16 @@ from typing import Any, TypeVar
 from relay.errors import SpoolError, SpoolFull
 from relay.spool import writer
 from relay.spool.sqlite_schema import connect
-from relay.spool.wire import Job, JobError, PageLimitJob, StatsJob, StopJob, request, split_frames
+from relay.spool.wire import (
+    WAKE,
+    Job,
+    JobError,
+    PageLimitJob,
+    StatsJob,
+    StopJob,
+    request,
+    split_frames,
+)
 
 log = logging.getLogger("relay.spool")
 
@@ -52,6 +61,8 @@ class Store:
         max_bytes: int = 0,
         dedupe_window: float = 86400.0,
         clock: Callable[[], float] = time.time,
+        writer_socket: str | None = None,
+        listener: socket.socket | None = None,
     ) -> None:
         self.path = str(path)
         self.max_events = max_events
@@ -69,6 +80,12 @@ class Store:
         self._closing = False
         self._up = False            # a writer said ready and has not gone away since
         self._respawn: asyncio.Task[None] | None = None
+        # server.workers > 1: a worker connects to the supervisor's writer at ``writer_socket``
+        # instead of starting one; the supervisor's writer also takes connections on
+        # ``listener``. ``on_wake`` runs when another worker stored work (the writer says so).
+        self.writer_socket = writer_socket
+        self.listener = listener
+        self.on_wake: Callable[[], None] | None = None
         # Two readers, each a thread with its own connection: the dispatcher's reads of due
         # work never queue behind the API's listings and counts, nor those behind it.
         self._lanes = {"work": _Reader(self.path, "work"), "api": _Reader(self.path, "api")}
@@ -105,25 +122,54 @@ class Store:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._respawn
         if self._transport is not None:
-            with contextlib.suppress(SpoolError):
-                await asyncio.wait_for(self._call(StopJob()), STOP_TIMEOUT)
+            if self.writer_socket is None:
+                with contextlib.suppress(SpoolError):
+                    await asyncio.wait_for(self._call(StopJob()), STOP_TIMEOUT)
+            elif self._pending:   # the writer is shared: only wait for our own jobs' answers
+                await asyncio.wait(list(self._pending.values()), timeout=STOP_TIMEOUT)
             self._transport.close()
         await self._reap()
         for lane in self._lanes.values():
             await lane.close()
         self._loop = None
 
+    async def _connect_writer(self) -> None:
+        """server.workers > 1: connect to the supervisor's writer and wait for its ready."""
+        assert self._loop is not None and self.writer_socket is not None
+        ready = self._loop.create_future()
+        self._pending = {0: ready}
+        self._buffer.clear()
+        try:
+            self._transport, _ = await self._loop.create_unix_connection(
+                lambda: _Link(self), self.writer_socket)
+            await asyncio.wait_for(ready, START_TIMEOUT)
+        except (OSError, TimeoutError, SpoolError) as exc:
+            self._up = False
+            if self._transport is not None:
+                self._transport.close()
+                self._transport = None
+            if isinstance(exc, SpoolError):
+                raise
+            reason = f"no answer within {START_TIMEOUT:g}s" if isinstance(exc, TimeoutError) else exc
+            raise SpoolError(f"cannot reach the spool writer at {self.writer_socket}: "
+                             f"{reason}") from None
+
     async def _start_writer(self) -> None:
         assert self._loop is not None
+        if self.writer_socket is not None:
+            await self._connect_writer()
+            return
         ours, theirs = socket.socketpair()
+        passed = [theirs.fileno()] + ([self.listener.fileno()] if self.listener else [])
         try:
             # -P: the script's directory (relay/spool) must not shadow stdlib modules (queue).
             # Popen, not asyncio's subprocess API: one fork/exec at start-up (no loop time worth
             # saving), and it behaves the same on uvloop and on loops in other threads (tests).
             self._proc = subprocess.Popen(  # noqa: ASYNC220
                 [sys.executable, "-P", writer.__file__, str(theirs.fileno()), self.path,
-                 str(self.max_events), str(LOCK_WAIT), str(self.max_bytes)],
-                pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
+                 str(self.max_events), str(LOCK_WAIT), str(self.max_bytes),
+                 str(self.listener.fileno() if self.listener else -1)],
+                pass_fds=passed, stdin=subprocess.DEVNULL)
         except OSError as exc:
             ours.close()
             raise SpoolError(f"cannot start the spool writer: {exc}") from exc
@@ -188,6 +234,10 @@ class Store:
     def _received(self, data: bytes) -> None:
         self._buffer += data
         for job, error, result in split_frames(self._buffer):
+            if job == WAKE:
+                if self.on_wake is not None:
+                    self.on_wake()
+                continue
             future = self._pending.pop(job, None)
             if future is None or future.done():  # the caller went away; the data is committed
                 continue
@@ -210,19 +260,26 @@ class Store:
                     f"the spool writer exited (code {code}) before answering"))
         was_up, self._up = self._up, False
         if was_up and not self._closing and self._loop is not None:
-            log.error("the spool writer exited unexpectedly (code %s); starting a new one", code)
+            if self.writer_socket is not None:
+                log.error("lost the connection to the spool writer; reconnecting")
+            else:
+                log.error("the spool writer exited unexpectedly (code %s); starting a new one",
+                          code)
             self._respawn = self._loop.create_task(self._restart())
 
     async def _restart(self) -> None:
         await self._reap()
+        shared = self.writer_socket is not None
         while not self._closing:
             try:
                 await self._start_writer()
-                log.warning("the spool writer is running again")
+                log.warning("connected to the spool writer again" if shared
+                            else "the spool writer is running again")
                 return
             except SpoolError as exc:
-                log.error("cannot restart the spool writer: %s", exc)
-                await asyncio.sleep(1.0)
+                if not shared:
+                    log.error("cannot restart the spool writer: %s", exc)
+                await asyncio.sleep(0.2 if shared else 1.0)   # the supervisor restarts it
 
     # -- reads -----------------------------------------------------------------------------
 

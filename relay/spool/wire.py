@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 _HEADER = struct.Struct("<I")
 
 Answer = tuple[int, "tuple[str, str, int] | None", Any]   # (job_id, error, result)
+WAKE = -1   # the job id of a frame the writer sends unasked: another worker stored new work
 
 
 class JobError(Exception):

@@ -14,7 +14,8 @@ an acknowledged event survives SIGKILL of either process and power loss. The wir
 relay/spool/wire.py. The writer exits when the relay closes the socket (including when the relay
 is killed) after finishing the group in hand; no job's exception ends it.
 
-Started as a script by path (``python -P relay/spool/writer.py fd path max_events lock_wait max_bytes``):
+Started as a script by path (``python -P relay/spool/writer.py fd path max_events lock_wait
+max_bytes [listen_fd]``; with server.workers > 1 the supervisor passes a listening socket):
 it imports only the stdlib and light relay modules (relay.ids, the writer's own modules of
 relay.spool, whose package ``__init__`` imports nothing until asked), so it starts in a fraction
 of the relay's start-up time. It must never import the relay's side (asyncio, aiohttp, ...).
@@ -22,9 +23,11 @@ of the relay's start-up time. It must never import the relay's side (asyncio, ai
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import gc
 import os
+import selectors
 import signal
 import socket
 import sqlite3
@@ -39,7 +42,7 @@ if __name__ == "__main__":  # started as a script: import relay from the tree th
 
 from relay.spool.commit import Writer
 from relay.spool.sqlite_schema import connect, migrate
-from relay.spool.wire import Answer, JobError, frame, split_frames
+from relay.spool.wire import WAKE, Answer, JobError, frame, split_frames
 
 MAX_GROUP = 512     # jobs per transaction: bounds the latency one group adds to the next
 
@@ -102,8 +105,11 @@ def lock(path: str, wait: float) -> int:
 
 
 def serve(sock: socket.socket, path: str, max_events: int, lock_wait: float,
-          max_bytes: int = 0) -> int:
-    """Open the spool, say ready, then run groups until the relay closes the socket or says stop."""
+          max_bytes: int = 0, listener: socket.socket | None = None) -> int:
+    """Open the spool, say ready, then run groups until the relay closes the socket or says stop.
+
+    With ``listener`` (server.workers > 1: ``sock`` is the supervisor's), worker processes
+    connect there too; see ``_serve_many``."""
     try:
         lock(path, lock_wait)
         conn = connect(path)
@@ -118,6 +124,12 @@ def serve(sock: socket.socket, path: str, max_events: int, lock_wait: float,
     # measured 5% of its time under load.
     gc.freeze()
     gc.set_threshold(100_000, 50, 50)
+    if listener is not None:
+        try:
+            _serve_many(sock, listener, writer)
+        finally:
+            conn.close()
+        return 0
     buffer = bytearray()
     try:
         while (jobs := _next_jobs(sock, buffer)) is not None:
@@ -135,6 +147,94 @@ def serve(sock: socket.socket, path: str, max_events: int, lock_wait: float,
     return 0
 
 
+SEND_TIMEOUT = 10.0  # a worker that reads no answer for this long is cut off (it reconnects)
+WAKES = frozenset({"ingest", "replay"})  # jobs that give the dispatching worker new work
+
+
+def _serve_many(owner: socket.socket, listener: socket.socket, writer: Writer) -> None:
+    """Group commit for several clients: the owner (the supervisor, whose socket ends the
+    writer's life) and every worker that connects to ``listener``.
+
+    Each group takes every job any client has sent, as with one client. Job ids are each
+    client's own, so they are renumbered for the group and answered to their sender. After a
+    group that stored events or replayed deliveries, every other worker gets a wake frame
+    (job id ``WAKE``): the worker that dispatches learns of work another one stored at once.
+    """
+    selector = selectors.DefaultSelector()
+    buffers: dict[socket.socket, bytearray] = {owner: bytearray()}
+    selector.register(owner, selectors.EVENT_READ)
+    listener.setblocking(False)
+    selector.register(listener, selectors.EVENT_READ)
+    ready = frame((0, None, os.getpid()))
+
+    def drop(client: socket.socket) -> None:
+        buffers.pop(client, None)
+        with contextlib.suppress(KeyError, ValueError):
+            selector.unregister(client)
+        client.close()
+
+    def send(client: socket.socket, data: bytes) -> None:
+        try:
+            client.sendall(data)
+        except OSError:   # gone, or not reading for SEND_TIMEOUT: it reconnects if alive
+            if client is owner:
+                raise
+            drop(client)
+
+    queued: list[tuple[socket.socket, Any]] = []
+    stopping = False
+    while not stopping:
+        for key, _ in selector.select(0 if queued else None):
+            client = key.fileobj
+            assert isinstance(client, socket.socket)
+            if client is listener:
+                with contextlib.suppress(BlockingIOError, InterruptedError):
+                    worker, _ = listener.accept()
+                    worker.settimeout(SEND_TIMEOUT)
+                    buffers[worker] = bytearray()
+                    selector.register(worker, selectors.EVENT_READ)
+                    send(worker, ready)
+                continue
+            try:
+                data = client.recv(1 << 20)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                data = b""
+            if not data:
+                if client is owner:
+                    return   # the supervisor is gone: what was committed stays committed
+                drop(client)
+                continue
+            buffers[client] += data
+        for client, buffer in list(buffers.items()):
+            queued += [(client, job) for job in split_frames(buffer, MAX_GROUP - len(queued))]
+        if not queued:
+            continue
+        group, queued = queued, []
+        requests = [(n, op, args) for n, (_, (_, op, args)) in enumerate(group)
+                    if op != "stop"]
+        answers: dict[int, tuple[Any, Any]] = dict.fromkeys(range(len(group)), (None, None))
+        for n, error, result in (writer.run_group(requests) if requests else []):
+            answers[n] = (error, result)
+        out: dict[socket.socket, list[bytes]] = {}
+        woke: set[socket.socket] = set()
+        for n, (client, (job_id, op, _)) in enumerate(group):
+            error, result = answers[n]
+            out.setdefault(client, []).append(_frame_answer((job_id, error, result)))
+            if op in WAKES and error is None:
+                woke.add(client)
+            stopping = stopping or (op == "stop" and client is owner)
+        for client, frames in out.items():
+            if client in buffers:
+                send(client, b"".join(frames))
+        if woke:
+            wake = frame((WAKE, None, None))
+            for client in list(buffers):
+                if client is not owner and client not in woke:
+                    send(client, wake)
+
+
 def main(argv: Sequence[str]) -> int:
     """``writer.py fd path max_events lock_wait [max_bytes]``: serve the relay on the inherited
     socket."""
@@ -144,8 +244,10 @@ def main(argv: Sequence[str]) -> int:
         signal.signal(signum, signal.SIG_IGN)
     fd, path, max_events, lock_wait = int(argv[1]), argv[2], int(argv[3]), float(argv[4])
     max_bytes = int(argv[5]) if len(argv) > 5 else 0
+    listen_fd = int(argv[6]) if len(argv) > 6 else -1
+    listener = socket.socket(fileno=listen_fd) if listen_fd >= 0 else None
     with socket.socket(fileno=fd) as sock:
-        return serve(sock, path, max_events, lock_wait, max_bytes)
+        return serve(sock, path, max_events, lock_wait, max_bytes, listener)
 
 
 if __name__ == "__main__":
