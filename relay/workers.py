@@ -203,6 +203,31 @@ def _reserve_port(host: str, port: int, listen: str) -> socket.socket:
         raise SystemExit(f"relay: cannot listen on {listen}: {exc.strerror or exc}") from exc
 
 
+SOCKET_PATH_MAX = 100   # sun_path holds 108 bytes; "writer.sock" and a margin must fit
+
+
+def _make_run_dir(config: Config) -> str:
+    """A private (0700) directory for the writer's socket, worker 0's delivery state and the
+    metrics files: in the temporary directory ($TMPDIR, /tmp), else /dev/shm (a container with
+    a read-only root filesystem, as the Helm chart runs it), else beside the SQLite spool."""
+    places: list[str | None] = [None, "/dev/shm"]
+    if config.spool.backend == "sqlite":
+        places.append(str(Path(config.spool.path).resolve().parent))
+    tried = []
+    for place in places:
+        try:
+            made = tempfile.mkdtemp(prefix="relay-", dir=place)
+        except OSError as exc:
+            tried.append(f"{place or 'the temporary directory'}: {exc.strerror or exc}")
+            continue
+        if len(os.path.join(made, "writer.sock")) <= SOCKET_PATH_MAX:
+            return made
+        os.rmdir(made)
+        tried.append(f"{made}: too long a path for a unix socket")
+    raise SystemExit("relay: server.workers needs a writable directory for its workers' "
+                     f"sockets and metrics; tried {'; '.join(tried)}: set TMPDIR to one")
+
+
 def _exit_text(code: int) -> str:
     if code < 0:
         with contextlib.suppress(ValueError):
@@ -332,7 +357,7 @@ async def supervise(loaded: Loaded, config_path: str) -> int:
     host, port = config.server.host_port
     reserved = _reserve_port(host, port, config.server.listen)
     port = reserved.getsockname()[1]
-    run_dir = tempfile.mkdtemp(prefix="relay-")
+    run_dir = _make_run_dir(config)
     metrics_dir = os.path.join(run_dir, "metrics")
     os.mkdir(metrics_dir, 0o700)
     os.environ[MULTIPROC_DIR] = metrics_dir   # the workers inherit it before any import

@@ -286,3 +286,35 @@ def test_sighup_reloads_every_worker(tmp_path: Path) -> None:
             assert relay.log().count("server.workers take effect only after a restart") == 2
         finally:
             relay.stop()
+
+
+def test_without_a_writable_tmp_the_private_directory_goes_elsewhere(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read-only root filesystem (the Helm chart's) has no writable /tmp: /dev/shm, else the
+    spool's folder, holds the writer's socket and the metrics; with none, a clear error."""
+    import tempfile
+
+    from relay.config import load_config
+    from relay.workers import _make_run_dir
+
+    config = load_config(write_config(tmp_path, server={"workers": 2}), env={})
+    real = tempfile.mkdtemp
+    refused: list[str | None] = []
+
+    def mkdtemp(prefix: str = "", dir: str | None = None) -> str:
+        if dir in refused:
+            raise PermissionError(13, "Read-only file system")
+        return real(prefix=prefix, dir=dir)
+
+    monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp)
+    refused[:] = [None]
+    made = _make_run_dir(config)
+    assert made.startswith("/dev/shm/relay-") or not Path("/dev/shm").is_dir()
+    Path(made).rmdir()
+    refused[:] = [None, "/dev/shm"]
+    made = _make_run_dir(config)
+    assert Path(made).parent == tmp_path and oct(Path(made).stat().st_mode & 0o777) == "0o700"
+    Path(made).rmdir()
+    refused[:] = [None, "/dev/shm", str(tmp_path)]
+    with pytest.raises(SystemExit, match=r"Read-only file system.*set TMPDIR"):
+        _make_run_dir(config)
