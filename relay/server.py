@@ -24,7 +24,7 @@ from relay.config import Config
 from relay.destinations import CompiledDestination, compile_destinations
 from relay.errors import InvalidEvent, SpoolError, SpoolFull
 from relay.events import accept_body, parse_events
-from relay.metrics import CONTENT_TYPE_LATEST, Metrics
+from relay.metrics import CONTENT_TYPE_LATEST, Metrics, multiprocess
 from relay.routing import Router
 from relay.spool import Attempt, DeliveryRecord, Receipt
 from relay.spool.contract import SpoolBackend
@@ -431,6 +431,8 @@ async def _render_metrics(app: web.Application) -> bytes:
     dispatcher = app[DISPATCHER]
     if dispatcher is not None and not getattr(dispatcher, "remote", False):
         dispatch_gauges(metrics, dispatcher)
+    if multiprocess():   # reads a file per worker that ever ran: off the event loop
+        return await asyncio.to_thread(metrics.render)
     return metrics.render()
 
 

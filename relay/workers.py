@@ -46,6 +46,7 @@ from relay.config import Config
 from relay.destinations import Loaded
 from relay.errors import SpoolError
 from relay.metrics import MULTIPROC_DIR
+from relay.ratelimit import replica_share
 from relay.spool.files import log_pending, private_spool_files
 
 if TYPE_CHECKING:
@@ -100,7 +101,9 @@ def role_from_env() -> Role | None:
 
 
 def become_worker(role: Role) -> None:
-    """Die with the supervisor: SIGTERM when it exits, however it exits (Linux)."""
+    """Die with the supervisor: SIGTERM when it exits, however it exits (Linux). A SIGHUP the
+    supervisor passes on before this worker listens for it must not end it (the default)."""
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     if os.getppid() != role.parent:   # it died before the line above took effect
@@ -251,7 +254,10 @@ class _Slot:
         # Each worker is its own replica in PostgreSQL's claims: RELAY_REPLICA_ID/w<index>.
         replica = os.environ.get("RELAY_REPLICA_ID") or f"{socket.gethostname()}:{self.role.parent}"
         env = {**os.environ, ENV: json.dumps(asdict(replace(self.role, ready_fd=write))),
-               "RELAY_REPLICA_ID": f"{replica}/w{self.role.index}"}
+               "RELAY_REPLICA_ID": f"{replica}/w{self.role.index}",
+               # PostgreSQL: the destinations' rate limits are split over every worker of
+               # every replica (SQLite: worker 0 alone delivers, it is not read)
+               "RELAY_REPLICAS": str(replica_share() * self.role.count)}
         try:
             self.proc = subprocess.Popen(  # noqa: ASYNC220 - one fork/exec, like the writer's
                 [sys.executable, "-m", "relay", "serve", "-c", self.config_path],
@@ -390,7 +396,9 @@ async def supervise(loaded: Loaded, config_path: str) -> int:
             task.cancel()
         await asyncio.gather(*keepers, return_exceptions=True)
         forward(signal.SIGTERM)
-        await _wait_exit(slots, config.server.drain_timeout + STOP_GRACE)
+        # a worker drains in two steps of up to server.drain_timeout each: requests in
+        # flight, then delivery attempts in flight (relay/service.py)
+        await _wait_exit(slots, 2 * config.server.drain_timeout + STOP_GRACE)
         if store is not None:
             await log_pending(store, config)
             await store.close()

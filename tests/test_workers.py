@@ -251,6 +251,8 @@ def test_postgres_workers_are_replicas_and_deliver_each_event_once(tmp_path: Pat
             assert len(children(relay.proc.pid)) == 2, "on PostgreSQL there is no writer"
             assert {environ(pid)["RELAY_REPLICA_ID"][-3:] for pid in workers.values()} == \
                 {"/w0", "/w1"}, "each worker is its own replica in the claims"
+            assert {environ(pid)["RELAY_REPLICAS"] for pid in workers.values()} == {"2"}, \
+                "rate limits are split over both workers"
             events = [event(i) for i in range(150)]
             post_each(relay, events)
             eventually(lambda: len(delivered(receiver, "/a")), lambda n: n >= 150, timeout=30,

@@ -275,6 +275,8 @@ class Store:
                 await self._start_writer()
                 log.warning("connected to the spool writer again" if shared
                             else "the spool writer is running again")
+                if shared and self.on_wake is not None:
+                    self.on_wake()   # wakes sent while disconnected were lost: look now
                 return
             except SpoolError as exc:
                 if not shared:

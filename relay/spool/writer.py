@@ -147,7 +147,8 @@ def serve(sock: socket.socket, path: str, max_events: int, lock_wait: float,
     return 0
 
 
-SEND_TIMEOUT = 10.0  # a worker that reads no answer for this long is cut off (it reconnects)
+SEND_TIMEOUT = 2.0   # a worker that reads no answer for this long is cut off (it reconnects):
+                     # meanwhile the writer waits, and so does every other worker
 WAKES = frozenset({"ingest", "replay"})  # jobs that give the dispatching worker new work
 
 
@@ -181,10 +182,11 @@ def _serve_many(owner: socket.socket, listener: socket.socket, writer: Writer) -
                 raise
             drop(client)
 
-    queued: list[tuple[socket.socket, Any]] = []
+    backlog = False   # a full group left frames in the buffers: look again without waiting
+    turn = 0          # the client whose frames go first: a full group must not starve the last
     stopping = False
     while not stopping:
-        for key, _ in selector.select(0 if queued else None):
+        for key, _ in selector.select(0 if backlog else None):
             client = key.fileobj
             assert isinstance(client, socket.socket)
             if client is listener:
@@ -207,11 +209,15 @@ def _serve_many(owner: socket.socket, listener: socket.socket, writer: Writer) -
                 drop(client)
                 continue
             buffers[client] += data
-        for client, buffer in list(buffers.items()):
-            queued += [(client, job) for job in split_frames(buffer, MAX_GROUP - len(queued))]
-        if not queued:
+        clients = list(buffers)
+        turn = (turn + 1) % len(clients)
+        group: list[tuple[socket.socket, Any]] = []
+        for client in clients[turn:] + clients[:turn]:
+            group += [(client, job)
+                      for job in split_frames(buffers[client], MAX_GROUP - len(group))]
+        backlog = len(group) >= MAX_GROUP
+        if not group:
             continue
-        group, queued = queued, []
         requests = [(n, op, args) for n, (_, (_, op, args)) in enumerate(group)
                     if op != "stop"]
         answers: dict[int, tuple[Any, Any]] = dict.fromkeys(range(len(group)), (None, None))
@@ -228,10 +234,10 @@ def _serve_many(owner: socket.socket, listener: socket.socket, writer: Writer) -
         for client, frames in out.items():
             if client in buffers:
                 send(client, b"".join(frames))
-        if woke:
+        if woke:   # every worker but the only one that stored work (it woke itself)
             wake = frame((WAKE, None, None))
             for client in list(buffers):
-                if client is not owner and client not in woke:
+                if client is not owner and woke - {client}:
                     send(client, wake)
 
 
