@@ -128,7 +128,6 @@ async def run(loaded: Loaded, *, metrics: Metrics | None = None,
         log.info("worker %d of %d (pid %d) serving on http://%s:%s%s", role.index, role.count,
                  os.getpid(), _host(bound[0]), bound[1], "" if delivers else " (ingest only: "
                  "worker 0 delivers from the SQLite spool)")
-        say_ready(role)
 
     if delivers:  # SQLite workers: worker 0 alone prunes; PostgreSQL takes turns by itself
         supervisor.spawn("prune", lambda: _prune_forever(spool, config.spool.retention))
@@ -148,6 +147,8 @@ async def run(loaded: Loaded, *, metrics: Metrics | None = None,
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(signal.SIGHUP, lambda: background.append(
                 asyncio.create_task(watcher.reload("SIGHUP"))))
+    if role is not None:   # listening, and SIGHUP handled: the supervisor may count on it
+        say_ready(role)
     try:
         await stop.wait()
     finally:

@@ -360,6 +360,11 @@ async def supervise(loaded: Loaded, config_path: str) -> int:
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, forward, signal.SIGHUP)
 
+    from relay.config.lint import usable_cores
+
+    if count > (cores := usable_cores()):
+        log.warning("server.workers is %d but the relay may use %d cores: the workers beyond "
+                    "that only share them", count, cores)
     host, port = config.server.host_port
     reserved = _reserve_port(host, port, config.server.listen)
     port = reserved.getsockname()[1]

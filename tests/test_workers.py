@@ -320,3 +320,12 @@ def test_without_a_writable_tmp_the_private_directory_goes_elsewhere(
     refused[:] = [None, "/dev/shm", str(tmp_path)]
     with pytest.raises(SystemExit, match=r"Read-only file system.*set TMPDIR"):
         _make_run_dir(config)
+
+
+def test_more_workers_than_cores_is_a_warning_not_an_error(tmp_path: Path) -> None:
+    config = write_config(tmp_path, server={"workers": (os.cpu_count() or 1) + 1})
+    done = subprocess.run([sys.executable, "-m", "relay", "check-config", str(config)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "server.workers" in done.stdout + done.stderr
+    assert "cores" in done.stdout + done.stderr

@@ -1,7 +1,8 @@
 """Warnings about a valid config: things that work but are likely wrong.
 
-``check-config`` prints them and still succeeds; nothing here refuses a config. Today one rule:
-a ``raw`` template body sent as JSON (``application/json`` or ``+json``) that prints a value
+``check-config`` prints them and still succeeds; nothing here refuses a config. Two rules:
+more ``server.workers`` than this machine has cores for the relay (they would only share
+them), and a ``raw`` template body sent as JSON (``application/json`` or ``+json``) that prints a value
 without the ``json`` filter, so event data such as ``", "admin": true, "x": "`` could add keys
 (issue 15). Outputs whose last filter is ``json`` (a JSON literal) or ``json_escape`` (escaped
 for use inside a quoted JSON string, Braze's documented way) are safe; literals are too.
@@ -9,6 +10,7 @@ for use inside a quoted JSON string, Braze's documented way) are safe; literals 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 from liquid import RenderContext
@@ -27,6 +29,11 @@ SAFE_LAST_FILTERS = frozenset({"json", "json_escape"})
 def config_warnings(config: Config) -> list[tuple[str, str]]:
     """``(path, message)`` for each warning, in config order."""
     warnings: list[tuple[str, str]] = []
+    cores = usable_cores()
+    if config.server.workers > cores:
+        warnings.append(("server.workers", f"{config.server.workers} workers, but this "
+                         f"machine gives the relay {cores} cores: workers beyond the cores only "
+                         "share them (and each costs ~70 MB); see docs/operations.md"))
     for i, dest in enumerate(config.destinations):
         template = dest.template
         if dest.format != "template" or template is None:
@@ -41,6 +48,14 @@ def config_warnings(config: Config) -> list[tuple[str, str]]:
                 warnings += [(f"{path}.template", message)
                              for message in unescaped_outputs(body.template)]
     return warnings
+
+
+def usable_cores() -> int:
+    """The CPUs this process may run on (its affinity; a container's CPU quota is not seen)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def is_json_type(content_type: str) -> bool:
