@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 from relay import __version__
 from relay.config import Config
+from relay.config.lint import usable_cores
 from relay.destinations import Loaded
 from relay.errors import SpoolError
 from relay.metrics import MULTIPROC_DIR
@@ -359,8 +360,6 @@ async def supervise(loaded: Loaded, config_path: str) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, forward, signal.SIGHUP)
-
-    from relay.config.lint import usable_cores
 
     if count > (cores := usable_cores()):
         log.warning("server.workers is %d but the relay may use %d cores: the workers beyond "

@@ -133,31 +133,13 @@ class Store:
             await lane.close()
         self._loop = None
 
-    async def _connect_writer(self) -> None:
-        """server.workers > 1: connect to the supervisor's writer and wait for its ready."""
-        assert self._loop is not None and self.writer_socket is not None
-        ready = self._loop.create_future()
-        self._pending = {0: ready}
-        self._buffer.clear()
-        try:
-            self._transport, _ = await self._loop.create_unix_connection(
-                lambda: _Link(self), self.writer_socket)
-            await asyncio.wait_for(ready, START_TIMEOUT)
-        except (OSError, TimeoutError, SpoolError) as exc:
-            self._up = False
-            if self._transport is not None:
-                self._transport.close()
-                self._transport = None
-            if isinstance(exc, SpoolError):
-                raise
-            reason = f"no answer within {START_TIMEOUT:g}s" if isinstance(exc, TimeoutError) else exc
-            raise SpoolError(f"cannot reach the spool writer at {self.writer_socket}: "
-                             f"{reason}") from None
-
     async def _start_writer(self) -> None:
+        """Start the writer process (or, as a worker of server.workers > 1, connect to the
+        supervisor's) and wait for its ready."""
         assert self._loop is not None
         if self.writer_socket is not None:
-            await self._connect_writer()
+            await self._handshake(f"cannot reach the spool writer at {self.writer_socket}",
+                                  path=self.writer_socket)
             return
         ours, theirs = socket.socketpair()
         passed = [theirs.fileno()] + ([self.listener.fileno()] if self.listener else [])
@@ -175,27 +157,35 @@ class Store:
             raise SpoolError(f"cannot start the spool writer: {exc}") from exc
         finally:
             theirs.close()
+        await self._handshake("the spool writer did not start", sock=ours)
+
+    async def _handshake(self, failure: str, *, sock: socket.socket | None = None,
+                         path: str | None = None) -> None:
+        """Connect the link (over ``sock``, or to the socket at ``path``) and wait for the
+        writer's ready; on failure drop the link and our writer process, if any, and raise
+        SpoolError starting with ``failure``."""
+        assert self._loop is not None
         ready = self._loop.create_future()
         self._pending = {0: ready}
         self._buffer.clear()
         try:
             self._transport, _ = await self._loop.create_unix_connection(
-                lambda: _Link(self), sock=ours)
+                lambda: _Link(self), path, sock=sock)
             await asyncio.wait_for(ready, START_TIMEOUT)
         except (OSError, TimeoutError, SpoolError) as exc:
             self._up = False   # a ready that came as the wait ran out: this writer is dropped
             if self._transport is not None:
                 self._transport.close()
                 self._transport = None
-            else:
-                ours.close()
+            elif sock is not None:
+                sock.close()
             if self._proc is not None and self._proc.poll() is None:
                 self._proc.kill()  # it said nothing in time, or we cannot talk to it
             await self._reap()
             if isinstance(exc, SpoolError):
                 raise
             reason = f"no answer within {START_TIMEOUT:g}s" if isinstance(exc, TimeoutError) else exc
-            raise SpoolError(f"the spool writer did not start: {reason}") from None
+            raise SpoolError(f"{failure}: {reason}") from None
 
     async def _reap(self) -> None:
         """Wait for the writer process to exit (kill it if it will not), by its PID."""
