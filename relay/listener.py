@@ -11,6 +11,7 @@ quiet under junk (one throttled info line, never a traceback; the relay's JSON e
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 from typing import Any
 
@@ -94,6 +95,15 @@ class _Capped:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._server, name)
+
+
+def cannot_listen(listen: str, port: int, exc: OSError) -> SystemExit:
+    """The exit for a server.listen that cannot be bound, saying what to do about it."""
+    if exc.errno == errno.EADDRINUSE:
+        return SystemExit(f"relay: cannot listen on {listen}: port {port} is already in use "
+                          "(another relay, or make run, still running?): stop it, or set "
+                          "server.listen to a free port")
+    return SystemExit(f"relay: cannot listen on {listen}: {exc.strerror or exc}")
 
 
 class Runner(web.AppRunner):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import gc
 import logging
 import os
@@ -27,7 +26,7 @@ from relay.destinations import Loaded, load
 from relay.dispatch import Dispatcher
 from relay.errors import SpoolError
 from relay.health_shared import SharedHealth, shared_health
-from relay.listener import Runner
+from relay.listener import Runner, cannot_listen
 from relay.logs import MASK, config_secrets
 from relay.metrics import Metrics, multiprocess
 from relay.reload import ConfigWatcher
@@ -110,11 +109,7 @@ async def run(loaded: Loaded, *, metrics: Metrics | None = None,
         if dispatcher is not None:
             await dispatcher.stop(0)
         await spool.close()
-        if exc.errno == errno.EADDRINUSE:
-            raise SystemExit(f"relay: cannot listen on {config.server.listen}: port {port} is "
-                             "already in use (another relay, or make run, still running?): stop "
-                             "it, or set server.listen to a free port") from exc
-        raise SystemExit(f"relay: cannot listen on {config.server.listen}: {exc.strerror}") from exc
+        raise cannot_listen(config.server.listen, port, exc) from exc
     # Everything made while starting (config, pydantic schemas, aiohttp, prometheus) lives as
     # long as the process: keep it out of the collector's full passes, which otherwise walk all
     # of it every few seconds under load (GC time measured 170-200 ms per 3 s before, 75-150

@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import errno
 import json
 import logging
 import os
@@ -46,6 +45,7 @@ from relay.config import Config
 from relay.config.lint import usable_cores
 from relay.destinations import Loaded
 from relay.errors import SpoolError
+from relay.listener import cannot_listen
 from relay.metrics import MULTIPROC_DIR
 from relay.ratelimit import replica_share
 from relay.spool.files import log_pending, private_spool_files
@@ -200,11 +200,7 @@ def _reserve_port(host: str, port: int, listen: str) -> socket.socket:
         sock.bind(address)
         return sock
     except OSError as exc:
-        if exc.errno == errno.EADDRINUSE:
-            raise SystemExit(f"relay: cannot listen on {listen}: port {port} is already in use "
-                             "(another relay, or make run, still running?): stop it, or set "
-                             "server.listen to a free port") from exc
-        raise SystemExit(f"relay: cannot listen on {listen}: {exc.strerror or exc}") from exc
+        raise cannot_listen(listen, port, exc) from exc
 
 
 SOCKET_PATH_MAX = 100   # sun_path holds 108 bytes; "writer.sock" and a margin must fit
