@@ -189,6 +189,7 @@ class Dispatcher:
         while not self._stopping:
             self._wake.clear()
             wait: float | None = IDLE_RECHECK
+            complete = False  # the last look saw every due delivery: no need for another
             if self._unrecorded:
                 # Dispatching is paused until every kept outcome is written.
                 if await self._record_kept():
@@ -207,14 +208,13 @@ class Dispatcher:
                     # backlog never stands in front of other hosts' deliveries.
                     exclude = self._inflight.keys() | self._unrecorded.keys() | \
                         self._still_parked(now)
-                    self._ready.extend(await self.spool.due(
-                        now, max(limit * 4, PREFETCH), names, exclude))
-                    if not self._ready:
-                        next_at = await self.spool.next_due_at(names, exclude)
-                        if next_at is not None:
-                            wait = min(max(0.0, next_at - now), IDLE_RECHECK)
+                    batch = await self.spool.poll(now, max(limit * 4, PREFETCH), names, exclude)
+                    self._ready.extend(batch.due)
+                    complete = batch.complete
+                    if batch.next_at is not None:
+                        wait = min(max(0.0, batch.next_at - now), IDLE_RECHECK)
                 started = self._start_some(limit)
-                if started and not self._ready and len(self._inflight) < limit:
+                if started and not self._ready and len(self._inflight) < limit and not complete:
                     continue  # the batch is used up and slots are free: more may be due
                 probe_at = min((until for h in self.health.hosts
                                 if (until := self.health.blocked_until(h)) is not None),

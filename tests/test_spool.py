@@ -185,3 +185,26 @@ async def test_a_schema_1_spool_is_migrated_with_its_pending_work(tmp_path: Path
         conn.close()
     finally:
         await spool.close()
+
+
+async def test_poll_says_whether_it_saw_all_due_work_and_when_more_falls_due(spool: Spool) -> None:
+    """One read gives the dispatcher the due rows, whether they are all that is due (so it need
+    not look again), and the next not_before after now among the rest."""
+    from relay.spool.records import Attempt
+
+    await spool.ingest([item(i, routes=(Route("a", "pending"),)) for i in range(3)])
+    everything = await spool.poll(1000.0, 10, ["a"])
+    assert [d.seq for d in everything.due] == [1, 2, 3]
+    assert everything.complete and everything.next_at is None
+    some = await spool.poll(1000.0, 2, ["a"])          # the limit cut it: look again
+    assert len(some.due) == 2 and not some.complete
+    cut = await spool.poll(1000.0, 10, ["a"], budget=1)  # the byte budget cut it
+    assert len(cut.due) == 1 and not cut.complete
+    retry = everything.due[0]
+    await spool.record_attempt(retry, Attempt(1000.0, 0.1, 503, None, None), state="pending",
+                               not_before=1030.0, failures=1, reason=None)
+    later = await spool.poll(1000.0, 10, ["a"])
+    assert [d.seq for d in later.due] == [2, 3] and later.complete
+    assert later.next_at == 1030.0                      # the retry, not the rows handed out
+    assert (await spool.poll(1000.0, 10, ["a"], exclude=[retry.seq])).next_at is None
+    assert (await spool.poll(1000.0, 10, ["b"])) == ([], True, None)

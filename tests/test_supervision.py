@@ -84,11 +84,11 @@ class FlakySpool:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.spool, name)
 
-    async def due(self, *args: Any, **kwargs: Any) -> Any:
+    async def poll(self, *args: Any, **kwargs: Any) -> Any:   # the dispatcher's read of due work
         if self.fail_due is not None:
             exc, self.fail_due = self.fail_due, None
             raise exc
-        return await self.spool.due(*args, **kwargs)
+        return await self.spool.poll(*args, **kwargs)
 
     async def record_attempt(self, *args: Any, **kwargs: Any) -> None:
         self.record_calls += 1

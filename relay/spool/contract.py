@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING, Protocol
 
-from relay.spool.records import Attempt, DeliveryRecord, Due, Ingested, Receipt
+from relay.spool.records import Attempt, DeliveryRecord, Due, DueBatch, Ingested, Receipt
 
 if TYPE_CHECKING:
     from relay.events import Accepted
@@ -41,6 +41,8 @@ class IngestStore(Lifecycle, Protocol):
 class WorkQueue(Protocol):
     async def due(self, now: float, limit: int, destinations: Sequence[str],
                   exclude: Collection[int] = (), budget: int = ...) -> list[Due]: ...
+    async def poll(self, now: float, limit: int, destinations: Sequence[str],
+                   exclude: Collection[int] = ()) -> DueBatch: ...
     async def next_due_at(self, destinations: Sequence[str],
                           exclude: Collection[int] = ()) -> float | None: ...
     async def record_attempt(self, due: Due, attempt: Attempt, *, state: str,

@@ -50,7 +50,15 @@ from relay.ids import delivery_id_prefix, random_part
 from relay.spool import postgres_sql as sql
 from relay.spool.postgres_schema import migrate, quote_ident
 from relay.spool.receipt import pack, receipt_entry, unpack
-from relay.spool.records import DUE_BUDGET, Attempt, DeliveryRecord, Due, Ingested, Receipt
+from relay.spool.records import (
+    DUE_BUDGET,
+    Attempt,
+    DeliveryRecord,
+    Due,
+    DueBatch,
+    Ingested,
+    Receipt,
+)
 
 if TYPE_CHECKING:
     from relay.events import Accepted
@@ -469,6 +477,15 @@ class PostgresSpool:
             await self._fetch_lightly(sql.UNCLAIM, [row[0] for row in rows[len(kept):]],
                                       self.replica)
         return [Due(*row[:9]) for row in kept]
+
+    async def poll(self, now: float, limit: int, destinations: Sequence[str],
+                   exclude: Collection[int] = ()) -> DueBatch:
+        """``due``'s claims; when there are none, the next time one can be made. Never
+        ``complete``: other replicas store and release work this one is not told of, so the
+        dispatcher looks again after using a batch up."""
+        rows = await self.due(now, limit, destinations, exclude)
+        return DueBatch(rows, False,
+                        None if rows else await self.next_due_at(destinations, exclude))
 
     async def next_due_at(self, destinations: Sequence[str],
                           exclude: Collection[int] = ()) -> float | None:

@@ -6,7 +6,7 @@ import json
 from collections.abc import Collection, Sequence
 from typing import Any
 
-from relay.spool.records import DUE_BUDGET, Attempt, Due
+from relay.spool.records import DUE_BUDGET, Attempt, Due, DueBatch
 from relay.spool.store import Store
 from relay.spool.wire import AddHeldJob, RecordJob, ReplayJob
 
@@ -15,17 +15,22 @@ from relay.spool.wire import AddHeldJob, RecordJob, ReplayJob
 _PENDING = ("d.state = 'pending' AND d.destination IN (SELECT value FROM json_each(:destinations)) "
             "AND d.seq NOT IN (SELECT value FROM json_each(:exclude))")
 # The oldest due rows, as many as fit in :budget characters of event JSON (at least one): the
-# running total reads only the events' size column; bodies are read for the rows kept.
-_DUE = (
-    "WITH due AS (SELECT d.seq, d.delivery_id, d.destination, d.attempts, d.failures, "
-    "d.first_attempt_at, d.held, d.event_seq, d.not_before, e.size, "
+# running total reads only the events' size column; bodies are read for the rows kept. With
+# them, in the same read: how many rows were due (up to :limit) before the budget, and the
+# earliest not_before still to come, so a dispatcher that got every due row need not ask again
+# (at one event at a time, the two follow-up reads cost more than the first).
+_POLL = (
+    "WITH due AS MATERIALIZED (SELECT d.seq, d.delivery_id, d.destination, d.attempts, "
+    "d.failures, d.first_attempt_at, d.held, d.event_seq, d.not_before, e.size, "
     "SUM(e.size) OVER (ORDER BY d.not_before, d.seq ROWS UNBOUNDED PRECEDING) AS upto "
     "FROM deliveries d JOIN events e ON e.seq = d.event_seq "
     f"WHERE {_PENDING} AND d.not_before <= :now ORDER BY d.not_before, d.seq LIMIT :limit) "
-    "SELECT json_group_array(json_array(seq, delivery_id, destination, attempts, failures, "
-    "first_attempt_at, held, event_seq, body)) FROM ("
+    "SELECT (SELECT json_group_array(json_array(seq, delivery_id, destination, attempts, "
+    "failures, first_attempt_at, held, event_seq, body)) FROM ("
     "SELECT due.*, e.body FROM due JOIN events e ON e.seq = due.event_seq "
-    "WHERE due.upto - due.size < :budget ORDER BY due.not_before, due.seq)")
+    "WHERE due.upto - due.size < :budget ORDER BY due.not_before, due.seq)), "
+    "(SELECT COUNT(*) FROM due), "
+    f"(SELECT MIN(d.not_before) FROM deliveries d WHERE {_PENDING} AND d.not_before > :now)")
 
 _NEXT_DUE = f"SELECT MIN(d.not_before) FROM deliveries d WHERE {_PENDING}"
 
@@ -38,18 +43,26 @@ class QueueMixin(Store):
     async def due(self, now: float, limit: int, destinations: Sequence[str],
                   exclude: Collection[int] = (), budget: int = DUE_BUDGET) -> list[Due]:
         """Pending deliveries due by ``now`` for these destinations, oldest first: at most
-        ``limit``, and no more than fit in ``budget`` characters of event JSON (one at least).
+        ``limit``, and no more than fit in ``budget`` characters of event JSON (one at least)."""
+        return (await self.poll(now, limit, destinations, exclude, budget)).due
+
+    async def poll(self, now: float, limit: int, destinations: Sequence[str],
+                   exclude: Collection[int] = (), budget: int = DUE_BUDGET) -> DueBatch:
+        """``due``'s rows, whether they are all that is due by ``now`` (fewer than ``limit``,
+        none left out for the budget), and the earliest ``not_before`` after ``now``: one read.
 
         The rows come back as one JSON array in one row: Python's sqlite3 releases the GIL for
         each row it steps to, and the reader thread must win it back from the busy event loop
         every time (256 rows took tens of ms under load).
         """
         if not destinations or limit <= 0:
-            return []
+            return DueBatch([], True, None)
         args = {**_pending_args(destinations, exclude), "now": now, "limit": limit,
                 "budget": budget}
-        found = await self._read(lambda conn: conn.execute(_DUE, args).fetchone()[0])
-        return [Due(*row) for row in json.loads(found)]
+        found, counted, next_at = await self._read(
+            lambda conn: conn.execute(_POLL, args).fetchone())
+        rows = [Due(*row) for row in json.loads(found)]
+        return DueBatch(rows, len(rows) == counted < limit, next_at)
 
     async def next_due_at(self, destinations: Sequence[str],
                           exclude: Collection[int] = ()) -> float | None:

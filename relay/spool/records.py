@@ -52,6 +52,15 @@ class Due:
     event_json: str
 
 
+class DueBatch(NamedTuple):
+    """One look at the work queue: what is due, and what the dispatcher needs to know to wait."""
+
+    due: list[Due]
+    complete: bool          # ``due`` is every delivery due by then (not excluded): no need to
+                            # look again until something changes
+    next_at: float | None   # the earliest time another delivery falls due, if known
+
+
 @dataclass(frozen=True, slots=True)
 class Attempt:
     """One try, as the activity log shows it."""
