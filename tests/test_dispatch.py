@@ -200,7 +200,7 @@ async def test_one_event_at_a_time_costs_few_spool_reads(make_stack: Any,
                                                         receiver: Receiver) -> None:
     """At a trickle (each event delivered before the next arrives) the dispatcher reads the
     spool about twice per delivery: once when the event is stored, once when its attempt is
-    done. A read that saw every due row needs no follow-up read (it cost ~6 per delivery)."""
+    done. A read that saw every due row needs no follow-up read (it cost 5 per delivery)."""
     stack = await make_stack(**receiver_config(receiver, destinations=[
         {"name": "braze", "format": "braze", "url": f"{receiver.url}/braze"}]))
     spool, reads = stack.dispatcher.spool, []

@@ -14,7 +14,7 @@ import pytest
 from relay.errors import SpoolError, SpoolFull
 from relay.events import Event, accept
 from relay.routing import Route
-from relay.spool import Spool
+from relay.spool import Attempt, Spool
 from tests.helpers import Clock, async_eventually
 
 PENDING = (Route("a", "pending"), Route("b", "pending"))
@@ -190,8 +190,6 @@ async def test_a_schema_1_spool_is_migrated_with_its_pending_work(tmp_path: Path
 async def test_poll_says_whether_it_saw_all_due_work_and_when_more_falls_due(spool: Spool) -> None:
     """One read gives the dispatcher the due rows, whether they are all that is due (so it need
     not look again), and the next not_before after now among the rest."""
-    from relay.spool.records import Attempt
-
     await spool.ingest([item(i, routes=(Route("a", "pending"),)) for i in range(3)])
     everything = await spool.poll(1000.0, 10, ["a"])
     assert [d.seq for d in everything.due] == [1, 2, 3]
