@@ -120,6 +120,27 @@ def test_poisoned_ingest_fails_alone_and_numbering_stays_right(db: Writer) -> No
     assert db.stats()["open_events"] == 3
 
 
+def test_only_groups_of_attempt_outcomes_commit_without_fsync(db: Writer) -> None:
+    """Ingests, and groups mixing them with outcomes, commit with synchronous=FULL; a group of
+    outcomes only with NORMAL (a power loss could only make those deliveries be sent again)."""
+    def synchronous() -> int:   # 1 NORMAL, 2 FULL
+        return int(db.conn.execute("PRAGMA synchronous").fetchone()[0])
+
+    assert errors(db.run_group([raw(1, ingest("e1", routes=3))])) == {1: None}
+    assert synchronous() == 2
+    deliveries = db.conn.execute("SELECT seq, event_seq FROM deliveries ORDER BY seq").fetchall()
+    assert errors(db.run_group([raw(2, record(*deliveries[0]))])) == {2: None}
+    assert synchronous() == 1
+    assert errors(db.run_group([raw(3, record(*deliveries[1])), raw(4, ingest("e2"))])) == {
+        3: None, 4: None}
+    assert synchronous() == 2
+    assert errors(db.run_group([raw(5, record(*deliveries[2]))])) == {5: None}
+    assert errors(db.run_group([raw(6, ReplayJob(1002.0, [], None, None))])) == {6: None}
+    assert synchronous() == 2   # an operator's replay is fsynced like an ingest
+    states = db.conn.execute("SELECT state FROM deliveries ORDER BY seq").fetchall()
+    assert states == [("delivered",)] * 3 + [("pending",)]
+
+
 def test_malformed_jobs_get_errors(db: Writer) -> None:
     """An unknown op or a job with the wrong number of fields is answered with an error."""
     answers = db.run_group([(1, "explode", ()), (2, "record", (1, 2)), raw(3, ingest("e1"))])

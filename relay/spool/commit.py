@@ -51,6 +51,7 @@ class Writer:
         self.open_events = conn.execute("SELECT COUNT(*) FROM events WHERE pending > 0").fetchone()[0]
         self.next_seq = conn.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM events").fetchone()[0]
         self.groups = 0  # transactions run (group commit: fewer than jobs under load)
+        self.fsynced = True  # connect() sets synchronous=FULL
 
     def run_group(self, requests: list[tuple[int, str, Any]]) -> list[Answer]:
         """One transaction for every job; answers ``(job_id, error, result)`` after COMMIT."""
@@ -74,6 +75,7 @@ class Writer:
         counts = self.open_events, self.next_seq
         self.groups += 1
         try:
+            self._fsync_commit(bool(ingests or others))
             conn.execute("BEGIN IMMEDIATE")
             if records:
                 answers += self._bulk("record job", records, self.record_group)
@@ -91,6 +93,19 @@ class Writer:
             error = as_job_error(exc, "group of jobs").wire()
             return [(job_id, error, None) for job_id, _, _ in requests]
         return answers
+
+    def _fsync_commit(self, fsync: bool) -> None:
+        """synchronous=FULL (COMMIT fsyncs the WAL) unless the group holds attempt outcomes only.
+
+        An outcome needs no fsync of its own: a committed transaction survives SIGKILL of either
+        process without one (its WAL frames are in the OS's page cache), and the next FULL
+        commit or checkpoint flushes it with everything before it. Only power loss can undo an
+        outcome, and then its delivery is simply sent again with the same Webhook-Id, which
+        at-least-once already allows. Ingests and every other job keep FULL: a 202 or an
+        operator's replay must survive power loss too. Measured in docs/performance.md."""
+        if fsync != self.fsynced:
+            self.conn.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
+            self.fsynced = fsync
 
     def _bulk(self, op: str, jobs: list[tuple[int, J]],
               run: Callable[[list[tuple[int, J]]], list[Answer]]) -> list[Answer]:

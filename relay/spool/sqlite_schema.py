@@ -67,7 +67,8 @@ def connect(path: str) -> sqlite3.Connection:
                                cached_statements=256)  # room for every run_chunked size
         conn.execute("PRAGMA journal_mode=WAL")
         # FULL: each commit is fsynced, so an acknowledged event survives power loss, not only
-        # a process crash. Group commit pays for one fsync per group, not per request.
+        # a process crash. Group commit pays for one fsync per group, not per request. The
+        # writer drops to NORMAL for groups of attempt outcomes only (Writer._fsync_commit).
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA foreign_keys=OFF")
         conn.execute("PRAGMA busy_timeout=30000")

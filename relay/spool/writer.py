@@ -9,8 +9,9 @@ own interpreter and core: the event loop only validates, routes and answers.
 This module is the process's life: the spool's lock, start-up, the loop that takes every job
 that arrived while the previous transaction was committing and hands them to
 ``Writer.run_group`` as one group (relay/spool/commit.py: one transaction, one fsync with
-synchronous=FULL, then the answers), and exit. The relay sends a 202 only after that answer, so
-an acknowledged event survives SIGKILL of either process and power loss. The wire format is in
+synchronous=FULL, then the answers; a group of attempt outcomes only commits with NORMAL), and
+exit. The relay sends a 202 only after that answer, so an acknowledged event survives SIGKILL of
+either process and power loss. The wire format is in
 relay/spool/wire.py. The writer exits when the relay closes the socket (including when the relay
 is killed) after finishing the group in hand; no job's exception ends it.
 
