@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 import aiohttp
+from cachetools import LRUCache
 from yarl import URL
 
 from relay.config import Config
@@ -23,6 +24,7 @@ from relay.egress import Blocked, GuardedResolver, blocked_cause, check_literal,
 from relay.request import Exchange, Request
 
 EXCERPT_BYTES = 1024  # of each response body, kept for the activity log
+URL_CACHE = 1024  # parsed and egress-checked URLs kept per transport (templated URLs vary)
 
 
 class Transport(Protocol):
@@ -55,6 +57,34 @@ class AiohttpTransport:
         self.clock = clock
         self._allowed = parse_networks(config.delivery.allowed_networks)
         self._session: aiohttp.ClientSession | None = None
+        # url -> the parsed URL, or the Exchange error and detail that refuse it: both depend
+        # only on the string and allowed_networks (fixed for this transport's life).
+        self._urls: LRUCache[str, URL | tuple[str, str]] = LRUCache(URL_CACHE)
+        self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
+
+    def _checked(self, url: str) -> URL | tuple[str, str]:
+        """``url`` parsed, or why it may not be sent: ``(error, detail)``. aiohttp connects to
+        an IP literal without asking the resolver, so a literal is checked here."""
+        verdict = self._urls.get(url)
+        if verdict is None:
+            try:
+                parsed = URL(url)
+                check_literal(parsed.host or "", self._allowed)
+                verdict = parsed
+            except Blocked as exc:
+                verdict = ("blocked", str(exc))
+            except ValueError as exc:
+                verdict = ("invalid_url", str(exc))
+            self._urls[url] = verdict
+        return verdict
+
+    def _timeout(self, total: float) -> aiohttp.ClientTimeout:
+        found = self._timeouts.get(total)
+        if found is None:
+            if len(self._timeouts) >= URL_CACHE:
+                self._timeouts.clear()
+            found = self._timeouts[total] = aiohttp.ClientTimeout(total=total)
+        return found
 
     async def handle_request(self, request: Request, timeout: float,
                              read_limit: int = EXCERPT_BYTES) -> Exchange:
@@ -63,16 +93,13 @@ class AiohttpTransport:
         started, t0 = self.clock(), time.monotonic()
         via = request.via
         options: dict[str, Any] = {}
-        try:
-            # aiohttp connects to an IP literal without asking the resolver: check it here
-            # (and the proxy's: behind a proxy the destination's name is resolved by the proxy).
-            check_literal(URL(request.url).host or "", self._allowed)
-            if via is not None and via.proxy is not None:
-                check_literal(URL(via.proxy.url).host or "", self._allowed)
-        except Blocked as exc:
-            return Exchange(started, 0.0, error="blocked", detail=str(exc))
-        except ValueError as exc:
-            return Exchange(started, 0.0, error="invalid_url", detail=str(exc))
+        # The proxy's literal too: behind a proxy the destination's name is resolved by the proxy.
+        url = self._checked(request.url)
+        proxy = self._checked(via.proxy.url) if via is not None and via.proxy is not None else None
+        for refused in (url, proxy):
+            if isinstance(refused, tuple):
+                return Exchange(started, 0.0, error=refused[0], detail=refused[1])
+        assert isinstance(url, URL)
         if via is not None:
             if via.ssl is not None:
                 options["ssl"] = via.ssl

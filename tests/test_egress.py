@@ -8,6 +8,7 @@ import asyncio
 import json
 import socket
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -150,6 +151,44 @@ async def test_the_sending_client_refuses_internal_addresses_unless_allowed(tmp_
         finally:
             await transport.close()
         assert got.status == 200 and len(receiver.received()) == 1
+
+
+async def test_the_clients_url_cache_keeps_each_verdict_and_stays_bounded() -> None:
+    """The transport parses and checks each URL once (URL_CACHE of them): a refused literal is
+    refused every time, an allowed one is sent every time, and many distinct templated URLs
+    do not grow the cache past its bound."""
+    from relay.transport import URL_CACHE
+
+    with Receiver(Answer(200)) as receiver:
+        config = parse_config(json.dumps({
+            "delivery": {"allowed_ports": [receiver.port], "allowed_networks": ["127.0.0.0/8"]},
+            "destinations": [{"name": "b", "format": "braze", "url": f"{receiver.url}/b"}]}),
+            env={})
+        transport = AiohttpTransport(config)
+        try:
+            sent = [await transport.handle_request(Request("POST", f"{receiver.url}/b"), 5)
+                    for _ in range(2)]
+            refused = [await transport.handle_request(
+                Request("POST", f"http://10.0.0.1:{receiver.port}/p"), 5) for _ in range(3)]
+            invalid = await transport.handle_request(Request("POST", "http://[::1"), 5)
+            via = SimpleNamespace(ssl=None, server_name=None, proxy=SimpleNamespace(
+                url=f"http://10.0.0.2:{receiver.port}", username=None))
+            behind = [await transport.handle_request(
+                Request("POST", f"{receiver.url}/b", via=via), 5) for _ in range(2)]
+            again = await transport.handle_request(Request("POST", f"{receiver.url}/b"), 5)
+        finally:
+            await transport.close()
+        assert [e.status for e in [*sent, again]] == [200, 200, 200]
+        assert {(e.error, "10.0.0.1" in e.detail) for e in refused} == {("blocked", True)}
+        assert invalid.error == "invalid_url"
+        assert [(e.error, "10.0.0.2" in e.detail) for e in behind] == [("blocked", True)] * 2
+        assert len(receiver.received()) == 3
+        many = AiohttpTransport(config)
+        for i in range(URL_CACHE + 200):
+            got = await many.handle_request(Request("POST", f"http://10.9.9.9/p{i}"), 5)
+            assert got.error == "blocked"
+        assert len(many._urls) == URL_CACHE
+        await many.close()
 
 
 def test_blocked_is_a_final_failure_not_a_retry() -> None:
