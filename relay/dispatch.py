@@ -131,7 +131,8 @@ class Dispatcher:
 
         Attempts in flight finish with the route they started with. Deliveries of removed
         destinations stay pending in the spool (and go out again if the name comes back);
-        host health is kept. Connection limits and the CA bundle apply after a restart.
+        host health is kept. Connection limits, the CA bundle and delivery.allowed_networks
+        apply after a restart (relay/reload.py says so when they change).
         ``destinations`` are the config's compiled destinations (compiled here if not given).
         """
         if destinations is None:

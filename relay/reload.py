@@ -29,7 +29,10 @@ SETTLE_CHECKS = 25  # at most 5 s of waiting for a file that keeps changing
 RESTART_KEYS = (("server", "listen"), ("server", "max_body_bytes"), ("server", "workers"),
                 ("spool", "path"),
                 ("delivery", "concurrency"), ("delivery", "per_host_concurrency"),
-                ("delivery", "ca_file"))
+                ("delivery", "ca_file"),
+                # The sending client's resolver, literal check and pooled connections are built
+                # with it (relay/transport.py): a reload must say it does not apply yet.
+                ("delivery", "allowed_networks"))
 
 
 # Secret files, and the certificate files of a destination's tls (and delivery.ca_file).

@@ -7,15 +7,16 @@ and returns at once; when the script is used up it raises ``Done``, which ends `
 from __future__ import annotations
 
 import itertools
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from relay.config import load_config
+from relay.config import load_config, parse_config
 from relay.destinations import Loaded
-from relay.reload import SETTLE, SETTLE_CHECKS, ConfigWatcher
+from relay.reload import SETTLE, SETTLE_CHECKS, ConfigWatcher, needs_restart
 from tests.helpers import write_config
 
 INTERVAL = 1.0
@@ -144,3 +145,16 @@ async def test_an_invalid_edit_keeps_the_running_config(tmp_path: Path) -> None:
     await run.watch()
     assert run.applied == [] and run.results == [False]
     assert run.watcher.current is run.config
+
+
+def test_settings_the_sending_client_is_built_with_are_reported_as_needing_a_restart() -> None:
+    """The egress allow-list is built into the sending client, so a reload that changes it
+    (or the CA bundle) says so instead of appearing to apply; a destination change does not."""
+    def config(networks: list[str], url: str = "https://crm.example.com/hook") -> Any:
+        return parse_config(json.dumps({
+            "delivery": {"allowed_networks": networks},
+            "destinations": [{"name": "b", "format": "braze", "url": url}]}), env={})
+
+    old = config([])
+    assert needs_restart(old, config(["10.0.0.0/8"])) == ["delivery.allowed_networks"]
+    assert needs_restart(old, config([], "https://crm.example.com/other")) == []

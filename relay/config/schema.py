@@ -173,7 +173,7 @@ class DeliveryConfig(_Model):
                    "allowed_ports.")
     allowed_networks: tuple[str, ...] = _d(
         (), "Internal networks (CIDRs) destinations may reach; loopback, private, link-local, "
-            "CGNAT and unique-local addresses are refused unless listed.")
+            "CGNAT and unique-local addresses are refused unless listed. Restart to change.")
     concurrency: Annotated[int, Field(ge=1, le=10_000)] = _d(
         64, "Attempts in flight at most. Restart to change.")
     per_host_concurrency: Annotated[int, Field(ge=1, le=10_000)] = _d(
