@@ -224,7 +224,6 @@ async def post_events(request: web.Request) -> web.Response:
     refused = _ingest_headers_refused(request)
     if refused is not None:
         return refused
-    too_large = _too_large(config.server.max_body_bytes)
     try:
         if request.content.is_eof():  # the whole body has arrived: nothing to wait for (a
             body = await request.read()  # timeout costs more than the rest of this read)
@@ -233,7 +232,7 @@ async def post_events(request: web.Request) -> web.Response:
                 body = await request.read()
     except web.HTTPRequestEntityTooLarge:
         metrics.events_rejected.labels("too_large").inc()
-        return error(413, too_large)
+        return error(413, _too_large(config.server.max_body_bytes))
     except TimeoutError:
         metrics.events_rejected.labels("timeout").inc()
         return error(408, f"the body did not arrive within server.read_timeout "
