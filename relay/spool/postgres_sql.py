@@ -22,7 +22,7 @@ claimed AS (
 SELECT 'c' AS kind, id, NULL AS deliveries FROM claimed
 UNION ALL
 SELECT 'd', s.id, s.deliveries FROM sender_ids s
-WHERE s.id = ANY($1) AND s.id NOT IN (SELECT id FROM claimed)
+WHERE s.id IN (SELECT id FROM input) AND NOT EXISTS (SELECT 1 FROM claimed c WHERE c.id = s.id)
 UNION ALL
 SELECT 'n', NULL, open_events::text FROM counters
 """
