@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import ssl
 import time
 from collections.abc import Callable
@@ -25,6 +26,11 @@ from relay.request import Exchange, Request
 
 EXCERPT_BYTES = 1024  # of each response body, kept for the activity log
 URL_CACHE = 1024  # parsed and egress-checked URLs kept per transport (templated URLs vary)
+
+
+@functools.lru_cache(maxsize=64)  # one per destination timeout (and token endpoint): few
+def _client_timeout(total: float) -> aiohttp.ClientTimeout:
+    return aiohttp.ClientTimeout(total=total)   # immutable: shared by every attempt
 
 
 class Transport(Protocol):
@@ -60,7 +66,6 @@ class AiohttpTransport:
         # url -> the parsed URL, or the Exchange error and detail that refuse it: both depend
         # only on the string and allowed_networks (fixed for this transport's life).
         self._urls: LRUCache[str, URL | tuple[str, str]] = LRUCache(URL_CACHE)
-        self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
 
     def _checked(self, url: str) -> URL | tuple[str, str]:
         """``url`` parsed, or why it may not be sent: ``(error, detail)``. aiohttp connects to
@@ -77,14 +82,6 @@ class AiohttpTransport:
                 verdict = ("invalid_url", str(exc))
             self._urls[url] = verdict
         return verdict
-
-    def _timeout(self, total: float) -> aiohttp.ClientTimeout:
-        found = self._timeouts.get(total)
-        if found is None:
-            if len(self._timeouts) >= URL_CACHE:
-                self._timeouts.clear()
-            found = self._timeouts[total] = aiohttp.ClientTimeout(total=total)
-        return found
 
     async def handle_request(self, request: Request, timeout: float,
                              read_limit: int = EXCERPT_BYTES) -> Exchange:

@@ -149,7 +149,7 @@ async def test_an_invalid_edit_keeps_the_running_config(tmp_path: Path) -> None:
 
 def test_settings_the_sending_client_is_built_with_are_reported_as_needing_a_restart() -> None:
     """The egress allow-list is built into the sending client, so a reload that changes it
-    (or the CA bundle) says so instead of appearing to apply; a destination change does not."""
+    says so instead of appearing to apply; a destination change does not."""
     def config(networks: list[str], url: str = "https://crm.example.com/hook") -> Any:
         return parse_config(json.dumps({
             "delivery": {"allowed_networks": networks},
