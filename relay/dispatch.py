@@ -35,7 +35,7 @@ from relay.policy import Outcome, Verdict, classify, decide
 from relay.ratelimit import RateLimits, replica_share
 from relay.request import Request, endpoint
 from relay.sending import send
-from relay.spool import Attempt, Due
+from relay.spool import Attempt, Due, Receipt
 from relay.spool.contract import WorkQueue
 from relay.supervise import Supervisor
 from relay.transport import AiohttpTransport, Transport
@@ -43,6 +43,7 @@ from relay.transport import AiohttpTransport, Transport
 log = logging.getLogger("relay.dispatch")
 
 PREFETCH = 256       # due deliveries read from the spool at a time
+OFFER_MAX = 4096     # deliveries from this process's ingest the ready queue takes at most
 IDLE_RECHECK = 60.0  # wake at least this often, e.g. after a replay made by another process
 # Memory is bounded in bytes of stored event JSON (a parsed event weighs several times its
 # text): 100 events of 1 MiB pending or in flight stay under 200 MB resident (bench/abuse.py).
@@ -111,6 +112,15 @@ class Dispatcher:
         self._host_load: Counter[str] = Counter()
         self._inflight_bytes = 0
         self._wake = asyncio.Event()
+        # What the last look at the spool established, kept until something changes it (see
+        # _forget): it saw every due delivery (``_complete``), and when the next one falls due
+        # (``_next_at``). While both hold, deliveries offered by this process's ingest are
+        # started from memory and no read is needed at all.
+        self._complete = False
+        self._changes = 0  # _forget calls: one during a look makes what it saw incomplete
+        self._next_at: float | None = None
+        self._offered: set[int] | None = None  # seqs offered while a look is under way
+        self._open: frozenset[str] = frozenset()  # destinations taking deliveries, last round
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
         # An event goes to several destinations: parse its stored JSON once, not per delivery.
@@ -152,13 +162,42 @@ class Dispatcher:
         # health key, so an event-chosen endpoint can only suspend itself.
         self._templated = [name for name, c in destinations.items() if c.host is None]
         self._ready.clear()  # may hold deliveries of a removed destination
-        self._wake.set()
+        self.wake()
 
     async def start(self) -> None:
         self._task = self.supervisor.spawn("dispatcher", self._run)
 
     def wake(self) -> None:
+        """Something may have become due (a replay, another process's ingest, a reload): the
+        next round looks at the spool."""
+        self._forget()
         self._wake.set()
+
+    def offer(self, receipt: Receipt) -> None:
+        """Deliveries this process's ingest has just committed (``receipt.fresh``, SQLite): they
+        join the ready queue from memory, so a stored event costs no read of the spool before
+        its attempt. They are the spool's rows as it would hand them out, and the spool stays
+        the authority: an offer that is not taken (its destination was held back in the last
+        round, the queue is long, outcomes are waiting to be recorded, stopping) is an
+        ordinary wake-up, and a look finds them when they can go."""
+        open_ = self._open
+        fresh = [entry for entry in receipt.fresh if entry[4] in open_]
+        if len(fresh) < len(receipt.fresh):
+            self._forget()  # some are held back (a suspended host, a rate limit): look later
+        if not fresh or self._stopping or self._unrecorded or \
+                len(self._ready) + len(fresh) > OFFER_MAX:
+            self.wake()
+            return
+        dues = receipt._replace(fresh=fresh).dues()
+        self._ready.extend(dues)
+        if self._offered is not None:  # a look under way may return these rows too
+            self._offered.update(due.seq for due in dues)
+        self._wake.set()
+
+    def _forget(self) -> None:
+        """The spool may hold due work this process has not seen: the next round looks."""
+        self._complete = False
+        self._changes += 1
 
     async def stop(self, timeout: float) -> None:
         """Stop taking work; let attempts in flight finish for up to ``timeout`` seconds."""
@@ -187,10 +226,10 @@ class Dispatcher:
     async def _run(self) -> None:
         limit = self.config.delivery.concurrency
         record_wait = 1.0
+        self._forget()  # (re)started: nothing seen yet
         while not self._stopping:
             self._wake.clear()
             wait: float | None = IDLE_RECHECK
-            complete = False  # the last look saw every due delivery: no need for another
             if self._unrecorded:
                 # Dispatching is paused until every kept outcome is written.
                 if await self._record_kept():
@@ -202,20 +241,36 @@ class Dispatcher:
                 continue
             try:
                 now = self.clock()
+                if self._next_at is not None and self._next_at <= now:
+                    self._forget()  # a delivery the last look saw coming is due now
+                    self._next_at = None
                 names = self._open_destinations(now)
-                if len(self._inflight) < limit and not self._ready:
+                self._open = frozenset(names)
+                if len(self._inflight) < limit and not self._ready and not self._complete:
                     # Fetch a good batch at once: one read per batch, not one per slot. Hosts
                     # that are suspended or at their limit are left out of the query, so their
                     # backlog never stands in front of other hosts' deliveries.
                     exclude = self._inflight.keys() | self._unrecorded.keys() | \
                         self._still_parked(now)
-                    batch = await self.spool.poll(now, max(limit * 4, PREFETCH), names, exclude)
-                    self._ready.extend(batch.due)
-                    complete = batch.complete
-                    if batch.next_at is not None:
-                        wait = min(max(0.0, batch.next_at - now), IDLE_RECHECK)
+                    self._offered, changes = set[int](), self._changes
+                    offered = self._offered
+                    try:
+                        batch = await self.spool.poll(now, max(limit * 4, PREFETCH), names,
+                                                      exclude)
+                    finally:
+                        self._offered = None
+                    # Deliveries offered during the read are queued already: not twice.
+                    self._ready.extend(due for due in batch.due if due.seq not in offered)
+                    # It saw everything only if no destination was left out of it and nothing
+                    # changed while it read (a replay, a retry, another process's events).
+                    self._complete = batch.complete and len(names) == len(self.destinations) \
+                        and self._changes == changes
+                    self._next_at = batch.next_at
+                if self._next_at is not None:
+                    wait = min(max(0.0, self._next_at - now), IDLE_RECHECK)
                 started = self._start_some(limit)
-                if started and not self._ready and len(self._inflight) < limit and not complete:
+                if started and not self._ready and len(self._inflight) < limit and \
+                        not self._complete:
                     continue  # the batch is used up and slots are free: more may be due
                 probe_at = min((until for h in self.health.hosts
                                 if (until := self.health.blocked_until(h)) is not None),
@@ -233,8 +288,10 @@ class Dispatcher:
             # Otherwise: every slot is busy, or what is ready waits on busy hosts, or nothing is
             # due yet. A finished attempt, new work, the next due time or the end of a
             # suspension wakes the loop.
-            with contextlib.suppress(TimeoutError):
+            try:
                 await asyncio.wait_for(self._wake.wait(), wait)
+            except TimeoutError:
+                self._forget()  # a due time, a probe, a token or IDLE_RECHECK: look again
 
     def _open_destinations(self, now: float) -> list[str]:
         """Destinations whose host takes requests now: not suspended, not at its limit (and
@@ -256,6 +313,7 @@ class Dispatcher:
             due = self._ready.popleft()
             target = self.destinations.get(due.destination)
             if target is None:
+                self._forget()
                 continue  # its destination was removed by a reload: it stays pending
             if not self.limits.ready(target.name, now):
                 self._count_limited(due.seq, target.name)
@@ -286,6 +344,7 @@ class Dispatcher:
             # Only held or busy hosts have work ready: drop it, so the next fetch (which leaves
             # those hosts out) can see other hosts' deliveries.
             self._ready.clear()
+            self._forget()
         return started
 
     def _still_parked(self, now: float) -> set[int]:
@@ -314,7 +373,7 @@ class Dispatcher:
             # The suspension is over: give its length back to the retry windows it ate into.
             held = now - host.suspended_at
             self._spawn(self.spool.add_held(self._host_destinations.get(host.key, []), held))
-        self._wake.set()
+        self.wake()
 
     def _spawn(self, work: Any) -> None:
         task = asyncio.create_task(work)
@@ -386,6 +445,7 @@ class Dispatcher:
         except Exception:  # a bug must not kill the dispatcher; the delivery stays pending
             log.exception("delivery %s: unexpected error", due.delivery_id)
             await asyncio.sleep(1.0)
+            self._forget()  # still due in the spool: the next look takes it again
         finally:
             self.health.abandon_probe(host, self.clock())  # no-op unless it was unjudged
             self._host_load[host] -= 1
@@ -420,6 +480,8 @@ class Dispatcher:
         except SpoolError as exc:
             self._keep_unrecorded(due, attempt, verdict, exc)
             return outcome
+        if verdict.state == "pending":  # a retry: its due time is news to the next look
+            self._forget()
         if meters is not None and verdict.state in meters.counted:
             meters.counted[verdict.state].inc()
         _log_attempt(due, target, outcome, verdict, now)
@@ -438,7 +500,7 @@ class Dispatcher:
         self._unrecorded[due.seq] = (due, attempt, verdict)
         self.record_error = str(exc)
         self._ready.clear()
-        self._wake.set()
+        self.wake()
 
     async def _record_kept(self) -> bool:
         """Try to record every kept outcome; True once none is left."""

@@ -42,6 +42,10 @@ class DispatchView(Protocol):
 
     def wake(self) -> None: ...
 
+    def offer(self, receipt: Receipt) -> None:
+        """Deliveries this process's ingest just stored: start them without a spool read."""
+        ...
+
     def held(self, destination: str) -> dict[str, Any] | None:
         """The "598 Host Unhealthy" marker when the destination's host is not healthy now."""
         ...
@@ -94,6 +98,7 @@ ROUTER: web.AppKey[Router] = web.AppKey("router", Router)
 DESTINATIONS: web.AppKey[dict[str, CompiledDestination]] = web.AppKey("destinations", dict)
 STATE: web.AppKey[dict[str, Any]] = web.AppKey("state", dict)
 WAKE: web.AppKey[Callable[[], None]] = web.AppKey("wake")
+OFFER: web.AppKey[Callable[[Receipt], None]] = web.AppKey("offer")
 DISPATCHER: web.AppKey[DispatchView | None] = web.AppKey("dispatcher")
 WARNED: web.AppKey[_Warned] = web.AppKey("warned", _Warned)
 RECENT: web.AppKey[_Recent] = web.AppKey("recent", _Recent)
@@ -121,6 +126,7 @@ def create_app(config: Config, spool: SpoolBackend, dispatcher: DispatchView | N
     app[SPOOL] = spool
     app[STATE] = {"draining": False}
     app[WAKE] = dispatcher.wake if dispatcher is not None else (lambda: None)
+    app[OFFER] = dispatcher.offer if dispatcher is not None else (lambda receipt: None)
     app[DISPATCHER] = dispatcher
     app[WARNED] = _Warned()
     app[RECENT] = _Recent()
@@ -263,7 +269,7 @@ async def post_events(request: web.Request) -> web.Response:
         return error(503, "the spool cannot store events right now", headers={"Retry-After": "5"})
     _count_ingest(metrics, receipt)
     if receipt.pending:
-        request.app[WAKE]()
+        request.app[OFFER](receipt)
     every_repeat = receipt.stored == 0   # 200 when nothing was new: a retried request
     answer = '{"events":' + receipt.events_json + (',"duplicate":true}' if every_repeat else "}")
     return web.Response(body=answer.encode(), status=200 if every_repeat else 202,

@@ -51,7 +51,7 @@ from relay.ratelimit import replica_share
 from relay.spool.files import log_pending, private_spool_files
 
 if TYPE_CHECKING:
-    from relay.spool import Spool
+    from relay.spool import Receipt, Spool
 
 log = logging.getLogger("relay.workers")
 
@@ -159,6 +159,9 @@ class RemoteDispatch:
 
     def wake(self) -> None:
         """Nothing to do: the writer wakes worker 0 when this worker stores events."""
+
+    def offer(self, receipt: Receipt) -> None:
+        """Nothing to do: worker 0 reads what this worker stored when the writer wakes it."""
 
     def held(self, destination: str) -> dict[str, Any] | None:
         held: dict[str, Any] | None = self._state["held"].get(destination)

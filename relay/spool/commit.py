@@ -50,6 +50,10 @@ class Writer:
         self.max_bytes = max_bytes  # 0: no bound on the file's size
         self.open_events = conn.execute("SELECT COUNT(*) FROM events WHERE pending > 0").fetchone()[0]
         self.next_seq = conn.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM events").fetchone()[0]
+        # Delivery seqs are assigned here too, so an ingest's answer can name them: the relay
+        # starts those deliveries from memory (Dispatcher.offer), with no read of the spool.
+        self.next_delivery = conn.execute(
+            "SELECT COALESCE(MAX(seq), 0) + 1 FROM deliveries").fetchone()[0]
         self.groups = 0  # transactions run (group commit: fewer than jobs under load)
         self.fsynced = True  # connect() sets synchronous=FULL
 
@@ -72,7 +76,7 @@ class Writer:
                 ingests.append((job_id, job))
             else:
                 others.append((job_id, job))
-        counts = self.open_events, self.next_seq
+        counts = self.open_events, self.next_seq, self.next_delivery
         self.groups += 1
         try:
             self._fsync_commit(bool(ingests or others))
@@ -89,7 +93,7 @@ class Writer:
             # relay logs the failure where a job's caller sees it, as JSON like its other logs.)
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
-            self.open_events, self.next_seq = counts
+            self.open_events, self.next_seq, self.next_delivery = counts
             error = as_job_error(exc, "group of jobs").wire()
             return [(job_id, error, None) for job_id, _, _ in requests]
         return answers
@@ -111,7 +115,7 @@ class Writer:
               run: Callable[[list[tuple[int, J]]], list[Answer]]) -> list[Answer]:
         """``run`` over every job at once; if it raises, over each job in its own savepoint."""
         if len(jobs) > 1:
-            counts = self.open_events, self.next_seq
+            counts = self.open_events, self.next_seq, self.next_delivery
             self.conn.execute("SAVEPOINT bulk")
             try:
                 answers = run(jobs)
@@ -120,7 +124,7 @@ class Writer:
             except Exception:  # one bad job must not fail the others: find it
                 self.conn.execute("ROLLBACK TO bulk")
                 self.conn.execute("RELEASE bulk")
-                self.open_events, self.next_seq = counts
+                self.open_events, self.next_seq, self.next_delivery = counts
         return [self._one(job_id, op, lambda job: run([job])[0], (job_id, job))
                 for job_id, job in jobs]
 
@@ -128,7 +132,7 @@ class Writer:
         """``fn(*args)``'s answer in a savepoint; on any exception the job's error, with its
         writes and counts undone. (If SQLite already rolled the whole transaction back, ROLLBACK
         TO raises and run_group fails the group.)"""
-        counts = self.open_events, self.next_seq
+        counts = self.open_events, self.next_seq, self.next_delivery
         self.conn.execute("SAVEPOINT job")
         try:
             answer = fn(*args)
@@ -137,7 +141,7 @@ class Writer:
         except Exception as exc:
             self.conn.execute("ROLLBACK TO job")
             self.conn.execute("RELEASE job")
-            self.open_events, self.next_seq = counts
+            self.open_events, self.next_seq, self.next_delivery = counts
             return (job_id, as_job_error(exc, op).wire(), None)
 
     def _handle(self, job_id: int, job: Job) -> Answer:
@@ -177,7 +181,8 @@ class Writer:
             job_known: dict[str, str] = {}
             new_open = 0
             prefix = delivery_id_prefix(now)
-            for event_id, sender_id, received_at, body, routes in map(IngestEvent._make, events):
+            for index, (event_id, sender_id, received_at, body, routes) in enumerate(
+                    map(IngestEvent._make, events)):
                 if sender_id:
                     listing = job_known.get(event_id) or known.get(event_id)
                     if listing is not None:
@@ -193,7 +198,7 @@ class Writer:
                 job_events.append((seq, event_id, sender_id, received_at, pending, listing, body,
                                    len(body)))
                 job_deliveries += [
-                    (did, seq, dest, state, now, now, now, reason)
+                    (index, did, seq, dest, state, now, now, now, reason)
                     for (dest, did, state), (_, _, reason) in zip(created, routes, strict=True)]
                 if sender_id:
                     job_known[event_id] = listing
@@ -212,18 +217,27 @@ class Writer:
             open_events += new_open
             known.update(job_known)
             event_rows += job_events
-            delivery_rows += job_deliveries
+            # (index of the event in the job, event seq, delivery seq, delivery id, destination)
+            # of each pending delivery created: the relay can start them without a read
+            fresh: list[tuple[int, int, int, str, str]] = []
+            first = self.next_delivery + len(delivery_rows)
+            for dseq, (index, did, seq, dest, state, *rest) in enumerate(job_deliveries, first):
+                delivery_rows.append((dseq, did, seq, dest, state, *rest))
+                if state == "pending":
+                    fresh.append((index, seq, dseq, did, dest))
             answers.append((job_id, None, ("[" + ",".join(entries) + "]", len(job_events),
-                                           len(entries) - len(job_events), skipped, new_open > 0)))
+                                           len(entries) - len(job_events), skipped, new_open > 0,
+                                           fresh)))
         run_chunked(self.conn, "INSERT INTO events(seq, id, sender_id, received_at, pending, "
                                "deliveries, body, size) {values}", 8, event_rows)
-        run_chunked(self.conn, "INSERT INTO deliveries(delivery_id, event_seq, destination, state, "
-                               "not_before, created_at, updated_at, reason) {values}", 8,
+        run_chunked(self.conn, "INSERT INTO deliveries(seq, delivery_id, event_seq, destination, "
+                               "state, not_before, created_at, updated_at, reason) {values}", 9,
                     delivery_rows)
         # the counts change only once every row is in: a statement that raised left them as
         # they were
         self.open_events = open_events
         self.next_seq += len(event_rows)
+        self.next_delivery += len(delivery_rows)
         return answers
 
     def _recent_sender_ids(self, jobs: list[IngestJob]) -> dict[str, str]:

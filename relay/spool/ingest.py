@@ -24,10 +24,13 @@ class IngestMixin(Store):
         writes the receipt's JSON too, off the event loop's core.
         """
         now = self.clock()
-        return Receipt(*await self._call(IngestJob(now, now - self.dedupe_window, [
+        answer = await self._call(IngestJob(now, now - self.dedupe_window, [
             (a.id, int(a.sender_id), a.received_at, a.body,   # an IngestEventTuple
              [(r.destination, r.state, r.reason) for r in routes])
-            for a, routes in events])))
+            for a, routes in events]))
+        events_json, stored, duplicates, skipped, pending, fresh = answer
+        return Receipt(events_json, stored, duplicates, skipped, pending, fresh,
+                       [a.body for a, _ in events])
 
     async def ingest(self, events: Sequence[tuple[Accepted, Sequence[Route]]]) -> list[Ingested]:
         """ingest_receipt, with the receipt as one Ingested per event."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -18,6 +19,17 @@ class Receipt(NamedTuple):
     duplicates: int         # events whose id was seen within the dedupe window
     skipped: list[str]      # destination of every skipped delivery created now
     pending: bool           # some delivery created now awaits sending: wake the dispatcher
+    # SQLite only: (index of the event in the request, event seq, delivery seq, delivery id,
+    # destination) of each pending delivery created now, and the events' stored JSON, so this
+    # process's dispatcher can start them from memory (``dues``) instead of reading them back.
+    fresh: Sequence[tuple[int, int, int, str, str]] = ()
+    bodies: Sequence[str] = ()
+
+    def dues(self) -> list[Due]:
+        """The pending deliveries created now, as the spool would hand them out when due."""
+        bodies = self.bodies
+        return [Due(seq, delivery_id, destination, 0, 0, None, 0.0, event_seq, bodies[index])
+                for index, event_seq, seq, delivery_id, destination in self.fresh]
 
     def entries(self) -> list[Ingested]:
         """The receipt as objects (tests, tools); deliveries are "pending" or "skipped" as
