@@ -43,7 +43,6 @@ from relay.transport import AiohttpTransport, Transport
 log = logging.getLogger("relay.dispatch")
 
 PREFETCH = 256       # due deliveries read from the spool at a time
-OFFER_MAX = 4096     # deliveries from this process's ingest the ready queue takes at most
 IDLE_RECHECK = 60.0  # wake at least this often, e.g. after a replay made by another process
 # Memory is bounded in bytes of stored event JSON (a parsed event weighs several times its
 # text): 100 events of 1 MiB pending or in flight stay under 200 MB resident (bench/abuse.py).
@@ -120,6 +119,9 @@ class Dispatcher:
         self._changes = 0  # _forget calls: one during a look makes what it saw incomplete
         self._next_at: float | None = None
         self._offered: set[int] | None = None  # seqs offered while a look is under way
+        self._seen_upto = 0     # the highest delivery seq a look could see: offers at or below
+                                # it are the look's to hand out (queued, or found again later)
+        self._looked_at = 0.0   # when the last look was made (IDLE_RECHECK applies under load)
         self._open: frozenset[str] = frozenset()  # destinations taking deliveries, last round
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
@@ -177,18 +179,23 @@ class Dispatcher:
         """Deliveries this process's ingest has just committed (``receipt.fresh``, SQLite): they
         join the ready queue from memory, so a stored event costs no read of the spool before
         its attempt. They are the spool's rows as it would hand them out, and the spool stays
-        the authority: an offer that is not taken (its destination was held back in the last
-        round, the queue is long, outcomes are waiting to be recorded, stopping) is an
-        ordinary wake-up, and a look finds them when they can go."""
-        open_ = self._open
-        fresh = [entry for entry in receipt.fresh if entry[4] in open_]
-        if len(fresh) < len(receipt.fresh):
-            self._forget()  # some are held back (a suspended host, a rate limit): look later
-        if not fresh or self._stopping or self._unrecorded or \
-                len(self._ready) + len(fresh) > OFFER_MAX:
+        the authority. They are taken only while the last look saw every due delivery (so
+        they overtake no older due work, such as a retry) and the ready queue is short;
+        otherwise, or for a destination held back in the last round, the offer is an ordinary
+        wake-up and a look finds them, oldest first. A row a look could already see is that
+        look's to hand out, never queued twice."""
+        if not self._complete or self._stopping or self._unrecorded or \
+                (self._ready and len(self._ready) + len(receipt.fresh) > PREFETCH):
             self.wake()
             return
-        dues = receipt._replace(fresh=fresh).dues()
+        open_, seen = self._open, self._seen_upto
+        fresh = [entry for entry in receipt.fresh if entry[2] > seen]
+        taken = [entry for entry in fresh if entry[4] in open_]
+        if len(taken) < len(fresh):
+            self.wake()     # some are held back (a suspended host, a rate limit): look later
+        if not taken:
+            return
+        dues = receipt._replace(fresh=taken).dues()
         self._ready.extend(dues)
         if self._offered is not None:  # a look under way may return these rows too
             self._offered.update(due.seq for due in dues)
@@ -244,6 +251,8 @@ class Dispatcher:
                 if self._next_at is not None and self._next_at <= now:
                     self._forget()  # a delivery the last look saw coming is due now
                     self._next_at = None
+                if now - self._looked_at >= IDLE_RECHECK:
+                    self._forget()  # the backstop holds under steady traffic too
                 names = self._open_destinations(now)
                 self._open = frozenset(names)
                 if len(self._inflight) < limit and not self._ready and not self._complete:
@@ -253,7 +262,7 @@ class Dispatcher:
                     exclude = self._inflight.keys() | self._unrecorded.keys() | \
                         self._still_parked(now)
                     self._offered, changes = set[int](), self._changes
-                    offered = self._offered
+                    offered, self._looked_at = self._offered, now
                     try:
                         batch = await self.spool.poll(now, max(limit * 4, PREFETCH), names,
                                                       exclude)
@@ -266,6 +275,7 @@ class Dispatcher:
                     self._complete = batch.complete and len(names) == len(self.destinations) \
                         and self._changes == changes
                     self._next_at = batch.next_at
+                    self._seen_upto = max(self._seen_upto, batch.seen_upto or 0)
                 if self._next_at is not None:
                     wait = min(max(0.0, self._next_at - now), IDLE_RECHECK)
                 started = self._start_some(limit)
@@ -311,6 +321,8 @@ class Dispatcher:
         now = self.clock()
         while self._ready and len(self._inflight) < limit:
             due = self._ready.popleft()
+            if due.seq in self._inflight:
+                continue  # already under way (queued twice): never sent twice at once
             target = self.destinations.get(due.destination)
             if target is None:
                 self._forget()

@@ -266,6 +266,7 @@ async def post_events(request: web.Request) -> web.Response:
     except SpoolError as exc:
         log.error("ingest failed: %s", exc)
         metrics.events_rejected.labels("spool_error").inc()
+        request.app[WAKE]()   # the writer may have committed them before it failed to answer
         return error(503, "the spool cannot store events right now", headers={"Retry-After": "5"})
     _count_ingest(metrics, receipt)
     if receipt.pending:

@@ -84,11 +84,14 @@ async def run(loaded: Loaded, *, metrics: Metrics | None = None,
         assert role is not None
         view = remote = RemoteDispatch(role.dispatch_state)
         supervisor.spawn("dispatch-state", remote.follow)
-    if role is not None and sqlite and dispatcher is not None:
-        # Worker 0 of SQLite workers: woken by the writer when another worker stored events,
-        # and its delivery state published for the others' API.
+    if sqlite and dispatcher is not None:
+        # Woken when a writer is reached again after a failure (its last group may have been
+        # committed unanswered) and, as worker 0 of SQLite workers, when another worker
+        # stored events.
         assert isinstance(spool, Spool)
         spool.on_wake = dispatcher.wake
+    if role is not None and sqlite and dispatcher is not None:
+        # Worker 0 of SQLite workers: its delivery state published for the others' API.
         supervisor.spawn("publish-dispatch", lambda: publish_dispatch(
             dispatcher, lambda: dispatcher.destinations, role.dispatch_state))
     if dispatcher is not None and multiprocess():

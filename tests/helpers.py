@@ -291,6 +291,7 @@ class Stack:
         dispatcher = None
         if dispatch:
             dispatcher = Dispatcher(config, spool, **dispatcher_options)
+            spool.on_wake = dispatcher.wake   # as relay/service.py wires it
             await dispatcher.start()
             client = await aiohttp_client(create_app(config, spool, dispatcher))
         else:

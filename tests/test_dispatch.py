@@ -12,6 +12,7 @@ import jwt
 import pytest
 from standardwebhooks import Webhook
 
+import relay.dispatch
 from relay.policy import next_attempt_at
 from tests.helpers import async_eventually, event
 from tests.receiver import Answer, Receiver, closed_port, receiver_config
@@ -303,6 +304,58 @@ async def test_a_replay_during_a_look_is_not_missed(make_stack: Any,
     assert resp.status == 202
     delivered = await stack.settle(ids["evt-1/braze"], "delivered", timeout=5)
     assert [a["status_code"] for a in delivered["attempts"]] == [400, 200]
+
+
+async def test_a_look_that_saw_an_offered_row_first_sends_it_once(
+        make_stack: Any, receiver: Receiver) -> None:
+    """A look that reads the spool after an ingest commits, and returns before the ingest's
+    answer is handled, has queued the rows the offer then brings: they go out once, and
+    dispatching goes on (the same attempt recorded twice paused it for good)."""
+    stack = await make_stack(**receiver_config(receiver, destinations=[
+        {"name": "braze", "format": "braze", "url": f"{receiver.url}/braze"}]))
+    spool = stack.dispatcher.spool
+    ingest = spool.ingest_receipt
+
+    async def late_answer(*args: Any, **kwargs: Any) -> Any:
+        receipt = await ingest(*args, **kwargs)     # committed
+        stack.dispatcher.wake()                     # a replay, a retry, a timer: a look
+        await asyncio.sleep(0.3)                    # which runs before the answer is handled
+        return receipt
+
+    spool.ingest_receipt = late_answer
+    ids = await stack.post(event(1))
+    await stack.settle(ids["evt-1/braze"], "delivered")
+    await asyncio.sleep(0.5)                        # a second send would have arrived by now
+    assert len(receiver.received("/braze")) == 1
+    assert stack.dispatcher.not_ready() is None
+    spool.ingest_receipt = ingest
+    more = await stack.post(event(2))
+    await stack.settle(more["evt-2/braze"], "delivered")
+
+
+async def test_rows_stored_without_an_offer_are_found_under_steady_traffic(
+        make_stack: Any, receiver: Receiver, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows committed whose ingest answer never reached the server (a writer killed after its
+    COMMIT) are found by a look: the idle recheck runs under steady traffic too, though every
+    offer and finished attempt wakes the loop before it times out."""
+    monkeypatch.setattr(relay.dispatch, "IDLE_RECHECK", 1.0)   # the backstop, shortened
+    stack = await make_stack(**receiver_config(receiver, destinations=[
+        {"name": "braze", "format": "braze", "url": f"{receiver.url}/braze"}]))
+    spool = stack.dispatcher.spool
+    ingest, lost = spool.ingest_receipt, [True]
+
+    async def answer_lost_once(*args: Any, **kwargs: Any) -> Any:
+        receipt = await ingest(*args, **kwargs)     # committed ...
+        if lost.pop() if lost else False:
+            return receipt._replace(pending=False)  # ... and the dispatcher is not told
+        return receipt
+
+    spool.ingest_receipt = answer_lost_once
+    orphan = await stack.post(event(0))
+    for i in range(1, 25):                          # steady traffic, one event per 0.2 s
+        await stack.post(event(i))
+        await asyncio.sleep(0.2)
+    assert (await stack.delivery(orphan["evt-0/braze"]))["status"] == "delivered"
 
 
 async def _value(value: Any) -> Any:

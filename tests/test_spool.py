@@ -189,11 +189,12 @@ async def test_a_schema_1_spool_is_migrated_with_its_pending_work(tmp_path: Path
 
 async def test_poll_says_whether_it_saw_all_due_work_and_when_more_falls_due(spool: Spool) -> None:
     """One read gives the dispatcher the due rows, whether they are all that is due (so it need
-    not look again), and the next not_before after now among the rest."""
+    not look again), the next not_before after now among the rest, and the highest delivery
+    seq the read could see (offers at or below it are the read's to hand out)."""
     await spool.ingest([item(i, routes=(Route("a", "pending"),)) for i in range(3)])
     everything = await spool.poll(1000.0, 10, ["a"])
     assert [d.seq for d in everything.due] == [1, 2, 3]
-    assert everything.complete and everything.next_at is None
+    assert everything.complete and everything.next_at is None and everything.seen_upto == 3
     some = await spool.poll(1000.0, 2, ["a"])          # the limit cut it: look again
     assert len(some.due) == 2 and not some.complete
     cut = await spool.poll(1000.0, 10, ["a"], budget=1)  # the byte budget cut it
@@ -205,4 +206,36 @@ async def test_poll_says_whether_it_saw_all_due_work_and_when_more_falls_due(spo
     assert [d.seq for d in later.due] == [2, 3] and later.complete
     assert later.next_at == 1030.0                      # the retry, not the rows handed out
     assert (await spool.poll(1000.0, 10, ["a"], exclude=[retry.seq])).next_at is None
-    assert (await spool.poll(1000.0, 10, ["b"])) == ([], True, None)
+    assert (await spool.poll(1000.0, 10, ["b"])) == ([], True, None, 3)
+    await spool.ingest([item(9, routes=(Route("b", "pending"),))])
+    assert (await spool.poll(999.0, 10, ["a"])).seen_upto == 4   # not due, not its: still seen
+
+
+async def test_a_receipt_names_the_pending_deliveries_as_poll_would_hand_them_out(
+        tmp_path: Path, clock: Clock) -> None:
+    """The writer assigns delivery seqs and names the pending deliveries it created, so the
+    relay can start them without reading them back: the same rows, field for field, that a
+    poll returns; never a skipped one, nothing for a duplicate, and seqs that stay in step
+    after a job the spool refused."""
+    spool = Spool(tmp_path / "spool.db", max_events=3, clock=clock)
+    await spool.open()
+    try:
+        await _receipts_match_poll(spool, clock)
+    finally:
+        await spool.close()
+
+
+async def _receipts_match_poll(spool: Spool, clock: Clock) -> None:
+    routes = (Route("a", "pending"), Route("b", "skipped", "channel"), Route("c", "pending"))
+    first = await spool.ingest_receipt([item(1, routes=routes), item(2, routes=routes)])
+    with pytest.raises(SpoolFull):   # 2 + 2 > spool.max_events: no rows, no seqs used
+        await spool.ingest_receipt([item(3, routes=routes), item(5, routes=routes)])
+    again = await spool.ingest_receipt([item(1, routes=routes)])  # a duplicate
+    later = await spool.ingest_receipt([item(4, routes=routes)])
+    assert again.dues() == [] and not again.pending
+    offered = first.dues() + later.dues()
+    assert [(d.destination, d.event_json.count('"id":"e')) for d in offered] == \
+        [("a", 1), ("c", 1)] * 3
+    polled = await spool.poll(clock(), 100, ["a", "b", "c"])
+    assert polled.due == offered
+    assert polled.seen_upto == max(d.seq for d in offered)

@@ -268,8 +268,11 @@ class Writer:
                             job.reason, job.now))
             if job.state != "pending":
                 finished[job.event_seq] += 1
+        # An attempt number already recorded (the same delivery sent twice at once: a bug) is
+        # kept as first written; failing the job instead would pause dispatching for good,
+        # retrying an outcome the spool can never take.
         run_chunked(self.conn, "INSERT INTO attempts(delivery_seq, n, at, duration, status_code, "
-                               "error, excerpt) {values}", 7, attempts)
+                               "error, excerpt) {values} ON CONFLICT DO NOTHING", 7, attempts)
         run_chunked(self.conn, "UPDATE deliveries SET attempts = v.column2, failures = v.column3, "
                                "state = v.column4, not_before = v.column5, updated_at = v.column8, "
                                "first_attempt_at = COALESCE(first_attempt_at, v.column6), "

@@ -21,7 +21,8 @@ _NEXT_DUE = f"SELECT MIN(d.not_before) FROM deliveries d WHERE {_PENDING}"
 # running total reads only the events' size column; bodies are read for the rows kept. With
 # them, in the same read: how many rows were due (up to :limit) before the budget, and the
 # earliest not_before still to come, so a dispatcher that got every due row need not ask again
-# (at one event at a time the dispatcher read 5 times per delivery before, under 2.5 now).
+# (at one event at a time the dispatcher read 5 times per delivery, then under 2.5), and the
+# highest delivery seq this read could see (an offer of a row it saw is not queued again).
 _POLL = (
     "WITH due AS MATERIALIZED (SELECT d.seq, d.delivery_id, d.destination, d.attempts, "
     "d.failures, d.first_attempt_at, d.held, d.event_seq, d.not_before, e.size, "
@@ -33,7 +34,8 @@ _POLL = (
     "SELECT due.*, e.body FROM due JOIN events e ON e.seq = due.event_seq "
     "WHERE due.upto - due.size < :budget ORDER BY due.not_before, due.seq)), "
     "(SELECT COUNT(*) FROM due), "
-    f"({_NEXT_DUE} AND d.not_before > :now)")
+    f"({_NEXT_DUE} AND d.not_before > :now), "
+    "(SELECT MAX(seq) FROM deliveries)")
 
 
 def _pending_args(destinations: Sequence[str], exclude: Collection[int]) -> dict[str, Any]:
@@ -60,10 +62,10 @@ class QueueMixin(Store):
             return DueBatch([], True, None)
         args = {**_pending_args(destinations, exclude), "now": now, "limit": limit,
                 "budget": budget}
-        found, counted, next_at = await self._read(
+        found, counted, next_at, seen_upto = await self._read(
             lambda conn: conn.execute(_POLL, args).fetchone())
         rows = [Due(*row) for row in json.loads(found)]
-        return DueBatch(rows, len(rows) == counted < limit, next_at)
+        return DueBatch(rows, len(rows) == counted < limit, next_at, seen_upto or 0)
 
     async def next_due_at(self, destinations: Sequence[str],
                           exclude: Collection[int] = ()) -> float | None:

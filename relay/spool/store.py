@@ -82,7 +82,8 @@ class Store:
         self._respawn: asyncio.Task[None] | None = None
         # server.workers > 1: a worker connects to the supervisor's writer at ``writer_socket``
         # instead of starting one; the supervisor's writer also takes connections on
-        # ``listener``. ``on_wake`` runs when another worker stored work (the writer says so).
+        # ``listener``. ``on_wake`` runs when another worker stored work (the writer says so)
+        # and when a writer is reached again after a failure.
         self.writer_socket = writer_socket
         self.listener = listener
         self.on_wake: Callable[[], None] | None = None
@@ -265,8 +266,10 @@ class Store:
                 await self._start_writer()
                 log.warning("connected to the spool writer again" if shared
                             else "the spool writer is running again")
-                if shared and self.on_wake is not None:
-                    self.on_wake()   # wakes sent while disconnected were lost: look now
+                if self.on_wake is not None:
+                    # Wakes sent while disconnected were lost, and the last group may have
+                    # been committed without its answers: look now.
+                    self.on_wake()
                 return
             except SpoolError as exc:
                 if not shared:
