@@ -118,9 +118,8 @@ class Dispatcher:
         self._complete = False
         self._changes = 0  # _forget calls: one during a look makes what it saw incomplete
         self._next_at: float | None = None
-        self._offered: set[int] | None = None  # seqs offered while a look is under way
-        self._seen_upto = 0     # the highest delivery seq a look could see: offers at or below
-                                # it are the look's to hand out (queued, or found again later)
+        self._seen_upto = 0     # the highest delivery seq the last look could see: offers at
+                                # or below it are that look's to hand out
         self._looked_at = 0.0   # when the last look was made (IDLE_RECHECK applies under load)
         self._open: frozenset[str] = frozenset()  # destinations taking deliveries, last round
         self._stopping = False
@@ -185,8 +184,9 @@ class Dispatcher:
         wake-up and a look finds them, oldest first. A row a look could already see is that
         look's to hand out, never queued twice."""
         if not self._complete or self._stopping or self._unrecorded or \
-                (self._ready and len(self._ready) + len(receipt.fresh) > PREFETCH):
-            self.wake()
+                (self._ready and len(self._ready) + len(receipt.fresh) > PREFETCH) or \
+                (self._next_at is not None and self._next_at <= self.clock()):
+            self.wake()     # (a retry just fell due: it goes first)
             return
         open_, seen = self._open, self._seen_upto
         fresh = [entry for entry in receipt.fresh if entry[2] > seen]
@@ -197,8 +197,6 @@ class Dispatcher:
             return
         dues = receipt._replace(fresh=taken).dues()
         self._ready.extend(dues)
-        if self._offered is not None:  # a look under way may return these rows too
-            self._offered.update(due.seq for due in dues)
         self._wake.set()
 
     def _forget(self) -> None:
@@ -261,21 +259,16 @@ class Dispatcher:
                     # backlog never stands in front of other hosts' deliveries.
                     exclude = self._inflight.keys() | self._unrecorded.keys() | \
                         self._still_parked(now)
-                    self._offered, changes = set[int](), self._changes
-                    offered, self._looked_at = self._offered, now
-                    try:
-                        batch = await self.spool.poll(now, max(limit * 4, PREFETCH), names,
-                                                      exclude)
-                    finally:
-                        self._offered = None
-                    # Deliveries offered during the read are queued already: not twice.
-                    self._ready.extend(due for due in batch.due if due.seq not in offered)
+                    # (No offer is taken while a look is under way: _complete is False.)
+                    changes, self._looked_at = self._changes, now
+                    batch = await self.spool.poll(now, max(limit * 4, PREFETCH), names, exclude)
+                    self._ready.extend(batch.due)
                     # It saw everything only if no destination was left out of it and nothing
                     # changed while it read (a replay, a retry, another process's events).
                     self._complete = batch.complete and len(names) == len(self.destinations) \
                         and self._changes == changes
                     self._next_at = batch.next_at
-                    self._seen_upto = max(self._seen_upto, batch.seen_upto or 0)
+                    self._seen_upto = batch.seen_upto or 0
                 if self._next_at is not None:
                     wait = min(max(0.0, self._next_at - now), IDLE_RECHECK)
                 started = self._start_some(limit)

@@ -239,3 +239,32 @@ async def _receipts_match_poll(spool: Spool, clock: Clock) -> None:
     polled = await spool.poll(clock(), 100, ["a", "b", "c"])
     assert polled.due == offered
     assert polled.seen_upto == max(d.seq for d in offered)
+
+
+async def test_seqs_are_never_handed_out_twice_after_a_prune_and_a_writer_restart(
+        tmp_path: Path) -> None:
+    """Seqs are MAX(seq) + 1. Prune keeps the newest event and the event of the newest
+    delivery, so a writer started again (here after SIGKILL) never reuses a seq: the
+    dispatcher caches parsed events and offers deliveries by seq."""
+    clock = Clock()
+    spool = Spool(tmp_path / "s.db", clock=clock)
+    await spool.open()
+    try:
+        routes = (Route("a", "pending"),)
+        first = await spool.ingest_receipt([item(i, routes=routes) for i in range(3)])
+        for due in first.dues():   # every delivery finished: every event may be pruned
+            await spool.record_attempt(due, Attempt(clock(), 0.1, 200, None, None),
+                                       state="delivered", not_before=None, failures=0,
+                                       reason=None)
+        await spool.ingest([item(9, routes=())])        # the newest event: no deliveries
+        clock.now += 10_000
+        assert await spool.prune(retention=60) == 2    # e9 and e2 (the newest delivery's) stay
+        assert spool._proc is not None
+        old = spool._proc.pid
+        spool._proc.kill()
+        await async_eventually(lambda: spool._proc is not None and spool._proc.pid != old
+                               and spool.writable, what="a new spool writer", timeout=10)
+        (again,) = (await spool.ingest_receipt([item(4, routes=routes)])).dues()
+        assert (again.seq, again.event_seq) == (4, 5)    # none reused
+    finally:
+        await spool.close()

@@ -318,10 +318,15 @@ class Writer:
             (job.seconds, *job.destinations)).rowcount
 
     def prune(self, job: PruneJob) -> int:
-        """Delete finished events received before ``cutoff`` with their deliveries and attempts."""
+        """Delete finished events received before ``cutoff`` with their deliveries and attempts.
+
+        The newest event and the event of the newest delivery stay: seqs are MAX(seq) + 1, and
+        must never be handed out twice (the relay caches parsed events by seq, and offers
+        deliveries by seq against what a look could see), even after a writer restart."""
         seqs = [r[0] for r in self.conn.execute(
-            "SELECT seq FROM events WHERE received_at < ? AND pending = 0 LIMIT 10000",
-            (job.cutoff,))]
+            "SELECT seq FROM events WHERE received_at < ? AND pending = 0 AND seq NOT IN ("
+            "(SELECT MAX(seq) FROM events), COALESCE((SELECT event_seq FROM deliveries WHERE "
+            "seq = (SELECT MAX(seq) FROM deliveries)), 0)) LIMIT 10000", (job.cutoff,))]
         if not seqs:
             return 0
         in_seqs = marks(len(seqs))
