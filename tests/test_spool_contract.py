@@ -488,3 +488,29 @@ async def test_close_releases_claims(pg_dsn: str) -> None:
     finally:
         await one.close()
         await two.close()
+
+
+async def test_a_group_aborted_to_break_a_deadlock_is_run_again(pg_dsn: str) -> None:
+    """Replicas' groups lock sender ids and the counters row; when PostgreSQL aborts one of
+    them to break a deadlock, the spool runs it again instead of failing the ingest (a 503 to
+    the sender). Here another transaction holds the counters row, our ingest claims its
+    sender id and waits for the counters, and the other then waits for that sender id."""
+    spool = PostgresSpool(pg_dsn)
+    await spool.open()
+    other = await asyncpg.connect(pg_dsn)
+    try:
+        await other.execute("SET deadlock_timeout = '5s'")   # our side detects it: ~1 s
+        tx = other.transaction()
+        await tx.start()
+        await other.execute("UPDATE relay.counters SET open_events = open_events")
+        ingest = asyncio.ensure_future(spool.ingest_receipt([item(1)]))
+        await asyncio.sleep(0.3)                            # ours holds e1, waits for counters
+        await other.execute("INSERT INTO relay.sender_ids(id, received_at, deliveries) "
+                            "VALUES ('e1', 0, '') ON CONFLICT DO NOTHING")  # the cycle
+        await tx.rollback()                                 # ours was the victim; let it through
+        receipt = await asyncio.wait_for(ingest, 30)
+        assert (receipt.stored, receipt.duplicates) == (1, 0)
+        assert [e.id for e in await spool.ingest([item(1)])] == ["e1"]   # and it is stored
+    finally:
+        await other.close()
+        await spool.close()

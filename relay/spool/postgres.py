@@ -75,6 +75,15 @@ COMMAND_TIMEOUT = 30.0
 # SQLSTATE classes that mean "the database went away", not "this statement is wrong":
 # 08 connection exception, 57 operator intervention (shutdown), 53 insufficient resources.
 _DOWN_CLASSES = ("08", "57", "53")
+# SQLSTATEs of a transaction PostgreSQL aborted to let another one through (a deadlock between
+# replicas' groups, a serialization failure): run again, it goes through.
+_ABORTED = ("40P01", "40001")
+GROUP_TRIES = 3
+
+
+class _Aborted(SpoolError):
+    """PostgreSQL aborted the group's transaction to break a deadlock: nothing of it is stored,
+    and running it again succeeds."""
 
 
 def replica_id() -> str:
@@ -204,6 +213,8 @@ class PostgresSpool:
         except SpoolError:
             raise
         except asyncpg.PostgresError as exc:
+            if exc.sqlstate in _ABORTED:
+                raise _Aborted(f"spool transaction aborted by the database: {exc}") from exc
             if (exc.sqlstate or "")[:2] in _DOWN_CLASSES:
                 self._lost(exc)
                 raise SpoolError(f"the spool database is unreachable: {exc}") from exc
@@ -292,8 +303,7 @@ class PostgresSpool:
     async def _run_group(self, group: list[_Job]) -> None:
         self.groups += 1
         try:
-            async with self._connection() as conn, conn.transaction():
-                answers = await self._write_group(conn, group)
+            answers = await self._commit_group(group)
         except SpoolError as exc:
             if len(group) > 1 and self._up:  # a statement error, not a lost database: find
                 for job in group:            # the job that causes it; the others go through
@@ -310,6 +320,20 @@ class PostgresSpool:
                 job.future.set_exception(error)
             else:
                 job.future.set_result(result)
+
+    async def _commit_group(self, group: list[_Job]) -> list[tuple[Exception | None, Any]]:
+        """One transaction for the group, run again when PostgreSQL aborted it to break a
+        deadlock (replicas' groups lock sender ids, events and the counters row: a lone ingest
+        that lost such a deadlock answered 503)."""
+        for tries in range(1, GROUP_TRIES + 1):
+            try:
+                async with self._connection() as conn, conn.transaction():
+                    return await self._write_group(conn, group)
+            except _Aborted as exc:
+                if tries == GROUP_TRIES:
+                    raise
+                log.info("%s; running the group of %d jobs again", exc, len(group))
+        raise AssertionError("unreachable")
 
     async def _write_group(self, conn: asyncpg.Connection,
                            group: list[_Job]) -> list[tuple[Exception | None, Any]]:
@@ -348,6 +372,11 @@ class PostgresSpool:
                     claim[1].append(received_at)
                     claim[2].append(listing)
             plans.append(plan)
+        # Claimed in the order of their ids: two groups claiming the same ids lock them in the
+        # same order, and cannot deadlock on each other there.
+        order = sorted(range(len(claim[0])), key=claim[0].__getitem__)
+        claim = ([claim[0][i] for i in order], [claim[1][i] for i in order],
+                 [claim[2][i] for i in order])
         since = min(job.args[1] for job in jobs)
         claimed: set[str] = set()
         known: dict[str, str] = {}                 # sender id -> deliveries listing (duplicates)
