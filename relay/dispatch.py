@@ -268,7 +268,7 @@ class Dispatcher:
                     self._complete = batch.complete and len(names) == len(self.destinations) \
                         and self._changes == changes
                     self._next_at = batch.next_at
-                    self._seen_upto = batch.seen_upto or 0
+                    self._seen_upto = batch.seen_upto
                 if self._next_at is not None:
                     wait = min(max(0.0, self._next_at - now), IDLE_RECHECK)
                 started = self._start_some(limit)

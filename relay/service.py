@@ -90,10 +90,9 @@ async def run(loaded: Loaded, *, metrics: Metrics | None = None,
         # stored events.
         assert isinstance(spool, Spool)
         spool.on_wake = dispatcher.wake
-    if role is not None and sqlite and dispatcher is not None:
-        # Worker 0 of SQLite workers: its delivery state published for the others' API.
-        supervisor.spawn("publish-dispatch", lambda: publish_dispatch(
-            dispatcher, lambda: dispatcher.destinations, role.dispatch_state))
+        if role is not None:  # worker 0: its delivery state published for the others' API
+            supervisor.spawn("publish-dispatch", lambda: publish_dispatch(
+                dispatcher, lambda: dispatcher.destinations, role.dispatch_state))
     if dispatcher is not None and multiprocess():
         supervisor.spawn("dispatch-gauges", lambda: _refresh_gauges(metrics, dispatcher))
     app = create_app(config, spool, view, metrics, loaded.destinations)

@@ -325,15 +325,16 @@ class PostgresSpool:
         """One transaction for the group, run again when PostgreSQL aborted it to break a
         deadlock (replicas' groups lock sender ids, events and the counters row: a lone ingest
         that lost such a deadlock answered 503)."""
-        for tries in range(1, GROUP_TRIES + 1):
+        tries = 1
+        while True:
             try:
                 async with self._connection() as conn, conn.transaction():
                     return await self._write_group(conn, group)
             except _Aborted as exc:
                 if tries == GROUP_TRIES:
                     raise
+                tries += 1
                 log.info("%s; running the group of %d jobs again", exc, len(group))
-        raise AssertionError("unreachable")
 
     async def _write_group(self, conn: asyncpg.Connection,
                            group: list[_Job]) -> list[tuple[Exception | None, Any]]:

@@ -71,8 +71,8 @@ class DueBatch(NamedTuple):
     complete: bool          # ``due`` is every delivery due by then (not excluded): no need to
                             # look again until something changes
     next_at: float | None   # the earliest time another delivery falls due, if known
-    seen_upto: int | None = None  # SQLite: every delivery up to this seq was visible to the
-                                  # read (due ones are in ``due`` unless left out or cut)
+    seen_upto: int = 0      # SQLite: every delivery up to this seq was visible to the read
+                            # (due ones are in ``due`` unless left out or cut); else 0
 
 
 @dataclass(frozen=True, slots=True)
