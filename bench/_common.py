@@ -115,6 +115,19 @@ def bare_server() -> Iterator[tuple[subprocess.Popen[Any], int]]:
         yield proc, port
 
 
+@contextmanager
+def floor_server(fan_out: int, target: str | None = None
+                 ) -> Iterator[tuple[subprocess.Popen[Any], int]]:
+    """bench/_floor.py on a fresh SQLite file: the least a durable relay must do on this stack
+    (durable 202, one delivery row per destination; with ``target``, each event sent from memory
+    and its outcome recorded)."""
+    port = free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        args = [PY, str(BENCH / "_floor.py"), str(port), str(Path(tmp) / "floor.db"), str(fan_out)]
+        with process([*args, *([target] if target else [])], port, Path(tmp) / "floor.log") as proc:
+            yield proc, port
+
+
 def process_tree(pid: int) -> list[int]:
     """``pid`` and every live descendant (the relay's spool writer; with server.workers, the
     workers and theirs), from /proc."""

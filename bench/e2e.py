@@ -1,5 +1,7 @@
 """End to end: events/s from POST /v1/events to a fast local receiver, relay vs a minimal
-non-durable forwarder, in the same run.
+non-durable forwarder and vs the floor (bench/_floor.py: the forwarder made durable, and
+nothing more: it answers 202 once the events are committed to SQLite and records each outcome),
+in the same run.
 
 The load generator is this script's own aiohttp client (a separate process from both servers),
 posting batches of 100 with 8 in flight. Time runs from the first POST until the receiver has
@@ -22,7 +24,19 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import BENCH, PY, backends_arg, cpu_seconds, free_port, machine, process, relay, spools, table
+from _common import (
+    BENCH,
+    PY,
+    backends_arg,
+    cpu_seconds,
+    floor_server,
+    free_port,
+    machine,
+    process,
+    relay,
+    spools,
+    table,
+)
 
 
 async def _count(session: aiohttp.ClientSession, port: int) -> int:
@@ -95,6 +109,10 @@ def run(events: int, backend: str, destination_extra: dict[str, Any] | None = No
                 asyncio.run(drive(fport, rport, 1000, "warm"))
                 results["forwarder"] = timed(fwd.pid, lambda: drive(fport, rport, total, "fwd"),
                                              total)
+            with floor_server(1, f"http://127.0.0.1:{rport}/braze") as (floor, lport):
+                asyncio.run(drive(lport, rport, 1000, "warmfloor"))
+                results["floor"] = timed(floor.pid, lambda: drive(lport, rport, total, "floor"),
+                                         total)
             for name, spool in backends:
                 config = {"spool": spool,
                           "delivery": {"allowed_ports": [rport], "per_host_concurrency": 64,
@@ -116,11 +134,12 @@ def run(events: int, backend: str, destination_extra: dict[str, Any] | None = No
 
 def report(results: dict[str, dict[str, float]]) -> None:
     labels = {"forwarder": "minimal forwarder, not durable",
+              "floor": "floor: durable 202 + outcome, nothing else",
               "sqlite": "relay: durable SQLite spool, braze shape",
               "postgres": "relay: durable PostgreSQL spool, braze shape"}
     rows = []
     total = int(results["forwarder"]["events"])
-    for name in (n for n in ("forwarder", "sqlite", "postgres") if n in results):
+    for name in (n for n in ("forwarder", "floor", "sqlite", "postgres") if n in results):
         r = results[name]
         rows.append((labels[name], total, r["seconds"], r["events_s"], r["ingest_s"],
                      r["p50_post_ms"], f"{r['cpu_s_per_1k']:.3f}"))
@@ -129,6 +148,10 @@ def report(results: dict[str, dict[str, float]]) -> None:
           ["server", "events", "seconds", "delivered/s", "accepted/s", "p50 POST ms",
            "CPU s/1k ev"], rows)
     print()
+    floor, fwd = results["floor"], results["forwarder"]
+    print(f"floor/forwarder (what durability alone costs on this stack): delivered events/s "
+          f"{floor['events_s'] / fwd['events_s']:.2f}, CPU per event "
+          f"{floor['cpu_s_per_1k'] / fwd['cpu_s_per_1k']:.1f}x")
     for backend in (b for b in ("sqlite", "postgres") if b in results):
         ratio = results[backend]["events_s"] / results["forwarder"]["events_s"]
         cpu = results[backend]["cpu_s_per_1k"] / results["forwarder"]["cpu_s_per_1k"]

@@ -1,7 +1,9 @@
 """Ingest throughput and latency of the real relay, against a bare aiohttp+uvloop ceiling.
 
 Runs on loopback only: wrk (1 thread) posts unique events to a bare server that parses the JSON
-and answers 202 without validating or storing, then to a relay subprocess on a fresh spool.
+and answers 202 without validating or storing, then to the floor (bench/_floor.py: the same
+stack answering 202 only once the event and its 3 delivery rows are committed to SQLite, and
+doing nothing else), then to a relay subprocess on a fresh spool.
 Usage: python bench/ingest.py [--seconds 10]
 """
 
@@ -15,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import backends_arg, bare_server, cpu_seconds, load, machine, relay, spools, table
+from _common import backends_arg, bare_server, cpu_seconds, floor_server, load, machine, relay, spools, table
 
 
 def measured(pid: int, port: int, **kwargs: object) -> dict[str, float]:
@@ -41,11 +43,12 @@ def run(seconds: float, backend: str) -> dict[tuple[str, str], dict[str, float]]
     """Every row of the table: (server, mode) -> figures; server is "bare" or a backend."""
     results: dict[tuple[str, str], dict[str, float]] = {}
     tag = str(int(time.time()))
-    with bare_server() as (bare, port):
-        load(port, batch=1, connections=64, seconds=2, prefix="warm")
-        for mode, batch, conns in RUNS:
-            results["bare", mode] = measured(bare.pid, port, batch=batch, connections=conns,
-                                             seconds=seconds, prefix=f"bare{tag}")
+    for server, started in (("bare", bare_server()), ("floor", floor_server(len(DESTINATIONS)))):
+        with started as (proc, port):
+            load(port, batch=1, connections=64, seconds=2, prefix=f"warm{server}{tag}")
+            for mode, batch, conns in RUNS:
+                results[server, mode] = measured(proc.pid, port, batch=batch, connections=conns,
+                                                 seconds=seconds, prefix=f"{server}{tag}")
     with tempfile.TemporaryDirectory() as tmp, spools(backend, Path(tmp)) as backends:
         for name, spool in backends:
             config = {"spool": spool,
@@ -63,7 +66,9 @@ def run(seconds: float, backend: str) -> dict[tuple[str, str], dict[str, float]]
 
 def report(results: dict[tuple[str, str], dict[str, float]], seconds: float) -> None:
     conns = {mode: c for mode, _, c in RUNS}
-    labels = {"bare": "bare aiohttp+uvloop (parses JSON)", "sqlite": "relay, sqlite spool",
+    labels = {"bare": "bare aiohttp+uvloop (parses JSON)",
+              "floor": "floor: durable 202, nothing else (bench/_floor.py)",
+              "sqlite": "relay, sqlite spool",
               "postgres": "relay, postgres spool"}
     rows = [(labels[server], mode, conns[mode], *_cols(r))
             for (server, mode), r in results.items()]
@@ -74,6 +79,11 @@ def report(results: dict[tuple[str, str], dict[str, float]], seconds: float) -> 
           "(SQLite: WAL, fsync per commit, in the relay's writer process; PostgreSQL: one "
           "transaction per group, on this machine) before the 202; CPU = every process of the "
           "server (the relay, its writer), from /proc")
+    bare, floor = results["bare", "single"], results["floor", "single"]
+    print(f"floor/bare, single events: throughput {floor['req_s'] / bare['req_s']:.2f}, p99 "
+          f"{floor['p99_ms'] / bare['p99_ms']:.1f}x, CPU per event "
+          f"{floor['cpu_s_per_1k'] / bare['cpu_s_per_1k']:.1f}x (what durability alone costs "
+          f"on this stack)")
     for backend in (b for b in ("sqlite", "postgres") if (b, "single") in results):
         single = results[backend, "single"]["req_s"] / results["bare", "single"]["req_s"]
         p99 = results[backend, "single"]["p99_ms"] / results["bare", "single"]["p99_ms"]
