@@ -109,10 +109,12 @@ class AiohttpTransport:
                     options["proxy_headers"] = {
                         "Proxy-Authorization": "Basic " + base64.b64encode(pair).decode()}
         try:
+            # The URL as parsed and egress-checked above, and one shared ClientTimeout per
+            # value: neither is built again per attempt.
             async with self._session.request(
-                    request.method, request.url, headers=request.headers,
+                    request.method, url, headers=request.headers,
                     data=request.body or None, allow_redirects=False,
-                    timeout=aiohttp.ClientTimeout(total=timeout), **options) as resp:
+                    timeout=_client_timeout(timeout), **options) as resp:
                 raw = await resp.content.read(read_limit)
                 return Exchange(started, time.monotonic() - t0, resp.status, resp.headers,
                                 raw.decode("utf-8", errors="replace"))
