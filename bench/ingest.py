@@ -1,9 +1,9 @@
 """Ingest throughput and latency of the real relay, against a bare aiohttp+uvloop ceiling.
 
 Runs on loopback only: wrk (1 thread) posts unique events to a bare server that parses the JSON
-and answers 202 without validating or storing, then to the floor (bench/_floor.py: the same
-stack answering 202 only once the event and its 3 delivery rows are committed to SQLite, and
-doing nothing else), then to a relay subprocess on a fresh spool.
+and answers 202 without validating or storing, then to a relay subprocess on a fresh spool, then
+to the floor (bench/_floor.py: the same stack answering 202 only once the event and its 3
+delivery rows are committed to SQLite, and doing nothing else).
 Usage: python bench/ingest.py [--seconds 10]
 """
 
@@ -43,12 +43,11 @@ def run(seconds: float, backend: str) -> dict[tuple[str, str], dict[str, float]]
     """Every row of the table: (server, mode) -> figures; server is "bare" or a backend."""
     results: dict[tuple[str, str], dict[str, float]] = {}
     tag = str(int(time.time()))
-    for server, started in (("bare", bare_server()), ("floor", floor_server(len(DESTINATIONS)))):
-        with started as (proc, port):
-            load(port, batch=1, connections=64, seconds=2, prefix=f"warm{server}{tag}")
-            for mode, batch, conns in RUNS:
-                results[server, mode] = measured(proc.pid, port, batch=batch, connections=conns,
-                                                 seconds=seconds, prefix=f"{server}{tag}")
+    with bare_server() as (bare, port):
+        load(port, batch=1, connections=64, seconds=2, prefix="warm")
+        for mode, batch, conns in RUNS:
+            results["bare", mode] = measured(bare.pid, port, batch=batch, connections=conns,
+                                             seconds=seconds, prefix=f"bare{tag}")
     with tempfile.TemporaryDirectory() as tmp, spools(backend, Path(tmp)) as backends:
         for name, spool in backends:
             config = {"spool": spool,
@@ -61,6 +60,12 @@ def run(seconds: float, backend: str) -> dict[tuple[str, str], dict[str, float]]
                     results[name, mode] = measured(proc.pid, port, batch=batch,
                                                    connections=conns, seconds=seconds,
                                                    prefix=f"{name}{tag}")
+    # Last: the relay is measured after the same runs as before the floor existed.
+    with floor_server(len(DESTINATIONS)) as (floor, port):
+        load(port, batch=1, connections=64, seconds=2, prefix=f"warmfloor{tag}")
+        for mode, batch, conns in RUNS:
+            results["floor", mode] = measured(floor.pid, port, batch=batch, connections=conns,
+                                              seconds=seconds, prefix=f"floor{tag}")
     return results
 
 
