@@ -116,15 +116,16 @@ def bare_server() -> Iterator[tuple[subprocess.Popen[Any], int]]:
 
 
 @contextmanager
-def floor_server(fan_out: int, target: str | None = None
+def floor_server(fan_out: int, target: str | None = None, writer: str = "process"
                  ) -> Iterator[tuple[subprocess.Popen[Any], int]]:
-    """bench/_floor.py on a fresh SQLite file: the least a durable relay must do on this stack
-    (durable 202, one delivery row per destination; with ``target``, each event sent from memory
-    and its outcome recorded)."""
+    """bench/_floor.py on a fresh SQLite file: a lean durable relay on this stack (durable 202,
+    one delivery row per destination; with ``target``, each event sent from memory and its
+    outcome recorded), its writer a ``process`` or a ``thread``."""
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
-        args = [PY, str(BENCH / "_floor.py"), str(port), str(Path(tmp) / "floor.db"), str(fan_out)]
-        with process([*args, *([target] if target else [])], port, Path(tmp) / "floor.log") as proc:
+        args = [PY, str(BENCH / "_floor.py"), str(port), str(Path(tmp) / "floor.db"), str(fan_out),
+                *([target] if target else []), "--writer", writer]
+        with process(args, port, Path(tmp) / "floor.log") as proc:
             yield proc, port
 
 

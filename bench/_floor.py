@@ -1,127 +1,306 @@
-"""The floor: the least a durable relay must do, on the same stack (aiohttp + uvloop + SQLite).
+"""The floor: a lean durable relay on the same stack (aiohttp + uvloop + SQLite), to measure
+what durability itself costs beside the bare server and the forwarder.
 
 It answers POST /v1/events with 202 only once the events and one delivery row per destination
-are committed (WAL, fsync per group commit, one writer thread taking every queued ingest as one
-group: the relay's own policy). With a target URL it then sends each event from memory (64 at a
-time, the forwarder's body) and records every outcome durably (UPDATE of the delivery row, in
-groups, no fsync of its own, as the relay does). No validation beyond "an object with an id",
-no dedupe beyond a UNIQUE index, no retries, no metrics, no logs: what is left is the cost of
-durability itself, so a target below this server's figures cannot be met on this stack.
+are committed (WAL, fsync per group commit: the relay's policy), by a writer that takes every
+job queued meanwhile as one group. With a target URL it then sends each event from memory (64 at
+a time, the forwarder's body) and records every outcome durably (an UPDATE of the delivery row,
+in groups, no fsync of its own, as the relay does). Nothing else: no validation beyond "objects
+with a string id", no dedupe, no retries, no metrics, no logs. Event ids must be unique (the
+benches' are).
 
-Usage: python bench/_floor.py PORT DB_PATH DESTINATIONS [TARGET_URL]
+The writer is a second process fed over a socketpair, as the relay's is (``--writer process``,
+the default: the event loop keeps the GIL to itself), or a thread of this process
+(``--writer thread``: no IPC, but every group hands the GIL back and forth). Measured figures
+for both are in docs/performance.md.
+
+Usage: python bench/_floor.py PORT DB_PATH DESTINATIONS [TARGET_URL] [--writer process|thread]
 """
 
+from __future__ import annotations
+
+import argparse
 import asyncio
 import json
+import pickle
+import socket
 import sqlite3
+import struct
+import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from queue import Empty, SimpleQueue
 from typing import Any
 
 import uvloop
 from aiohttp import ClientSession, TCPConnector, web
 
-PORT, PATH, FAN_OUT = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
-TARGET = sys.argv[4] if len(sys.argv) > 4 else None
-
-db = sqlite3.connect(PATH, check_same_thread=False, isolation_level=None)
-db.execute("PRAGMA journal_mode=WAL")
-db.execute("CREATE TABLE IF NOT EXISTS events (seq INTEGER PRIMARY KEY, id TEXT UNIQUE, "
-           "body TEXT NOT NULL, created REAL NOT NULL)")
-db.execute("CREATE TABLE IF NOT EXISTS deliveries (seq INTEGER PRIMARY KEY, event_seq INTEGER, "
-           "destination INTEGER, state TEXT, attempts INTEGER, status INTEGER, due REAL)")
-db.execute("CREATE INDEX IF NOT EXISTS due ON deliveries (state, due)")
-jobs: SimpleQueue[tuple[str, Any, asyncio.Future[Any] | None]] = SimpleQueue()
-loop: asyncio.AbstractEventLoop
+HEADER = struct.Struct("!I")
+Job = tuple[int, str, Any]   # (job id, "ingest" | "outcome", payload)
 
 
-def write_forever() -> None:
-    """Every queued job in one transaction; FULL (fsync) when it holds an ingest."""
-    event_seq = db.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()[0]
-    delivery_seq = db.execute("SELECT coalesce(max(seq), 0) FROM deliveries").fetchone()[0]
-    while True:
-        group = [jobs.get()]
-        while True:
-            try:
-                group.append(jobs.get_nowait())
-            except Empty:
-                break
+class Store:
+    """The SQLite side: one transaction per group of jobs."""
+
+    def __init__(self, path: str, fan_out: int) -> None:
+        self.fan_out = fan_out
+        self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("CREATE TABLE IF NOT EXISTS events (seq INTEGER PRIMARY KEY, id TEXT, "
+                        "body TEXT NOT NULL, created REAL NOT NULL)")
+        self.db.execute("CREATE TABLE IF NOT EXISTS deliveries (seq INTEGER PRIMARY KEY, "
+                        "event_seq INTEGER, destination INTEGER, state TEXT, attempts INTEGER, "
+                        "status INTEGER, due REAL)")
+        self.db.execute("CREATE INDEX IF NOT EXISTS due ON deliveries (state, due)")
+        self.event_seq = self.db.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()[0]
+        self.delivery_seq = self.db.execute(
+            "SELECT coalesce(max(seq), 0) FROM deliveries").fetchone()[0]
+        self.synchronous = ""
+
+    def commit(self, group: list[Job]) -> list[tuple[int, Any]]:
+        """Every job of the group in one transaction; (job id, delivery seqs per event) for each
+        ingest, or (job id, None) for all of them if the transaction failed."""
         now, events, deliveries, outcomes, answers = time.time(), [], [], [], []
-        for kind, payload, future in group:
+        counts = self.event_seq, self.delivery_seq
+        for job_id, kind, payload in group:
             if kind == "outcome":
                 outcomes.append(payload)
                 continue
-            seqs = []
-            for one in payload:
-                event_seq += 1
-                events.append((event_seq, one["id"], json.dumps(one), now))
-                for destination in range(FAN_OUT):
-                    delivery_seq += 1
-                    deliveries.append((delivery_seq, event_seq, destination, "pending", 0, None,
-                                       now))
-                    seqs.append(delivery_seq)
-            answers.append((future, seqs))
-        db.execute(f"PRAGMA synchronous={'FULL' if events else 'NORMAL'}")
-        db.execute("BEGIN IMMEDIATE")
-        db.executemany("INSERT OR IGNORE INTO events VALUES (?,?,?,?)", events)
-        db.executemany("INSERT INTO deliveries VALUES (?,?,?,?,?,?,?)", deliveries)
-        db.executemany("UPDATE deliveries SET state = ?, attempts = 1, status = ? WHERE seq = ?",
-                       outcomes)
-        db.execute("COMMIT")
-        loop.call_soon_threadsafe(_answer, answers)
+            per_event = []
+            for event_id, body in payload:
+                self.event_seq += 1
+                events.append((self.event_seq, event_id, body, now))
+                seqs = []
+                for destination in range(self.fan_out):
+                    self.delivery_seq += 1
+                    deliveries.append((self.delivery_seq, self.event_seq, destination, "pending",
+                                       0, None, now))
+                    seqs.append(self.delivery_seq)
+                per_event.append(seqs)
+            answers.append((job_id, per_event))
+        try:
+            synchronous = "FULL" if events else "NORMAL"  # outcomes alone: no fsync of their own
+            if synchronous != self.synchronous:
+                self.db.execute(f"PRAGMA synchronous={synchronous}")
+                self.synchronous = synchronous
+            self.db.execute("BEGIN IMMEDIATE")
+            self.db.executemany("INSERT INTO events VALUES (?,?,?,?)", events)
+            self.db.executemany("INSERT INTO deliveries VALUES (?,?,?,?,?,?,?)", deliveries)
+            self.db.executemany("UPDATE deliveries SET state = ?, attempts = 1, status = ? "
+                                "WHERE seq = ?", outcomes)
+            self.db.execute("COMMIT")
+        except Exception as exc:  # nothing of the group is stored: its ingests answer 500
+            print(f"group of {len(group)} jobs failed: {exc!r}", file=sys.stderr, flush=True)
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+            self.event_seq, self.delivery_seq = counts
+            return [(job_id, None) for job_id, _ in answers]
+        return answers
 
 
-def _answer(answers: list[tuple[asyncio.Future[Any], list[int]]]) -> None:
+def frame(obj: Any) -> bytes:
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    return HEADER.pack(len(data)) + data
+
+
+def frames(buffer: bytearray) -> list[Any]:
+    """Every whole frame at the start of ``buffer`` (removed from it)."""
+    found, start = [], 0
+    while len(buffer) - start >= HEADER.size:
+        (size,) = HEADER.unpack_from(buffer, start)
+        if len(buffer) - start - HEADER.size < size:
+            break
+        found.append(pickle.loads(buffer[start + HEADER.size:start + HEADER.size + size]))
+        start += HEADER.size + size
+    del buffer[:start]
+    return found
+
+
+def writer_process(fd: int, path: str, fan_out: int) -> None:
+    """The writer process: every group of jobs that has arrived, committed, answered in order."""
+    store, buffer = Store(path, fan_out), bytearray()
+    with socket.socket(fileno=fd) as sock:
+        while True:
+            data = sock.recv(1 << 20)
+            if not data:
+                return
+            buffer += data
+            while True:  # everything already queued is the group
+                try:
+                    more = sock.recv(1 << 20, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    break
+                if not more:
+                    break
+                buffer += more
+            group = [job for batch in frames(buffer) for job in batch]
+            if group:
+                sock.sendall(frame(store.commit(group)))
+
+
+class ProcessWriter(asyncio.Protocol):
+    """The event loop's side of the writer process: jobs sent once per loop iteration."""
+
+    def __init__(self, path: str, fan_out: int) -> None:
+        self.pending: list[Job] = []
+        self.waiting: dict[int, asyncio.Future[Any]] = {}
+        self.buffer = bytearray()
+        self.ids = 0
+        self.transport: Any = None   # uvloop's transports are not asyncio.Transport
+        ours, theirs = socket.socketpair()
+        self.child = subprocess.Popen([sys.executable, __file__, "--child", str(theirs.fileno()),
+                                       path, str(fan_out)], pass_fds=(theirs.fileno(),))
+        theirs.close()
+        self.sock = ours
+
+    async def start(self) -> None:
+        await asyncio.get_running_loop().connect_accepted_socket(lambda: self, self.sock)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def submit(self, kind: str, payload: Any, future: asyncio.Future[Any] | None) -> None:
+        self.ids += 1
+        if future is not None:
+            self.waiting[self.ids] = future
+        if not self.pending:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self.pending.append((self.ids, kind, payload))
+
+    def _flush(self) -> None:
+        self.transport.write(frame(self.pending))
+        self.pending = []
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        for answers in frames(self.buffer):
+            for job_id, seqs in answers:
+                future = self.waiting.pop(job_id, None)
+                if future is not None and not future.done():
+                    future.set_result(seqs)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+        self.child.wait(timeout=10)
+
+
+class ThreadWriter:
+    """The writer as a thread of this process."""
+
+    def __init__(self, path: str, fan_out: int) -> None:
+        self.store = Store(path, fan_out)
+        self.jobs: SimpleQueue[tuple[Job, asyncio.Future[Any] | None]] = SimpleQueue()
+        self.ids = 0
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        threading.Thread(target=self._run, args=(loop,), daemon=True).start()
+
+    def submit(self, kind: str, payload: Any, future: asyncio.Future[Any] | None) -> None:
+        self.ids += 1
+        self.jobs.put(((self.ids, kind, payload), future))
+
+    def _run(self, loop: asyncio.AbstractEventLoop) -> None:
+        while True:
+            taken = [self.jobs.get()]
+            while True:
+                try:
+                    taken.append(self.jobs.get_nowait())
+                except Empty:
+                    break
+            futures = {job[0]: future for job, future in taken if future is not None}
+            answers = self.store.commit([job for job, _ in taken])
+            loop.call_soon_threadsafe(_answer, [(futures[i], seqs) for i, seqs in answers])
+
+    def close(self) -> None:
+        pass
+
+
+def _answer(answers: list[tuple[asyncio.Future[Any], Any]]) -> None:
     for future, seqs in answers:
         if not future.done():
             future.set_result(seqs)
 
 
-async def forward(event: dict[str, Any], seq: int, session: ClientSession,
-                  limit: asyncio.Semaphore) -> None:
-    async with limit:
-        body = json.dumps({"dispatch_id": event.get("message_id"), "status": event["status"]})
-        async with session.post(TARGET, data=body,  # type: ignore[arg-type]
-                                headers={"Content-Type": "application/json"}) as resp:
-            await resp.read()
-        jobs.put(("outcome", ("delivered" if resp.status < 300 else "failed", resp.status, seq),
-                  None))
+def make_app(writer: ProcessWriter | ThreadWriter, target: str | None) -> web.Application:
+    submit: Callable[[str, Any, asyncio.Future[Any] | None], None] = writer.submit
+    limit = asyncio.Semaphore(64)
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def forward(event: dict[str, Any], seqs: list[int], session: ClientSession) -> None:
+        async with limit:
+            body = json.dumps({"dispatch_id": event.get("message_id"),
+                               "status": event.get("status")})
+            try:
+                async with session.post(target,  # type: ignore[arg-type]
+                                        data=body,
+                                        headers={"Content-Type": "application/json"}) as resp:
+                    await resp.read()
+                    status = resp.status
+            except Exception:  # recorded as failed, like any other outcome
+                status = 0
+        for seq in seqs:
+            submit("outcome", ("delivered" if 200 <= status < 300 else "failed", status, seq),
+                   None)
+
+    async def ingest(request: web.Request) -> web.Response:
+        raw = await request.read()
+        try:
+            parsed = json.loads(raw)
+        except ValueError:
+            return web.json_response({"error": "body is not JSON"}, status=400)
+        single = not isinstance(parsed, list)
+        events = [parsed] if single else parsed
+        if not all(isinstance(one, dict) and isinstance(one.get("id"), str) for one in events):
+            return web.json_response({"error": "every event needs a string id"}, status=400)
+        bodies = [raw.decode()] if single else [json.dumps(one) for one in events]
+        future = asyncio.get_running_loop().create_future()
+        submit("ingest", [(one["id"], body) for one, body in zip(events, bodies, strict=True)],
+               future)
+        per_event = await future
+        if per_event is None:
+            return web.json_response({"error": "not stored"}, status=500)
+        if target is not None:
+            for event, seqs in zip(events, per_event, strict=True):
+                task = asyncio.create_task(forward(event, seqs, request.app["session"]))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+        return web.json_response({"events": [{"id": one["id"]} for one in events]}, status=202)
+
+    async def context(app: web.Application):  # type: ignore[no-untyped-def]
+        await writer.start()
+        app["session"] = ClientSession(connector=TCPConnector(limit=64))
+        yield
+        await app["session"].close()
+        writer.close()
+
+    app = web.Application(client_max_size=1 << 22)
+    app.cleanup_ctx.append(context)
+    app.router.add_post("/v1/events", ingest)
+    return app
 
 
-async def ingest(request: web.Request) -> web.Response:
-    try:
-        parsed = json.loads(await request.read())
-    except ValueError:
-        return web.json_response({"error": "body is not JSON"}, status=400)
-    events = parsed if isinstance(parsed, list) else [parsed]
-    if not all(isinstance(one, dict) and isinstance(one.get("id"), str) for one in events):
-        return web.json_response({"error": "every event needs an id"}, status=400)
-    future = loop.create_future()
-    jobs.put(("ingest", events, future))
-    seqs = await future
-    if TARGET is not None:
-        app = request.app
-        for event, seq in zip(events, seqs, strict=True):
-            task = asyncio.create_task(forward(event, seq, app["session"], app["limit"]))
-            app["tasks"].add(task)
-            task.add_done_callback(app["tasks"].discard)
-    return web.json_response({"events": [{"id": one["id"]} for one in events]}, status=202)
+def main() -> None:
+    if sys.argv[1:2] == ["--child"]:
+        writer_process(int(sys.argv[2]), sys.argv[3], int(sys.argv[4]))
+        return
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("port", type=int)
+    parser.add_argument("path")
+    parser.add_argument("destinations", type=int)
+    parser.add_argument("target", nargs="?")
+    parser.add_argument("--writer", choices=("process", "thread"), default="process")
+    args = parser.parse_args()
+    writer = (ProcessWriter if args.writer == "process" else ThreadWriter)(args.path,
+                                                                          args.destinations)
+    uvloop.install()
+    web.run_app(make_app(writer, args.target), host="127.0.0.1", port=args.port,
+                access_log=None, print=None)
 
 
-async def context(app: web.Application):  # type: ignore[no-untyped-def]
-    global loop
-    loop = asyncio.get_running_loop()
-    threading.Thread(target=write_forever, daemon=True).start()
-    app["session"] = ClientSession(connector=TCPConnector(limit=64))
-    app["limit"], app["tasks"] = asyncio.Semaphore(64), set()
-    yield
-    await app["session"].close()
-
-
-app = web.Application(client_max_size=1 << 22)
-app.cleanup_ctx.append(context)
-app.router.add_post("/v1/events", ingest)
-uvloop.install()
-web.run_app(app, host="127.0.0.1", port=PORT, access_log=None, print=None)
+if __name__ == "__main__":
+    main()

@@ -135,7 +135,7 @@ def run(events: int, backend: str, destination_extra: dict[str, Any] | None = No
 
 def report(results: dict[str, dict[str, float]]) -> None:
     labels = {"forwarder": "minimal forwarder, not durable",
-              "floor": "floor: durable 202 + outcome, nothing else",
+              "floor": "floor: lean durable relay (bench/_floor.py)",
               "sqlite": "relay: durable SQLite spool, braze shape",
               "postgres": "relay: durable PostgreSQL spool, braze shape"}
     rows = []
@@ -149,10 +149,11 @@ def report(results: dict[str, dict[str, float]]) -> None:
           ["server", "events", "seconds", "delivered/s", "accepted/s", "p50 POST ms",
            "CPU s/1k ev"], rows)
     print()
-    floor, fwd = results["floor"], results["forwarder"]
-    print(f"floor/forwarder (what durability alone costs on this stack): delivered events/s "
-          f"{floor['events_s'] / fwd['events_s']:.2f}, CPU per event "
-          f"{floor['cpu_s_per_1k'] / fwd['cpu_s_per_1k']:.1f}x")
+    floor, fwd = results.get("floor"), results["forwarder"]
+    if floor is not None:
+        print(f"floor/forwarder (what durability alone costs on this stack): delivered "
+              f"events/s {floor['events_s'] / fwd['events_s']:.2f}, CPU per event "
+              f"{floor['cpu_s_per_1k'] / fwd['cpu_s_per_1k']:.1f}x")
     for backend in (b for b in ("sqlite", "postgres") if b in results):
         ratio = results[backend]["events_s"] / results["forwarder"]["events_s"]
         cpu = results[backend]["cpu_s_per_1k"] / results["forwarder"]["cpu_s_per_1k"]

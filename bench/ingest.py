@@ -72,7 +72,7 @@ def run(seconds: float, backend: str) -> dict[tuple[str, str], dict[str, float]]
 def report(results: dict[tuple[str, str], dict[str, float]], seconds: float) -> None:
     conns = {mode: c for mode, _, c in RUNS}
     labels = {"bare": "bare aiohttp+uvloop (parses JSON)",
-              "floor": "floor: durable 202, nothing else (bench/_floor.py)",
+              "floor": "floor: lean durable relay (bench/_floor.py)",
               "sqlite": "relay, sqlite spool",
               "postgres": "relay, postgres spool"}
     rows = [(labels[server], mode, conns[mode], *_cols(r))
@@ -84,11 +84,12 @@ def report(results: dict[tuple[str, str], dict[str, float]], seconds: float) -> 
           "(SQLite: WAL, fsync per commit, in the relay's writer process; PostgreSQL: one "
           "transaction per group, on this machine) before the 202; CPU = every process of the "
           "server (the relay, its writer), from /proc")
-    bare, floor = results["bare", "single"], results["floor", "single"]
-    print(f"floor/bare, single events: throughput {floor['req_s'] / bare['req_s']:.2f}, p99 "
-          f"{floor['p99_ms'] / bare['p99_ms']:.1f}x, CPU per event "
-          f"{floor['cpu_s_per_1k'] / bare['cpu_s_per_1k']:.1f}x (what durability alone costs "
-          f"on this stack)")
+    bare, floor = results["bare", "single"], results.get(("floor", "single"))
+    if floor is not None:
+        print(f"floor/bare, single events: throughput {floor['req_s'] / bare['req_s']:.2f}, p99 "
+              f"{floor['p99_ms'] / bare['p99_ms']:.1f}x, CPU per event "
+              f"{floor['cpu_s_per_1k'] / bare['cpu_s_per_1k']:.1f}x (what durability alone "
+              f"costs on this stack)")
     for backend in (b for b in ("sqlite", "postgres") if (b, "single") in results):
         single = results[backend, "single"]["req_s"] / results["bare", "single"]["req_s"]
         p99 = results[backend, "single"]["p99_ms"] / results["bare", "single"]["p99_ms"]
