@@ -120,12 +120,30 @@ class AiohttpTransport:
                                 raw.decode("utf-8", errors="replace"))
         except Exception as exc:
             error, detail = error_class(exc, timeout)
+            _drop_tracebacks(exc)
             return Exchange(started, time.monotonic() - t0, error=error, detail=detail)
 
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+def _drop_tracebacks(exc: BaseException) -> None:
+    """Cut a failed attempt's exceptions (and their causes) from their frames. aiohttp's frames
+    hold the exception they raised, so exception, traceback and frames form a cycle that keeps
+    the request and its body alive until the collector runs (every 10,000 allocations while
+    serving: relay/service.py); cut, they are freed at once. Only the error class and its
+    detail sentence outlive the attempt."""
+    todo: list[BaseException | None] = [exc]
+    seen: set[int] = set()
+    while todo:
+        one = todo.pop()
+        if one is None or id(one) in seen:
+            continue
+        seen.add(id(one))
+        one.__traceback__ = None
+        todo += [one.__cause__, one.__context__]
 
 
 def error_class(exc: BaseException, timeout: float) -> tuple[str, str]:
