@@ -46,9 +46,10 @@ FOLLOW_EVERY = 0.5  # seconds: how soon an idle replica takes work another one s
 # generation was collected ~1,600 times per 20,000 events delivered end to end, and collecting
 # took 0.6-0.7 s of CPU (~30 us per event); at 10,000 it took 0.06-0.09 s. Reference counting
 # frees nearly everything a request allocates, so the collector mostly walks what outlives one
-# (attempts in flight, cached events), again and again. bench/e2e.py, eight alternating pairs:
-# relay CPU per event -13 % and delivered/s +16 % (medians). The longest young collection grows
-# to ~15 ms under saturation; full collections (~30 ms each) become rare. docs/performance.md.
+# (attempts in flight, cached events), again and again. bench/e2e.py's load, six alternating
+# pairs: relay CPU per event -10 % and delivered/s +12.5 % (medians). The longest young
+# collection grows to ~15 ms under saturation; full collections (~30 ms each) become rare.
+# docs/performance.md.
 GC_THRESHOLDS = (10_000, 10, 10)
 
 
