@@ -22,22 +22,24 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import pickle
 import socket
 import sqlite3
-import struct
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from queue import Empty, SimpleQueue
 from typing import Any
 
 import uvloop
 from aiohttp import ClientSession, TCPConnector, web
 
-HEADER = struct.Struct("!I")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from relay.spool.wire import frame, split_frames
+from relay.spool.writer import _next_jobs
+
 Job = tuple[int, str, Any]   # (job id, "ingest" | "outcome", payload)
 
 
@@ -100,44 +102,13 @@ class Store:
         return answers
 
 
-def frame(obj: Any) -> bytes:
-    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    return HEADER.pack(len(data)) + data
-
-
-def frames(buffer: bytearray) -> list[Any]:
-    """Every whole frame at the start of ``buffer`` (removed from it)."""
-    found, start = [], 0
-    while len(buffer) - start >= HEADER.size:
-        (size,) = HEADER.unpack_from(buffer, start)
-        if len(buffer) - start - HEADER.size < size:
-            break
-        found.append(pickle.loads(buffer[start + HEADER.size:start + HEADER.size + size]))
-        start += HEADER.size + size
-    del buffer[:start]
-    return found
-
-
 def writer_process(fd: int, path: str, fan_out: int) -> None:
-    """The writer process: every group of jobs that has arrived, committed, answered in order."""
+    """The writer process: every group of jobs that has arrived, committed, answered in order
+    (the relay's own framing and group-taking: relay/spool/wire.py, relay/spool/writer.py)."""
     store, buffer = Store(path, fan_out), bytearray()
     with socket.socket(fileno=fd) as sock:
-        while True:
-            data = sock.recv(1 << 20)
-            if not data:
-                return
-            buffer += data
-            while True:  # everything already queued is the group
-                try:
-                    more = sock.recv(1 << 20, socket.MSG_DONTWAIT)
-                except BlockingIOError:
-                    break
-                if not more:
-                    break
-                buffer += more
-            group = [job for batch in frames(buffer) for job in batch]
-            if group:
-                sock.sendall(frame(store.commit(group)))
+        while (batches := _next_jobs(sock, buffer)) is not None:
+            sock.sendall(frame(store.commit([job for batch in batches for job in batch])))
 
 
 class ProcessWriter(asyncio.Protocol):
@@ -175,7 +146,7 @@ class ProcessWriter(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
-        for answers in frames(self.buffer):
+        for answers in split_frames(self.buffer):
             for job_id, seqs in answers:
                 future = self.waiting.pop(job_id, None)
                 if future is not None and not future.done():

@@ -123,7 +123,7 @@ def run(events: int, backend: str, destination_extra: dict[str, Any] | None = No
                     tag = f"r{name}{time.time()}"
                     results[name] = timed(proc.pid, lambda t=tag: drive(port, rport, total, t),
                                           total)
-            # Last: a run of the relay is measured after the same runs as before the floor existed.
+            # Last, so the relay is measured after the same runs as before the floor existed.
             with floor_server(1, f"http://127.0.0.1:{rport}/braze") as (floor, lport):
                 asyncio.run(drive(lport, rport, 1000, "warmfloor"))
                 results["floor"] = timed(floor.pid, lambda: drive(lport, rport, total, "floor"),

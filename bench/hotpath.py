@@ -56,6 +56,13 @@ def measure(seconds: float, events: int, backend: str) -> dict[str, dict[str, fl
     return found
 
 
+def _cpu(runs: list[dict[str, dict[str, float]]], name: str) -> dict[str, float]:
+    """The median over the runs of each CPU-seconds-per-1k figure of ``name``."""
+    return {key: statistics.median(run[name][key] for run in runs)
+            for key in ("cpu single relay", "cpu single bare", "cpu e2e relay",
+                        "cpu e2e forwarder")}
+
+
 def met(measured: float, limit: str) -> str:
     if limit == "(figure)":
         return "-"
@@ -93,15 +100,13 @@ def main() -> None:
             floor = floors[target]
             rows.append((name, target, shown, limit, met(middle, limit),
                          "-" if math.isnan(floor) else f"{floor:.2f} ({met(floor, limit)})"))
-        cpu = {key: statistics.median(run[name][key] for run in runs)
-               for key in ("cpu single relay", "cpu single bare", "cpu e2e relay",
-                           "cpu e2e forwarder")}
+        cpu, floor_cpu = _cpu(runs, name), _cpu(runs, "floor")
         rows.append((name, "CPU s per 1k single events: relay / bare",
                      f"{cpu['cpu single relay']:.3f} / {cpu['cpu single bare']:.3f}", "", "-",
-                     f"{statistics.median(run['floor']['cpu single relay'] for run in runs):.3f}"))
+                     f"{floor_cpu['cpu single relay']:.3f}"))
         rows.append((name, "CPU s per 1k events end to end: relay / forwarder",
                      f"{cpu['cpu e2e relay']:.3f} / {cpu['cpu e2e forwarder']:.3f}", "", "-",
-                     f"{statistics.median(run['floor']['cpu e2e relay'] for run in runs):.3f}"))
+                     f"{floor_cpu['cpu e2e relay']:.3f}"))
     what = "one run" if len(runs) == 1 else f"median of {len(runs)} runs (each run's figure)"
     table(f"Issue 21 targets, {what}; {machine()}",
           ["spool", "target", "measured", "target", "met", "floor, SQLite (met?)"], rows)

@@ -60,7 +60,7 @@ def run(seconds: float, backend: str) -> dict[tuple[str, str], dict[str, float]]
                     results[name, mode] = measured(proc.pid, port, batch=batch,
                                                    connections=conns, seconds=seconds,
                                                    prefix=f"{name}{tag}")
-    # Last: the relay is measured after the same runs as before the floor existed.
+    # Last, so the relay is measured after the same runs as before the floor existed.
     with floor_server(len(DESTINATIONS)) as (floor, port):
         load(port, batch=1, connections=64, seconds=2, prefix=f"warmfloor{tag}")
         for mode, batch, conns in RUNS:
