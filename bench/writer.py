@@ -1,11 +1,13 @@
 """The SQLite writer's CPU per event, in one process with no network: the relay's
 ``Writer.run_group`` against the floor's store (bench/_floor.py) on the same groups, and what
-each of the relay's indexes and its dedupe lookup costs (the writer run on a schema without it).
+each of the relay's indexes and its dedupe lookup costs (the writer run on a schema without it,
+or with the index schema 2 had).
 
 Groups of 16 single events with 3 pending deliveries each, as wrk's 64 connections make them;
 WAL, fsync per group (synchronous=FULL) as in the relay. CPU is this process's user + system
-time (``time.process_time``) per event, so the figures need no quiet machine to compare: each
-variant runs ``--rounds`` times, interleaved, and the median is printed.
+time per event, apart (``os.times``), and the bytes written per event (``/proc/self/io``), which
+machine noise does not move at all; each variant runs ``--rounds`` times, interleaved, and the
+medians are printed.
 Usage: python bench/writer.py [--groups 1500] [--rounds 3]
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -38,10 +41,10 @@ BODY = json.dumps({"id": "e" * 36, "channel": "email", "status": "delivered",
                    "attributes": {"order_id": "42"}, "occurred_at": "2026-12-04T13:00:00.000Z",
                    "received_at": "2026-12-04T13:00:00.000Z"})
 
-# variant -> (schema text removed, replacement): the writer on a schema without that piece
+# variant -> (schema text replaced, replacement): the writer on a schema with or without a piece
 WITHOUT = {
-    "relay without the delivery_id UNIQUE index":
-        ("delivery_id TEXT NOT NULL UNIQUE,", "delivery_id TEXT NOT NULL,"),
+    "relay with a delivery_id UNIQUE index (as schema 2 had)":
+        ("delivery_id TEXT NOT NULL,", "delivery_id TEXT NOT NULL UNIQUE,"),
     "relay without the events-by-time index":
         ("CREATE INDEX events_by_time ON events(received_at);", ""),
 }
@@ -86,16 +89,28 @@ def variants() -> dict[str, Callable[[str], Callable[[int], Any]]]:
     return found
 
 
-def measure(make: Callable[[str], Callable[[int], Any]], groups: int) -> float:
-    """CPU microseconds per event over ``groups`` groups, after 100 groups of warm-up."""
+def _written() -> int:
+    """Bytes this process has passed to write() so far (/proc/self/io ``wchar``)."""
+    with open("/proc/self/io") as io:
+        return next(int(line.split()[1]) for line in io if line.startswith("wchar:"))
+
+
+def measure(make: Callable[[str], Callable[[int], Any]],
+            groups: int) -> tuple[float, float, float]:
+    """User and system CPU microseconds and bytes written per event over ``groups`` groups,
+    after 100 groups of warm-up. The bytes (WAL pages: every page a commit dirtied) do not
+    depend on the machine's noise; system time is mostly writing and fsyncing them."""
     with tempfile.TemporaryDirectory() as tmp:
         run = make(str(Path(tmp) / "spool.db"))
         for group in range(100):
             run(group)
-        start = time.process_time()
+        start, written = os.times(), _written()
         for group in range(100, 100 + groups):
             run(group)
-        return (time.process_time() - start) / (groups * GROUP) * 1e6
+        end, written = os.times(), _written() - written
+        events = groups * GROUP
+        return ((end.user - start.user) / events * 1e6,
+                (end.system - start.system) / events * 1e6, written / events)
 
 
 def main() -> None:
@@ -105,16 +120,23 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     found = variants()
-    runs: dict[str, list[float]] = {name: [] for name in found}
+    runs: dict[str, list[tuple[float, float, float]]] = {name: [] for name in found}
     for _ in range(args.rounds):
         for name, make in found.items():
             runs[name].append(measure(make, args.groups))
-    shipped = statistics.median(runs["relay (as shipped)"])
-    rows = [(name, f"{statistics.median(us):.1f}", f"{statistics.median(us) - shipped:+.1f}",
-             ", ".join(f"{u:.1f}" for u in us)) for name, us in runs.items()]
+    shipped = statistics.median(user for user, _, _ in runs["relay (as shipped)"])
+    rows = []
+    for name, times in runs.items():
+        user = statistics.median(u for u, _, _ in times)
+        rows.append((name, f"{user:.1f}", f"{user - shipped:+.1f}",
+                     f"{statistics.median(s for _, s, _ in times):.1f}",
+                     f"{statistics.median(w for _, _, w in times) / 1024:.1f}",
+                     ", ".join(f"{u:.1f}" for u, _, _ in times)))
     table(f"SQLite writer, in process: {args.groups} groups of {GROUP} single events x "
           f"{len(ROUTES)} deliveries, fsync per group; median of {args.rounds}; {machine()}",
-          ["writer", "CPU us per event", "vs shipped", "each round"], rows)
+          ["writer", "user CPU us per event", "vs shipped", "system us", "KiB written",
+           "each round (user)"],
+          rows)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,12 @@ def delivery_id_prefix(now: float) -> str:
     return f"dlv_{int(now * 1000):011x}"
 
 
+def salt() -> int:
+    """32 random bits: the SQLite spool's delivery ids mask their seq with a keyed hash of it
+    (relay/spool/delivery_ids.py)."""
+    return _rng.getrandbits(32)
+
+
 def random_part() -> int:
     """76 random bits, shifted: the spool gives an event's deliveries ``random_part() + 1``,
     ``+ 2``, ... (one PRNG call per event instead of one per delivery; ids stay as unique)."""

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
-import time
 from pathlib import Path
 
 import pytest
@@ -160,31 +159,6 @@ async def test_writer_that_does_not_answer_is_stopped(tmp_path: Path,
         assert (await first.stats())["groups"] >= 0
     finally:
         await first.close()
-
-
-async def test_a_schema_1_spool_is_migrated_with_its_pending_work(tmp_path: Path) -> None:
-    """A spool file written by the previous schema opens, keeps its pending deliveries, and
-    they come back due with their event (sizes filled in by the migration)."""
-    path = tmp_path / "old.db"
-    spool = Spool(path)
-    await spool.open()
-    (ingested,) = await spool.ingest([item(1)])
-    await spool.close()
-    conn = sqlite3.connect(path)  # make it a schema-1 file again: no size column
-    conn.executescript("ALTER TABLE events DROP COLUMN size; PRAGMA user_version=1;")
-    conn.close()
-    spool = Spool(path)
-    await spool.open()
-    try:
-        due = await spool.due(time.time() + 60, 10, ["a", "b"])
-        assert {d.delivery_id for d in due} == {d[1] for d in ingested.deliveries}
-        assert all('"id":"e1"' in d.event_json for d in due)
-        conn = sqlite3.connect(path)
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
-        assert conn.execute("SELECT size FROM events").fetchone()[0] > 0
-        conn.close()
-    finally:
-        await spool.close()
 
 
 async def test_poll_says_whether_it_saw_all_due_work_and_when_more_falls_due(spool: Spool) -> None:

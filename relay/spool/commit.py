@@ -19,7 +19,8 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from relay.ids import delivery_id_prefix, random_part
+from relay.ids import delivery_id_prefix, salt
+from relay.spool.delivery_ids import DeliveryIds
 from relay.spool.receipt import pack, receipt_entry, unpack
 from relay.spool.sql import marks, run_chunked, where
 from relay.spool.wire import (
@@ -55,6 +56,7 @@ class Writer:
         self.next_delivery = conn.execute(
             "SELECT COALESCE(MAX(seq), 0) + 1 FROM deliveries").fetchone()[0]
         self.groups = 0  # transactions run (group commit: fewer than jobs under load)
+        self.ids = DeliveryIds.of(conn)  # delivery ids name their row: no index on them
         self.fsynced = True  # connect() sets synchronous=FULL
 
     def run_group(self, requests: list[tuple[int, str, Any]]) -> list[Answer]:
@@ -181,6 +183,7 @@ class Writer:
             job_known: dict[str, str] = {}
             new_open = 0
             prefix = delivery_id_prefix(now)
+            make_ids = self.ids.make
             for index, (event_id, sender_id, received_at, body, routes) in enumerate(
                     map(IngestEvent._make, events)):
                 if sender_id:
@@ -189,9 +192,12 @@ class Writer:
                         entries.append(receipt_entry(event_id, unpack(listing), True))
                         continue
                 seq = self.next_seq + len(event_rows) + len(job_events)
-                r = random_part()
-                created = [(dest, f"{prefix}{r + i:020x}", state)
-                           for i, (dest, state, _) in enumerate(routes, 1)]
+                # this job's deliveries follow those of the jobs taken before it: if it is
+                # refused, its ids are dropped with it
+                first_delivery = self.next_delivery + len(delivery_rows) + len(job_deliveries)
+                dids = make_ids(prefix, salt(), range(first_delivery, first_delivery + len(routes)))
+                created = [(dest, did, state)
+                           for did, (dest, state, _) in zip(dids, routes, strict=True)]
                 pending = sum(1 for _, state, _ in routes if state == "pending")
                 new_open += pending > 0
                 listing = pack(created)
@@ -294,12 +300,19 @@ class Writer:
 
     def replay(self, job: ReplayJob) -> list[str]:
         """Failed deliveries back to pending, due now, with fresh retry windows."""
+        wanted = set(job.delivery_ids)
+        seqs = [self.ids.seq_of(delivery_id) for delivery_id in wanted]
         clause, args = where(
             ("state = ?", "failed"),
-            (f"delivery_id IN ({marks(len(job.delivery_ids))})", list(job.delivery_ids)),
+            # by the seq each id names, or through legacy_delivery_ids (the whole id is
+            # checked below: a made-up id replays nothing)
+            (f"(seq IN ({marks(len(seqs))}) OR seq IN (SELECT seq FROM legacy_delivery_ids "
+             f"WHERE delivery_id IN ({marks(len(seqs))})))", [*seqs, *wanted]),
             ("destination = ?", job.destination), ("updated_at >= ?", job.failed_since))
         rows = self.conn.execute(f"SELECT seq, delivery_id, event_seq FROM deliveries WHERE "
                                  f"{clause} LIMIT 100000", args).fetchall()
+        if wanted:
+            rows = [row for row in rows if row[1] in wanted]
         for seq, _, event_seq in rows:
             self.conn.execute("UPDATE deliveries SET state = 'pending', not_before = ?, "
                               "failures = 0, first_attempt_at = NULL, held = 0, reason = NULL, "
@@ -332,6 +345,9 @@ class Writer:
         in_seqs = marks(len(seqs))
         self.conn.execute(f"DELETE FROM attempts WHERE delivery_seq IN (SELECT seq FROM deliveries "
                           f"WHERE event_seq IN ({in_seqs}))", seqs)
+        if self.conn.execute("SELECT 1 FROM legacy_delivery_ids LIMIT 1").fetchone():
+            self.conn.execute(f"DELETE FROM legacy_delivery_ids WHERE seq IN (SELECT seq FROM "
+                              f"deliveries WHERE event_seq IN ({in_seqs}))", seqs)
         self.conn.execute(f"DELETE FROM deliveries WHERE event_seq IN ({in_seqs})", seqs)
         self.conn.execute(f"DELETE FROM events WHERE seq IN ({in_seqs})", seqs)
         return len(seqs)

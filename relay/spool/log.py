@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Sequence
 
+from relay.spool.delivery_ids import BY_ID, DeliveryIds
 from relay.spool.records import Attempt, DeliveryRecord
 from relay.spool.sql import where
 from relay.spool.store import Store
@@ -15,6 +17,14 @@ _SELECT_DELIVERY = (
 
 
 class LogMixin(Store):
+    _delivery_ids: DeliveryIds | None = None  # with the file's key, read once
+
+    def _by_id(self, conn: sqlite3.Connection, delivery_id: str) -> tuple[int | None, str, str]:
+        """The values for delivery_ids.BY_ID (on a reader thread)."""
+        if self._delivery_ids is None:
+            self._delivery_ids = DeliveryIds.of(conn)
+        return self._delivery_ids.args(delivery_id)
+
     async def prune(self, retention: float) -> int:
         """Delete finished events (and their deliveries and attempts) older than ``retention``;
         at most 10,000 events per call."""
@@ -23,7 +33,8 @@ class LogMixin(Store):
 
     async def get_delivery(self, delivery_id: str) -> DeliveryRecord | None:
         rows = await self._read(lambda conn: conn.execute(
-            _SELECT_DELIVERY + " WHERE d.delivery_id = ?", (delivery_id,)).fetchall(), lane="api")
+            f"{_SELECT_DELIVERY} WHERE {BY_ID}", self._by_id(conn, delivery_id)).fetchall(),
+            lane="api")
         return DeliveryRecord(*rows[0]) if rows else None
 
     async def list_deliveries(
@@ -56,8 +67,8 @@ class LogMixin(Store):
     async def event_json(self, delivery_id: str) -> str | None:
         """The stored event (normalised JSON) behind a delivery."""
         rows = await self._read(lambda conn: conn.execute(
-            "SELECT e.body FROM deliveries d JOIN events e ON e.seq = d.event_seq "
-            "WHERE d.delivery_id = ?", (delivery_id,)).fetchall(), lane="api")
+            f"SELECT e.body FROM deliveries d JOIN events e ON e.seq = d.event_seq WHERE {BY_ID}",
+            self._by_id(conn, delivery_id)).fetchall(), lane="api")
         return rows[0][0] if rows else None
 
     async def counts(self) -> dict[str, int]:

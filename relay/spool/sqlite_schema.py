@@ -9,11 +9,47 @@ tables; the writer's jobs (relay/spool/commit.py) do.
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 
 from relay.spool.wire import JobError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+
+# A table of deliveries (the migration to schema 3 builds a new one under another name)
+DELIVERIES = """
+CREATE TABLE {name}(
+    seq         INTEGER PRIMARY KEY,
+    delivery_id TEXT NOT NULL,              -- Webhook-Id: stable across retries; it names this
+                                            -- row, so no index (relay/spool/delivery_ids.py)
+    event_seq   INTEGER NOT NULL REFERENCES events(seq),
+    destination TEXT NOT NULL,
+    state       TEXT NOT NULL,              -- pending | delivered | failed | skipped
+    attempts    INTEGER NOT NULL DEFAULT 0, -- requests tried (or render failures)
+    failures    INTEGER NOT NULL DEFAULT 0, -- retryable responses (5xx, 408, 429): max_retries
+    first_attempt_at REAL,                  -- start of the retry windows
+    held        REAL NOT NULL DEFAULT 0,    -- seconds its host was suspended since then
+    not_before  REAL NOT NULL,              -- not attempted before this unix time
+    created_at  REAL NOT NULL,
+    updated_at  REAL NOT NULL,
+    reason      TEXT                        -- why skipped / failed, for the activity log
+);
+"""
+DELIVERIES_DUE = "CREATE INDEX deliveries_due ON deliveries(not_before, seq) WHERE state = 'pending';"
+
+# The spool's own settings: the key that masks seqs in delivery ids (SQLite's randomblob is
+# seeded from the OS). And the delivery ids made before schema 3, which do not name their row.
+META = """
+CREATE TABLE meta(
+    name        TEXT PRIMARY KEY,
+    value       BLOB NOT NULL
+) WITHOUT ROWID;
+INSERT INTO meta(name, value) VALUES ('delivery_id_key', randomblob(16));
+CREATE TABLE legacy_delivery_ids(
+    seq         INTEGER PRIMARY KEY,        -- the delivery's
+    delivery_id TEXT NOT NULL UNIQUE
+);
+"""
 
 SCHEMA = """
 CREATE TABLE events(
@@ -28,23 +64,7 @@ CREATE TABLE events(
 );
 CREATE INDEX events_by_sender_id ON events(id) WHERE sender_id = 1;
 CREATE INDEX events_by_time ON events(received_at);
-
-CREATE TABLE deliveries(
-    seq         INTEGER PRIMARY KEY,
-    delivery_id TEXT NOT NULL UNIQUE,       -- Webhook-Id: stable across retries
-    event_seq   INTEGER NOT NULL REFERENCES events(seq),
-    destination TEXT NOT NULL,
-    state       TEXT NOT NULL,              -- pending | delivered | failed | skipped
-    attempts    INTEGER NOT NULL DEFAULT 0, -- requests tried (or render failures)
-    failures    INTEGER NOT NULL DEFAULT 0, -- retryable responses (5xx, 408, 429): max_retries
-    first_attempt_at REAL,                  -- start of the retry windows
-    held        REAL NOT NULL DEFAULT 0,    -- seconds its host was suspended since then
-    not_before  REAL NOT NULL,              -- not attempted before this unix time
-    created_at  REAL NOT NULL,
-    updated_at  REAL NOT NULL,
-    reason      TEXT                        -- why skipped / failed, for the activity log
-);
-CREATE INDEX deliveries_due ON deliveries(not_before, seq) WHERE state = 'pending';
+""" + DELIVERIES.format(name="deliveries") + DELIVERIES_DUE + """
 
 CREATE TABLE attempts(
     delivery_seq INTEGER NOT NULL,
@@ -56,7 +76,7 @@ CREATE TABLE attempts(
     excerpt      TEXT,
     PRIMARY KEY (delivery_seq, n)
 ) WITHOUT ROWID;
-"""
+""" + META
 
 
 def connect(path: str) -> sqlite3.Connection:
@@ -77,9 +97,11 @@ def connect(path: str) -> sqlite3.Connection:
         raise JobError("error", f"cannot open spool {path}: {exc}") from exc
 
 
-def migrate(conn: sqlite3.Connection) -> None:
+def migrate(conn: sqlite3.Connection,
+            starting: Callable[[int, int], None] = lambda old, new: None) -> None:
     """Create the tables in a new file, bring an older file up to date (forward only, in one
-    transaction); refuse a file written by a newer schema."""
+    transaction; ``starting(old, new)`` is called first); refuse a file written by a newer
+    schema."""
     version = conn.execute("PRAGMA user_version").fetchone()[0]
     if version == SCHEMA_VERSION:
         return
@@ -90,12 +112,27 @@ def migrate(conn: sqlite3.Connection) -> None:
     if version == 0:
         conn.executescript("BEGIN;" + SCHEMA + f"PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
         return
+    starting(version, SCHEMA_VERSION)
     steps = "".join(MIGRATIONS[v] for v in range(version, SCHEMA_VERSION))
     conn.executescript("BEGIN;" + steps + f"PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
 
+
+_COLUMNS = ("seq, delivery_id, event_seq, destination, state, attempts, failures, "
+            "first_attempt_at, held, not_before, created_at, updated_at, reason")
 
 # version -> the statements that bring a file of that version to the next one
 MIGRATIONS = {
     1: "ALTER TABLE events ADD COLUMN size INTEGER NOT NULL DEFAULT 0;"
        "UPDATE events SET size = length(body) WHERE pending > 0;",
+    # Delivery ids name their row from now on: the deliveries table is rebuilt without the
+    # unique index on delivery_id (SQLite cannot drop a UNIQUE constraint's index), and the
+    # ids made so far go to legacy_delivery_ids, which finds them.
+    2: META
+       + "INSERT INTO legacy_delivery_ids(seq, delivery_id) SELECT seq, delivery_id "
+         "FROM deliveries;"
+       + DELIVERIES.format(name="deliveries_3")
+       + f"INSERT INTO deliveries_3({_COLUMNS}) SELECT {_COLUMNS} FROM deliveries;"
+         "DROP TABLE deliveries;"
+         "ALTER TABLE deliveries_3 RENAME TO deliveries;"
+       + DELIVERIES_DUE,
 }

@@ -30,6 +30,7 @@ from relay.errors import SpoolError, SpoolFull
 from relay.spool import writer
 from relay.spool.sqlite_schema import connect
 from relay.spool.wire import (
+    MIGRATING,
     WAKE,
     Job,
     JobError,
@@ -80,6 +81,7 @@ class Store:
         self._closing = False
         self._up = False            # a writer said ready and has not gone away since
         self._respawn: asyncio.Task[None] | None = None
+        self._migrating = False     # the writer said it is migrating the schema: no start timeout
         # server.workers > 1: a worker connects to the supervisor's writer at ``writer_socket``
         # instead of starting one; the supervisor's writer also takes connections on
         # ``listener``. ``on_wake`` runs when another worker stored work (the writer says so)
@@ -172,8 +174,16 @@ class Store:
         try:
             self._transport, _ = await self._loop.create_unix_connection(
                 lambda: _Link(self), path, sock=sock)
-            await asyncio.wait_for(ready, START_TIMEOUT)
+            self._migrating = False
+            while True:
+                try:
+                    await asyncio.wait_for(asyncio.shield(ready), START_TIMEOUT)
+                    break
+                except TimeoutError:
+                    if not self._migrating:  # a migration takes what it takes; a writer that
+                        raise                # dies meanwhile fails ``ready`` (_lost)
         except (OSError, TimeoutError, SpoolError) as exc:
+            ready.cancel()     # (if still waiting) nobody will read it now
             self._up = False   # a ready that came as the wait ran out: this writer is dropped
             if self._transport is not None:
                 self._transport.close()
@@ -228,6 +238,11 @@ class Store:
             if job == WAKE:
                 if self.on_wake is not None:
                     self.on_wake()
+                continue
+            if job == MIGRATING:
+                self._migrating = True
+                log.warning("migrating the spool %s from schema %d to %d before starting; this "
+                            "takes a few seconds per million deliveries", self.path, *result)
                 continue
             future = self._pending.pop(job, None)
             if future is None or future.done():  # the caller went away; the data is committed

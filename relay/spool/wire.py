@@ -20,6 +20,8 @@ _HEADER = struct.Struct("<I")
 
 Answer = tuple[int, "tuple[str, str, int] | None", Any]   # (job_id, error, result)
 WAKE = -1   # the job id of a frame the writer sends unasked: another worker stored new work
+MIGRATING = -2  # ... and of the one it sends before migrating the spool's schema, which can
+                # take longer than the start timeout: (from version, to version)
 
 
 class JobError(Exception):

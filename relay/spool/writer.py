@@ -43,7 +43,7 @@ if __name__ == "__main__":  # started as a script: import relay from the tree th
 
 from relay.spool.commit import Writer
 from relay.spool.sqlite_schema import connect, migrate
-from relay.spool.wire import WAKE, Answer, JobError, frame, split_frames
+from relay.spool.wire import MIGRATING, WAKE, Answer, JobError, frame, split_frames
 
 MAX_GROUP = 512     # jobs per transaction: bounds the latency one group adds to the next
 
@@ -114,7 +114,8 @@ def serve(sock: socket.socket, path: str, max_events: int, lock_wait: float,
     try:
         lock(path, lock_wait)
         conn = connect(path)
-        migrate(conn)
+        # a long migration is not a writer that failed to start: say so first
+        migrate(conn, lambda old, new: sock.sendall(frame((MIGRATING, None, (old, new)))))
         writer = Writer(conn, max_events, max_bytes)
     except (sqlite3.Error, OSError, JobError) as exc:
         error = exc if isinstance(exc, JobError) else JobError("error", f"cannot open spool {path}: {exc}")

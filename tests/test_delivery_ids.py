@@ -1,0 +1,266 @@
+"""Delivery ids that name their row (SQLite schema 3): found without an index, made-up ids find
+nothing, the seq in them is masked, and spool files of schemas 1 and 2 (whose ids name no row)
+are migrated with their ids still found, replayed and pruned. On real spool files and writers."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from relay.errors import SpoolError
+from relay.events import Event, accept
+from relay.routing import Route
+from relay.spool import Attempt, Spool
+from relay.spool.delivery_ids import DeliveryIds
+from tests.helpers import Clock
+
+ROUTES = (Route("a", "pending"), Route("b", "pending"))
+
+# The schema-2 file as relays before schema 3 made it (relay/spool/sqlite_schema.py at v2)
+SCHEMA_2 = """
+CREATE TABLE events(
+    seq INTEGER PRIMARY KEY, id TEXT NOT NULL, sender_id INTEGER NOT NULL,
+    received_at REAL NOT NULL, pending INTEGER NOT NULL, deliveries TEXT NOT NULL,
+    body TEXT NOT NULL, size INTEGER NOT NULL DEFAULT 0);
+CREATE INDEX events_by_sender_id ON events(id) WHERE sender_id = 1;
+CREATE INDEX events_by_time ON events(received_at);
+CREATE TABLE deliveries(
+    seq INTEGER PRIMARY KEY, delivery_id TEXT NOT NULL UNIQUE,
+    event_seq INTEGER NOT NULL REFERENCES events(seq), destination TEXT NOT NULL,
+    state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
+    failures INTEGER NOT NULL DEFAULT 0, first_attempt_at REAL,
+    held REAL NOT NULL DEFAULT 0, not_before REAL NOT NULL, created_at REAL NOT NULL,
+    updated_at REAL NOT NULL, reason TEXT);
+CREATE INDEX deliveries_due ON deliveries(not_before, seq) WHERE state = 'pending';
+CREATE TABLE attempts(
+    delivery_seq INTEGER NOT NULL, n INTEGER NOT NULL, at REAL NOT NULL, duration REAL,
+    status_code INTEGER, error TEXT, excerpt TEXT, PRIMARY KEY (delivery_seq, n)) WITHOUT ROWID;
+PRAGMA user_version=2;
+"""
+OLD_PENDING = "dlv_0193a0b0c0d11111111111111111111111"[:35]
+OLD_FAILED = "dlv_0193a0b0c0d22222222222222222222222"[:35]
+BODY = '{"id":"e1","channel":"email","status":"sent","message_id":"m1"}'
+
+
+def item(i: int, routes: tuple[Route, ...] = ROUTES, at: float = 1000.0):
+    return accept(Event(id=f"e{i}", channel="email", status="sent", message_id=f"m{i}"), at), routes
+
+
+def old_spool(path: Path, version: int) -> None:
+    """A spool file of ``version`` (1 or 2) holding event e1 with a pending delivery to "a" and
+    a failed one to "b" (one attempt), ids in the old 35-character form."""
+    conn = sqlite3.connect(path)
+    conn.executescript(SCHEMA_2)
+    conn.execute("INSERT INTO events VALUES (1, 'e1', 1, 1000.0, 1, ?, ?, ?)",
+                 (f"a {OLD_PENDING} pending|b {OLD_FAILED} pending", BODY, len(BODY)))
+    conn.execute("INSERT INTO deliveries(seq, delivery_id, event_seq, destination, state, "
+                 "attempts, failures, first_attempt_at, not_before, created_at, updated_at, "
+                 "reason) VALUES (1, ?, 1, 'a', 'pending', 0, 0, NULL, 1000.0, 1000.0, 1000.0, "
+                 "NULL), (2, ?, 1, 'b', 'failed', 1, 0, 1000.5, 1000.0, 1000.0, 1000.5, "
+                 "'HTTP 400')", (OLD_PENDING, OLD_FAILED))
+    conn.execute("INSERT INTO attempts VALUES (2, 1, 1000.5, 0.01, 400, NULL, 'bad')")
+    if version == 1:
+        conn.executescript("ALTER TABLE events DROP COLUMN size; PRAGMA user_version=1;")
+    conn.commit()
+    conn.close()
+
+
+def unique_indexes(path: Path) -> list[str]:
+    conn = sqlite3.connect(path)
+    try:
+        return [row[1] for row in conn.execute("PRAGMA index_list(deliveries)") if row[2]]
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+async def spool(tmp_path: Path):
+    s = Spool(tmp_path / "spool.db", clock=Clock())
+    await s.open()
+    yield s
+    await s.close()
+
+
+async def test_new_ids_find_their_delivery_with_no_index_on_them(spool: Spool,
+                                                                 tmp_path: Path) -> None:
+    """Every id a receipt names finds its delivery and event; the deliveries table has no
+    unique index (the cost this schema removes); ids keep their 35-character form."""
+    receipt = await spool.ingest([item(i) for i in range(5)])
+    ids = [did for ingested in receipt for _, did, _ in ingested.deliveries]
+    assert len(set(ids)) == 10
+    assert all(len(did) == 35 and did.startswith("dlv_") for did in ids)
+    for ingested in receipt:
+        for destination, did, _ in ingested.deliveries:
+            record = await spool.get_delivery(did)
+            assert record is not None
+            assert (record.delivery_id, record.event_id, record.destination) == \
+                (did, ingested.id, destination)
+            assert f'"id":"{ingested.id}"' in (await spool.event_json(did) or "")
+    assert unique_indexes(tmp_path / "spool.db") == []
+
+
+async def test_made_up_ids_find_nothing_and_replay_nothing(spool: Spool) -> None:
+    """An id whose masked seq names a real row but whose other digits differ is refused (the
+    whole id must match); so are ids of any other shape. No id raises."""
+    await spool.ingest([item(1, routes=(Route("a", "pending"),))])
+    (due,) = await spool.due(2000.0, 10, ["a"])
+    await spool.record_attempt(due, Attempt(1000.0, 0.1, 400, None, "no"), state="failed",
+                               not_before=None, failures=0, reason="HTTP 400")
+    real = due.delivery_id
+    flipped_time = real[:5] + ("0" if real[5] != "0" else "1") + real[6:]
+    flipped_seq = real[:-1] + ("0" if real[-1] != "0" else "1")
+    flipped_salt = real[:20] + ("0" if real[20] != "0" else "1") + real[21:]
+    made_up = [flipped_time, flipped_salt, flipped_seq, real.upper(), real + "0", real[:34],
+               "dlv_", "", "x" * 10_000, "dlv_" + "f" * 31, "dlv_" + "0" * 31,
+               "dlv_" + "\u0661" * 31, "dlv_" + "-" * 31, "dlv_" + " " * 31, "' OR 1=1 --"]
+    for did in made_up:
+        assert await spool.get_delivery(did) is None, did
+        assert await spool.event_json(did) is None, did
+    assert await spool.replay(delivery_ids=made_up) == []
+    assert (await spool.get_delivery(real)).state == "failed"
+    assert await spool.replay(delivery_ids=[*made_up, real]) == [real]
+    assert (await spool.get_delivery(real)).state == "pending"
+
+
+def test_the_seq_in_an_id_is_masked_by_the_files_key() -> None:
+    """Consecutive events do not give related ids, and without the file's key an id does not
+    name its seq: a receiver cannot count a relay's deliveries from its Webhook-Ids. Ids are
+    unique within a file even when salts repeat."""
+    ids, other = DeliveryIds(b"k" * 16), DeliveryIds(b"j" * 16)
+    made = [did for seq in range(1, 400, 2)   # events of two deliveries, each its own salt
+            for did in ids.make("dlv_0193a0b0c0d", random.getrandbits(32), range(seq, seq + 2))]
+    assert [ids.seq_of(did) for did in made] == list(range(1, 401))
+    tails = [int(did[23:], 16) for did in made[::2]]   # the masked seq of each event's first
+    assert sum(abs(b - a) < 2**32 for a, b in itertools.pairwise(tails)) < 3
+    assert sum(other.seq_of(did) == seq for seq, did in enumerate(made, 1)) < 3
+    same_salt = [did for seq in range(1, 100) for did in ids.make("dlv_0193a0b0c0d", 7, range(seq, seq + 1))]
+    assert len(set(same_salt)) == 99 and all(len(did) == 35 for did in same_salt)
+    with pytest.raises(ValueError, match="48 bits"):
+        ids.make("dlv_0193a0b0c0d", 7, range(2**48, 2**48 + 1))
+
+
+@pytest.mark.parametrize("version", [1, 2])
+async def test_an_older_spool_is_migrated_and_its_ids_still_work(tmp_path: Path,
+                                                                 version: int) -> None:
+    """A schema-1 or schema-2 file opens as schema 3: the unique index is gone, its pending
+    delivery comes back due with its old id and event, its failed one is found, shown with its
+    attempt and replayed by its old id; new events continue the seqs with new ids; prune lets
+    the old ids go with their deliveries."""
+    path = tmp_path / "old.db"
+    old_spool(path, version)
+    clock = Clock()
+    spool = Spool(path, clock=clock)
+    await spool.open()
+    try:
+        conn = sqlite3.connect(path)
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
+        assert conn.execute("SELECT size FROM events").fetchone()[0] == len(BODY)
+        conn.close()
+        assert unique_indexes(path) == []
+        (due,) = await spool.due(2000.0, 10, ["a", "b"])
+        assert (due.seq, due.delivery_id, due.event_json) == (1, OLD_PENDING, BODY)
+        failed = await spool.get_delivery(OLD_FAILED)
+        assert failed is not None and (failed.event_id, failed.state) == ("e1", "failed")
+        assert [a.status_code for a in (await spool.attempts_of([failed.seq]))[failed.seq]] == [400]
+        assert await spool.event_json(OLD_FAILED) == BODY
+        assert await spool.replay(delivery_ids=[OLD_FAILED, OLD_PENDING]) == [OLD_FAILED]
+        assert (await spool.get_delivery(OLD_FAILED)).state == "pending"
+
+        (fresh,) = await spool.ingest([item(2, routes=(Route("a", "pending"),))])
+        (_, new_id, _), = fresh.deliveries
+        new = await spool.get_delivery(new_id)
+        assert new is not None and new.seq == 3 and len(new_id) == 35
+
+        for old in await spool.due(2000.0, 10, ["a", "b"]):
+            await spool.record_attempt(old, Attempt(clock(), 0.1, 200, None, None),
+                                       state="delivered", not_before=None, failures=0,
+                                       reason=None)
+        clock.now += 100_000
+        assert await spool.prune(retention=60) == 1     # e1; e2 is the newest event
+        assert await spool.get_delivery(OLD_FAILED) is None
+        conn = sqlite3.connect(path)
+        assert conn.execute("SELECT COUNT(*) FROM legacy_delivery_ids").fetchone()[0] == 0
+        conn.close()
+        assert (await spool.get_delivery(new_id)).state == "delivered"
+    finally:
+        await spool.close()
+
+
+async def test_each_spool_file_has_its_own_key(tmp_path: Path) -> None:
+    """Two spool files mask seqs with different keys, and a relay restarted on a file reads
+    its key again: ids it made before the restart are still found."""
+    one, two = Spool(tmp_path / "1.db"), Spool(tmp_path / "2.db")
+    for s in (one, two):
+        await s.open()
+    try:
+        (a,), (b,) = [await s.ingest([item(1, routes=(Route("a", "pending"),))])
+                      for s in (one, two)]
+        keys = []
+        for name in ("1.db", "2.db"):
+            conn = sqlite3.connect(tmp_path / name)
+            keys.append(DeliveryIds.of(conn))
+            conn.close()
+        one_id, two_id = a.deliveries[0][1], b.deliveries[0][1]
+        assert keys[0].seq_of(one_id) == 1 == keys[1].seq_of(two_id)   # seq 1 in both files
+        assert keys[1].seq_of(one_id) != 1 != keys[0].seq_of(two_id)   # each with its own key
+    finally:
+        for s in (one, two):
+            await s.close()
+    again = Spool(tmp_path / "1.db")
+    await again.open()
+    try:
+        assert (await again.get_delivery(a.deliveries[0][1])) is not None
+        assert (await again.get_delivery(b.deliveries[0][1])) is None
+    finally:
+        await again.close()
+
+
+async def test_a_migration_longer_than_the_start_timeout_is_waited_for(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Migrating a large spool can take longer than a writer may take to start (a million
+    deliveries: seconds). The writer says it is migrating, the relay logs it and waits instead
+    of killing it, which would roll the migration back on every start. Here the migration is
+    held by another connection's write lock for three start timeouts."""
+    monkeypatch.setattr("relay.spool.store.START_TIMEOUT", 1.0)
+    path = tmp_path / "old.db"
+    old_spool(path, 2)
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("PRAGMA journal_mode=WAL")
+    holder.execute("BEGIN IMMEDIATE")
+    spool = Spool(path)
+    opening = asyncio.create_task(spool.open())
+    try:
+        await asyncio.sleep(3.0)
+        assert not opening.done()
+        assert "migrating the spool" in caplog.text and "from schema 2 to 3" in caplog.text
+        holder.execute("ROLLBACK")
+        await asyncio.wait_for(opening, 30)
+        assert (await spool.get_delivery(OLD_FAILED)) is not None
+    finally:
+        holder.close()
+        if opening.done() and opening.exception() is None:
+            await spool.close()
+        else:
+            opening.cancel()
+
+
+async def test_a_writer_that_never_says_ready_still_times_out(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a migration under way the start timeout holds: a writer stuck before it is
+    ready (here waiting for a write lock to set up a new file) is given up on, naming why."""
+    monkeypatch.setattr("relay.spool.store.START_TIMEOUT", 1.0)
+    path = tmp_path / "new.db"
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("PRAGMA journal_mode=WAL")
+    holder.execute("BEGIN IMMEDIATE")
+    holder.execute("CREATE TABLE t(x)")
+    try:
+        with pytest.raises(SpoolError, match="no answer within 1s"):
+            await Spool(path).open()
+    finally:
+        holder.close()
