@@ -2,8 +2,10 @@
 
 They must be unique (across relays too, since receivers de-duplicate on them), not secret, so a
 PRNG seeded from the OS is enough; ``os.urandom`` per id measured as a top cost of ingest.
-Delivery ids start with the time in milliseconds, so SQLite's unique index on them grows at its
-right edge instead of touching random pages.
+Delivery ids start with the time in milliseconds (``delivery_id_prefix``). The SQLite spool
+follows it with the delivery's seq enciphered (relay/spool/delivery_ids.py), so it can find a
+delivery by its id without an index; the PostgreSQL spool, previews and test sends follow it
+with random bits (``random_part``).
 """
 
 from __future__ import annotations
@@ -32,13 +34,8 @@ def delivery_id_prefix(now: float) -> str:
     return f"dlv_{int(now * 1000):011x}"
 
 
-def salt() -> int:
-    """32 random bits: the SQLite spool's delivery ids mask their seq with a keyed hash of it
-    (relay/spool/delivery_ids.py)."""
-    return _rng.getrandbits(32)
-
-
 def random_part() -> int:
-    """76 random bits, shifted: the spool gives an event's deliveries ``random_part() + 1``,
-    ``+ 2``, ... (one PRNG call per event instead of one per delivery; ids stay as unique)."""
+    """76 random bits, shifted: the PostgreSQL spool gives an event's deliveries
+    ``random_part() + 1``, ``+ 2``, ... (one PRNG call per event instead of one per delivery;
+    ids stay as unique)."""
     return _rng.getrandbits(76) << 4

@@ -88,7 +88,8 @@ class Metrics:
         self.max_events = Gauge(
             "relay_spool_max_events", "spool.max_events: ingest answers 503 past it", registry=r)
         self.spool_bytes = Gauge(
-            "relay_spool_bytes", "Size of the SQLite spool file (0 on PostgreSQL)", registry=r)
+            "relay_spool_bytes", "Bytes of the SQLite spool file in use, free pages not counted "
+                                 "(0 on PostgreSQL)", registry=r)
         self.max_bytes = Gauge(
             "relay_spool_max_bytes", "spool.max_bytes: ingest answers 503 past it (0: no bound)",
             registry=r)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import random
+import shutil
 import sqlite3
 from pathlib import Path
 
@@ -15,8 +15,9 @@ import pytest
 from relay.errors import SpoolError
 from relay.events import Event, accept
 from relay.routing import Route
-from relay.spool import Attempt, Spool
+from relay.spool import Attempt, Spool, sqlite_schema
 from relay.spool.delivery_ids import DeliveryIds
+from relay.spool.wire import JobError
 from tests.helpers import Clock
 
 ROUTES = (Route("a", "pending"), Route("b", "pending"))
@@ -127,27 +128,28 @@ async def test_made_up_ids_find_nothing_and_replay_nothing(spool: Spool) -> None
     assert (await spool.get_delivery(real)).state == "pending"
 
 
-def test_the_seq_in_an_id_is_masked_by_the_files_key() -> None:
-    """Consecutive events do not give related ids, and without the file's key an id does not
-    name its seq: a receiver cannot count a relay's deliveries from its Webhook-Ids. Ids are
-    unique within a file even when salts repeat."""
+def test_the_seq_in_an_id_is_enciphered_with_the_files_key() -> None:
+    """Ids of consecutive seqs look unrelated, and without the file's key an id does not name
+    its seq: a receiver cannot count a relay's deliveries from its Webhook-Ids. Every seq a
+    SQLite INTEGER holds round-trips; ids are unique (a permutation) and 35 characters."""
     ids, other = DeliveryIds(b"k" * 16), DeliveryIds(b"j" * 16)
-    made = [did for seq in range(1, 400, 2)   # events of two deliveries, each its own salt
-            for did in ids.make("dlv_0193a0b0c0d", random.getrandbits(32), range(seq, seq + 2))]
-    assert [ids.seq_of(did) for did in made] == list(range(1, 401))
-    tails = [int(did[23:], 16) for did in made[::2]]   # the masked seq of each event's first
-    assert sum(abs(b - a) < 2**32 for a, b in itertools.pairwise(tails)) < 3
-    assert sum(other.seq_of(did) == seq for seq, did in enumerate(made, 1)) < 3
-    same_salt = [did for seq in range(1, 100) for did in ids.make("dlv_0193a0b0c0d", 7, range(seq, seq + 1))]
-    assert len(set(same_salt)) == 99 and all(len(did) == 35 for did in same_salt)
-    with pytest.raises(ValueError, match="48 bits"):
-        ids.make("dlv_0193a0b0c0d", 7, range(2**48, 2**48 + 1))
+    seqs = [*range(1, 2001), 2**40 - 1, 2**40, 2**63 - 1]
+    made = ids.make("dlv_0193a0b0c0d", seqs)
+    assert [ids.seq_of(did) for did in made] == seqs
+    assert len(set(made)) == len(made) and {len(did) for did in made} == {35}
+    tails = [int(did[15:], 16) for did in made[:2000]]
+    assert sum(abs(b - a) < 2**60 for a, b in itertools.pairwise(tails)) < 10  # 2**-20 each
+    assert sum(bin(a ^ b).count("1") < 20 for a, b in itertools.pairwise(tails)) < 3
+    assert sum(other.seq_of(did) == seq for did, seq in zip(made, seqs, strict=True)) == 0
+    too_big = f"dlv_0193a0b0c0d{ids._encipher(2**70):020x}"  # names no SQLite INTEGER
+    assert ids.seq_of(too_big) == 0
 
 
 @pytest.mark.parametrize("version", [1, 2])
 async def test_an_older_spool_is_migrated_and_its_ids_still_work(tmp_path: Path,
                                                                  version: int) -> None:
-    """A schema-1 or schema-2 file opens as schema 3: the unique index is gone, its pending
+    """A schema-1 or schema-2 file opens as schema 3: the unique index and the index of events
+    by time are gone (deliveries_due is back), its pending
     delivery comes back due with its old id and event, its failed one is found, shown with its
     attempt and replayed by its old id; new events continue the seqs with new ids; prune lets
     the old ids go with their deliveries."""
@@ -162,6 +164,12 @@ async def test_an_older_spool_is_migrated_and_its_ids_still_work(tmp_path: Path,
         assert conn.execute("SELECT size FROM events").fetchone()[0] == len(BODY)
         conn.close()
         assert unique_indexes(path) == []
+        conn = sqlite3.connect(path)
+        assert [row[1] for row in conn.execute("PRAGMA index_list(events)")] == \
+            ["events_by_sender_id"]            # prune goes by seq now
+        assert [row[1] for row in conn.execute("PRAGMA index_list(deliveries)")] == \
+            ["deliveries_due"]
+        conn.close()
         (due,) = await spool.due(2000.0, 10, ["a", "b"])
         assert (due.seq, due.delivery_id, due.event_json) == (1, OLD_PENDING, BODY)
         failed = await spool.get_delivery(OLD_FAILED)
@@ -238,6 +246,7 @@ async def test_a_migration_longer_than_the_start_timeout_is_waited_for(
         await asyncio.sleep(3.0)
         assert not opening.done()
         assert "migrating the spool" in caplog.text and "from schema 2 to 3" in caplog.text
+        assert "still migrating the spool" in caplog.text     # a line per start timeout
         holder.execute("ROLLBACK")
         await asyncio.wait_for(opening, 30)
         assert (await spool.get_delivery(OLD_FAILED)) is not None
@@ -264,3 +273,43 @@ async def test_a_writer_that_never_says_ready_still_times_out(
             await Spool(path).open()
     finally:
         holder.close()
+
+
+async def test_a_relay_stopped_while_the_spool_migrates_stops_its_writer(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cancelling open() during a migration (the relay told to stop) kills the writer by its
+    PID and leaves the spool closed, not a writer that comes up unowned later."""
+    monkeypatch.setattr("relay.spool.store.START_TIMEOUT", 1.0)
+    path = tmp_path / "old.db"
+    old_spool(path, 2)
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("PRAGMA journal_mode=WAL")
+    holder.execute("BEGIN IMMEDIATE")
+    spool = Spool(path)
+    opening = asyncio.create_task(spool.open())
+    try:
+        await asyncio.sleep(1.5)
+        assert spool._proc is not None and spool._migrating
+        proc = spool._proc
+        opening.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await opening
+        assert proc.poll() is not None and spool._proc is None and not spool.writable
+    finally:
+        holder.close()
+
+
+def test_a_migration_the_disk_cannot_hold_is_refused(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """From schema 2 the deliveries table is copied: with less free disk than the file's size
+    the migration is refused before it starts, saying how much room it needs, and the file
+    stays at schema 2."""
+    path = tmp_path / "old.db"
+    old_spool(path, 2)
+    monkeypatch.setattr(sqlite_schema.shutil, "disk_usage",
+                        lambda _: shutil._ntuple_diskusage(10**9, 10**9, 0))  # type: ignore[attr-defined]
+    conn = sqlite_schema.connect(str(path))
+    with pytest.raises(JobError, match=r"needs about 1 MiB free on its disk, and 0 MiB are"):
+        sqlite_schema.migrate(conn)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    conn.close()

@@ -210,3 +210,45 @@ def test_sqlite_really_refuses_the_poison() -> None:
             conn.execute("SELECT ?", (TOO_BIG,))
     finally:
         conn.close()
+
+
+def test_prune_finds_old_events_by_seq_with_no_index_by_time(db: Writer) -> None:
+    """Prune takes finished events received before the cutoff, oldest first, found by a binary
+    search over seqs (schema 3 keeps no index by time): it skips events still pending at the
+    front, leaves those received since, takes an event numbered out of time order (a request
+    that waited) once the cutoff passes the events numbered around it, and keeps the newest."""
+    from relay.spool.wire import PruneJob
+    assert "events_by_time" not in {row[1] for row in db.conn.execute("PRAGMA index_list(events)")}
+    times = [100.0 + i for i in range(60)]
+    times[40] = 95.0          # out of order: numbered after events received later
+    for i, at in enumerate(times):
+        db.run_group([raw(i, ingest(f"e{i}", received_at=at))])
+    finished = [(seq, event_seq) for seq, event_seq in db.conn.execute(
+        "SELECT seq, event_seq FROM deliveries ORDER BY seq") if event_seq not in (1, 2, 5)]
+    db.run_group([raw(100 + i, record(seq, event_seq)) for i, (seq, event_seq) in
+                  enumerate(finished)])
+
+    def left() -> list[int]:
+        return [seq for (seq,) in db.conn.execute("SELECT seq FROM events ORDER BY seq")]
+
+    assert db.prune(PruneJob(130.0)) == 27     # seqs 1-30 (received before 130) but 1, 2, 5
+    assert left() == [1, 2, 5, *range(31, 61)]  # 41 (received at 95) waits for its neighbours
+    assert db.prune(PruneJob(130.0)) == 0
+    assert db.prune(PruneJob(1000.0)) == 29     # every finished one but the newest
+    assert left() == [1, 2, 5, 60]
+    assert db._first_received_since(1000.0) == 61 and db._first_received_since(0.0) == 1
+
+
+def test_the_bytes_in_use_leave_out_free_pages(db: Writer) -> None:
+    """spool.max_bytes is checked against the pages in use: a prune (or the schema-3
+    migration) frees pages that new rows fill before the file grows, so a spool that was full
+    takes events again once it is pruned."""
+    from relay.spool.wire import PruneJob
+    for i in range(300):
+        db.run_group([raw(i, IngestJob(1000.0, 0.0, [(f"e{i}", 1, 100.0 + i, "x" * 2000, [])]))])
+    pages, page_size = (db.conn.execute(f"PRAGMA {name}").fetchone()[0]
+                        for name in ("page_count", "page_size"))
+    assert db.size() == pages * page_size      # nothing free yet
+    assert db.prune(PruneJob(10_000.0)) == 299  # all but the newest
+    assert db.conn.execute("PRAGMA page_count").fetchone()[0] == pages   # the file did not shrink
+    assert db.size() < pages * page_size // 4

@@ -8,6 +8,7 @@ tables; the writer's jobs (relay/spool/commit.py) do.
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
@@ -63,7 +64,6 @@ CREATE TABLE events(
     size        INTEGER NOT NULL DEFAULT 0  -- length of body: due batches are bounded by it
 );
 CREATE INDEX events_by_sender_id ON events(id) WHERE sender_id = 1;
-CREATE INDEX events_by_time ON events(received_at);
 """ + DELIVERIES.format(name="deliveries") + DELIVERIES_DUE + """
 
 CREATE TABLE attempts(
@@ -92,6 +92,9 @@ def connect(path: str) -> sqlite3.Connection:
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA foreign_keys=OFF")
         conn.execute("PRAGMA busy_timeout=30000")
+        # after a large transaction (a migration) the WAL file is cut back to this at the next
+        # checkpoint instead of keeping its largest size
+        conn.execute("PRAGMA journal_size_limit=67108864")
         return conn
     except (sqlite3.Error, OSError) as exc:
         raise JobError("error", f"cannot open spool {path}: {exc}") from exc
@@ -112,6 +115,7 @@ def migrate(conn: sqlite3.Connection,
     if version == 0:
         conn.executescript("BEGIN;" + SCHEMA + f"PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
         return
+    _check_room(conn, version)
     starting(version, SCHEMA_VERSION)
     steps = "".join(MIGRATIONS[v] for v in range(version, SCHEMA_VERSION))
     conn.executescript("BEGIN;" + steps + f"PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
@@ -120,14 +124,35 @@ def migrate(conn: sqlite3.Connection,
 _COLUMNS = ("seq, delivery_id, event_seq, destination, state, attempts, failures, "
             "first_attempt_at, held, not_before, created_at, updated_at, reason")
 
+def _check_room(conn: sqlite3.Connection, version: int) -> None:
+    """Refuse to start a migration the disk cannot hold: from schema 1 or 2 the deliveries
+    table is copied (the old copy's pages stay in the file, free, for new rows) and the copy
+    passes through the WAL, so the disk needs about the file's size free again."""
+    if version >= 3:
+        return
+    path = conn.execute("PRAGMA database_list").fetchone()[2]
+    if not path:
+        return
+    pages, page_size = (conn.execute(f"PRAGMA {name}").fetchone()[0]
+                        for name in ("page_count", "page_size"))
+    need, free = pages * page_size, shutil.disk_usage(Path(path).parent).free
+    if free < need:
+        raise JobError("error", f"migrating the spool {path} to schema {SCHEMA_VERSION} needs "
+                                f"about {need // 2**20 + 1} MiB free on its disk, and "
+                                f"{free // 2**20} MiB are: free some space (or give the volume "
+                                "more) and start the relay again")
+
+
 # version -> the statements that bring a file of that version to the next one
 MIGRATIONS = {
     1: "ALTER TABLE events ADD COLUMN size INTEGER NOT NULL DEFAULT 0;"
        "UPDATE events SET size = length(body) WHERE pending > 0;",
     # Delivery ids name their row from now on: the deliveries table is rebuilt without the
     # unique index on delivery_id (SQLite cannot drop a UNIQUE constraint's index), and the
-    # ids made so far go to legacy_delivery_ids, which finds them.
-    2: META
+    # ids made so far go to legacy_delivery_ids, which finds them. Prune finds old events by
+    # seq (seqs grow with time), so the index of events by time goes too.
+    2: "DROP INDEX events_by_time;"
+       + META
        + "INSERT INTO legacy_delivery_ids(seq, delivery_id) SELECT seq, delivery_id "
          "FROM deliveries;"
        + DELIVERIES.format(name="deliveries_3")

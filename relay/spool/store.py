@@ -175,6 +175,7 @@ class Store:
             self._transport, _ = await self._loop.create_unix_connection(
                 lambda: _Link(self), path, sock=sock)
             self._migrating = False
+            waited = 0.0
             while True:
                 try:
                     await asyncio.wait_for(asyncio.shield(ready), START_TIMEOUT)
@@ -182,7 +183,10 @@ class Store:
                 except TimeoutError:
                     if not self._migrating:  # a migration takes what it takes; a writer that
                         raise                # dies meanwhile fails ``ready`` (_lost)
-        except (OSError, TimeoutError, SpoolError) as exc:
+                    waited += START_TIMEOUT
+                    log.warning("still migrating the spool %s (%.0f s so far)", self.path, waited)
+        except (OSError, TimeoutError, SpoolError, asyncio.CancelledError) as exc:
+            # (cancelled: the relay is stopping while it waits; drop this writer too)
             ready.cancel()     # (if still waiting) nobody will read it now
             self._up = False   # a ready that came as the wait ran out: this writer is dropped
             if self._transport is not None:
@@ -193,7 +197,7 @@ class Store:
             if self._proc is not None and self._proc.poll() is None:
                 self._proc.kill()  # it said nothing in time, or we cannot talk to it
             await self._reap()
-            if isinstance(exc, SpoolError):
+            if isinstance(exc, SpoolError | asyncio.CancelledError):
                 raise
             reason = f"no answer within {START_TIMEOUT:g}s" if isinstance(exc, TimeoutError) else exc
             raise SpoolError(f"{failure}: {reason}") from None
