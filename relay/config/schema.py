@@ -124,8 +124,9 @@ class SpoolConfig(_Model):
     max_events: Annotated[int, Field(ge=1)] = _d(
         1_000_000, "Events awaiting delivery before ingest answers 503.")
     max_bytes: Annotated[int, Field(ge=0)] = _d(
-        0, "SQLite file size (bytes) at which ingest answers 503; 0: no bound. Keep it below "
-           "the volume's size (the Helm chart does). Not for the postgres backend.")
+        0, "SQLite file bytes in use (free pages not counted) at which ingest answers 503; 0: "
+           "no bound. Keep it below the volume's size (the Helm chart does). Not for the "
+           "postgres backend.")
     retention: Duration = _d(
         7 * 86400.0, "Finished events, their activity log and the dead letter are kept this long.")
     dedupe_window: Duration = _d(

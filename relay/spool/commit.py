@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
+import time
 from collections import Counter
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -172,8 +173,9 @@ class Writer:
         delivery_rows: list[tuple[Any, ...]] = []
         answers: list[Answer] = []
         open_events = self.open_events
-        # The file's size now (pages in use and free): past spool.max_bytes no new event is
-        # taken, so the relay pushes back (503) before the volume fills and the pod is evicted.
+        # The file's bytes in use now (free pages are filled before it grows): past
+        # spool.max_bytes no new event is taken, so the relay pushes back (503) before the
+        # volume fills and the pod is evicted.
         full = bool(self.max_bytes) and self.size() >= self.max_bytes
         for job_id, (now, _since, events) in jobs:
             entries: list[str] = []        # the receipt: one JSON object per event
@@ -359,16 +361,21 @@ class Writer:
         B-tree fewer on every ingest. Events are numbered in the order the writer takes them,
         which can differ from their received_at by the milliseconds a request waits, so prune
         also checks received_at: an event out of order is pruned a round later."""
-        lo, hi = self.conn.execute("SELECT MIN(seq), MAX(seq) FROM events").fetchone()
+        # (two subqueries: MIN and MAX in one SELECT would scan the whole table)
+        lo, hi = self.conn.execute(
+            "SELECT (SELECT MIN(seq) FROM events), (SELECT MAX(seq) FROM events)").fetchone()
         if lo is None:
             return 0
         hi += 1
+        now = time.time()
         while lo < hi:   # the answer is in [lo, hi]
             mid = (lo + hi) // 2
             seq, received_at = self.conn.execute(
                 "SELECT seq, received_at FROM events WHERE seq >= ? ORDER BY seq LIMIT 1",
                 (mid,)).fetchone()
-            if received_at < cutoff:
+            # an event stamped in the future (a clock stepped back since) must not hide the
+            # old ones before it: the search takes it as old; the query checks received_at
+            if received_at < cutoff or received_at > now:
                 lo = seq + 1
             else:
                 hi = mid

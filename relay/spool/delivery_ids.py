@@ -6,8 +6,9 @@ place among its event's deliveries (4 hex digits): 35 characters, as before sche
 cipher is a four-round Feistel network over 64 bits whose round function is keyed BLAKE2b: a
 keyed permutation, so ids are unique within a file by construction, and without the key (kept
 in the file, table ``meta``) an id says nothing about its seq: receivers cannot count a relay's
-deliveries or relate the ids of two events from their Webhook-Ids. (The ids of one event share
-their first part; its payloads already say they are one event.) Across relays the 64 bits are
+events or deliveries or relate the ids of two events from their Webhook-Ids. (The ids of one
+event share their first part, as its payloads say they are one event, and the last four digits
+give a delivery's place among that event's deliveries.) Across relays the 64 bits are
 as good as random. One cipher per event: the ids of its deliveries cost one Feistel network.
 
 The activity log and replays find a delivery by deciphering the seq from its id, a rowid

@@ -305,7 +305,7 @@ class Store:
     async def stats(self) -> dict[str, int]:
         """The writer's counts: ``open_events`` (events with a delivery still pending, checked
         against spool.max_events), ``groups`` (transactions run since it started) and ``bytes``
-        (the file's size, checked against spool.max_bytes)."""
+        (the file's bytes in use, free pages not counted, checked against spool.max_bytes)."""
         result: dict[str, int] = await self._call(StatsJob())
         return result
 
