@@ -21,6 +21,7 @@ import statistics
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -52,13 +53,16 @@ WITHOUT = {
 }
 
 
-def _jobs(group: int, sender_id: int) -> list[tuple[int, str, Any]]:
+def _jobs(group: int, sender_id: int, uuids: bool = False) -> list[tuple[int, str, Any]]:
+    """A group's ingest jobs. The sender ids grow in order unless ``uuids`` (random, as most
+    senders' are): the dedupe index then takes each one on a page of its own."""
     now = time.time()
     return [(group * GROUP + j, "ingest", (now, now - 86_400, [
-        (f"ev-{group}-{j}-{now}", sender_id, now, BODY, ROUTES)])) for j in range(GROUP)]
+        (str(uuid.uuid4()) if uuids else f"ev-{group}-{j}-{now}", sender_id, now, BODY, ROUTES)]))
+        for j in range(GROUP)]
 
 
-def _relay(path: str, schema: str, sender_id: int) -> Callable[[int], Any]:
+def _relay(path: str, schema: str, sender_id: int, uuids: bool = False) -> Callable[[int], Any]:
     original = sqlite_schema.SCHEMA
     sqlite_schema.SCHEMA = schema
     try:
@@ -67,7 +71,7 @@ def _relay(path: str, schema: str, sender_id: int) -> Callable[[int], Any]:
     finally:
         sqlite_schema.SCHEMA = original
     writer = Writer(conn, 100_000_000, 0)
-    return lambda group: writer.run_group(_jobs(group, sender_id))
+    return lambda group: writer.run_group(_jobs(group, sender_id, uuids))
 
 
 def _floor_store(path: str) -> Callable[[int], Any]:
@@ -80,6 +84,7 @@ def variants() -> dict[str, Callable[[str], Callable[[int], Any]]]:
     schema = sqlite_schema.SCHEMA
     found: dict[str, Callable[[str], Callable[[int], Any]]] = {
         "relay (as shipped)": lambda path: _relay(path, schema, 1),
+        "relay, senders' ids random (UUIDs)": lambda path: _relay(path, schema, 1, uuids=True),
         "relay, events without a sender id (no dedupe lookup)": lambda path: _relay(path, schema, 0),
     }
     for name, (piece, replacement) in WITHOUT.items():
