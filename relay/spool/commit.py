@@ -345,37 +345,46 @@ class Writer:
             (self._first_received_since(job.cutoff), job.cutoff))]
         if not seqs:
             return 0
-        in_seqs = marks(len(seqs))
-        self.conn.execute(f"DELETE FROM attempts WHERE delivery_seq IN (SELECT seq FROM deliveries "
-                          f"WHERE event_seq IN ({in_seqs}))", seqs)
+        # Their deliveries: delivery seqs are handed out in event order, so those of these
+        # events lie in one range of seqs, found like the events (the deliveries table has no
+        # index by event: without the range, each statement read all of it)
+        lo = self._search("deliveries", "event_seq", lambda event: event < seqs[0])
+        hi = self._search("deliveries", "event_seq", lambda event: event <= seqs[-1]) - 1
+        theirs = f"SELECT seq FROM deliveries WHERE seq BETWEEN ? AND ? AND event_seq IN " \
+                 f"({marks(len(seqs))})"
+        args = [lo, hi, *seqs]
+        self.conn.execute(f"DELETE FROM attempts WHERE delivery_seq IN ({theirs})", args)
         if self.conn.execute("SELECT 1 FROM legacy_delivery_ids LIMIT 1").fetchone():
-            self.conn.execute(f"DELETE FROM legacy_delivery_ids WHERE seq IN (SELECT seq FROM "
-                              f"deliveries WHERE event_seq IN ({in_seqs}))", seqs)
-        self.conn.execute(f"DELETE FROM deliveries WHERE event_seq IN ({in_seqs})", seqs)
-        self.conn.execute(f"DELETE FROM events WHERE seq IN ({in_seqs})", seqs)
+            self.conn.execute(f"DELETE FROM legacy_delivery_ids WHERE seq IN ({theirs})", args)
+        self.conn.execute(f"DELETE FROM deliveries WHERE seq IN ({theirs})", args)
+        self.conn.execute(f"DELETE FROM events WHERE seq IN ({marks(len(seqs))})", seqs)
         return len(seqs)
 
     def _first_received_since(self, cutoff: float) -> int:
-        """The first event seq received at or after ``cutoff``, by a binary search over seqs
-        (rowid seeks): seqs grow with time, so the events table needs no index by time, one
-        B-tree fewer on every ingest. Events are numbered in the order the writer takes them,
-        which can differ from their received_at by the milliseconds a request waits, so prune
-        also checks received_at: an event out of order is pruned a round later."""
+        """The first event seq received at or after ``cutoff``: seqs grow with time, so the
+        events table needs no index by time, one B-tree fewer on every ingest. Events are
+        numbered in the order the writer takes them, which can differ from their received_at
+        by the milliseconds a request waits, so prune also checks received_at: an event out of
+        order is pruned a round later. An event stamped in the future (a clock stepped back
+        since) must not hide the old ones before it: the search takes it as old."""
+        now = time.time()
+        return self._search("events", "received_at", lambda at: at < cutoff or at > now)
+
+    def _search(self, table: str, column: str, before: Callable[[Any], bool]) -> int:
+        """The first seq of ``table`` whose ``column`` is not ``before`` (MAX(seq) + 1 if every
+        one is; 0 for an empty table), for a column that grows with seq: a binary search by
+        rowid seeks, never a read of the table."""
         # (two subqueries: MIN and MAX in one SELECT would scan the whole table)
         lo, hi = self.conn.execute(
-            "SELECT (SELECT MIN(seq) FROM events), (SELECT MAX(seq) FROM events)").fetchone()
+            f"SELECT (SELECT MIN(seq) FROM {table}), (SELECT MAX(seq) FROM {table})").fetchone()
         if lo is None:
             return 0
         hi += 1
-        now = time.time()
+        probe = f"SELECT seq, {column} FROM {table} WHERE seq >= ? ORDER BY seq LIMIT 1"
         while lo < hi:   # the answer is in [lo, hi]
             mid = (lo + hi) // 2
-            seq, received_at = self.conn.execute(
-                "SELECT seq, received_at FROM events WHERE seq >= ? ORDER BY seq LIMIT 1",
-                (mid,)).fetchone()
-            # an event stamped in the future (a clock stepped back since) must not hide the
-            # old ones before it: the search takes it as old; the query checks received_at
-            if received_at < cutoff or received_at > now:
+            seq, value = self.conn.execute(probe, (mid,)).fetchone()
+            if before(value):
                 lo = seq + 1
             else:
                 hi = mid
