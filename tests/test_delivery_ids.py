@@ -8,6 +8,8 @@ import asyncio
 import itertools
 import shutil
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -69,6 +71,19 @@ def old_spool(path: Path, version: int) -> None:
         conn.executescript("ALTER TABLE events DROP COLUMN size; PRAGMA user_version=1;")
     conn.commit()
     conn.close()
+
+
+@contextmanager
+def write_locked(path: Path) -> Iterator[sqlite3.Connection]:
+    """Another connection holding the spool file's write lock (WAL mode) for the block: a
+    writer's migration, or its setting up of a new file, waits on it."""
+    holder = sqlite3.connect(path, isolation_level=None)
+    try:
+        holder.execute("PRAGMA journal_mode=WAL")
+        holder.execute("BEGIN IMMEDIATE")
+        yield holder
+    finally:
+        holder.close()
 
 
 def unique_indexes(path: Path) -> list[str]:
@@ -242,24 +257,22 @@ async def test_a_migration_longer_than_the_start_timeout_is_waited_for(
     monkeypatch.setattr("relay.spool.store.START_TIMEOUT", 1.0)
     path = tmp_path / "old.db"
     old_spool(path, 2)
-    holder = sqlite3.connect(path, isolation_level=None)
-    holder.execute("PRAGMA journal_mode=WAL")
-    holder.execute("BEGIN IMMEDIATE")
     spool = Spool(path)
-    opening = asyncio.create_task(spool.open())
+    opening: asyncio.Task[None] | None = None
     try:
-        await asyncio.sleep(3.0)
-        assert not opening.done()
-        assert "migrating the spool" in caplog.text and "from schema 2 to 3" in caplog.text
-        assert "still migrating the spool" in caplog.text     # a line per start timeout
-        holder.execute("ROLLBACK")
+        with write_locked(path) as holder:
+            opening = asyncio.create_task(spool.open())
+            await asyncio.sleep(3.0)
+            assert not opening.done()
+            assert "migrating the spool" in caplog.text and "from schema 2 to 3" in caplog.text
+            assert "still migrating the spool" in caplog.text     # a line per start timeout
+            holder.execute("ROLLBACK")
         await asyncio.wait_for(opening, 30)
         assert (await spool.get_delivery(OLD_FAILED)) is not None
     finally:
-        holder.close()
-        if opening.done() and opening.exception() is None:
+        if opening is not None and opening.done() and opening.exception() is None:
             await spool.close()
-        else:
+        elif opening is not None:
             opening.cancel()
 
 
@@ -269,15 +282,10 @@ async def test_a_writer_that_never_says_ready_still_times_out(
     ready (here waiting for a write lock to set up a new file) is given up on, naming why."""
     monkeypatch.setattr("relay.spool.store.START_TIMEOUT", 1.0)
     path = tmp_path / "new.db"
-    holder = sqlite3.connect(path, isolation_level=None)
-    holder.execute("PRAGMA journal_mode=WAL")
-    holder.execute("BEGIN IMMEDIATE")
-    holder.execute("CREATE TABLE t(x)")
-    try:
+    with write_locked(path) as holder:
+        holder.execute("CREATE TABLE t(x)")
         with pytest.raises(SpoolError, match="no answer within 1s"):
             await Spool(path).open()
-    finally:
-        holder.close()
 
 
 async def test_a_relay_stopped_while_the_spool_migrates_stops_its_writer(
@@ -287,12 +295,9 @@ async def test_a_relay_stopped_while_the_spool_migrates_stops_its_writer(
     monkeypatch.setattr("relay.spool.store.START_TIMEOUT", 1.0)
     path = tmp_path / "old.db"
     old_spool(path, 2)
-    holder = sqlite3.connect(path, isolation_level=None)
-    holder.execute("PRAGMA journal_mode=WAL")
-    holder.execute("BEGIN IMMEDIATE")
     spool = Spool(path)
-    opening = asyncio.create_task(spool.open())
-    try:
+    with write_locked(path):
+        opening = asyncio.create_task(spool.open())
         await asyncio.sleep(1.5)
         assert spool._proc is not None and spool._migrating
         proc = spool._proc
@@ -300,8 +305,6 @@ async def test_a_relay_stopped_while_the_spool_migrates_stops_its_writer(
         with pytest.raises(asyncio.CancelledError):
             await opening
         assert proc.poll() is not None and spool._proc is None and not spool.writable
-    finally:
-        holder.close()
 
 
 def test_a_migration_the_disk_cannot_hold_is_refused(tmp_path: Path,

@@ -7,7 +7,9 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ from relay.spool.sqlite_schema import connect, migrate
 from relay.spool.wire import (
     IngestJob,
     Job,
+    PruneJob,
     RecordJob,
     ReplayJob,
     StatsJob,
@@ -82,6 +85,23 @@ def record(seq: int, event_seq: int, status_code: Any = 200) -> RecordJob:
     return RecordJob(now=1001.0, seq=seq, event_seq=event_seq, n=1, at=1001.0, duration=0.1,
                      status_code=status_code, error=None, excerpt=None, state="delivered",
                      not_before=1001.0, failures=0, reason=None)
+
+
+@contextmanager
+def vm_steps(conn: sqlite3.Connection) -> Iterator[list[int]]:
+    """Counts SQLite virtual-machine steps (in ticks of 100 instructions) taken inside the
+    block, in ``[0]``: a measure of work that does not depend on the machine."""
+    steps = [0]
+
+    def tick() -> int:
+        steps[0] += 1
+        return 0
+
+    conn.set_progress_handler(tick, 100)
+    try:
+        yield steps
+    finally:
+        conn.set_progress_handler(None, 0)
 
 
 def errors(answers: list[tuple[int, Any, Any]]) -> dict[int, Any]:
@@ -217,7 +237,6 @@ def test_prune_finds_old_events_by_seq_with_no_index_by_time(db: Writer) -> None
     search over seqs (schema 3 keeps no index by time): it skips events still pending at the
     front, leaves those received since, takes an event numbered out of time order (a request
     that waited) once the cutoff passes the events numbered around it, and keeps the newest."""
-    from relay.spool.wire import PruneJob
     assert "events_by_time" not in {row[1] for row in db.conn.execute("PRAGMA index_list(events)")}
     times = [100.0 + i for i in range(60)]
     times[40] = 95.0          # out of order: numbered after events received later
@@ -243,7 +262,6 @@ def test_the_bytes_in_use_leave_out_free_pages(db: Writer) -> None:
     """spool.max_bytes is checked against the pages in use: a prune (or the schema-3
     migration) frees pages that new rows fill before the file grows, so a spool that was full
     takes events again once it is pruned."""
-    from relay.spool.wire import PruneJob
     for i in range(300):
         db.run_group([raw(i, IngestJob(1000.0, 0.0, [(f"e{i}", 1, 100.0 + i, "x" * 2000, [])]))])
     pages, page_size = (db.conn.execute(f"PRAGMA {name}").fetchone()[0]
@@ -259,28 +277,15 @@ def test_prune_finds_its_boundary_without_reading_the_table(db: Writer) -> None:
     counted in SQLite virtual-machine steps, which do not depend on the machine."""
     for i in range(2000):
         db.run_group([raw(i, IngestJob(1000.0, 0.0, [(f"e{i}", 1, 100.0 + i, "{}", [])]))])
-    steps = 0
-
-    def count() -> int:
-        nonlocal steps
-        steps += 1
-        return 0
-
-    db.conn.set_progress_handler(count, 100)
-    try:
+    with vm_steps(db.conn) as steps:
         assert db._first_received_since(1100.0) == 1001
-    finally:
-        db.conn.set_progress_handler(None, 0)
-    assert steps < 40, steps   # one pass over 2,000 rows alone takes more than 100
+    assert steps[0] < 40, steps   # one pass over 2,000 rows alone takes more than 100
 
 
 def test_an_event_stamped_in_the_future_does_not_stop_prune(db: Writer) -> None:
     """A clock that stepped back leaves an event stamped after now. Behind an old pending event
     and a stretch already pruned, it must not make the search stop before the finished events
     that follow it: they are pruned; it stays until its time has passed."""
-    import time
-
-    from relay.spool.wire import PruneJob
     for i in range(100):
         db.run_group([raw(i, ingest(f"e{i}", received_at=100.0 + i))])
     done = [(seq, event_seq) for seq, event_seq in db.conn.execute(
@@ -299,7 +304,6 @@ def test_prune_reads_only_the_deliveries_of_the_events_it_prunes(db: Writer) -> 
     """The deliveries table has no index by event; prune finds the range of delivery seqs of
     the events it takes (handed out in event order) instead of reading the whole table three
     times. Counted in SQLite virtual-machine steps; the rows it leaves are checked too."""
-    from relay.spool.wire import PruneJob
     db = Writer(db.conn, max_events=10_000)       # room for 2,000 open events
     for i in range(2000):
         db.run_group([raw(i, ingest(f"e{i}", received_at=100.0 + i, routes=3))])
@@ -307,19 +311,9 @@ def test_prune_reads_only_the_deliveries_of_the_events_it_prunes(db: Writer) -> 
     for start in range(0, len(deliveries), 500):
         db.run_group([raw(10_000 + start + i, record(seq, event_seq)) for i, (seq, event_seq)
                       in enumerate(deliveries[start:start + 500])])
-    steps = 0
-
-    def count() -> int:
-        nonlocal steps
-        steps += 1
-        return 0
-
-    db.conn.set_progress_handler(count, 100)
-    try:
+    with vm_steps(db.conn) as steps:
         assert db.prune(PruneJob(150.0)) == 50       # e0-e49: seqs 1-50
-    finally:
-        db.conn.set_progress_handler(None, 0)
-    assert steps < 150, steps   # reading the 6,000 deliveries once takes more than that
+    assert steps[0] < 150, steps   # reading the 6,000 deliveries once takes more than that
     left = db.conn.execute("SELECT MIN(event_seq), COUNT(*) FROM deliveries").fetchone()
     assert left == (51, 5850)
     assert db.conn.execute("SELECT MIN(delivery_seq), COUNT(DISTINCT delivery_seq) "

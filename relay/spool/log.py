@@ -19,7 +19,7 @@ _SELECT_DELIVERY = (
 class LogMixin(Store):
     _delivery_ids: DeliveryIds | None = None  # with the file's key, read once
 
-    def _by_id(self, conn: sqlite3.Connection, delivery_id: str) -> tuple[int | None, str, str]:
+    def _by_id(self, conn: sqlite3.Connection, delivery_id: str) -> tuple[int, str, str]:
         """The values for delivery_ids.BY_ID (on a reader thread)."""
         if self._delivery_ids is None:
             self._delivery_ids = DeliveryIds.of(conn)
