@@ -4,6 +4,7 @@ The same behaviours with real relay processes are in tests/test_replicas.py."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -182,3 +183,35 @@ async def test_a_slow_live_attempt_keeps_its_lease(spools: list[PostgresSpool]) 
                              not_before=None, failures=0, reason=None)
     got = await two.get_delivery(mine.delivery_id)
     assert got is not None and (got.state, got.attempts) == ("delivered", 1)
+
+
+async def test_a_sender_id_stored_meanwhile_by_another_replica_is_a_duplicate(
+        spools: list[PostgresSpool], pg_dsn: str) -> None:
+    """A group's one-statement ingest (sql.INGEST) whose sender id another replica commits
+    while the statement waits on it: that event is answered as the other's duplicate, with
+    its deliveries, and is not stored; the rest of the group is."""
+    _, two, _ = spools
+    other = await asyncpg.connect(pg_dsn, server_settings={"search_path": "relay"})
+    try:
+        transaction = other.transaction()
+        await transaction.start()
+        await other.execute("INSERT INTO sender_ids(id, received_at, deliveries) "
+                            "VALUES ('e1', 1000.0, 'a dlv_theirs pending')")
+        ingest = asyncio.create_task(two.ingest([item(1), item(2)]))
+        for _ in range(100):  # until the statement waits on the uncommitted row
+            if await other.fetchval("SELECT count(*) FROM pg_stat_activity "
+                                    "WHERE wait_event_type = 'Lock'"):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the ingest never waited on the other replica's sender id")
+        await transaction.commit()
+        first, second = await ingest
+        assert first.duplicate and first.deliveries == [("a", "dlv_theirs", "pending")]
+        assert not second.duplicate and second.id == "e2"
+        stored = await other.fetch("SELECT id FROM events ORDER BY seq")
+        assert [r["id"] for r in stored] == ["e2"]
+        assert await other.fetchval("SELECT count(*) FROM deliveries") == len(second.deliveries)
+        assert (await two.stats())["open_events"] == 1
+    finally:
+        await other.close()

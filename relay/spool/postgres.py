@@ -41,7 +41,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import asyncpg
 
@@ -70,6 +70,7 @@ MAX_GROUP = 512          # jobs per transaction, as in the SQLite writer
 WRITERS = 1              # groups committing at once: more measured slower (they wait on the
                          # counters row and the sender-id index; bench/postgres.py)
 PROBE_EVERY = 0.5        # seconds between reconnect attempts while the database is unreachable
+LIGHT_CONNECTIONS = 2    # of pool_size (1 below 5): for claims, which need no WAL flush
 CONNECT_TIMEOUT = 5.0
 COMMAND_TIMEOUT = 30.0
 # SQLSTATE classes that mean "the database went away", not "this statement is wrong":
@@ -89,6 +90,10 @@ class _Aborted(SpoolError):
 def replica_id() -> str:
     """This replica's name in ``lease_owner``: RELAY_REPLICA_ID, else hostname:pid."""
     return os.environ.get("RELAY_REPLICA_ID") or f"{socket.gethostname()}:{os.getpid()}"
+
+
+async def _no_reset(conn: asyncpg.Connection) -> None:
+    """Nothing to reset on release (see PostgresSpool._create_pool)."""
 
 
 @dataclass(slots=True)
@@ -124,6 +129,7 @@ class PostgresSpool:
         self.is_open = False
         self.groups = 0             # transactions run by the group writer since open()
         self._pool: asyncpg.Pool | None = None
+        self._light: asyncpg.Pool | None = None   # synchronous_commit off: see _fetch_lightly
         self._jobs: deque[_Job] = deque()
         self._wake = asyncio.Event()
         self._writers: list[asyncio.Task[None]] = []
@@ -159,12 +165,16 @@ class PostgresSpool:
             raise SpoolError(f"cannot migrate spool schema {self.schema!r}: {exc}") from exc
         finally:
             await conn.close()
+        light = LIGHT_CONNECTIONS if self.pool_size >= 5 else 1
+        settings = {"search_path": quote_ident(self.schema), "jit": "off"}
         try:
-            self._pool = await asyncpg.create_pool(
-                self.dsn, min_size=1, max_size=self.pool_size, timeout=CONNECT_TIMEOUT,
-                command_timeout=COMMAND_TIMEOUT,
-                server_settings={"search_path": quote_ident(self.schema), "jit": "off"})
+            self._pool = await self._create_pool(max(1, self.pool_size - light), settings)
+            self._light = await self._create_pool(light, {**settings,
+                                                          "synchronous_commit": "off"})
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            if self._pool is not None:
+                await self._pool.close()
+                self._pool = None
             raise SpoolError(f"cannot connect to spool.postgres.dsn: {exc}") from exc
         self._up = True
         self.is_open = True
@@ -173,8 +183,18 @@ class PostgresSpool:
         self._writers = [asyncio.create_task(self._write_forever(), name=f"relay-spool-pg-writer-{n}")
                          for n in range(WRITERS)]
 
+    async def _create_pool(self, size: int, settings: dict[str, str]) -> asyncpg.Pool:
+        # reset: asyncpg's default sends "SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN
+        # *; RESET ALL" on every release, a round trip per group and per claim. Pooled
+        # connections here take only transaction-scoped locks and settings, open no cursors and
+        # listen to nothing, so there is nothing to reset; asyncpg still rolls back a
+        # transaction left open.
+        return await asyncpg.create_pool(
+            self.dsn, min_size=1, max_size=size, timeout=CONNECT_TIMEOUT,
+            command_timeout=COMMAND_TIMEOUT, server_settings=settings, reset=_no_reset)
+
     async def close(self) -> None:
-        """Commit every queued job, release this replica's leases, close the pool."""
+        """Commit every queued job, release this replica's leases, close the pools."""
         if self._pool is None:
             return
         self._closing = True
@@ -194,21 +214,25 @@ class PostgresSpool:
             log.info("replica %s released %d claimed deliveries; %d deliveries pending for the "
                      "other replicas", self.replica, released, pending)
         self.is_open = False
-        pool, self._pool = self._pool, None
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(pool.close(), COMMAND_TIMEOUT)
+        pools, self._pool, self._light = (self._pool, self._light), None, None
+        for pool in pools:
+            if pool is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(pool.close(), COMMAND_TIMEOUT)
         self._up = False
 
     # -- connections and failures ----------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def _connection(self) -> AsyncIterator[asyncpg.Connection]:
-        """A pooled connection; database errors become SpoolError, and a lost database marks
-        the spool unwritable until the probe reaches it again."""
-        if self._pool is None:
+    async def _connection(self, light: bool = False) -> AsyncIterator[asyncpg.Connection]:
+        """A pooled connection (``light``: one whose commits do not wait for the WAL flush);
+        database errors become SpoolError, and a lost database marks the spool unwritable
+        until the probe reaches it again."""
+        pool = self._light if light else self._pool
+        if pool is None:
             raise SpoolError("the spool is closed")
         try:
-            async with self._pool.acquire(timeout=CONNECT_TIMEOUT) as conn:
+            async with pool.acquire(timeout=CONNECT_TIMEOUT) as conn:
                 yield conn
         except SpoolError:
             raise
@@ -235,7 +259,9 @@ class PostgresSpool:
     async def _reconnect(self) -> None:
         while not self._closing and self._pool is not None:
             await asyncio.sleep(PROBE_EVERY)
-            await self._pool.expire_connections()  # connections from before the loss are dead
+            for pool in (self._pool, self._light):  # connections from before the loss are dead
+                if pool is not None:
+                    await pool.expire_connections()
             try:
                 async with self._pool.acquire(timeout=CONNECT_TIMEOUT) as conn:
                     await conn.fetchval("SELECT 1")
@@ -268,11 +294,12 @@ class PostgresSpool:
             return list(await conn.fetch(query, *args))
 
     async def _fetch_lightly(self, query: str, *args: Any) -> list[Any]:
-        """``_fetch`` in a transaction that does not wait for its WAL flush: for claims only.
-        A claim lost in a crash costs nothing (the row is simply claimable again), and an
-        fsync per due batch measured as a fifth of the delivery path's time."""
-        async with self._connection() as conn, conn.transaction():
-            await conn.execute("SET LOCAL synchronous_commit TO off")
+        """``_fetch`` on a connection whose commits do not wait for the WAL flush
+        (synchronous_commit off for its session): for claims only. A claim lost in a crash
+        costs nothing (the row is simply claimable again), and an fsync per due batch measured
+        as a fifth of the delivery path's time. One statement, one round trip (it was four:
+        BEGIN, SET LOCAL, the statement, COMMIT)."""
+        async with self._connection(light=True) as conn:
             return list(await conn.fetch(query, *args))
 
     async def _fetchval(self, query: str, *args: Any) -> Any:
@@ -301,19 +328,27 @@ class PostgresSpool:
             await self._run_group(group)
 
     async def _run_group(self, group: list[_Job]) -> None:
+        """The group's attempt outcomes, then its ingests: each part is one statement in the
+        common case (see _ingest_group), committed on its own."""
         self.groups += 1
+        for kind in ("record", "ingest"):
+            part = [job for job in group if job.kind == kind]
+            if part:
+                await self._run_part(kind, part)
+
+    async def _run_part(self, kind: str, jobs: list[_Job]) -> None:
         try:
-            answers = await self._commit_group(group)
+            answers = await self._commit_part(kind, jobs)
         except SpoolError as exc:
-            if len(group) > 1 and self._up:  # a statement error, not a lost database: find
-                for job in group:            # the job that causes it; the others go through
-                    await self._run_group([job])
+            if len(jobs) > 1 and self._up:  # a statement error, not a lost database: find
+                for job in jobs:            # the job that causes it; the others go through
+                    await self._run_part(kind, [job])
                 return
-            for job in group:
+            for job in jobs:
                 if not job.future.done():
                     job.future.set_exception(SpoolError(str(exc)))
             return
-        for job, (error, result) in zip(group, answers, strict=True):
+        for job, (error, result) in zip(jobs, answers, strict=True):
             if job.future.done():
                 continue  # the caller went away; the data is committed
             if error is not None:
@@ -321,136 +356,79 @@ class PostgresSpool:
             else:
                 job.future.set_result(result)
 
-    async def _commit_group(self, group: list[_Job]) -> list[tuple[Exception | None, Any]]:
-        """One transaction for the group, run again when PostgreSQL aborted it to break a
-        deadlock (replicas' groups lock sender ids, events and the counters row: a lone ingest
-        that lost such a deadlock answered 503)."""
+    async def _commit_part(self, kind: str,
+                           jobs: list[_Job]) -> list[tuple[Exception | None, Any]]:
+        """Run again when PostgreSQL aborted it to break a deadlock (replicas' groups lock
+        sender ids, events and the counters row: a lone ingest that lost such a deadlock
+        answered 503). Outcomes go on a connection that does not wait for the WAL flush: one
+        lost in a crash of the database means its delivery is sent again with the same
+        Webhook-Id, which at-least-once allows (as in the SQLite writer); the next ingest's
+        commit flushes it with everything before it."""
         tries = 1
         while True:
             try:
-                async with self._connection() as conn, conn.transaction():
-                    return await self._write_group(conn, group)
+                async with self._connection(light=kind == "record") as conn:
+                    if kind == "record":
+                        await self._record_group(conn, [job.args for job in jobs])
+                        return [(None, None)] * len(jobs)
+                    return await self._ingest_group(conn, jobs)
             except _Aborted as exc:
                 if tries == GROUP_TRIES:
                     raise
                 tries += 1
-                log.info("%s; running the group of %d jobs again", exc, len(group))
-
-    async def _write_group(self, conn: asyncpg.Connection,
-                           group: list[_Job]) -> list[tuple[Exception | None, Any]]:
-        answers: dict[int, tuple[Exception | None, Any]] = {}
-        records = [job for job in group if job.kind == "record"]
-        if records:
-            await self._record_group(conn, [job.args for job in records])
-            answers.update((id(job), (None, None)) for job in records)
-        ingests = [job for job in group if job.kind == "ingest"]
-        if ingests:
-            answers.update(zip(map(id, ingests), await self._ingest_group(conn, ingests),
-                               strict=True))
-        return [answers[id(job)] for job in group]
+                log.info("%s; running the group of %d jobs again", exc, len(jobs))
 
     async def _ingest_group(self, conn: asyncpg.Connection,
                             jobs: list[_Job]) -> list[tuple[Exception | None, Any]]:
-        """Every ingest of a group: one dedupe upsert, one insert of events and deliveries."""
-        # Delivery ids for every event first: a sender id's row is claimed with the deliveries
-        # of its first occurrence in the group.
-        plans: list[list[tuple[list[tuple[str, str, str]], str]]] = []
-        first: dict[str, tuple[int, int]] = {}     # sender id -> (job, event) first seen
-        claim: tuple[list[str], list[float], list[str]] = ([], [], [])
-        for j, job in enumerate(jobs):
-            now, _since, events = job.args
-            prefix = delivery_id_prefix(now)
-            plan = []
-            for k, (event_id, sender_id, received_at, _body, routes) in enumerate(events):
-                r = random_part()
-                created = [(dest, f"{prefix}{r + i:020x}", state)
-                           for i, (dest, state, _) in enumerate(routes, 1)]
-                listing = pack(created)
-                plan.append((created, listing))
-                if sender_id and event_id not in first:
-                    first[event_id] = (j, k)
-                    claim[0].append(event_id)
-                    claim[1].append(received_at)
-                    claim[2].append(listing)
-            plans.append(plan)
-        # Claimed in the order of their ids: two groups claiming the same ids lock them in the
-        # same order, and cannot deadlock on each other there.
-        order = sorted(range(len(claim[0])), key=claim[0].__getitem__)
-        claim = ([claim[0][i] for i in order], [claim[1][i] for i in order],
-                 [claim[2][i] for i in order])
-        since = min(job.args[1] for job in jobs)
+        """Every ingest of a group. Usually one statement (sql.INGEST, committed on its own):
+        it stores everything unless a sender id is a repeat or spool.max_events would be
+        passed, and then writes nothing; the group then runs as a transaction of a dedupe
+        upsert and one insert, refusing requests one by one (_ingest_checked)."""
+        plan = _plan(jobs)
+        hopeful = _assemble(jobs, plan, set(plan.claim[0]), {}, None, self.max_events)
+        claimed: set[str] = set()
+        written = False
+        for kind, sender, _value in await conn.fetch(
+                sql.INGEST, *plan.claim, plan.since, *hopeful.events, *hopeful.deliveries,
+                hopeful.total_open, self.max_events):
+            if kind == "c":
+                claimed.add(sender)
+            elif kind == "w":
+                written = True
+        if not written:
+            async with conn.transaction():
+                return await self._ingest_checked(conn, jobs, plan)
+        raced = [i for i in plan.claim[0] if i not in claimed]
+        if not raced:
+            return hopeful.answers
+        # Another replica stored these sender ids after the statement's snapshot: their
+        # events were left out. They are duplicates of what it stored.
+        known = dict(await conn.fetch(sql.SENDER_IDS, raced))
+        return _assemble(jobs, plan, claimed, known, None, self.max_events).answers
+
+    async def _ingest_checked(self, conn: asyncpg.Connection, jobs: list[_Job],
+                              plan: _Plan) -> list[tuple[Exception | None, Any]]:
+        """The group in a transaction: claim sender ids, refuse the requests that would pass
+        spool.max_events, insert the rest."""
         claimed: set[str] = set()
         known: dict[str, str] = {}                 # sender id -> deliveries listing (duplicates)
         open_events = 0
-        for kind, sender, value in await conn.fetch(sql.CLAIM, *claim, since):
+        for kind, sender, value in await conn.fetch(sql.CLAIM, *plan.claim, plan.since):
             if kind == "c":
                 claimed.add(sender)
             elif kind == "d":
                 known[sender] = value
             else:
                 open_events = int(value)
-        raced = [i for i in claim[0] if i not in claimed and i not in known]
+        raced = [i for i in plan.claim[0] if i not in claimed and i not in known]
         if raced:  # inserted by a concurrent transaction that committed while we waited
             known.update(await conn.fetch(sql.SENDER_IDS, raced))
-
-        events_cols: tuple[list[Any], ...] = ([], [], [], [], [])
-        deliveries_cols: tuple[list[Any], ...] = ([], [], [], [], [], [])
-        fixes: dict[str, str | None] = {}          # sender ids a refused request had claimed
-        answers: list[tuple[Exception | None, Any]] = []
-        total_open = 0
-        for j, (job, plan) in enumerate(zip(jobs, plans, strict=True)):
-            now, _since, events = job.args
-            entries: list[str] = []
-            skipped: list[str] = []
-            job_events: list[tuple[Any, ...]] = []
-            job_deliveries: list[tuple[Any, ...]] = []
-            job_known: dict[str, str] = {}
-            new_open = 0
-            for (event_id, sender_id, received_at, body, routes), (created, listing) in \
-                    zip(events, plan, strict=True):
-                if sender_id:
-                    prior = job_known.get(event_id) or known.get(event_id)
-                    if prior is not None:
-                        entries.append(receipt_entry(event_id, unpack(prior), True))
-                        continue
-                    job_known[event_id] = listing
-                pending = sum(1 for _, state, _ in routes if state == "pending")
-                new_open += pending > 0
-                job_events.append((event_id, sender_id, received_at, pending, body))
-                ordinal = len(job_events)
-                job_deliveries += [(did, ordinal, dest, state, now, reason)
-                                   for (dest, did, state), (_, _, reason)
-                                   in zip(created, routes, strict=True)]
-                if pending < len(created):
-                    skipped += [dest for dest, _, state in created if state == "skipped"]
-                entries.append(receipt_entry(event_id, created, False))
-            if new_open and open_events + total_open + new_open > self.max_events:
-                answers.append((SpoolFull(f"the spool holds spool.max_events={self.max_events} "
-                                          "events awaiting delivery", retry_after=30), None))
-                for event_id in job_known:
-                    if first.get(event_id, (-1, -1))[0] == j and event_id in claimed:
-                        fixes.setdefault(event_id, None)
-                continue
-            for event_id, listing in job_known.items():
-                known[event_id] = listing
-                if event_id in fixes:           # first claimed by a refused request
-                    fixes[event_id] = listing
-            total_open += new_open
-            base = len(events_cols[0])  # deliveries name their event by its place in INSERT
-            for row in job_events:
-                for col, value in zip(events_cols, row, strict=True):
-                    col.append(value)
-            for did, ordinal, dest, state, at, reason in job_deliveries:
-                for col, value in zip(deliveries_cols, (did, base + ordinal, dest, state, at,
-                                                        reason), strict=True):
-                    col.append(value)
-            answers.append((None, ("[" + ",".join(entries) + "]", len(job_events),
-                                   len(entries) - len(job_events), skipped, new_open > 0)))
-        if events_cols[0]:
-            await conn.execute(sql.INSERT, *events_cols, *deliveries_cols, total_open)
-        if fixes:
-            await conn.execute(sql.FIX_SENDER_IDS, list(fixes), list(fixes.values()))
-        return answers
+        done = _assemble(jobs, plan, claimed, known, open_events, self.max_events)
+        if done.events[0]:
+            await conn.execute(sql.INSERT, *done.events, *done.deliveries, done.total_open)
+        if done.fixes:
+            await conn.execute(sql.FIX_SENDER_IDS, list(done.fixes), list(done.fixes.values()))
+        return done.answers
 
     async def _record_group(self, conn: asyncpg.Connection, outcomes: list[tuple[Any, ...]]) -> None:
         """Attempt outcomes in one statement; those whose lease another replica took since are
@@ -619,3 +597,114 @@ class PostgresSpool:
         """``open_events`` (events with a delivery still pending, checked against
         spool.max_events) and ``groups`` (transactions the group writer ran since open())."""
         return {"open_events": int(await self._fetchval(sql.OPEN_EVENTS)), "groups": self.groups}
+
+
+# -- a group's ingests, planned and assembled (no I/O) -----------------------------------------
+
+Created = list[tuple[str, str, str]]   # (destination, delivery id, state) of one event
+
+
+class _Plan(NamedTuple):
+    """Delivery ids for every event of a group, drawn once, and the sender ids to claim: each
+    with the deliveries of its first occurrence in the group."""
+
+    events: list[list[tuple[Created, str]]]   # per job, per event: (created, packed listing)
+    first: dict[str, int]                      # sender id -> the job it first occurs in
+    claim: tuple[list[str], list[float], list[str]]   # ids (sorted), received_at, listing
+    since: float                               # the oldest job's dedupe window start
+
+
+def _plan(jobs: list[_Job]) -> _Plan:
+    events: list[list[tuple[Created, str]]] = []
+    first: dict[str, int] = {}
+    found: dict[str, tuple[float, str]] = {}
+    for j, job in enumerate(jobs):
+        now, _since, job_events = job.args
+        prefix = delivery_id_prefix(now)
+        planned = []
+        for event_id, sender_id, received_at, _body, routes in job_events:
+            r = random_part()
+            created = [(dest, f"{prefix}{r + i:020x}", state)
+                       for i, (dest, state, _) in enumerate(routes, 1)]
+            listing = pack(created)
+            planned.append((created, listing))
+            if sender_id and event_id not in first:
+                first[event_id] = j
+                found[event_id] = (received_at, listing)
+        events.append(planned)
+    # Claimed in the order of their ids: two groups claiming the same ids lock them in the
+    # same order, and cannot deadlock on each other there.
+    ids = sorted(found)
+    claim = (ids, [found[i][0] for i in ids], [found[i][1] for i in ids])
+    return _Plan(events, first, claim, min(job.args[1] for job in jobs))
+
+
+class _Assembled(NamedTuple):
+    answers: list[tuple[Exception | None, Any]]
+    events: tuple[list[Any], ...]       # INSERT's event columns
+    deliveries: tuple[list[Any], ...]   # and its delivery columns
+    total_open: int
+    fixes: dict[str, str | None]        # sender ids a refused request had claimed
+
+
+def _assemble(jobs: list[_Job], plan: _Plan, claimed: set[str], known: dict[str, str],
+              open_events: int | None, max_events: int) -> _Assembled:
+    """Each job's answer and the rows to insert, given the sender ids ``claimed`` and those
+    ``known`` (repeats, with their deliveries; updated with the group's own). A job that would
+    take the spool past ``max_events`` (``open_events`` of them now) is refused whole; None:
+    the statement checks the room (sql.INGEST)."""
+    events_cols: tuple[list[Any], ...] = ([], [], [], [], [])
+    deliveries_cols: tuple[list[Any], ...] = ([], [], [], [], [], [])
+    fixes: dict[str, str | None] = {}
+    answers: list[tuple[Exception | None, Any]] = []
+    total_open = 0
+    for j, (job, planned) in enumerate(zip(jobs, plan.events, strict=True)):
+        now, _since, events = job.args
+        entries: list[str] = []
+        skipped: list[str] = []
+        job_events: list[tuple[Any, ...]] = []
+        job_deliveries: list[tuple[Any, ...]] = []
+        job_known: dict[str, str] = {}
+        new_open = 0
+        for (event_id, sender_id, received_at, body, routes), (created, listing) in \
+                zip(events, planned, strict=True):
+            if sender_id:
+                prior = job_known.get(event_id) or known.get(event_id)
+                if prior is not None:
+                    entries.append(receipt_entry(event_id, unpack(prior), True))
+                    continue
+                job_known[event_id] = listing
+            pending = sum(1 for _, state, _ in routes if state == "pending")
+            new_open += pending > 0
+            job_events.append((event_id, sender_id, received_at, pending, body))
+            ordinal = len(job_events)
+            job_deliveries += [(did, ordinal, dest, state, now, reason)
+                               for (dest, did, state), (_, _, reason)
+                               in zip(created, routes, strict=True)]
+            if pending < len(created):
+                skipped += [dest for dest, _, state in created if state == "skipped"]
+            entries.append(receipt_entry(event_id, created, False))
+        if new_open and open_events is not None and \
+                open_events + total_open + new_open > max_events:
+            answers.append((SpoolFull(f"the spool holds spool.max_events={max_events} "
+                                      "events awaiting delivery", retry_after=30), None))
+            for event_id in job_known:
+                if plan.first.get(event_id, -1) == j and event_id in claimed:
+                    fixes.setdefault(event_id, None)
+            continue
+        for event_id, listing in job_known.items():
+            known[event_id] = listing
+            if event_id in fixes:           # first claimed by a refused request
+                fixes[event_id] = listing
+        total_open += new_open
+        base = len(events_cols[0])  # deliveries name their event by its place in INSERT
+        for row in job_events:
+            for col, value in zip(events_cols, row, strict=True):
+                col.append(value)
+        for did, ordinal, dest, state, at, reason in job_deliveries:
+            for col, value in zip(deliveries_cols, (did, base + ordinal, dest, state, at,
+                                                    reason), strict=True):
+                col.append(value)
+        answers.append((None, ("[" + ",".join(entries) + "]", len(job_events),
+                               len(entries) - len(job_events), skipped, new_open > 0)))
+    return _Assembled(answers, events_cols, deliveries_cols, total_open, fixes)

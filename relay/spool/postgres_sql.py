@@ -54,6 +54,54 @@ ins_d AS (
 UPDATE counters SET open_events = open_events + $12
 """
 
+# A group's ingests in one statement, committed on its own (no BEGIN or COMMIT round trip):
+# CLAIM and INSERT together, for the common case. It writes nothing unless no sender id of the
+# group ($1) is a repeat within the dedupe window ($4) and the group's open events ($16) fit
+# under spool.max_events ($17); the group then runs as CLAIM + INSERT in a transaction, which
+# refuses requests one by one. A sender id another transaction stored after this statement's
+# snapshot is not claimed, and its event is left out (the caller reads the winner's
+# deliveries). Answers: 'c' rows claimed now, and one row, 'w' (written) or 'n' (nothing
+# written), with open_events as the statement saw it.
+INGEST = """
+WITH input AS (
+    SELECT * FROM unnest($1::text[], $2::float8[], $3::text[]) AS t(id, received_at, deliveries)),
+go AS MATERIALIZED (
+    SELECT NOT EXISTS (SELECT 1 FROM sender_ids s
+                       WHERE s.id IN (SELECT id FROM input) AND s.received_at >= $4)
+           AND open_events + $16 <= $17 AS ok, open_events
+    FROM counters),
+claimed AS (
+    INSERT INTO sender_ids AS s(id, received_at, deliveries)
+    SELECT id, received_at, deliveries FROM input WHERE (SELECT ok FROM go)
+    ON CONFLICT (id) DO UPDATE SET received_at = EXCLUDED.received_at,
+                                   deliveries = EXCLUDED.deliveries
+    WHERE s.received_at < $4
+    RETURNING s.id),
+e AS MATERIALIZED (
+    SELECT nextval(pg_get_serial_sequence('events', 'seq')) AS seq, t.*
+    FROM unnest($5::text[], $6::bool[], $7::float8[], $8::int[], $9::text[])
+         WITH ORDINALITY AS t(id, sender_id, received_at, pending, body, ord)
+    WHERE (SELECT ok FROM go) AND (NOT t.sender_id OR t.id IN (SELECT id FROM claimed))),
+ins_e AS (
+    INSERT INTO events(seq, id, sender_id, received_at, pending, body)
+    SELECT seq, id, sender_id, received_at, pending, body FROM e),
+ins_d AS (
+    INSERT INTO deliveries(delivery_id, event_seq, destination, state, not_before, created_at,
+                           updated_at, reason)
+    SELECT d.delivery_id, e.seq, d.destination, d.state, d.now, d.now, d.now, d.reason
+    FROM unnest($10::text[], $11::bigint[], $12::text[], $13::text[], $14::float8[],
+                $15::text[])
+         WITH ORDINALITY AS d(delivery_id, event_ord, destination, state, now, reason, ord)
+    JOIN e ON e.ord = d.event_ord
+    ORDER BY d.ord),
+cnt AS (
+    UPDATE counters SET open_events = open_events + (SELECT count(*) FROM e WHERE pending > 0)
+    WHERE (SELECT ok FROM go))
+SELECT 'c' AS kind, id, NULL AS value FROM claimed
+UNION ALL
+SELECT CASE WHEN ok THEN 'w' ELSE 'n' END, NULL, open_events::text FROM go
+"""
+
 # A group's refused requests had claimed sender ids: give each to the event stored for it
 # later in the group, or drop it.
 FIX_SENDER_IDS = """
