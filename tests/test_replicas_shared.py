@@ -11,8 +11,9 @@ from typing import Any
 import asyncpg
 import pytest
 
+import relay.spool.postgres as postgres_module
 from relay.config import HealthConfig
-from relay.errors import SpoolFull
+from relay.errors import SpoolError, SpoolFull
 from relay.health_shared import SharedHealth
 from relay.spool import Attempt
 from relay.spool.postgres import PostgresSpool
@@ -213,5 +214,30 @@ async def test_a_sender_id_stored_meanwhile_by_another_replica_is_a_duplicate(
         assert [r["id"] for r in stored] == ["e2"]
         assert await other.fetchval("SELECT count(*) FROM deliveries") == len(second.deliveries)
         assert (await two.stats())["open_events"] == 1
+    finally:
+        await other.close()
+
+
+async def test_every_connection_busy_is_not_a_lost_database(
+        spools: list[PostgresSpool], pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Statements waiting on another transaction's lock hold every connection of the claims
+    pool: a claim that cannot get one fails with a plain SpoolError, and the spool stays
+    writable (a lost database would turn /readyz and ingest to 503)."""
+    monkeypatch.setattr(postgres_module, "CONNECT_TIMEOUT", 0.5)
+    one = spools[0]
+    other = await asyncpg.connect(pg_dsn, server_settings={"search_path": "relay"})
+    try:
+        transaction = other.transaction()
+        await transaction.start()
+        await other.execute("UPDATE counters SET open_events = open_events")
+        waiting = [asyncio.create_task(one.fetch_rows(
+            "UPDATE counters SET open_events = open_events RETURNING 1")) for _ in range(2)]
+        await asyncio.sleep(0.3)
+        with pytest.raises(SpoolError, match="busy"):
+            await one.due(1000.0, 10, ["a"])
+        assert one.writable and one.unavailable is None
+        await transaction.rollback()
+        await asyncio.gather(*waiting)
+        assert await one.due(1000.0, 10, ["a"]) == []
     finally:
         await other.close()

@@ -107,7 +107,9 @@ class PostgresConfig(_Model):
         None, "postgresql://user:password@host/db (or dsn_file); required for this backend.")
     schema_: Annotated[str, Field(alias="schema", min_length=1, max_length=63)] = _d(
         "relay", "Schema holding the relay's tables.")
-    pool_size: Annotated[int, Field(ge=1, le=1000)] = _d(10, "Connections per relay.")
+    pool_size: Annotated[int, Field(ge=1, le=1000)] = _d(
+        10, "Connections per relay (at least 3): 2 of them take delivery claims and attempt "
+            "outcomes, the rest ingest and reads.")
     lease: PositiveDuration | None = _d(
         None, "How long a claimed delivery stays with its relay; default delivery.timeout + 30s.")
 

@@ -12,10 +12,13 @@ Guarantees, as in the SQLite spool:
 
 * Durable on 202: ``ingest_receipt`` resolves after COMMIT (synchronous_commit as the server
   has it; the default, on, flushes the WAL before COMMIT returns).
-* Group commit: every ingest and attempt outcome queued while the previous transaction ran goes
-  into the next one, written with set-based statements (postgres_sql.py): per group a dedupe
-  upsert, one insert of events with their deliveries, and one outcome update. Each request stays
-  all or nothing: one refused for spool.max_events adds no rows.
+* Group commit: every ingest and attempt outcome queued while the previous group ran goes into
+  the next one, written with set-based statements (postgres_sql.py): the outcomes in one
+  statement (on a connection that does not wait for the WAL flush, as SQLite's writer does for
+  them), the ingests in one more (``INGEST``: the dedupe claim and the insert of events with
+  their deliveries), or, when a sender id repeats or spool.max_events would be passed, in a
+  transaction of a dedupe upsert and one insert. Each request stays all or nothing: one refused
+  for spool.max_events adds no rows.
 * Dedupe by a unique key: ``sender_ids`` is upserted (``ON CONFLICT``), replacing a row only
   when it is older than spool.dedupe_window, so a repeat after the window is stored again.
 * A lost database connection is not a crash: jobs fail with SpoolError (the server answers 503
@@ -70,7 +73,8 @@ MAX_GROUP = 512          # jobs per transaction, as in the SQLite writer
 WRITERS = 1              # groups committing at once: more measured slower (they wait on the
                          # counters row and the sender-id index; bench/postgres.py)
 PROBE_EVERY = 0.5        # seconds between reconnect attempts while the database is unreachable
-LIGHT_CONNECTIONS = 2    # of pool_size (1 below 5): for claims, which need no WAL flush
+LIGHT_CONNECTIONS = 2    # of pool_size: for claims and outcomes (no WAL flush); one of
+                         # them stays free for claims while the writer's outcome waits
 CONNECT_TIMEOUT = 5.0
 COMMAND_TIMEOUT = 30.0
 # SQLSTATE classes that mean "the database went away", not "this statement is wrong":
@@ -127,7 +131,7 @@ class PostgresSpool:
         self.replica = replica or replica_id()
         self.clock = clock
         self.is_open = False
-        self.groups = 0             # transactions run by the group writer since open()
+        self.groups = 0             # groups run by the group writer since open()
         self._pool: asyncpg.Pool | None = None
         self._light: asyncpg.Pool | None = None   # synchronous_commit off: see _fetch_lightly
         self._jobs: deque[_Job] = deque()
@@ -165,7 +169,7 @@ class PostgresSpool:
             raise SpoolError(f"cannot migrate spool schema {self.schema!r}: {exc}") from exc
         finally:
             await conn.close()
-        light = LIGHT_CONNECTIONS if self.pool_size >= 5 else 1
+        light = LIGHT_CONNECTIONS
         settings = {"search_path": quote_ident(self.schema), "jit": "off"}
         try:
             self._pool = await self._create_pool(max(1, self.pool_size - light), settings)
@@ -231,8 +235,10 @@ class PostgresSpool:
         pool = self._light if light else self._pool
         if pool is None:
             raise SpoolError("the spool is closed")
+        acquired = False
         try:
             async with pool.acquire(timeout=CONNECT_TIMEOUT) as conn:
+                acquired = True
                 yield conn
         except SpoolError:
             raise
@@ -244,6 +250,11 @@ class PostgresSpool:
                 raise SpoolError(f"the spool database is unreachable: {exc}") from exc
             raise SpoolError(f"spool statement failed: {exc}") from exc
         except (OSError, asyncpg.InterfaceError, TimeoutError) as exc:
+            if isinstance(exc, TimeoutError) and not acquired and pool.get_idle_size() == 0 \
+                    and pool.get_size() >= pool.get_max_size():
+                # every connection is in use (statements waiting on locks): busy, not lost
+                raise SpoolError(f"all {pool.get_max_size()} spool connections stayed busy for "
+                                 f"{CONNECT_TIMEOUT:g}s") from exc
             self._lost(exc)
             raise SpoolError(f"the spool database is unreachable: {exc or type(exc).__name__}") from exc
 
@@ -295,7 +306,7 @@ class PostgresSpool:
 
     async def _fetch_lightly(self, query: str, *args: Any) -> list[Any]:
         """``_fetch`` on a connection whose commits do not wait for the WAL flush
-        (synchronous_commit off for its session): for claims only. A claim lost in a crash
+        (synchronous_commit off for its session): for claims and shared host health. A claim lost in a crash
         costs nothing (the row is simply claimable again), and an fsync per due batch measured
         as a fifth of the delivery path's time. One statement, one round trip (it was four:
         BEGIN, SET LOCAL, the statement, COMMIT)."""
@@ -402,9 +413,24 @@ class PostgresSpool:
         if not raced:
             return hopeful.answers
         # Another replica stored these sender ids after the statement's snapshot: their
-        # events were left out. They are duplicates of what it stored.
-        known = dict(await conn.fetch(sql.SENDER_IDS, raced))
-        return _assemble(jobs, plan, claimed, known, None, self.max_events).answers
+        # events were left out. They are duplicates of what it stored. The group is committed
+        # now: whatever happens next must not run it again.
+        try:
+            known = dict(await conn.fetch(sql.SENDER_IDS, raced))
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+            known, why = {}, f"cannot read the deliveries of a repeated sender id: {exc}"
+        else:
+            why = "a repeated sender id's deliveries were pruned meanwhile"
+        answers = _assemble(jobs, plan, claimed, known, None, self.max_events).answers
+        if len(known) == len(raced):
+            return answers
+        # Their jobs get a 503, never an answer naming deliveries that were not stored. (The
+        # sender retries: its events with an id are then duplicates; one without an id is
+        # stored again, as after any 503 whose commit went through.)
+        missing = set(raced) - known.keys()
+        return [(SpoolError(why), None)
+                if any(event[0] in missing for event in job.args[2]) else answer
+                for job, answer in zip(jobs, answers, strict=True)]
 
     async def _ingest_checked(self, conn: asyncpg.Connection, jobs: list[_Job],
                               plan: _Plan) -> list[tuple[Exception | None, Any]]:
@@ -595,7 +621,7 @@ class PostgresSpool:
 
     async def stats(self) -> dict[str, int]:
         """``open_events`` (events with a delivery still pending, checked against
-        spool.max_events) and ``groups`` (transactions the group writer ran since open())."""
+        spool.max_events) and ``groups`` (groups the group writer ran since open())."""
         return {"open_events": int(await self._fetchval(sql.OPEN_EVENTS)), "groups": self.groups}
 
 
