@@ -495,8 +495,14 @@ class PostgresSpool:
         """Claim pending deliveries due by ``now`` for these destinations, oldest first: rows
         no other replica holds an unexpired lease on, leased to this one for ``lease`` s.
         Claims past ``budget`` characters of event JSON (one at least) are released again."""
+        return (await self._claim(now, limit, destinations, exclude, budget))[0]
+
+    async def _claim(self, now: float, limit: int, destinations: Sequence[str],
+                     exclude: Collection[int], budget: int) -> tuple[list[Due], bool]:
+        """``due``, and whether it claimed every row it could (none was given back for the
+        budget, and fewer than ``limit`` were due)."""
         if not destinations or limit <= 0:
-            return []
+            return [], False
         rows = await self._fetch_lightly(sql.DUE, list(destinations), list(exclude), now,
                                          self.replica, self.clock(), limit, self.lease)
         rows.sort(key=lambda row: (row[9], row[0]))
@@ -510,16 +516,21 @@ class PostgresSpool:
         if len(kept) < len(rows):
             await self._fetch_lightly(sql.UNCLAIM, [row[0] for row in rows[len(kept):]],
                                       self.replica)
-        return [Due(*row[:9]) for row in kept]
+        return [Due(*row[:9]) for row in kept], len(rows) < limit and len(kept) == len(rows)
 
     async def poll(self, now: float, limit: int, destinations: Sequence[str],
                    exclude: Collection[int] = ()) -> DueBatch:
-        """``due``'s claims; when there are none, the next time one can be made. Never
-        ``complete``: other replicas store and release work this one is not told of, so the
-        dispatcher looks again after using a batch up."""
-        rows = await self.due(now, limit, destinations, exclude)
-        return DueBatch(rows, False,
-                        None if rows else await self.next_due_at(destinations, exclude))
+        """``due``'s claims; ``complete`` when it claimed every row it could, with the next
+        time another can be claimed (a ``not_before``, or the end of another replica's lease).
+        Work that other replicas store or give back later is not in it: the service's
+        follower (relay/service.py, ``_follow_other_replicas``) wakes the dispatcher for that,
+        as replays and shared suspensions do."""
+        rows, everything = await self._claim(now, limit, destinations, exclude, DUE_BUDGET)
+        if not everything:
+            return DueBatch(rows, False, None)
+        # (rows claimed now are this replica's, due already: not the next time)
+        return DueBatch(rows, True, await self.next_due_at(
+            destinations, [*exclude, *(due.seq for due in rows)]))
 
     async def next_due_at(self, destinations: Sequence[str],
                           exclude: Collection[int] = ()) -> float | None:
