@@ -177,9 +177,10 @@ class Dispatcher:
     def offer(self, receipt: Receipt) -> None:
         """Deliveries this process's ingest has just committed (``receipt.fresh``, SQLite; a
         PostgreSQL receipt has none, and its offer is a wake-up): they join the ready queue
-        from memory, so a stored event costs no read of the spool before its attempt. They are the spool's rows as it would hand them out, and the spool stays
-        the authority. They are taken only while the last look saw every due delivery (so
-        they overtake no older due work, such as a retry) and the ready queue is short;
+        from memory, so a stored event costs no read of the spool before its attempt. They are
+        the spool's rows as it would hand them out, and the spool stays the authority. They
+        are taken only while the last look saw every due delivery (so they overtake no older
+        due work, such as a retry) and the ready queue is short;
         otherwise, or for a destination held back in the last round, the offer is an ordinary
         wake-up and a look finds them, oldest first. A row a look could already see is that
         look's to hand out, never queued twice."""

@@ -5,6 +5,7 @@ The same behaviours with real relay processes are in tests/test_replicas.py."""
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -16,6 +17,7 @@ from relay.config import HealthConfig
 from relay.errors import SpoolError, SpoolFull
 from relay.health_shared import SharedHealth
 from relay.spool import Attempt
+from relay.spool import postgres_sql as sql
 from relay.spool.postgres import PostgresSpool
 from tests.pg import pg_dsn, pg_server
 from tests.test_spool_contract import Clock, item, record
@@ -241,3 +243,62 @@ async def test_every_connection_busy_is_not_a_lost_database(
         assert await one.due(1000.0, 10, ["a"]) == []
     finally:
         await other.close()
+
+
+OLD_NEXT_DUE = """
+SELECT min(CASE WHEN lease_owner IS NOT NULL AND lease_owner <> $3 AND lease_until >= $4
+                THEN greatest(not_before, lease_until) ELSE not_before END)
+FROM deliveries
+WHERE state = 'pending' AND destination = ANY($1::text[]) AND seq <> ALL($2::bigint[])
+"""
+
+
+async def test_next_due_walks_two_indexes_to_the_same_answer_as_reading_every_row(
+        spools: list[PostgresSpool], pg_dsn: str) -> None:
+    """NEXT_DUE (the first due row no other replica holds, and the end of the other replicas'
+    leases, by two index walks) answers what one read of every pending row answered, over
+    random due times, leases (ours, others', expired) and exclusions."""
+    one = spools[0]
+    await one.ingest([item(i) for i in range(3)])
+    rng = random.Random(7)
+    conn = await asyncpg.connect(pg_dsn, server_settings={"search_path": "relay"})
+    try:
+        seqs = [r[0] for r in await conn.fetch("SELECT seq FROM deliveries ORDER BY seq")]
+        for _ in range(150):
+            for seq in seqs:
+                owner = rng.choice([None, None, "r0", "r1", "r2"])
+                await conn.execute(
+                    "UPDATE deliveries SET state = $2, not_before = $3, lease_owner = $4::text, "
+                    "lease_until = CASE WHEN $4::text IS NULL THEN NULL ELSE $5::float8 END "
+                    "WHERE seq = $1", seq, rng.choice(["pending", "pending", "delivered"]),
+                    1000.0 + rng.randrange(-50, 50), owner, 1000.0 + rng.randrange(-50, 50))
+            args = (rng.sample(["a", "b"], rng.randint(1, 2)),
+                    rng.sample(seqs, rng.randint(0, 2)), "r0", 1000.0)
+            assert await conn.fetchval(sql.NEXT_DUE, *args) == \
+                await conn.fetchval(OLD_NEXT_DUE, *args), args
+    finally:
+        await conn.close()
+
+
+async def test_a_look_needs_no_ingest_connection(pg_dsn: str,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A look (claim and next due time) runs on the claims pool: with every other connection
+    held by an ingest waiting on a lock, it still hands out what it claimed, complete."""
+    monkeypatch.setattr(postgres_module, "CONNECT_TIMEOUT", 0.5)
+    spool = PostgresSpool(pg_dsn, replica="r0", clock=Clock(), pool_size=3)  # 1 + 2 for claims
+    await spool.open()
+    other = await asyncpg.connect(pg_dsn, server_settings={"search_path": "relay"})
+    try:
+        await spool.ingest([item(i) for i in range(3)])
+        transaction = other.transaction()
+        await transaction.start()
+        await other.execute("UPDATE counters SET open_events = open_events")
+        stuck = asyncio.create_task(spool.ingest([item(9)]))   # holds the one other connection
+        await asyncio.sleep(0.3)
+        batch = await spool.poll(1000.0, 100, ["a", "b"])
+        assert len(batch.due) == 6 and batch.complete and batch.next_at is None
+        await transaction.rollback()
+        await stuck
+    finally:
+        await other.close()
+        await spool.close()

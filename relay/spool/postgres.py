@@ -528,17 +528,22 @@ class PostgresSpool:
         rows, everything = await self._claim(now, limit, destinations, exclude, DUE_BUDGET)
         if not everything:
             return DueBatch(rows, False, None)
-        # (rows claimed now are this replica's, due already: not the next time)
-        return DueBatch(rows, True, await self.next_due_at(
-            destinations, [*exclude, *(due.seq for due in rows)]))
+        try:  # (rows claimed now are this replica's, due already: not the next time)
+            next_at = await self.next_due_at(destinations, [*exclude, *(due.seq for due in rows)])
+        except SpoolError:
+            if not rows:
+                raise
+            return DueBatch(rows, False, None)  # claimed rows are never dropped: look again
+        return DueBatch(rows, True, next_at)
 
     async def next_due_at(self, destinations: Sequence[str],
                           exclude: Collection[int] = ()) -> float | None:
         """The earliest time a pending delivery of these destinations can be claimed."""
         if not destinations:
             return None
-        value: float | None = await self._fetchval(sql.NEXT_DUE, list(destinations), list(exclude),
-                                                   self.replica, self.clock())
+        rows = await self._fetch_lightly(sql.NEXT_DUE, list(destinations), list(exclude),
+                                         self.replica, self.clock())
+        value: float | None = rows[0][0]
         return value
 
     async def record_attempt(self, due: Due, attempt: Attempt, *, state: str,

@@ -160,11 +160,18 @@ RETURNING d.seq, d.delivery_id, d.destination, d.attempts, d.failures, d.first_a
 
 # The earliest time one of these deliveries can be claimed: its not_before, or the end of
 # another replica's lease on it.
+# Two index walks, not a read of every pending row: the first due row no other replica holds
+# (deliveries_due, in not_before order), and the end of the other replicas' leases
+# (deliveries_leased: only rows in flight somewhere).
 NEXT_DUE = """
-SELECT min(CASE WHEN lease_owner IS NOT NULL AND lease_owner <> $3 AND lease_until >= $4
-                THEN greatest(not_before, lease_until) ELSE not_before END)
-FROM deliveries
-WHERE state = 'pending' AND destination = ANY($1::text[]) AND seq <> ALL($2::bigint[])
+SELECT least(
+    (SELECT not_before FROM deliveries
+     WHERE state = 'pending' AND destination = ANY($1::text[]) AND seq <> ALL($2::bigint[])
+       AND (lease_owner IS NULL OR lease_owner = $3 OR lease_until < $4)
+     ORDER BY not_before LIMIT 1),
+    (SELECT min(greatest(not_before, lease_until)) FROM deliveries
+     WHERE lease_owner IS NOT NULL AND lease_owner <> $3 AND lease_until >= $4
+       AND state = 'pending' AND destination = ANY($1::text[]) AND seq <> ALL($2::bigint[])))
 """
 
 RELEASE = """
