@@ -169,12 +169,12 @@ class PostgresSpool:
             raise SpoolError(f"cannot migrate spool schema {self.schema!r}: {exc}") from exc
         finally:
             await conn.close()
-        light = LIGHT_CONNECTIONS
         settings = {"search_path": quote_ident(self.schema), "jit": "off"}
         try:
-            self._pool = await self._create_pool(max(1, self.pool_size - light), settings)
-            self._light = await self._create_pool(light, {**settings,
-                                                          "synchronous_commit": "off"})
+            self._pool = await self._create_pool(max(1, self.pool_size - LIGHT_CONNECTIONS),
+                                                 settings)
+            self._light = await self._create_pool(LIGHT_CONNECTIONS,
+                                                  {**settings, "synchronous_commit": "off"})
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
             if self._pool is not None:
                 await self._pool.close()
@@ -306,10 +306,10 @@ class PostgresSpool:
 
     async def _fetch_lightly(self, query: str, *args: Any) -> list[Any]:
         """``_fetch`` on a connection whose commits do not wait for the WAL flush
-        (synchronous_commit off for its session): for claims and shared host health. A claim lost in a crash
-        costs nothing (the row is simply claimable again), and an fsync per due batch measured
-        as a fifth of the delivery path's time. One statement, one round trip (it was four:
-        BEGIN, SET LOCAL, the statement, COMMIT)."""
+        (synchronous_commit off for its session): for claims and shared host health. A claim
+        lost in a crash costs nothing (the row is simply claimable again), and an fsync per
+        due batch measured as a fifth of the delivery path's time. One statement, one round
+        trip (it was four: BEGIN, SET LOCAL, the statement, COMMIT)."""
         async with self._connection(light=True) as conn:
             return list(await conn.fetch(query, *args))
 

@@ -33,13 +33,19 @@ SENDER_IDS = "SELECT id, deliveries FROM sender_ids WHERE id = ANY($1::text[])"
 
 OPEN_EVENTS = "SELECT open_events FROM counters"
 
-# Events (seq drawn here, in order) with their deliveries (joined on the event's position in
-# the group), and the open-events counter, in one statement.
-INSERT = """
-WITH e AS MATERIALIZED (
+def _stored(events: int, deliveries: int, where: str = "") -> str:
+    """The CTEs ``e``, ``ins_e`` and ``ins_d`` that store a group's events (parameters from
+    ``$events``: id, sender_id, received_at, pending, body; each seq drawn here, in order) and
+    their deliveries (from ``$deliveries``: delivery_id, the event's place in the group,
+    destination, state, now, reason). INSERT and INGEST share them, so both paths store
+    alike; ``where`` filters the events."""
+    e, d = events, deliveries
+    return f"""
+e AS MATERIALIZED (
     SELECT nextval(pg_get_serial_sequence('events', 'seq')) AS seq, t.*
-    FROM unnest($1::text[], $2::bool[], $3::float8[], $4::int[], $5::text[])
-         WITH ORDINALITY AS t(id, sender_id, received_at, pending, body, ord)),
+    FROM unnest(${e}::text[], ${e + 1}::bool[], ${e + 2}::float8[], ${e + 3}::int[],
+                ${e + 4}::text[])
+         WITH ORDINALITY AS t(id, sender_id, received_at, pending, body, ord){where}),
 ins_e AS (
     INSERT INTO events(seq, id, sender_id, received_at, pending, body)
     SELECT seq, id, sender_id, received_at, pending, body FROM e),
@@ -47,10 +53,16 @@ ins_d AS (
     INSERT INTO deliveries(delivery_id, event_seq, destination, state, not_before, created_at,
                            updated_at, reason)
     SELECT d.delivery_id, e.seq, d.destination, d.state, d.now, d.now, d.now, d.reason
-    FROM unnest($6::text[], $7::bigint[], $8::text[], $9::text[], $10::float8[], $11::text[])
+    FROM unnest(${d}::text[], ${d + 1}::bigint[], ${d + 2}::text[], ${d + 3}::text[],
+                ${d + 4}::float8[], ${d + 5}::text[])
          WITH ORDINALITY AS d(delivery_id, event_ord, destination, state, now, reason, ord)
     JOIN e ON e.ord = d.event_ord
-    ORDER BY d.ord)
+    ORDER BY d.ord)"""
+
+
+# Events with their deliveries (joined on the event's place in the group), and the open-events
+# counter, in one statement.
+INSERT = "WITH" + _stored(1, 6) + """
 UPDATE counters SET open_events = open_events + $12
 """
 
@@ -76,24 +88,8 @@ claimed AS (
     ON CONFLICT (id) DO UPDATE SET received_at = EXCLUDED.received_at,
                                    deliveries = EXCLUDED.deliveries
     WHERE s.received_at < $4
-    RETURNING s.id),
-e AS MATERIALIZED (
-    SELECT nextval(pg_get_serial_sequence('events', 'seq')) AS seq, t.*
-    FROM unnest($5::text[], $6::bool[], $7::float8[], $8::int[], $9::text[])
-         WITH ORDINALITY AS t(id, sender_id, received_at, pending, body, ord)
-    WHERE (SELECT ok FROM go) AND (NOT t.sender_id OR t.id IN (SELECT id FROM claimed))),
-ins_e AS (
-    INSERT INTO events(seq, id, sender_id, received_at, pending, body)
-    SELECT seq, id, sender_id, received_at, pending, body FROM e),
-ins_d AS (
-    INSERT INTO deliveries(delivery_id, event_seq, destination, state, not_before, created_at,
-                           updated_at, reason)
-    SELECT d.delivery_id, e.seq, d.destination, d.state, d.now, d.now, d.now, d.reason
-    FROM unnest($10::text[], $11::bigint[], $12::text[], $13::text[], $14::float8[],
-                $15::text[])
-         WITH ORDINALITY AS d(delivery_id, event_ord, destination, state, now, reason, ord)
-    JOIN e ON e.ord = d.event_ord
-    ORDER BY d.ord),
+    RETURNING s.id),""" + _stored(5, 10, """
+    WHERE (SELECT ok FROM go) AND (NOT t.sender_id OR t.id IN (SELECT id FROM claimed))""") + """,
 cnt AS (
     UPDATE counters SET open_events = open_events + (SELECT count(*) FROM e WHERE pending > 0)
     WHERE (SELECT ok FROM go))
