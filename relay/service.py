@@ -207,8 +207,9 @@ def _health_for(config: Config, spool: SpoolBackend) -> dict[str, Any]:
 
 
 async def _follow_other_replicas(spool: Any, wake: Callable[[], None]) -> None:
-    """Wake the dispatcher when another replica stored events or gave claims back: otherwise
-    an idle replica would find that work only at its next recheck."""
+    """Wake the dispatcher when another replica stored events, recorded a retry, replayed or
+    gave claims back (``work_mark``): otherwise a replica whose last look was complete would
+    find that work only at its next recheck."""
     mark = None
     while True:
         try:

@@ -19,6 +19,9 @@ Tables (the same rows as the SQLite spool, plus what a shared database needs):
   same transactions that change it, checked against spool.max_events.
 * ``counters.released`` (version 2): claims given back by replicas that stopped; with the
   newest event's seq, what an idle replica watches to learn of work it was not told about.
+* ``counters.work`` (version 3): bumped by every statement that makes deliveries claimable
+  without a new claim-free event seq to show it: an ingest (seqs commit out of order), a retry
+  recorded, a replay, claims given back for the budget. Watched with the two above.
 * ``hosts`` (version 2): host health shared by replicas (relay/health_shared.py): state,
   suspension, consecutive failures counted in the database, and who holds the probe.
 
@@ -32,7 +35,7 @@ import asyncpg
 
 from relay.errors import SpoolError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Each migration brings the schema from version i to i + 1 (index i); never edit a released one.
 MIGRATIONS: tuple[str, ...] = (
@@ -106,6 +109,10 @@ MIGRATIONS: tuple[str, ...] = (
         probe_until     double precision           -- its claim on the probe ends
     );
     ALTER TABLE counters ADD COLUMN released bigint NOT NULL DEFAULT 0;  -- claims given back
+    """,
+    # a column added, none renamed: replicas of the previous version keep working beside it
+    """
+    ALTER TABLE counters ADD COLUMN work bigint NOT NULL DEFAULT 0;  -- +1 when work appears
     """,
 )
 

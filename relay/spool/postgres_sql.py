@@ -63,7 +63,7 @@ ins_d AS (
 # Events with their deliveries (joined on the event's place in the group), and the open-events
 # counter, in one statement.
 INSERT = "WITH" + _stored(1, 6) + """
-UPDATE counters SET open_events = open_events + $12
+UPDATE counters SET open_events = open_events + $12, work = work + 1
 """
 
 # A group's ingests in one statement, committed on its own (no BEGIN or COMMIT round trip):
@@ -91,7 +91,8 @@ claimed AS (
     RETURNING s.id),""" + _stored(5, 10, """
     WHERE (SELECT ok FROM go) AND (NOT t.sender_id OR t.id IN (SELECT id FROM claimed))""") + """,
 cnt AS (
-    UPDATE counters SET open_events = open_events + (SELECT count(*) FROM e WHERE pending > 0)
+    UPDATE counters SET open_events = open_events + (SELECT count(*) FROM e WHERE pending > 0),
+                        work = work + 1
     WHERE (SELECT ok FROM go))
 SELECT 'c' AS kind, id, NULL AS value FROM claimed
 UNION ALL
@@ -134,7 +135,8 @@ fin AS (
     WHERE e.seq = c.event_seq
     RETURNING e.pending),
 cnt AS (
-    UPDATE counters SET open_events = open_events - (SELECT count(*) FROM fin WHERE pending = 0))
+    UPDATE counters SET open_events = open_events - (SELECT count(*) FROM fin WHERE pending = 0),
+                        work = work + (SELECT count(*) FROM upd WHERE state = 'pending'))
 SELECT seq FROM upd
 """
 
@@ -177,7 +179,7 @@ UPDATE counters SET released = released + (SELECT count(*) FROM r)
 RETURNING (SELECT count(*) FROM r)
 """
 # Changes when another replica stores events or gives claims back (an idle replica polls it).
-WORK_MARK = "SELECT (SELECT max(seq) FROM events), released FROM counters"
+WORK_MARK = "SELECT (SELECT max(seq) FROM events), released, work FROM counters"
 PENDING = "SELECT count(*) FROM deliveries WHERE state = 'pending'"
 
 # Pruning runs on one replica at a time: the others find the lock taken and skip the round.
@@ -200,7 +202,8 @@ e AS (
     FROM (SELECT event_seq, count(*) AS n FROM r GROUP BY event_seq) c
     WHERE events.seq = c.event_seq
     RETURNING events.pending, c.n),
-k AS (UPDATE counters SET open_events = open_events + (SELECT count(*) FROM e WHERE pending = n))
+k AS (UPDATE counters SET open_events = open_events + (SELECT count(*) FROM e WHERE pending = n),
+                         work = work + 1)
 SELECT delivery_id FROM r ORDER BY seq
 """
 
@@ -245,6 +248,7 @@ OLDEST_DUE = "SELECT min(not_before) FROM deliveries WHERE state = 'pending' AND
 
 # Give claims back (a due batch over its byte budget): they are claimable again at once.
 UNCLAIM = """
-UPDATE deliveries SET lease_owner = NULL, lease_until = NULL
-WHERE seq = ANY($1::bigint[]) AND lease_owner = $2
+WITH u AS (UPDATE deliveries SET lease_owner = NULL, lease_until = NULL
+           WHERE seq = ANY($1::bigint[]) AND lease_owner = $2)
+UPDATE counters SET work = work + 1
 """
