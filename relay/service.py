@@ -41,7 +41,8 @@ from relay.workers import RemoteDispatch, Role, publish_dispatch, say_ready
 log = logging.getLogger("relay")
 
 PRUNE_EVERY = 3600.0
-FOLLOW_EVERY = 0.5  # seconds: how soon an idle replica takes work another one stored or released
+FOLLOW_EVERY = 0.5  # seconds: how soon a replica hears of work the others stored, retried,
+                    # replayed or released
 # The collector's thresholds while serving. At Python's default (700, 10, 10) the young
 # generation was collected ~1,600 times per 20,000 events delivered end to end, and collecting
 # took 0.6-0.7 s of CPU (~30 us per event); at 10,000 it took 0.06-0.09 s. Reference counting
@@ -208,8 +209,8 @@ def _health_for(config: Config, spool: SpoolBackend) -> dict[str, Any]:
 
 async def _follow_other_replicas(spool: Any, wake: Callable[[], None]) -> None:
     """Wake the dispatcher when another replica stored events, recorded a retry, replayed or
-    gave claims back (``work_mark``): otherwise a replica whose last look was complete would
-    find that work only at its next recheck."""
+    gave claims back at close (``work_mark``): otherwise a replica whose last look was complete
+    would find that work only at its next recheck."""
     mark = None
     while True:
         try:

@@ -288,12 +288,12 @@ class PostgresSpool:
         if not self._up:
             raise SpoolError("the spool database is unreachable")
 
-    async def work_mark(self) -> tuple[int, int, int]:
-        """(newest event seq, claims released so far, counters.work): changes when any replica
-        stores events, records a retry, replays, or gives claims back, so a replica whose last
-        look was complete looks again."""
+    async def work_mark(self) -> tuple[int, int]:
+        """(newest event seq, counters.released): changes when any replica stores events,
+        records a retry, replays or gives claims back at close, so a replica whose last look
+        was complete looks again."""
         row = (await self._fetch(sql.WORK_MARK))[0]
-        return (row[0] or 0, row[1], row[2])
+        return (row[0] or 0, row[1])
 
     async def fetch_rows(self, query: str, *args: Any) -> list[Any]:
         """Run one statement on the spool's schema (for modules sharing this database, such

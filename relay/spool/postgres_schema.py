@@ -17,11 +17,10 @@ Tables (the same rows as the SQLite spool, plus what a shared database needs):
   when it is older than spool.dedupe_window: the unique key is the dedupe, no read-then-insert.
 * ``counters``: one row, ``open_events`` (events with a delivery still pending), kept in the
   same transactions that change it, checked against spool.max_events.
-* ``counters.released`` (version 2): claims given back by replicas that stopped; with the
-  newest event's seq, what an idle replica watches to learn of work it was not told about.
-* ``counters.work`` (version 3): bumped by every statement that makes deliveries claimable
-  without a new claim-free event seq to show it: an ingest (seqs commit out of order), a retry
-  recorded, a replay, claims given back for the budget. Watched with the two above.
+* ``counters.released`` (version 2): moved by claims given back by replicas that stopped and
+  by every ingest, retry recorded and replay (a count of changes that make work claimable,
+  despite its first name; no migration was needed to widen it). With the newest event's seq,
+  what a replica watches to learn of work it was not told about.
 * ``hosts`` (version 2): host health shared by replicas (relay/health_shared.py): state,
   suspension, consecutive failures counted in the database, and who holds the probe.
 
@@ -35,7 +34,7 @@ import asyncpg
 
 from relay.errors import SpoolError
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 2
 
 # Each migration brings the schema from version i to i + 1 (index i); never edit a released one.
 MIGRATIONS: tuple[str, ...] = (
@@ -109,10 +108,6 @@ MIGRATIONS: tuple[str, ...] = (
         probe_until     double precision           -- its claim on the probe ends
     );
     ALTER TABLE counters ADD COLUMN released bigint NOT NULL DEFAULT 0;  -- claims given back
-    """,
-    # a column added, none renamed: replicas of the previous version keep working beside it
-    """
-    ALTER TABLE counters ADD COLUMN work bigint NOT NULL DEFAULT 0;  -- +1 when work appears
     """,
 )
 

@@ -63,7 +63,7 @@ ins_d AS (
 # Events with their deliveries (joined on the event's place in the group), and the open-events
 # counter, in one statement.
 INSERT = "WITH" + _stored(1, 6) + """
-UPDATE counters SET open_events = open_events + $12, work = work + 1
+UPDATE counters SET open_events = open_events + $12, released = released + 1
 """
 
 # A group's ingests in one statement, committed on its own (no BEGIN or COMMIT round trip):
@@ -92,7 +92,7 @@ claimed AS (
     WHERE (SELECT ok FROM go) AND (NOT t.sender_id OR t.id IN (SELECT id FROM claimed))""") + """,
 cnt AS (
     UPDATE counters SET open_events = open_events + (SELECT count(*) FROM e WHERE pending > 0),
-                        work = work + 1
+                        released = released + 1
     WHERE (SELECT ok FROM go))
 SELECT 'c' AS kind, id, NULL AS value FROM claimed
 UNION ALL
@@ -136,7 +136,7 @@ fin AS (
     RETURNING e.pending),
 cnt AS (
     UPDATE counters SET open_events = open_events - (SELECT count(*) FROM fin WHERE pending = 0),
-                        work = work + (SELECT count(*) FROM upd WHERE state = 'pending'))
+                        released = released + (SELECT count(*) FROM upd WHERE state = 'pending'))
 SELECT seq FROM upd
 """
 
@@ -179,7 +179,11 @@ UPDATE counters SET released = released + (SELECT count(*) FROM r)
 RETURNING (SELECT count(*) FROM r)
 """
 # Changes when another replica stores events or gives claims back (an idle replica polls it).
-WORK_MARK = "SELECT (SELECT max(seq) FROM events), released, work FROM counters"
+# Changes when another replica stores events or makes deliveries claimable: ``released``
+# counts claims given back at close and, besides, every ingest (seqs commit out of order: the
+# newest seq alone can miss one), retry recorded and replay. An idle replica, or one whose last
+# look was complete, polls it (relay/service.py).
+WORK_MARK = "SELECT (SELECT max(seq) FROM events), released FROM counters"
 PENDING = "SELECT count(*) FROM deliveries WHERE state = 'pending'"
 
 # Pruning runs on one replica at a time: the others find the lock taken and skip the round.
@@ -203,7 +207,7 @@ e AS (
     WHERE events.seq = c.event_seq
     RETURNING events.pending, c.n),
 k AS (UPDATE counters SET open_events = open_events + (SELECT count(*) FROM e WHERE pending = n),
-                         work = work + 1)
+                         released = released + 1)
 SELECT delivery_id FROM r ORDER BY seq
 """
 
@@ -248,7 +252,6 @@ OLDEST_DUE = "SELECT min(not_before) FROM deliveries WHERE state = 'pending' AND
 
 # Give claims back (a due batch over its byte budget): they are claimable again at once.
 UNCLAIM = """
-WITH u AS (UPDATE deliveries SET lease_owner = NULL, lease_until = NULL
-           WHERE seq = ANY($1::bigint[]) AND lease_owner = $2)
-UPDATE counters SET work = work + 1
+UPDATE deliveries SET lease_owner = NULL, lease_until = NULL
+WHERE seq = ANY($1::bigint[]) AND lease_owner = $2
 """
