@@ -349,3 +349,20 @@ async def test_either_ingest_statement_moves_the_released_counter(
             assert after[1] == before[1] + 1, statement[:30]
     finally:
         await other.close()
+
+
+async def test_a_look_gives_the_next_due_time_of_what_it_did_not_claim(
+        spools: list[PostgresSpool]) -> None:
+    """One statement (LOOK) claims what is due and answers when the next of the rest can be
+    claimed: a retry's not_before, or the end of another replica's lease, never the rows it
+    just claimed (due already)."""
+    one, two, _ = spools
+    await one.ingest([item(1), item(2), item(3)])
+    first, second, *_ = await one.due(1000.0, 2, ["a", "b"])    # one holds two until 1060
+    await record(one, first, "pending", not_before=1030.0, failures=1)
+    batch = await two.poll(1000.0, 100, ["a", "b"])
+    assert len(batch.due) == 4 and batch.complete and batch.next_at == 1030.0
+    again = await two.poll(1031.0, 100, ["a", "b"])     # the retry, and its own claims
+    assert {d.seq for d in again.due} == {first.seq} | {d.seq for d in batch.due}
+    assert again.complete and again.next_at == 1060.0     # when one's lease on the other ends
+    assert second.seq not in {d.seq for d in again.due}

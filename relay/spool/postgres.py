@@ -496,16 +496,19 @@ class PostgresSpool:
         """Claim pending deliveries due by ``now`` for these destinations, oldest first: rows
         no other replica holds an unexpired lease on, leased to this one for ``lease`` s.
         Claims past ``budget`` characters of event JSON (one at least) are released again."""
-        return (await self._claim(now, limit, destinations, exclude, budget))[0]
+        return (await self._claim(sql.DUE, now, limit, destinations, exclude, budget))[0]
 
-    async def _claim(self, now: float, limit: int, destinations: Sequence[str],
-                     exclude: Collection[int], budget: int) -> tuple[list[Due], bool]:
-        """``due``, and whether it claimed every row it could (none was given back for the
-        budget, and fewer than ``limit`` were due)."""
+    async def _claim(self, statement: str, now: float, limit: int, destinations: Sequence[str],
+                     exclude: Collection[int], budget: int
+                     ) -> tuple[list[Due], bool, float | None]:
+        """``due`` by ``statement`` (DUE, or LOOK); whether it claimed every row it could (none
+        was given back for the budget, and fewer than ``limit`` were due); LOOK's next time."""
         if not destinations or limit <= 0:
-            return [], False
-        rows = await self._fetch_lightly(sql.DUE, list(destinations), list(exclude), now,
+            return [], False, None
+        rows = await self._fetch_lightly(statement, list(destinations), list(exclude), now,
                                          self.replica, self.clock(), limit, self.lease)
+        next_at = next((row[10] for row in rows if row[0] is None), None)
+        rows = [row for row in rows if row[0] is not None]
         rows.sort(key=lambda row: (row[9], row[0]))
         kept: list[Any] = []
         total = 0
@@ -517,7 +520,8 @@ class PostgresSpool:
         if len(kept) < len(rows):
             await self._fetch_lightly(sql.UNCLAIM, [row[0] for row in rows[len(kept):]],
                                       self.replica)
-        return [Due(*row[:9]) for row in kept], len(rows) < limit and len(kept) == len(rows)
+        everything = len(rows) < limit and len(kept) == len(rows)
+        return [Due(*row[:9]) for row in kept], everything, next_at
 
     async def poll(self, now: float, limit: int, destinations: Sequence[str],
                    exclude: Collection[int] = ()) -> DueBatch:
@@ -526,16 +530,9 @@ class PostgresSpool:
         Work that other replicas store or give back later is not in it: the service's
         follower (relay/service.py, ``_follow_other_replicas``) wakes the dispatcher for that,
         as replays and shared suspensions do."""
-        rows, everything = await self._claim(now, limit, destinations, exclude, DUE_BUDGET)
-        if not everything:
-            return DueBatch(rows, False, None)
-        try:  # (rows claimed now are this replica's, due already: not the next time)
-            next_at = await self.next_due_at(destinations, [*exclude, *(due.seq for due in rows)])
-        except SpoolError:
-            if not rows:
-                raise
-            return DueBatch(rows, False, None)  # claimed rows are never dropped: look again
-        return DueBatch(rows, True, next_at)
+        rows, everything, next_at = await self._claim(sql.LOOK, now, limit, destinations,
+                                                      exclude, DUE_BUDGET)
+        return DueBatch(rows, everything, next_at if everything else None)
 
     async def next_due_at(self, destinations: Sequence[str],
                           exclude: Collection[int] = ()) -> float | None:

@@ -142,35 +142,50 @@ SELECT seq FROM upd
 
 # Claim due deliveries: rows no other replica holds an unexpired lease on, locked without
 # waiting (SKIP LOCKED), leased to $4 until $5 + $7.
-DUE = """
-WITH c AS (
+_CLAIMED = """
+c AS (
     SELECT seq FROM deliveries
     WHERE state = 'pending' AND destination = ANY($1::text[]) AND seq <> ALL($2::bigint[])
       AND not_before <= $3
       AND (lease_owner IS NULL OR lease_owner = $4 OR lease_until < $5)
     ORDER BY not_before, seq LIMIT $6
-    FOR UPDATE SKIP LOCKED)
-UPDATE deliveries d SET lease_owner = $4, lease_until = $5 + $7
-FROM c WHERE d.seq = c.seq
-RETURNING d.seq, d.delivery_id, d.destination, d.attempts, d.failures, d.first_attempt_at,
-          d.held, d.event_seq, (SELECT body FROM events e WHERE e.seq = d.event_seq), d.not_before
-"""
+    FOR UPDATE SKIP LOCKED),
+u AS (
+    UPDATE deliveries d SET lease_owner = $4, lease_until = $5 + $7
+    FROM c WHERE d.seq = c.seq
+    RETURNING d.seq, d.delivery_id, d.destination, d.attempts, d.failures, d.first_attempt_at,
+              d.held, d.event_seq, (SELECT body FROM events e WHERE e.seq = d.event_seq),
+              d.not_before)"""
+DUE = "WITH" + _CLAIMED + "\nSELECT * FROM u\n"
 
-# The earliest time one of these deliveries can be claimed: its not_before, or the end of
-# another replica's lease on it.
-# Two index walks, not a read of every pending row: the first due row no other replica holds
-# (deliveries_due, in not_before order), and the end of the other replicas' leases
-# (deliveries_leased: only rows in flight somewhere).
-NEXT_DUE = """
-SELECT least(
+
+def _next_due(replica: str, clock: str, also: str = "") -> str:
+    """The earliest time one of the deliveries of $1 (but not $2 ``also``) can be claimed by
+    ``replica``: a not_before, or the end of another replica's lease on it (at ``clock``).
+    Two index walks, not a read of every pending row: the first due row no other replica
+    holds (deliveries_due, in not_before order), and the end of the other replicas' leases
+    (deliveries_leased: only rows in flight somewhere)."""
+    rows = f"destination = ANY($1::text[]) AND seq <> ALL($2::bigint[]){also}"
+    return f"""least(
     (SELECT not_before FROM deliveries
-     WHERE state = 'pending' AND destination = ANY($1::text[]) AND seq <> ALL($2::bigint[])
-       AND (lease_owner IS NULL OR lease_owner = $3 OR lease_until < $4)
+     WHERE state = 'pending' AND {rows}
+       AND (lease_owner IS NULL OR lease_owner = {replica} OR lease_until < {clock})
      ORDER BY not_before LIMIT 1),
     (SELECT min(greatest(not_before, lease_until)) FROM deliveries
-     WHERE lease_owner IS NOT NULL AND lease_owner <> $3 AND lease_until >= $4
-       AND state = 'pending' AND destination = ANY($1::text[]) AND seq <> ALL($2::bigint[])))
-"""
+     WHERE lease_owner IS NOT NULL AND lease_owner <> {replica} AND lease_until >= {clock}
+       AND state = 'pending' AND {rows}))"""
+
+
+NEXT_DUE = "SELECT " + _next_due("$3", "$4")
+
+# A look: DUE, and one more row (seq NULL) with the next time one of the rows it did not claim
+# can be claimed (as NEXT_DUE; the claimed rows are this replica's now, due already). One
+# round trip where DUE and NEXT_DUE took two.
+LOOK = "WITH" + _CLAIMED + """
+SELECT *, NULL::float8 AS next_at FROM u
+UNION ALL
+SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, """ + _next_due(
+    "$4", "$5", " AND seq NOT IN (SELECT seq FROM c)") + "\n"
 
 RELEASE = """
 WITH r AS (UPDATE deliveries SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = $1
