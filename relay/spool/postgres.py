@@ -532,7 +532,18 @@ class PostgresSpool:
         as replays and shared suspensions do."""
         rows, everything, next_at = await self._claim(sql.LOOK, now, limit, destinations,
                                                       exclude, DUE_BUDGET)
-        return DueBatch(rows, everything, next_at if everything else None)
+        if not everything:
+            return DueBatch(rows, False, None)
+        if next_at is not None and next_at <= now:
+            # Due, yet not claimed: another replica's claim held it locked (SKIP LOCKED) and the
+            # statement's snapshot saw it as before. That claim has usually committed by now: a
+            # fresh read gives the end of its lease instead of "look again at once".
+            try:
+                next_at = await self.next_due_at(destinations,
+                                                 [*exclude, *(due.seq for due in rows)])
+            except SpoolError:
+                return DueBatch(rows, False, None)  # claimed rows are never dropped
+        return DueBatch(rows, True, next_at)
 
     async def next_due_at(self, destinations: Sequence[str],
                           exclude: Collection[int] = ()) -> float | None:
