@@ -42,6 +42,14 @@ async def spools(pg_dsn: str) -> AsyncIterator[list[PostgresSpool]]:
         await spool.close()
 
 
+@pytest.fixture
+async def other(pg_dsn: str) -> AsyncIterator[asyncpg.Connection]:
+    """A plain connection to the spool's schema: what another replica's transaction does."""
+    conn = await asyncpg.connect(pg_dsn, server_settings={"search_path": "relay"})
+    yield conn
+    await conn.close()
+
+
 def boards(spools: list[PostgresSpool]) -> list[SharedHealth]:
     return [SharedHealth(RULES, store=s, probe_lease=30.0, clock=s.clock) for s in spools]
 
@@ -189,60 +197,53 @@ async def test_a_slow_live_attempt_keeps_its_lease(spools: list[PostgresSpool]) 
 
 
 async def test_a_sender_id_stored_meanwhile_by_another_replica_is_a_duplicate(
-        spools: list[PostgresSpool], pg_dsn: str) -> None:
+        spools: list[PostgresSpool], other: asyncpg.Connection) -> None:
     """A group's one-statement ingest (sql.INGEST) whose sender id another replica commits
     while the statement waits on it: that event is answered as the other's duplicate, with
     its deliveries, and is not stored; the rest of the group is."""
     _, two, _ = spools
-    other = await asyncpg.connect(pg_dsn, server_settings={"search_path": "relay"})
-    try:
-        transaction = other.transaction()
-        await transaction.start()
-        await other.execute("INSERT INTO sender_ids(id, received_at, deliveries) "
-                            "VALUES ('e1', 1000.0, 'a dlv_theirs pending')")
-        ingest = asyncio.create_task(two.ingest([item(1), item(2)]))
-        for _ in range(100):  # until the statement waits on the uncommitted row
-            if await other.fetchval("SELECT count(*) FROM pg_stat_activity "
-                                    "WHERE wait_event_type = 'Lock'"):
-                break
-            await asyncio.sleep(0.05)
-        else:
-            raise AssertionError("the ingest never waited on the other replica's sender id")
-        await transaction.commit()
-        first, second = await ingest
-        assert first.duplicate and first.deliveries == [("a", "dlv_theirs", "pending")]
-        assert not second.duplicate and second.id == "e2"
-        stored = await other.fetch("SELECT id FROM events ORDER BY seq")
-        assert [r["id"] for r in stored] == ["e2"]
-        assert await other.fetchval("SELECT count(*) FROM deliveries") == len(second.deliveries)
-        assert (await two.stats())["open_events"] == 1
-    finally:
-        await other.close()
+    transaction = other.transaction()
+    await transaction.start()
+    await other.execute("INSERT INTO sender_ids(id, received_at, deliveries) "
+                        "VALUES ('e1', 1000.0, 'a dlv_theirs pending')")
+    ingest = asyncio.create_task(two.ingest([item(1), item(2)]))
+    for _ in range(100):  # until the statement waits on the uncommitted row
+        if await other.fetchval("SELECT count(*) FROM pg_stat_activity "
+                                "WHERE wait_event_type = 'Lock'"):
+            break
+        await asyncio.sleep(0.05)
+    else:
+        raise AssertionError("the ingest never waited on the other replica's sender id")
+    await transaction.commit()
+    first, second = await ingest
+    assert first.duplicate and first.deliveries == [("a", "dlv_theirs", "pending")]
+    assert not second.duplicate and second.id == "e2"
+    stored = await other.fetch("SELECT id FROM events ORDER BY seq")
+    assert [r["id"] for r in stored] == ["e2"]
+    assert await other.fetchval("SELECT count(*) FROM deliveries") == len(second.deliveries)
+    assert (await two.stats())["open_events"] == 1
 
 
 async def test_every_connection_busy_is_not_a_lost_database(
-        spools: list[PostgresSpool], pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        spools: list[PostgresSpool], other: asyncpg.Connection,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """Statements waiting on another transaction's lock hold every connection of the claims
     pool: a claim that cannot get one fails with a plain SpoolError, and the spool stays
     writable (a lost database would turn /readyz and ingest to 503)."""
     monkeypatch.setattr(postgres_module, "CONNECT_TIMEOUT", 0.5)
     one = spools[0]
-    other = await asyncpg.connect(pg_dsn, server_settings={"search_path": "relay"})
-    try:
-        transaction = other.transaction()
-        await transaction.start()
-        await other.execute("UPDATE counters SET open_events = open_events")
-        waiting = [asyncio.create_task(one.fetch_rows(
-            "UPDATE counters SET open_events = open_events RETURNING 1")) for _ in range(2)]
-        await asyncio.sleep(0.3)
-        with pytest.raises(SpoolError, match="busy"):
-            await one.due(1000.0, 10, ["a"])
-        assert one.writable and one.unavailable is None
-        await transaction.rollback()
-        await asyncio.gather(*waiting)
-        assert await one.due(1000.0, 10, ["a"]) == []
-    finally:
-        await other.close()
+    transaction = other.transaction()
+    await transaction.start()
+    await other.execute("UPDATE counters SET open_events = open_events")
+    waiting = [asyncio.create_task(one.fetch_rows(
+        "UPDATE counters SET open_events = open_events RETURNING 1")) for _ in range(2)]
+    await asyncio.sleep(0.3)
+    with pytest.raises(SpoolError, match="busy"):
+        await one.due(1000.0, 10, ["a"])
+    assert one.writable and one.unavailable is None
+    await transaction.rollback()
+    await asyncio.gather(*waiting)
+    assert await one.due(1000.0, 10, ["a"]) == []
 
 
 OLD_NEXT_DUE = """
@@ -254,40 +255,35 @@ WHERE state = 'pending' AND destination = ANY($1::text[]) AND seq <> ALL($2::big
 
 
 async def test_next_due_walks_two_indexes_to_the_same_answer_as_reading_every_row(
-        spools: list[PostgresSpool], pg_dsn: str) -> None:
+        spools: list[PostgresSpool], other: asyncpg.Connection) -> None:
     """NEXT_DUE (the first due row no other replica holds, and the end of the other replicas'
     leases, by two index walks) answers what one read of every pending row answered, over
     random due times, leases (ours, others', expired) and exclusions."""
     one = spools[0]
     await one.ingest([item(i) for i in range(3)])
     rng = random.Random(7)
-    conn = await asyncpg.connect(pg_dsn, server_settings={"search_path": "relay"})
-    try:
-        seqs = [r[0] for r in await conn.fetch("SELECT seq FROM deliveries ORDER BY seq")]
-        for _ in range(150):
-            for seq in seqs:
-                owner = rng.choice([None, None, "r0", "r1", "r2"])
-                await conn.execute(
-                    "UPDATE deliveries SET state = $2, not_before = $3, lease_owner = $4::text, "
-                    "lease_until = CASE WHEN $4::text IS NULL THEN NULL ELSE $5::float8 END "
-                    "WHERE seq = $1", seq, rng.choice(["pending", "pending", "delivered"]),
-                    1000.0 + rng.randrange(-50, 50), owner, 1000.0 + rng.randrange(-50, 50))
-            args = (rng.sample(["a", "b"], rng.randint(1, 2)),
-                    rng.sample(seqs, rng.randint(0, 2)), "r0", 1000.0)
-            assert await conn.fetchval(sql.NEXT_DUE, *args) == \
-                await conn.fetchval(OLD_NEXT_DUE, *args), args
-    finally:
-        await conn.close()
+    seqs = [r[0] for r in await other.fetch("SELECT seq FROM deliveries ORDER BY seq")]
+    for _ in range(150):
+        for seq in seqs:
+            owner = rng.choice([None, None, "r0", "r1", "r2"])
+            await other.execute(
+                "UPDATE deliveries SET state = $2, not_before = $3, lease_owner = $4::text, "
+                "lease_until = CASE WHEN $4::text IS NULL THEN NULL ELSE $5::float8 END "
+                "WHERE seq = $1", seq, rng.choice(["pending", "pending", "delivered"]),
+                1000.0 + rng.randrange(-50, 50), owner, 1000.0 + rng.randrange(-50, 50))
+        args = (rng.sample(["a", "b"], rng.randint(1, 2)),
+                rng.sample(seqs, rng.randint(0, 2)), "r0", 1000.0)
+        assert await other.fetchval(sql.NEXT_DUE, *args) == \
+            await other.fetchval(OLD_NEXT_DUE, *args), args
 
 
-async def test_a_look_needs_no_ingest_connection(pg_dsn: str,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_look_needs_no_ingest_connection(
+        pg_dsn: str, other: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch) -> None:
     """A look (claim and next due time) runs on the claims pool: with every other connection
     held by an ingest waiting on a lock, it still hands out what it claimed, complete."""
     monkeypatch.setattr(postgres_module, "CONNECT_TIMEOUT", 0.5)
     spool = PostgresSpool(pg_dsn, replica="r0", clock=Clock(), pool_size=3)  # 1 + 2 for claims
     await spool.open()
-    other = await asyncpg.connect(pg_dsn, server_settings={"search_path": "relay"})
     try:
         await spool.ingest([item(i) for i in range(3)])
         transaction = other.transaction()
@@ -300,7 +296,6 @@ async def test_a_look_needs_no_ingest_connection(pg_dsn: str,
         await transaction.rollback()
         await stuck
     finally:
-        await other.close()
         await spool.close()
 
 
@@ -330,25 +325,21 @@ async def test_work_other_replicas_must_see_moves_the_work_mark(
 
 
 async def test_either_ingest_statement_moves_the_released_counter(
-        spools: list[PostgresSpool], pg_dsn: str) -> None:
+        spools: list[PostgresSpool], other: asyncpg.Connection) -> None:
     """Seqs can commit out of order (an ingest that drew a lower seq commits after one with a
     higher seq), so the newest seq alone could hide an event from the other replicas'
     followers: both ingest statements (INGEST, and INSERT after a claim) also move
     ``counters.released``, the other half of the work mark."""
     two = spools[1]
-    other = await asyncpg.connect(pg_dsn, server_settings={"search_path": "relay"})
-    try:
-        for n, statement in enumerate((sql.INGEST, sql.INSERT)):
-            events = ([f"e{n}"], [False], [1000.0], [1], [f'{{"id":"e{n}"}}'])
-            deliveries = ([f"dlv_{n}"], [1], ["a"], ["pending"], [1000.0], [None])
-            args = ([[], [], [], 0.0, *events, *deliveries, 1, 1000] if statement == sql.INGEST
-                    else [*events, *deliveries, 1])
-            before = await two.work_mark()
-            await other.fetch(statement, *args)
-            after = await two.work_mark()
-            assert after[1] == before[1] + 1, statement[:30]
-    finally:
-        await other.close()
+    for n, statement in enumerate((sql.INGEST, sql.INSERT)):
+        events = ([f"e{n}"], [False], [1000.0], [1], [f'{{"id":"e{n}"}}'])
+        deliveries = ([f"dlv_{n}"], [1], ["a"], ["pending"], [1000.0], [None])
+        args = ([[], [], [], 0.0, *events, *deliveries, 1, 1000] if statement == sql.INGEST
+                else [*events, *deliveries, 1])
+        before = await two.work_mark()
+        await other.fetch(statement, *args)
+        after = await two.work_mark()
+        assert after[1] == before[1] + 1, statement[:30]
 
 
 async def test_a_look_gives_the_next_due_time_of_what_it_did_not_claim(

@@ -124,6 +124,7 @@ def migrate(conn: sqlite3.Connection,
 _COLUMNS = ("seq, delivery_id, event_seq, destination, state, attempts, failures, "
             "first_attempt_at, held, not_before, created_at, updated_at, reason")
 
+
 def _check_room(conn: sqlite3.Connection, version: int) -> None:
     """Refuse to start a migration the disk cannot hold: from schema 1 or 2 the deliveries
     table is copied (the old copy's pages stay in the file, free, for new rows) and the copy
