@@ -444,8 +444,20 @@ class Dispatcher:
 
     async def _attempt(self, due: Due, target: CompiledDestination, host: str,
                        prepared: _Prepared | None) -> None:
+        slot = [host]   # the host slot, until given back (once)
+        per_host = self.config.delivery.per_host_concurrency
+
+        def answered() -> None:
+            """The host is done with this attempt: its slot may take the next one while the
+            outcome is recorded (the delivery stays in flight until then)."""
+            if slot:
+                slot.clear()
+                self._host_load[host] -= 1
+                if self._ready or self._host_load[host] + 1 >= per_host:
+                    self._wake.set()   # work may be waiting for this host
+
         try:
-            await self.deliver(due, target, prepared)
+            await self.deliver(due, target, prepared, answered)
         except asyncio.CancelledError:
             raise
         except Exception:  # a bug must not kill the dispatcher; the delivery stays pending
@@ -454,17 +466,19 @@ class Dispatcher:
             self._forget()  # still due in the spool: the next look takes it again
         finally:
             self.health.abandon_probe(host, self.clock())  # no-op unless it was unjudged
-            self._host_load[host] -= 1
+            answered()
             self._inflight_bytes -= len(due.event_json)
             self._inflight.pop(due.seq, None)
             self._wake.set()
 
     async def deliver(self, due: Due, target: CompiledDestination,
-                      prepared: _Prepared | None = None) -> Outcome:
+                      prepared: _Prepared | None = None,
+                      answered: Callable[[], None] | None = None) -> Outcome:
         """One attempt for one delivery, outcome committed to the spool before returning:
         render and sign (``prepared``, if not done yet) -> send -> classify -> decide ->
         record. A request that was sent is never sent again because its outcome could not be
-        recorded (see _unrecorded)."""
+        recorded (see _unrecorded). ``answered`` runs once the host is done with it, before
+        the outcome is recorded."""
         meters = self._meters.get(target.name)
         prepared = prepared or self._prepare(due, target)
         started, request = prepared.started, prepared.request
@@ -479,6 +493,8 @@ class Dispatcher:
             self.health.record(prepared.host, counts_as_failure(outcome), self.clock())
             if meters is not None:
                 meters.latency.observe(exchange.duration)
+        if answered is not None:
+            answered()
         now = self.clock()
         verdict = decide(outcome, due, now, target.policy, rand=self.rand(), started=started)
         try:

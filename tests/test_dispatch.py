@@ -387,3 +387,34 @@ async def test_concurrent_senders_and_retries_send_each_delivery_once(
 
 async def _value(value: Any) -> Any:
     return value
+
+
+async def test_a_host_slot_takes_the_next_delivery_while_the_last_outcome_is_recorded(
+        make_stack: Any, receiver: Receiver) -> None:
+    """per_host_concurrency bounds requests in flight to a host: once a response is in, the
+    host's slot takes the next delivery while the outcome is still being committed. (It was
+    held until the commit, so a slow spool or outcomes waiting to share a commit slowed every
+    host down.)"""
+    stack = await make_stack(**receiver_config(
+        receiver, delivery={"per_host_concurrency": 1},
+        destinations=[{"name": "braze", "format": "braze", "url": f"{receiver.url}/braze"}]))
+    spool, release = stack.dispatcher.spool, asyncio.Event()
+
+    class SlowRecord:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(spool, name)
+
+        async def record_attempt(self, *args: Any, **kwargs: Any) -> None:
+            await release.wait()
+            await spool.record_attempt(*args, **kwargs)
+
+    stack.dispatcher.spool = SlowRecord()
+    ids = await stack.post(event(1), event(2))
+    # both sent while neither outcome is committed
+    await receiver.await_for(2, "/braze", timeout=5)
+    assert stack.dispatcher.in_flight == 2
+    release.set()
+    for delivery_id in ids.values():
+        found = await stack.settle(delivery_id, "delivered")
+        assert found["attempt_count"] == 1
+    assert len(receiver.received("/braze")) == 2

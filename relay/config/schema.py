@@ -180,7 +180,8 @@ class DeliveryConfig(_Model):
     concurrency: Annotated[int, Field(ge=1, le=10_000)] = _d(
         64, "Attempts in flight at most. Restart to change.")
     per_host_concurrency: Annotated[int, Field(ge=1, le=10_000)] = _d(
-        16, "Attempts in flight per host at most. Restart to change.")
+        16, "Requests in flight per host at most (a request's slot is free once its "
+            "response is in). Restart to change.")
     ca_file: str | None = _d(
         None, "Extra CA bundle (PEM) for TLS verification. Restart to change.")
     proxy: OptionalSecret = _d(

@@ -80,9 +80,10 @@ class QueueMixin(Store):
                              reason: str | None) -> None:
         """Write one attempt and the delivery's new state; resolves once committed.
 
-        Outcomes that reach the writer together are written in bulk (Writer.record_group).
+        Outcomes that reach the writer together are written in bulk (Writer.record_group);
+        they wait up to 2 ms for each other (Store._call).
         """
-        await self._call(RecordJob(
+        await self._call(urgent=False, job=RecordJob(
             now=self.clock(), seq=due.seq, event_seq=due.event_seq, n=due.attempts + 1,
             at=attempt.at, duration=attempt.duration, status_code=attempt.status_code,
             error=attempt.error, excerpt=attempt.excerpt, state=state,

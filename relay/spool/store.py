@@ -48,6 +48,11 @@ LOCK_WAIT = 10.0       # how long a new writer waits for the spool's lock (a kil
                        # writer finishing its last group) before naming the relay that holds it
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 30.0
+# Attempt outcomes wait up to this long for others to share their commit (a write that is due
+# anyway takes them at once). 2 ms per outcome, at most: no sender waits on it, and an attempt
+# gives its host slot back as soon as its response is in (relay.dispatch).
+COALESCE_SECONDS = 0.002
+COALESCE_JOBS = 256
 
 
 class Store:
@@ -76,7 +81,9 @@ class Store:
         self._transport: asyncio.Transport | None = None
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._next_job = 1
-        self._out: list[bytes] = []
+        self._out: list[bytes] = []   # frames queued for the next write
+        self._flush_soon = False      # a write is due at the end of this loop turn
+        self._flush_later: asyncio.TimerHandle | None = None  # a write is due for outcomes
         self._buffer = bytearray()
         self._closing = False
         self._up = False            # a writer said ready and has not gone away since
@@ -216,9 +223,14 @@ class Store:
 
     # -- writes ----------------------------------------------------------------------------
 
-    def _call(self, job: Job) -> asyncio.Future[Any]:
+    def _call(self, job: Job, *, urgent: bool = True) -> asyncio.Future[Any]:
         """Queue one job for the writer; the future resolves once its group is committed, with
-        the job's result or a SpoolError (SpoolFull) saying why it failed."""
+        the job's result or a SpoolError (SpoolFull) saying why it failed.
+
+        An ``urgent`` job leaves at the end of this event-loop turn, with everything queued.
+        Others (attempt outcomes: nobody waits for their answer but the attempt's own task)
+        wait up to COALESCE_SECONDS for company, so that they share commits: the writer's
+        cost per outcome is mostly its transaction's (docs/performance.md)."""
         if self._transport is None or self._loop is None:
             raise SpoolError("the spool is closed" if self._closing or self._loop is None
                              else "the spool writer is restarting")
@@ -226,12 +238,20 @@ class Store:
         future: asyncio.Future[Any] = self._loop.create_future()
         self._pending[self._next_job] = future
         self._next_job += 1
-        if not self._out:
-            self._loop.call_soon(self._flush)
         self._out.append(frame)
+        if urgent or len(self._out) >= COALESCE_JOBS:
+            if not self._flush_soon:
+                self._flush_soon = True
+                self._loop.call_soon(self._flush)
+        elif self._flush_later is None and not self._flush_soon:
+            self._flush_later = self._loop.call_later(COALESCE_SECONDS, self._flush)
         return future
 
     def _flush(self) -> None:
+        self._flush_soon = False
+        if self._flush_later is not None:
+            self._flush_later.cancel()
+            self._flush_later = None
         out, self._out = self._out, []
         if self._transport is not None and out:
             self._transport.write(b"".join(out))
@@ -262,6 +282,7 @@ class Store:
 
     def _lost(self) -> None:
         self._transport = None
+        self._out = []   # their jobs fail below: none may reach a writer reached again
         code = self._proc.poll() if self._proc is not None else None
         pending, self._pending = self._pending, {}
         for future in pending.values():
