@@ -27,7 +27,6 @@ from relay.spool.sql import marks, run_chunked, where
 from relay.spool.wire import (
     AddHeldJob,
     Answer,
-    IngestEvent,
     IngestJob,
     Job,
     JobError,
@@ -182,12 +181,15 @@ class Writer:
             skipped: list[str] = []
             job_events: list[tuple[Any, ...]] = []
             job_deliveries: list[tuple[Any, ...]] = []
+            # (index of the event in the job, event seq, delivery seq, delivery id, destination)
+            # of each pending delivery created: the relay can start them without a read
+            fresh: list[tuple[int, int, int, str, str]] = []
             job_known: dict[str, str] = {}
             new_open = 0
             prefix = delivery_id_prefix(now)
             make_ids = self.ids.make
-            for index, (event_id, sender_id, received_at, body, routes) in enumerate(
-                    map(IngestEvent._make, events)):
+            # (plain tuples: IngestEvent's fields, without building one per event)
+            for index, (event_id, sender_id, received_at, body, routes) in enumerate(events):
                 if sender_id:
                     listing = job_known.get(event_id) or known.get(event_id)
                     if listing is not None:
@@ -195,23 +197,26 @@ class Writer:
                         continue
                 seq = self.next_seq + len(event_rows) + len(job_events)
                 # this job's deliveries follow those of the jobs taken before it: if it is
-                # refused, its ids are dropped with it
-                first_delivery = self.next_delivery + len(delivery_rows) + len(job_deliveries)
-                dids = make_ids(prefix, range(first_delivery, first_delivery + len(routes)))
-                created = [(dest, did, state)
-                           for did, (dest, state, _) in zip(dids, routes, strict=True)]
-                pending = sum(1 for _, state, _ in routes if state == "pending")
+                # refused, its ids (and rows) are dropped with it
+                first = self.next_delivery + len(delivery_rows) + len(job_deliveries)
+                seqs = range(first, first + len(routes))
+                created: list[tuple[str, str, str]] = []
+                pending = 0
+                for dseq, did, (dest, state, reason) in zip(seqs, make_ids(prefix, seqs), routes,
+                                                            strict=True):
+                    created.append((dest, did, state))
+                    job_deliveries.append((dseq, did, seq, dest, state, now, now, now, reason))
+                    if state == "pending":
+                        pending += 1
+                        fresh.append((index, seq, dseq, did, dest))
+                    elif state == "skipped":
+                        skipped.append(dest)
                 new_open += pending > 0
                 listing = pack(created)
                 job_events.append((seq, event_id, sender_id, received_at, pending, listing, body,
                                    len(body)))
-                job_deliveries += [
-                    (index, did, seq, dest, state, now, now, now, reason)
-                    for (dest, did, state), (_, _, reason) in zip(created, routes, strict=True)]
                 if sender_id:
                     job_known[event_id] = listing
-                if pending < len(created):
-                    skipped += [dest for dest, _, state in created if state == "skipped"]
                 entries.append(receipt_entry(event_id, created, False))
             if job_events and full:
                 answers.append((job_id, ("full", f"the spool file has reached spool.max_bytes="
@@ -225,14 +230,7 @@ class Writer:
             open_events += new_open
             known.update(job_known)
             event_rows += job_events
-            # (index of the event in the job, event seq, delivery seq, delivery id, destination)
-            # of each pending delivery created: the relay can start them without a read
-            fresh: list[tuple[int, int, int, str, str]] = []
-            first = self.next_delivery + len(delivery_rows)
-            for dseq, (index, did, seq, dest, state, *rest) in enumerate(job_deliveries, first):
-                delivery_rows.append((dseq, did, seq, dest, state, *rest))
-                if state == "pending":
-                    fresh.append((index, seq, dseq, did, dest))
+            delivery_rows += job_deliveries
             answers.append((job_id, None, ("[" + ",".join(entries) + "]", len(job_events),
                                            len(entries) - len(job_events), skipped, new_open > 0,
                                            fresh)))

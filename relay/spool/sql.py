@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import sqlite3
 from collections.abc import Sequence
+from itertools import chain
 from typing import Any
 
 _MAX_CHUNK = 1024   # rows per statement (x 9 columns: far below SQLite's variable limit)
@@ -24,7 +25,7 @@ def run_chunked(conn: sqlite3.Connection, template: str, ncols: int,
     while start < len(rows):
         size = min(_MAX_CHUNK, 1 << ((len(rows) - start).bit_length() - 1))
         chunk = rows[start:start + size]
-        conn.execute(_values_sql(template, ncols, size), [v for row in chunk for v in row])
+        conn.execute(_values_sql(template, ncols, size), list(chain.from_iterable(chunk)))
         start += size
 
 
