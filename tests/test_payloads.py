@@ -15,8 +15,10 @@ from relay.config import Config, parse_config
 from relay.destinations import compile_destinations
 from relay.errors import ConfigError, RenderError
 from relay.events import Event, accept, parse_events
+from relay.liquid import parse
 from relay.payloads import Renderer
 from relay.payloads._json import braze_time
+from relay.payloads.template import Text, compile_template
 from relay.vocab import AJO_STATUS, BRAZE_STATUS
 from tests.helpers import FIXTURES, SHARED
 
@@ -242,6 +244,42 @@ destinations:
         renderer.render(make_event(retry_count=1, attributes={"v": "a\r\nX-Injected: 1"}), "d")
     assert renderer.render(make_event(retry_count=2, attributes={"v": "ok"}), "d").body == b"5"
 
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.sampled_from("ab {}%#-|\n\"'<>&:/"), max_size=40)
+       | st.text(max_size=40))
+def test_text_without_liquid_markup_renders_as_itself(source: str) -> None:
+    """A template with no ``{{`` or ``{%`` is rendered once, when compiled, not per delivery:
+    what Liquid renders it to does not depend on the event (braces, percent signs and ``{#``
+    included; Liquid writes a carriage return as a line feed)."""
+    if "{{" in source or "{%" in source:
+        return
+    compiled = compile_template(source, "x", [])
+    assert isinstance(compiled, Text)
+    assert parse(source).render(event={"status": "sent"}, delivery_id="d") == \
+        compiled.render(event={"status": "bounced"}) == source.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def test_a_refused_url_without_markup_is_refused_for_every_delivery() -> None:
+    """A URL with no Liquid is checked once; its verdict stands for every delivery, the
+    refusal included (a RenderError each time: the delivery fails, nothing is sent)."""
+    cfg = config("""
+destinations:
+  - name: ok
+    format: template
+    url: "https://h.example.com/hook"
+    template: {method: GET}
+  - name: climbs
+    format: template
+    url: "https://h.example.com/a/../b"
+    template: {method: GET}
+""")
+    renderers = build_renderers(cfg)
+    for n in range(3):
+        assert renderers["ok"].render(make_event(), f"d{n}").url == "https://h.example.com/hook"
+        with pytest.raises(RenderError, match=r"'\.' or '\.\.' path segment"):
+            renderers["climbs"].render(make_event(), f"d{n}")
 
 def test_template_syntax_errors_are_config_errors_naming_the_destination() -> None:
     """A Liquid syntax error fails config loading at the destination's key."""
