@@ -3,9 +3,10 @@
 One pipeline per delivery, each step its own function: load event -> render (payloads) ->
 sign (auth) -> send (transport) -> classify and decide (policy) -> record (spool). Nothing sleeps waiting to
 retry: a retry is a new ``not_before`` in the spool, and the loop wakes on new work, on a
-finished attempt, or when the next delivery falls due. Concurrency is bounded globally
-(``delivery.concurrency``) and per host (``delivery.per_host_concurrency``); a host at its limit
-is passed over, so it never holds up deliveries to other hosts.
+finished request, or when the next delivery falls due. Requests in flight are bounded
+globally (``delivery.concurrency``) and per host (``delivery.per_host_concurrency``); a host at
+its limit is passed over, so it never holds up deliveries to other hosts. A request's slots are
+free once its response is in, while its outcome is committed (RECORDING_MAX such at most).
 
 A delivery is marked done only after its outcome is committed. A crash in between means the
 attempt is made again: at-least-once, with the same ``Webhook-Id``.
@@ -48,6 +49,10 @@ IDLE_RECHECK = 60.0  # wake at least this often, e.g. after a replay made by ano
 # text): 100 events of 1 MiB pending or in flight stay under 200 MB resident (bench/abuse.py).
 EVENT_CACHE_BYTES = 2 << 20  # parsed events kept for their other destinations
 INFLIGHT_BYTES = 4 << 20     # events of the attempts under way (one attempt at least)
+# Deliveries answered whose outcome is not committed yet (SQLite outcomes wait up to 2 ms to
+# share a commit), beyond delivery.concurrency: they hold no request slot, so a slow commit
+# costs no sending, up to this many.
+RECORDING_MAX = 256
 PARKED_MAX = 10_000          # deliveries remembered as held for a suspended chosen endpoint
 RECORD_RETRY_MAX = 30.0      # longest wait between tries to record a kept outcome
 
@@ -106,7 +111,9 @@ class Dispatcher:
         self._parked: cachetools.LRUCache[int, str] = cachetools.LRUCache(PARKED_MAX)
         self._host_destinations: dict[str, list[str]] = {}
         self._background: set[asyncio.Task[Any]] = set()
-        self._inflight: dict[int, asyncio.Task[None]] = {}
+        self._inflight: dict[int, asyncio.Task[None]] = {}  # started, outcome not committed
+        self._requests = 0       # of those, requests not answered yet (delivery.concurrency)
+        self._starved = False    # a start waited for an outcome's commit (RECORDING_MAX, bytes)
         self._ready: deque[Due] = deque()  # fetched, due, not started yet
         self._host_load: Counter[str] = Counter()
         self._inflight_bytes = 0
@@ -254,7 +261,7 @@ class Dispatcher:
                     self._forget()  # the backstop holds under steady traffic too
                 names = self._open_destinations(now)
                 self._open = frozenset(names)
-                if len(self._inflight) < limit and not self._ready and not self._complete:
+                if self._room(limit) and not self._ready and not self._complete:
                     # Fetch a good batch at once: one read per batch, not one per slot. Hosts
                     # that are suspended or at their limit are left out of the query, so their
                     # backlog never stands in front of other hosts' deliveries.
@@ -273,7 +280,7 @@ class Dispatcher:
                 if self._next_at is not None:
                     wait = min(max(0.0, self._next_at - now), IDLE_RECHECK)
                 started = self._start_some(limit)
-                if started and not self._ready and len(self._inflight) < limit and \
+                if started and not self._ready and self._room(limit) and \
                         not self._complete:
                     continue  # the batch is used up and slots are free: more may be due
                 probe_at = min((until for h in self.health.hosts
@@ -307,13 +314,18 @@ class Dispatcher:
         self._limited.update(name for name in open_ if not self.limits.ready(name, now))
         return [name for name in open_ if name not in self._limited]
 
+    def _room(self, limit: int) -> bool:
+        """A request slot is free (delivery.concurrency), and few enough answered deliveries
+        wait for their outcome's commit."""
+        return self._requests < limit and len(self._inflight) < limit + RECORDING_MAX
+
     def _start_some(self, limit: int) -> int:
         """Start ready deliveries while slots are free, passing over busy or suspended hosts."""
         per_host = self.config.delivery.per_host_concurrency
         started = 0
         waiting: list[Due] = []
         now = self.clock()
-        while self._ready and len(self._inflight) < limit:
+        while self._ready and self._room(limit):
             due = self._ready.popleft()
             if due.seq in self._inflight:
                 continue  # already under way (queued twice): never sent twice at once
@@ -328,6 +340,7 @@ class Dispatcher:
             size = len(due.event_json)
             if self._inflight and self._inflight_bytes + size > INFLIGHT_BYTES:
                 waiting.append(due)  # memory is bounded in bytes too: wait for a slot
+                self._starved = True
                 continue
             # An event-chosen endpoint is known once the request is rendered: render it now.
             prepared = self._prepare(due, target) if target.host is None else None
@@ -339,12 +352,17 @@ class Dispatcher:
                 if target.host is None and self.health.is_blocked(host, now):
                     self._parked[due.seq] = host
                 continue
+            # (allow() let it through and the host is probing: this attempt is the probe)
+            probe = self.health.state_of(host) == "probing"
             self.limits.take(target.name, now)
             self._host_load[host] += 1
+            self._requests += 1
             self._inflight_bytes += size
             self._inflight[due.seq] = asyncio.create_task(self._attempt(due, target, host,
-                                                                        prepared))
+                                                                        prepared, probe))
             started += 1
+        if self._ready and self._requests < limit:
+            self._starved = True  # the rest waits for outcomes to be committed
         self._ready.extendleft(reversed(waiting))  # keep their place, oldest first
         if waiting and not started:
             # Only held or busy hosts have work ready: drop it, so the next fetch (which leaves
@@ -443,18 +461,24 @@ class Dispatcher:
         return _Prepared(request, started, target.host or endpoint(request.url))
 
     async def _attempt(self, due: Due, target: CompiledDestination, host: str,
-                       prepared: _Prepared | None) -> None:
-        slot = [host]   # the host slot, until given back (once)
-        per_host = self.config.delivery.per_host_concurrency
+                       prepared: _Prepared | None, probe: bool = False) -> None:
+        slot = [host]   # the request's slots, until given back (once)
+        delivery = self.config.delivery
 
         def answered() -> None:
-            """The host is done with this attempt: its slot may take the next one while the
-            outcome is recorded (the delivery stays in flight until then)."""
-            if slot:
-                slot.clear()
-                self._host_load[host] -= 1
-                if self._ready or self._host_load[host] + 1 >= per_host:
-                    self._wake.set()   # work may be waiting for this host
+            """The host is done with this request: its slots (per host and overall) take the
+            next one while the outcome is recorded (the delivery stays in flight until then,
+            so no look hands it out again)."""
+            if not slot:
+                return
+            slot.clear()
+            if probe:  # a probe that produced no answer to judge: the next request probes
+                self.health.abandon_probe(host, self.clock())
+            self._host_load[host] -= 1
+            self._requests -= 1
+            if self._ready or self._host_load[host] + 1 >= delivery.per_host_concurrency or \
+                    self._requests + 1 >= delivery.concurrency:
+                self._wake.set()   # work may be waiting for this slot
 
         try:
             await self.deliver(due, target, prepared, answered)
@@ -464,12 +488,14 @@ class Dispatcher:
             log.exception("delivery %s: unexpected error", due.delivery_id)
             await asyncio.sleep(1.0)
             self._forget()  # still due in the spool: the next look takes it again
+            self._wake.set()
         finally:
-            self.health.abandon_probe(host, self.clock())  # no-op unless it was unjudged
             answered()
             self._inflight_bytes -= len(due.event_json)
             self._inflight.pop(due.seq, None)
-            self._wake.set()
+            if self._starved:   # a start was waiting for this outcome's commit
+                self._starved = False
+                self._wake.set()
 
     async def deliver(self, due: Due, target: CompiledDestination,
                       prepared: _Prepared | None = None,
@@ -504,6 +530,7 @@ class Dispatcher:
             return outcome
         if verdict.state == "pending":  # a retry: its due time is news to the next look
             self._forget()
+            self._wake.set()
         if meters is not None and verdict.state in meters.counted:
             meters.counted[verdict.state].inc()
         _log_attempt(due, target, outcome, verdict, now)

@@ -178,7 +178,8 @@ class DeliveryConfig(_Model):
         (), "Internal networks (CIDRs) destinations may reach; loopback, private, link-local, "
             "CGNAT and unique-local addresses are refused unless listed. Restart to change.")
     concurrency: Annotated[int, Field(ge=1, le=10_000)] = _d(
-        64, "Attempts in flight at most. Restart to change.")
+        64, "Requests in flight at most (a request's slot is free once its response is in). "
+            "Restart to change.")
     per_host_concurrency: Annotated[int, Field(ge=1, le=10_000)] = _d(
         16, "Requests in flight per host at most (a request's slot is free once its "
             "response is in). Restart to change.")

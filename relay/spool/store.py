@@ -2,8 +2,9 @@
 
 Writes go to the writer process (relay/spool/writer.py, which explains why it is a process)
 over a socketpair, as the jobs of relay/spool/wire.py: ``_call`` queues a job, the jobs queued
-during one event-loop turn leave in one write, and each job's future resolves when the writer
-answers, which it does only after the group's COMMIT. So a 202 is never sent for data that a
+during one event-loop turn leave in one write (attempt outcomes may wait up to 2 ms for
+company), and each job's future resolves when the writer answers, which it does only after the
+group's COMMIT. So a 202 is never sent for data that a
 SIGKILL could lose. If the writer dies, waiting jobs fail (the sender sees 503 and retries) and a
 new writer is started.
 
