@@ -113,6 +113,7 @@ class Dispatcher:
         self._background: set[asyncio.Task[Any]] = set()
         self._inflight: dict[int, asyncio.Task[None]] = {}  # started, outcome not committed
         self._requests = 0       # of those, requests not answered yet (delivery.concurrency)
+        self._requesting: dict[int, tuple[str, bool]] = {}   # their seq -> (host, a probe?)
         self._starved = False    # a start waited for an outcome's commit (RECORDING_MAX, bytes)
         self._ready: deque[Due] = deque()  # fetched, due, not started yet
         self._host_load: Counter[str] = Counter()
@@ -352,14 +353,13 @@ class Dispatcher:
                 if target.host is None and self.health.is_blocked(host, now):
                     self._parked[due.seq] = host
                 continue
-            # (allow() let it through and the host is probing: this attempt is the probe)
-            probe = self.health.state_of(host) == "probing"
             self.limits.take(target.name, now)
             self._host_load[host] += 1
             self._requests += 1
+            # (allow() let it through and the host is probing: this attempt is the probe)
+            self._requesting[due.seq] = (host, self.health.state_of(host) == "probing")
             self._inflight_bytes += size
-            self._inflight[due.seq] = asyncio.create_task(self._attempt(due, target, host,
-                                                                        prepared, probe))
+            self._inflight[due.seq] = asyncio.create_task(self._attempt(due, target, prepared))
             started += 1
         if self._ready and self._requests < limit:
             self._starved = True  # the rest waits for outcomes to be committed
@@ -460,28 +460,27 @@ class Dispatcher:
                              Attempt(started, None, None, f"internal: {detail}", None))
         return _Prepared(request, started, target.host or endpoint(request.url))
 
-    async def _attempt(self, due: Due, target: CompiledDestination, host: str,
-                       prepared: _Prepared | None, probe: bool = False) -> None:
-        slot = [host]   # the request's slots, until given back (once)
+    def _answered(self, seq: int) -> None:
+        """The host is done with this delivery's request (once; later calls do nothing): its
+        slots, per host and overall, take the next one while the outcome is recorded (the
+        delivery stays in flight until then, so no look hands it out again)."""
+        taken = self._requesting.pop(seq, None)
+        if taken is None:
+            return
+        host, probe = taken
+        if probe:  # a probe that produced no answer to judge: the next request probes
+            self.health.abandon_probe(host, self.clock())
+        self._host_load[host] -= 1
+        self._requests -= 1
         delivery = self.config.delivery
+        if self._ready or self._host_load[host] + 1 >= delivery.per_host_concurrency or \
+                self._requests + 1 >= delivery.concurrency:
+            self._wake.set()   # work may be waiting for this slot
 
-        def answered() -> None:
-            """The host is done with this request: its slots (per host and overall) take the
-            next one while the outcome is recorded (the delivery stays in flight until then,
-            so no look hands it out again)."""
-            if not slot:
-                return
-            slot.clear()
-            if probe:  # a probe that produced no answer to judge: the next request probes
-                self.health.abandon_probe(host, self.clock())
-            self._host_load[host] -= 1
-            self._requests -= 1
-            if self._ready or self._host_load[host] + 1 >= delivery.per_host_concurrency or \
-                    self._requests + 1 >= delivery.concurrency:
-                self._wake.set()   # work may be waiting for this slot
-
+    async def _attempt(self, due: Due, target: CompiledDestination,
+                       prepared: _Prepared | None) -> None:
         try:
-            await self.deliver(due, target, prepared, answered)
+            await self.deliver(due, target, prepared)
         except asyncio.CancelledError:
             raise
         except Exception:  # a bug must not kill the dispatcher; the delivery stays pending
@@ -490,7 +489,7 @@ class Dispatcher:
             self._forget()  # still due in the spool: the next look takes it again
             self._wake.set()
         finally:
-            answered()
+            self._answered(due.seq)
             self._inflight_bytes -= len(due.event_json)
             self._inflight.pop(due.seq, None)
             if self._starved:   # a start was waiting for this outcome's commit
@@ -498,12 +497,11 @@ class Dispatcher:
                 self._wake.set()
 
     async def deliver(self, due: Due, target: CompiledDestination,
-                      prepared: _Prepared | None = None,
-                      answered: Callable[[], None] | None = None) -> Outcome:
+                      prepared: _Prepared | None = None) -> Outcome:
         """One attempt for one delivery, outcome committed to the spool before returning:
         render and sign (``prepared``, if not done yet) -> send -> classify -> decide ->
         record. A request that was sent is never sent again because its outcome could not be
-        recorded (see _unrecorded). ``answered`` runs once the host is done with it, before
+        recorded (see _unrecorded). Its request slots are given back (``_answered``) before
         the outcome is recorded."""
         meters = self._meters.get(target.name)
         prepared = prepared or self._prepare(due, target)
@@ -519,8 +517,7 @@ class Dispatcher:
             self.health.record(prepared.host, counts_as_failure(outcome), self.clock())
             if meters is not None:
                 meters.latency.observe(exchange.duration)
-        if answered is not None:
-            answered()
+        self._answered(due.seq)
         now = self.clock()
         verdict = decide(outcome, due, now, target.policy, rand=self.rand(), started=started)
         try:
