@@ -115,6 +115,8 @@ class Dispatcher:
         self._requests = 0       # of those, requests not answered yet (delivery.concurrency)
         self._requesting: dict[int, tuple[str, bool]] = {}   # their seq -> (host, a probe?)
         self._starved = False    # a start waited for an outcome's commit (RECORDING_MAX, bytes)
+        self._limit = config.delivery.concurrency   # the loop's, as it started
+        self._recheck = False    # a delivery was passed over to let a fresh one probe: go again
         self._ready: deque[Due] = deque()  # fetched, due, not started yet
         self._host_load: Counter[str] = Counter()
         self._inflight_bytes = 0
@@ -238,12 +240,12 @@ class Dispatcher:
         return len(self._inflight)
 
     async def _run(self) -> None:
-        limit = self.config.delivery.concurrency
+        limit = self._limit = self.config.delivery.concurrency  # (restart to change)
         record_wait = 1.0
         self._forget()  # (re)started: nothing seen yet
         while not self._stopping:
             self._wake.clear()
-            wait: float | None = IDLE_RECHECK
+            wait = IDLE_RECHECK
             if self._unrecorded:
                 # Dispatching is paused until every kept outcome is written.
                 if await self._record_kept():
@@ -284,16 +286,23 @@ class Dispatcher:
                 if started and not self._ready and self._room(limit) and \
                         not self._complete:
                     continue  # the batch is used up and slots are free: more may be due
+                # The end of a suspension lets its probe go. (An end already past wakes
+                # nothing: a host with nothing to send stays suspended, and its deliveries
+                # are looked for when they come; one passed over is asked for again at once.)
+                now = self.clock()
                 probe_at = min((until for h in self.health.hosts
-                                if (until := self.health.blocked_until(h)) is not None),
-                               default=None)
+                                if (until := self.health.blocked_until(h)) is not None
+                                and until > now), default=None)
                 if probe_at is not None:
-                    wait = min(wait or IDLE_RECHECK, max(0.0, probe_at - self.clock()))
+                    wait = min(wait, probe_at - now)
+                if self._recheck:
+                    self._recheck = False
+                    wait = 0.0
                 # Deliveries held back by a rate limit may go when their next token is there.
                 token_at = self.limits.next_at(self.clock(), self._limited)
                 self._limited = set()
                 if token_at is not None:
-                    wait = min(wait or IDLE_RECHECK, max(0.0, token_at - self.clock()))
+                    wait = min(wait, max(0.0, token_at - self.clock()))
             except SpoolError as exc:
                 log.error("cannot read due deliveries: %s", exc)
                 wait = 1.0
@@ -352,6 +361,11 @@ class Dispatcher:
                 waiting.append(due)  # held: not attempted, no retry used
                 if target.host is None and self.health.is_blocked(host, now):
                     self._parked[due.seq] = host
+                over = self.health.blocked_until(host)
+                if over is not None and over <= now:
+                    # its suspension is over, but this one was passed over (or the probe is
+                    # being claimed among replicas): the next round asks again at once
+                    self._recheck = True
                 continue
             self.limits.take(target.name, now)
             self._host_load[host] += 1
@@ -361,8 +375,8 @@ class Dispatcher:
             self._inflight_bytes += size
             self._inflight[due.seq] = asyncio.create_task(self._attempt(due, target, prepared))
             started += 1
-        if self._ready and self._requests < limit:
-            self._starved = True  # the rest waits for outcomes to be committed
+        if self._requests < limit and not self._room(limit):
+            self._starved = True  # starts (and looks) wait for outcomes to be committed
         self._ready.extendleft(reversed(waiting))  # keep their place, oldest first
         if waiting and not started:
             # Only held or busy hosts have work ready: drop it, so the next fetch (which leaves
@@ -472,9 +486,8 @@ class Dispatcher:
             self.health.abandon_probe(host, self.clock())
         self._host_load[host] -= 1
         self._requests -= 1
-        delivery = self.config.delivery
-        if self._ready or self._host_load[host] + 1 >= delivery.per_host_concurrency or \
-                self._requests + 1 >= delivery.concurrency:
+        if self._ready or self._requests + 1 >= self._limit or \
+                self._host_load[host] + 1 >= self.config.delivery.per_host_concurrency:
             self._wake.set()   # work may be waiting for this slot
 
     async def _attempt(self, due: Due, target: CompiledDestination,

@@ -15,8 +15,9 @@ import pytest
 from standardwebhooks import Webhook
 
 import relay.dispatch
+from relay.config import load_config
 from relay.policy import next_attempt_at
-from tests.helpers import async_eventually, event
+from tests.helpers import async_eventually, event, write_config
 from tests.receiver import Answer, Receiver, closed_port, receiver_config
 
 
@@ -496,3 +497,78 @@ async def test_a_busy_host_costs_no_extra_looks(make_stack: Any,
         await stack.post(*[event(i) for i in range(start, start + 50)])
     await a.await_for(300, "/a", timeout=60)
     assert len(looks) <= 15, len(looks)
+
+
+async def test_work_waiting_for_commits_at_the_cap_starts_once_they_commit(
+        make_stack: Any, receivers: Callable[..., Receiver]) -> None:
+    """When answered deliveries waiting for their outcome's commit reach their cap
+    (RECORDING_MAX beyond concurrency), starts and looks wait; the commits wake the loop,
+    also when the cap was reached just as the ready queue emptied (they did not, and new
+    events waited for the next ingest or the 60 s recheck)."""
+    a = receivers()
+    stack = await make_stack(**receiver_config(
+        a, delivery={"concurrency": 2, "per_host_concurrency": 2},
+        destinations=[{"name": "a", "format": "braze", "url": f"{a.url}/a"}]))
+    release = _slow_records(stack)
+    cap = 2 + relay.dispatch.RECORDING_MAX
+    for start in range(0, cap, 100):
+        await stack.post(*[event(i) for i in range(start, min(cap, start + 100))])
+    await a.await_for(cap, "/a", timeout=30)
+    stack.dispatcher.wake()    # (a replay, a reload, another worker's ingest: a look is due)
+    await stack.post(*[event(1000 + i) for i in range(5)])   # no room for them yet
+    await asyncio.sleep(0.2)
+    assert len(a.received("/a")) == cap
+    release.set()
+    await a.await_for(cap + 5, "/a", timeout=10)
+
+
+async def test_a_reload_of_the_restart_only_concurrency_misses_no_wake_up(
+        make_stack: Any, receivers: Callable[..., Receiver], tmp_path: Path) -> None:
+    """delivery.concurrency applies after a restart: a reload that changes it leaves the
+    running loop's limit, and an answer at that limit still wakes the loop for the next event
+    (one compared with the reloaded value and did not: the next event waited)."""
+    a = receivers(Answer(200, delay=0.5))
+
+    def sections(concurrency: int) -> dict[str, Any]:
+        return receiver_config(
+            a, delivery={"concurrency": concurrency, "per_host_concurrency": 16},
+            destinations=[{"name": "a", "format": "braze", "url": f"{a.url}/a"}])
+
+    stack = await make_stack(**sections(2))
+    await stack.post(event(1), event(2))
+    await a.await_for(2, "/a", timeout=5)
+    other = tmp_path / "reloaded"
+    other.mkdir()
+    stack.dispatcher.reconfigure(load_config(write_config(other, **sections(4)), env={}))
+    await stack.post(event(3))
+    await a.await_for(3, "/a", timeout=3)    # 0.5 s after the first two are answered
+
+
+async def test_a_suspended_host_with_nothing_to_send_costs_no_looks(
+        make_stack: Any, receivers: Callable[..., Receiver]) -> None:
+    """Once a host's suspension is over and nothing is left for it, the dispatcher sleeps: the
+    past end of the suspension made it look at the spool again and again (5,000-6,300 looks
+    a second). A delivery for the host still goes out as the probe."""
+    a = receivers(Answer(503))
+    stack = await make_stack(**receiver_config(
+        a, delivery={"max_retries": 0},
+        health={"consecutive_failures": 1, "min_failures": 100, "suspend_for": "100ms"},
+        destinations=[{"name": "a", "format": "braze", "url": f"{a.url}/a"}]))
+    spool, looks = stack.dispatcher.spool, []
+
+    class Counting:
+        def __getattr__(self, name: str) -> Any:
+            if name == "poll":
+                looks.append(name)
+            return getattr(spool, name)
+
+    stack.dispatcher.spool = Counting()
+    ids = await stack.post(event(1))
+    await stack.settle(ids["evt-1/a"], "failed")
+    await asyncio.sleep(0.3)          # the suspension is over; nothing is left for the host
+    before = len(looks)
+    await asyncio.sleep(1.0)
+    assert len(looks) - before < 5, len(looks) - before
+    a.answer(Answer(200))
+    more = await stack.post(event(2))
+    await stack.settle(more["evt-2/a"], "delivered")
