@@ -527,7 +527,11 @@ class Dispatcher:
             outcome = classify(exchange, self.clock())
             attempt = Attempt(exchange.started_at, exchange.duration, exchange.status,
                               exchange.error_text, exchange.excerpt)
-            self.health.record(prepared.host, counts_as_failure(outcome), self.clock())
+            failed = counts_as_failure(outcome)
+            if failed or outcome.status is not None:
+                self.health.record(prepared.host, failed, self.clock())
+            # else the host was not reached (refused by egress rules, no OAuth2 token, a bad
+            # URL): nothing to judge it by; a probe is given up (_answered), not passed
             if meters is not None:
                 meters.latency.observe(exchange.duration)
         self._answered(due.seq)

@@ -62,3 +62,47 @@ async def test_a_swapped_transport_is_judged_by_the_policy_and_recorded(tmp_path
     finally:
         await dispatcher.stop(1)
         await spool.close()
+
+
+class ErrorAfterFailure:
+    """A 503, then an error that never reached the host (egress refused it)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.sent = asyncio.Event()
+
+    async def handle_request(self, request: Request, timeout: float) -> Exchange:
+        self.calls += 1
+        if self.calls == 1:
+            return Exchange(0.0, 0.001, 503, {}, "down")
+        self.sent.set()
+        return Exchange(0.0, 0.0, error="blocked", detail="refused by delivery.allowed_networks")
+
+
+async def test_a_probe_that_never_reached_the_host_does_not_heal_it(tmp_path: Path) -> None:
+    """At the end of a suspension the probe is refused before it leaves (egress rules, no
+    OAuth2 token, a bad URL): that says nothing of the host, which is not marked healthy (it
+    was); the probe is given up, and the next request probes."""
+    config = load_config(write_config(
+        tmp_path, health={"consecutive_failures": 1, "min_failures": 100,
+                          "suspend_for": "100ms"},
+        delivery={"backoff_initial": "10ms", "backoff_max": "10ms"},
+        destinations=[{"name": "b", "format": "braze", "url": "https://b.example.com/hook"}]),
+        env={})
+    spool = Spool(config.spool.path)
+    await spool.open()
+    transport = ErrorAfterFailure()
+    dispatcher = Dispatcher(config, spool, transport=transport)
+    await dispatcher.start()
+    try:
+        accepted = accept(LocalEvent(id="e1", channel="email", status="delivered",
+                                     message_id="m1"), 1000.0)
+        await spool.ingest([(accepted, Router(config).route(accepted))])
+        dispatcher.wake()
+        await asyncio.wait_for(transport.sent.wait(), 20)   # the probe, refused
+        await asyncio.sleep(0.05)
+        (host,) = dispatcher.health.hosts.values()
+        assert host.state != "healthy" and host.suspensions == 1
+    finally:
+        await dispatcher.stop(1)
+        await spool.close()
