@@ -356,12 +356,12 @@ class Dispatcher:
             prepared = self._prepare(due, target) if target.host is None else None
             host = target.host or (prepared.host if prepared else "")
             # At the end of a suspension, a delivery that never failed there probes first.
-            if self._host_load[host] >= per_host or \
-                    not self.health.allow(host, now, fresh=due.attempts == 0):
+            busy = self._host_load[host] >= per_host
+            if busy or not self.health.allow(host, now, fresh=due.attempts == 0):
                 waiting.append(due)  # held: not attempted, no retry used
                 if target.host is None and self.health.is_blocked(host, now):
                     self._parked[due.seq] = host
-                over = self.health.blocked_until(host)
+                over = None if busy else self.health.blocked_until(host)
                 if over is not None and over <= now:
                     # its suspension is over, but this one was passed over (or the probe is
                     # being claimed among replicas): the next round asks again at once
@@ -499,8 +499,7 @@ class Dispatcher:
         except Exception:  # a bug must not kill the dispatcher; the delivery stays pending
             log.exception("delivery %s: unexpected error", due.delivery_id)
             await asyncio.sleep(1.0)
-            self._forget()  # still due in the spool: the next look takes it again
-            self._wake.set()
+            self.wake()  # still due in the spool: the next look takes it again
         finally:
             self._answered(due.seq)
             self._inflight_bytes -= len(due.event_json)
@@ -543,8 +542,7 @@ class Dispatcher:
             self._keep_unrecorded(due, attempt, verdict, exc)
             return outcome
         if verdict.state == "pending":  # a retry: its due time is news to the next look
-            self._forget()
-            self._wake.set()
+            self.wake()
         if meters is not None and verdict.state in meters.counted:
             meters.counted[verdict.state].inc()
         _log_attempt(due, target, outcome, verdict, now)

@@ -202,6 +202,20 @@ async def test_test_send_returns_request_and_response(make_stack: Any, receiver:
     assert (await stack.client.post("/v1/destinations/nope/test")).status == 404
 
 
+
+def _count_reads(stack: Any, *names: str) -> list[str]:
+    """The dispatcher's spool, counting its calls of ``names`` in the returned list."""
+    spool, calls = stack.dispatcher.spool, []
+
+    class Counting:
+        def __getattr__(self, name: str) -> Any:
+            if name in names:
+                calls.append(name)
+            return getattr(spool, name)
+
+    stack.dispatcher.spool = Counting()
+    return calls
+
 async def test_one_event_at_a_time_costs_few_spool_reads(make_stack: Any,
                                                         receiver: Receiver) -> None:
     """At a trickle (each event delivered before the next arrives) the dispatcher does not
@@ -210,15 +224,7 @@ async def test_one_event_at_a_time_costs_few_spool_reads(make_stack: Any,
     read 5 times per delivery, then 2: 40 reads for these 20 events.)"""
     stack = await make_stack(**receiver_config(receiver, destinations=[
         {"name": "braze", "format": "braze", "url": f"{receiver.url}/braze"}]))
-    spool, reads = stack.dispatcher.spool, []
-
-    class Counting:
-        def __getattr__(self, name: str) -> Any:
-            if name in ("poll", "due", "next_due_at"):
-                reads.append(name)
-            return getattr(spool, name)
-
-    stack.dispatcher.spool = Counting()
+    reads = _count_reads(stack, "poll", "due", "next_due_at")
     for i in range(20):
         ids = await stack.post(event(i))
         await stack.settle(ids[f"evt-{i}/braze"], "delivered")
@@ -484,15 +490,7 @@ async def test_a_busy_host_costs_no_extra_looks(make_stack: Any,
     stack = await make_stack(**receiver_config(
         a, delivery={"per_host_concurrency": 4, "concurrency": 8},
         destinations=[{"name": "a", "format": "braze", "url": f"{a.url}/a"}]))
-    spool, looks = stack.dispatcher.spool, []
-
-    class Counting:
-        def __getattr__(self, name: str) -> Any:
-            if name == "poll":
-                looks.append(name)
-            return getattr(spool, name)
-
-    stack.dispatcher.spool = Counting()
+    looks = _count_reads(stack, "poll")
     for start in range(0, 300, 50):
         await stack.post(*[event(i) for i in range(start, start + 50)])
     await a.await_for(300, "/a", timeout=60)
@@ -554,15 +552,7 @@ async def test_a_suspended_host_with_nothing_to_send_costs_no_looks(
         a, delivery={"max_retries": 0},
         health={"consecutive_failures": 1, "min_failures": 100, "suspend_for": "100ms"},
         destinations=[{"name": "a", "format": "braze", "url": f"{a.url}/a"}]))
-    spool, looks = stack.dispatcher.spool, []
-
-    class Counting:
-        def __getattr__(self, name: str) -> Any:
-            if name == "poll":
-                looks.append(name)
-            return getattr(spool, name)
-
-    stack.dispatcher.spool = Counting()
+    looks = _count_reads(stack, "poll")
     ids = await stack.post(event(1))
     await stack.settle(ids["evt-1/a"], "failed")
     await asyncio.sleep(0.3)          # the suspension is over; nothing is left for the host
