@@ -4,9 +4,8 @@ Writes go to the writer process (relay/spool/writer.py, which explains why it is
 over a socketpair, as the jobs of relay/spool/wire.py: ``_call`` queues a job, the jobs queued
 during one event-loop turn leave in one write (attempt outcomes may wait up to 2 ms for
 company), and each job's future resolves when the writer answers, which it does only after the
-group's COMMIT. So a 202 is never sent for data that a
-SIGKILL could lose. If the writer dies, waiting jobs fail (the sender sees 503 and retries) and a
-new writer is started.
+group's COMMIT. So a 202 is never sent for data that a SIGKILL could lose. If the writer dies,
+waiting jobs fail (the sender sees 503 and retries) and a new writer is started.
 
 Reads use their own connection on a reader thread (WAL lets them run beside the writer). The
 event loop never touches the disk.
@@ -51,7 +50,7 @@ START_TIMEOUT = 60.0
 STOP_TIMEOUT = 30.0
 # Attempt outcomes wait up to this long for others to share their commit (a write that is due
 # anyway takes them at once). 2 ms per outcome, at most: no sender waits on it, and an attempt
-# gives its host slot back as soon as its response is in (relay.dispatch).
+# gives its request slots back as soon as its response is in (relay.dispatch).
 COALESCE_SECONDS = 0.002
 COALESCE_JOBS = 256
 
