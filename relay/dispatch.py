@@ -112,8 +112,8 @@ class Dispatcher:
         self._host_destinations: dict[str, list[str]] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._inflight: dict[int, asyncio.Task[None]] = {}  # started, outcome not committed
-        self._requests = 0       # of those, requests not answered yet (delivery.concurrency)
-        self._requesting: dict[int, tuple[str, bool]] = {}   # their seq -> (host, a probe?)
+        # of those, the requests not answered yet (delivery.concurrency): seq -> (host, probe?)
+        self._requesting: dict[int, tuple[str, bool]] = {}
         self._starved = False    # a start waited for an outcome's commit (RECORDING_MAX, bytes)
         self._limit = config.delivery.concurrency   # the loop's, as it started
         self._recheck = False    # a delivery was passed over to let a fresh one probe: go again
@@ -327,7 +327,7 @@ class Dispatcher:
     def _room(self, limit: int) -> bool:
         """A request slot is free (delivery.concurrency), and few enough answered deliveries
         wait for their outcome's commit."""
-        return self._requests < limit and len(self._inflight) < limit + RECORDING_MAX
+        return len(self._requesting) < limit and len(self._inflight) < limit + RECORDING_MAX
 
     def _start_some(self, limit: int) -> int:
         """Start ready deliveries while slots are free, passing over busy or suspended hosts."""
@@ -369,13 +369,12 @@ class Dispatcher:
                 continue
             self.limits.take(target.name, now)
             self._host_load[host] += 1
-            self._requests += 1
             # (allow() let it through and the host is probing: this attempt is the probe)
             self._requesting[due.seq] = (host, self.health.state_of(host) == "probing")
             self._inflight_bytes += size
             self._inflight[due.seq] = asyncio.create_task(self._attempt(due, target, prepared))
             started += 1
-        if self._requests < limit and not self._room(limit):
+        if len(self._requesting) < limit and not self._room(limit):
             self._starved = True  # starts (and looks) wait for outcomes to be committed
         self._ready.extendleft(reversed(waiting))  # keep their place, oldest first
         if waiting and not started:
@@ -485,8 +484,7 @@ class Dispatcher:
         if probe:  # a probe that produced no answer to judge: the next request probes
             self.health.abandon_probe(host, self.clock())
         self._host_load[host] -= 1
-        self._requests -= 1
-        if self._ready or self._requests + 1 >= self._limit or \
+        if self._ready or len(self._requesting) + 1 >= self._limit or \
                 self._host_load[host] + 1 >= self.config.delivery.per_host_concurrency:
             self._wake.set()   # work may be waiting for this slot
 
