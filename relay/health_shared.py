@@ -8,7 +8,10 @@ replicas on one spool act as one relay:
   answer says whether the count reached ``health.consecutive_failures``, and so whether this
   replica trips the host); a success resets the count only when it is not zero. The windowed
   failure rate stays per replica (the local board), and a suspension it decides is written
-  for all.
+  for all. While this replica's own unanswered failures could bring the count it last saw to
+  the threshold, or are ``UNCONFIRMED_MAX`` already, the host takes no new request from it
+  (``_held``): a dead receiver answers faster than the database, and without this hold each
+  replica would go on sending to it for as long as its failures wait in line.
 * A suspension, decided by any replica, is polled into every replica's local board every
   ``POLL_EVERY`` seconds (polling, not LISTEN/NOTIFY: one small query, nothing to re-subscribe
   after the database restarts). A replica also learns it at once from the answer to its next
@@ -35,6 +38,7 @@ from relay.health import HealthBoard, Host, State
 log = logging.getLogger("relay.health")
 
 POLL_EVERY = 0.5  # seconds: a suspension decided elsewhere is honoured here within this
+UNCONFIRMED_MAX = 4  # failures per host on their way to the table, at most, before it answers
 LOCAL_NEVER = 2**31 - 1  # the local board never trips on consecutive failures: the table does
 
 COLUMNS = ("key, state, version, consecutive, suspensions, total_suspensions, suspended_at, "
@@ -109,6 +113,7 @@ class SharedHealth(HealthBoard):
         self._versions: dict[str, int] = {}
         self._probes: dict[str, bool] = {}              # key -> claim asked (False) / won (True)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._unconfirmed: dict[str, int] = {}         # key -> failures not yet answered
         super().__init__(config, on_change)
 
     @property
@@ -129,7 +134,7 @@ class SharedHealth(HealthBoard):
         table first: the replica that wins it sends it; asking returns False meanwhile."""
         host = self.hosts.get(key)
         if host is None or host.state == "healthy":
-            return True
+            return not self._held(key)
         if host.state == "probing" or now < host.suspended_until:
             return False
         if self._probes.get(key):
@@ -141,6 +146,20 @@ class SharedHealth(HealthBoard):
             self._probes[key] = False
             self._spawn(self._claim_probe(key, now))
         return False
+
+    def is_blocked(self, key: str, now: float) -> bool:
+        return super().is_blocked(key, now) or self._held(key)
+
+    def _held(self, key: str) -> bool:
+        """This replica's failures still on their way to the table could make the shared
+        count reach ``consecutive_failures``, or are UNCONFIRMED_MAX already (the count seen
+        here may be that much behind the other replicas'): wait for their answers before
+        sending more."""
+        pending = self._unconfirmed.get(key)
+        if not pending:
+            return False
+        seen = self.shared.get(key, {}).get("consecutive", 0)
+        return pending >= UNCONFIRMED_MAX or seen + pending >= self.rules.consecutive_failures
 
     def record(self, key: str, failed: bool, now: float) -> None:
         host = self.host(key)
@@ -158,6 +177,7 @@ class SharedHealth(HealthBoard):
             self._spawn(self._write(key, SUSPEND, key, now, self.rules.suspend_for,
                                     self.rules.suspend_max, self.replica))
         elif failed:
+            self._unconfirmed[key] = self._unconfirmed.get(key, 0) + 1
             self._spawn(self._count_failure(key, now))
         elif self.shared.get(key, {}).get("consecutive"):
             self._spawn(self._write(key, RESET, key))
@@ -229,14 +249,25 @@ class SharedHealth(HealthBoard):
             self._apply(row, self.clock())
 
     async def _count_failure(self, key: str, now: float) -> None:
-        rows = await self._rows(FAIL, key)
-        if not rows:
-            return
-        (row,) = rows
-        self._apply(row, self.clock())
-        if row["state"] == "healthy" and row["consecutive"] >= self.rules.consecutive_failures:
-            await self._write(key, SUSPEND, key, now, self.rules.suspend_for,
-                              self.rules.suspend_max, self.replica)
+        """Count one failure in the table; trip the host if the count reached the threshold.
+        Until then (the suspension written, or the count found short) it holds the host here."""
+        try:
+            rows = await self._rows(FAIL, key)
+            if not rows:
+                return
+            (row,) = rows
+            self._apply(row, self.clock())
+            if row["state"] == "healthy" and \
+                    row["consecutive"] >= self.rules.consecutive_failures:
+                await self._write(key, SUSPEND, key, now, self.rules.suspend_for,
+                                  self.rules.suspend_max, self.replica)
+        finally:
+            held = self._held(key)
+            left = self._unconfirmed.pop(key, 1) - 1
+            if left:
+                self._unconfirmed[key] = left
+            if held and not self._held(key):
+                self.wake()  # the dispatcher may send to it again
 
     async def _claim_probe(self, key: str, now: float) -> None:
         rows = await self._rows(CLAIM_PROBE, key, now, self.replica, self.probe_lease)

@@ -15,7 +15,7 @@ import pytest
 import relay.spool.postgres as postgres_module
 from relay.config import HealthConfig
 from relay.errors import SpoolError, SpoolFull
-from relay.health_shared import SharedHealth
+from relay.health_shared import UNCONFIRMED_MAX, SharedHealth
 from relay.spool import Attempt
 from relay.spool import postgres_sql as sql
 from relay.spool.postgres import PostgresSpool
@@ -97,6 +97,37 @@ async def test_success_resets_the_shared_count(spools: list[PostgresSpool]) -> N
     await settle(a, b)
     assert (await row(spools[0]))["state"] == "healthy"
     assert b.peek(HOST, 1000.0)["consecutive_failures"] == 1
+
+
+async def test_a_replica_holds_a_host_while_its_failures_could_trip_it(
+        spools: list[PostgresSpool]) -> None:
+    """A dead receiver answers faster than the database: a replica sends no more requests to
+    a host while its failures still on their way to the table could make the shared count
+    reach the threshold, or are UNCONFIRMED_MAX already, and sends again (waking its
+    dispatcher) once the answers show the host was not tripped."""
+    rules = RULES.model_copy(update={"consecutive_failures": 10})
+    a, b = (SharedHealth(rules, store=s, probe_lease=30.0, clock=s.clock) for s in spools[:2])
+    wakes: list[str] = []
+    a.wake = lambda: wakes.append("a")
+    for _ in range(UNCONFIRMED_MAX - 1):
+        assert a.allow(HOST, 1000.0)
+        a.record(HOST, True, 1000.0)
+    assert a.allow(HOST, 1000.0) and not a.is_blocked(HOST, 1000.0)
+    a.record(HOST, True, 1000.0)                     # UNCONFIRMED_MAX unanswered: held
+    assert not a.allow(HOST, 1000.0) and a.is_blocked(HOST, 1000.0)
+    assert a.state_of(HOST) == "healthy"
+    await a.close()
+    assert wakes and a.allow(HOST, 1000.0)           # 4 of 10: not tripped, sending again
+    for _ in range(4):                               # b's failures: 8 of 10 in the table
+        b.record(HOST, True, 1000.0)
+        await b.close()
+    assert b.allow(HOST, 1000.0)
+    b.record(HOST, True, 1000.0)
+    b.record(HOST, True, 1000.0)                     # 8 seen + 2 unanswered may be the 10th
+    assert not b.allow(HOST, 1000.0)
+    await b.close()
+    assert (await row(spools[0]))["state"] == "suspended"
+    assert b.is_blocked(HOST, 1000.0) and b.state_of(HOST) == "suspended"
 
 
 async def test_one_replica_sends_the_probe(spools: list[PostgresSpool]) -> None:
