@@ -122,10 +122,12 @@ class Dispatcher:
         self._inflight_bytes = 0
         self._wake = asyncio.Event()
         # What the last look at the spool established, kept until something changes it (see
-        # _forget): it saw every due delivery (``_complete``), and when the next one falls due
-        # (``_next_at``). While both hold, deliveries offered by this process's ingest are
-        # started from memory and no read is needed at all.
-        self._complete = False
+        # _forget): the destinations it saw every due delivery of (``_covered``: those it
+        # asked for, if nothing was left out), and when the next one falls due (``_next_at``).
+        # While both hold, deliveries offered by this process's ingest for those destinations
+        # are started from memory and no read is needed at all; a destination held back (a
+        # suspended or busy host, a rate limit) is looked for once it opens again.
+        self._covered: frozenset[str] = frozenset()
         self._changes = 0  # _forget calls: one during a look makes what it saw incomplete
         self._next_at: float | None = None
         self._seen_upto = 0     # the highest delivery seq the last look could see: offers at
@@ -189,21 +191,25 @@ class Dispatcher:
         PostgreSQL receipt has none, and its offer is a wake-up): they join the ready queue
         from memory, so a stored event costs no read of the spool before its attempt. They are
         the spool's rows as it would hand them out, and the spool stays the authority. They
-        are taken only while the last look saw every due delivery (so they overtake no older
-        due work, such as a retry) and the ready queue is short;
-        otherwise, or for a destination held back in the last round, the offer is an ordinary
-        wake-up and a look finds them, oldest first. A row a look could already see is that
-        look's to hand out, never queued twice."""
-        if not receipt.fresh or not self._complete or self._stopping or self._unrecorded or \
+        are taken only for destinations open now whose every due delivery the last look saw
+        (so they overtake no older due work, such as a retry) while the ready queue is short;
+        otherwise the offer is an ordinary wake-up and a look finds them, oldest first. One for
+        a destination held back (a suspended or busy host, a rate limit) wakes nothing: the
+        destination is no longer covered, so a look finds its deliveries when it opens again.
+        A row a look could already see is that look's to hand out, never queued twice."""
+        if not receipt.fresh or self._stopping or self._unrecorded or \
                 (self._ready and len(self._ready) + len(receipt.fresh) > PREFETCH) or \
                 (self._next_at is not None and self._next_at <= self.clock()):
             self.wake()     # (a retry just fell due: it goes first)
             return
-        open_, seen = self._open, self._seen_upto
+        open_, covered, seen = self._open, self._covered, self._seen_upto
         fresh = [entry for entry in receipt.fresh if entry[2] > seen]
-        taken = [entry for entry in fresh if entry[4] in open_]
+        taken = [entry for entry in fresh if entry[4] in covered and entry[4] in open_]
         if len(taken) < len(fresh):
-            self.wake()     # some are held back (a suspended host, a rate limit): look later
+            left = {entry[4] for entry in fresh} - {entry[4] for entry in taken}
+            self._covered = covered - left
+            if not left.isdisjoint(open_):
+                self.wake()  # open, but not covered by the last look: look now
         if not taken:
             return
         dues = receipt._replace(fresh=taken).dues()
@@ -212,7 +218,7 @@ class Dispatcher:
 
     def _forget(self) -> None:
         """The spool may hold due work this process has not seen: the next round looks."""
-        self._complete = False
+        self._covered = frozenset()
         self._changes += 1
 
     async def stop(self, timeout: float) -> None:
@@ -264,27 +270,28 @@ class Dispatcher:
                     self._forget()  # the backstop holds under steady traffic too
                 names = self._open_destinations(now)
                 self._open = frozenset(names)
-                if self._room(limit) and not self._ready and not self._complete:
+                if self._room(limit) and not self._ready and not self._open <= self._covered:
                     # Fetch a good batch at once: one read per batch, not one per slot. Hosts
                     # that are suspended or at their limit are left out of the query, so their
                     # backlog never stands in front of other hosts' deliveries.
                     exclude = self._inflight.keys() | self._unrecorded.keys() | \
                         self._still_parked(now)
-                    # (No offer is taken while a look is under way: _complete is False.)
+                    # (No offer is taken while a look is under way: nothing is covered.)
                     changes, self._looked_at = self._changes, now
                     batch = await self.spool.poll(now, max(limit * 4, PREFETCH), names, exclude)
                     self._ready.extend(batch.due)
-                    # It saw everything only if no destination was left out of it and nothing
-                    # changed while it read (a replay, a retry, another process's events).
-                    self._complete = batch.complete and len(names) == len(self.destinations) \
-                        and self._changes == changes
+                    # It saw everything of the destinations it asked for only if it left
+                    # nothing out and nothing changed while it read (a replay, a retry,
+                    # another process's events).
+                    self._covered = self._open if batch.complete and \
+                        self._changes == changes else frozenset()
                     self._next_at = batch.next_at
                     self._seen_upto = batch.seen_upto
                 if self._next_at is not None:
                     wait = min(max(0.0, self._next_at - now), IDLE_RECHECK)
                 started = self._start_some(limit)
                 if started and not self._ready and self._room(limit) and \
-                        not self._complete:
+                        not self._open <= self._covered:
                     continue  # the batch is used up and slots are free: more may be due
                 # The end of a suspension lets its probe go. (An end already past wakes
                 # nothing: a host with nothing to send stays suspended, and its deliveries

@@ -562,3 +562,28 @@ async def test_a_suspended_host_with_nothing_to_send_costs_no_looks(
     a.answer(Answer(200))
     more = await stack.post(event(2))
     await stack.settle(more["evt-2/a"], "delivered")
+
+
+async def test_offers_for_a_live_destination_need_no_look_while_another_host_is_down(
+        make_stack: Any, receivers: Callable[..., Receiver]) -> None:
+    """While one destination's host is suspended, deliveries just stored for the others are
+    still started from memory: a look covers the destinations it asked for, not all or
+    nothing. (Every offer was a wake-up and a look: 20 or more for these 20 events.) The held
+    destination's deliveries are found by a look once its host is back."""
+    a, b = receivers(), receivers(Answer(503))
+    stack = await make_stack(**receiver_config(
+        a, delivery={"max_retries": 5, "allowed_ports": [a.port, b.port]},
+        health={"consecutive_failures": 1, "min_failures": 100, "suspend_for": "1s"},
+        destinations=[{"name": "a", "format": "braze", "url": f"{a.url}/a"},
+                      {"name": "b", "format": "braze", "url": f"{b.url}/b"}]))
+    ids = await stack.post(event(0))
+    await stack.settle(ids["evt-0/a"], "delivered")
+    await b.await_for(1, "/b", timeout=5)            # b's host is suspended now
+    b.set_default(Answer(200))
+    looks = _count_reads(stack, "poll")
+    for i in range(1, 21):
+        ids = await stack.post(event(i))
+        await stack.settle(ids[f"evt-{i}/a"], "delivered")
+    assert len(looks) <= 3, len(looks)
+    assert len(b.received("/b")) == 1
+    await b.await_for(22, "/b", timeout=10)          # after the suspension: b's 21, one retried
