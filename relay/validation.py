@@ -96,6 +96,8 @@ def describe(err: Any, path: str, noun: str = "key",
             (f" (got {_short(got)})" if got is not None else "")
     if kind == "value_error":
         return path, str(ctx.get("error", err["msg"]))
+    if kind == "too_long" and "max_length" in ctx:  # a list (or mapping) with too many items
+        return path, f"holds at most {ctx['max_length']:,} items (got {ctx.get('actual_length')})"
     if kind == "json_invalid":
         return path, f"not valid JSON: {ctx.get('error', err['msg'])}"
     message = err["msg"][0].lower() + err["msg"][1:]

@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from relay.config import Config, load_config, parse_config, parse_duration, validate_config
+from relay.config.schema import MAX_DESTINATIONS
 from relay.errors import ConfigError
 from tests.helpers import ROOT
 
@@ -279,3 +280,17 @@ def test_ca_file_must_load(tmp_path: Path) -> None:
     for path in (tmp_path / "missing.pem", tmp_path / "bad.pem"):
         found = problems(f"delivery: {{ca_file: {path}}}")
         assert "cannot load CA bundle" in found["delivery.ca_file"]
+
+
+def test_more_destinations_than_delivery_ids_tell_apart_is_a_config_error() -> None:
+    """An event's delivery ids tell at most 65,536 deliveries apart: a config with more
+    destinations is refused when loaded, naming the path (an event routed to all of them
+    was a 503 at ingest)."""
+    entry = {"format": "braze", "url": "https://example.com/x"}
+    many = [{"name": f"d{i}", **entry} for i in range(MAX_DESTINATIONS + 1)]
+    with pytest.raises(ConfigError) as refused:
+        validate_config({"destinations": many})
+    assert refused.value.problems == [
+        ("destinations", f"holds at most {MAX_DESTINATIONS:,} items (got {MAX_DESTINATIONS + 1})")]
+    assert len(validate_config({"destinations": many[:MAX_DESTINATIONS]}).destinations) == \
+        MAX_DESTINATIONS

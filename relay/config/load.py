@@ -26,6 +26,7 @@ import pydantic
 import yaml
 
 from relay.config.schema import (
+    MAX_DESTINATIONS,
     AjoConfig,
     BasicAuth,
     BearerAuth,
@@ -246,6 +247,8 @@ def _valid_parts(data: dict[str, Any], source: str) -> tuple[Config, frozenset[s
                 pass
     elif entries is not None:
         broken.add("destinations")
+    # Too many is a problem the whole-file pass reported; the valid parts keep the first ones.
+    del kept[MAX_DESTINATIONS:], positions[MAX_DESTINATIONS:]
     return (Config(**parts, destinations=tuple(kept), source=source), frozenset(broken),
             tuple(positions))
 

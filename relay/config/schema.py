@@ -19,6 +19,7 @@ from relay.vocab import CHANNELS, Channel, Format, Status
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _DURATION_FULL = re.compile(r"(?:\d+(?:\.\d+)?(?:ms|s|m|h|d))+")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+MAX_DESTINATIONS = 65_536  # relay/spool/delivery_ids.py: deliveries per event an id tells apart
 
 
 def parse_duration(value: Any) -> float:
@@ -382,8 +383,10 @@ class Config(_Model):
     spool: SpoolConfig = _d(SpoolConfig(), "The durable store.")
     delivery: DeliveryConfig = _d(DeliveryConfig(), "Sending and retries.")
     health: HealthConfig = _d(HealthConfig(), "Host suspension.")
-    destinations: tuple[Destination, ...] = _d((), "The receivers; each event goes to every "
-                                                   "destination whose channels and statuses match.")
+    # At most MAX_DESTINATIONS: an event's delivery ids tell its deliveries apart in 16 bits.
+    destinations: Annotated[tuple[Destination, ...], Field(max_length=MAX_DESTINATIONS)] = _d(
+        (), "The receivers; each event goes to every destination whose channels and statuses "
+            "match. At most 65,536.")
     source: str = Field(default="config", exclude=True)  # file the config came from
 
     def destination(self, name: str) -> Destination | None:
