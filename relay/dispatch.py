@@ -276,7 +276,9 @@ class Dispatcher:
                     # backlog never stands in front of other hosts' deliveries.
                     exclude = self._inflight.keys() | self._unrecorded.keys() | \
                         self._still_parked(now)
-                    # (No offer is taken while a look is under way: nothing is covered.)
+                    # No offer is taken while a look is under way (nothing is covered): the
+                    # look may return the same rows.
+                    self._covered = frozenset()
                     changes, self._looked_at = self._changes, now
                     batch = await self.spool.poll(now, max(limit * 4, PREFETCH), names, exclude)
                     self._ready.extend(batch.due)
