@@ -208,8 +208,11 @@ class Dispatcher:
         if len(taken) < len(fresh):
             left = {entry[4] for entry in fresh} - {entry[4] for entry in taken}
             self._covered = covered - left
-            if not left.isdisjoint(open_):
-                self.wake()  # open, but not covered by the last look: look now
+            now = self.clock()
+            # Open now (the last round's view may be stale: a probe given up, a suspension
+            # that ended during a look), but not covered by the last look: look now.
+            if any(self._is_open(name, now) for name in left):
+                self.wake()
         if not taken:
             return
         dues = receipt._replace(fresh=taken).dues()
@@ -298,12 +301,14 @@ class Dispatcher:
                 # The end of a suspension lets its probe go. (An end already past wakes
                 # nothing: a host with nothing to send stays suspended, and its deliveries
                 # are looked for when they come; one passed over is asked for again at once.)
-                now = self.clock()
+                # An end that passed during this round (a look takes a while) wakes it once:
+                # this round's look left the host out.
+                round_at, now = now, self.clock()
                 probe_at = min((until for h in self.health.hosts
                                 if (until := self.health.blocked_until(h)) is not None
-                                and until > now), default=None)
+                                and until > round_at), default=None)
                 if probe_at is not None:
-                    wait = min(wait, probe_at - now)
+                    wait = min(wait, max(0.0, probe_at - now))
                 if self._recheck:
                     self._recheck = False
                     wait = 0.0
@@ -332,6 +337,18 @@ class Dispatcher:
                  for name in names] + self._templated
         self._limited.update(name for name in open_ if not self.limits.ready(name, now))
         return [name for name in open_ if name not in self._limited]
+
+    def _is_open(self, name: str, now: float) -> bool:
+        """Whether this destination takes a delivery now (as _open_destinations judges)."""
+        target = self.destinations.get(name)
+        if target is None:
+            return False
+        host = target.host
+        if host is not None and (
+                self._host_load[host] >= self.config.delivery.per_host_concurrency
+                or self.health.is_blocked(host, now)):
+            return False
+        return self.limits.ready(name, now)
 
     def _room(self, limit: int) -> bool:
         """A request slot is free (delivery.concurrency), and few enough answered deliveries
@@ -490,8 +507,11 @@ class Dispatcher:
         if taken is None:
             return
         host, probe = taken
-        if probe:  # a probe that produced no answer to judge: the next request probes
+        if probe and self.health.state_of(host) == "probing":
+            # A probe that produced no answer to judge: the next request probes. The last
+            # round saw the host probing and left its deliveries out: look again.
             self.health.abandon_probe(host, self.clock())
+            self.wake()
         self._host_load[host] -= 1
         if self._ready or len(self._requesting) + 1 >= self._limit or \
                 self._host_load[host] + 1 >= self.config.delivery.per_host_concurrency:

@@ -114,6 +114,7 @@ class SharedHealth(HealthBoard):
         self._probes: dict[str, bool] = {}              # key -> claim asked (False) / won (True)
         self._tasks: set[asyncio.Task[None]] = set()
         self._unconfirmed: dict[str, int] = {}         # key -> failures not yet answered
+        self._holding: set[str] = set()                 # keys _held said were held
         super().__init__(config, on_change)
 
     @property
@@ -155,11 +156,24 @@ class SharedHealth(HealthBoard):
         count reach ``consecutive_failures``, or are UNCONFIRMED_MAX already (the count seen
         here may be that much behind the other replicas'): wait for their answers before
         sending more."""
+        if self._holds(key):
+            self._holding.add(key)
+            return True
+        return False
+
+    def _holds(self, key: str) -> bool:
         pending = self._unconfirmed.get(key)
         if not pending:
             return False
         seen = self.shared.get(key, {}).get("consecutive", 0)
         return pending >= UNCONFIRMED_MAX or seen + pending >= self.rules.consecutive_failures
+
+    def _let_go(self) -> None:
+        """Wake the dispatcher if a host it was told is held is not any more (the answers
+        came, or the count seen here went down): nothing else would."""
+        if self._holding and not all(self._holds(key) for key in self._holding):
+            self._holding = {key for key in self._holding if self._holds(key)}
+            self.wake()
 
     def record(self, key: str, failed: bool, now: float) -> None:
         host = self.host(key)
@@ -262,12 +276,10 @@ class SharedHealth(HealthBoard):
                 await self._write(key, SUSPEND, key, now, self.rules.suspend_for,
                                   self.rules.suspend_max, self.replica)
         finally:
-            held = self._held(key)
             left = self._unconfirmed.pop(key, 1) - 1
             if left:
                 self._unconfirmed[key] = left
-            if held and not self._held(key):
-                self.wake()  # the dispatcher may send to it again
+            self._let_go()  # the dispatcher may send to it again
 
     async def _claim_probe(self, key: str, now: float) -> None:
         rows = await self._rows(CLAIM_PROBE, key, now, self.replica, self.probe_lease)
@@ -286,6 +298,7 @@ class SharedHealth(HealthBoard):
         key = row["key"]
         self.shared[key] = dict(row)
         if row["version"] <= self._versions.get(key, -1):
+            self._let_go()  # the count seen here may have gone down
             return
         self._versions[key] = row["version"]
         state = row["state"]

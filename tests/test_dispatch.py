@@ -587,3 +587,121 @@ async def test_offers_for_a_live_destination_need_no_look_while_another_host_is_
     assert len(looks) <= 3, len(looks)
     assert len(b.received("/b")) == 1
     await b.await_for(22, "/b", timeout=10)          # after the suspension: b's 21, one retried
+
+
+def _sms(i: int) -> dict[str, Any]:
+    return event(i, channel="sms", recipient={"phone": "+15555550100"})
+
+
+async def test_an_offer_taken_during_a_look_is_sent_twice(
+        make_stack: Any, receivers: Callable[..., Receiver]) -> None:
+    """A look starts while the last one still covers destination 'a' (host b just got a free
+    slot, and b was dropped from the covered set by an offer while busy). An event for 'a'
+    stored during that look must not be taken from memory too: the look returns it, and the
+    second copy, behind b's older deliveries, was sent again once the first was committed
+    (found by a review of the per-destination coverage)."""
+    a = receivers()
+    a.answer(Answer(200, delay=1.5))                 # e1/a holds one of a's slots for 1.5 s
+    b = receivers(Answer(200, delay=0.5))
+    stack = await make_stack(**receiver_config(
+        a, delivery={"allowed_ports": [a.port, b.port], "concurrency": 3,
+                     "per_host_concurrency": 2},
+        destinations=[{"name": "a", "format": "braze", "url": f"{a.url}/a", "channels": ["email"]},
+                      {"name": "b", "format": "braze", "url": f"{b.url}/b", "channels": ["sms"]}]))
+    dispatcher = stack.dispatcher
+    spool, armed, posted = dispatcher.spool, [], {}
+
+    class SlowLook:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(spool, name)
+
+        async def poll(self, now: float, *args: Any, **kwargs: Any) -> Any:
+            if armed and not posted:
+                armed.append(sorted(getattr(dispatcher, "_covered", ())))
+                await asyncio.sleep(0.2)
+                posted.update(await stack.post(event(2)))   # stored and offered meanwhile
+                # ... and read as due, as when its ingest began just before this look (as in
+                # test_deliveries_offered_during_a_look_are_sent_once)
+                return await spool.poll(time.time(), *args, **kwargs)
+            return await spool.poll(now, *args, **kwargs)
+
+    dispatcher.spool = SlowLook()
+    await stack.post(_sms(100), _sms(101))               # b busy: 2 of 2 slots for 0.5 s
+    await b.await_for(2, "/b", timeout=5)
+    await stack.post(event(1))                         # a round sees b busy
+    await a.await_for(1, "/a", timeout=5)
+    await stack.post(_sms(102), _sms(103))               # offered for b while it is busy
+    armed.append("next look")
+    await async_eventually(lambda: _value(len(posted)), lambda n: n >= 1, what="the look",
+                           timeout=5)
+    await stack.settle(posted["evt-2/a"], "delivered")
+    await b.await_for(4, "/b", timeout=5)
+    await asyncio.sleep(1.0)                           # a second send would be in by now
+    sent = Counter(r.headers["Webhook-Id"] for r in a.received("/a"))
+    record = await stack.delivery(posted["evt-2/a"])
+    assert sent[posted["evt-2/a"]] == 1, sent
+    assert record["attempt_count"] == 1
+
+
+async def test_events_after_an_abandoned_probe_are_sent_without_the_idle_recheck(
+        make_stack: Any, receivers: Callable[..., Receiver]) -> None:
+    """The probe of a suspended host fails to render (a '..' path segment), so it is given up
+    and the next request probes. The loop's last round saw the host probing: the next event
+    for it must still go at once (an offer for a destination missing from that round's view
+    woke nothing, and it waited for the 60 s recheck)."""
+    a = receivers()
+    a.answer(Answer(503))
+    stack = await make_stack(**receiver_config(
+        a, delivery={"max_retries": 0},
+        health={"consecutive_failures": 1, "min_failures": 100, "suspend_for": "200ms"},
+        destinations=[{"name": "a", "format": "template",
+                       "url": a.url + "/a/{{ event.attributes.p }}",
+                       "template": {"method": "POST", "body": {"type": "json", "fields": {
+                           "status": "{{ event.status }}"}}}}]))
+    first = await stack.post(event(1, attributes={"p": "x"}))
+    await stack.settle(first["evt-1/a"], "failed")     # 503: the host is suspended
+    probe = await stack.post(event(2, attributes={"p": ".."}))
+    failed = await stack.settle(probe["evt-2/a"], "failed", timeout=5)   # the probe, unsent
+    assert failed["attempts"][0]["error"].startswith("render")
+    await asyncio.sleep(0.1)
+    later = await stack.post(event(3, attributes={"p": "ok"}))
+    await stack.settle(later["evt-3/a"], "delivered", timeout=5)
+
+
+async def test_a_suspension_that_ends_during_a_look_does_not_leave_its_host_unlooked_for(
+        make_stack: Any, receivers: Callable[..., Receiver]) -> None:
+    """A look starts while host a is suspended (its destination left out) and returns after the
+    suspension ended: the loop must not sleep with 'a' unlooked for. (The round counted only
+    ends still to come, and an offer for 'a' then woke nothing: it waited for the 60 s
+    recheck.)"""
+    a, b = receivers(), receivers()
+    a.answer(Answer(503))
+    stack = await make_stack(**receiver_config(
+        a, delivery={"allowed_ports": [a.port, b.port], "max_retries": 0},
+        health={"consecutive_failures": 1, "min_failures": 100, "suspend_for": "300ms"},
+        destinations=[{"name": "a", "format": "braze", "url": f"{a.url}/a", "channels": ["email"]},
+                      {"name": "b", "format": "braze", "url": f"{b.url}/b", "channels": ["sms"]}]))
+    dispatcher = stack.dispatcher
+    spool, slow, looked = dispatcher.spool, [], []
+
+    class SlowLook:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(spool, name)
+
+        async def poll(self, now: float, *args: Any, **kwargs: Any) -> Any:
+            if slow and not looked:
+                looked.append(list(args[1]))          # the destinations asked for
+                await asyncio.sleep(0.5)               # a's suspension ends meanwhile
+            return await spool.poll(now, *args, **kwargs)
+
+    dispatcher.spool = SlowLook()
+    first = await stack.post(event(1))
+    await stack.settle(first["evt-1/a"], "failed")      # 503: a suspended for 0.3 s
+    slow.append(1)
+    dispatcher.wake()                                   # a replay, another process: a look
+    await async_eventually(lambda: _value(len(looked)), lambda n: n >= 1, what="the look",
+                           timeout=5)
+    await asyncio.sleep(0.7)                            # the look is over, so is the suspension
+    assert looked == [["b"]]
+    later = await stack.post(event(2))
+    await stack.settle(later["evt-2/a"], "delivered", timeout=5)

@@ -130,6 +130,54 @@ async def test_a_replica_holds_a_host_while_its_failures_could_trip_it(
     assert b.is_blocked(HOST, 1000.0) and b.state_of(HOST) == "suspended"
 
 
+async def test_a_hold_that_ends_because_the_count_was_reset_elsewhere_wakes_the_dispatcher(
+        spools: list[PostgresSpool]) -> None:
+    """Replica a last saw 8 of 10; b's success resets the shared count to 0; a's next two
+    failures hold the host (8 seen + 2 unanswered may be the 10th). Their answers (count 1, 2)
+    end the hold, and the dispatcher is woken: nothing else would (the held destination's
+    deliveries waited for the 60 s recheck; found by a review)."""
+    rules = RULES.model_copy(update={"consecutive_failures": 10})
+    a, b = (SharedHealth(rules, store=s, probe_lease=30.0, clock=s.clock) for s in spools[:2])
+    wakes: list[str] = []
+    a.wake = lambda: wakes.append("a")
+    for _ in range(8):                                # 8 of 10, answered: a saw 8
+        a.record(HOST, True, 1000.0)
+        await a.close()
+    await b.refresh()
+    b.record(HOST, False, 1000.0)                     # a success on b: the count back to 0
+    await b.close()
+    assert (await row(spools[0]))["consecutive"] == 0
+    a.record(HOST, True, 1000.0)
+    a.record(HOST, True, 1000.0)                      # 8 seen + 2 unanswered: held
+    assert not a.allow(HOST, 1000.0) and a.is_blocked(HOST, 1000.0)
+    before = len(wakes)
+    await a.close()                                   # answered: counts 1 and 2
+    assert a.allow(HOST, 1000.0) and not a.is_blocked(HOST, 1000.0)   # no longer held ...
+    assert len(wakes) > before, "the hold ended without waking the dispatcher"
+
+
+async def test_a_hold_that_ends_because_this_replica_reset_the_count_wakes_the_dispatcher(
+        spools: list[PostgresSpool]) -> None:
+    """One replica: 8 of 10 seen, two more failures in flight hold the host; a success from a
+    request sent before the hold resets the count (RESET answers first). The hold ends when
+    the RESET's answer is applied, and that wakes the dispatcher."""
+    rules = RULES.model_copy(update={"consecutive_failures": 10})
+    (a,) = (SharedHealth(rules, store=s, probe_lease=30.0, clock=s.clock) for s in spools[:1])
+    wakes: list[str] = []
+    a.wake = lambda: wakes.append("a")
+    for _ in range(8):
+        a.record(HOST, True, 1000.0)
+        await a.close()
+    a.record(HOST, False, 1000.0)                     # a success: RESET queued first
+    a.record(HOST, True, 1000.0)
+    a.record(HOST, True, 1000.0)                      # 8 seen + 2 unanswered: held
+    assert not a.allow(HOST, 1000.0)
+    before = len(wakes)
+    await a.close()
+    assert a.allow(HOST, 1000.0)
+    assert len(wakes) > before, "the hold ended without waking the dispatcher"
+
+
 async def test_one_replica_sends_the_probe(spools: list[PostgresSpool]) -> None:
     """When the suspension ends, replicas asking together get one probe between them; its
     success reopens the host for all."""
