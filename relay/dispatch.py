@@ -208,10 +208,10 @@ class Dispatcher:
         if len(taken) < len(fresh):
             left = {entry[4] for entry in fresh} - {entry[4] for entry in taken}
             self._covered = covered - left
-            now = self.clock()
-            # Open now (the last round's view may be stale: a probe given up, a suspension
-            # that ended during a look), but not covered by the last look: look now.
-            if any(self._is_open(name, now) for name in left):
+            # Open, but not covered by the last look: look now. (One closed then wakes the
+            # loop when it opens: a free slot, the end of a suspension, even one that ended
+            # during a look, a probe given up, a token, a shared hold let go.)
+            if not left.isdisjoint(open_):
                 self.wake()
         if not taken:
             return
@@ -337,18 +337,6 @@ class Dispatcher:
                  for name in names] + self._templated
         self._limited.update(name for name in open_ if not self.limits.ready(name, now))
         return [name for name in open_ if name not in self._limited]
-
-    def _is_open(self, name: str, now: float) -> bool:
-        """Whether this destination takes a delivery now (as _open_destinations judges)."""
-        target = self.destinations.get(name)
-        if target is None:
-            return False
-        host = target.host
-        if host is not None and (
-                self._host_load[host] >= self.config.delivery.per_host_concurrency
-                or self.health.is_blocked(host, now)):
-            return False
-        return self.limits.ready(name, now)
 
     def _room(self, limit: int) -> bool:
         """A request slot is free (delivery.concurrency), and few enough answered deliveries
