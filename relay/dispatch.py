@@ -134,6 +134,8 @@ class Dispatcher:
                                 # or below it are that look's to hand out
         self._looked_at = 0.0   # when the last look was made (IDLE_RECHECK applies under load)
         self._open: frozenset[str] = frozenset()  # destinations taking deliveries, last round
+        self._looking = False   # a look at the spool is under way
+        self._held_offers: list[Receipt] = []   # offers made during it, for after it
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
         # An event goes to several destinations: parse its stored JSON once, not per delivery.
@@ -197,6 +199,9 @@ class Dispatcher:
         a destination held back (a suspended or busy host, a rate limit) wakes nothing: the
         destination is no longer covered, so a look finds its deliveries when it opens again.
         A row a look could already see is that look's to hand out, never queued twice."""
+        if self._looking and receipt.fresh:
+            self._held_offers.append(receipt)  # the look under way decides (see _run)
+            return
         if not receipt.fresh or self._stopping or self._unrecorded or \
                 (self._ready and len(self._ready) + len(receipt.fresh) > PREFETCH) or \
                 (self._next_at is not None and self._next_at <= self.clock()):
@@ -279,11 +284,17 @@ class Dispatcher:
                     # backlog never stands in front of other hosts' deliveries.
                     exclude = self._inflight.keys() | self._unrecorded.keys() | \
                         self._still_parked(now)
-                    # No offer is taken while a look is under way (nothing is covered): the
-                    # look may return the same rows.
+                    # Offers made while the look reads wait for its answer (_held_offers):
+                    # it may return the same rows.
                     self._covered = frozenset()
                     changes, self._looked_at = self._changes, now
-                    batch = await self.spool.poll(now, max(limit * 4, PREFETCH), names, exclude)
+                    self._looking = True
+                    try:
+                        batch = await self.spool.poll(now, max(limit * 4, PREFETCH), names,
+                                                      exclude)
+                    finally:
+                        self._looking = False
+                        held, self._held_offers = self._held_offers, []
                     self._ready.extend(batch.due)
                     # It saw everything of the destinations it asked for only if it left
                     # nothing out and nothing changed while it read (a replay, a retry,
@@ -292,6 +303,10 @@ class Dispatcher:
                         self._changes == changes else frozenset()
                     self._next_at = batch.next_at
                     self._seen_upto = batch.seen_upto
+                    # Rows offered meanwhile are this look's if it could see them (seq up to
+                    # seen_upto); the others are offered again now, after what it saw.
+                    for receipt in held:
+                        self.offer(receipt)
                 if self._next_at is not None:
                     wait = min(max(0.0, self._next_at - now), IDLE_RECHECK)
                 started = self._start_some(limit)

@@ -705,3 +705,39 @@ async def test_a_suspension_that_ends_during_a_look_does_not_leave_its_host_unlo
     assert looked == [["b"]]
     later = await stack.post(event(2))
     await stack.settle(later["evt-2/a"], "delivered", timeout=5)
+
+
+async def test_offers_made_during_a_look_start_after_it_without_another(
+        make_stack: Any, receiver: Receiver) -> None:
+    """Events stored while a look is on its way back (it read the spool before they were
+    committed) are offered once the look has answered: they start from memory, each once,
+    and the look still counts as complete. (Every such offer made the look incomplete and
+    cost another look.)"""
+    stack = await make_stack(**receiver_config(receiver, destinations=[
+        {"name": "braze", "format": "braze", "url": f"{receiver.url}/braze"}]))
+    spool, looks, gate = stack.dispatcher.spool, [], asyncio.Event()
+
+    class LateLook:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(spool, name)
+
+        async def poll(self, *args: Any, **kwargs: Any) -> Any:
+            looks.append(1)
+            batch = await spool.poll(*args, **kwargs)   # read before the events below
+            if len(looks) == 1:
+                await gate.wait()
+            return batch
+
+    stack.dispatcher.spool = LateLook()
+    stack.dispatcher.wake()              # as a replay would: the next round looks
+    await async_eventually(lambda: _value(len(looks)), lambda n: n >= 1, what="a look")
+    await asyncio.sleep(0.05)            # (its read is done)
+    ids = await stack.post(*(event(i) for i in range(5)))
+    assert receiver.received("/braze") == []
+    gate.set()
+    for i in range(5):
+        await stack.settle(ids[f"evt-{i}/braze"], "delivered")
+    await asyncio.sleep(0.3)             # a second send would have arrived by now
+    assert sorted(r.headers["Webhook-Id"] for r in receiver.received("/braze")) == \
+        sorted(ids.values())
+    assert len(looks) == 1, len(looks)
