@@ -403,6 +403,21 @@ async def test_work_other_replicas_must_see_moves_the_work_mark(
     assert await moved()
 
 
+async def test_claims_given_back_past_a_looks_budget_move_the_work_mark(
+        spools: list[PostgresSpool]) -> None:
+    """A look that claimed more event JSON than its budget gives the rest back (UNCLAIM): that
+    moves ``work_mark`` as a release at close does, so the other replicas' followers hear of
+    them should this replica not look again (they waited for other work or the 60 s
+    recheck)."""
+    one, two, _ = spools
+    await one.ingest([item(1), item(2)])
+    before = await two.work_mark()
+    (kept,) = await one.due(1000.0, 10, ["a", "b"], budget=1)   # one kept, the rest given back
+    assert await two.work_mark() != before
+    taken = await two.due(1000.0, 10, ["a", "b"])
+    assert len(taken) == 3 and kept.seq not in {due.seq for due in taken}
+
+
 async def test_either_ingest_statement_moves_the_released_counter(
         spools: list[PostgresSpool], other: asyncpg.Connection) -> None:
     """Seqs can commit out of order (an ingest that drew a lower seq commits after one with a
