@@ -136,6 +136,7 @@ class Dispatcher:
         self._open: frozenset[str] = frozenset()  # destinations taking deliveries, last round
         self._looking = False   # a look at the spool is under way
         self._held_offers: list[Receipt] = []   # offers made during it, for after it
+        self._held_bytes = self._held_count = 0  # their events' JSON, their deliveries
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
         # An event goes to several destinations: parse its stored JSON once, not per delivery.
@@ -200,7 +201,14 @@ class Dispatcher:
         destination is no longer covered, so a look finds its deliveries when it opens again.
         A row a look could already see is that look's to hand out, never queued twice."""
         if self._looking and receipt.fresh:
-            self._held_offers.append(receipt)  # the look under way decides (see _run)
+            size = sum(map(len, receipt.bodies))
+            if self._held_bytes + size <= INFLIGHT_BYTES and \
+                    self._held_count + len(receipt.fresh) <= PREFETCH:
+                self._held_offers.append(receipt)  # the look under way decides (see _run)
+                self._held_bytes += size
+                self._held_count += len(receipt.fresh)
+            else:
+                self.wake()  # more than could start from memory: the next look finds them
             return
         if not receipt.fresh or self._stopping or self._unrecorded or \
                 (self._ready and len(self._ready) + len(receipt.fresh) > PREFETCH) or \
@@ -278,7 +286,9 @@ class Dispatcher:
                     self._forget()  # the backstop holds under steady traffic too
                 names = self._open_destinations(now)
                 self._open = frozenset(names)
+                looked = False
                 if self._room(limit) and not self._ready and not self._open <= self._covered:
+                    looked = True
                     # Fetch a good batch at once: one read per batch, not one per slot. Hosts
                     # that are suspended or at their limit are left out of the query, so their
                     # backlog never stands in front of other hosts' deliveries.
@@ -295,6 +305,7 @@ class Dispatcher:
                     finally:
                         self._looking = False
                         held, self._held_offers = self._held_offers, []
+                        self._held_bytes = self._held_count = 0
                     self._ready.extend(batch.due)
                     # It saw everything of the destinations it asked for only if it left
                     # nothing out and nothing changed while it read (a replay, a retry,
@@ -310,9 +321,11 @@ class Dispatcher:
                 if self._next_at is not None:
                     wait = min(max(0.0, self._next_at - now), IDLE_RECHECK)
                 started = self._start_some(limit)
-                if started and not self._ready and self._room(limit) and \
+                if (started or not looked) and not self._ready and self._room(limit) and \
                         not self._open <= self._covered:
-                    continue  # the batch is used up and slots are free: more may be due
+                    # the batch is used up and slots are free: more may be due; or this round
+                    # could not look and dropped what waited on held-back hosts: look now
+                    continue
                 # The end of a suspension lets its probe go. (An end already past wakes
                 # nothing: a host with nothing to send stays suspended, and its deliveries
                 # are looked for when they come; one passed over is asked for again at once.)
@@ -360,6 +373,10 @@ class Dispatcher:
 
     def _start_some(self, limit: int) -> int:
         """Start ready deliveries while slots are free, passing over busy or suspended hosts."""
+        if self._unrecorded or self._stopping:  # paused (an outcome waits to be recorded),
+            self._ready.clear()                 # or stopping: nothing new starts
+            self._forget()
+            return 0
         per_host = self.config.delivery.per_host_concurrency
         started = 0
         waiting: list[Due] = []

@@ -16,6 +16,7 @@ from standardwebhooks import Webhook
 
 import relay.dispatch
 from relay.config import load_config
+from relay.errors import SpoolError
 from relay.policy import next_attempt_at
 from tests.helpers import async_eventually, event, write_config
 from tests.receiver import Answer, Receiver, closed_port, receiver_config
@@ -593,7 +594,7 @@ def _sms(i: int) -> dict[str, Any]:
     return event(i, channel="sms", recipient={"phone": "+15555550100"})
 
 
-async def test_an_offer_taken_during_a_look_is_sent_twice(
+async def test_an_offer_made_during_a_look_is_sent_once(
         make_stack: Any, receivers: Callable[..., Receiver]) -> None:
     """A look starts while the last one still covers destination 'a' (host b just got a free
     slot, and b was dropped from the covered set by an offer while busy). An event for 'a'
@@ -741,3 +742,137 @@ async def test_offers_made_during_a_look_start_after_it_without_another(
     assert sorted(r.headers["Webhook-Id"] for r in receiver.received("/braze")) == \
         sorted(ids.values())
     assert len(looks) == 1, len(looks)
+
+
+def _two(a: Receiver, b: Receiver, **delivery: Any) -> dict[str, Any]:
+    return receiver_config(
+        a, delivery={"allowed_ports": [a.port, b.port], **delivery},
+        destinations=[{"name": "a", "format": "braze", "url": f"{a.url}/a", "channels": ["email"]},
+                      {"name": "b", "format": "braze", "url": f"{b.url}/b", "channels": ["sms"]}])
+
+
+async def test_a_wake_is_not_spent_on_a_round_that_only_drops_held_back_work(
+        make_stack: Any, receivers: Callable[..., Receiver]) -> None:
+    """Host b is at its limit with one more delivery of b waiting in the ready queue. A replay
+    for destination a wakes the loop: that round cannot look (the ready queue is not empty),
+    drops b's waiting delivery (so the next look can see other hosts' work) and sleeps. The
+    replayed delivery must go at once, not when b answers (4 s) or at the 60 s recheck."""
+    a, b = receivers(), receivers(Answer(200, delay=4.0))
+    a.answer(Answer(400))
+    stack = await make_stack(**_two(a, b, per_host_concurrency=2, timeout="10s"))
+    first = await stack.post(event(0))
+    await stack.settle(first["evt-0/a"], "failed")
+    await stack.post(_sms(1), _sms(2), _sms(3))   # b: two sent (4 s each), the third waits
+    await b.await_for(2, "/b", timeout=5)
+    await asyncio.sleep(0.1)
+    assert len(stack.dispatcher._ready) == 1      # b's third, in memory
+    started = time.monotonic()
+    resp = await stack.client.post(f"/v1/deliveries/{first['evt-0/a']}/retry")
+    assert resp.status == 202
+    await a.await_for(2, "/a", timeout=8)
+    took = time.monotonic() - started
+    assert took < 1.0, f"the replayed delivery went {took:.1f}s after the replay"
+
+
+async def test_a_replay_while_a_rate_limited_backlog_waits_in_memory_goes_at_once(
+        make_stack: Any, receivers: Callable[..., Receiver]) -> None:
+    """As above with b held back by its rate limit (a token every 20 s): the replayed delivery
+    for a waited for b's next token."""
+    a, b = receivers(), receivers(Answer(200, delay=1.0))
+    a.answer(Answer(400))
+    config = _two(a, b)
+    config["destinations"][1]["rate_limit"] = {"per_second": 0.05, "burst": 1}
+    stack = await make_stack(**config)
+    first = await stack.post(event(0))
+    await stack.settle(first["evt-0/a"], "failed")
+    await stack.post(_sms(1), _sms(2), _sms(3))   # b: one sent, two wait for tokens
+    await async_eventually(lambda: _value(stack.dispatcher.in_flight), lambda n: n == 1,
+                           what="b's first in flight")
+    await asyncio.sleep(0.1)
+    assert len(stack.dispatcher._ready) == 2      # in memory, waiting for b's tokens
+    started = time.monotonic()
+    resp = await stack.client.post(f"/v1/deliveries/{first['evt-0/a']}/retry")
+    assert resp.status == 202
+    try:
+        await a.await_for(2, "/a", timeout=3)
+    except AssertionError:
+        raise AssertionError("the replayed delivery was not sent within 3 s") from None
+    assert time.monotonic() - started < 1.0
+
+
+async def test_offers_held_during_a_look_keep_bounded_memory(make_stack: Any,
+                                                              receiver: Receiver) -> None:
+    """Offers made while a look is under way are kept, with their events' stored JSON, until
+    it answers: within the dispatcher's byte budget for events in flight (and PREFETCH
+    deliveries), the rest being found by the next look. A look that took a while (a slow
+    disk, a checkpoint) while ingest went on kept every event stored meanwhile."""
+    stack = await make_stack(**receiver_config(receiver, destinations=[
+        {"name": "braze", "format": "braze", "url": f"{receiver.url}/braze"}]))
+    dispatcher = stack.dispatcher
+    spool, looks, gate = dispatcher.spool, [], asyncio.Event()
+
+    class StalledLook:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(spool, name)
+
+        async def poll(self, *args: Any, **kwargs: Any) -> Any:
+            looks.append(1)
+            batch = await spool.poll(*args, **kwargs)
+            if len(looks) == 1:
+                await gate.wait()
+            return batch
+
+    dispatcher.spool = StalledLook()
+    dispatcher.wake()
+    await async_eventually(lambda: _value(len(looks)), lambda n: n >= 1, what="a look")
+    pad = "x" * 200_000
+    ids: dict[str, str] = {}
+    for i in range(30):                      # 6 MB of events while the look is out
+        ids.update(await stack.post(event(i, attributes={"pad": pad})))
+    held = sum(len(body) for receipt in dispatcher._held_offers for body in receipt.bodies)
+    gate.set()
+    for delivery_id in ids.values():
+        await stack.settle(delivery_id, "delivered")
+    assert held <= relay.dispatch.INFLIGHT_BYTES, f"{held:,} bytes of events held"
+
+
+async def test_no_attempt_starts_while_dispatching_is_paused(make_stack: Any,
+                                                            receiver: Receiver) -> None:
+    """An outcome the spool cannot take pauses dispatching ("meanwhile no new attempt
+    starts"). When that happens while a look is under way, the look's batch must not be sent
+    (it was: the round went on to start it)."""
+    receiver.answer(Answer(200, delay=0.2))
+    stack = await make_stack(**receiver_config(receiver, destinations=[
+        {"name": "braze", "format": "braze", "url": f"{receiver.url}/braze"}]))
+    dispatcher = stack.dispatcher
+    spool, failing, looks, posted = dispatcher.spool, [True], [], {}
+
+    class Wrapped:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(spool, name)
+
+        async def record_attempt(self, *args: Any, **kwargs: Any) -> None:
+            if failing:
+                raise SpoolError("disk full")
+            await spool.record_attempt(*args, **kwargs)
+
+        async def poll(self, now: float, *args: Any, **kwargs: Any) -> Any:
+            looks.append(1)
+            if len(looks) == 1:
+                posted.update(await stack.post(event(2)))   # held; committed before the read
+                await asyncio.sleep(0.5)                     # event 1's outcome fails meanwhile
+                return await spool.poll(time.time(), *args, **kwargs)
+            return await spool.poll(now, *args, **kwargs)
+
+    first = await stack.post(event(1))
+    await async_eventually(lambda: _value(dispatcher.in_flight), lambda n: n == 1,
+                           what="event 1 in flight")
+    dispatcher.spool = Wrapped()
+    dispatcher.wake()                                        # a look, while 1 is in flight
+    await async_eventually(lambda: _value(len(posted)), lambda n: n >= 1, what="the look")
+    await asyncio.sleep(0.6)
+    paused = dispatcher.not_ready()
+    sent = [r.headers["Webhook-Id"] for r in receiver.received("/braze")]
+    failing.clear()
+    assert paused is not None
+    assert sent == [first["evt-1/braze"]], "an attempt started while dispatching was paused"
