@@ -136,7 +136,7 @@ class Dispatcher:
         self._open: frozenset[str] = frozenset()  # destinations taking deliveries, last round
         self._looking = False   # a look at the spool is under way
         self._held_offers: list[Receipt] = []   # offers made during it, for after it
-        self._held_bytes = self._held_count = 0  # their events' JSON, their deliveries
+        self._held_bytes = 0    # their events' stored JSON
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
         # An event goes to several destinations: parse its stored JSON once, not per delivery.
@@ -202,13 +202,11 @@ class Dispatcher:
         A row a look could already see is that look's to hand out, never queued twice."""
         if self._looking and receipt.fresh:
             size = sum(map(len, receipt.bodies))
-            if self._held_bytes + size <= INFLIGHT_BYTES and \
-                    self._held_count + len(receipt.fresh) <= PREFETCH:
+            if self._held_bytes + size <= INFLIGHT_BYTES:
                 self._held_offers.append(receipt)  # the look under way decides (see _run)
                 self._held_bytes += size
-                self._held_count += len(receipt.fresh)
             else:
-                self.wake()  # more than could start from memory: the next look finds them
+                self.wake()  # memory is bounded in bytes: the next look finds these
             return
         if not receipt.fresh or self._stopping or self._unrecorded or \
                 (self._ready and len(self._ready) + len(receipt.fresh) > PREFETCH) or \
@@ -305,7 +303,7 @@ class Dispatcher:
                     finally:
                         self._looking = False
                         held, self._held_offers = self._held_offers, []
-                        self._held_bytes = self._held_count = 0
+                        self._held_bytes = 0
                     self._ready.extend(batch.due)
                     # It saw everything of the destinations it asked for only if it left
                     # nothing out and nothing changed while it read (a replay, a retry,
