@@ -265,9 +265,9 @@ PENDING_BY_DESTINATION = ("SELECT destination, count(*) FROM deliveries WHERE st
                           "GROUP BY destination")
 OLDEST_DUE = "SELECT min(not_before) FROM deliveries WHERE state = 'pending' AND not_before <= $1"
 
-# Give claims back (a due batch over its byte budget): they are claimable again at once.
-# Claims given back (past a look's budget): counted in ``released`` as RELEASE's are, so the
-# other replicas' followers hear of them should this replica not look again.
+# Give claims back (a due batch over its byte budget): they are claimable again at once, and
+# counted in ``released`` as RELEASE's are, so the other replicas' followers hear of them
+# should this replica not look again.
 UNCLAIM = """
 WITH r AS (UPDATE deliveries SET lease_owner = NULL, lease_until = NULL
            WHERE seq = ANY($1::bigint[]) AND lease_owner = $2 RETURNING 1)
