@@ -261,7 +261,7 @@ class Dispatcher:
         return len(self._inflight)
 
     async def _run(self) -> None:
-        limit = self._limit = self.config.delivery.concurrency  # (restart to change)
+        self._limit = self.config.delivery.concurrency  # (restart to change)
         record_wait = 1.0
         self._forget()  # (re)started: nothing seen yet
         while not self._stopping:
@@ -286,7 +286,7 @@ class Dispatcher:
                 names = self._open_destinations(now)
                 self._open = frozenset(names)
                 looked = False
-                if self._room(limit) and not self._ready and not self._open <= self._covered:
+                if self._room() and not self._ready and not self._open <= self._covered:
                     looked = True
                     # Fetch a good batch at once: one read per batch, not one per slot. Hosts
                     # that are suspended or at their limit are left out of the query, so their
@@ -299,7 +299,7 @@ class Dispatcher:
                     changes, self._looked_at = self._changes, now
                     self._looking = True
                     try:
-                        batch = await self.spool.poll(now, max(limit * 4, PREFETCH), names,
+                        batch = await self.spool.poll(now, max(self._limit * 4, PREFETCH), names,
                                                       exclude)
                     finally:
                         self._looking = False
@@ -319,8 +319,8 @@ class Dispatcher:
                         self.offer(receipt)
                 if self._next_at is not None:
                     wait = min(max(0.0, self._next_at - now), IDLE_RECHECK)
-                started = self._start_some(limit)
-                if (started or not looked) and not self._ready and self._room(limit) and \
+                started = self._start_some()
+                if (started or not looked) and not self._ready and self._room() and \
                         not self._open <= self._covered:
                     # the batch is used up and slots are free: more may be due; or this round
                     # could not look and dropped what waited on held-back hosts: look now
@@ -365,12 +365,13 @@ class Dispatcher:
         self._limited.update(name for name in open_ if not self.limits.ready(name, now))
         return [name for name in open_ if name not in self._limited]
 
-    def _room(self, limit: int) -> bool:
+    def _room(self) -> bool:
         """A request slot is free (delivery.concurrency), and few enough answered deliveries
         wait for their outcome's commit."""
+        limit = self._limit
         return len(self._requesting) < limit and len(self._inflight) < limit + RECORDING_MAX
 
-    def _start_some(self, limit: int) -> int:
+    def _start_some(self) -> int:
         """Start ready deliveries while slots are free, passing over busy or suspended hosts."""
         if self._unrecorded or self._stopping:  # paused (an outcome waits to be recorded),
             self._ready.clear()                 # or stopping: nothing new starts
@@ -380,7 +381,7 @@ class Dispatcher:
         started = 0
         waiting: list[Due] = []
         now = self.clock()
-        while self._ready and self._room(limit):
+        while self._ready and self._room():
             due = self._ready.popleft()
             if due.seq in self._inflight:
                 continue  # already under way (queued twice): never sent twice at once
@@ -419,7 +420,7 @@ class Dispatcher:
             self._inflight_bytes += size
             self._inflight[due.seq] = asyncio.create_task(self._attempt(due, target, prepared))
             started += 1
-        if len(self._requesting) < limit and not self._room(limit):
+        if len(self._requesting) < self._limit and not self._room():
             self._starved = True  # starts (and looks) wait for outcomes to be committed
         self._ready.extendleft(reversed(waiting))  # keep their place, oldest first
         if waiting and not started:
