@@ -514,3 +514,32 @@ async def test_a_group_aborted_to_break_a_deadlock_is_run_again(pg_dsn: str) -> 
     finally:
         await other.close()
         await spool.close()
+
+
+async def test_an_ingest_does_not_wait_behind_a_group_of_outcomes(pg_dsn: str) -> None:
+    """Attempt outcomes and ingests are group-committed in lanes of their own: a sender's 202
+    does not wait for outcomes to commit (at 1,000 events/s one writer for both was busy all
+    the time, docs/performance.md). Here an outcome's statement waits on a row another
+    transaction holds; an ingest still commits at once, and the outcome once the row is free."""
+    spool = PostgresSpool(pg_dsn, clock=Clock())
+    await spool.open()
+    other = await asyncpg.connect(pg_dsn)
+    try:
+        await spool.ingest([item(1)])
+        first = (await spool.due(1000, 10, ["a"]))[0]
+        tx = other.transaction()
+        await tx.start()
+        await other.execute("SELECT 1 FROM relay.deliveries WHERE seq = $1 FOR UPDATE", first.seq)
+        outcome = asyncio.ensure_future(record(spool, first, "delivered"))
+        await asyncio.sleep(0.3)                       # the outcome's statement waits on the row
+        assert not outcome.done()
+        receipt = await asyncio.wait_for(spool.ingest_receipt([item(2)]), 5)
+        assert receipt.stored == 1
+        assert not outcome.done()
+        await tx.rollback()
+        await asyncio.wait_for(outcome, 5)
+        got = await spool.get_delivery(first.delivery_id)
+        assert got is not None and (got.state, got.attempts) == ("delivered", 1)
+    finally:
+        await other.close()
+        await spool.close()

@@ -12,13 +12,14 @@ Guarantees, as in the SQLite spool:
 
 * Durable on 202: ``ingest_receipt`` resolves after COMMIT (synchronous_commit as the server
   has it; the default, on, flushes the WAL before COMMIT returns).
-* Group commit: every ingest and attempt outcome queued while the previous group ran goes into
-  the next one, written with set-based statements (postgres_sql.py): the outcomes in one
-  statement (on a connection that does not wait for the WAL flush, as SQLite's writer does for
-  them), the ingests in one more (``INGEST``: the dedupe claim and the insert of events with
-  their deliveries), or, when a sender id repeats or spool.max_events would be passed, in a
-  transaction of a dedupe upsert and one insert. Each request stays all or nothing: one refused
-  for spool.max_events adds no rows.
+* Group commit, in two lanes: every ingest queued while the previous ingest group ran goes
+  into the next one, and so does every attempt outcome in its own lane, written with set-based
+  statements (postgres_sql.py): the outcomes in one statement (on a connection that does not
+  wait for the WAL flush, as SQLite's writer does for them), the ingests in one more
+  (``INGEST``: the dedupe claim and the insert of events with their deliveries), or, when a
+  sender id repeats or spool.max_events would be passed, in a transaction of a dedupe upsert
+  and one insert. Each request stays all or nothing: one refused for spool.max_events adds no
+  rows. A sender's 202 never waits behind a group of outcomes.
 * Dedupe by a unique key: ``sender_ids`` is upserted (``ON CONFLICT``), replacing a row only
   when it is older than spool.dedupe_window, so a repeat after the window is stored again.
 * A lost database connection is not a crash: jobs fail with SpoolError (the server answers 503
@@ -70,8 +71,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("relay.spool")
 
 MAX_GROUP = 512          # jobs per transaction, as in the SQLite writer
-WRITERS = 1              # groups committing at once: more measured slower (they wait on the
-                         # counters row and the sender-id index; bench/postgres.py)
+LANES = ("ingest", "record")   # one group writer each: a group of ingests at a time (more
+                         # measured slower: they wait on the counters row and the sender-id
+                         # index; bench/postgres.py), and beside it a group of outcomes, which
+                         # nobody answers a sender for (docs/performance.md)
 PROBE_EVERY = 0.5        # seconds between reconnect attempts while the database is unreachable
 LIGHT_CONNECTIONS = 2    # of pool_size: for claims and outcomes (no WAL flush); one of
                          # them stays free for claims while the writer's outcome waits
@@ -102,7 +105,6 @@ async def _no_reset(conn: asyncpg.Connection) -> None:
 
 @dataclass(slots=True)
 class _Job:
-    kind: str                               # "ingest" | "record"
     args: Any
     future: asyncio.Future[Any] = field(repr=False)
 
@@ -131,11 +133,11 @@ class PostgresSpool:
         self.replica = replica or replica_id()
         self.clock = clock
         self.is_open = False
-        self.groups = 0             # groups run by the group writer since open()
+        self.groups = 0             # groups run by the group writers since open()
         self._pool: asyncpg.Pool | None = None
         self._light: asyncpg.Pool | None = None   # synchronous_commit off: see _fetch_lightly
-        self._jobs: deque[_Job] = deque()
-        self._wake = asyncio.Event()
+        self._jobs: dict[str, deque[_Job]] = {lane: deque() for lane in LANES}
+        self._wake: dict[str, asyncio.Event] = {lane: asyncio.Event() for lane in LANES}
         self._writers: list[asyncio.Task[None]] = []
         self._probe: asyncio.Task[None] | None = None
         self._closing = False
@@ -182,10 +184,11 @@ class PostgresSpool:
             raise SpoolError(f"cannot connect to spool.postgres.dsn: {exc}") from exc
         self._up = True
         self.is_open = True
-        # Two groups in flight: one is built and sent while the other waits for its COMMIT
-        # (concurrent transactions are safe here as they are between replicas).
-        self._writers = [asyncio.create_task(self._write_forever(), name=f"relay-spool-pg-writer-{n}")
-                         for n in range(WRITERS)]
+        # An ingest group and an outcome group in flight at once (concurrent transactions are
+        # safe here as they are between replicas; they meet only on the counters row).
+        self._writers = [asyncio.create_task(self._write_forever(lane),
+                                             name=f"relay-spool-pg-writer-{lane}")
+                         for lane in LANES]
 
     async def _create_pool(self, size: int, settings: dict[str, str]) -> asyncpg.Pool:
         # reset: asyncpg's default sends "SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN
@@ -202,7 +205,8 @@ class PostgresSpool:
         if self._pool is None:
             return
         self._closing = True
-        self._wake.set()
+        for wake in self._wake.values():
+            wake.set()
         await asyncio.gather(*self._writers)
         self._writers = []
         for task in (self._probe,):
@@ -323,30 +327,24 @@ class PostgresSpool:
     def _submit(self, kind: str, args: Any) -> asyncio.Future[Any]:
         self._check_writable()
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._jobs.append(_Job(kind, args, future))
-        self._wake.set()
+        self._jobs[kind].append(_Job(args, future))
+        self._wake[kind].set()
         return future
 
-    async def _write_forever(self) -> None:
-        """Take every job queued while the previous group ran; run them in one transaction."""
+    async def _write_forever(self, lane: str) -> None:
+        """Take every job of ``lane`` queued while its previous group ran; run them as one
+        group (one statement in the common case: see _ingest_group), committed on its own."""
+        jobs, wake = self._jobs[lane], self._wake[lane]
         while True:
-            if not self._jobs:
+            if not jobs:
                 if self._closing:
                     return
-                self._wake.clear()
-                await self._wake.wait()
+                wake.clear()
+                await wake.wait()
                 continue
-            group = [self._jobs.popleft() for _ in range(min(MAX_GROUP, len(self._jobs)))]
-            await self._run_group(group)
-
-    async def _run_group(self, group: list[_Job]) -> None:
-        """The group's attempt outcomes, then its ingests: each part is one statement in the
-        common case (see _ingest_group), committed on its own."""
-        self.groups += 1
-        for kind in ("record", "ingest"):
-            part = [job for job in group if job.kind == kind]
-            if part:
-                await self._run_part(kind, part)
+            group = [jobs.popleft() for _ in range(min(MAX_GROUP, len(jobs)))]
+            self.groups += 1
+            await self._run_part(lane, group)
 
     async def _run_part(self, kind: str, jobs: list[_Job]) -> None:
         try:
