@@ -53,6 +53,7 @@ INFLIGHT_BYTES = 4 << 20     # events of the attempts under way (one attempt at 
 # share a commit), beyond delivery.concurrency: they hold no request slot, so a slow commit
 # costs no sending, up to this many.
 RECORDING_MAX = 256
+LOOK_HISTORY = 16            # looks whose claims are kept to sort out PostgreSQL offers
 PARKED_MAX = 10_000          # deliveries remembered as held for a suspended chosen endpoint
 RECORD_RETRY_MAX = 30.0      # longest wait between tries to record a kept outcome
 
@@ -135,6 +136,10 @@ class Dispatcher:
         self._looked_at = 0.0   # when the last look was made (IDLE_RECHECK applies under load)
         self._open: frozenset[str] = frozenset()  # destinations taking deliveries, last round
         self._looking = False   # a look at the spool is under way
+        self._looks = 0         # looks begun (PostgreSQL offers: see offer_mark)
+        # (look number, seqs it claimed) of the last LOOK_HISTORY looks: PostgreSQL rows
+        # offered by an ingest that such a look overlapped may be among them (see offer)
+        self._claimed: deque[tuple[int, frozenset[int]]] = deque(maxlen=LOOK_HISTORY)
         self._held_offers: list[Receipt] = []   # offers made during it, for after it
         self._held_bytes = 0    # their events' stored JSON
         self._stopping = False
@@ -189,10 +194,26 @@ class Dispatcher:
         self._forget()
         self._wake.set()
 
+    def offer_mark(self) -> int | None:
+        """PostgreSQL: asked as an ingest is queued. A number has its pending deliveries
+        stored leased to this replica, so no other replica can claim them, and offered with
+        that number (``receipt.mark``): the looks begun before it, so the looks after it are
+        those that may have claimed the same rows (this replica's own lease does not stop
+        them; see offer). None leaves them to any replica's look: while this replica would
+        not take them (stopping, paused, its last look incomplete, its ready queue full or
+        every request slot busy)."""
+        if self._stopping or self._unrecorded or len(self._ready) >= PREFETCH or \
+                len(self._requesting) >= self._limit:
+            return None
+        if self._looking:
+            return self._looks - 1   # the look under way may claim them too
+        return self._looks if self._covered else None
+
     def offer(self, receipt: Receipt) -> None:
-        """Deliveries this process's ingest has just committed (``receipt.fresh``, SQLite; a
-        PostgreSQL receipt has none, and its offer is a wake-up): they join the ready queue
-        from memory, so a stored event costs no read of the spool before its attempt. They are
+        """Deliveries this process's ingest has just committed (``receipt.fresh``; on
+        PostgreSQL only those stored leased to this replica, see offer_mark; without them the
+        offer is a wake-up): they join the ready queue from memory, so a stored event costs no
+        read of the spool before its attempt. They are
         the spool's rows as it would hand them out, and the spool stays the authority. They
         are taken only for destinations open in the last round whose every due delivery the
         last look saw (so they overtake no older due work, such as a retry) while the ready
@@ -200,7 +221,10 @@ class Dispatcher:
         otherwise the offer is an ordinary wake-up and a look finds them, oldest first. One for
         a destination held back (a suspended or busy host, a rate limit) wakes nothing: the
         destination is no longer covered, so a look finds its deliveries when it opens again.
-        A row a look could already see is that look's to hand out, never queued twice."""
+        A row a look could already see is that look's to hand out, never queued twice: on
+        SQLite by the look's snapshot (``seen_upto``); on PostgreSQL, where this replica's
+        looks may claim the rows leased to it, by what the looks begun since the ingest was
+        queued (``receipt.mark``) claimed."""
         if self._looking and receipt.fresh:
             size = sum(map(len, receipt.bodies))
             if self._held_bytes + size <= INFLIGHT_BYTES:
@@ -216,6 +240,12 @@ class Dispatcher:
             return
         open_, covered, seen = self._open, self._covered, self._seen_upto
         fresh = [entry for entry in receipt.fresh if entry[2] > seen]
+        if receipt.mark is not None and receipt.mark != self._looks:
+            claimed = self._claimed_since(receipt.mark)
+            if claimed is None:
+                self.wake()  # too many looks since to tell: the next look hands them out
+                return
+            fresh = [entry for entry in fresh if entry[2] not in claimed]
         taken = [entry for entry in fresh if entry[4] in covered and entry[4] in open_]
         if len(taken) < len(fresh):
             left = {entry[4] for entry in fresh} - {entry[4] for entry in taken}
@@ -230,6 +260,13 @@ class Dispatcher:
         dues = receipt._replace(fresh=taken).dues()
         self._ready.extend(dues)
         self._wake.set()
+
+    def _claimed_since(self, mark: int) -> set[int] | None:
+        """The seqs claimed by the looks after look ``mark``; None if some are forgotten."""
+        claims = [seqs for number, seqs in self._claimed if number > mark]
+        if len(claims) < self._looks - mark:
+            return None
+        return set().union(*claims)
 
     def _forget(self) -> None:
         """The spool may hold due work this process has not seen: the next round looks."""
@@ -298,6 +335,7 @@ class Dispatcher:
                     self._covered = frozenset()
                     changes, self._looked_at = self._changes, now
                     self._looking = True
+                    self._looks += 1
                     try:
                         batch = await self.spool.poll(now, max(self._limit * 4, PREFETCH), names,
                                                       exclude)
@@ -306,6 +344,7 @@ class Dispatcher:
                         held, self._held_offers = self._held_offers, []
                         self._held_bytes = 0
                     self._ready.extend(batch.due)
+                    self._claimed.append((self._looks, frozenset(due.seq for due in batch.due)))
                     # It saw everything of the destinations it asked for only if it left
                     # nothing out and nothing changed while it read (a replay, a retry,
                     # another process's events).

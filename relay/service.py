@@ -86,6 +86,9 @@ async def run(loaded: Loaded, *, metrics: Metrics | None = None,
             supervisor=supervisor, **_health_for(config, spool))
         if isinstance(dispatcher.health, SharedHealth):  # replicas share suspensions and work
             dispatcher.health.wake = dispatcher.wake
+            from relay.spool.postgres import PostgresSpool  # (asyncpg: an optional extra)
+            assert isinstance(spool, PostgresSpool)
+            spool.offers = dispatcher.offer_mark   # fresh deliveries start from memory here too
             supervisor.spawn("shared-health", dispatcher.health.follow)
             supervisor.spawn("other-replicas",
                              lambda: _follow_other_replicas(spool, dispatcher.wake))

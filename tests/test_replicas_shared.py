@@ -427,9 +427,9 @@ async def test_either_ingest_statement_moves_the_released_counter(
     two = spools[1]
     for n, statement in enumerate((sql.INGEST, sql.INSERT)):
         events = ([f"e{n}"], [False], [1000.0], [1], [f'{{"id":"e{n}"}}'])
-        deliveries = ([f"dlv_{n}"], [1], ["a"], ["pending"], [1000.0], [None])
-        args = ([[], [], [], 0.0, *events, *deliveries, 1, 1000] if statement == sql.INGEST
-                else [*events, *deliveries, 1])
+        deliveries = ([f"dlv_{n}"], [1], ["a"], ["pending"], [1000.0], [None], [None])
+        args = ([[], [], [], 0.0, *events, *deliveries, "r1", 1, 1000]
+                if statement == sql.INGEST else [*events, *deliveries, "r1", 1])
         before = await two.work_mark()
         await other.fetch(statement, *args)
         after = await two.work_mark()

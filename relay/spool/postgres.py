@@ -134,6 +134,11 @@ class PostgresSpool:
         self.clock = clock
         self.is_open = False
         self.groups = 0             # groups run by the group writers since open()
+        # Set by the service to its dispatcher's offer_mark: called as each ingest is queued,
+        # a number (the dispatcher's look count) means "store its pending deliveries leased
+        # to this replica and offer them" (the receipt carries their rows and the number, and
+        # no other replica can claim them); None, store them for any replica to claim.
+        self.offers: Callable[[], int | None] | None = None
         self._pool: asyncpg.Pool | None = None
         self._light: asyncpg.Pool | None = None   # synchronous_commit off: see _fetch_lightly
         self._jobs: dict[str, deque[_Job]] = {lane: deque() for lane in LANES}
@@ -394,15 +399,18 @@ class PostgresSpool:
         it stores everything unless a sender id is a repeat or spool.max_events would be
         passed, and then writes nothing; the group then runs as a transaction of a dedupe
         upsert and one insert, refusing requests one by one (_ingest_checked)."""
-        plan = _plan(jobs)
+        plan = _plan(jobs, self.lease)
         hopeful = _assemble(jobs, plan, set(plan.claim[0]), {}, None, self.max_events)
         claimed: set[str] = set()
+        leased: dict[str, str] = {}
         written = False
-        for kind, sender, _value in await conn.fetch(
+        for kind, key, value in await conn.fetch(
                 sql.INGEST, *plan.claim, plan.since, *hopeful.events, *hopeful.deliveries,
-                hopeful.total_open, self.max_events):
+                self.replica, hopeful.total_open, self.max_events):
             if kind == "c":
-                claimed.add(sender)
+                claimed.add(key)
+            elif kind == "l":
+                leased[key] = value
             elif kind == "w":
                 written = True
         if not written:
@@ -410,7 +418,7 @@ class PostgresSpool:
                 return await self._ingest_checked(conn, jobs, plan)
         raced = [i for i in plan.claim[0] if i not in claimed]
         if not raced:
-            return hopeful.answers
+            return _offered(jobs, plan, hopeful.answers, leased)
         # Another replica stored these sender ids after the statement's snapshot: their
         # events were left out. They are duplicates of what it stored. The group is committed
         # now: whatever happens next must not run it again.
@@ -420,7 +428,8 @@ class PostgresSpool:
             known, why = {}, f"cannot read the deliveries of a repeated sender id: {exc}"
         else:
             why = "a repeated sender id's deliveries were pruned meanwhile"
-        answers = _assemble(jobs, plan, claimed, known, None, self.max_events).answers
+        answers = _offered(jobs, plan, _assemble(jobs, plan, claimed, known, None,
+                                                 self.max_events).answers, leased)
         if len(known) == len(raced):
             return answers
         # Their jobs get a 503, never an answer naming deliveries that were not stored. (The
@@ -449,11 +458,13 @@ class PostgresSpool:
         if raced:  # inserted by a concurrent transaction that committed while we waited
             known.update(await conn.fetch(sql.SENDER_IDS, raced))
         done = _assemble(jobs, plan, claimed, known, open_events, self.max_events)
+        leased: dict[str, str] = {}
         if done.events[0]:
-            await conn.execute(sql.INSERT, *done.events, *done.deliveries, done.total_open)
+            leased = dict(await conn.fetch(sql.INSERT, *done.events, *done.deliveries,
+                                           self.replica, done.total_open))
         if done.fixes:
             await conn.execute(sql.FIX_SENDER_IDS, list(done.fixes), list(done.fixes.values()))
-        return done.answers
+        return _offered(jobs, plan, done.answers, leased)
 
     async def _record_group(self, conn: asyncpg.Connection, outcomes: list[tuple[Any, ...]]) -> None:
         """Attempt outcomes in one statement; those whose lease another replica took since are
@@ -481,7 +492,7 @@ class PostgresSpool:
         return Receipt(*await self._submit("ingest", (now, now - self.dedupe_window, [
             (a.id, bool(a.sender_id), a.received_at, a.body,
              [(r.destination, r.state, r.reason) for r in routes])
-            for a, routes in events])))
+            for a, routes in events], self.offers() if self.offers is not None else None)))
 
     async def ingest(self, events: Sequence[tuple[Accepted, Sequence[Route]]]) -> list[Ingested]:
         """ingest_receipt, with the receipt as one Ingested per event."""
@@ -661,14 +672,15 @@ class _Plan(NamedTuple):
     first: dict[str, int]                      # sender id -> the job it first occurs in
     claim: tuple[list[str], list[float], list[str]]   # ids (sorted), received_at, listing
     since: float                               # the oldest job's dedupe window start
+    lease_until: list[float | None]            # per job: its offered deliveries' lease end
 
 
-def _plan(jobs: list[_Job]) -> _Plan:
+def _plan(jobs: list[_Job], lease: float) -> _Plan:
     events: list[list[tuple[Created, str]]] = []
     first: dict[str, int] = {}
     found: dict[str, tuple[float, str]] = {}
     for j, job in enumerate(jobs):
-        now, _since, job_events = job.args
+        now, _since, job_events, _mark = job.args
         prefix = delivery_id_prefix(now)
         planned = []
         for event_id, sender_id, received_at, _body, routes in job_events:
@@ -685,7 +697,8 @@ def _plan(jobs: list[_Job]) -> _Plan:
     # same order, and cannot deadlock on each other there.
     ids = sorted(found)
     claim = (ids, [found[i][0] for i in ids], [found[i][1] for i in ids])
-    return _Plan(events, first, claim, min(job.args[1] for job in jobs))
+    return _Plan(events, first, claim, min(job.args[1] for job in jobs),
+                 [None if job.args[3] is None else job.args[0] + lease for job in jobs])
 
 
 class _Assembled(NamedTuple):
@@ -703,12 +716,13 @@ def _assemble(jobs: list[_Job], plan: _Plan, claimed: set[str], known: dict[str,
     take the spool past ``max_events`` (``open_events`` of them now) is refused whole; None:
     the statement checks the room (sql.INGEST)."""
     events_cols: tuple[list[Any], ...] = ([], [], [], [], [])
-    deliveries_cols: tuple[list[Any], ...] = ([], [], [], [], [], [])
+    deliveries_cols: tuple[list[Any], ...] = ([], [], [], [], [], [], [])
     fixes: dict[str, str | None] = {}
     answers: list[tuple[Exception | None, Any]] = []
     total_open = 0
     for j, (job, planned) in enumerate(zip(jobs, plan.events, strict=True)):
-        now, _since, events = job.args
+        now, _since, events, _mark = job.args
+        lease_until = plan.lease_until[j]
         entries: list[str] = []
         skipped: list[str] = []
         job_events: list[tuple[Any, ...]] = []
@@ -727,7 +741,8 @@ def _assemble(jobs: list[_Job], plan: _Plan, claimed: set[str], known: dict[str,
             new_open += pending > 0
             job_events.append((event_id, sender_id, received_at, pending, body))
             ordinal = len(job_events)
-            job_deliveries += [(did, ordinal, dest, state, now, reason)
+            job_deliveries += [(did, ordinal, dest, state, now, reason,
+                                lease_until if state == "pending" else None)
                                for (dest, did, state), (_, _, reason)
                                in zip(created, routes, strict=True)]
             if pending < len(created):
@@ -750,10 +765,35 @@ def _assemble(jobs: list[_Job], plan: _Plan, claimed: set[str], known: dict[str,
         for row in job_events:
             for col, value in zip(events_cols, row, strict=True):
                 col.append(value)
-        for did, ordinal, dest, state, at, reason in job_deliveries:
+        for did, ordinal, dest, state, at, reason, until in job_deliveries:
             for col, value in zip(deliveries_cols, (did, base + ordinal, dest, state, at,
-                                                    reason), strict=True):
+                                                    reason, until), strict=True):
                 col.append(value)
         answers.append((None, ("[" + ",".join(entries) + "]", len(job_events),
                                len(entries) - len(job_events), skipped, new_open > 0)))
     return _Assembled(answers, events_cols, deliveries_cols, total_open, fixes)
+
+
+def _offered(jobs: list[_Job], plan: _Plan, answers: list[tuple[Exception | None, Any]],
+             leased: dict[str, str]) -> list[tuple[Exception | None, Any]]:
+    """The answers as Receipt fields: with, for a job whose deliveries were stored leased to
+    this replica (``leased``: delivery id -> "seq event_seq"), their rows as ``fresh`` (the
+    event's place in the request, event seq, delivery seq, delivery id, destination), the
+    events' bodies and the job's offer mark."""
+    done: list[tuple[Exception | None, Any]] = []
+    for job, planned, (error, answer) in zip(jobs, plan.events, answers, strict=True):
+        if error is not None:
+            done.append((error, answer))
+            continue
+        mark = job.args[3]
+        fresh: list[tuple[int, int, int, str, str]] = []
+        if mark is not None and leased:
+            for index, (created, _listing) in enumerate(planned):
+                for dest, did, _state in created:
+                    row = leased.get(did)
+                    if row is not None:
+                        seq, event_seq = row.split(" ")
+                        fresh.append((index, int(event_seq), int(seq), did, dest))
+        bodies = [event[3] for event in job.args[2]] if fresh else []
+        done.append((None, (*answer, fresh, bodies, mark if fresh else None)))
+    return done

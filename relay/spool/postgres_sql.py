@@ -37,8 +37,11 @@ def _stored(events: int, deliveries: int, where: str = "") -> str:
     """The CTEs ``e``, ``ins_e`` and ``ins_d`` that store a group's events (parameters from
     ``$events``: id, sender_id, received_at, pending, body; each seq drawn here, in order) and
     their deliveries (from ``$deliveries``: delivery_id, the event's place in the group,
-    destination, state, now, reason). INSERT and INGEST share them, so both paths store
-    alike; ``where`` filters the events."""
+    destination, state, now, reason, lease_until, and then the replica stored as lease_owner
+    where lease_until is not NULL: the deliveries its dispatcher is offered, see
+    PostgresSpool.offers). ``ins_d`` returns each delivery's id, seq, event seq and whether it
+    is leased. INSERT and INGEST share them, so both paths store alike; ``where`` filters the
+    events."""
     e, d = events, deliveries
     return f"""
 e AS MATERIALIZED (
@@ -51,36 +54,41 @@ ins_e AS (
     SELECT seq, id, sender_id, received_at, pending, body FROM e),
 ins_d AS (
     INSERT INTO deliveries(delivery_id, event_seq, destination, state, not_before, created_at,
-                           updated_at, reason)
-    SELECT d.delivery_id, e.seq, d.destination, d.state, d.now, d.now, d.now, d.reason
+                           updated_at, reason, lease_owner, lease_until)
+    SELECT d.delivery_id, e.seq, d.destination, d.state, d.now, d.now, d.now, d.reason,
+           CASE WHEN d.lease_until IS NOT NULL THEN ${d + 7}::text END, d.lease_until
     FROM unnest(${d}::text[], ${d + 1}::bigint[], ${d + 2}::text[], ${d + 3}::text[],
-                ${d + 4}::float8[], ${d + 5}::text[])
-         WITH ORDINALITY AS d(delivery_id, event_ord, destination, state, now, reason, ord)
+                ${d + 4}::float8[], ${d + 5}::text[], ${d + 6}::float8[])
+         WITH ORDINALITY AS d(delivery_id, event_ord, destination, state, now, reason,
+                              lease_until, ord)
     JOIN e ON e.ord = d.event_ord
-    ORDER BY d.ord)"""
+    ORDER BY d.ord
+    RETURNING delivery_id, seq, event_seq, lease_owner IS NOT NULL AS leased)"""
 
 
 # Events with their deliveries (joined on the event's place in the group), and the open-events
-# counter, in one statement.
-INSERT = "WITH" + _stored(1, 6) + """
-UPDATE counters SET open_events = open_events + $12, released = released + 1
+# counter, in one statement. Answers the leased deliveries: id, and "seq event_seq".
+INSERT = "WITH" + _stored(1, 6) + """,
+cnt AS (UPDATE counters SET open_events = open_events + $14, released = released + 1)
+SELECT delivery_id, seq || ' ' || event_seq FROM ins_d WHERE leased
 """
 
 # A group's ingests in one statement, committed on its own (no BEGIN or COMMIT round trip):
 # CLAIM and INSERT together, for the common case. It writes nothing unless no sender id of the
-# group ($1) is a repeat within the dedupe window ($4) and the group's open events ($16) fit
-# under spool.max_events ($17); the group then runs as CLAIM + INSERT in a transaction, which
+# group ($1) is a repeat within the dedupe window ($4) and the group's open events ($18) fit
+# under spool.max_events ($19); the group then runs as CLAIM + INSERT in a transaction, which
 # refuses requests one by one. A sender id another transaction stored after this statement's
 # snapshot is not claimed, and its event is left out (the caller reads the winner's
-# deliveries). Answers: 'c' rows claimed now, and one row, 'w' (written) or 'n' (nothing
-# written), with open_events as the statement saw it.
+# deliveries). Answers: 'c' rows claimed now, 'l' the deliveries stored leased (id, "seq
+# event_seq"), and one row, 'w' (written) or 'n' (nothing written), with open_events as the
+# statement saw it.
 INGEST = """
 WITH input AS (
     SELECT * FROM unnest($1::text[], $2::float8[], $3::text[]) AS t(id, received_at, deliveries)),
 go AS MATERIALIZED (
     SELECT NOT EXISTS (SELECT 1 FROM sender_ids s
                        WHERE s.id IN (SELECT id FROM input) AND s.received_at >= $4)
-           AND open_events + $16 <= $17 AS ok, open_events
+           AND open_events + $18 <= $19 AS ok, open_events
     FROM counters),
 claimed AS (
     INSERT INTO sender_ids AS s(id, received_at, deliveries)
@@ -95,6 +103,8 @@ cnt AS (
                         released = released + 1
     WHERE (SELECT ok FROM go))
 SELECT 'c' AS kind, id, NULL AS value FROM claimed
+UNION ALL
+SELECT 'l', delivery_id, seq || ' ' || event_seq FROM ins_d WHERE leased
 UNION ALL
 SELECT CASE WHEN ok THEN 'w' ELSE 'n' END, NULL, open_events::text FROM go
 """

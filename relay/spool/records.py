@@ -19,11 +19,14 @@ class Receipt(NamedTuple):
     duplicates: int         # events whose id was seen within the dedupe window
     skipped: list[str]      # destination of every skipped delivery created now
     pending: bool           # some delivery created now awaits sending: wake the dispatcher
-    # SQLite only: (index of the event in the request, event seq, delivery seq, delivery id,
-    # destination) of each pending delivery created now, and the events' stored JSON, so this
-    # process's dispatcher can start them from memory (``dues``) instead of reading them back.
+    # (index of the event in the request, event seq, delivery seq, delivery id, destination)
+    # of each pending delivery created now, and the events' stored JSON, so this process's
+    # dispatcher can start them from memory (``dues``) instead of reading them back. SQLite:
+    # always; PostgreSQL: when they were stored leased to this replica, with ``mark``, the
+    # dispatcher's look count when the ingest was queued (Dispatcher.offer_mark).
     fresh: Sequence[tuple[int, int, int, str, str]] = ()
     bodies: Sequence[str] = ()
+    mark: int | None = None
 
     def dues(self) -> list[Due]:
         """The pending deliveries created now, as the spool would hand them out when due."""
