@@ -20,7 +20,7 @@ import logging
 import random
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -137,8 +137,8 @@ class Dispatcher:
         self._open: frozenset[str] = frozenset()  # destinations taking deliveries, last round
         self._looking = False   # a look at the spool is under way
         self._looks = 0         # looks begun (PostgreSQL offers: see offer_mark)
-        # (look number, seqs it claimed) of the last LOOK_HISTORY looks: PostgreSQL rows
-        # offered by an ingest that such a look overlapped may be among them (see offer)
+        # (look number, seqs it claimed or gave back) of the last LOOK_HISTORY looks:
+        # PostgreSQL rows offered by an ingest that such a look overlapped may be among them
         self._claimed: deque[tuple[int, frozenset[int]]] = deque(maxlen=LOOK_HISTORY)
         self._held_offers: list[Receipt] = []   # offers made during it, for after it
         self._held_bytes = 0    # their events' stored JSON
@@ -194,20 +194,38 @@ class Dispatcher:
         self._forget()
         self._wake.set()
 
-    def offer_mark(self) -> int | None:
-        """PostgreSQL: asked as an ingest is queued. A number has its pending deliveries
-        stored leased to this replica, so no other replica can claim them, and offered with
-        that number (``receipt.mark``): the looks begun before it, so the looks after it are
-        those that may have claimed the same rows (this replica's own lease does not stop
-        them; see offer). None leaves them to any replica's look: while this replica would
-        not take them (stopping, paused, its last look incomplete, its ready queue full or
-        every request slot busy)."""
-        if self._stopping or self._unrecorded or len(self._ready) >= PREFETCH or \
-                len(self._requesting) >= self._limit:
+    def offer_mark(self, destinations: Collection[str]) -> tuple[int, dict[str, int]] | None:
+        """PostgreSQL: asked as an ingest with pending deliveries for ``destinations`` is
+        queued. The answer says how many deliveries of which destinations this replica would
+        start at once (a free request slot each, overall and at the host): those are stored
+        leased to it, so no other replica can claim them, and offered with the number
+        (``receipt.mark``): the looks begun before, so the looks after it are those that may
+        have claimed the same rows (this replica's own lease does not stop them; see offer).
+        The others are any replica's: all of them while this replica is stopping, paused or
+        its ready queue is full; those of a destination its last look did not cover (or the
+        look under way is not asking for) or over its rate limit; and those beyond the free
+        slots (a burst to a slow host is shared among the replicas)."""
+        free = self._limit - len(self._requesting)
+        if self._stopping or self._unrecorded or len(self._ready) >= PREFETCH or free <= 0:
             return None
-        if self._looking:
-            return self._looks - 1   # the look under way may claim them too
-        return self._looks if self._covered else None
+        looking = self._looking
+        usable = self._open if looking else self._covered
+        if not usable:
+            return None
+        per_host, now = self.config.delivery.per_host_concurrency, self.clock()
+        taken: dict[str, int] = {}
+        for name in destinations:
+            target = self.destinations.get(name)
+            if name not in usable or target is None or not self.limits.ready(name, now):
+                continue
+            slots = free if target.host is None else \
+                min(free, per_host - self._host_load[target.host])
+            if slots > 0:
+                taken[name] = slots
+        if not taken:
+            return None
+        return (self._looks - 1 if looking else self._looks), taken  # (the look under way
+        #                                                              may claim them too)
 
     def offer(self, receipt: Receipt) -> None:
         """Deliveries this process's ingest has just committed (``receipt.fresh``; on
@@ -221,10 +239,8 @@ class Dispatcher:
         otherwise the offer is an ordinary wake-up and a look finds them, oldest first. One for
         a destination held back (a suspended or busy host, a rate limit) wakes nothing: the
         destination is no longer covered, so a look finds its deliveries when it opens again.
-        A row a look could already see is that look's to hand out, never queued twice: on
-        SQLite by the look's snapshot (``seen_upto``); on PostgreSQL, where this replica's
-        looks may claim the rows leased to it, by what the looks begun since the ingest was
-        queued (``receipt.mark``) claimed."""
+        A row a look could already see is that look's to hand out, never queued twice (on
+        PostgreSQL, see below)."""
         if self._looking and receipt.fresh:
             size = sum(map(len, receipt.bodies))
             if self._held_bytes + size <= INFLIGHT_BYTES:
@@ -241,6 +257,9 @@ class Dispatcher:
         open_, covered, seen = self._open, self._covered, self._seen_upto
         fresh = [entry for entry in receipt.fresh if entry[2] > seen]
         if receipt.mark is not None and receipt.mark != self._looks:
+            # PostgreSQL: this replica's looks may claim the rows leased to it (and give back
+            # those past their budget: anyone's then). What the looks begun since the ingest
+            # was queued claimed or gave back is theirs to hand out, or the other replicas'.
             claimed = self._claimed_since(receipt.mark)
             if claimed is None:
                 self.wake()  # too many looks since to tell: the next look hands them out
@@ -255,6 +274,8 @@ class Dispatcher:
             # during a look, a probe given up, a token, a shared hold let go.)
             if not left.isdisjoint(open_):
                 self.wake()
+        if receipt.unoffered:
+            self.wake()  # PostgreSQL: the rest of them are any replica's, this one's looks too
         if not taken:
             return
         dues = receipt._replace(fresh=taken).dues()
@@ -262,7 +283,8 @@ class Dispatcher:
         self._wake.set()
 
     def _claimed_since(self, mark: int) -> set[int] | None:
-        """The seqs claimed by the looks after look ``mark``; None if some are forgotten."""
+        """The seqs claimed or given back by the looks after look ``mark``; None if some
+        are forgotten."""
         claims = [seqs for number, seqs in self._claimed if number > mark]
         if len(claims) < self._looks - mark:
             return None
@@ -344,7 +366,8 @@ class Dispatcher:
                         held, self._held_offers = self._held_offers, []
                         self._held_bytes = 0
                     self._ready.extend(batch.due)
-                    self._claimed.append((self._looks, frozenset(due.seq for due in batch.due)))
+                    self._claimed.append((self._looks, frozenset(
+                        [*(due.seq for due in batch.due), *batch.given_back])))
                     # It saw everything of the destinations it asked for only if it left
                     # nothing out and nothing changed while it read (a replay, a retry,
                     # another process's events).

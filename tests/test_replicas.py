@@ -3,6 +3,7 @@ any replica, leases around slow and dead replicas, and a SIGTERM that hands work
 
 from __future__ import annotations
 
+import re
 import signal
 import threading
 from pathlib import Path
@@ -158,7 +159,9 @@ def test_a_dead_replicas_claims_are_taken_when_their_lease_ends(tmp_path: Path,
 def test_sigterm_hands_claims_to_the_other_replicas(tmp_path: Path, pg_dsn: str) -> None:
     """A replica told to stop (SIGTERM) with slow attempts in flight abandons them after the
     drain timeout, releases every claim (not left to expire: the lease here is 10 minutes),
-    says how many deliveries it leaves pending, exits 0; the other replica delivers them."""
+    says how many deliveries it leaves pending, exits 0; the other replica delivers them.
+    (Those it had not started may not be its claims at all: beyond its free request slots,
+    the deliveries it stored are any replica's.)"""
     with Receiver(Answer(200, delay=20)) as receiver:
         one, two = relays = replicas(tmp_path, pg_dsn, receiver, 2,
                                      spool={"postgres": {"lease": "10m"}},
@@ -173,7 +176,11 @@ def test_sigterm_hands_claims_to_the_other_replicas(tmp_path: Path, pg_dsn: str)
             receiver.set_default(Answer(200))
             log = one.log()
             assert "abandoning 4 attempts still in flight" in log
-            assert "replica r0 released 30 claimed deliveries; 30 deliveries pending" in log
+            # its 4 attempts' claims at least: those it had not started are claimed already
+            # when its ingest's deliveries came beyond its free request slots (offers)
+            released = re.search(r"replica r0 released (\d+) claimed deliveries; 30 "
+                                 r"deliveries pending", log)
+            assert released is not None and 4 <= int(released[1]) <= 30, log
             eventually(lambda: delivered(receiver), lambda d: len(d) == 30, timeout=30,
                        what="every delivery the stopped replica left, delivered by the other")
         finally:

@@ -134,11 +134,12 @@ class PostgresSpool:
         self.clock = clock
         self.is_open = False
         self.groups = 0             # groups run by the group writers since open()
-        # Set by the service to its dispatcher's offer_mark: called as each ingest is queued,
-        # a number (the dispatcher's look count) means "store its pending deliveries leased
-        # to this replica and offer them" (the receipt carries their rows and the number, and
-        # no other replica can claim them); None, store them for any replica to claim.
-        self.offers: Callable[[], int | None] | None = None
+        # Set by the service to its dispatcher's offer_mark: called as each ingest is queued
+        # with the destinations it has pending deliveries for; (number, {destination: n})
+        # means "store the first n deliveries of each such destination leased to this replica
+        # and offer them" (the receipt carries their rows and the number; no other replica
+        # can claim them); None, or the rest: stored for any replica to claim.
+        self.offers: Callable[[Collection[str]], tuple[int, dict[str, int]] | None] | None = None
         self._pool: asyncpg.Pool | None = None
         self._light: asyncpg.Pool | None = None   # synchronous_commit off: see _fetch_lightly
         self._jobs: dict[str, deque[_Job]] = {lane: deque() for lane in LANES}
@@ -489,10 +490,15 @@ class PostgresSpool:
         events already await delivery, SpoolError when the database cannot be reached.
         """
         now = self.clock()
+        offer = None
+        if self.offers is not None:
+            pending = {r.destination for _, routes in events for r in routes
+                       if r.state == "pending"}
+            offer = self.offers(pending) if pending else None
         return Receipt(*await self._submit("ingest", (now, now - self.dedupe_window, [
             (a.id, bool(a.sender_id), a.received_at, a.body,
              [(r.destination, r.state, r.reason) for r in routes])
-            for a, routes in events], self.offers() if self.offers is not None else None)))
+            for a, routes in events], offer)))
 
     async def ingest(self, events: Sequence[tuple[Accepted, Sequence[Route]]]) -> list[Ingested]:
         """ingest_receipt, with the receipt as one Ingested per event."""
@@ -509,11 +515,12 @@ class PostgresSpool:
 
     async def _claim(self, statement: str, now: float, limit: int, destinations: Sequence[str],
                      exclude: Collection[int], budget: int
-                     ) -> tuple[list[Due], bool, float | None]:
+                     ) -> tuple[list[Due], bool, float | None, list[int]]:
         """``due`` by ``statement`` (DUE, or LOOK); whether it claimed every row it could (none
-        was given back for the budget, and fewer than ``limit`` were due); LOOK's next time."""
+        was given back for the budget, and fewer than ``limit`` were due); LOOK's next time;
+        the rows given back (their lease cleared, offered ones too: see Dispatcher.offer)."""
         if not destinations or limit <= 0:
-            return [], False, None
+            return [], False, None, []
         rows = await self._fetch_lightly(statement, list(destinations), list(exclude), now,
                                          self.replica, self.clock(), limit, self.lease)
         next_at = next((row[10] for row in rows if row[0] is None), None)
@@ -526,11 +533,11 @@ class PostgresSpool:
                 break
             kept.append(row)
             total += len(row[8])
-        if len(kept) < len(rows):
-            await self._fetch_lightly(sql.UNCLAIM, [row[0] for row in rows[len(kept):]],
-                                      self.replica)
-        everything = len(rows) < limit and len(kept) == len(rows)
-        return [Due(*row[:9]) for row in kept], everything, next_at
+        given_back = [row[0] for row in rows[len(kept):]]
+        if given_back:
+            await self._fetch_lightly(sql.UNCLAIM, given_back, self.replica)
+        everything = len(rows) < limit and not given_back
+        return [Due(*row[:9]) for row in kept], everything, next_at, given_back
 
     async def poll(self, now: float, limit: int, destinations: Sequence[str],
                    exclude: Collection[int] = ()) -> DueBatch:
@@ -539,10 +546,10 @@ class PostgresSpool:
         Work that other replicas store or give back later is not in it: the service's
         follower (relay/service.py, ``_follow_other_replicas``) wakes the dispatcher for that,
         as replays and shared suspensions do."""
-        rows, everything, next_at = await self._claim(sql.LOOK, now, limit, destinations,
-                                                      exclude, DUE_BUDGET)
+        rows, everything, next_at, given_back = await self._claim(
+            sql.LOOK, now, limit, destinations, exclude, DUE_BUDGET)
         if not everything:
-            return DueBatch(rows, False, None)
+            return DueBatch(rows, False, None, given_back=given_back)
         if next_at is not None and next_at <= now:
             # Due, yet not claimed: another replica's claim held it locked (SKIP LOCKED) and the
             # statement's snapshot saw it as before. That claim has usually committed by now: a
@@ -655,7 +662,8 @@ class PostgresSpool:
 
     async def stats(self) -> dict[str, int]:
         """``open_events`` (events with a delivery still pending, checked against
-        spool.max_events) and ``groups`` (groups the group writer ran since open())."""
+        spool.max_events) and ``groups`` (groups the group writers ran since open(), ingests
+        and outcomes)."""
         return {"open_events": int(await self._fetchval(sql.OPEN_EVENTS)), "groups": self.groups}
 
 
@@ -672,7 +680,9 @@ class _Plan(NamedTuple):
     first: dict[str, int]                      # sender id -> the job it first occurs in
     claim: tuple[list[str], list[float], list[str]]   # ids (sorted), received_at, listing
     since: float                               # the oldest job's dedupe window start
-    lease_until: list[float | None]            # per job: its offered deliveries' lease end
+    leases: list[tuple[float, dict[str, int]] | None]   # per job: its offered deliveries'
+                                                         # lease end, and how many of which
+                                                         # destinations
 
 
 def _plan(jobs: list[_Job], lease: float) -> _Plan:
@@ -680,7 +690,7 @@ def _plan(jobs: list[_Job], lease: float) -> _Plan:
     first: dict[str, int] = {}
     found: dict[str, tuple[float, str]] = {}
     for j, job in enumerate(jobs):
-        now, _since, job_events, _mark = job.args
+        now, _since, job_events, _offer = job.args
         prefix = delivery_id_prefix(now)
         planned = []
         for event_id, sender_id, received_at, _body, routes in job_events:
@@ -698,7 +708,8 @@ def _plan(jobs: list[_Job], lease: float) -> _Plan:
     ids = sorted(found)
     claim = (ids, [found[i][0] for i in ids], [found[i][1] for i in ids])
     return _Plan(events, first, claim, min(job.args[1] for job in jobs),
-                 [None if job.args[3] is None else job.args[0] + lease for job in jobs])
+                 [None if job.args[3] is None else (job.args[0] + lease, job.args[3][1])
+                  for job in jobs])
 
 
 class _Assembled(NamedTuple):
@@ -721,14 +732,16 @@ def _assemble(jobs: list[_Job], plan: _Plan, claimed: set[str], known: dict[str,
     answers: list[tuple[Exception | None, Any]] = []
     total_open = 0
     for j, (job, planned) in enumerate(zip(jobs, plan.events, strict=True)):
-        now, _since, events, _mark = job.args
-        lease_until = plan.lease_until[j]
+        now, _since, events, _offer = job.args
+        until, caps = plan.leases[j] or (None, {})
+        left = dict(caps)   # deliveries still to lease, per destination, in the job's order
         entries: list[str] = []
         skipped: list[str] = []
         job_events: list[tuple[Any, ...]] = []
         job_deliveries: list[tuple[Any, ...]] = []
         job_known: dict[str, str] = {}
         new_open = 0
+        unoffered = False   # a pending delivery stored now, not leased here (any replica's)
         for (event_id, sender_id, received_at, body, routes), (created, listing) in \
                 zip(events, planned, strict=True):
             if sender_id:
@@ -741,10 +754,15 @@ def _assemble(jobs: list[_Job], plan: _Plan, claimed: set[str], known: dict[str,
             new_open += pending > 0
             job_events.append((event_id, sender_id, received_at, pending, body))
             ordinal = len(job_events)
-            job_deliveries += [(did, ordinal, dest, state, now, reason,
-                                lease_until if state == "pending" else None)
-                               for (dest, did, state), (_, _, reason)
-                               in zip(created, routes, strict=True)]
+            for (dest, did, state), (_, _, reason) in zip(created, routes, strict=True):
+                lease = None
+                if state == "pending":
+                    if left.get(dest, 0) > 0:
+                        left[dest] -= 1
+                        lease = until
+                    else:
+                        unoffered = True
+                job_deliveries.append((did, ordinal, dest, state, now, reason, lease))
             if pending < len(created):
                 skipped += [dest for dest, _, state in created if state == "skipped"]
             entries.append(receipt_entry(event_id, created, False))
@@ -765,29 +783,32 @@ def _assemble(jobs: list[_Job], plan: _Plan, claimed: set[str], known: dict[str,
         for row in job_events:
             for col, value in zip(events_cols, row, strict=True):
                 col.append(value)
-        for did, ordinal, dest, state, at, reason, until in job_deliveries:
+        for did, ordinal, dest, state, at, reason, lease in job_deliveries:
             for col, value in zip(deliveries_cols, (did, base + ordinal, dest, state, at,
-                                                    reason, until), strict=True):
+                                                    reason, lease), strict=True):
                 col.append(value)
         answers.append((None, ("[" + ",".join(entries) + "]", len(job_events),
-                               len(entries) - len(job_events), skipped, new_open > 0)))
+                               len(entries) - len(job_events), skipped, new_open > 0,
+                               unoffered)))
     return _Assembled(answers, events_cols, deliveries_cols, total_open, fixes)
 
 
 def _offered(jobs: list[_Job], plan: _Plan, answers: list[tuple[Exception | None, Any]],
              leased: dict[str, str]) -> list[tuple[Exception | None, Any]]:
-    """The answers as Receipt fields: with, for a job whose deliveries were stored leased to
-    this replica (``leased``: delivery id -> "seq event_seq"), their rows as ``fresh`` (the
-    event's place in the request, event seq, delivery seq, delivery id, destination), the
-    events' bodies and the job's offer mark."""
+    """The answers (_assemble's) as Receipt fields: with, for a job whose deliveries were
+    stored leased to this replica (``leased``: delivery id -> "seq event_seq"), their rows as
+    ``fresh`` (the event's place in the request, event seq, delivery seq, delivery id,
+    destination), the events' bodies, the job's offer mark, and whether other pending
+    deliveries were stored for any replica."""
     done: list[tuple[Exception | None, Any]] = []
     for job, planned, (error, answer) in zip(jobs, plan.events, answers, strict=True):
         if error is not None:
             done.append((error, answer))
             continue
-        mark = job.args[3]
+        *fields, unoffered = answer
+        offer = job.args[3]
         fresh: list[tuple[int, int, int, str, str]] = []
-        if mark is not None and leased:
+        if offer is not None and leased:
             for index, (created, _listing) in enumerate(planned):
                 for dest, did, _state in created:
                     row = leased.get(did)
@@ -795,5 +816,6 @@ def _offered(jobs: list[_Job], plan: _Plan, answers: list[tuple[Exception | None
                         seq, event_seq = row.split(" ")
                         fresh.append((index, int(event_seq), int(seq), did, dest))
         bodies = [event[3] for event in job.args[2]] if fresh else []
-        done.append((None, (*answer, fresh, bodies, mark if fresh else None)))
+        done.append((None, (*fields, fresh, bodies, offer[0] if fresh else None,
+                            unoffered and bool(fresh))))
     return done

@@ -277,7 +277,8 @@ OLDEST_DUE = "SELECT min(not_before) FROM deliveries WHERE state = 'pending' AND
 
 # Give claims back (a due batch over its byte budget): they are claimable again at once, and
 # counted in ``released`` as RELEASE's are, so the other replicas' followers hear of them
-# should this replica not look again.
+# should this replica not look again. Rows stored leased to this replica (offers) that the
+# look had claimed are given back too: the dispatcher leaves them out of their offer.
 UNCLAIM = """
 WITH r AS (UPDATE deliveries SET lease_owner = NULL, lease_until = NULL
            WHERE seq = ANY($1::bigint[]) AND lease_owner = $2 RETURNING 1)

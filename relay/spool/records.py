@@ -27,6 +27,7 @@ class Receipt(NamedTuple):
     fresh: Sequence[tuple[int, int, int, str, str]] = ()
     bodies: Sequence[str] = ()
     mark: int | None = None
+    unoffered: bool = False  # PostgreSQL: some of those are not in ``fresh`` (any replica's)
 
     def dues(self) -> list[Due]:
         """The pending deliveries created now, as the spool would hand them out when due."""
@@ -76,6 +77,8 @@ class DueBatch(NamedTuple):
     next_at: float | None   # the earliest time another delivery falls due, if known
     seen_upto: int = 0      # SQLite: every delivery up to this seq was visible to the read
                             # (due ones are in ``due`` unless left out or cut); else 0
+    given_back: Sequence[int] = ()  # PostgreSQL: rows it claimed and gave back (past its
+                                    # budget): any replica's now
 
 
 @dataclass(frozen=True, slots=True)
