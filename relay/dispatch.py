@@ -20,7 +20,7 @@ import logging
 import random
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -194,34 +194,47 @@ class Dispatcher:
         self._forget()
         self._wake.set()
 
-    def offer_mark(self, destinations: Collection[str]) -> tuple[int, dict[str, int]] | None:
-        """PostgreSQL: asked as an ingest with pending deliveries for ``destinations`` is
-        queued. The answer says how many deliveries of which destinations this replica would
-        start at once (a free request slot each, overall and at the host): those are stored
-        leased to it, so no other replica can claim them, and offered with the number
-        (``receipt.mark``): the looks begun before, so the looks after it are those that may
-        have claimed the same rows (this replica's own lease does not stop them; see offer).
-        The others are any replica's: all of them while this replica is stopping, paused or
-        its ready queue is full; those of a destination its last look did not cover (or the
-        look under way is not asking for) or over its rate limit; and those beyond the free
-        slots (a burst to a slow host is shared among the replicas)."""
-        free = self._limit - len(self._requesting)
-        if self._stopping or self._unrecorded or len(self._ready) >= PREFETCH or free <= 0:
+    def offer_mark(self, wanted: Mapping[str, int]) -> tuple[int, dict[str, int]] | None:
+        """PostgreSQL: asked as an ingest with ``wanted[d]`` pending deliveries for each
+        destination d is queued. The answer says how many of them this replica would start at
+        once: those are stored leased to it, so no other replica can claim them, and offered
+        with the number (``receipt.mark``): the looks begun before, so the looks after it are
+        those that may have claimed the same rows (this replica's own lease does not stop
+        them; see offer). The rest are any replica's: all of them while this replica is
+        stopping or paused; those of a destination its last look did not cover (or the look
+        under way is not asking for) or whose host is held; and those beyond its free request
+        slots (overall, less its ready queue, and at each host, shared by the host's
+        destinations) or its rate limit's tokens, so a burst is shared among the replicas.
+        (Ingests queued together each see the same free slots: they may lease a few more,
+        which then wait here as a look's prefetch does.)"""
+        free = self._limit - len(self._requesting) - len(self._ready)
+        if self._stopping or self._unrecorded or free <= 0:
             return None
         looking = self._looking
         usable = self._open if looking else self._covered
         if not usable:
             return None
         per_host, now = self.config.delivery.per_host_concurrency, self.clock()
+        host_free: dict[str, int] = {}
         taken: dict[str, int] = {}
-        for name in destinations:
+        for name, count in wanted.items():
             target = self.destinations.get(name)
-            if name not in usable or target is None or not self.limits.ready(name, now):
+            if name not in usable or target is None:
                 continue
-            slots = free if target.host is None else \
-                min(free, per_host - self._host_load[target.host])
-            if slots > 0:
-                taken[name] = slots
+            n = self.limits.available(name, now, min(count, free))
+            host = target.host
+            if host is not None:
+                if self.health.is_blocked(host, now):
+                    continue
+                n = min(n, host_free.get(host, per_host - self._host_load[host]))
+            if n <= 0:
+                continue
+            taken[name] = n
+            free -= n
+            if host is not None:
+                host_free[host] = host_free.get(host, per_host - self._host_load[host]) - n
+            if free <= 0:
+                break
         if not taken:
             return None
         return (self._looks - 1 if looking else self._looks), taken  # (the look under way
@@ -266,16 +279,18 @@ class Dispatcher:
                 return
             fresh = [entry for entry in fresh if entry[2] not in claimed]
         taken = [entry for entry in fresh if entry[4] in covered and entry[4] in open_]
+        # (PostgreSQL: deliveries stored for any replica, beside the offered ones, are this
+        # replica's to look for too, as declined ones are)
+        left = receipt.unoffered
         if len(taken) < len(fresh):
-            left = {entry[4] for entry in fresh} - {entry[4] for entry in taken}
+            left = left | ({entry[4] for entry in fresh} - {entry[4] for entry in taken})
+        if left:
             self._covered = covered - left
             # Open, but not covered by the last look: look now. (One closed then wakes the
             # loop when it opens: a free slot, the end of a suspension, even one that ended
             # during a look, a probe given up, a token, a shared hold let go.)
             if not left.isdisjoint(open_):
                 self.wake()
-        if receipt.unoffered:
-            self.wake()  # PostgreSQL: the rest of them are any replica's, this one's looks too
         if not taken:
             return
         dues = receipt._replace(fresh=taken).dues()

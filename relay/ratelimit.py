@@ -99,6 +99,14 @@ class RateLimits:
         bucket = self.buckets.get(destination)
         return bucket is None or bucket.ready(now)
 
+    def available(self, destination: str, now: float, most: int) -> int:
+        """How many of ``most`` deliveries could take a token now (takes nothing)."""
+        bucket = self.buckets.get(destination)
+        if bucket is None:
+            return most
+        bucket._refill(now)
+        return min(most, int(bucket.tokens))
+
     def take(self, destination: str, now: float) -> bool:
         """Use a token of ``destination`` (always True when it has no limit)."""
         bucket = self.buckets.get(destination)

@@ -166,7 +166,7 @@ async def test_events_at_a_trickle_start_without_a_claim(pg_stack: Any,
     """Each event is delivered before the next arrives: offered from memory, not claimed by
     a look. (Every event cost a claim statement before: 20 looks for these 20 events.)"""
     stack = await pg_stack(**_braze(receiver))
-    await async_eventually(lambda: stack.dispatcher.offer_mark({"braze"}) is not None,
+    await async_eventually(lambda: stack.dispatcher.offer_mark({"braze": 1}) is not None,
                            what="a first complete look")
     reads: list[str] = []
     _counting(stack.dispatcher, reads)
@@ -186,7 +186,7 @@ async def test_a_look_that_claimed_offered_rows_first_hands_them_out_alone(
     leaves those rows out. Here the look delivers them before the offer is made."""
     stack = await pg_stack(**_braze(receiver))
     dispatcher, spool = stack.dispatcher, stack.spool
-    await async_eventually(lambda: dispatcher.offer_mark({"braze"}) is not None,
+    await async_eventually(lambda: dispatcher.offer_mark({"braze": 1}) is not None,
                            what="a first complete look")
     receipt, ids = await _stored(stack, 1, 2, 3)   # the offer is kept back
     assert receipt.mark is not None and len(receipt.fresh) == 3
@@ -204,7 +204,7 @@ async def test_an_ingest_queued_during_a_look_is_sent_once(pg_stack: Any,
     have claimed them; the look, slowed here, reads them as due: each is sent once."""
     stack = await pg_stack(**_braze(receiver))
     dispatcher = stack.dispatcher
-    await async_eventually(lambda: dispatcher.offer_mark({"braze"}) is not None,
+    await async_eventually(lambda: dispatcher.offer_mark({"braze": 1}) is not None,
                            what="a first complete look")
     spool, looks = dispatcher.spool, []
 
@@ -231,7 +231,7 @@ async def test_an_offer_older_than_the_looks_remembered_is_a_wake_up(
     once."""
     stack = await pg_stack(**_braze(receiver))
     dispatcher = stack.dispatcher
-    await async_eventually(lambda: dispatcher.offer_mark({"braze"}) is not None,
+    await async_eventually(lambda: dispatcher.offer_mark({"braze": 1}) is not None,
                            what="a first complete look")
     receipt, ids = await _stored(stack, 1)
     for _ in range(LOOK_HISTORY + 2):    # the first claims the row and sends it
@@ -249,11 +249,11 @@ async def test_a_replica_with_every_slot_busy_leaves_its_new_deliveries_to_the_o
                                              destinations=[{"name": "braze", "format": "braze",
                                                             "url": f"{receiver.url}/braze"}]))
     dispatcher = stack.dispatcher
-    await async_eventually(lambda: dispatcher.offer_mark({"braze"}) is not None,
+    await async_eventually(lambda: dispatcher.offer_mark({"braze": 1}) is not None,
                            what="a first complete look")
     dispatcher._requesting[-1] = ("http://127.0.0.1:1", False)   # its one slot: taken
     try:
-        assert dispatcher.offer_mark({"braze"}) is None
+        assert dispatcher.offer_mark({"braze": 1}) is None
         receipt, _ = await _stored(stack, 1)
         assert (list(receipt.fresh), receipt.mark) == ([], None)
         other = PostgresSpool(stack.spool.dsn, replica="other")
@@ -269,7 +269,8 @@ async def test_a_replica_with_every_slot_busy_leaves_its_new_deliveries_to_the_o
 async def _complete(dispatcher: Dispatcher, *names: str) -> None:
     """Wait until the dispatcher, not looking, would take deliveries for ``names``."""
     await async_eventually(lambda: not dispatcher._looking and
-                           dispatcher.offer_mark(names) is not None, what="a complete look")
+                           dispatcher.offer_mark(dict.fromkeys(names, 1)) is not None,
+                           what="a complete look")
 
 
 async def test_a_row_given_back_by_a_look_is_not_then_taken_from_the_offer(
@@ -354,7 +355,7 @@ async def test_rows_for_a_host_busy_here_are_left_to_the_other_replicas(
     dispatcher.offer(first)                    # sent at once; the host answers in 3 s
     await async_eventually(lambda: len(slow.received("/braze")) == 1, what="the first send")
     await _complete(dispatcher, "other")       # a look covered both; braze's host is busy here
-    assert dispatcher.offer_mark({"braze", "other"}) == (dispatcher._looks, {"other": 1})
+    assert dispatcher.offer_mark({"braze": 1, "other": 1}) == (dispatcher._looks, {"other": 1})
     receipt, ids = await _stored(stack, 2)
     dispatcher.offer(receipt)                  # as the server would
     other = PostgresSpool(spool.dsn, replica="other")
@@ -445,7 +446,7 @@ async def test_a_burst_beyond_the_free_slots_is_shared_with_the_other_replicas(
         destinations=[{"name": "braze", "format": "braze", "url": f"{receiver.url}/braze"}]))
     dispatcher = stack.dispatcher
     await _complete(dispatcher, "braze")
-    assert dispatcher.offer_mark({"braze"}) == (dispatcher._looks, {"braze": 2})
+    assert dispatcher.offer_mark({"braze": 5}) == (dispatcher._looks, {"braze": 2})
     dispatcher.offer = lambda receipt: None   # type: ignore[method-assign]  (kept here)
     receipt, ids = await _stored(stack, *range(1, 6))
     assert [entry[3] for entry in receipt.fresh] == [ids["evt-1/braze"], ids["evt-2/braze"]]

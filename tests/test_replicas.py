@@ -170,17 +170,18 @@ def test_sigterm_hands_claims_to_the_other_replicas(tmp_path: Path, pg_dsn: str)
         try:
             one.start()
             assert post(one, *[event(i) for i in range(30)])[0] == 202
-            receiver.wait_for(4, "/a")               # one holds every claim, 4 in flight
+            receiver.wait_for(4, "/a")               # 4 in flight at one
             two.start()
             assert one.kill(signal.SIGTERM) == 0
             receiver.set_default(Answer(200))
             log = one.log()
             assert "abandoning 4 attempts still in flight" in log
-            # its 4 attempts' claims at least: those it had not started are claimed already
-            # when its ingest's deliveries came beyond its free request slots (offers)
+            # its 4 attempts' claims; the other 26 too if its first look had not finished
+            # when they came (otherwise, beyond its free request slots, they were stored for
+            # any replica: offers)
             released = re.search(r"replica r0 released (\d+) claimed deliveries; 30 "
                                  r"deliveries pending", log)
-            assert released is not None and 4 <= int(released[1]) <= 30, log
+            assert released is not None and int(released[1]) in (4, 30), log
             eventually(lambda: delivered(receiver), lambda d: len(d) == 30, timeout=30,
                        what="every delivery the stopped replica left, delivered by the other")
         finally:

@@ -42,8 +42,8 @@ import logging
 import os
 import socket
 import time
-from collections import deque
-from collections.abc import AsyncIterator, Callable, Collection, Sequence
+from collections import Counter, deque
+from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -135,11 +135,11 @@ class PostgresSpool:
         self.is_open = False
         self.groups = 0             # groups run by the group writers since open()
         # Set by the service to its dispatcher's offer_mark: called as each ingest is queued
-        # with the destinations it has pending deliveries for; (number, {destination: n})
-        # means "store the first n deliveries of each such destination leased to this replica
-        # and offer them" (the receipt carries their rows and the number; no other replica
-        # can claim them); None, or the rest: stored for any replica to claim.
-        self.offers: Callable[[Collection[str]], tuple[int, dict[str, int]] | None] | None = None
+        # with how many pending deliveries it has per destination; (number, {destination:
+        # n}) means "store the first n deliveries of each such destination leased to this
+        # replica and offer them" (the receipt carries their rows and the number; no other
+        # replica can claim them); None, or the rest: stored for any replica to claim.
+        self.offers: Callable[[Mapping[str, int]], tuple[int, dict[str, int]] | None] | None = None
         self._pool: asyncpg.Pool | None = None
         self._light: asyncpg.Pool | None = None   # synchronous_commit off: see _fetch_lightly
         self._jobs: dict[str, deque[_Job]] = {lane: deque() for lane in LANES}
@@ -492,8 +492,8 @@ class PostgresSpool:
         now = self.clock()
         offer = None
         if self.offers is not None:
-            pending = {r.destination for _, routes in events for r in routes
-                       if r.state == "pending"}
+            pending = Counter(r.destination for _, routes in events for r in routes
+                              if r.state == "pending")
             offer = self.offers(pending) if pending else None
         return Receipt(*await self._submit("ingest", (now, now - self.dedupe_window, [
             (a.id, bool(a.sender_id), a.received_at, a.body,
@@ -741,7 +741,7 @@ def _assemble(jobs: list[_Job], plan: _Plan, claimed: set[str], known: dict[str,
         job_deliveries: list[tuple[Any, ...]] = []
         job_known: dict[str, str] = {}
         new_open = 0
-        unoffered = False   # a pending delivery stored now, not leased here (any replica's)
+        stored: list[tuple[str, str]] = []   # (destination, id) of its pending deliveries
         for (event_id, sender_id, received_at, body, routes), (created, listing) in \
                 zip(events, planned, strict=True):
             if sender_id:
@@ -756,12 +756,11 @@ def _assemble(jobs: list[_Job], plan: _Plan, claimed: set[str], known: dict[str,
             ordinal = len(job_events)
             for (dest, did, state), (_, _, reason) in zip(created, routes, strict=True):
                 lease = None
-                if state == "pending":
+                if state == "pending" and until is not None:
+                    stored.append((dest, did))
                     if left.get(dest, 0) > 0:
                         left[dest] -= 1
                         lease = until
-                    else:
-                        unoffered = True
                 job_deliveries.append((did, ordinal, dest, state, now, reason, lease))
             if pending < len(created):
                 skipped += [dest for dest, _, state in created if state == "skipped"]
@@ -789,7 +788,7 @@ def _assemble(jobs: list[_Job], plan: _Plan, claimed: set[str], known: dict[str,
                 col.append(value)
         answers.append((None, ("[" + ",".join(entries) + "]", len(job_events),
                                len(entries) - len(job_events), skipped, new_open > 0,
-                               unoffered)))
+                               stored)))
     return _Assembled(answers, events_cols, deliveries_cols, total_open, fixes)
 
 
@@ -798,14 +797,14 @@ def _offered(jobs: list[_Job], plan: _Plan, answers: list[tuple[Exception | None
     """The answers (_assemble's) as Receipt fields: with, for a job whose deliveries were
     stored leased to this replica (``leased``: delivery id -> "seq event_seq"), their rows as
     ``fresh`` (the event's place in the request, event seq, delivery seq, delivery id,
-    destination), the events' bodies, the job's offer mark, and whether other pending
-    deliveries were stored for any replica."""
+    destination), the events' bodies, the job's offer mark, and the destinations of other
+    pending deliveries stored now for any replica."""
     done: list[tuple[Exception | None, Any]] = []
     for job, planned, (error, answer) in zip(jobs, plan.events, answers, strict=True):
         if error is not None:
             done.append((error, answer))
             continue
-        *fields, unoffered = answer
+        *fields, stored = answer
         offer = job.args[3]
         fresh: list[tuple[int, int, int, str, str]] = []
         if offer is not None and leased:
@@ -816,6 +815,9 @@ def _offered(jobs: list[_Job], plan: _Plan, answers: list[tuple[Exception | None
                         seq, event_seq = row.split(" ")
                         fresh.append((index, int(event_seq), int(seq), did, dest))
         bodies = [event[3] for event in job.args[2]] if fresh else []
-        done.append((None, (*fields, fresh, bodies, offer[0] if fresh else None,
-                            unoffered and bool(fresh))))
+        # What this statement stored (``stored``: this answer's events that are not repeats)
+        # and did not lease: the dispatcher looks for those destinations' deliveries too.
+        unoffered = frozenset(dest for dest, did in stored if did not in leased) \
+            if fresh else frozenset[str]()
+        done.append((None, (*fields, fresh, bodies, offer[0] if fresh else None, unoffered)))
     return done

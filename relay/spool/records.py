@@ -27,7 +27,9 @@ class Receipt(NamedTuple):
     fresh: Sequence[tuple[int, int, int, str, str]] = ()
     bodies: Sequence[str] = ()
     mark: int | None = None
-    unoffered: bool = False  # PostgreSQL: some of those are not in ``fresh`` (any replica's)
+    # PostgreSQL: destinations of pending deliveries created now that are not in ``fresh``
+    # (stored for any replica), when some are
+    unoffered: frozenset[str] = frozenset()
 
     def dues(self) -> list[Due]:
         """The pending deliveries created now, as the spool would hand them out when due."""
