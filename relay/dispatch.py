@@ -203,7 +203,7 @@ class Dispatcher:
         them; see offer). The rest are any replica's: all of them while this replica is
         stopping or paused; those of a destination its last look did not cover (or the look
         under way is not asking for) or whose host is held; and those beyond its free request
-        slots (overall, less its ready queue, and at each host, shared by the host's
+        slots (overall and at each host, less its ready queue; a host's shared by its
         destinations) or its rate limit's tokens, so a burst is shared among the replicas.
         (Ingests queued together each see the same free slots: they may lease a few more,
         which then wait here as a look's prefetch does.)"""
@@ -215,7 +215,12 @@ class Dispatcher:
         if not usable:
             return None
         per_host, now = self.config.delivery.per_host_concurrency, self.clock()
-        host_free: dict[str, int] = {}
+        host_free: dict[str, int] = {}   # a host's free slots, less its ready deliveries
+        for due in self._ready:
+            target = self.destinations.get(due.destination)
+            if target is not None and target.host is not None:
+                host_free[target.host] = host_free.get(
+                    target.host, per_host - self._host_load[target.host]) - 1
         taken: dict[str, int] = {}
         for name, count in wanted.items():
             target = self.destinations.get(name)

@@ -16,10 +16,12 @@ import pytest
 
 from relay.config.load import load_config
 from relay.dispatch import Dispatcher
+from relay.errors import SpoolError
 from relay.events import Event, accept
 from relay.health_shared import UNCONFIRMED_MAX, SharedHealth, shared_health
 from relay.routing import Route
 from relay.server import create_app
+from relay.spool import postgres_sql as sql
 from relay.spool.backends import open_spool
 from relay.spool.postgres import PostgresSpool
 from relay.spool.receipt import pack
@@ -292,3 +294,54 @@ async def test_sqlite_receipts_carry_no_mark_and_are_never_unoffered(make_stack:
     receipt = await stack.spool.ingest_receipt([_ev(1, "braze"), _ev(2, "braze")])
     assert receipt.mark is None and not receipt.unoffered and len(receipt.fresh) == 2
 
+
+async def test_raced_sender_id_not_read_back_never_answers_deliveries_not_stored(
+        pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """evt-1's sender id is stored by another transaction after INGEST's snapshot (the raced
+    path) and is gone when SENDER_IDS reads it back (pruned meanwhile; a read error gives the
+    same): the job is answered 503, never with deliveries that were not stored. (It got a 202
+    naming evt-1's planned deliveries: _assemble had added the group's own sender ids to
+    ``known`` before the check.)"""
+    spool = PostgresSpool(pg_dsn, replica="one", clock=Clock(time.time()))
+    await spool.open()
+    try:
+        spool.offers = lambda wanted: (0, dict(wanted))
+        monkeypatch.setattr(sql, "SENDER_IDS", "SELECT id, deliveries FROM sender_ids "
+                                               "WHERE false AND id = ANY($1::text[])")
+        with pytest.raises(SpoolError, match="pruned meanwhile"):
+            await _raced_ingest(spool, pg_dsn, [_ev(1, "a"), _ev(2, "b", sender=False)],
+                                "evt-1")
+    finally:
+        await spool.close()
+
+
+async def test_offered_rows_in_the_ready_queue_count_against_their_hosts_slots(
+        pg_stack: Any, receivers: Any) -> None:
+    """per_host_concurrency 1: ingest 1's row is offered and waits in the ready queue (the
+    loop has not run) when ingest 2 is queued: the host's one slot is spoken for, so ingest
+    2's row is any replica's. (It was leased here too and waited behind the first request,
+    3 s, while no other replica could claim it.)"""
+    slow = receivers(Answer(delay=3.0))
+    stack = await pg_stack(
+        delivery={"allowed_ports": [slow.port], "allowed_networks": ["127.0.0.0/8"],
+                  "per_host_concurrency": 1, "concurrency": 10, "timeout": "10s"},
+        destinations=[{"name": "one", "format": "braze", "url": f"{slow.url}/one"}])
+    dispatcher, spool = stack.dispatcher, stack.spool
+    await _complete(dispatcher, "one")
+    first = await spool.ingest_receipt([_ev(1, "one")])
+    dispatcher.offer(first)               # ready, not started: the loop has not run yet
+    assert len(dispatcher._ready) == 1 and not dispatcher._requesting
+    mark = dispatcher.offer_mark({"one": 1})
+    second = await spool.ingest_receipt([_ev(2, "one")])   # offer_mark runs before any await
+    dispatcher.offer(second)
+    await async_eventually(lambda: len(slow.received()) == 1, what="the first send")
+    other = PostgresSpool(spool.dsn, replica="other")
+    await other.open()
+    try:
+        taken = await other.due(time.time(), 10, ["one"])
+        assert len(taken) == 1, (
+            f"offer_mark {mark} with the host's one slot already spoken for by a ready row: "
+            f"ingest 2's row was leased here too ({len(second.fresh)} fresh; "
+            f"{await _owners(spool)})")
+    finally:
+        await other.close()

@@ -429,14 +429,14 @@ class PostgresSpool:
             known, why = {}, f"cannot read the deliveries of a repeated sender id: {exc}"
         else:
             why = "a repeated sender id's deliveries were pruned meanwhile"
-        answers = _offered(jobs, plan, _assemble(jobs, plan, claimed, known, None,
+        missing = set(raced) - known.keys()   # (before _assemble adds the group's own ids)
+        answers = _offered(jobs, plan, _assemble(jobs, plan, claimed, dict(known), None,
                                                  self.max_events).answers, leased)
-        if len(known) == len(raced):
+        if not missing:
             return answers
         # Their jobs get a 503, never an answer naming deliveries that were not stored. (The
         # sender retries: its events with an id are then duplicates; one without an id is
         # stored again, as after any 503 whose commit went through.)
-        missing = set(raced) - known.keys()
         return [(SpoolError(why), None)
                 if any(event[0] in missing for event in job.args[2]) else answer
                 for job, answer in zip(jobs, answers, strict=True)]

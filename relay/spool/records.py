@@ -28,7 +28,7 @@ class Receipt(NamedTuple):
     bodies: Sequence[str] = ()
     mark: int | None = None
     # PostgreSQL: destinations of pending deliveries created now that are not in ``fresh``
-    # (stored for any replica), when some are
+    # (stored for any replica), when some are (empty when ``fresh`` is: that offer wakes)
     unoffered: frozenset[str] = frozenset()
 
     def dues(self) -> list[Due]:
