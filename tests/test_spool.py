@@ -180,7 +180,7 @@ async def test_poll_says_whether_it_saw_all_due_work_and_when_more_falls_due(spo
     assert [d.seq for d in later.due] == [2, 3] and later.complete
     assert later.next_at == 1030.0                      # the retry, not the rows handed out
     assert (await spool.poll(1000.0, 10, ["a"], exclude=[retry.seq])).next_at is None
-    assert (await spool.poll(1000.0, 10, ["b"])) == ([], True, None, 3)
+    assert (await spool.poll(1000.0, 10, ["b"])) == ([], True, None, 3, ())
     await spool.ingest([item(9, routes=(Route("b", "pending"),))])
     assert (await spool.poll(999.0, 10, ["a"])).seen_upto == 4   # not due, not its: still seen
 
