@@ -249,8 +249,8 @@ class Dispatcher:
         """Deliveries this process's ingest has just committed (``receipt.fresh``; on
         PostgreSQL only those stored leased to this replica, see offer_mark; without them the
         offer is a wake-up): they join the ready queue from memory, so a stored event costs no
-        read of the spool before its attempt. They are
-        the spool's rows as it would hand them out, and the spool stays the authority. They
+        read of the spool before its attempt. They are the spool's rows as it would hand them
+        out, and the spool stays the authority. They
         are taken only for destinations open in the last round whose every due delivery the
         last look saw (so they overtake no older due work, such as a retry) while the ready
         queue is short; those offered while a look reads wait for its answer (see _run);
