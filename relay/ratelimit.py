@@ -46,6 +46,11 @@ class TokenBucket:
         self._refill(now)
         return self.tokens >= 1.0
 
+    def whole(self, now: float) -> int:
+        """The whole tokens there are now (takes nothing)."""
+        self._refill(now)
+        return int(self.tokens)
+
     def take(self, now: float) -> bool:
         """Use one token if there is one."""
         self._refill(now)
@@ -102,10 +107,7 @@ class RateLimits:
     def available(self, destination: str, now: float, most: int) -> int:
         """How many of ``most`` deliveries could take a token now (takes nothing)."""
         bucket = self.buckets.get(destination)
-        if bucket is None:
-            return most
-        bucket._refill(now)
-        return min(most, int(bucket.tokens))
+        return most if bucket is None else min(most, bucket.whole(now))
 
     def take(self, destination: str, now: float) -> bool:
         """Use a token of ``destination`` (always True when it has no limit)."""
