@@ -215,12 +215,17 @@ class Dispatcher:
         if not usable:
             return None
         per_host, now = self.config.delivery.per_host_concurrency, self.clock()
-        host_free: dict[str, int] = {}   # a host's free slots, less its ready deliveries
+        # a host's free slots, less its ready deliveries and what this answer gives it so far
+        host_free: dict[str, int] = {}
+        load = self._host_load
+
+        def room(host: str) -> int:
+            return host_free.get(host, per_host - load[host])
+
         for due in self._ready:
             target = self.destinations.get(due.destination)
             if target is not None and target.host is not None:
-                host_free[target.host] = host_free.get(
-                    target.host, per_host - self._host_load[target.host]) - 1
+                host_free[target.host] = room(target.host) - 1
         taken: dict[str, int] = {}
         for name, count in wanted.items():
             target = self.destinations.get(name)
@@ -231,13 +236,13 @@ class Dispatcher:
             if host is not None:
                 if self.health.is_blocked(host, now):
                     continue
-                n = min(n, host_free.get(host, per_host - self._host_load[host]))
+                n = min(n, room(host))
             if n <= 0:
                 continue
             taken[name] = n
             free -= n
             if host is not None:
-                host_free[host] = host_free.get(host, per_host - self._host_load[host]) - n
+                host_free[host] = room(host) - n
             if free <= 0:
                 break
         if not taken:

@@ -17,6 +17,8 @@ import pytest
 from relay.config.load import load_config
 from relay.dispatch import LOOK_HISTORY, Dispatcher
 from relay.events import Event, accept
+from relay.health_shared import SharedHealth
+from relay.health_shared import shared_health as shared_health_board
 from relay.routing import Route
 from relay.server import create_app
 from relay.spool.backends import open_spool
@@ -94,17 +96,24 @@ async def test_offers_survive_the_checked_ingest_path(pg_dsn: str) -> None:
 async def pg_stack(tmp_path: Path, pg_dsn: str, aiohttp_client: Any
                    ) -> AsyncIterator[Callable[..., Awaitable[Stack]]]:
     """``await pg_stack(**sections)``: a PostgreSQL spool, its dispatcher wired for offers as
-    relay/service.py wires it, and the relay's app, in this loop; stopped after the test."""
+    relay/service.py wires it (``shared_health=True``: with the shared host-health board),
+    and the relay's app, in this loop; stopped after the test."""
     made: list[Stack] = []
 
-    async def make(**sections: Any) -> Stack:
+    async def make(*, shared_health: bool = False, **sections: Any) -> Stack:
         config = load_config(write_config(
             tmp_path, spool={"backend": "postgres", "postgres": {"dsn": pg_dsn}}, **sections),
             env={})
         spool = open_spool(config.spool)
         await spool.open()
         assert isinstance(spool, PostgresSpool)
-        dispatcher = Dispatcher(config, spool)
+        if shared_health:   # the board replicas share, as relay/service.py gives them
+            dispatcher = Dispatcher(config, spool, health=shared_health_board(
+                spool, probe_lease=spool.lease, clock=time.time))
+            assert isinstance(dispatcher.health, SharedHealth)
+            dispatcher.health.wake = dispatcher.wake
+        else:
+            dispatcher = Dispatcher(config, spool)
         spool.offers = dispatcher.offer_mark
         await dispatcher.start()
         stack = Stack(config, await aiohttp_client(create_app(config, spool, dispatcher)),
@@ -132,6 +141,16 @@ async def _looked(dispatcher: Dispatcher) -> None:
     before = dispatcher._looks
     dispatcher.wake()
     await async_eventually(lambda: dispatcher._looks > before, what="a look")
+
+
+async def _claimable_elsewhere(spool: PostgresSpool, destinations: list[str]) -> list[Any]:
+    """What another replica of the same database can claim now for ``destinations``."""
+    other = PostgresSpool(spool.dsn, replica="other")
+    await other.open()
+    try:
+        return await other.due(time.time(), 10, destinations)
+    finally:
+        await other.close()
 
 
 def _braze(receiver: Receiver) -> dict[str, Any]:
@@ -256,12 +275,7 @@ async def test_a_replica_with_every_slot_busy_leaves_its_new_deliveries_to_the_o
         assert dispatcher.offer_mark({"braze": 1}) is None
         receipt, _ = await _stored(stack, 1)
         assert (list(receipt.fresh), receipt.mark) == ([], None)
-        other = PostgresSpool(stack.spool.dsn, replica="other")
-        await other.open()
-        try:
-            assert len(await other.due(time.time(), 10, ["braze"])) == 1
-        finally:
-            await other.close()
+        assert len(await _claimable_elsewhere(stack.spool, ["braze"])) == 1
     finally:
         del dispatcher._requesting[-1]
 
@@ -358,20 +372,14 @@ async def test_rows_for_a_host_busy_here_are_left_to_the_other_replicas(
     assert dispatcher.offer_mark({"braze": 1, "other": 1}) == (dispatcher._looks, {"other": 1})
     receipt, ids = await _stored(stack, 2)
     dispatcher.offer(receipt)                  # as the server would
-    other = PostgresSpool(spool.dsn, replica="other")
-    await other.open()
-    try:
-        await asyncio.sleep(0.3)
-        owner = await spool.fetch_rows(
-            "SELECT lease_owner, state FROM deliveries WHERE delivery_id = $1",
-            ids["evt-2/braze"])
-        taken = await other.due(time.time(), 10, ["braze"])
-        assert [d.delivery_id for d in taken] == [ids["evt-2/braze"]], (
-            f"another replica, idle, cannot send evt-2: it is leased to {owner[0][0]!r} "
-            f"(state {owner[0][1]}), whose host is busy and whose offer declined it "
-            f"(mark {receipt.mark}, fresh {len(receipt.fresh)})")
-    finally:
-        await other.close()
+    await asyncio.sleep(0.3)
+    owner = await spool.fetch_rows(
+        "SELECT lease_owner, state FROM deliveries WHERE delivery_id = $1", ids["evt-2/braze"])
+    taken = await _claimable_elsewhere(spool, ["braze"])
+    assert [d.delivery_id for d in taken] == [ids["evt-2/braze"]], (
+        f"another replica, idle, cannot send evt-2: it is leased to {owner[0][0]!r} "
+        f"(state {owner[0][1]}), whose host is busy and whose offer declined it "
+        f"(mark {receipt.mark}, fresh {len(receipt.fresh)})")
 
 
 # -- the two lanes ---------------------------------------------------------------------------
@@ -450,14 +458,9 @@ async def test_a_burst_beyond_the_free_slots_is_shared_with_the_other_replicas(
     dispatcher.offer = lambda receipt: None   # type: ignore[method-assign]  (kept here)
     receipt, ids = await _stored(stack, *range(1, 6))
     assert [entry[3] for entry in receipt.fresh] == [ids["evt-1/braze"], ids["evt-2/braze"]]
-    other = PostgresSpool(stack.spool.dsn, replica="other")
-    await other.open()
-    try:
-        taken = await other.due(time.time(), 10, ["braze"])
-        assert sorted(d.delivery_id for d in taken) == \
-            sorted(ids[f"evt-{i}/braze"] for i in range(3, 6))
-    finally:
-        await other.close()
+    taken = await _claimable_elsewhere(stack.spool, ["braze"])
+    assert sorted(d.delivery_id for d in taken) == \
+        sorted(ids[f"evt-{i}/braze"] for i in range(3, 6))
 
 
 async def test_a_burst_beyond_the_free_slots_is_all_delivered_by_one_replica(

@@ -7,28 +7,22 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
 
-from relay.config.load import load_config
-from relay.dispatch import Dispatcher
 from relay.errors import SpoolError
 from relay.events import Event, accept
-from relay.health_shared import UNCONFIRMED_MAX, SharedHealth, shared_health
+from relay.health_shared import UNCONFIRMED_MAX
 from relay.routing import Route
-from relay.server import create_app
 from relay.spool import postgres_sql as sql
-from relay.spool.backends import open_spool
 from relay.spool.postgres import PostgresSpool
 from relay.spool.receipt import pack
-from tests.helpers import Stack, async_eventually, write_config
+from tests.helpers import async_eventually
 from tests.pg import pg_dsn, pg_server
 from tests.receiver import Answer, Receiver, receiver_config
-from tests.test_postgres_offers import _complete, _counting, pg_stack
+from tests.test_postgres_offers import _claimable_elsewhere, _complete, _counting, pg_stack
 from tests.test_spool_contract import Clock
 
 __all__ = ["pg_dsn", "pg_server", "pg_stack"]  # fixtures used here
@@ -148,15 +142,10 @@ async def test_destinations_of_one_host_share_its_free_slots(pg_stack: Any,
     receipt = await spool.ingest_receipt([_ev(1, "one", "two")])
     dispatcher.offer(receipt)
     await async_eventually(lambda: len(slow.received()) == 1, what="the first send")
-    other = PostgresSpool(spool.dsn, replica="other")
-    await other.open()
-    try:
-        taken = await other.due(time.time(), 10, ["one", "two"])
-        assert len(taken) == 1, (
-            f"offer_mark {mark}: both deliveries were leased to a replica with one slot at "
-            f"the host; the one not started waits for it ({await _owners(spool)})")
-    finally:
-        await other.close()
+    taken = await _claimable_elsewhere(spool, ["one", "two"])
+    assert len(taken) == 1, (
+        f"offer_mark {mark}: both deliveries were leased to a replica with one slot at "
+        f"the host; the one not started waits for it ({await _owners(spool)})")
 
 
 async def test_destinations_of_two_hosts_share_the_free_request_slots(
@@ -172,15 +161,10 @@ async def test_destinations_of_two_hosts_share_the_free_request_slots(
     dispatcher.offer(receipt)
     await async_eventually(lambda: len(ra.received()) + len(rb.received()) == 1,
                            what="the first send")
-    other = PostgresSpool(spool.dsn, replica="other")
-    await other.open()
-    try:
-        taken = await other.due(time.time(), 10, ["a", "b"])
-        assert len(taken) == 1, (
-            f"offer_mark {mark} with one request slot: both leased here "
-            f"({await _owners(spool)})")
-    finally:
-        await other.close()
+    taken = await _claimable_elsewhere(spool, ["a", "b"])
+    assert len(taken) == 1, (
+        f"offer_mark {mark} with one request slot: both leased here "
+        f"({await _owners(spool)})")
 
 
 async def test_a_rate_limited_destination_leases_no_more_than_its_tokens(
@@ -199,53 +183,20 @@ async def test_a_rate_limited_destination_leases_no_more_than_its_tokens(
     receipt = await spool.ingest_receipt([_ev(i, "braze") for i in range(1, 5)])
     dispatcher.offer(receipt)
     await async_eventually(lambda: len(receiver.received()) == 1, what="the first send")
-    other = PostgresSpool(spool.dsn, replica="other")
-    await other.open()
-    try:
-        taken = await other.due(time.time(), 10, ["braze"])
-        assert len(taken) == 3, (
-            f"offer_mark {mark}: {len(receipt.fresh)} leased for one token "
-            f"({await _owners(spool)})")
-    finally:
-        await other.close()
+    taken = await _claimable_elsewhere(spool, ["braze"])
+    assert len(taken) == 3, (
+        f"offer_mark {mark}: {len(receipt.fresh)} leased for one token "
+        f"({await _owners(spool)})")
 
 
 # -- 3. a shared-health hold -------------------------------------------------------------------
 
-@pytest.fixture
-async def shared_stack(tmp_path: Path, pg_dsn: str, aiohttp_client: Any
-                       ) -> AsyncIterator[Callable[..., Awaitable[Stack]]]:
-    """pg_stack with SharedHealth, as relay/service.py wires a PostgreSQL replica."""
-    made: list[Stack] = []
-
-    async def make(**sections: Any) -> Stack:
-        config = load_config(write_config(
-            tmp_path, spool={"backend": "postgres", "postgres": {"dsn": pg_dsn}}, **sections),
-            env={})
-        spool = open_spool(config.spool)
-        await spool.open()
-        assert isinstance(spool, PostgresSpool)
-        dispatcher = Dispatcher(config, spool, health=shared_health(
-            spool, probe_lease=spool.lease, clock=time.time))
-        assert isinstance(dispatcher.health, SharedHealth)
-        dispatcher.health.wake = dispatcher.wake
-        spool.offers = dispatcher.offer_mark
-        await dispatcher.start()
-        stack = Stack(config, await aiohttp_client(create_app(config, spool, dispatcher)),
-                      spool, dispatcher)
-        made.append(stack)
-        return stack
-
-    yield make
-    for stack in made:
-        await stack.stop()
-
-
-async def test_a_host_held_by_shared_health_gets_no_leased_rows(shared_stack: Any,
+async def test_a_host_held_by_shared_health_gets_no_leased_rows(pg_stack: Any,
                                                                 receiver: Receiver) -> None:
     """While this replica's failures are on their way to the hosts table, SharedHealth holds
     the host here (is_blocked): nothing is leased to this replica for it."""
-    stack = await shared_stack(
+    stack = await pg_stack(
+        shared_health=True,
         delivery={"allowed_ports": [receiver.port], "allowed_networks": ["127.0.0.0/8"],
                   "timeout": "10s"},
         destinations=[{"name": "braze", "format": "braze", "url": f"{receiver.url}/braze"}])
@@ -335,13 +286,8 @@ async def test_offered_rows_in_the_ready_queue_count_against_their_hosts_slots(
     second = await spool.ingest_receipt([_ev(2, "one")])   # offer_mark runs before any await
     dispatcher.offer(second)
     await async_eventually(lambda: len(slow.received()) == 1, what="the first send")
-    other = PostgresSpool(spool.dsn, replica="other")
-    await other.open()
-    try:
-        taken = await other.due(time.time(), 10, ["one"])
-        assert len(taken) == 1, (
-            f"offer_mark {mark} with the host's one slot already spoken for by a ready row: "
-            f"ingest 2's row was leased here too ({len(second.fresh)} fresh; "
-            f"{await _owners(spool)})")
-    finally:
-        await other.close()
+    taken = await _claimable_elsewhere(spool, ["one"])
+    assert len(taken) == 1, (
+        f"offer_mark {mark} with the host's one slot already spoken for by a ready row: "
+        f"ingest 2's row was leased here too ({len(second.fresh)} fresh; "
+        f"{await _owners(spool)})")
