@@ -245,25 +245,34 @@ def accept_body(body: bytes, events: list[Event], received_at: float,
     """
     text = body.decode()
     received = _iso_utc(received_at)
+    pieces = [text] if len(events) == 1 and text[:1] == "{" and text[-1:] == "}" \
+        else _objects(text, len(events))
     accepted = []
-    for event, piece in zip(events, _objects(text, len(events)), strict=True):
-        event_id = event.id if event.id is not None else ids.event_id()
-        fills = []
-        if event.id is None:
-            fills.append(("id", event_id))
+    for event, piece in zip(events, pieces, strict=True):
+        sender_id = event.id is not None
+        event_id = event.id if sender_id else ids.event_id()
+        # The members to add, as JSON text (generated values are ASCII letters, digits and
+        # ":-.+T"; a traceparent is validated hex and dashes: nothing to escape), and whether
+        # one's name already appears in the event's text.
+        added, clash = "", False
+        if not sender_id:
+            added, clash = f',"id":"{event_id}"', '"id"' in piece
         if event.request_id is None:
-            fills.append(("request_id", ids.request_id()))
+            added += f',"request_id":"{ids.request_id()}"'
+            clash = clash or '"request_id"' in piece
         if event.occurred_at is None:
-            fills.append(("occurred_at", received))
+            added += f',"occurred_at":"{received}"'
+            clash = clash or '"occurred_at"' in piece
         if traceparent is not None and event.traceparent is None:
-            fills.append(("traceparent", traceparent))  # validated: hex digits and dashes
-        if fills and any(f'"{key}"' in piece for key, _ in fills):
+            added += f',"traceparent":"{traceparent}"'
+            clash = clash or '"traceparent"' in piece
+        if clash:
             data = json.loads(piece)
-            data.update(fills)
+            data.update(json.loads("{" + added[1:] + "}"))
             piece = _dumps(data)
-        elif fills:  # generated values are ASCII letters, digits and ":-.+T": nothing to escape
-            piece = piece[:-1] + "".join(f',"{key}":"{value}"' for key, value in fills) + "}"
-        accepted.append(Accepted(event_id, event.id is not None, received_at, piece,
+        elif added:
+            piece = piece[:-1] + added + "}"
+        accepted.append(Accepted(event_id, sender_id, received_at, piece,
                                  event.channel, event.status, event.org, event.sandbox))
     return accepted
 
