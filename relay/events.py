@@ -250,7 +250,7 @@ def accept_body(body: bytes, events: list[Event], received_at: float,
     accepted = []
     for event, piece in zip(events, pieces, strict=True):
         sender_id = event.id is not None
-        event_id = event.id if sender_id else ids.event_id()
+        event_id = event.id if event.id is not None else ids.event_id()
         # The members to add, as JSON text (generated values are ASCII letters, digits and
         # ":-.+T"; a traceparent is validated hex and dashes: nothing to escape), and whether
         # one's name already appears in the event's text.
