@@ -30,6 +30,7 @@ from relay.config import Config
 from relay.destinations import CompiledDestination, compile_destinations
 from relay.errors import RenderError, SpoolError
 from relay.events import Event, load_event
+from relay.frozen import frozen
 from relay.health import HELD_STATUS, HealthBoard, Host, counts_as_failure
 from relay.metrics import Metrics
 from relay.policy import Outcome, Verdict, classify, decide
@@ -58,7 +59,7 @@ PARKED_MAX = 10_000          # deliveries remembered as held for a suspended cho
 RECORD_RETRY_MAX = 30.0      # longest wait between tries to record a kept outcome
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class _Prepared:
     """A delivery's request, rendered and signed, or the attempt that failed to make it."""
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from relay.config import DeliveryConfig, Destination
+from relay.frozen import frozen
 from relay.request import Exchange
 
 Kind = Literal["delivered", "retry", "failed"]
@@ -35,7 +36,7 @@ RETRYABLE_ERRORS = UNREACHABLE_ERRORS | frozenset({"timeout", "reset", "disconne
                                                   "internal", "token", "proxy"})
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Outcome:
     kind: Kind
     status: int | None = None       # HTTP status, when there was a response
@@ -165,7 +166,7 @@ class Progress(Protocol):
     def held(self) -> float: ...
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Verdict:
     """A delivery's state after one attempt, as the spool records it."""
 

@@ -7,12 +7,14 @@ Knows nothing of payload formats, auth or sockets.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import field, replace
 from typing import Any
 from urllib.parse import urlsplit
 
+from relay.frozen import frozen
 
-@dataclass(frozen=True, slots=True)
+
+@frozen
 class Request:
     """One HTTP request, exactly as it will be sent."""
 
@@ -20,7 +22,8 @@ class Request:
     url: str
     headers: dict[str, str] = field(default_factory=dict)
     body: bytes = b""
-    # TLS and proxy options: a relay.connection.Via (Any: this module imports nothing of the relay)
+    # TLS and proxy options: a relay.connection.Via (Any: this module imports no other
+    # part of the relay but relay.frozen)
     via: Any = field(default=None, repr=False)
 
     def with_headers(self, **extra: str) -> Request:
@@ -39,7 +42,7 @@ def merge_headers(base: dict[str, str], extra: dict[str, str]) -> dict[str, str]
     return merged
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Exchange:
     """What one attempt produced: a response (``status``) or an error class (``error``).
 

@@ -53,6 +53,8 @@ def test_the_import_graph_has_no_circle() -> None:
 
 
 def test_the_shared_vocabulary_and_request_import_nothing_of_the_relay() -> None:
-    """relay.vocab and relay.request are leaves: everything may use them, they use nothing."""
+    """relay.vocab, relay.frozen and relay.request are leaves: everything may use them, they
+    use nothing (relay.request only relay.frozen's decorator)."""
     graph = import_graph()
-    assert graph["relay.vocab"] == set() and graph["relay.request"] == set()
+    assert graph["relay.vocab"] == set() and graph["relay.frozen"] == set()
+    assert graph["relay.request"] == {"relay.frozen"}

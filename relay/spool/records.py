@@ -8,6 +8,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from relay.frozen import frozen
+
 DUE_BUDGET = 4 << 20  # characters of event JSON one due batch may hold (one event at least)
 
 
@@ -55,7 +57,7 @@ class Ingested(NamedTuple):
     deliveries: list[tuple[str, str, str]]  # (destination, delivery_id, state)
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Due:
     """A pending delivery whose time has come, with the event it carries."""
 
@@ -83,7 +85,7 @@ class DueBatch(NamedTuple):
                                     # budget): any replica's now
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Attempt:
     """One try, as the activity log shows it."""
 
