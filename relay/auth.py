@@ -41,10 +41,17 @@ class Signing:
         self.destination = dest
         self.clock = clock
         self._static = {"User-Agent": USER_AGENT, **_static_auth(dest)}
+        # the names these replace in a rendered request's headers, compared case-insensitively
+        self._replaced = frozenset(name.lower() for name in ("Webhook-Id", *self._static))
         self._auth = _auth_step(dest, clock, on_mint)
 
     def sign(self, request: Request, delivery_id: str) -> Request:
-        request = request.with_headers(**{"Webhook-Id": delivery_id, **self._static})
+        # (Request.with_headers, with what it needs per request made once here)
+        replaced = self._replaced
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in replaced}
+        headers["Webhook-Id"] = delivery_id
+        headers.update(self._static)
+        request = Request(request.method, request.url, headers, request.body, request.via)
         return self._auth(request, delivery_id) if self._auth else request
 
 

@@ -469,6 +469,9 @@ class Dispatcher:
         started = 0
         waiting: list[Due] = []
         now = self.clock()
+        # (the loop's own create_task: asyncio.create_task looks the loop up per call, and on
+        # Python 3.11 that lookup is a getpid system call)
+        create_task = asyncio.get_running_loop().create_task
         while self._ready and self._room():
             due = self._ready.popleft()
             if due.seq in self._inflight:
@@ -506,7 +509,7 @@ class Dispatcher:
             # (allow() let it through and the host is probing: this attempt is the probe)
             self._requesting[due.seq] = (host, self.health.state_of(host) == "probing")
             self._inflight_bytes += size
-            self._inflight[due.seq] = asyncio.create_task(self._attempt(due, target, prepared))
+            self._inflight[due.seq] = create_task(self._attempt(due, target, prepared))
             started += 1
         if len(self._requesting) < self._limit and not self._room():
             self._starved = True  # starts (and looks) wait for outcomes to be committed
