@@ -23,6 +23,8 @@ async def send(target: CompiledDestination, transport: Transport, request: Reque
                attempt: int = 1) -> Exchange:
     """Send ``request`` (rendered and signed) to ``target``: attempt number ``attempt``."""
     if not tracing.enabled():
+        if target.oauth2 is None:  # the common case: one coroutine less per attempt
+            return await transport.handle_request(request, target.timeout)
         return await _send(target, transport, request)
     span = tracing.attempt(request, target.name, target.host or endpoint(request.url), attempt)
     exchange = await _send(target, transport, span.request)

@@ -83,12 +83,11 @@ class QueueMixin(Store):
         Outcomes that reach the writer together are written in bulk (Writer.record_group);
         they wait up to 2 ms for each other (Store._call).
         """
-        await self._call(urgent=False, job=RecordJob(
-            now=self.clock(), seq=due.seq, event_seq=due.event_seq, n=due.attempts + 1,
-            at=attempt.at, duration=attempt.duration, status_code=attempt.status_code,
-            error=attempt.error, excerpt=attempt.excerpt, state=state,
-            not_before=not_before if not_before is not None else attempt.at, failures=failures,
-            reason=reason))
+        await self._call(RecordJob(   # (positional: keywords cost a NamedTuple 2x)
+            self.clock(), due.seq, due.event_seq, due.attempts + 1, attempt.at,
+            attempt.duration, attempt.status_code, attempt.error, attempt.excerpt, state,
+            not_before if not_before is not None else attempt.at, failures, reason),
+            urgent=False)
 
     async def replay(self, *, delivery_ids: Sequence[str] = (), destination: str | None = None,
                      failed_since: float | None = None) -> list[str]:
