@@ -44,6 +44,22 @@ def test_every_request_has_webhook_id_and_user_agent() -> None:
     assert signed.body == REQUEST.body and "Authorization" not in signed.headers
 
 
+def test_signing_replaces_its_headers_whatever_their_case_and_keeps_the_rest() -> None:
+    """A rendered request may carry the names signing sets (from destination headers, in any
+    case): each is sent once, with signing's value; the others keep their values and order,
+    and the request's body and egress options are kept."""
+    via = object()
+    rendered = Request("POST", "https://h.example.com/x",
+                       {"X-First": "1", "user-agent": "mine", "WEBHOOK-ID": "theirs",
+                        "authorization": "Bearer old", "X-Last": "2"}, b"{}", via)
+    signed = Signing(dest({"type": "bearer", "token": "t0k"})).sign(rendered, "dlv_9")
+    assert list(signed.headers.items()) == [
+        ("X-First", "1"), ("X-Last", "2"), ("Webhook-Id", "dlv_9"), ("User-Agent", USER_AGENT),
+        ("Authorization", "Bearer t0k")]
+    assert signed.body == b"{}" and signed.via is via
+    assert rendered.headers["user-agent"] == "mine"   # the rendered request is not changed
+
+
 def test_bearer_and_basic() -> None:
     """bearer sends the token, basic sends base64(username:password)."""
     bearer = Signing(dest({"type": "bearer", "token": "t0k"})).sign(REQUEST, "d")
