@@ -28,17 +28,20 @@ class Router:
 
     def __init__(self, config: Config) -> None:
         self._table: dict[tuple[str, str], tuple[tuple[Destination, Route], ...]] = {}
+        self._routes: dict[tuple[str, str], tuple[Route, ...]] = {}  # without org or sandbox
         for channel in CHANNELS:
             for status in STATUSES:
                 self._table[channel, status] = tuple(
                     (dest, _route(dest, status)) for dest in config.destinations
                     if channel in dest.channels
                     and (dest.statuses is None or status in dest.statuses))
+                self._routes[channel, status] = tuple(
+                    route for _, route in self._table[channel, status])
 
     def route(self, event: Event | Accepted) -> tuple[Route, ...]:
-        candidates = self._table[event.channel, event.status]
         if event.org is None and event.sandbox is None:
-            return tuple(route for _, route in candidates)
+            return self._routes[event.channel, event.status]
+        candidates = self._table[event.channel, event.status]
         return tuple(route for dest, route in candidates if _ajo_matches(dest, event))
 
 
