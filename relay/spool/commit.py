@@ -41,6 +41,11 @@ from relay.spool.wire import (
 
 J = TypeVar("J", IngestJob, RecordJob)
 
+# Events and outcomes in a group whose savepoint journals stay in memory: each changes a few
+# pages that existed before (a table's last leaf, index leaves; an outcome its delivery's and
+# event's rows), so at most a few MiB even when every sender id lands on its own index page.
+MEMORY_JOURNAL_ROWS = 256
+
 
 class Writer:
     """The write connection, the counts only the writer changes, and one method per job kind."""
@@ -58,14 +63,7 @@ class Writer:
         self.groups = 0  # transactions run (group commit: fewer than jobs under load)
         self.ids = DeliveryIds.of(conn)  # delivery ids name their row: no index on them
         self.fsynced = True  # connect() sets synchronous=FULL
-        # A multi-row INSERT in a group's transaction keeps a statement journal (to undo just
-        # that statement); past 64 KiB SQLite spills it to a temporary file, created, unlinked
-        # and closed in every such transaction (7 system calls; 901 of 1,047 groups in
-        # a run of wrk with single events).
-        # In memory it costs only what the statement changed: a group's jobs are bounded, and
-        # prune deletes at most 10,000 events at a time. Set after migrate(): a migration's
-        # table copy keeps SQLite's default.
-        conn.execute("PRAGMA temp_store=MEMORY")
+        self.journal_in_memory = False  # see _journal_in_memory
 
     def run_group(self, requests: list[tuple[int, str, Any]]) -> list[Answer]:
         """One transaction for every job; answers ``(job_id, error, result)`` after COMMIT."""
@@ -90,6 +88,8 @@ class Writer:
         self.groups += 1
         try:
             self._fsync_commit(bool(ingests or others))
+            self._journal_in_memory(not others and len(records) + sum(
+                len(job.events) for _, job in ingests) <= MEMORY_JOURNAL_ROWS)
             conn.execute("BEGIN IMMEDIATE")
             if records:
                 answers += self._bulk("record job", records, self.record_group)
@@ -120,6 +120,22 @@ class Writer:
         if fsync != self.fsynced:
             self.conn.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
             self.fsynced = fsync
+
+    def _journal_in_memory(self, wanted: bool) -> None:
+        """Keep this group's savepoint journals in memory (temp_store=MEMORY) or let SQLite
+        spill them to a temporary file past 64 KiB (its default), set before BEGIN.
+
+        A group's savepoints (``bulk``, ``job``, and each multi-row statement's own) journal
+        every page that existed before them and that they change. Past 64 KiB SQLite spills
+        that to a file created, unlinked and closed within the transaction: 7 system calls and
+        the journal's writes in 901 of 1,047 groups under wrk's single events. In memory it
+        costs what the group changed: bounded for ingests and outcomes of up to
+        MEMORY_JOURNAL_ROWS events and outcomes (a few pages each), not for a replay of up to
+        100,000 deliveries or a prune of 10,000 events (tens to hundreds of MiB), which keep
+        SQLite's default, as a migration does."""
+        if wanted != self.journal_in_memory:
+            self.conn.execute(f"PRAGMA temp_store={'MEMORY' if wanted else 'DEFAULT'}")
+            self.journal_in_memory = wanted
 
     def _bulk(self, op: str, jobs: list[tuple[int, J]],
               run: Callable[[list[tuple[int, J]]], list[Answer]]) -> list[Answer]:
