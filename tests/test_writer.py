@@ -414,6 +414,10 @@ conn.execute("UPDATE deliveries SET state = 'failed', reason = 'gave up'")   # a
 conn.execute("UPDATE events SET pending = 0")
 writer.open_events = 0
 conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+# a small group first, whose journals stay in memory: the replay must switch back
+answers = writer.run_group([(j, "ingest", (now, now - 60, [(f"small-{j}", 0, now, "{}", [])]))
+                            for j in range(10)])
+assert all(error is None for _, error, _ in answers) and writer.journal_in_memory
 
 
 def grown(job):
@@ -442,6 +446,77 @@ def test_a_replay_or_a_prune_keeps_the_writers_memory_bounded(tmp_path: Path) ->
                           str(tmp_path / "s.db"), "10000"], check=True, capture_output=True,
                          text=True, timeout=300)
     replayed, by_replay, pruned, by_prune = map(int, out.stdout.split())
-    assert (replayed, pruned) == (10_000, 9_999)   # prune keeps the newest event
+    assert (replayed, pruned) == (10_000, 10_000)   # (a prune takes 10,000 at most)
     assert by_replay < 32, f"replaying 10,000 deliveries grew the writer by {by_replay} MiB"
     assert by_prune < 32, f"pruning 10,000 events grew the writer by {by_prune} MiB"
+
+
+_OUTCOMES_OF_LARGE_EVENTS_IN_A_CHILD = r"""
+import sys, time
+from relay.spool.commit import Writer
+from relay.spool.sqlite_schema import connect, migrate
+from relay.spool.wire import RecordJob
+path, n = sys.argv[1], int(sys.argv[2])
+conn = connect(path)
+migrate(conn)
+writer = Writer(conn, max_events=10_000_000)
+now = time.time()
+body = '{"attributes": {"text": "%s"}}' % ("x" * 1_000_000)    # under server.max_body_bytes
+routes = [("d0", "pending", None), ("d1", "pending", None)]
+for start in range(0, n, 16):
+    answers = writer.run_group([(j, "ingest", (now, now - 60, [(f"ev-{j}", 0, now, body, routes)]))
+                                for j in range(start, min(n, start + 16))])
+    assert all(error is None for _, error, _ in answers), answers[:1]
+rows = conn.execute("SELECT seq, event_seq FROM deliveries WHERE destination = 'd0'").fetchall()
+# as QueueMixin.record_attempt builds them: the event's size travels with the outcome
+group = [(j, "record", tuple(RecordJob(now, seq, event_seq, 1, now, 0.1, 200, None, "ok",
+                                       "delivered", now, 0, None, len(body))))
+         for j, (seq, event_seq) in enumerate(rows)]
+conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+del body
+
+
+def peak_mib():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM"):
+            return int(line.split()[1]) // 1024
+
+
+open("/proc/self/clear_refs", "w").write("5")    # resets VmHWM to the current RSS
+before = peak_mib()
+answers = writer.run_group(group)
+assert all(error is None for _, error, _ in answers), answers[:1]
+print(peak_mib() - before)
+"""
+
+
+def test_outcomes_of_large_events_keep_the_writers_memory_bounded(tmp_path: Path) -> None:
+    """Finishing one of an event's two deliveries rewrites its row (the pending count changes
+    the row's size), and a savepoint journals the old copy: with the journal in memory, 64
+    outcomes (delivery.concurrency's default) of 1 MB events grew the writer by 63 MiB (found
+    by review). Each outcome carries its event's size, and such a group keeps SQLite's
+    default (about 2 MiB)."""
+    out = subprocess.run([sys.executable, "-c", _OUTCOMES_OF_LARGE_EVENTS_IN_A_CHILD,
+                          str(tmp_path / "s.db"), "64"], check=True, capture_output=True,
+                         text=True, timeout=300)
+    grown = int(out.stdout.split()[-1])
+    assert grown < 32, f"64 outcomes of 1 MB events grew the writer by {grown} MiB"
+
+
+async def test_an_outcome_carries_its_events_size_to_the_writer(spool: Spool) -> None:
+    """What the writer's journal bound reads (RecordJob.event_size) is the stored event's
+    length, as the dispatcher holds it."""
+    await spool.ingest([item(0)])
+    [due] = await spool.due(time.time() + 1, 10, ["a"])
+    sent: list[Any] = []
+    call = spool._call
+
+    def spy(job: Any, **kwargs: Any) -> Any:
+        sent.append(job)
+        return call(job, **kwargs)
+
+    spool._call = spy  # type: ignore[method-assign]
+    await spool.record_attempt(due, Attempt(time.time(), 0.1, 200, None, "ok"),
+                               state="delivered", not_before=None, failures=0, reason=None)
+    [job] = sent
+    assert isinstance(job, RecordJob) and job.event_size == len(due.event_json) > 0

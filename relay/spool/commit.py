@@ -41,10 +41,14 @@ from relay.spool.wire import (
 
 J = TypeVar("J", IngestJob, RecordJob)
 
-# Events and outcomes in a group whose savepoint journals stay in memory: each changes a few
-# pages that existed before (a table's last leaf, index leaves; an outcome its delivery's and
-# event's rows), so at most a few MiB even when every sender id lands on its own index page.
-MEMORY_JOURNAL_ROWS = 256
+# A group's savepoint journals stay in memory while what they may hold is at most
+# MEMORY_JOURNAL_BYTES: for each event or outcome, JOURNAL_ROW_BYTES of pages that existed
+# before and that it changes (a table's last leaf, index leaves, their siblings when a page
+# splits; measured at 10-32 KiB per row with random sender ids or 600,000 deliveries), and for
+# an outcome its event's whole row too (finishing one of an event's deliveries can change the
+# row's size, and SQLite then writes the row, body and all, again).
+MEMORY_JOURNAL_BYTES = 4 << 20
+JOURNAL_ROW_BYTES = 32 << 10
 
 
 class Writer:
@@ -88,8 +92,9 @@ class Writer:
         self.groups += 1
         try:
             self._fsync_commit(bool(ingests or others))
-            self._journal_in_memory(not others and len(records) + sum(
-                len(job.events) for _, job in ingests) <= MEMORY_JOURNAL_ROWS)
+            self._journal_in_memory(not others and JOURNAL_ROW_BYTES * (len(records) + sum(
+                len(job.events) for _, job in ingests)) + sum(
+                job.event_size for _, job in records) <= MEMORY_JOURNAL_BYTES)
             conn.execute("BEGIN IMMEDIATE")
             if records:
                 answers += self._bulk("record job", records, self.record_group)
@@ -129,10 +134,12 @@ class Writer:
         every page that existed before them and that they change. Past 64 KiB SQLite spills
         that to a file created, unlinked and closed within the transaction: 7 system calls and
         the journal's writes in 901 of 1,047 groups under wrk's single events. In memory it
-        costs what the group changed: bounded for ingests and outcomes of up to
-        MEMORY_JOURNAL_ROWS events and outcomes (a few pages each), not for a replay of up to
-        100,000 deliveries or a prune of 10,000 events (tens to hundreds of MiB), which keep
-        SQLite's default, as a migration does."""
+        costs what the group changed: kept for groups of ingests and outcomes whose estimate
+        (MEMORY_JOURNAL_BYTES above) is small. A replay (up to 100,000 deliveries in one
+        savepoint), a prune (10,000 events), a group of outcomes of large events or a large
+        group keeps SQLite's default, as a migration does: in memory those took tens to
+        hundreds of MiB (tests/test_writer.py).
+        """
         if wanted != self.journal_in_memory:
             self.conn.execute(f"PRAGMA temp_store={'MEMORY' if wanted else 'DEFAULT'}")
             self.journal_in_memory = wanted
