@@ -520,3 +520,43 @@ async def test_an_outcome_carries_its_events_size_to_the_writer(spool: Spool) ->
                                state="delivered", not_before=None, failures=0, reason=None)
     [job] = sent
     assert isinstance(job, RecordJob) and job.event_size == len(due.event_json) > 0
+
+
+_LARGE_GROUP_IN_A_CHILD = r"""
+import gc, sys, time
+from relay.spool.commit import Writer
+from relay.spool.sqlite_schema import connect, migrate
+conn = connect(sys.argv[1])
+migrate(conn)
+writer = Writer(conn, max_events=10_000_000)
+
+
+def rss_mib():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS"):
+            return int(line.split()[1]) // 1024
+
+
+now = time.time()
+before = rss_mib()
+group = [(j, "ingest", (now, now - 60, [(f"ev-{j}", 0, now, "x" * 1_000_000,
+                                          [("d0", "pending", None)])])) for j in range(256)]
+assert all(error is None for _, error, _ in writer.run_group(group))
+del group
+for j in range(5):   # later groups of single small events
+    writer.run_group([(j, "ingest", (now, now - 60, [(f"s{j}", 0, now, "{}",
+                                                      [("d0", "pending", None)])]))])
+gc.collect()
+print(rss_mib() - before)
+"""
+
+
+def test_a_group_of_large_events_leaves_no_copies_of_them_behind(tmp_path: Path) -> None:
+    """Python's sqlite3 keeps a cached statement's last bound values until it runs again, so
+    one group of 256 events of 1 MB left ~250 MiB of bodies in the cached 256-row INSERT
+    (found by review). An INSERT of events binds 256 KiB of bodies at most (one event at
+    least), so what stays behind is about one event."""
+    out = subprocess.run([sys.executable, "-c", _LARGE_GROUP_IN_A_CHILD, str(tmp_path / "s.db")],
+                         check=True, capture_output=True, text=True, timeout=300)
+    kept = int(out.stdout.split()[-1])
+    assert kept < 32, f"the writer still holds {kept} MiB after the group"

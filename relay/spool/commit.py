@@ -17,7 +17,7 @@ import contextlib
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from relay.ids import delivery_id_prefix
@@ -49,6 +49,13 @@ J = TypeVar("J", IngestJob, RecordJob)
 # row's size, and SQLite then writes the row, body and all, again).
 MEMORY_JOURNAL_BYTES = 4 << 20
 JOURNAL_ROW_BYTES = 32 << 10
+# Bodies bound to one multi-row INSERT of events (one event at least): each cached statement
+# keeps its last rows' bodies until it runs again (relay/spool/sql.py run_chunked).
+BOUND_BODY_BYTES = 256 << 10
+
+
+def _event_size(row: Sequence[Any]) -> int:
+    return int(row[7])   # an event row's size column: len(body)
 
 
 class Writer:
@@ -266,7 +273,8 @@ class Writer:
                                            len(entries) - len(job_events), skipped, new_open > 0,
                                            fresh)))
         run_chunked(self.conn, "INSERT INTO events(seq, id, sender_id, received_at, pending, "
-                               "deliveries, body, size) {values}", 8, event_rows)
+                               "deliveries, body, size) {values}", 8, event_rows,
+                    row_bytes=_event_size, max_bytes=BOUND_BODY_BYTES)
         run_chunked(self.conn, "INSERT INTO deliveries(seq, delivery_id, event_seq, destination, "
                                "state, not_before, created_at, updated_at, reason) {values}", 9,
                     delivery_rows)

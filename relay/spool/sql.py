@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from itertools import chain
 from typing import Any
 
@@ -17,13 +17,28 @@ _MAX_CHUNK = 1024   # rows per statement (x 9 columns: far below SQLite's variab
 
 
 def run_chunked(conn: sqlite3.Connection, template: str, ncols: int,
-                rows: Sequence[Sequence[Any]]) -> None:
+                rows: Sequence[Sequence[Any]],
+                row_bytes: Callable[[Sequence[Any]], int] | None = None,
+                max_bytes: int = 0) -> None:
     """Run ``template`` (SQL with a ``{values}`` slot for ``VALUES (...), ...``) over ``rows``
     with few statements: chunks of power-of-two sizes, each prepared once and then cached.
-    One multi-row statement costs one SQLite step where executemany costs one per row."""
+    One multi-row statement costs one SQLite step where executemany costs one per row.
+
+    With ``row_bytes``, a chunk also holds at most ``max_bytes`` of them (one row at least):
+    Python's sqlite3 keeps a cached statement's last bound values (SQLite's own copies) until
+    it runs again, so without this one group of 256 events of 1 MB left 250 MiB of bodies in
+    the cached 256-row INSERT."""
     start = 0
     while start < len(rows):
         size = min(_MAX_CHUNK, 1 << ((len(rows) - start).bit_length() - 1))
+        if row_bytes is not None:
+            taken, total = 0, 0
+            for row in rows[start:start + size]:
+                total += row_bytes(row)
+                if taken and total > max_bytes:
+                    break
+                taken += 1
+            size = 1 << (taken.bit_length() - 1)
         chunk = rows[start:start + size]
         conn.execute(_values_sql(template, ncols, size), list(chain.from_iterable(chunk)))
         start += size
