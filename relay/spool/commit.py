@@ -46,11 +46,13 @@ J = TypeVar("J", IngestJob, RecordJob)
 # before and that it changes (a table's last leaf, index leaves, their siblings when a page
 # splits; measured at 10-32 KiB per row with random sender ids or 600,000 deliveries), and for
 # an outcome its event's whole row too (finishing one of an event's deliveries can change the
-# row's size, and SQLite then writes the row, body and all, again).
+# row's size, and SQLite then writes the row, body and all, again), taken as the largest event
+# that may be open, in UTF-8 at 4 bytes a character at most.
 MEMORY_JOURNAL_BYTES = 4 << 20
 JOURNAL_ROW_BYTES = 32 << 10
-# Bodies bound to one multi-row INSERT of events (one event at least): each cached statement
-# keeps its last rows' bodies until it runs again (relay/spool/sql.py run_chunked).
+# Bodies bound to one multi-row INSERT of events (one event at least), in characters (up to
+# 4x in UTF-8): each cached statement keeps its last rows' bodies until it runs again
+# (relay/spool/sql.py run_chunked).
 BOUND_BODY_BYTES = 256 << 10
 
 
@@ -65,7 +67,10 @@ class Writer:
         self.conn = conn
         self.max_events = max_events
         self.max_bytes = max_bytes  # 0: no bound on the file's size
-        self.open_events = conn.execute("SELECT COUNT(*) FROM events WHERE pending > 0").fetchone()[0]
+        # (and the largest event that may be open, in characters: it only grows until the
+        # writer restarts; see _journal_in_memory)
+        self.open_events, self.largest_open = conn.execute(
+            "SELECT COUNT(*), COALESCE(MAX(size), 0) FROM events WHERE pending > 0").fetchone()
         self.next_seq = conn.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM events").fetchone()[0]
         # Delivery seqs are assigned here too, so an ingest's answer can name them: the relay
         # starts those deliveries from memory (Dispatcher.offer), with no read of the spool.
@@ -74,7 +79,8 @@ class Writer:
         self.groups = 0  # transactions run (group commit: fewer than jobs under load)
         self.ids = DeliveryIds.of(conn)  # delivery ids name their row: no index on them
         self.fsynced = True  # connect() sets synchronous=FULL
-        self.journal_in_memory = False  # see _journal_in_memory
+        conn.execute("PRAGMA temp_store=DEFAULT")   # a known state: see _journal_in_memory
+        self.journal_in_memory = False
 
     def run_group(self, requests: list[tuple[int, str, Any]]) -> list[Answer]:
         """One transaction for every job; answers ``(job_id, error, result)`` after COMMIT."""
@@ -100,8 +106,8 @@ class Writer:
         try:
             self._fsync_commit(bool(ingests or others))
             self._journal_in_memory(not others and JOURNAL_ROW_BYTES * (len(records) + sum(
-                len(job.events) for _, job in ingests)) + sum(
-                job.event_size for _, job in records) <= MEMORY_JOURNAL_BYTES)
+                len(job.events) for _, job in ingests))
+                + len(records) * 4 * self.largest_open <= MEMORY_JOURNAL_BYTES)
             conn.execute("BEGIN IMMEDIATE")
             if records:
                 answers += self._bulk("record job", records, self.record_group)
@@ -281,6 +287,8 @@ class Writer:
         # the counts change only once every row is in: a statement that raised left them as
         # they were
         self.open_events = open_events
+        if event_rows:
+            self.largest_open = max(self.largest_open, max(map(_event_size, event_rows)))
         self.next_seq += len(event_rows)
         self.next_delivery += len(delivery_rows)
         return answers
@@ -357,9 +365,10 @@ class Writer:
                               "failures = 0, first_attempt_at = NULL, held = 0, reason = NULL, "
                               "updated_at = ? WHERE seq = ?", (job.now, job.now, seq))
             before = self.conn.execute("UPDATE events SET pending = pending + 1 WHERE seq = ? "
-                                       "RETURNING pending", (event_seq,)).fetchone()
+                                       "RETURNING pending, size", (event_seq,)).fetchone()
             if before is not None and before[0] == 1:
                 self.open_events += 1
+                self.largest_open = max(self.largest_open, before[1])  # open again
         return [delivery_id for _, delivery_id, _ in rows]
 
     def add_held(self, job: AddHeldJob) -> int:

@@ -86,8 +86,8 @@ class QueueMixin(Store):
         await self._call(RecordJob(   # (positional: keywords cost a NamedTuple 2x)
             self.clock(), due.seq, due.event_seq, due.attempts + 1, attempt.at,
             attempt.duration, attempt.status_code, attempt.error, attempt.excerpt, state,
-            not_before if not_before is not None else attempt.at, failures, reason,
-            len(due.event_json)), urgent=False)
+            not_before if not_before is not None else attempt.at, failures, reason),
+            urgent=False)
 
     async def replay(self, *, delivery_ids: Sequence[str] = (), destination: str | None = None,
                      failed_since: float | None = None) -> list[str]:

@@ -80,8 +80,6 @@ class RecordJob(NamedTuple):
     not_before: float
     failures: int
     reason: str | None
-    event_size: int = 0           # the event's stored JSON, in bytes: what finishing one of
-                                  # its deliveries may rewrite (Writer._journal_in_memory)
 
 
 class ReplayJob(NamedTuple):
@@ -145,7 +143,7 @@ def parse(op: str, args: Any) -> Job:
     if cls is None:
         raise JobError("error", f"unknown spool job {op!r}")
     try:
-        return cls(*args)   # (not _make: a field with a default may be left out)
+        return cls._make(args)
     except TypeError as exc:
         raise JobError("error", f"malformed spool {op} job: {exc}") from exc
 
