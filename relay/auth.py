@@ -27,7 +27,7 @@ import jwt
 from relay import __version__
 from relay.config import BasicAuth, BearerAuth, Destination, HmacAuth, JwtAuth, OAuth2Auth
 from relay.errors import ConfigError
-from relay.request import Request
+from relay.request import Request, merge_headers
 
 USER_AGENT = f"relay/{__version__} (+webhook relay)"
 JWT_REFRESH_MARGIN = 60.0  # seconds before exp at which a cached token is replaced
@@ -46,11 +46,9 @@ class Signing:
         self._auth = _auth_step(dest, clock, on_mint)
 
     def sign(self, request: Request, delivery_id: str) -> Request:
-        # (Request.with_headers, with what it needs per request made once here)
-        replaced = self._replaced
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in replaced}
-        headers["Webhook-Id"] = delivery_id
-        headers.update(self._static)
+        # (Request.with_headers, with the lower-cased names made once per destination)
+        headers = merge_headers(request.headers, {"Webhook-Id": delivery_id, **self._static},
+                                self._replaced)
         request = Request(request.method, request.url, headers, request.body, request.via)
         return self._auth(request, delivery_id) if self._auth else request
 

@@ -6,7 +6,7 @@ Knows nothing of payload formats, auth or sockets.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Set
 from dataclasses import field, replace
 from typing import Any
 from urllib.parse import urlsplit
@@ -34,9 +34,12 @@ class Request:
         return self if via is None else replace(self, via=via)
 
 
-def merge_headers(base: dict[str, str], extra: dict[str, str]) -> dict[str, str]:
-    """``base`` with ``extra`` set on top; header names compare case-insensitively."""
-    lowered = {k.lower() for k in extra}
+def merge_headers(base: dict[str, str], extra: dict[str, str],
+                  lowered: Set[str] | None = None) -> dict[str, str]:
+    """``base`` with ``extra`` set on top; header names compare case-insensitively.
+    ``lowered``: ``extra``'s names in lower case, when the caller has them already."""
+    if lowered is None:
+        lowered = {k.lower() for k in extra}
     merged = {k: v for k, v in base.items() if k.lower() not in lowered}
     merged.update(extra)
     return merged

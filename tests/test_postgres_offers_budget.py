@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import Any
 
 import asyncpg
@@ -75,6 +76,18 @@ async def _raced_ingest(spool: PostgresSpool, dsn: str, events: list[Any],
         await other.close()
 
 
+async def _offer_one_event(stack: Any, destinations: list[str],
+                           sent: Callable[[], int]) -> tuple[Any, list[Any]]:
+    """One event to ``destinations``, each covered by a look, ingested and offered; once its
+    first request has arrived (``sent``): offer_mark's answer, and the rows another replica
+    could claim."""
+    await _complete(stack.dispatcher, *destinations)
+    mark = stack.dispatcher.offer_mark(dict.fromkeys(destinations, 1))
+    stack.dispatcher.offer(await stack.spool.ingest_receipt([_ev(1, *destinations)]))
+    await async_eventually(lambda: sent() == 1, what="the first send")
+    return mark, await _claimable_elsewhere(stack.spool, destinations)
+
+
 async def test_raced_sender_id_receipt_says_unoffered_when_rows_are_any_replicas(
         pg_dsn: str) -> None:
     """evt-1's sender id is stored by another replica after INGEST's snapshot, so the
@@ -136,16 +149,10 @@ async def test_destinations_of_one_host_share_its_free_slots(pg_stack: Any,
                   "per_host_concurrency": 1, "timeout": "10s"},
         destinations=[{"name": "one", "format": "braze", "url": f"{slow.url}/one"},
                       {"name": "two", "format": "braze", "url": f"{slow.url}/two"}])
-    dispatcher, spool = stack.dispatcher, stack.spool
-    await _complete(dispatcher, "one", "two")
-    mark = dispatcher.offer_mark({"one": 1, "two": 1})
-    receipt = await spool.ingest_receipt([_ev(1, "one", "two")])
-    dispatcher.offer(receipt)
-    await async_eventually(lambda: len(slow.received()) == 1, what="the first send")
-    taken = await _claimable_elsewhere(spool, ["one", "two"])
+    mark, taken = await _offer_one_event(stack, ["one", "two"], lambda: len(slow.received()))
     assert len(taken) == 1, (
         f"offer_mark {mark}: both deliveries were leased to a replica with one slot at "
-        f"the host; the one not started waits for it ({await _owners(spool)})")
+        f"the host; the one not started waits for it ({await _owners(stack.spool)})")
 
 
 async def test_destinations_of_two_hosts_share_the_free_request_slots(
@@ -154,17 +161,11 @@ async def test_destinations_of_two_hosts_share_the_free_request_slots(
     leased. (Each destination was given every free slot.)"""
     ra, rb = receivers(Answer(delay=3.0)), receivers(Answer(delay=3.0))
     stack = await pg_stack(**_two_hosts(ra, rb, concurrency=1))
-    dispatcher, spool = stack.dispatcher, stack.spool
-    await _complete(dispatcher, "a", "b")
-    mark = dispatcher.offer_mark({"a": 1, "b": 1})
-    receipt = await spool.ingest_receipt([_ev(1, "a", "b")])
-    dispatcher.offer(receipt)
-    await async_eventually(lambda: len(ra.received()) + len(rb.received()) == 1,
-                           what="the first send")
-    taken = await _claimable_elsewhere(spool, ["a", "b"])
+    mark, taken = await _offer_one_event(
+        stack, ["a", "b"], lambda: len(ra.received()) + len(rb.received()))
     assert len(taken) == 1, (
         f"offer_mark {mark} with one request slot: both leased here "
-        f"({await _owners(spool)})")
+        f"({await _owners(stack.spool)})")
 
 
 async def test_a_rate_limited_destination_leases_no_more_than_its_tokens(

@@ -14,6 +14,7 @@ reads the socket, never answers before COMMIT and never lets one job's exception
 from __future__ import annotations
 
 import contextlib
+import operator
 import sqlite3
 import time
 from collections import Counter
@@ -54,10 +55,7 @@ JOURNAL_ROW_BYTES = 32 << 10
 # 4x in UTF-8): each cached statement keeps its last rows' bodies until it runs again
 # (relay/spool/sql.py run_chunked).
 BOUND_BODY_BYTES = 256 << 10
-
-
-def _event_size(row: Sequence[Any]) -> int:
-    return int(row[7])   # an event row's size column: len(body)
+_event_size: Callable[[Sequence[Any]], int] = operator.itemgetter(7)  # an event row's size
 
 
 class Writer:
