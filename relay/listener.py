@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -23,6 +24,8 @@ from relay.config import Config
 from relay.logs import Throttle
 
 log = logging.getLogger("relay.server")
+
+RawHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]  # aiohttp Server's
 
 _BUSY_BODY = b'{"error":"the relay has server.max_connections connections open; retry shortly"}'
 _BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
@@ -113,11 +116,16 @@ class Runner(web.AppRunner):
     A request's body gets the same time (see post_events)."""
 
     def __init__(self, app: web.Application, config: Config, *,
-                 max_connections: int | None = None, **kwargs: Any) -> None:
+                 max_connections: int | None = None,
+                 shortcut: Callable[[web.Application, RawHandler], RawHandler] | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(app, access_log=None, handle_signals=False,
                          keepalive_timeout=config.server.read_timeout, **kwargs)
         self._limit = max_connections or config.server.max_connections
+        self._shortcut = shortcut
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
+        if self._shortcut is not None:  # relay.server.ingest_shortcut: the app's own handler
+            server.request_handler = self._shortcut(self._app, server.request_handler)
         return _Capped(server, self._limit)  # type: ignore[return-value]

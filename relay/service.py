@@ -30,7 +30,14 @@ from relay.listener import Runner, cannot_listen
 from relay.logs import MASK, config_secrets
 from relay.metrics import Metrics, multiprocess
 from relay.reload import ConfigWatcher
-from relay.server import STATE, DispatchView, apply_config, create_app, dispatch_gauges
+from relay.server import (
+    STATE,
+    DispatchView,
+    apply_config,
+    create_app,
+    dispatch_gauges,
+    ingest_shortcut,
+)
 from relay.spool import Spool
 from relay.spool.backends import open_spool
 from relay.spool.contract import SpoolBackend
@@ -110,7 +117,7 @@ async def run(loaded: Loaded, *, metrics: Metrics | None = None,
         supervisor.spawn("dispatch-gauges", lambda: _refresh_gauges(metrics, dispatcher))
     app = create_app(config, spool, view, metrics, loaded.destinations)
     runner = Runner(app, config, max_connections=_connection_cap(config),
-                    shutdown_timeout=config.server.drain_timeout)
+                    shortcut=ingest_shortcut, shutdown_timeout=config.server.drain_timeout)
     await runner.setup()
     host, port = config.server.host_port
     if role is not None:  # one of server.workers: the port the supervisor holds, shared

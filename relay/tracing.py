@@ -84,8 +84,10 @@ def enabled() -> bool:
 def incoming(headers: Mapping[str, str]) -> str | None:
     """The ingest request's ``traceparent`` to keep with its events (None when tracing is off
     or the header is absent or malformed)."""
+    if not enabled():
+        return None
     value = headers.get("traceparent")
-    if value is None or not enabled():
+    if value is None:
         return None
     value = value.strip().lower()
     return value if TRACEPARENT.fullmatch(value) and value[:2] != "ff" else None
