@@ -517,15 +517,17 @@ def ingest_shortcut(app: web.Application, handler: RawHandler) -> RawHandler:
 
     The path is compared as the router compares it (``path_safe``: ``%2F`` stays encoded), so
     what takes the shortcut is exactly what the router would route to ``post_events``. Used by
-    relay/service.py through ``Runner``; tests/test_server.py checks both ways answer alike.
+    relay/service.py through ``Runner``; tests/test_shortcut.py checks both ways answer alike.
     """
     from aiohttp.web_urldispatcher import UrlMappingMatchInfo
 
     route = next(r for r in app.router.routes()
                  if r.method == "POST" and r.handler is post_events)
-    match = UrlMappingMatchInfo({}, route)  # shared by every such request: nothing changes
-    match.add_app(app)                      # it once frozen (the middleware that sets the
-    match.freeze()                          # current app is not run on this path)
+    # Shared by every such request: frozen, and post_events neither writes to it (it is a
+    # dict of the path's parts, here none) nor needs the middleware that sets the current app.
+    match = UrlMappingMatchInfo({}, route)
+    match.add_app(app)
+    match.freeze()
 
     async def handle(request: web.Request) -> web.StreamResponse:
         if request.method == "POST" and request.rel_url.path_safe == "/v1/events" \

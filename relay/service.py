@@ -20,7 +20,7 @@ from typing import Any
 
 from aiohttp import web
 
-from relay import __version__
+from relay import __version__, tracing
 from relay.config import Config
 from relay.destinations import Loaded, load
 from relay.dispatch import Dispatcher
@@ -73,6 +73,7 @@ async def run(loaded: Loaded, *, metrics: Metrics | None = None,
     config, metrics = loaded.config, metrics or Metrics()
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
+    tracing.enabled()  # set up now: an OTEL_* value the SDK refuses is reported at start-up
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)

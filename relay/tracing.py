@@ -15,6 +15,7 @@ request to the destination carries the attempt span's ``traceparent``.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Mapping
@@ -71,9 +72,19 @@ def _from_env() -> Any:
 
 
 def tracer() -> Any:
+    """The relay's tracer, set up from the environment on first use; None when tracing is
+    off. An OTEL_* value the SDK refuses turns tracing off with one error line: tracing is
+    never worth an ingest or a delivery (relay/service.py asks at start-up, so the line comes
+    then)."""
     global _tracer
     if _tracer is _UNSET:
-        _tracer = _from_env()
+        try:
+            _tracer = _from_env()
+        except Exception as exc:
+            _tracer = None
+            logging.getLogger("relay.tracing").error(
+                "tracing is off: OpenTelemetry could not be set up from the OTEL_* environment "
+                "variables (%s: %s)", type(exc).__name__, exc)
     return _tracer
 
 
@@ -84,10 +95,8 @@ def enabled() -> bool:
 def incoming(headers: Mapping[str, str]) -> str | None:
     """The ingest request's ``traceparent`` to keep with its events (None when tracing is off
     or the header is absent or malformed)."""
-    if not enabled():
-        return None
     value = headers.get("traceparent")
-    if value is None:
+    if value is None or not enabled():  # (the header first: most requests carry none)
         return None
     value = value.strip().lower()
     return value if TRACEPARENT.fullmatch(value) and value[:2] != "ff" else None

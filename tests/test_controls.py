@@ -8,6 +8,7 @@ import base64
 import datetime
 import ipaddress
 import json
+import logging
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable
@@ -499,3 +500,30 @@ async def test_without_tracing_nothing_is_kept_or_sent(make_stack: Any,
     delivery_id = (await resp.json())["events"][0]["deliveries"][0]["delivery_id"]
     await stack.settle(delivery_id, "delivered")
     assert "traceparent" not in receiver.received("/braze")[0].headers
+
+
+async def test_an_otel_setting_the_sdk_refuses_turns_tracing_off_with_one_error(
+        make_stack: Any, receiver: Receiver, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A bad OTEL_* value (the SDK raises setting up its span processor) costs no ingest and
+    no delivery: tracing is off, said once as an error. (It was a 500 on every ingest carrying
+    a traceparent.)"""
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "-5")
+    monkeypatch.setattr(tracing, "_tracer", tracing._UNSET)
+    try:
+        stack = await make_stack(**receiver_config(receiver, destinations=[
+            {"name": "braze", "format": "braze", "url": f"{receiver.url}/braze"}]))
+        with caplog.at_level(logging.ERROR, logger="relay.tracing"):
+            plain = await stack.client.post("/v1/events", json=event(1))
+            traced = await stack.client.post("/v1/events", json=event(2), headers={
+                "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"})
+            assert (plain.status, traced.status) == (202, 202)
+            for resp in (plain, traced):
+                delivery_id = (await resp.json())["events"][0]["deliveries"][0]["delivery_id"]
+                await stack.settle(delivery_id, "delivered")
+        errors = [r.getMessage() for r in caplog.records if r.name == "relay.tracing"]
+        assert len(errors) == 1 and "tracing is off" in errors[0] and "OTEL_" in errors[0], errors
+        assert "traceparent" not in receiver.received("/braze")[-1].headers
+    finally:
+        tracing.use(None)
