@@ -267,8 +267,31 @@ class ServerThread(LoopThread):
         await self.spool.close()
 
 
+def served(app: Any) -> Any:
+    """aiohttp's TestServer for ``app`` with the relay's ingest shortcut in front of it, as
+    relay/service.py serves it (relay.server.ingest_shortcut): tests of the API go through
+    the path production requests take."""
+    from aiohttp import web
+    from aiohttp.test_utils import TestServer
+
+    from relay.server import ingest_shortcut
+
+    class Runner(web.AppRunner):
+        async def _make_server(self) -> web.Server:
+            server = await super()._make_server()
+            server.request_handler = ingest_shortcut(self.app, server.request_handler)
+            return server
+
+    class Server(TestServer):
+        async def _make_runner(self, **kwargs: Any) -> web.BaseRunner:
+            return Runner(self.app, **kwargs)
+
+    return Server(app)
+
+
 class Stack:
-    """Spool + dispatcher + the relay's app under aiohttp's test client, all in the test's loop.
+    """Spool + dispatcher + the relay's app under aiohttp's test client, all in the test's loop
+(behind the ingest shortcut, as the relay serves it: ``served``).
 
     Start one with ``Stack.start`` (or the ``make_stack`` fixture, which also stops it).
     """
@@ -293,9 +316,9 @@ class Stack:
             dispatcher = Dispatcher(config, spool, **dispatcher_options)
             spool.on_wake = dispatcher.wake   # as relay/service.py wires it
             await dispatcher.start()
-            client = await aiohttp_client(create_app(config, spool, dispatcher))
+            client = await aiohttp_client(served(create_app(config, spool, dispatcher)))
         else:
-            client = await aiohttp_client(create_app(config, spool))
+            client = await aiohttp_client(served(create_app(config, spool)))
         return cls(config, client, spool, dispatcher)
 
     async def stop(self, drain: float = 1.0) -> None:

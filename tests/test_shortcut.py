@@ -208,3 +208,21 @@ async def test_the_shortcut_answers_every_request_as_the_router_does(tmp_path: P
                                   server={"allow_cidrs": ["10.0.0.0/8"]})
     assert statuses(answers) == {"an address outside allow_cidrs (403)": ["403"],
                                  "the probe stays open": ["200"]}
+
+
+async def test_the_api_tests_stack_serves_ingest_through_the_shortcut(make_stack: Any) -> None:
+    """tests.helpers.Stack (most API tests) serves the app as the relay does: an ingest does
+    not reach aiohttp's router, other requests do."""
+    stack = await make_stack(dispatch=False)
+    app = stack.client.server.app
+    resolved: list[str] = []
+    resolve = app.router.resolve
+
+    async def counting(request: web.Request) -> Any:
+        resolved.append(request.path)
+        return await resolve(request)
+
+    app.router.resolve = counting
+    assert (await stack.client.post("/v1/events", json=event(1))).status == 202
+    assert (await stack.client.get("/healthz")).status == 200
+    assert resolved == ["/healthz"]
