@@ -165,6 +165,21 @@ def test_the_seq_in_an_id_is_enciphered_with_the_files_key() -> None:
         ids.make("dlv_0193a0b0c0d", range(1, 70_000))
 
 
+def test_ids_stay_what_spool_files_already_hold() -> None:
+    """For a given key and seq an id never changes: spool files hold the ids made so far, and
+    the activity log and replays find a delivery by deciphering its id. (Ids made by the code
+    of 6179786, before the formatting was made cheaper.)"""
+    ids = DeliveryIds(bytes(range(16)))
+    assert ids.make("dlv_0193a0b0c0d", range(1, 4)) == [
+        "dlv_0193a0b0c0db20a922b8e3843980000", "dlv_0193a0b0c0db20a922b8e3843980001",
+        "dlv_0193a0b0c0db20a922b8e3843980002"]
+    assert ids.make("dlv_0193a0b0c0d", range(2**62, 2**62 + 2)) == [
+        "dlv_0193a0b0c0d6ffd0e335262ecd10000", "dlv_0193a0b0c0d6ffd0e335262ecd10001"]
+    many = ids.make("dlv_0193a0b0c0d", range(7, 77))   # past the places written once
+    assert len(many) == 70 and many[69] == "dlv_0193a0b0c0dc08e9ec1c1f85fb10045"
+    assert [ids.seq_of(did) for did in many] == list(range(7, 77))
+
+
 @pytest.mark.parametrize("version", [1, 2])
 async def test_an_older_spool_is_migrated_and_its_ids_still_work(tmp_path: Path,
                                                                  version: int) -> None:

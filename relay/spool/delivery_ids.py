@@ -32,6 +32,7 @@ _LOW = (1 << _HALF) - 1
 _ROUNDS = 4
 _MAX_PLACE = 0xFFFF            # deliveries per event an id can tell apart
 _MAX_SEQ = 2**63 - 1           # SQLite's INTEGER
+_PLACES = tuple(f"{place:04x}" for place in range(64))  # the usual fan-outs, written once
 _ID = re.compile(r"dlv_[0-9a-f]{11}([0-9a-f]{16})([0-9a-f]{4})")
 
 # The condition that finds a delivery ``d`` by id, with ``args``' three values: the seq the id
@@ -46,6 +47,7 @@ class DeliveryIds:
     def __init__(self, key: bytes) -> None:
         self._rounds = [hashlib.blake2b(key=key, digest_size=_HALF // 8,
                                         person=b"relay-dlv-round%d" % r) for r in range(_ROUNDS)]
+        self._copies = [keyed.copy for keyed in self._rounds]
 
     @classmethod
     def of(cls, conn: sqlite3.Connection) -> DeliveryIds:
@@ -63,7 +65,11 @@ class DeliveryIds:
                              f"consecutive seqs, not {seqs}")
         if not seqs:
             return []
-        head = f"{prefix}{self._encipher(seqs.start):016x}"
+        # (the same text as f"{head}{place:04x}" and f"{block:016x}", without a format spec
+        # parsed per id: 1.5 of the 4 us an event's ids cost)
+        head = prefix + self._encipher(seqs.start).to_bytes(8, "big").hex()
+        if len(seqs) <= len(_PLACES):
+            return [head + place for place in _PLACES[:len(seqs)]]
         return [f"{head}{place:04x}" for place in range(len(seqs))]
 
     def seq_of(self, delivery_id: str) -> int:
@@ -80,8 +86,8 @@ class DeliveryIds:
 
     def _encipher(self, block: int) -> int:
         left, right = block >> _HALF, block & _LOW
-        for keyed in self._rounds:
-            round_ = keyed.copy()
+        for copy in self._copies:  # (bound once: one per ingested event, in the writer)
+            round_ = copy()
             round_.update(right.to_bytes(_HALF // 8, "big"))
             left, right = right, left ^ int.from_bytes(round_.digest(), "big")
         return left << _HALF | right
