@@ -207,31 +207,32 @@ def main() -> None:
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         print("bench/instructions.py: skipped, it needs valgrind (apt-get install -y valgrind)")
         return
-    headers = ["server", "instructions per event", "by process (server + writer)",
-               "x the reference"]
     events = max(CONNECTIONS, args.events // CONNECTIONS * CONNECTIONS)  # as many as are sent
     if args.only != "e2e":
-        found = ingest(events)
-        base = sum(found["bare"])
-        table(f"Ingest, {events:,} single events on {CONNECTIONS} connections, "
-              f"instructions per event (callgrind); {machine()}", headers,
-              [_row("bare aiohttp+uvloop (the reference)", found["bare"], base),
-               _row("floor: lean durable relay", found["floor"], base),
-               _row("relay, SQLite spool, 3 destinations", found["relay"], base)])
-        print(f"relay/bare {sum(found['relay']) / base:.2f} (the CPU target is <= 1.6x); "
-              f"floor/bare {sum(found['floor']) / base:.2f}")
+        report(f"Ingest, {events:,} single events on {CONNECTIONS} connections", ingest(events),
+               {"bare": "bare aiohttp+uvloop (the reference)",
+                "floor": "floor: lean durable relay",
+                "relay": "relay, SQLite spool, 3 destinations"},
+               "(the CPU target is <= 1.6x)")
     if args.only != "ingest":
-        found = end_to_end(args.events)
-        base = sum(found["forwarder"])
-        table(f"End to end, {max(100, args.events // 100 * 100):,} events in batches of 100 "
-              f"to a fast receiver (not counted), instructions per event (callgrind); "
-              f"{machine()}", headers,
-              [_row("minimal forwarder, not durable (the reference)", found["forwarder"], base),
-               _row("floor: lean durable relay", found["floor"], base),
-               _row("relay, SQLite spool, braze", found["relay"], base)])
-        print(f"relay/forwarder {sum(found['relay']) / base:.2f}; "
-              f"floor/forwarder {sum(found['floor']) / base:.2f}")
+        report(f"End to end, {max(100, args.events // 100 * 100):,} events in batches of 100 "
+               f"to a fast receiver (not counted)", end_to_end(args.events),
+               {"forwarder": "minimal forwarder, not durable (the reference)",
+                "floor": "floor: lean durable relay", "relay": "relay, SQLite spool, braze"},
+               "")
 
+
+def report(title: str, found: dict[str, list[float]], labels: dict[str, str],
+           target: str) -> None:
+    """One table: each server's instructions per event, against the first (the reference)."""
+    reference, *_ = labels
+    base = sum(found[reference])
+    table(f"{title}, instructions per event (callgrind); {machine()}",
+          ["server", "instructions per event", "by process (server + writer)",
+           "x the reference"],
+          [_row(label, found[name], base) for name, label in labels.items()])
+    print(f"relay/{reference} {sum(found['relay']) / base:.2f} {target}".rstrip()
+          + f"; floor/{reference} {sum(found['floor']) / base:.2f}")
 
 if __name__ == "__main__":
     main()

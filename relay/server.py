@@ -24,6 +24,7 @@ from relay.config import Config
 from relay.destinations import CompiledDestination, compile_destinations
 from relay.errors import InvalidEvent, SpoolError, SpoolFull
 from relay.events import accept_body, parse_events
+from relay.listener import RawHandler
 from relay.metrics import CONTENT_TYPE_LATEST, Metrics, multiprocess
 from relay.routing import Router
 from relay.spool import Attempt, DeliveryRecord, Receipt
@@ -502,17 +503,14 @@ def _refused(request: web.Request) -> web.Response | None:
     return None
 
 
-RawHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]  # aiohttp Server's
-
-
 def ingest_shortcut(app: web.Application, handler: RawHandler) -> RawHandler:
     """``handler`` (the app's own: aiohttp's router, then its middlewares) with a shortcut for
     the hot path: a ``POST /v1/events`` without ``Expect`` goes straight to ``_guard`` and
     ``post_events``, where the router would send it, with the route's match info made once
     instead of per request. It skips the router's lookup, the middleware chain's two wrappers
     and the loop lookup in aiohttp's ``Application._handle`` (on Python 3.11 a ``getpid``
-    system call per request): about 10 us of the event loop's 70-80 per single event under
-    wrk (docs/performance.md). Every other request, and one with ``Expect`` (whose 100 or
+    system call per request): 10 % of the event loop's instructions per single event
+    (docs/performance.md). Every other request, and one with ``Expect`` (whose 100 or
     final answer the route's expect handler gives), takes ``handler``.
 
     The path is compared as the router compares it (``path_safe``: ``%2F`` stays encoded), so
