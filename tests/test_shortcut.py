@@ -91,6 +91,19 @@ NOT_ALLOWED: dict[str, bytes] = {
 }
 
 
+def router_asked(app: web.Application) -> list[str]:
+    """The paths ``app``'s router is asked to resolve from now on, as they come."""
+    resolved: list[str] = []
+    resolve = app.router.resolve
+
+    async def counting(request: web.Request) -> Any:
+        resolved.append(request.path)
+        return await resolve(request)
+
+    app.router.resolve = counting  # type: ignore[method-assign]
+    return resolved
+
+
 @asynccontextmanager
 async def listener(tmp_path: Path, shortcut: bool, **sections: Any
                    ) -> AsyncIterator[tuple[int, list[str]]]:
@@ -100,14 +113,7 @@ async def listener(tmp_path: Path, shortcut: bool, **sections: Any
     spool = Spool(config.spool.path, max_events=config.spool.max_events)
     await spool.open()
     app = create_app(config, spool)
-    resolved: list[str] = []
-    resolve = app.router.resolve
-
-    async def counting(request: web.Request) -> Any:
-        resolved.append(request.path)
-        return await resolve(request)
-
-    app.router.resolve = counting  # type: ignore[method-assign]
+    resolved = router_asked(app)
     runner = Runner(app, config, shortcut=ingest_shortcut if shortcut else None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -215,14 +221,7 @@ async def test_the_api_tests_stack_serves_ingest_through_the_shortcut(make_stack
     not reach aiohttp's router, other requests do."""
     stack = await make_stack(dispatch=False)
     app = stack.client.server.app
-    resolved: list[str] = []
-    resolve = app.router.resolve
-
-    async def counting(request: web.Request) -> Any:
-        resolved.append(request.path)
-        return await resolve(request)
-
-    app.router.resolve = counting
+    resolved = router_asked(app)
     assert (await stack.client.post("/v1/events", json=event(1))).status == 202
     assert (await stack.client.get("/healthz")).status == 200
     assert resolved == ["/healthz"]
