@@ -17,7 +17,7 @@ from relay.errors import ConfigError, RenderError
 from relay.events import Event, accept, parse_events
 from relay.liquid import parse
 from relay.payloads import Renderer
-from relay.payloads._json import braze_time
+from relay.payloads._json import braze_time, dumps
 from relay.payloads.template import Text, compile_template
 from relay.vocab import AJO_STATUS, BRAZE_STATUS
 from tests.helpers import FIXTURES, SHARED
@@ -132,6 +132,54 @@ def test_braze_time_format_normalises_offsets() -> None:
     event = make_event(occurred_at="2020-08-31T20:58:42.1234+02:00")
     assert body("braze", event)["metadata"]["delivered_at"] == "2020-08-31T18:58:42.123+00:00"
     assert event.occurred_at is not None and braze_time(event.occurred_at).endswith("+00:00")
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2 ** 63), 2 ** 64 - 1) | st.text(),
+    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=8), kids,
+                                                              max_size=4),
+    max_leaves=20)
+
+
+def _json_module(value: Any) -> bytes:
+    """What relay.payloads._json.dumps wrote before orjson: the json module's compact text."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+@settings(max_examples=300, deadline=None)
+@given(_json_values)
+def test_payload_json_is_the_json_modules_byte_for_byte(value: Any) -> None:
+    """orjson writes payloads (dumps): for every JSON value without floats, the bytes are
+    those the json module wrote, escapes, non-ASCII text and key order included."""
+    assert dumps(value) == _json_module(value)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.floats(allow_nan=False, allow_infinity=False))
+def test_payload_json_floats_read_back_the_same(number: float) -> None:
+    """A float may be written differently (``1e16``, json ``1e+16``) but reads back equal."""
+    assert json.loads(dumps({"x": number})) == {"x": number}
+
+
+class _Name(str):
+    pass
+
+
+@pytest.mark.parametrize("value", [2 ** 70, -(2 ** 64), {"n": [2 ** 64]}, _Name("ok"),
+                                   {_Name("k"): 1}, {1: "a", 2.5: "b", None: "c"},
+                                   "line\n\t\u2028\x7f\x00 \"quoted\" caf\u00e9 \U0001f600"])
+def test_payload_json_edge_values_are_the_json_modules(value: Any) -> None:
+    """What orjson refuses (an integer past 64 bits, a str subclass, a non-str key) is written
+    by the json module, as before; escapes and non-ASCII text are json's too."""
+    assert dumps(value) == _json_module(value)
+
+
+def test_payload_json_with_a_lone_surrogate_fails_as_before() -> None:
+    """A lone surrogate cannot be UTF-8: refused, as json's text failed to encode before."""
+    with pytest.raises(UnicodeEncodeError):
+        _json_module({"a": "\ud800"})
+    with pytest.raises(UnicodeEncodeError):
+        dumps({"a": "\ud800"})
 
 
 def test_braze_omits_unknowns() -> None:
