@@ -65,6 +65,7 @@ def test_writer_process_imports_nothing_heavy(tmp_path: Path) -> None:
 
 # -- Writer.run_group on a real SQLite file, in this process ----------------------------------
 
+
 @pytest.fixture
 def db(tmp_path: Path) -> Iterator[Writer]:
     conn = connect(str(tmp_path / "s.db"))
@@ -548,3 +549,14 @@ def test_a_group_of_large_events_leaves_no_copies_of_them_behind(tmp_path: Path)
                          check=True, capture_output=True, text=True, timeout=300)
     kept = int(out.stdout.split()[-1])
     assert kept < 32, f"the writer still holds {kept} MiB after the group"
+
+
+def test_none_and_bytes_are_bound_as_null_and_blob_by_the_writers_adapters(db: Writer) -> None:
+    """The writer registers identity adapters for None and bytes (relay.spool.sql
+    bind_directly): they are still bound as NULL and BLOB, the same bytes."""
+    assert sqlite3.adapters.get((type(None), sqlite3.PrepareProtocol)) is not None
+    conn = sqlite3.connect(":memory:")
+    conn.execute("CREATE TABLE t (a, b, c)")
+    conn.execute("INSERT INTO t VALUES (?, ?, ?)", (None, b"\x00\xffab", bytearray(b"x")))
+    assert conn.execute("SELECT a, typeof(a), b, typeof(b), c FROM t").fetchone() == \
+        (None, "null", b"\x00\xffab", "blob", b"x")

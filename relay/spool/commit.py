@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 from relay.ids import delivery_id_prefix
 from relay.spool.delivery_ids import DeliveryIds
 from relay.spool.receipt import pack, receipt_entry, unpack
-from relay.spool.sql import marks, run_chunked, where
+from relay.spool.sql import bind_directly, marks, run_chunked, where
 from relay.spool.wire import (
     AddHeldJob,
     Answer,
@@ -62,6 +62,7 @@ class Writer:
     """The write connection, the counts only the writer changes, and one method per job kind."""
 
     def __init__(self, conn: sqlite3.Connection, max_events: int, max_bytes: int = 0) -> None:
+        bind_directly()
         self.conn = conn
         self.max_events = max_events
         self.max_bytes = max_bytes  # 0: no bound on the file's size

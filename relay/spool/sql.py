@@ -11,9 +11,21 @@ import functools
 import sqlite3
 from collections.abc import Callable, Sequence
 from itertools import chain
-from typing import Any
+from typing import Any, cast
 
 _MAX_CHUNK = 1024   # rows per statement (x 9 columns: far below SQLite's variable limit)
+
+
+def bind_directly() -> None:
+    """Have Python's sqlite3 bind None and bytes without its adapter search. It binds exact
+    int, float and str as they are, but looks every other value up among the registered
+    adapters and, finding none, raises and clears an AttributeError per value (~0.3 us for
+    None, ~0.45 for bytes; ~3 such values per delivered event, callgrind: 3 % of the
+    writer's instructions). With an identity adapter registered the lookup is a dict hit
+    (~0.1 us). The values bound are the same objects: ``{}.get`` gives None for None, and
+    ``bytes(b)`` is ``b``. Process-wide and idempotent (the writer calls it)."""
+    sqlite3.register_adapter(type(None), cast(Callable[[None], None], {}.get))
+    sqlite3.register_adapter(bytes, bytes)
 
 
 def run_chunked(conn: sqlite3.Connection, template: str, ncols: int,
