@@ -18,6 +18,7 @@ import relay.dispatch
 from relay.config import load_config
 from relay.errors import SpoolError
 from relay.policy import next_attempt_at
+from relay.spool import Due
 from tests.helpers import async_eventually, event, write_config
 from tests.receiver import Answer, Receiver, closed_port, receiver_config
 
@@ -876,3 +877,41 @@ async def test_no_attempt_starts_while_dispatching_is_paused(make_stack: Any,
     failing.clear()
     assert paused is not None
     assert sent == [first["evt-1/braze"]], "an attempt started while dispatching was paused"
+
+
+def test_parsed_events_stay_within_their_byte_budget_oldest_out_first(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The dispatcher parses an event's stored JSON once for all its deliveries, keeps at most
+    EVENT_CACHE_BYTES of them (by stored size), drops the oldest first, and never keeps one
+    bigger than an eighth of the budget."""
+    config = load_config(write_config(tmp_path, destinations=[
+        {"name": "braze", "format": "braze", "url": "http://127.0.0.1:9/b"}]))
+    dispatcher = relay.dispatch.Dispatcher(config, spool=None)  # type: ignore[arg-type]
+    parsed: list[int] = []
+    real = relay.dispatch.load_event
+
+    def counting(text: str) -> Any:
+        parsed.append(len(text))
+        return real(text)
+
+    monkeypatch.setattr(relay.dispatch, "load_event", counting)
+
+    def due(seq: int, padding: int = 900) -> Due:
+        body = json.dumps({**event(seq, occurred_at="2026-12-05T10:00:00+00:00",
+                                   request_id=f"r{seq}"), "attributes": {"pad": "x" * padding}})
+        return Due(seq, f"dlv-{seq}", "braze", 0, 0, None, 0.0, seq, body)
+
+    budget = relay.dispatch.EVENT_CACHE_BYTES
+    dues = [due(seq) for seq in range(4 * budget // 1000)]
+    for one in dues:
+        first = dispatcher._event(one)
+        assert dispatcher._event(one) is first     # its other deliveries: no second parse
+    assert len(parsed) == len(dues)
+    kept = dispatcher._events
+    assert dispatcher._event_bytes == sum(size for _, size in kept.values()) <= budget
+    assert dispatcher._event_bytes > budget - 2000   # full, not emptied
+    assert list(kept) == [one.event_seq for one in dues[-len(kept):]]   # the newest stayed
+    huge = due(10 ** 6, padding=budget // 8)
+    dispatcher._event(huge)
+    dispatcher._event(huge)
+    assert huge.event_seq not in kept and len(parsed) == len(dues) + 2
