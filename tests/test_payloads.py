@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
@@ -395,3 +395,17 @@ def test_any_valid_event_renders_in_every_format(data: dict[str, Any]) -> None:
         assert request.method in ("POST", "PUT")
         if fmt != "template" or event.language not in ("de", "DE"):
             json.loads(request.body)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.datetimes(min_value=datetime(1, 1, 2), max_value=datetime(9999, 12, 30),
+                    timezones=offsets),
+       st.sampled_from([0, 999, 999_999]) | st.integers(0, 999_999))
+def test_braze_time_is_isoformat_in_milliseconds(moment: datetime, micro: int) -> None:
+    """braze_time reuses the second's text: what isoformat writes, years before 1000 and
+    the last microsecond of a second included, even right after another second's call."""
+    moment = moment.replace(microsecond=micro)
+    expected = moment.astimezone(UTC).isoformat(timespec="milliseconds")
+    assert braze_time(moment) == expected
+    assert braze_time(moment + timedelta(seconds=1)) != expected
+    assert braze_time(moment) == expected
