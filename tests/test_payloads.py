@@ -157,7 +157,7 @@ def test_payload_json_is_the_json_modules_byte_for_byte(value: Any) -> None:
 @settings(max_examples=200, deadline=None)
 @given(st.floats(allow_nan=False, allow_infinity=False))
 def test_payload_json_floats_read_back_the_same(number: float) -> None:
-    """A float may be written differently (``1e16``, json ``1e+16``) but reads back equal."""
+    """A float may be written differently (``0.00001``, json ``1e-05``) but reads back equal."""
     assert json.loads(dumps({"x": number})) == {"x": number}
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import os
 import socket
@@ -554,9 +555,10 @@ def test_a_group_of_large_events_leaves_no_copies_of_them_behind(tmp_path: Path)
 def test_none_and_bytes_are_bound_as_null_and_blob_by_the_writers_adapters(db: Writer) -> None:
     """The writer registers identity adapters for None and bytes (relay.spool.sql
     bind_directly): they are still bound as NULL and BLOB, the same bytes."""
-    assert sqlite3.adapters.get((type(None), sqlite3.PrepareProtocol)) is not None
-    conn = sqlite3.connect(":memory:")
-    conn.execute("CREATE TABLE t (a, b, c)")
-    conn.execute("INSERT INTO t VALUES (?, ?, ?)", (None, b"\x00\xffab", bytearray(b"x")))
-    assert conn.execute("SELECT a, typeof(a), b, typeof(b), c FROM t").fetchone() == \
-        (None, "null", b"\x00\xffab", "blob", b"x")
+    for kind in (type(None), bytes):
+        assert (kind, sqlite3.PrepareProtocol) in sqlite3.adapters
+    with contextlib.closing(sqlite3.connect(":memory:")) as conn:
+        conn.execute("CREATE TABLE t (a, b, c)")
+        conn.execute("INSERT INTO t VALUES (?, ?, ?)", (None, b"\x00\xffab", bytearray(b"x")))
+        assert conn.execute("SELECT a, typeof(a), b, typeof(b), c FROM t").fetchone() == \
+            (None, "null", b"\x00\xffab", "blob", b"x")
