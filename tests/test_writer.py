@@ -31,6 +31,7 @@ from relay.spool.wire import (
     RecordJob,
     ReplayJob,
     StatsJob,
+    jobs_of,
     op_name,
     split_frames,
 )
@@ -227,6 +228,37 @@ async def test_poisoned_record_among_good_ones_through_the_spool(spool: Spool) -
 
 
 
+async def test_a_job_the_wire_cannot_carry_fails_alone(spool: Spool) -> None:
+    """A job holding a value marshal refuses (a bug: the wire carries plain values) fails for
+    its caller with a SpoolError naming the job; the jobs sent in the same frame are
+    committed and answered, and the writer lives."""
+    await spool.ingest([item(i) for i in range(3)])
+    due = await spool.due(1000.0, 10, ["a"])
+    assert spool._proc is not None
+    pid = spool._proc.pid
+    results = await asyncio.gather(*(
+        spool.record_attempt(d, Attempt(1000.0, 0.1, 200, None,
+                                        object() if i == 1 else None),  # type: ignore[arg-type]
+                             state="delivered", not_before=None, failures=0, reason=None)
+        for i, d in enumerate(due)), return_exceptions=True)
+    assert results[0] is None and results[2] is None
+    assert isinstance(results[1], SpoolError)
+    assert "cannot send this record job to the spool writer" in str(results[1])
+    states = {r.event_id: r.state for r in await spool.list_deliveries()}
+    assert states == {"e0": "delivered", "e1": "pending", "e2": "delivered"}
+    assert spool._proc.pid == pid and spool.writable
+
+
+def test_answers_marshal_refuses_become_errors_for_their_jobs_alone() -> None:
+    """The writer frames a client's answers as one list; one marshal refuses becomes that
+    job's error, the others travel as they are."""
+    data = writer._frame_answers([(1, None, "ok"), (2, None, object()), (3, None, [1, 2])])
+    (answers,) = split_frames(bytearray(data))
+    assert answers[0] == (1, None, "ok") and answers[2] == (3, None, [1, 2])
+    assert answers[1][0] == 2 and answers[1][1][0] == "error"
+    assert "cannot send this answer" in answers[1][1][1]
+
+
 async def test_outcomes_of_one_moment_share_a_commit(spool: Spool) -> None:
     """Attempt outcomes recorded one event-loop turn after another wait a moment for each
     other and reach the writer together: one transaction, not one each (the writer's cost per
@@ -245,6 +277,8 @@ async def test_outcomes_of_one_moment_share_a_commit(spool: Spool) -> None:
         await asyncio.sleep(0)
     await asyncio.gather(*tasks)
     assert len(due) == 8 and len(writes) <= 2   # 1, or 2 if this machine stalled (it was 8)
+    frames = split_frames(bytearray(b"".join(writes)))   # one frame per write: a list of jobs
+    assert len(frames) == len(writes) and sum(len(jobs_of(one)) for one in frames) == 8
     assert {r.state for r in await spool.list_deliveries()} == {"delivered"}
     # an outcome waiting for company leaves with the next ingest, at the end of its turn
     record = asyncio.create_task(spool.record_attempt(

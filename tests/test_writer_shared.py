@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from relay.spool import writer
-from relay.spool.wire import WAKE, IngestJob, StatsJob, request, split_frames
+from relay.spool.wire import WAKE, IngestJob, StatsJob, jobs_of, request, split_frames
 
 TIMEOUT = 20.0
 
@@ -34,14 +34,19 @@ class Client:
     def send(self, *frames: bytes) -> None:
         self.sock.sendall(b"".join(frames))
 
+    def _answers(self) -> list[Any]:
+        """The answers (and wake-ups) in the frames received so far: a frame holds one or a
+        list of them (wire.jobs_of)."""
+        return [one for message in split_frames(self.buffer) for one in jobs_of(message)]
+
     def read(self, count: int) -> list[Any]:
-        """The next ``count`` frames (a timeout fails the test)."""
-        got: list[Any] = split_frames(self.buffer)
+        """The next ``count`` answers (a timeout fails the test)."""
+        got = self._answers()
         while len(got) < count:
             data = self.sock.recv(1 << 20)
             assert data, "the writer closed the connection"
             self.buffer += data
-            got += split_frames(self.buffer)
+            got += self._answers()
         assert len(got) == count, got
         return got
 
@@ -58,7 +63,7 @@ class Client:
             pass
         finally:
             self.sock.settimeout(TIMEOUT)
-        return split_frames(self.buffer)
+        return self._answers()
 
 
 @pytest.fixture

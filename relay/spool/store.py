@@ -37,7 +37,9 @@ from relay.spool.wire import (
     PageLimitJob,
     StatsJob,
     StopJob,
-    request,
+    frame_many,
+    jobs_of,
+    message,
     split_frames,
 )
 
@@ -81,7 +83,7 @@ class Store:
         self._transport: asyncio.Transport | None = None
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._next_job = 1
-        self._out: list[bytes] = []   # frames queued for the next write
+        self._out: list[tuple[int, str, Any]] = []   # requests for the next write (one frame)
         self._flush_soon = False      # a write is due at the end of this loop turn
         self._flush_later: asyncio.TimerHandle | None = None  # a write is due for outcomes
         self._buffer = bytearray()
@@ -234,11 +236,10 @@ class Store:
         if self._transport is None or self._loop is None:
             raise SpoolError("the spool is closed" if self._closing or self._loop is None
                              else "the spool writer is restarting")
-        frame = request(self._next_job, job)   # before anything changes: it may raise
         future: asyncio.Future[Any] = self._loop.create_future()
         self._pending[self._next_job] = future
+        self._out.append(message(self._next_job, job))
         self._next_job += 1
-        self._out.append(frame)
         if urgent or len(self._out) >= COALESCE_JOBS:
             if not self._flush_soon:
                 self._flush_soon = True
@@ -254,11 +255,20 @@ class Store:
             self._flush_later = None
         out, self._out = self._out, []
         if self._transport is not None and out:
-            self._transport.write(b"".join(out))
+            self._transport.write(frame_many(out, self._refused))
+
+    def _refused(self, job: tuple[int, str, Any], exc: ValueError) -> None:
+        """A job marshal cannot send (a value of a type the wire does not carry: a bug) fails
+        alone, and is left out of the frame."""
+        future = self._pending.pop(job[0], None)
+        if future is not None and not future.done():
+            future.set_exception(SpoolError(f"cannot send this {job[1]} job to the spool "
+                                            f"writer: {exc}"))
 
     def _received(self, data: bytes) -> None:
         self._buffer += data
-        for job, error, result in split_frames(self._buffer):
+        for job, error, result in [answer for received in split_frames(self._buffer)
+                                   for answer in jobs_of(received)]:
             if job == WAKE:
                 if self.on_wake is not None:
                     self.on_wake()

@@ -3,9 +3,11 @@
 Both sides import these definitions, so a job's fields are written down once. Frames are a
 4-byte little-endian length and a ``marshal`` payload. A request is ``(job_id, op, args)`` with
 ``args`` one of the job NamedTuples below sent as a plain tuple (marshal refuses tuple
-subclasses: ``request`` sends ``tuple(job)``, ``parse`` rebuilds it with ``_make``). An answer is
-``(job_id, error, result)`` where ``error`` is None or ``JobError.wire()``. Frame 0 from the
-writer says it is ready (its pid) or why it cannot open the spool.
+subclasses: ``message`` sends ``tuple(job)``, ``parse`` rebuilds it with ``_make``). An answer is
+``(job_id, error, result)`` where ``error`` is None or ``JobError.wire()``. A frame holds one
+request or answer, or a list of them: the relay sends what it queued in one loop turn as one
+frame and the writer answers a group per client in one (``frame_many``; ``jobs_of`` reads
+both). Frame 0 from the writer says it is ready (its pid) or why it cannot open the spool.
 
 Stdlib only, and no I/O: the writer process imports this at start-up, which must stay fast.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import marshal
 import struct
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 _HEADER = struct.Struct("<I")
@@ -132,9 +135,15 @@ def op_name(job: Job) -> str:
     return _OP[type(job)]
 
 
+def message(job_id: int, job: Job) -> tuple[int, str, tuple[Any, ...]]:
+    """The request asking the writer to run ``job``, as it travels (in a frame of its own or
+    in a list)."""
+    return (job_id, _OP[type(job)], tuple(job))
+
+
 def request(job_id: int, job: Job) -> bytes:
-    """The frame asking the writer to run ``job``."""
-    return frame((job_id, _OP[type(job)], tuple(job)))
+    """The frame asking the writer to run ``job`` alone."""
+    return frame(message(job_id, job))
 
 
 def parse(op: str, args: Any) -> Job:
@@ -155,15 +164,45 @@ def frame(message: Any) -> bytes:
     return _HEADER.pack(len(payload)) + payload
 
 
+def frame_many(messages: list[Any], refused: Callable[[Any, ValueError], Any]) -> bytes:
+    """One frame holding ``messages`` (a list): one marshal call, where a frame each cost
+    0.84 us per outcome on the event loop and 0.37 to read its answer (0.29 and 0.05 in a list
+    of 50). If marshal refuses one of them, each is framed alone and a refused one is replaced
+    by ``refused(message, error)`` (or left out if that gives None), so one bad message never
+    costs the others."""
+    try:
+        return frame(messages)
+    except ValueError:
+        kept = []
+        for one in messages:
+            try:
+                marshal.dumps(one)
+            except ValueError as exc:
+                one = refused(one, exc)
+                if one is None:
+                    continue
+            kept.append(one)
+        return frame(kept)
+
+
+def jobs_of(message: Any) -> list[Any]:
+    """The requests or answers a frame holds: a list of them, or one."""
+    return message if type(message) is list else [message]
+
+
 def split_frames(buffer: bytearray, limit: int = 1 << 30) -> list[Any]:
-    """Complete frames at the start of ``buffer`` (removed from it), at most ``limit``."""
+    """Complete frames at the start of ``buffer`` (removed from it): at least one if there is
+    one, then more while they hold fewer than ``limit`` requests or answers in all (a list
+    counts its length)."""
     messages: list[Any] = []
-    offset = 0
-    while len(messages) < limit and len(buffer) - offset >= 4:
+    offset = taken = 0
+    while taken < limit and len(buffer) - offset >= 4:
         (size,) = _HEADER.unpack_from(buffer, offset)
         if len(buffer) - offset - 4 < size:
             break
-        messages.append(marshal.loads(buffer[offset + 4:offset + 4 + size]))
+        one = marshal.loads(buffer[offset + 4:offset + 4 + size])
+        messages.append(one)
+        taken += len(one) if type(one) is list else 1
         offset += 4 + size
     del buffer[:offset]
     return messages

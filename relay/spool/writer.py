@@ -43,13 +43,23 @@ if __name__ == "__main__":  # started as a script: import relay from the tree th
 
 from relay.spool.commit import Writer
 from relay.spool.sqlite_schema import connect, migrate
-from relay.spool.wire import MIGRATING, WAKE, Answer, JobError, frame, split_frames
+from relay.spool.wire import (
+    MIGRATING,
+    WAKE,
+    Answer,
+    JobError,
+    frame,
+    frame_many,
+    jobs_of,
+    split_frames,
+)
 
 MAX_GROUP = 512     # jobs per transaction: bounds the latency one group adds to the next
 
 
 def _next_jobs(sock: socket.socket, buffer: bytearray) -> list[Any] | None:
-    """Every job that has arrived (at least one, waiting for it); None once the relay is gone."""
+    """Every frame of jobs that has arrived (at least one, waiting for it), up to MAX_GROUP
+    jobs; None once the relay is gone. A frame holds a job or a list of them (wire.jobs_of)."""
     jobs = split_frames(buffer, MAX_GROUP)
     while not jobs:
         data = sock.recv(1 << 20)
@@ -68,14 +78,11 @@ def _next_jobs(sock: socket.socket, buffer: bytearray) -> list[Any] | None:
     return jobs
 
 
-def _frame_answer(answer: Answer) -> bytes:
-    """The answer's frame; an error for its job if its result cannot travel (marshal refused
-    it): the data is committed, but the writer must not die of one answer."""
-    try:
-        return frame(answer)
-    except ValueError as exc:
-        return frame((answer[0], ("error", f"the spool writer cannot send this answer: {exc}", 0),
-                      None))
+def _frame_answers(answers: list[Answer]) -> bytes:
+    """A client's answers in one frame; an error for a job whose result cannot travel (marshal
+    refused it): the data is committed, but the writer must not die of one answer."""
+    return frame_many(answers, lambda answer, exc: (
+        answer[0], ("error", f"the spool writer cannot send this answer: {exc}", 0), None))
 
 
 def lock(path: str, wait: float) -> int:
@@ -134,12 +141,13 @@ def serve(sock: socket.socket, path: str, max_events: int, lock_wait: float,
         return 0
     buffer = bytearray()
     try:
-        while (jobs := _next_jobs(sock, buffer)) is not None:
+        while (frames := _next_jobs(sock, buffer)) is not None:
+            jobs = [job for message in frames for job in jobs_of(message)]
             stop = [job for job in jobs if job[1] == "stop"]
             work = [job for job in jobs if job[1] != "stop"]
             answers: list[Answer] = writer.run_group(work) if work else []
             answers += [(job_id, None, None) for job_id, _, _ in stop]
-            sock.sendall(b"".join(map(_frame_answer, answers)))
+            sock.sendall(_frame_answers(answers))
             if stop:
                 break
     except (BrokenPipeError, ConnectionResetError):
@@ -216,7 +224,8 @@ def _serve_many(owner: socket.socket, listener: socket.socket, writer: Writer) -
         group: list[tuple[socket.socket, Any]] = []
         for client in clients[turn:] + clients[:turn]:
             group += [(client, job)
-                      for job in split_frames(buffers[client], MAX_GROUP - len(group))]
+                      for message in split_frames(buffers[client], MAX_GROUP - len(group))
+                      for job in jobs_of(message)]
         backlog = len(group) >= MAX_GROUP
         if not group:
             continue
@@ -225,17 +234,17 @@ def _serve_many(owner: socket.socket, listener: socket.socket, writer: Writer) -
         answers: dict[int, tuple[Any, Any]] = dict.fromkeys(range(len(group)), (None, None))
         for n, error, result in (writer.run_group(requests) if requests else []):
             answers[n] = (error, result)
-        out: dict[socket.socket, list[bytes]] = {}
+        out: dict[socket.socket, list[Answer]] = {}
         woke: set[socket.socket] = set()
         for n, (client, (job_id, op, _)) in enumerate(group):
             error, result = answers[n]
-            out.setdefault(client, []).append(_frame_answer((job_id, error, result)))
+            out.setdefault(client, []).append((job_id, error, result))
             if op in WAKES and error is None:
                 woke.add(client)
             stopping = stopping or (op == "stop" and client is owner)
-        for client, frames in out.items():
+        for client, answered in out.items():
             if client in buffers:
-                send(client, b"".join(frames))
+                send(client, _frame_answers(answered))
         if woke:   # every worker but the only one that stored work (it woke itself)
             wake = frame((WAKE, None, None))
             for client in list(buffers):
