@@ -95,6 +95,10 @@ EVENT_FIELDS = frozenset(Event.model_fields) | frozenset(Recipient.model_fields)
     | frozenset(Failure.model_fields) | frozenset(Timestamps.model_fields)
 _ONE = pydantic.TypeAdapter(Event)
 _MANY = pydantic.TypeAdapter(list[Event])
+# The validators themselves: TypeAdapter.validate_json and model_validate_json are Python
+# wrappers that pass their defaults on (0.26 and 0.45 us per call of ~2.5).
+_validate_one = _ONE.validator.validate_json
+_validate_stored = Event.__pydantic_validator__.validate_json
 
 
 MAX_PROBLEMS = 20  # problems listed in one 400; the rest are counted, not described
@@ -115,8 +119,8 @@ def parse_events(body: bytes, max_batch: int) -> tuple[list[Event], bool]:
             raise InvalidEvent([("", "the body must be one event (a JSON object) or an array "
                                      "of events")])
     try:
-        events = [_ONE.validate_json(body)] if start == b"{" \
-            else _batch(max_batch).validate_json(body)
+        events = [_validate_one(body)] if start == b"{" \
+            else _batch(max_batch).validator.validate_json(body)
     except pydantic.ValidationError as exc:
         # A number that is not finite is named before other problems (no digit, N or I: none)
         if _MAYBE_NUMBER.search(body) and _SUSPECT.search(body):
@@ -325,4 +329,5 @@ def accept(event: Event, received_at: float) -> Accepted:
 
 def load_event(stored: str | bytes) -> Event:
     """Read back an event the relay stored itself."""
-    return Event.model_validate_json(stored)
+    event: Event = _validate_stored(stored)
+    return event
