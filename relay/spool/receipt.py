@@ -27,9 +27,9 @@ def receipt_entry(event_id: str, deliveries: Sequence[tuple[str, str, str]], dup
     cost as much as validating the events. Destination names (config-checked) and delivery ids
     (hex) need no escaping; a sender's id is written as it is when it holds only characters JSON
     never escapes, else through json.dumps."""
-    refs = ",".join(f'{{"destination":"{dest}","delivery_id":"{did}"'
-                    + (',"skipped":true}' if state == "skipped" else "}")
-                    for dest, did, state in deliveries)
+    refs = ",".join([f'{{"destination":"{dest}","delivery_id":"{did}"'   # (a list: join
+                     + (',"skipped":true}' if state == "skipped" else "}")  # makes one of a
+                     for dest, did, state in deliveries])                   # generator anyway)
     quoted = f'"{event_id}"' if _plain(event_id) else json.dumps(event_id, ensure_ascii=False)
     return f'{{"id":{quoted},"deliveries":[{refs}]' + (',"duplicate":true}' if duplicate else "}")
 
