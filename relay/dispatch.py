@@ -739,7 +739,9 @@ class Dispatcher:
             return entry[0]
         event = load_event(due.event_json)
         size = len(due.event_json)
-        if size <= EVENT_CACHE_BYTES // 8:  # one huge event must not flush all the others
+        # (with one destination an event has one delivery: only its retry, much later, could
+        # find it here; one huge event must not flush all the others)
+        if size <= EVENT_CACHE_BYTES // 8 and len(self.destinations) > 1:
             cache[due.event_seq] = (event, size)
             self._event_bytes += size
             while self._event_bytes > EVENT_CACHE_BYTES:

@@ -883,9 +883,14 @@ def test_parsed_events_stay_within_their_byte_budget_oldest_out_first(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """The dispatcher parses an event's stored JSON once for all its deliveries, keeps at most
     EVENT_CACHE_BYTES of them (by stored size), drops the oldest first, and never keeps one
-    bigger than an eighth of the budget."""
-    config = load_config(write_config(tmp_path, destinations=[
+    bigger than an eighth of the budget; with one destination it keeps none (an event has one
+    delivery)."""
+    one = load_config(write_config(tmp_path, destinations=[
         {"name": "braze", "format": "braze", "url": "http://127.0.0.1:9/b"}]))
+    alone = relay.dispatch.Dispatcher(one, spool=None)  # type: ignore[arg-type]
+    config = load_config(write_config(tmp_path, destinations=[
+        {"name": "braze", "format": "braze", "url": "http://127.0.0.1:9/b"},
+        {"name": "other", "format": "braze", "url": "http://127.0.0.1:9/o"}]))
     dispatcher = relay.dispatch.Dispatcher(config, spool=None)  # type: ignore[arg-type]
     parsed: list[int] = []
     real = relay.dispatch.load_event
@@ -902,6 +907,8 @@ def test_parsed_events_stay_within_their_byte_budget_oldest_out_first(
         return Due(seq, f"dlv-{seq}", "braze", 0, 0, None, 0.0, seq, body)
 
     budget = relay.dispatch.EVENT_CACHE_BYTES
+    assert alone._event(due(1)) is not alone._event(due(1)) and not alone._events
+    parsed.clear()
     dues = [due(seq) for seq in range(4 * budget // 1000)]
     for one in dues:
         first = dispatcher._event(one)
