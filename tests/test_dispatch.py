@@ -879,12 +879,12 @@ async def test_no_attempt_starts_while_dispatching_is_paused(make_stack: Any,
     assert sent == [first["evt-1/braze"]], "an attempt started while dispatching was paused"
 
 
-def test_parsed_events_stay_within_their_byte_budget_oldest_out_first(
+def test_parsed_events_stay_within_their_budgets_oldest_out_first(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """The dispatcher parses an event's stored JSON once for all its deliveries, keeps at most
-    EVENT_CACHE_BYTES of them (by stored size), drops the oldest first, and never keeps one
-    bigger than an eighth of the budget; with one destination it keeps none (an event has one
-    delivery)."""
+    EVENT_CACHE_EVENTS of them and EVENT_CACHE_BYTES (by stored size), drops the oldest first,
+    and never keeps one bigger than an eighth of the bytes; with one destination it keeps none
+    (an event has one delivery)."""
     one = load_config(write_config(tmp_path, destinations=[
         {"name": "braze", "format": "braze", "url": "http://127.0.0.1:9/b"}]))
     alone = relay.dispatch.Dispatcher(one, spool=None)  # type: ignore[arg-type]
@@ -906,19 +906,27 @@ def test_parsed_events_stay_within_their_byte_budget_oldest_out_first(
                                    request_id=f"r{seq}"), "attributes": {"pad": "x" * padding}})
         return Due(seq, f"dlv-{seq}", "braze", 0, 0, None, 0.0, seq, body)
 
-    budget = relay.dispatch.EVENT_CACHE_BYTES
     assert alone._event(due(1)) is not alone._event(due(1)) and not alone._events
-    parsed.clear()
-    dues = [due(seq) for seq in range(4 * budget // 1000)]
-    for one in dues:
-        first = dispatcher._event(one)
-        assert dispatcher._event(one) is first     # its other deliveries: no second parse
-    assert len(parsed) == len(dues)
+    budget, most = relay.dispatch.EVENT_CACHE_BYTES, relay.dispatch.EVENT_CACHE_EVENTS
     kept = dispatcher._events
-    assert dispatcher._event_bytes == sum(size for _, size in kept.values()) <= budget
-    assert dispatcher._event_bytes > budget - 2000   # full, not emptied
-    assert list(kept) == [one.event_seq for one in dues[-len(kept):]]   # the newest stayed
+
+    def run(dues: list[Due]) -> None:
+        parsed.clear()
+        for one in dues:
+            first = dispatcher._event(one)
+            assert dispatcher._event(one) is first     # its other deliveries: no second parse
+        assert len(parsed) == len(dues)
+        assert dispatcher._event_bytes == sum(size for _, size in kept.values()) <= budget
+        assert len(kept) <= most
+        assert list(kept) == [one.event_seq for one in dues[-len(kept):]]   # the newest stayed
+
+    run([due(seq) for seq in range(3 * most)])                # small events: the count binds
+    assert len(kept) == most
+    big = budget // 8 - 1000
+    run([due(seq, padding=big) for seq in range(10_000, 10_040)])    # big ones: the bytes bind
+    assert budget - big - 1000 < dispatcher._event_bytes and len(kept) < most
     huge = due(10 ** 6, padding=budget // 8)
+    parsed.clear()
     dispatcher._event(huge)
     dispatcher._event(huge)
-    assert huge.event_seq not in kept and len(parsed) == len(dues) + 2
+    assert huge.event_seq not in kept and len(parsed) == 2
