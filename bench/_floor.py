@@ -3,11 +3,11 @@ what durability itself costs beside the bare server and the forwarder.
 
 It answers POST /v1/events with 202 only once the events and one delivery row per destination
 are committed (WAL, fsync per group commit: the relay's policy), by a writer that takes every
-job queued meanwhile as one group. With a target URL it then sends each event from memory (64 at
-a time, the forwarder's body) and records every outcome durably (an UPDATE of the delivery row,
-in groups, no fsync of its own, as the relay does). Nothing else: no validation beyond "objects
-with a string id", no dedupe, no retries, no metrics, no logs. Event ids must be unique (the
-benches' are).
+job queued meanwhile as one group (up to the relay writer's MAX_GROUP jobs). With a target URL
+it then sends each event from memory (64 at a time, the forwarder's body) and records every
+outcome durably (an UPDATE of the delivery row, in groups, no fsync of its own, as the relay
+does). Nothing else: no validation beyond "objects with a string id", no dedupe, no retries,
+no metrics, no logs. Event ids must be unique (the benches' are).
 
 The writer is a second process fed over a socketpair, as the relay's is (``--writer process``,
 the default: the event loop keeps the GIL to itself), or a thread of this process

@@ -175,6 +175,9 @@ class Dispatcher:
                                                 on_mint=self.metrics.mint_counter)
         self.config = config
         self.destinations = destinations
+        if len(destinations) <= 1:  # nothing is cached with one destination (see _event)
+            self._events.clear()
+            self._event_bytes = 0
         self._meters = {name: _Meters.of(self.metrics, name) for name in destinations}
         self.health.config = config.health
         self.limits.configure(config, replica_share() if config.spool.backend == "postgres" else 1)

@@ -930,3 +930,5 @@ def test_parsed_events_stay_within_their_budgets_oldest_out_first(
     dispatcher._event(huge)
     dispatcher._event(huge)
     assert huge.event_seq not in kept and len(parsed) == 2
+    dispatcher.reconfigure(one)   # down to one destination: nothing kept any longer
+    assert not dispatcher._events and dispatcher._event_bytes == 0

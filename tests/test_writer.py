@@ -21,7 +21,7 @@ import pytest
 from relay.errors import SpoolError
 from relay.events import Event, accept
 from relay.routing import Route
-from relay.spool import Attempt, Spool, writer
+from relay.spool import Attempt, Spool, wire, writer
 from relay.spool.commit import Writer
 from relay.spool.sqlite_schema import connect, migrate
 from relay.spool.wire import (
@@ -230,8 +230,9 @@ async def test_poisoned_record_among_good_ones_through_the_spool(spool: Spool) -
 
 async def test_a_job_the_wire_cannot_carry_fails_alone(spool: Spool) -> None:
     """A job holding a value marshal refuses (a bug: the wire carries plain values) fails for
-    its caller with a SpoolError naming the job; the jobs sent in the same frame are
-    committed and answered, and the writer lives."""
+    its caller with a ValueError naming the job (not a SpoolError, which would pause the
+    dispatcher as for an outage); the jobs sent in the same frame are committed and answered,
+    and the writer lives."""
     await spool.ingest([item(i) for i in range(3)])
     due = await spool.due(1000.0, 10, ["a"])
     assert spool._proc is not None
@@ -242,18 +243,52 @@ async def test_a_job_the_wire_cannot_carry_fails_alone(spool: Spool) -> None:
                              state="delivered", not_before=None, failures=0, reason=None)
         for i, d in enumerate(due)), return_exceptions=True)
     assert results[0] is None and results[2] is None
-    assert isinstance(results[1], SpoolError)
+    assert type(results[1]) is ValueError
     assert "cannot send this record job to the spool writer" in str(results[1])
     states = {r.event_id: r.state for r in await spool.list_deliveries()}
     assert states == {"e0": "delivered", "e1": "pending", "e2": "delivered"}
     assert spool._proc.pid == pid and spool.writable
 
 
+async def test_one_loop_turns_burst_is_cut_into_frames_and_groups(tmp_path: Path) -> None:
+    """What the event loop queues in one turn goes out in frames of FRAME_JOBS, and the writer
+    still takes at most about MAX_GROUP jobs per transaction: 600 ingests queued at once are
+    stored in two groups or more, each answered."""
+    spool = Spool(tmp_path / "spool.db", max_events=10_000, clock=Clock())
+    await spool.open()
+    try:
+        assert spool._transport is not None
+        write, writes = spool._transport.write, []
+        spool._transport.write = lambda data: (writes.append(data), write(data))  # type: ignore
+        before = (await spool.stats())["groups"]
+        receipts = await asyncio.gather(*(spool.ingest([item(i)]) for i in range(600)))
+        assert [r[0].id for r in receipts] == [f"e{i}" for i in range(600)]
+        groups = (await spool.stats())["groups"] - before - 1   # (less the stats job's own)
+        assert groups >= 2
+        frames = split_frames(bytearray(b"".join(writes)))
+        assert max(len(jobs_of(one)) for one in frames) <= wire.FRAME_JOBS
+        assert sum(len(jobs_of(one)) for one in frames) == 600 + 2   # and both stats jobs
+    finally:
+        await spool.close()
+
+
+def test_a_frame_past_its_length_fails_that_job_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job bigger than a frame's 4-byte length can say (lowered here) is refused alone; the
+    others of its frame travel."""
+    monkeypatch.setattr(wire, "_MAX_FRAME", 1000)
+    refused: list[tuple[int, str]] = []
+    data = wire.frame_many([(1, "stats", ("x" * 10,)), (2, "ingest", ("y" * 5000,)),
+                            (3, "stats", ())], lambda job, exc: refused.append((job[0], str(exc))))
+    got = [job for one in split_frames(bytearray(data)) for job in jobs_of(one)]
+    assert [job[0] for job in got] == [1, 3]
+    assert refused == [(2, refused[0][1])] and "more than one frame holds" in refused[0][1]
+
+
 def test_answers_marshal_refuses_become_errors_for_their_jobs_alone() -> None:
-    """The writer frames a client's answers as one list; one marshal refuses becomes that
-    job's error, the others travel as they are."""
+    """The writer frames a client's answers as lists; one marshal refuses becomes that
+    job's error, the others travel as they are, in order."""
     data = writer._frame_answers([(1, None, "ok"), (2, None, object()), (3, None, [1, 2])])
-    (answers,) = split_frames(bytearray(data))
+    answers = [answer for one in split_frames(bytearray(data)) for answer in jobs_of(one)]
     assert answers[0] == (1, None, "ok") and answers[2] == (3, None, [1, 2])
     assert answers[1][0] == 2 and answers[1][1][0] == "error"
     assert "cannot send this answer" in answers[1][1][1]

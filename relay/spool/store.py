@@ -258,11 +258,13 @@ class Store:
             self._transport.write(frame_many(out, self._refused))
 
     def _refused(self, job: tuple[int, str, Any], exc: ValueError) -> None:
-        """A job marshal cannot send (a value of a type the wire does not carry: a bug) fails
-        alone, and is left out of the frame."""
+        """A job the wire cannot carry (a value marshal refuses: a bug; or over 4 GiB) fails
+        alone with a ValueError, as a job that could not be framed always did, and is left
+        out: not a SpoolError, which the dispatcher takes for an outage of the spool and
+        pauses on, retrying an outcome that can never be sent."""
         future = self._pending.pop(job[0], None)
         if future is not None and not future.done():
-            future.set_exception(SpoolError(f"cannot send this {job[1]} job to the spool "
+            future.set_exception(ValueError(f"cannot send this {job[1]} job to the spool "
                                             f"writer: {exc}"))
 
     def _received(self, data: bytes) -> None:

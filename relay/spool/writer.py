@@ -79,8 +79,9 @@ def _next_jobs(sock: socket.socket, buffer: bytearray) -> list[Any] | None:
 
 
 def _frame_answers(answers: list[Answer]) -> bytes:
-    """A client's answers in one frame; an error for a job whose result cannot travel (marshal
-    refused it): the data is committed, but the writer must not die of one answer."""
+    """A client's answers, FRAME_JOBS to a frame; an error for a job whose result cannot
+    travel (marshal refused it): the data is committed, but the writer must not die of one
+    answer."""
     return frame_many(answers, lambda answer, exc: (
         answer[0], ("error", f"the spool writer cannot send this answer: {exc}", 0), None))
 
