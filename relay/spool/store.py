@@ -83,7 +83,8 @@ class Store:
         self._transport: asyncio.Transport | None = None
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._next_job = 1
-        self._out: list[tuple[int, str, Any]] = []   # requests for the next write (one frame)
+        self._out: list[tuple[int, str, Any]] = []   # requests for the next write (framed
+                                                     # FRAME_JOBS at a time: wire.frame_many)
         self._flush_soon = False      # a write is due at the end of this loop turn
         self._flush_later: asyncio.TimerHandle | None = None  # a write is due for outcomes
         self._buffer = bytearray()

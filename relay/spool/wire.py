@@ -5,9 +5,10 @@ Both sides import these definitions, so a job's fields are written down once. Fr
 ``args`` one of the job NamedTuples below sent as a plain tuple (marshal refuses tuple
 subclasses: ``message`` sends ``tuple(job)``, ``parse`` rebuilds it with ``_make``). An answer is
 ``(job_id, error, result)`` where ``error`` is None or ``JobError.wire()``. A frame holds one
-request or answer, or a list of them: the relay sends what it queued in one loop turn as one
-frame and the writer answers a group per client in one (``frame_many``; ``jobs_of`` reads
-both). Frame 0 from the writer says it is ready (its pid) or why it cannot open the spool.
+request or answer, or a list of them: the relay sends what it queued in one loop turn, and
+the writer a group's answers to each client, in frames of up to FRAME_JOBS (``frame_many``;
+``jobs_of`` reads both forms). Frame 0 from the writer says it is ready (its pid) or why it
+cannot open the spool.
 
 Stdlib only, and no I/O: the writer process imports this at start-up, which must stay fast.
 """
