@@ -10,6 +10,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -270,6 +271,30 @@ async def test_one_loop_turns_burst_is_cut_into_frames_and_groups(tmp_path: Path
         assert sum(len(jobs_of(one)) for one in frames) == 600 + 2   # and both stats jobs
     finally:
         await spool.close()
+
+
+def test_the_writer_reads_a_burst_a_bounded_slice_at_a_time(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The writer takes what is queued on its socket as one group, but not more than about
+    DRAIN_BYTES at a time (lowered here): the rest of a burst waits in the socket, and every
+    job still comes, in order."""
+    monkeypatch.setattr(writer, "DRAIN_BYTES", 256 << 10)
+    ours, theirs = socket.socketpair()
+    jobs = [(n, "stats", ("x" * (200 << 10),)) for n in range(1, 21)]
+    sender = threading.Thread(target=lambda: ours.sendall(
+        b"".join(wire.frame_many([job], lambda *_: None) for job in jobs)))
+    sender.start()
+    got, held, buffer = [], [], bytearray()
+    with ours, theirs:
+        while len(got) < len(jobs):
+            frames = writer._next_jobs(theirs, buffer)
+            assert frames is not None
+            got += [job for one in frames for job in jobs_of(one)]
+            held.append(len(buffer))
+        sender.join()
+    assert [job[0] for job in got] == list(range(1, 21))
+    assert max(held) <= (256 << 10) + (1 << 20)   # the bound, plus one read's worth
+    assert len(held) > 1                          # taken in slices, not at once
 
 
 def test_a_frame_past_its_length_fails_that_job_alone(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -55,6 +55,9 @@ from relay.spool.wire import (
 )
 
 MAX_GROUP = 512     # jobs per transaction: bounds the latency one group adds to the next
+DRAIN_BYTES = 16 << 20  # what one read takes from the socket beyond a whole frame: a burst
+                        # waits in the socket (and the relay), not here (2,000 ingests of
+                        # 256 KiB queued at once: the writer's peak 96-550 MB -> 107-113 MB)
 
 
 def _next_jobs(sock: socket.socket, buffer: bytearray) -> list[Any] | None:
@@ -66,7 +69,7 @@ def _next_jobs(sock: socket.socket, buffer: bytearray) -> list[Any] | None:
         if not data:
             return None
         buffer += data
-        while True:  # take everything already queued: that is the group
+        while len(buffer) < DRAIN_BYTES:  # take what is already queued: that is the group
             try:
                 more = sock.recv(1 << 20, socket.MSG_DONTWAIT)
             except (BlockingIOError, InterruptedError):
