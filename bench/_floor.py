@@ -107,8 +107,8 @@ def writer_process(fd: int, path: str, fan_out: int) -> None:
     (the relay's own framing and group-taking: relay/spool/wire.py, relay/spool/writer.py)."""
     store, buffer = Store(path, fan_out), bytearray()
     with socket.socket(fileno=fd) as sock:
-        while (batches := _next_jobs(sock, buffer)) is not None:
-            sock.sendall(frame(store.commit([job for batch in batches for job in batch])))
+        while (jobs := _next_jobs(sock, buffer)) is not None:
+            sock.sendall(frame(store.commit(jobs)))
 
 
 class ProcessWriter(asyncio.Protocol):
@@ -155,6 +155,9 @@ class ProcessWriter(asyncio.Protocol):
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
+        # The transport closes on the loop's next turn, which this wait would block: end the
+        # connection now, so the child reads EOF (shutdown reaches the transport's copy too).
+        self.sock.shutdown(socket.SHUT_RDWR)
         self.child.wait(timeout=10)
 
 
