@@ -287,9 +287,9 @@ def test_the_writer_reads_a_burst_a_bounded_slice_at_a_time(
     got, held, buffer = [], [], bytearray()
     with ours, theirs:
         while len(got) < len(jobs):
-            frames = writer._next_jobs(theirs, buffer)
-            assert frames is not None
-            got += [job for one in frames for job in jobs_of(one)]
+            jobs_now = writer._next_jobs(theirs, buffer)
+            assert jobs_now is not None
+            got += jobs_now
             held.append(len(buffer))
         sender.join()
     assert [job[0] for job in got] == list(range(1, 21))
@@ -304,7 +304,7 @@ def test_a_frame_past_its_length_fails_that_job_alone(monkeypatch: pytest.Monkey
     refused: list[tuple[int, str]] = []
     data = wire.frame_many([(1, "stats", ("x" * 10,)), (2, "ingest", ("y" * 5000,)),
                             (3, "stats", ())], lambda job, exc: refused.append((job[0], str(exc))))
-    got = [job for one in split_frames(bytearray(data)) for job in jobs_of(one)]
+    got = wire.split_jobs(bytearray(data))
     assert [job[0] for job in got] == [1, 3]
     assert refused == [(2, refused[0][1])] and "more than one frame holds" in refused[0][1]
 
@@ -313,7 +313,7 @@ def test_answers_marshal_refuses_become_errors_for_their_jobs_alone() -> None:
     """The writer frames a client's answers as lists; one marshal refuses becomes that
     job's error, the others travel as they are, in order."""
     data = writer._frame_answers([(1, None, "ok"), (2, None, object()), (3, None, [1, 2])])
-    answers = [answer for one in split_frames(bytearray(data)) for answer in jobs_of(one)]
+    answers = wire.split_jobs(bytearray(data))
     assert answers[0] == (1, None, "ok") and answers[2] == (3, None, [1, 2])
     assert answers[1][0] == 2 and answers[1][1][0] == "error"
     assert "cannot send this answer" in answers[1][1][1]

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from relay.spool import writer
-from relay.spool.wire import WAKE, IngestJob, StatsJob, jobs_of, request, split_frames
+from relay.spool.wire import WAKE, IngestJob, StatsJob, request, split_jobs
 
 TIMEOUT = 20.0
 
@@ -37,7 +37,7 @@ class Client:
     def _answers(self) -> list[Any]:
         """The answers (and wake-ups) in the frames received so far: a frame holds one or a
         list of them (wire.jobs_of)."""
-        return [one for message in split_frames(self.buffer) for one in jobs_of(message)]
+        return split_jobs(self.buffer)
 
     def read(self, count: int) -> list[Any]:
         """The next ``count`` answers (a timeout fails the test)."""

@@ -38,9 +38,8 @@ from relay.spool.wire import (
     StatsJob,
     StopJob,
     frame_many,
-    jobs_of,
     message,
-    split_frames,
+    split_jobs,
 )
 
 log = logging.getLogger("relay.spool")
@@ -270,8 +269,7 @@ class Store:
 
     def _received(self, data: bytes) -> None:
         self._buffer += data
-        for job, error, result in [answer for received in split_frames(self._buffer)
-                                   for answer in jobs_of(received)]:
+        for job, error, result in split_jobs(self._buffer):
             if job == WAKE:
                 if self.on_wake is not None:
                     self.on_wake()

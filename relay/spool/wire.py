@@ -7,7 +7,7 @@ subclasses: ``message`` sends ``tuple(job)``, ``parse`` rebuilds it with ``_make
 ``(job_id, error, result)`` where ``error`` is None or ``JobError.wire()``. A frame holds one
 request or answer, or a list of them: the relay sends what it queued in one loop turn, and
 the writer a group's answers to each client, in frames of up to FRAME_JOBS (``frame_many``;
-``jobs_of`` reads both forms). Frame 0 from the writer says it is ready (its pid) or why it
+``split_jobs`` reads both forms). Frame 0 from the writer says it is ready (its pid) or why it
 cannot open the spool.
 
 Stdlib only, and no I/O: the writer process imports this at start-up, which must stay fast.
@@ -204,6 +204,11 @@ def _frame_list(messages: list[Any]) -> bytes:
 def jobs_of(message: Any) -> list[Any]:
     """The requests or answers a frame holds: a list of them, or one."""
     return message if type(message) is list else [message]
+
+
+def split_jobs(buffer: bytearray, limit: int = 1 << 30) -> list[Any]:
+    """``split_frames``'s frames as the requests or answers they hold, in order."""
+    return [one for message in split_frames(buffer, limit) for one in jobs_of(message)]
 
 
 def split_frames(buffer: bytearray, limit: int = 1 << 30) -> list[Any]:

@@ -50,8 +50,7 @@ from relay.spool.wire import (
     JobError,
     frame,
     frame_many,
-    jobs_of,
-    split_frames,
+    split_jobs,
 )
 
 MAX_GROUP = 512     # jobs per transaction: bounds the latency one group adds to the next
@@ -61,9 +60,9 @@ DRAIN_BYTES = 16 << 20  # what one read takes from the socket beyond a whole fra
 
 
 def _next_jobs(sock: socket.socket, buffer: bytearray) -> list[Any] | None:
-    """Every frame of jobs that has arrived (at least one, waiting for it), up to MAX_GROUP
-    jobs; None once the relay is gone. A frame holds a job or a list of them (wire.jobs_of)."""
-    jobs = split_frames(buffer, MAX_GROUP)
+    """Every job that has arrived (at least one, waiting for it), up to MAX_GROUP (whole
+    frames: a frame holds a job or a list of them); None once the relay is gone."""
+    jobs = split_jobs(buffer, MAX_GROUP)
     while not jobs:
         data = sock.recv(1 << 20)
         if not data:
@@ -77,7 +76,7 @@ def _next_jobs(sock: socket.socket, buffer: bytearray) -> list[Any] | None:
             if not more:
                 break
             buffer += more
-        jobs = split_frames(buffer, MAX_GROUP)
+        jobs = split_jobs(buffer, MAX_GROUP)
     return jobs
 
 
@@ -145,8 +144,7 @@ def serve(sock: socket.socket, path: str, max_events: int, lock_wait: float,
         return 0
     buffer = bytearray()
     try:
-        while (frames := _next_jobs(sock, buffer)) is not None:
-            jobs = [job for message in frames for job in jobs_of(message)]
+        while (jobs := _next_jobs(sock, buffer)) is not None:
             stop = [job for job in jobs if job[1] == "stop"]
             work = [job for job in jobs if job[1] != "stop"]
             answers: list[Answer] = writer.run_group(work) if work else []
@@ -228,8 +226,7 @@ def _serve_many(owner: socket.socket, listener: socket.socket, writer: Writer) -
         group: list[tuple[socket.socket, Any]] = []
         for client in clients[turn:] + clients[:turn]:
             group += [(client, job)
-                      for message in split_frames(buffers[client], MAX_GROUP - len(group))
-                      for job in jobs_of(message)]
+                      for job in split_jobs(buffers[client], MAX_GROUP - len(group))]
         backlog = len(group) >= MAX_GROUP
         if not group:
             continue
