@@ -337,18 +337,20 @@ async def test_next_due_walks_two_indexes_to_the_same_answer_as_reading_every_ro
         spools: list[PostgresSpool], other: asyncpg.Connection) -> None:
     """NEXT_DUE (the first due row no other replica holds, and the end of the other replicas'
     leases, by two index walks) answers what one read of every pending row answered, over
-    random due times, leases (ours, others', expired) and exclusions."""
+    random due times, leases (ours, others', expired) and exclusions. Only pending rows hold
+    leases, as in the spool: every statement that ends a delivery clears its lease."""
     one = spools[0]
     await one.ingest([item(i) for i in range(3)])
     rng = random.Random(7)
     seqs = [r[0] for r in await other.fetch("SELECT seq FROM deliveries ORDER BY seq")]
     for _ in range(150):
         for seq in seqs:
-            owner = rng.choice([None, None, "r0", "r1", "r2"])
+            state = rng.choice(["pending", "pending", "delivered"])
+            owner = rng.choice([None, None, "r0", "r1", "r2"]) if state == "pending" else None
             await other.execute(
                 "UPDATE deliveries SET state = $2, not_before = $3, lease_owner = $4::text, "
                 "lease_until = CASE WHEN $4::text IS NULL THEN NULL ELSE $5::float8 END "
-                "WHERE seq = $1", seq, rng.choice(["pending", "pending", "delivered"]),
+                "WHERE seq = $1", seq, state,
                 1000.0 + rng.randrange(-50, 50), owner, 1000.0 + rng.randrange(-50, 50))
         args = (rng.sample(["a", "b"], rng.randint(1, 2)),
                 rng.sample(seqs, rng.randint(0, 2)), "r0", 1000.0)

@@ -174,7 +174,10 @@ def _next_due(replica: str, clock: str, also: str = "") -> str:
     ``replica``: a not_before, or the end of another replica's lease on it (at ``clock``).
     Two index walks, not a read of every pending row: the first due row no other replica
     holds (deliveries_due, in not_before order), and the end of the other replicas' leases
-    (deliveries_leased: only rows in flight somewhere)."""
+    (deliveries_leased: only rows in flight somewhere). The second names no state: a leased
+    row is pending (every statement that ends a delivery or replays it clears its lease), and
+    ``state = 'pending'`` let the planner walk deliveries_due, every pending row, whenever
+    the statistics said few were pending."""
     rows = f"destination = ANY($1::text[]) AND seq <> ALL($2::bigint[]){also}"
     return f"""least(
     (SELECT not_before FROM deliveries
@@ -183,7 +186,7 @@ def _next_due(replica: str, clock: str, also: str = "") -> str:
      ORDER BY not_before LIMIT 1),
     (SELECT min(greatest(not_before, lease_until)) FROM deliveries
      WHERE lease_owner IS NOT NULL AND lease_owner <> {replica} AND lease_until >= {clock}
-       AND state = 'pending' AND {rows}))"""
+       AND {rows}))"""
 
 
 NEXT_DUE = "SELECT " + _next_due("$3", "$4")
