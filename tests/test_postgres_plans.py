@@ -87,29 +87,32 @@ def scans(plan: dict[str, Any]) -> list[tuple[str, str, int]]:
 INGEST_TYPES = ("text[]", "float8[]", "text[]", "float8", "text[]", "bool[]", "float8[]", "int[]",
                 "text[]", "text[]", "bigint[]", "text[]", "text[]", "float8[]", "text[]",
                 "float8[]", "text", "bigint", "bigint")
+CLAIM_TYPES = ("text[]", "float8[]", "text[]", "float8")
 
 
-async def test_ingest_keeps_using_the_sender_id_index_as_the_table_grows(
-        spool: PostgresSpool, monkeypatch: pytest.MonkeyPatch) -> None:
-    """An ingest group's statement, run ten times on one of the spool's connections while
-    sender_ids is nearly empty (PostgreSQL caches a generic plan after five), still probes
-    sender_ids by its primary key once the table holds 50,000 rows. The cached generic plan
-    read the whole table per group instead."""
-    args = await captured(monkeypatch, sql.INGEST, spool.ingest([item(i) for i in range(5)]))
-    assert len(args) == len(INGEST_TYPES)
-    values = ", ".join(f"{literal(a)}::{t}" for a, t in zip(args, INGEST_TYPES, strict=True))
+@pytest.mark.parametrize("name", ["INGEST", "CLAIM"])
+async def test_ingest_keeps_probing_sender_ids_by_key_as_the_table_grows(
+        spool: PostgresSpool, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """An ingest group's statement (INGEST; CLAIM when a sender id repeats), run ten times on
+    one of the spool's connections while sender_ids is nearly empty (PostgreSQL caches a
+    generic plan after five), still probes sender_ids by its primary key once the table holds
+    50,000 rows. The cached plan of the join it was read the whole table per group."""
+    statement, types = (sql.INGEST, INGEST_TYPES) if name == "INGEST" else (sql.CLAIM, CLAIM_TYPES)
+    await spool.ingest([item(0)])
+    args = await captured(monkeypatch, statement, spool.ingest([item(i) for i in range(5)]))
+    assert len(args) == len(types)
+    values = ", ".join(f"{literal(a)}::{t}" for a, t in zip(args, types, strict=True))
     async with spool._connection() as conn:
-        await conn.execute(f"PREPARE ingest({', '.join(INGEST_TYPES)}) AS {sql.INGEST}")
+        await conn.execute(f"PREPARE again({', '.join(types)}) AS {statement}")
         try:
             for _ in range(10):   # repeats of stored sender ids: nothing more is written
-                await conn.fetch(f"EXECUTE ingest({values})")
+                await conn.fetch(f"EXECUTE again({values})")
             await conn.execute("INSERT INTO sender_ids SELECT 'x' || g, 0, '' "
                                "FROM generate_series(1, 50000) g")
-            (row,) = await conn.fetch(f"EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE ingest({values})")
+            (row,) = await conn.fetch(f"EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE again({values})")
         finally:
-            await conn.execute("DEALLOCATE ingest")
-    plan = json.loads(row[0])[0]["Plan"]
-    read = scans(plan)
+            await conn.execute("DEALLOCATE again")
+    read = scans(json.loads(row[0])[0]["Plan"])
     assert ("Seq Scan", "sender_ids") not in {(kind, table) for kind, table, _ in read}, read
     assert sum(n for _, table, n in read if table == "sender_ids") <= 50, read
 
@@ -138,27 +141,41 @@ async def test_a_claim_reads_about_what_it_claims_whatever_the_statistics_say(
 
 
 async def test_only_pending_deliveries_hold_leases(spool: PostgresSpool) -> None:
-    """The other replicas' leases are found by deliveries_leased alone, without naming the
-    state (postgres_sql._next_due): that holds because whatever ends a delivery clears its
-    lease. Claimed deliveries delivered, failed, retried, and skipped routes: no row that is
-    not pending keeps a lease."""
+    """The other replicas' leases are found through deliveries_leased alone, without naming
+    the state (postgres_sql._next_due): that holds because only pending deliveries are ever
+    leased and whatever ends a delivery clears its lease. Through every statement that sets or
+    clears one: deliveries stored leased (offers) beside skipped ones, claims, outcomes of
+    each kind, a replay, claims given back past their budget, and the release at close."""
     from relay.spool import Attempt
 
+    async def leased_states() -> dict[str, int]:
+        async with spool._connection() as conn:
+            rows = await conn.fetch("SELECT state, count(*) FROM deliveries "
+                                    "WHERE lease_owner IS NOT NULL GROUP BY state")
+        return dict(rows)
+
+    spool.offers = lambda wanted: (0, dict(wanted))   # every pending delivery stored leased
     skipped = (Route("a", "pending"), Route("s", "skipped", "no template"))
     await spool.ingest([item(i) for i in range(6)] + [
         (accept(Event(id="k", channel="sms", status="sent", message_id="k"), time.time()),
          skipped)])
+    assert await leased_states() == {"pending": 19}
     batch = await spool.poll(time.time() + 1, 100, ["a", "b", "c"])
     assert len(batch.due) == 19
     for n, due in enumerate(batch.due):
         state = ("delivered", "failed", "pending")[n % 3]
         await spool.record_attempt(due, Attempt(time.time(), 0.01, 200 if state == "delivered"
                                                 else 500, None, None),
-                                   state=state, not_before=time.time() + 60, failures=1,
+                                   state=state, not_before=time.time() - 1, failures=1,
                                    reason=None if state != "failed" else "gave up")
+    assert await leased_states() == {}
+    failed = [r.delivery_id for r in await spool.list_deliveries(state="failed")]
+    assert len(await spool.replay(delivery_ids=failed)) == 6
+    kept = await spool.due(time.time() + 1, 100, ["a", "b", "c"], budget=1)   # the rest given back
+    assert len(kept) == 1 and await leased_states() == {"pending": 1}
+    await spool.close()    # (releases the last claim; the fixture's close is then a no-op)
+    await spool.open()
+    assert await leased_states() == {}
     async with spool._connection() as conn:
-        rows = await conn.fetch("SELECT state, lease_owner IS NOT NULL AS leased, count(*) "
-                                "FROM deliveries GROUP BY 1, 2 ORDER BY 1, 2")
-    counts = {(state, leased): n for state, leased, n in rows}
-    assert counts == {("delivered", False): 7, ("failed", False): 6, ("pending", False): 6,
-                      ("skipped", False): 1}, counts
+        states = dict(await conn.fetch("SELECT state, count(*) FROM deliveries GROUP BY state"))
+    assert states == {"delivered": 7, "pending": 12, "skipped": 1}, states

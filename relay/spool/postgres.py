@@ -87,28 +87,18 @@ _DOWN_CLASSES = ("08", "57", "53")
 # replicas' groups, a serialization failure): run again, it goes through.
 _ABORTED = ("40P01", "40001")
 GROUP_TRIES = 3
-# Session settings of the two pools, beside search_path and jit. PostgreSQL has no plan hints,
-# and the spool's tables start empty and grow by thousands of rows a second, faster than
-# autovacuum's ANALYZE (a minute apart at best) describes them:
-WRITE_SETTINGS = {
-    # Ingests and the API's reads: every execution is planned with its actual arrays. After
-    # five executions PostgreSQL otherwise caches a generic plan made from the tables as they
-    # were then; on a new spool, with sender_ids empty, that plan read the whole of sender_ids
-    # for every ingest group while it grew (hundreds of sequential scans a second under load,
-    # until the next ANALYZE invalidated it). Planning costs 0.4-1.4 ms per group; what it
-    # saves is more (docs/performance.md, session 19).
-    "plan_cache_mode": "force_custom_plan",
-}
+# Session settings of the claim and outcome connections (commits not waiting for the WAL
+# flush), beside search_path and jit. PostgreSQL has no plan hints, and the spool's tables grow
+# by thousands of rows a second, faster than autovacuum's ANALYZE (a minute apart at best)
+# describes them. A claim must walk deliveries_due in (not_before, seq) order and stop after
+# its limit, and the other replicas' leases must be read from deliveries_leased, whatever the
+# statistics say: with none yet (a new spool), or with statistics from a quiet hour (few
+# pending rows), the planner read every pending delivery into a bitmap and sorted them, or
+# read the whole table, for every look: 60-100 ms a look at a backlog of 60,000, just when a
+# receiver comes back. Without sequential and bitmap scans and sorts, the index walks are the
+# plans left (a table with no usable index, the one-row counters, is still scanned); the
+# outcomes' statement joins on primary keys and groups by hashing.
 LIGHT_SETTINGS = {
-    # Claims and outcomes (commits not waiting for the WAL flush): a claim walks
-    # deliveries_due in (not_before, seq) order and stops after its limit, and the other
-    # replicas' leases are read from deliveries_leased, whatever the statistics say. With none
-    # yet, or with statistics from a quiet hour (few pending rows), the planner read every
-    # pending delivery into a bitmap and sorted them, or read the whole table, for every look:
-    # 60-100 ms a look at a backlog of 60,000, when a receiver comes back. Without sequential
-    # and bitmap scans and sorts, the index walks are the plans left (a table with no usable
-    # index, the one-row counters, is still scanned); the outcomes' statement joins on
-    # primary keys and groups by hashing.
     "synchronous_commit": "off",
     "enable_seqscan": "off",
     "enable_bitmapscan": "off",
@@ -207,7 +197,7 @@ class PostgresSpool:
         settings = {"search_path": quote_ident(self.schema), "jit": "off"}
         try:
             self._pool = await self._create_pool(max(1, self.pool_size - LIGHT_CONNECTIONS),
-                                                 {**settings, **WRITE_SETTINGS})
+                                                 settings)
             self._light = await self._create_pool(LIGHT_CONNECTIONS,
                                                   {**settings, **LIGHT_SETTINGS})
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:

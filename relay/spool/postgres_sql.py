@@ -9,6 +9,14 @@ have ``search_path`` set to the spool's schema.
 # when older than the dedupe window ($4). Answers: 'c' rows claimed now (insert or replace),
 # 'd' rows that were already there within the window (with their deliveries, as of the
 # statement's snapshot), and one 'n' row: open_events for spool.max_events.
+#
+# Existing sender ids are looked up one by one, by a subquery per id of the group (here and in
+# INGEST's ``go``): PostgreSQL cannot turn that into a join, so its only plans are a probe of
+# the primary key per id or a scan per id, and the probe wins at any table size. A join with
+# the group's ids (``s.id IN (SELECT id FROM input)``) let the plan that PostgreSQL caches
+# after five executions, made while sender_ids was nearly empty, hash the group and scan all
+# of sender_ids for every group as it grew, until the next ANALYZE (tests/
+# test_postgres_plans.py; docs/performance.md, session 19).
 CLAIM = """
 WITH input AS (
     SELECT * FROM unnest($1::text[], $2::float8[], $3::text[]) AS t(id, received_at, deliveries)),
@@ -21,8 +29,10 @@ claimed AS (
     RETURNING s.id)
 SELECT 'c' AS kind, id, NULL AS deliveries FROM claimed
 UNION ALL
-SELECT 'd', s.id, s.deliveries FROM sender_ids s
-WHERE s.id IN (SELECT id FROM input) AND NOT EXISTS (SELECT 1 FROM claimed c WHERE c.id = s.id)
+SELECT 'd', id, deliveries FROM (
+    SELECT i.id, (SELECT s.deliveries FROM sender_ids s WHERE s.id = i.id) AS deliveries
+    FROM input i WHERE NOT EXISTS (SELECT 1 FROM claimed c WHERE c.id = i.id)) AS known
+WHERE deliveries IS NOT NULL
 UNION ALL
 SELECT 'n', NULL, open_events::text FROM counters
 """
@@ -86,8 +96,8 @@ INGEST = """
 WITH input AS (
     SELECT * FROM unnest($1::text[], $2::float8[], $3::text[]) AS t(id, received_at, deliveries)),
 go AS MATERIALIZED (
-    SELECT NOT EXISTS (SELECT 1 FROM sender_ids s
-                       WHERE s.id IN (SELECT id FROM input) AND s.received_at >= $4)
+    SELECT NOT EXISTS (SELECT 1 FROM input i
+                       WHERE (SELECT s.received_at FROM sender_ids s WHERE s.id = i.id) >= $4)
            AND open_events + $18 <= $19 AS ok, open_events
     FROM counters),
 claimed AS (
