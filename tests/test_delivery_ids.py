@@ -183,8 +183,8 @@ def test_ids_stay_what_spool_files_already_hold() -> None:
 @pytest.mark.parametrize("version", [1, 2])
 async def test_an_older_spool_is_migrated_and_its_ids_still_work(tmp_path: Path,
                                                                  version: int) -> None:
-    """A schema-1 or schema-2 file opens as schema 3: the unique index and the index of events
-    by time are gone (deliveries_due is back), its pending
+    """A schema-1 or schema-2 file opens as schema 4: the unique index and the index of events
+    by time are gone (deliveries_due is back, led by destination), its pending
     delivery comes back due with its old id and event, its failed one is found, shown with its
     attempt and replayed by its old id; new events continue the seqs with new ids; prune lets
     the old ids go with their deliveries."""
@@ -195,7 +195,7 @@ async def test_an_older_spool_is_migrated_and_its_ids_still_work(tmp_path: Path,
     await spool.open()
     try:
         conn = sqlite3.connect(path)
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 4
         assert conn.execute("SELECT size FROM events").fetchone()[0] == len(BODY)
         conn.close()
         assert unique_indexes(path) == []
@@ -204,6 +204,8 @@ async def test_an_older_spool_is_migrated_and_its_ids_still_work(tmp_path: Path,
             ["events_by_sender_id"]            # prune goes by seq now
         assert [row[1] for row in conn.execute("PRAGMA index_list(deliveries)")] == \
             ["deliveries_due"]
+        assert [row[2] for row in conn.execute("PRAGMA index_info(deliveries_due)")] == \
+            ["destination", "not_before", "seq"]
         conn.close()
         (due,) = await spool.due(2000.0, 10, ["a", "b"])
         assert (due.seq, due.delivery_id, due.event_json) == (1, OLD_PENDING, BODY)
@@ -279,7 +281,7 @@ async def test_a_migration_longer_than_the_start_timeout_is_waited_for(
             opening = asyncio.create_task(spool.open())
             await asyncio.sleep(3.0)
             assert not opening.done()
-            assert "migrating the spool" in caplog.text and "from schema 2 to 3" in caplog.text
+            assert "migrating the spool" in caplog.text and "from schema 2 to 4" in caplog.text
             assert "still migrating the spool" in caplog.text     # a line per start timeout
             holder.execute("ROLLBACK")
         await asyncio.wait_for(opening, 30)

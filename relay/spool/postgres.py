@@ -90,14 +90,16 @@ GROUP_TRIES = 3
 # Session settings of the claim and outcome connections (commits not waiting for the WAL
 # flush), beside search_path and jit. PostgreSQL has no plan hints, and the spool's tables grow
 # by thousands of rows a second, faster than autovacuum's ANALYZE (a minute apart at best)
-# describes them. A claim must walk deliveries_due in (not_before, seq) order and stop after
-# its limit, and the other replicas' leases must be read from deliveries_leased, whatever the
+# describes them. A claim must walk deliveries_due (one destination at a time, postgres_sql
+# _CLAIMED) and stop after its limit, and the other replicas' leases must be read from
+# deliveries_leased, whatever the
 # statistics say: with none yet (a new spool), or with statistics from a quiet hour (few
 # pending rows), the planner read every pending delivery into a bitmap and sorted them, or
 # read the whole table, for every look: 60-100 ms a look at a backlog of 60,000, just when a
 # receiver comes back. Without sequential and bitmap scans and sorts, the index walks are the
-# plans left (a table with no usable index, the one-row counters, is still scanned); the
-# outcomes' statement joins on primary keys and groups by hashing.
+# plans left (a table with no usable index, the one-row counters, is still scanned; the claim's
+# sorts of its few hundred candidates, which no plan avoids, still run); the outcomes'
+# statement joins on primary keys and groups by hashing.
 LIGHT_SETTINGS = {
     "synchronous_commit": "off",
     "enable_seqscan": "off",

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from relay.spool.wire import JobError
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # A table of deliveries (the migration to schema 3 builds a new one under another name)
 DELIVERIES = """
@@ -36,7 +36,10 @@ CREATE TABLE {name}(
     reason      TEXT                        -- why skipped / failed, for the activity log
 );
 """
-DELIVERIES_DUE = "CREATE INDEX deliveries_due ON deliveries(not_before, seq) WHERE state = 'pending';"
+# Pending deliveries by destination, then due time: reads walk it once per destination they
+# ask for (relay/spool/queue.py), so one destination's backlog is never read for another's.
+DELIVERIES_DUE = ("CREATE INDEX deliveries_due ON deliveries(destination, not_before, seq) "
+                  "WHERE state = 'pending';")
 
 # The spool's own settings: the key that enciphers seqs in delivery ids (SQLite's randomblob is
 # seeded from the OS). And the delivery ids made before schema 3, which do not name their row.
@@ -163,4 +166,9 @@ MIGRATIONS = {
          "DROP TABLE deliveries;"
          "ALTER TABLE deliveries_3 RENAME TO deliveries;"
        + DELIVERIES_DUE,
+    # deliveries_due led by time had every look walk the due deliveries of destinations it did
+    # not ask for (a dead receiver's backlog); now it is led by destination. (The schema-3 step
+    # above builds the new form already: a file it migrates goes through this one too, with an
+    # index to drop and build again; cheap next to that step's copy.)
+    3: "DROP INDEX deliveries_due;" + DELIVERIES_DUE,
 }

@@ -1,0 +1,140 @@
+"""A dead receiver's backlog and the looks for everything else: what one look costs.
+
+The dispatcher leaves a suspended host's destinations (and those at their concurrency or rate
+limit) out of its looks. This fills a spool with ``--backlog`` due deliveries of one
+destination ("dead") and 300 of another ("live"), then times, with direct spool calls on each
+backend (no HTTP):
+
+* a look for the live destination alone (``poll``, 256 rows, as the dispatcher asks while the
+  dead host is suspended), and one for both (as it asks while the host is up);
+* the next-due read for the live destination (``next_due_at``), and ``oldest_due`` (the
+  ``relay_spool_oldest_due_age_seconds`` gauge, read per scrape);
+* with no backlog, the same reads, for comparison.
+
+PostgreSQL's looks claim what they find; the leases are cleared between rounds (not timed).
+Prints the median of ``--rounds`` rounds, in ms. PostgreSQL comes from pgserver (tests/pg.py).
+Usage: python bench/backlog.py [--backlog 60000] [--rounds 30] [--backend sqlite postgres]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import uvloop
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _common import machine, table
+
+from relay.events import Event, accept
+from relay.routing import Route
+from relay.spool import Spool
+from relay.spool.postgres import PostgresSpool
+from tests.pg import PgServer
+
+LIVE = 300
+LIMIT = 256
+
+
+def item(i: int, destination: str) -> tuple[Any, tuple[Route, ...]]:
+    ev = Event(id=f"{destination}{i}", channel="email", status="sent", message_id=f"m{i}")
+    return accept(ev, time.time()), (Route(destination, "pending"),)
+
+
+async def timed(rounds: int, read: Callable[[], Awaitable[Any]],
+                after: Callable[[], Awaitable[Any]] | None = None) -> float:
+    """The median ms of ``read`` over ``rounds`` (``after`` runs between rounds, not timed)."""
+    took = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        await read()
+        took.append((time.perf_counter() - start) * 1000)
+        if after is not None:
+            await after()
+    return statistics.median(took)
+
+
+async def measure(spool: Any, backlog: int, rounds: int,
+                  release: Callable[[], Awaitable[Any]] | None) -> list[Any]:
+    for start in range(0, backlog, 2_000):
+        await spool.ingest([item(i, "dead") for i in range(start, min(backlog, start + 2_000))])
+    await spool.ingest([item(i, "live") for i in range(LIVE)])
+    now = time.time() + 1
+    batch = await spool.poll(now, LIMIT, ["live"])
+    assert {d.destination for d in batch.due} == {"live"} and len(batch.due) == LIMIT
+    if release is not None:
+        await release()
+    return [
+        await timed(rounds, lambda: spool.poll(now, LIMIT, ["live"]), release),
+        await timed(rounds, lambda: spool.poll(now, LIMIT, ["live", "dead"]), release),
+        await timed(rounds, lambda: spool.next_due_at(["live"])),
+        await timed(rounds, lambda: spool.oldest_due(now)),
+    ]
+
+
+async def sqlite_round(base: Path, backlog: int, rounds: int) -> list[Any]:
+    spool = Spool(base / f"spool-{backlog}.db", max_events=10_000_000)
+    await spool.open()
+    try:
+        return await measure(spool, backlog, rounds, None)
+    finally:
+        await spool.close()
+
+
+async def postgres_round(server: PgServer, backlog: int, rounds: int) -> list[Any]:
+    spool = PostgresSpool(server.new_database(), max_events=10_000_000)
+    await spool.open()
+
+    async def release() -> None:
+        async with spool._connection() as conn:
+            await conn.execute("UPDATE deliveries SET lease_owner = NULL, lease_until = NULL "
+                               "WHERE lease_owner IS NOT NULL")
+
+    try:
+        return await measure(spool, backlog, rounds, release)
+    finally:
+        await spool.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--backlog", type=int, default=60_000,
+                        help="due deliveries of the dead destination")
+    parser.add_argument("--rounds", type=int, default=30, help="reads timed per figure")
+    parser.add_argument("--backend", nargs="+", choices=["sqlite", "postgres"],
+                        default=["sqlite", "postgres"])
+    args = parser.parse_args()
+    base = Path(tempfile.mkdtemp(prefix="relay-bench-backlog-"))
+    base.chmod(0o755)
+    rows = []
+    server = PgServer(base / "pgdata") if "postgres" in args.backend else None
+    try:
+        for backend in args.backend:
+            for backlog in (0, args.backlog):
+                print(f"{backend}: {backlog:,} due deliveries of the dead destination ...",
+                      file=sys.stderr, flush=True)
+                if backend == "sqlite":
+                    figures = uvloop.run(sqlite_round(base, backlog, args.rounds))
+                else:
+                    assert server is not None
+                    figures = uvloop.run(postgres_round(server, backlog, args.rounds))
+                rows.append([backend, f"{backlog:,}", *figures])
+    finally:
+        if server is not None:
+            server.close()
+    table(f"One look with a dead destination's backlog due (median of {args.rounds}, ms; "
+          f"{LIMIT} rows a look, {LIVE} live deliveries); {machine()}",
+          ["spool", "dead backlog", "look: live only", "look: live + dead",
+           "next due: live", "oldest due"], rows)
+
+
+if __name__ == "__main__":
+    main()
