@@ -9,7 +9,9 @@ backend (no HTTP):
   dead host is suspended), and one for both (as it asks while the host is up);
 * the next-due read for the live destination (``next_due_at``), and ``oldest_due`` (the
   ``relay_spool_oldest_due_age_seconds`` gauge, read per scrape);
-* with no backlog, the same reads, for comparison.
+* with no backlog, the same reads, for comparison;
+* then ``--many`` destinations with 300 due deliveries each: a look for all of them against a
+  look for one (each destination gives a share of the look, not the whole look).
 
 PostgreSQL's looks claim what they find; the leases are cleared between rounds (not timed).
 Prints the median of ``--rounds`` rounds, in ms. PostgreSQL comes from pgserver (tests/pg.py).
@@ -80,16 +82,34 @@ async def measure(spool: Any, backlog: int, rounds: int,
     ]
 
 
-async def sqlite_round(base: Path, backlog: int, rounds: int) -> list[Any]:
-    spool = Spool(base / f"spool-{backlog}.db", max_events=10_000_000)
+async def measure_many(spool: Any, many: int, rounds: int,
+                       release: Callable[[], Awaitable[Any]] | None) -> list[Any]:
+    names = [f"d{n}" for n in range(many)]
+    for start in range(0, 300, 20):
+        await spool.ingest([
+            (accept(Event(id=f"s{i}", channel="email", status="sent", message_id=f"s{i}"),
+                    time.time()), tuple(Route(name, "pending") for name in names))
+            for i in range(start, start + 20)])
+    now = time.time() + 1
+    return [
+        await timed(rounds, lambda: spool.poll(now, LIMIT, names[:1]), release),
+        await timed(rounds, lambda: spool.poll(now, LIMIT, names), release),
+    ]
+
+
+async def sqlite_round(base: Path, backlog: int, rounds: int, many: int = 0) -> list[Any]:
+    spool = Spool(base / f"spool-{backlog}-{many}.db", max_events=10_000_000)
     await spool.open()
     try:
+        if many:
+            return await measure_many(spool, many, rounds, None)
         return await measure(spool, backlog, rounds, None)
     finally:
         await spool.close()
 
 
-async def postgres_round(server: PgServer, backlog: int, rounds: int) -> list[Any]:
+async def postgres_round(server: PgServer, backlog: int, rounds: int, many: int = 0
+                         ) -> list[Any]:
     spool = PostgresSpool(server.new_database(), max_events=10_000_000)
     await spool.open()
 
@@ -99,6 +119,8 @@ async def postgres_round(server: PgServer, backlog: int, rounds: int) -> list[An
                                "WHERE lease_owner IS NOT NULL")
 
     try:
+        if many:
+            return await measure_many(spool, many, rounds, release)
         return await measure(spool, backlog, rounds, release)
     finally:
         await spool.close()
@@ -109,12 +131,14 @@ def main() -> None:
     parser.add_argument("--backlog", type=int, default=60_000,
                         help="due deliveries of the dead destination")
     parser.add_argument("--rounds", type=int, default=30, help="reads timed per figure")
+    parser.add_argument("--many", type=int, default=100,
+                        help="destinations with a backlog each, for the last table")
     parser.add_argument("--backend", nargs="+", choices=["sqlite", "postgres"],
                         default=["sqlite", "postgres"])
     args = parser.parse_args()
     base = Path(tempfile.mkdtemp(prefix="relay-bench-backlog-"))
     base.chmod(0o755)
-    rows = []
+    rows, many_rows = [], []
     server = PgServer(base / "pgdata") if "postgres" in args.backend else None
     try:
         for backend in args.backend:
@@ -127,6 +151,14 @@ def main() -> None:
                     assert server is not None
                     figures = uvloop.run(postgres_round(server, backlog, args.rounds))
                 rows.append([backend, f"{backlog:,}", *figures])
+            print(f"{backend}: {args.many} destinations with a backlog ...", file=sys.stderr,
+                  flush=True)
+            if backend == "sqlite":
+                figures = uvloop.run(sqlite_round(base, 0, args.rounds, args.many))
+            else:
+                assert server is not None
+                figures = uvloop.run(postgres_round(server, 0, args.rounds, args.many))
+            many_rows.append([backend, *figures, figures[1] / figures[0]])
     finally:
         if server is not None:
             server.close()
@@ -134,6 +166,9 @@ def main() -> None:
           f"{LIMIT} rows a look, {LIVE} live deliveries); {machine()}",
           ["spool", "dead backlog", "look: live only", "look: live + dead",
            "next due: live", "oldest due"], rows)
+    table(f"One look of {LIMIT} with {args.many} destinations, 300 due deliveries each "
+          f"(median of {args.rounds}, ms)",
+          ["spool", "look: one destination", f"look: all {args.many}", "ratio"], many_rows)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 
 from relay.events import Event, accept
@@ -192,4 +193,100 @@ async def test_a_postgres_spool_of_schema_2_gets_the_index_led_by_destination(
         due = await spool.due(time.time() + 1, 10, ["live"])
         assert len(due) == 3 and {d.destination for d in due} == {"live"}
     finally:
+        await spool.close()
+
+
+MANY = 100           # destinations, each with a backlog
+
+
+def spread(i: int) -> tuple[Any, tuple[Route, ...]]:
+    """An event for every one of MANY destinations."""
+    ev = Event(id=f"s{i}", channel="email", status="sent", message_id=f"s{i}")
+    return accept(ev, time.time()), tuple(Route(f"d{n}", "pending") for n in range(MANY))
+
+
+async def test_sqlite_look_with_many_backlogged_destinations_reads_about_twice_its_batch(
+        sqlite_spool: Spool) -> None:
+    """With 100 destinations each holding 300 due deliveries, a look of 200 costs a few times
+    a look of one destination's 200, not 100 times (each destination gave its first 200:
+    20,000 rows read). Its batch is the oldest of what it read, and it says it is not
+    complete; one busy destination among the 100 asked for still fills a whole batch."""
+    spool = sqlite_spool
+    for start in range(0, 300, 50):
+        await spool.ingest([spread(i) for i in range(start, start + 50)])
+    await spool.ingest([item(i, "solo") for i in range(LIVE)])
+    now = time.time() + 1
+    names = [f"d{n}" for n in range(MANY)]
+    steps = Steps()
+    one, one_batch = await steps.of(spool, spool.poll(now, LIMIT, ["d0"]))
+    many, many_batch = await steps.of(spool, spool.poll(now, LIMIT, names))
+    assert len(one_batch.due) == len(many_batch.due) == LIMIT
+    assert not many_batch.complete
+    assert many <= 3 * one, (many, one)   # 1.6x; 30x when each gave 200
+    # the batch is in time order: event by event (each event's deliveries to the 100)
+    events = [d.event_seq for d in many_batch.due]
+    assert events == sorted(events) and len(set(events)) >= LIMIT // MANY
+    mixed = await spool.poll(now, LIMIT, ["solo", *(f"idle{n}" for n in range(MANY))])
+    # (the idle ones have nothing due: the solo one's share is the whole look)
+    assert len(mixed.due) == LIMIT and {d.destination for d in mixed.due} == {"solo"}
+
+
+async def test_postgres_look_with_many_backlogged_destinations_reads_about_twice_its_batch(
+        pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PostgreSQL's look over 100 destinations with 300 due deliveries each reads a few times
+    what a look of one destination reads, not 100 times (20,000 rows and more)."""
+    spool = PostgresSpool(pg_dsn, max_events=10_000_000)
+    await spool.open()
+    try:
+        for start in range(0, 300, 50):
+            await spool.ingest([spread(i) for i in range(start, start + 50)])
+        async with spool._connection() as conn:
+            await conn.execute("ANALYZE")
+        now = time.time() + 1
+        read = {}
+        for asked in (["d0"], [f"d{n}" for n in range(MANY)]):
+            args = await captured(monkeypatch, sql.LOOK, spool.poll(now, LIMIT, asked))
+            async with spool._connection(light=True) as conn:
+                await conn.execute("UPDATE deliveries SET lease_owner = NULL, lease_until = NULL")
+                (row,) = await conn.fetch("EXPLAIN (ANALYZE, FORMAT JSON) " + sql.LOOK, *args)
+                await conn.execute("UPDATE deliveries SET lease_owner = NULL, lease_until = NULL")
+            read[len(asked)] = deliveries_read(json.loads(row[0])[0]["Plan"])
+        assert read[MANY] <= 4 * read[1], read
+        batch = await spool.poll(now, LIMIT, [f"d{n}" for n in range(MANY)])
+        assert len(batch.due) == LIMIT and not batch.complete
+    finally:
+        await spool.close()
+
+
+async def test_postgres_look_passes_over_rows_another_transaction_holds(pg_dsn: str) -> None:
+    """Rows locked by a longer transaction (a large update of a destination's deliveries) are
+    passed over: a look for both destinations claims the other one's due deliveries instead
+    (it claimed none: the locked rows were its only candidates). A look that finds nothing
+    but locked rows says to look again shortly, not at once, so the dispatcher does not spin
+    until the transaction ends; after it, they are claimed."""
+    spool = PostgresSpool(pg_dsn, max_events=10_000_000)
+    await spool.open()
+    holder = await asyncpg.connect(pg_dsn)
+    try:
+        await spool.ingest([item(i, "dead") for i in range(LIMIT)])    # older
+        await spool.ingest([item(i, "few") for i in range(5)])
+        await spool.ingest([item(i, "live") for i in range(LIMIT)])
+        transaction = holder.transaction()
+        await transaction.start()
+        await holder.execute("UPDATE relay.deliveries SET held = held + 1 "
+                             "WHERE destination IN ('dead', 'few')")
+        now = time.time() + 1
+        both = await spool.poll(now, LIMIT, ["dead", "live"])
+        assert len(both.due) == LIMIT and {d.destination for d in both.due} == {"live"}
+        # every candidate locked: all of a destination's share (the look is not complete),
+        # or all it has (complete, the next time read again)
+        for asked, complete in ((["dead"], False), (["few"], True)):
+            locked = await spool.poll(now, LIMIT, asked)
+            assert locked.due == [] and locked.complete == complete, locked
+            assert locked.next_at is not None and now < locked.next_at < now + 1, locked
+        await transaction.rollback()
+        freed = await spool.poll(now, LIMIT, ["dead"])
+        assert len(freed.due) == LIMIT and {d.destination for d in freed.due} == {"dead"}
+    finally:
+        await holder.close()
         await spool.close()

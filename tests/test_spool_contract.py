@@ -241,6 +241,35 @@ async def test_due_order_limit_destinations_and_exclude(spool: AnySpool) -> None
     assert await spool.next_due_at(["c"]) is None
 
 
+async def test_a_look_is_shared_between_the_destinations_with_due_deliveries(
+        spool: AnySpool) -> None:
+    """A destination named twice is asked for once. With one or two destinations that have
+    due deliveries, a look takes the oldest of all; with more, each gives at most its share
+    (twice the look's size between them, rounded up), the look takes the oldest of those and
+    says it is not complete. So a look reads about twice what it hands out, whatever the
+    number of destinations with a backlog (tests/test_backlog_looks.py)."""
+    clock = clock_of(spool)
+    for i in range(10):
+        await spool.ingest([item(i, routes=(Route("a", "pending"),))])
+        clock.now += 1
+    for i in range(10, 20):
+        await spool.ingest([item(i, routes=(Route("b", "pending"), Route("c", "pending")))])
+        clock.now += 1
+    twice = await spool.poll(2000, 10, ["a", "a"])
+    assert [d.destination for d in twice.due] == ["a"] * 10 and not twice.complete
+    two = await spool.poll(2000, 12, ["a", "b"])     # the oldest 12 of both: a's 10, then b's
+    assert [d.destination for d in two.due] == ["a"] * 10 + ["b"] * 2 and not two.complete
+    # three destinations, 6 a look: 4 of each read (12 / 3), the oldest 6 of those taken
+    three = await spool.poll(2000, 6, ["a", "b", "c"])
+    assert [d.destination for d in three.due] == ["a"] * 4 + ["b", "c"]
+    assert not three.complete
+    # a share larger than every destination's due deliveries: all of them, complete
+    whole = await spool.poll(2000, 100, ["a", "b", "c"])
+    assert len(whole.due) == 30 and whole.complete
+    seqs = [d.seq for d in whole.due]
+    assert seqs == sorted(seqs)
+
+
 async def test_a_due_batch_is_bounded_by_the_size_of_its_events(spool: AnySpool) -> None:
     """Due rows come back within the byte budget (always at least one), oldest first."""
     big = [accept(Event(id=f"big{i}", channel="email", status="sent", message_id=f"m{i}",

@@ -87,6 +87,9 @@ _DOWN_CLASSES = ("08", "57", "53")
 # replicas' groups, a serialization failure): run again, it goes through.
 _ABORTED = ("40P01", "40001")
 GROUP_TRIES = 3
+# Seconds before a look again when a due delivery was left unclaimed because another
+# transaction held it locked through two reads (PostgresSpool.poll).
+LOCKED_RECHECK = 0.02
 # Session settings of the claim and outcome connections (commits not waiting for the WAL
 # flush), beside search_path and jit. PostgreSQL has no plan hints, and the spool's tables grow
 # by thousands of rows a second, faster than autovacuum's ANALYZE (a minute apart at best)
@@ -536,13 +539,15 @@ class PostgresSpool:
                      exclude: Collection[int], budget: int
                      ) -> tuple[list[Due], bool, float | None, list[int]]:
         """``due`` by ``statement`` (DUE, or LOOK); whether it claimed every row it could (none
-        was given back for the budget, and fewer than ``limit`` were due); LOOK's next time;
+        was given back for the budget, fewer than ``limit`` were due, and no destination gave
+        its whole share of candidates: postgres_sql._CLAIMED); LOOK's next time;
         the rows given back (their lease cleared, offered ones too: see Dispatcher.offer)."""
         if not destinations or limit <= 0:
             return [], False, None, []
         rows = await self._fetch_lightly(statement, list(destinations), list(exclude), now,
                                          self.replica, self.clock(), limit, self.lease)
-        next_at = next((row[10] for row in rows if row[0] is None), None)
+        next_at, capped = next(((row[10], row[11]) for row in rows if row[0] is None),
+                               (None, False))
         rows = [row for row in rows if row[0] is not None]
         rows.sort(key=lambda row: (row[9], row[0]))
         kept: list[Any] = []
@@ -555,7 +560,7 @@ class PostgresSpool:
         given_back = [row[0] for row in rows[len(kept):]]
         if given_back:
             await self._fetch_lightly(sql.UNCLAIM, given_back, self.replica)
-        everything = len(rows) < limit and not given_back
+        everything = len(rows) < limit and not given_back and not capped
         return [Due(*row[:9]) for row in kept], everything, next_at, given_back
 
     async def poll(self, now: float, limit: int, destinations: Sequence[str],
@@ -568,7 +573,11 @@ class PostgresSpool:
         rows, everything, next_at, given_back = await self._claim(
             sql.LOOK, now, limit, destinations, exclude, DUE_BUDGET)
         if not everything:
-            return DueBatch(rows, False, None, given_back=given_back)
+            # More may be due: the dispatcher looks again once it has used these. With none
+            # claimed, every candidate was locked elsewhere (a destination's whole share):
+            # shortly, as below.
+            return DueBatch(rows, False, None if rows else now + LOCKED_RECHECK,
+                            given_back=given_back)
         if next_at is not None and next_at <= now:
             # Due, yet not claimed: another replica's claim held it locked (SKIP LOCKED) and the
             # statement's snapshot saw it as before. That claim has usually committed by now: a
@@ -578,6 +587,11 @@ class PostgresSpool:
                                                  [*exclude, *(due.seq for due in rows)])
             except SpoolError:
                 return DueBatch(rows, False, None)  # claimed rows are never dropped
+            if next_at is not None and next_at <= now:
+                # Still there, due when the look ran: a longer transaction holds it locked (a
+                # large ADD_HELD, an operator's UPDATE). Look again shortly, not at once: the
+                # dispatcher would otherwise look without pause until it commits.
+                next_at = now + LOCKED_RECHECK
         return DueBatch(rows, True, next_at)
 
     async def next_due_at(self, destinations: Sequence[str],

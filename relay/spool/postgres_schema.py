@@ -113,11 +113,14 @@ MIGRATIONS: tuple[str, ...] = (
     """,
     # Led by time, deliveries_due had every claim walk the due deliveries of destinations it
     # did not ask for (a dead receiver's backlog); led by destination, each is walked alone.
-    # (Built while the other replicas' writes wait: seconds for millions of deliveries.)
+    # Built under another name first: the other replicas' writes to deliveries wait for the
+    # build (about 0.7 s per million rows of the table), their reads only for the drop and
+    # rename at the end (DROP INDEX locks the table even against reads until the commit).
     """
-    DROP INDEX deliveries_due;
-    CREATE INDEX deliveries_due ON deliveries(destination, not_before, seq)
+    CREATE INDEX deliveries_due_3 ON deliveries(destination, not_before, seq)
         WHERE state = 'pending';
+    DROP INDEX deliveries_due;
+    ALTER INDEX deliveries_due_3 RENAME TO deliveries_due;
     """,
 )
 

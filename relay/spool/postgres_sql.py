@@ -162,33 +162,44 @@ SELECT seq FROM upd
 
 # Claim due deliveries: rows no other replica holds an unexpired lease on, locked without
 # waiting (SKIP LOCKED), leased to $4 until $5 + $7.
-# - Each destination of $1 is walked alone through deliveries_due (destination, not_before,
-#   seq), LATERAL, for its first $6 such rows; the oldest $6 of those are the candidates. A
-#   destination left out (a suspended host's, one at its limit) is never read, however large
-#   its backlog: led by time, the index had every look walk it (60,000 rows of a dead
-#   receiver's, per look).
-# - The candidates are read unlocked (a row lock is a write to the row), then locked by
-#   primary key, from an array: as a join, a plan made from statistics that saw no pending
-#   rows walked every pending row and the candidates once for each (36 million rows to claim
-#   200). A candidate another replica is claiming at that moment is skipped, not replaced: the
-#   look's next time then says when to look again (at once, if more is due).
+# - The candidates: each destination of $1 that has a due row ("busy", one probe each) gives
+#   its first ``share`` of them, walked alone through deliveries_due (destination,
+#   not_before, seq), LATERAL. A destination left out (a suspended host's, one at its limit)
+#   is never read, however large its backlog: led by time, the index had every look walk it
+#   (60,000 rows of a dead receiver's, per look).
+# - ``share`` is $6 for one or two busy destinations, else 2 x $6 split between them (rounded
+#   up), so a claim reads about twice what it takes however many destinations have a backlog
+#   (at $6 each, 100 of them made a claim of 256 read 26,000 rows). A destination that gave
+#   its whole share may have more: the look says so (``capped``), and is not complete.
+# - The oldest $6 candidates that no one else is locking are locked, by primary key, from an
+#   array: as a join, a plan made from statistics that saw no pending rows walked every
+#   pending row and the candidates once for each (36 million rows to claim 200); for the same
+#   reason a destination is probed by a subquery with a LIMIT, which cannot become a join (as
+#   EXISTS, it was a semi-join over every pending row). A candidate
+#   locked elsewhere (another replica's claim, a long update) is passed over for the next.
 # - Their conditions are checked again on the rows locked (PostgreSQL checks them once more on
 #   a row another transaction changed meanwhile), inside a CASE, from which the planner reads
 #   no index condition: `state = 'pending'` alone let it walk deliveries_due whole instead of
 #   taking the primary key.
 _CLAIMABLE = "(lease_owner IS NULL OR lease_owner = $4 OR lease_until < $5)"
+_DUE_ROWS = f"state = 'pending' AND seq <> ALL($2::bigint[]) AND not_before <= $3 AND {_CLAIMABLE}"
 _CLAIMED = f"""
+busy AS MATERIALIZED (
+    SELECT DISTINCT w.name FROM unnest($1::text[]) AS w(name)
+    WHERE (SELECT true FROM deliveries WHERE destination = w.name AND {_DUE_ROWS} LIMIT 1)),
+share AS MATERIALIZED (
+    SELECT CASE WHEN count(*) <= 2 THEN $6::int ELSE (2 * $6::int + count(*) - 1) / count(*)
+           END AS n
+    FROM busy),
+candidates AS MATERIALIZED (
+    SELECT b.name, x.seq FROM busy b CROSS JOIN LATERAL (
+        SELECT seq FROM deliveries WHERE destination = b.name AND {_DUE_ROWS}
+        ORDER BY not_before, seq LIMIT (SELECT n FROM share)) x),
 c AS (
     SELECT seq FROM deliveries
-    WHERE seq = ANY(ARRAY(
-            SELECT x.seq FROM unnest($1::text[]) AS w(name) CROSS JOIN LATERAL (
-                SELECT seq, not_before FROM deliveries
-                WHERE destination = w.name AND state = 'pending' AND seq <> ALL($2::bigint[])
-                  AND not_before <= $3 AND {_CLAIMABLE}
-                ORDER BY not_before, seq LIMIT $6) x
-            ORDER BY x.not_before, x.seq LIMIT $6))
+    WHERE seq = ANY(ARRAY(SELECT seq FROM candidates))
       AND CASE WHEN state = 'pending' AND not_before <= $3 THEN {_CLAIMABLE} ELSE false END
-    ORDER BY not_before, seq
+    ORDER BY not_before, seq LIMIT $6::int
     FOR UPDATE SKIP LOCKED),
 u AS (
     UPDATE deliveries d SET lease_owner = $4, lease_until = $5 + $7
@@ -223,13 +234,16 @@ def _next_due(replica: str, clock: str, also: str = "") -> str:
 NEXT_DUE = "SELECT " + _next_due("$3", "$4")
 
 # A look: DUE, and one more row (seq NULL) with the next time one of the rows it did not claim
-# can be claimed (as NEXT_DUE; the claimed rows are this replica's now, due already). One
-# round trip where DUE and NEXT_DUE took two.
+# can be claimed (as NEXT_DUE; the claimed rows are this replica's now, due already), and
+# whether a destination gave its whole share of candidates. One round trip where DUE and
+# NEXT_DUE took two.
 LOOK = "WITH" + _CLAIMED + """
-SELECT *, NULL::float8 AS next_at FROM u
+SELECT *, NULL::float8 AS next_at, NULL::boolean AS capped FROM u
 UNION ALL
 SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, """ + _next_due(
-    "$4", "$5", " AND seq NOT IN (SELECT seq FROM c)") + "\n"
+    "$4", "$5", " AND seq NOT IN (SELECT seq FROM c)") + """,
+    EXISTS (SELECT 1 FROM candidates GROUP BY name HAVING count(*) >= (SELECT n FROM share))
+"""
 
 RELEASE = """
 WITH r AS (UPDATE deliveries SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = $1
@@ -309,13 +323,16 @@ PENDING_BY_DESTINATION = ("SELECT destination, count(*) FROM deliveries WHERE st
                           "GROUP BY destination")
 # The earliest not_before of any pending delivery, if due by $1: deliveries_due is led by
 # destination, so each destination with pending rows is found by a skip from the one before
-# and probed once (a "loose index scan"), not every pending row read.
+# and probed once (a "loose index scan"), not every pending row read. (ORDER BY ... LIMIT 1,
+# not min(): with statistics that saw nothing pending, min() became an aggregate over the
+# whole index.)
 OLDEST_DUE = """
 WITH RECURSIVE dst(name) AS (
-    SELECT (SELECT min(destination) FROM deliveries WHERE state = 'pending')
+    SELECT (SELECT destination FROM deliveries WHERE state = 'pending'
+            ORDER BY destination LIMIT 1)
     UNION ALL
-    SELECT (SELECT min(destination) FROM deliveries WHERE state = 'pending'
-            AND destination > dst.name)
+    SELECT (SELECT destination FROM deliveries WHERE state = 'pending'
+            AND destination > dst.name ORDER BY destination LIMIT 1)
     FROM dst WHERE dst.name IS NOT NULL),
 oldest(at) AS (
     SELECT min((SELECT not_before FROM deliveries WHERE state = 'pending'
