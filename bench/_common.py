@@ -83,9 +83,11 @@ def backends_arg(parser: Any) -> None:
 
 
 @contextmanager
-def spools(choice: str, workdir: Path) -> Iterator[list[tuple[str, dict[str, Any]]]]:
+def spools(choice: str, workdir: Path, servers: list[Any] | None = None
+           ) -> Iterator[list[tuple[str, dict[str, Any]]]]:
     """(backend name, spool config section) for each backend asked for; PostgreSQL is a real
-    server (pgserver, as in the tests) started here on a unix socket and stopped after."""
+    server (pgserver, as in the tests) started here on a unix socket and stopped after. Its
+    ``tests.pg.PgServer`` is appended to ``servers`` if given (for its pid)."""
     names = BACKENDS if choice == "both" else (choice,)
     found = [(name, {"path": str(workdir / f"{name}.db")}) for name in names if name == "sqlite"]
     if "postgres" not in names:
@@ -97,6 +99,8 @@ def spools(choice: str, workdir: Path) -> Iterator[list[tuple[str, dict[str, Any
     base = Path(tempfile.mkdtemp(prefix="relay-bench-pg-"))
     base.chmod(0o755)
     server = PgServer(base / "pgdata")
+    if servers is not None:
+        servers.append(server)
     try:
         postgres = {"backend": "postgres",
                     "postgres": {"dsn": server.new_database(), "schema": "relay"}}
