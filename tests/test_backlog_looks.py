@@ -12,6 +12,7 @@ its plan read (EXPLAIN ANALYZE): counts, not times, so a busy machine does not c
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 import time
@@ -27,6 +28,7 @@ from relay.routing import Route
 from relay.spool import Spool
 from relay.spool import postgres_sql as sql
 from relay.spool.postgres import PostgresSpool
+from relay.spool.postgres_schema import MIGRATIONS
 from tests.pg import pg_dsn, pg_server
 from tests.test_postgres_plans import captured
 
@@ -290,3 +292,39 @@ async def test_postgres_look_passes_over_rows_another_transaction_holds(pg_dsn: 
     finally:
         await holder.close()
         await spool.close()
+
+
+async def test_a_claim_during_the_postgres_migration_waits_for_it(pg_dsn: str) -> None:
+    """A replica still running while another migrates the schema (a rolling upgrade) claims
+    during the index build: its claim waits for the migration, which commits, and then goes
+    through. Built under another name before the old index was dropped, the build let the
+    claim take its first lock, and the drop then deadlocked with it: PostgreSQL aborted the
+    migration, and every start tried again."""
+    old = PostgresSpool(pg_dsn)      # the replica that keeps running
+    await old.open()
+    migrator = await asyncpg.connect(pg_dsn)
+    try:
+        await old.ingest([item(i, "live") for i in range(5)])
+        old_index = OLD_INDEX.replace("ON deliveries", "ON relay.deliveries")
+        await migrator.execute(f"DROP INDEX relay.deliveries_due; {old_index}; "
+                               "UPDATE relay.schema_version SET version = 2")
+        statements = [s for s in MIGRATIONS[2].split(";") if s.strip()]
+        transaction = migrator.transaction()
+        await transaction.start()
+        await migrator.execute("SET LOCAL search_path TO relay")
+        await migrator.execute(statements[0])          # the migration has begun
+        claim = asyncio.ensure_future(old.poll(time.time() + 1, 10, ["live"]))
+        await asyncio.sleep(0.3)                       # the claim is at the table by now
+        for statement in statements[1:]:
+            await migrator.execute(statement)
+        await migrator.execute("UPDATE schema_version SET version = 3")
+        await transaction.commit()
+        batch = await asyncio.wait_for(claim, 10)
+        assert len(batch.due) == 5
+        definition = await migrator.fetchval(
+            "SELECT indexdef FROM pg_indexes WHERE schemaname = 'relay' "
+            "AND indexname = 'deliveries_due'")
+        assert "(destination, not_before, seq)" in definition
+    finally:
+        await migrator.close()
+        await old.close()

@@ -270,6 +270,24 @@ async def test_a_look_is_shared_between_the_destinations_with_due_deliveries(
     assert seqs == sorted(seqs)
 
 
+async def test_a_look_short_of_its_limit_is_not_complete_when_a_share_was_used_up(
+        spool: AnySpool) -> None:
+    """a has 20 due deliveries, b and c one each; a look of 10 gives each a share of 7 (20 / 3
+    rounded up): a's first 7, b's and c's, 9 in all, fewer than asked for, and not complete,
+    since a has more (said complete, the dispatcher waited a minute for the rest). A
+    destination named three times is one destination: its whole look."""
+    clock = clock_of(spool)
+    for i in range(20):
+        await spool.ingest([item(i, routes=(Route("a", "pending"),))])
+        clock.now += 1
+    await spool.ingest([item(20, routes=(Route("b", "pending"), Route("c", "pending")))])
+    look = await spool.poll(2000, 10, ["a", "b", "c"])
+    assert [d.destination for d in look.due] == ["a"] * 7 + ["b", "c"]
+    assert not look.complete
+    thrice = await spool.poll(2000, 10, ["a", "a", "a"])
+    assert [d.destination for d in thrice.due] == ["a"] * 10
+
+
 async def test_a_due_batch_is_bounded_by_the_size_of_its_events(spool: AnySpool) -> None:
     """Due rows come back within the byte budget (always at least one), oldest first."""
     big = [accept(Event(id=f"big{i}", channel="email", status="sent", message_id=f"m{i}",

@@ -87,8 +87,9 @@ _DOWN_CLASSES = ("08", "57", "53")
 # replicas' groups, a serialization failure): run again, it goes through.
 _ABORTED = ("40P01", "40001")
 GROUP_TRIES = 3
-# Seconds before a look again when a due delivery was left unclaimed because another
-# transaction held it locked through two reads (PostgresSpool.poll).
+# Seconds before a look again when due deliveries were left unclaimed because another
+# transaction held them locked (PostgresSpool.poll): a look that claimed none of its
+# candidates, or found the rows it left still due on a second read.
 LOCKED_RECHECK = 0.02
 # Session settings of the claim and outcome connections (commits not waiting for the WAL
 # flush), beside search_path and jit. PostgreSQL has no plan hints, and the spool's tables grow

@@ -113,14 +113,14 @@ MIGRATIONS: tuple[str, ...] = (
     """,
     # Led by time, deliveries_due had every claim walk the due deliveries of destinations it
     # did not ask for (a dead receiver's backlog); led by destination, each is walked alone.
-    # Built under another name first: the other replicas' writes to deliveries wait for the
-    # build (about 0.7 s per million rows of the table), their reads only for the drop and
-    # rename at the end (DROP INDEX locks the table even against reads until the commit).
+    # The drop comes first: it takes the table's strongest lock before anything else, so the
+    # other replicas' statements wait for the build (about 0.7 s per million rows of the
+    # table). Built first under another name, the build's weaker lock let a claim in, and the
+    # drop's lock then deadlocked with it (PostgreSQL aborted the migration).
     """
-    CREATE INDEX deliveries_due_3 ON deliveries(destination, not_before, seq)
-        WHERE state = 'pending';
     DROP INDEX deliveries_due;
-    ALTER INDEX deliveries_due_3 RENAME TO deliveries_due;
+    CREATE INDEX deliveries_due ON deliveries(destination, not_before, seq)
+        WHERE state = 'pending';
     """,
 )
 

@@ -38,7 +38,8 @@ _NEXT_DUE = _next_due()
 #   destination's rows come as a JSON array from a subquery of its own.
 # - ``share`` is :limit for one or two busy destinations, else 2 x :limit split between them
 #   (rounded up): a look reads about twice what it hands out, however many destinations have
-#   a backlog (each giving :limit, 100 of them made a look of 256 read 25,600 rows: 33 ms).
+#   a backlog (past 2 x :limit of them, one row and a probe each; each giving :limit, 100 of
+#   them made a look of 256 read 25,600 rows: 33 ms).
 #   A destination that gave its whole share may have more: the look is then not complete,
 #   and the dispatcher looks again once it has used the batch.
 # With them, in the same read: how many rows were due (up to :limit) before the budget,
