@@ -96,14 +96,13 @@ LOCKED_RECHECK = 0.02
 # by thousands of rows a second, faster than autovacuum's ANALYZE (a minute apart at best)
 # describes them. A claim must walk deliveries_due (one destination at a time, postgres_sql
 # _CLAIMED) and stop after its limit, and the other replicas' leases must be read from
-# deliveries_leased, whatever the
-# statistics say: with none yet (a new spool), or with statistics from a quiet hour (few
-# pending rows), the planner read every pending delivery into a bitmap and sorted them, or
-# read the whole table, for every look: 60-100 ms a look at a backlog of 60,000, just when a
-# receiver comes back. Without sequential and bitmap scans and sorts, the index walks are the
-# plans left (a table with no usable index, the one-row counters, is still scanned; the claim's
-# sorts of its few hundred candidates, which no plan avoids, still run); the outcomes'
-# statement joins on primary keys and groups by hashing.
+# deliveries_leased, whatever the statistics say: with none yet (a new spool), or with
+# statistics from a quiet hour (few pending rows), the planner read every pending delivery
+# into a bitmap and sorted them, or read the whole table, for every look: 60-100 ms a look at
+# a backlog of 60,000, just when a receiver comes back. Without sequential and bitmap scans
+# and sorts, the index walks are the plans left (a table with no usable index, the one-row
+# counters, is still scanned; the claim's sorts of its few hundred candidates, which no plan
+# avoids, still run); the outcomes' statement joins on primary keys and groups by hashing.
 LIGHT_SETTINGS = {
     "synchronous_commit": "off",
     "enable_seqscan": "off",
@@ -531,8 +530,9 @@ class PostgresSpool:
 
     async def due(self, now: float, limit: int, destinations: Sequence[str],
                   exclude: Collection[int] = (), budget: int = DUE_BUDGET) -> list[Due]:
-        """Claim pending deliveries due by ``now`` for these destinations, oldest first: rows
-        no other replica holds an unexpired lease on, leased to this one for ``lease`` s.
+        """Claim pending deliveries due by ``now`` for these destinations, oldest first (of
+        each destination's share: postgres_sql._CLAIMED): rows no other replica holds an
+        unexpired lease on, leased to this one for ``lease`` s.
         Claims past ``budget`` characters of event JSON (one at least) are released again."""
         return (await self._claim(sql.DUE, now, limit, destinations, exclude, budget))[0]
 

@@ -170,15 +170,14 @@ SELECT seq FROM upd
 # - ``share`` is $6 for one or two busy destinations, else 2 x $6 split between them (rounded
 #   up), so a claim reads about twice what it takes however many destinations have a backlog
 #   (past 2 x $6 of them, one row and a probe each; at $6 each, 100 of them made a claim of
-#   256 read 26,000 rows). A destination that gave
-#   its whole share may have more: the look says so (``capped``), and is not complete.
+#   256 read 26,000 rows). A destination that gave its whole share may have more: the look
+#   says so (``capped``), and is not complete.
 # - The oldest $6 candidates that no one else is locking are locked, by primary key, from an
 #   array: as a join, a plan made from statistics that saw no pending rows walked every
 #   pending row and the candidates once for each (36 million rows to claim 200); for the same
 #   reason a destination is probed by a subquery with a LIMIT, which cannot become a join (as
-#   EXISTS, it was a semi-join over every pending row). A candidate
-#   locked elsewhere (another replica's claim, a long update) is passed over for the next
-#   candidate, if there is one.
+#   EXISTS, it was a semi-join over every pending row). A candidate locked elsewhere
+#   (another replica's claim, a long update) is passed over for the next candidate, if any.
 # - Their conditions are checked again on the rows locked (PostgreSQL checks them once more on
 #   a row another transaction changed meanwhile), inside a CASE, from which the planner reads
 #   no index condition: `state = 'pending'` alone let it walk deliveries_due whole instead of

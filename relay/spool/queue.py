@@ -90,7 +90,8 @@ def _pending_args(destinations: Sequence[str], exclude: Collection[int]) -> dict
 class QueueMixin(Store):
     async def due(self, now: float, limit: int, destinations: Sequence[str],
                   exclude: Collection[int] = (), budget: int = DUE_BUDGET) -> list[Due]:
-        """Pending deliveries due by ``now`` for these destinations, oldest first: at most
+        """Pending deliveries due by ``now`` for these destinations, oldest first (of each
+        destination's share, with three or more that have due ones: _POLL): at most
         ``limit``, and no more than fit in ``budget`` characters of event JSON (one at least)."""
         return (await self.poll(now, limit, destinations, exclude, budget)).due
 
