@@ -13,7 +13,7 @@ backend (no HTTP):
 * then ``--many`` destinations with 300 due deliveries each: a look for all of them against a
   look for one (each destination gives a share of the look, not the whole look).
 
-PostgreSQL's looks claim what they find; the leases are cleared between rounds (not timed).
+PostgreSQL's looks claim what they find; the leases are cleared between reads (not timed).
 Prints the median of ``--rounds`` rounds, in ms. PostgreSQL comes from pgserver (tests/pg.py).
 Usage: python bench/backlog.py [--backlog 60000] [--rounds 30] [--backend sqlite postgres]
 """
@@ -97,27 +97,25 @@ async def measure_many(spool: Any, many: int, rounds: int,
     ]
 
 
-async def sqlite_round(base: Path, backlog: int, rounds: int, many: int = 0) -> list[Any]:
-    spool = Spool(base / f"spool-{backlog}-{many}.db", max_events=10_000_000)
+async def one_round(backend: str, base: Path, server: PgServer | None, backlog: int,
+                    rounds: int, many: int = 0) -> list[Any]:
+    """A fresh spool of ``backend``, filled and timed by ``measure`` (or ``measure_many``
+    when ``many``). PostgreSQL's looks claim what they find: the leases are cleared between
+    rounds."""
+    spool: Any
+    release = None
+    if backend == "sqlite":
+        spool = Spool(base / f"spool-{backlog}-{many}.db", max_events=10_000_000)
+    else:
+        assert server is not None
+        spool = PostgresSpool(server.new_database(), max_events=10_000_000)
+
+        async def release() -> None:
+            async with spool._connection() as conn:
+                await conn.execute("UPDATE deliveries SET lease_owner = NULL, "
+                                   "lease_until = NULL WHERE lease_owner IS NOT NULL")
+
     await spool.open()
-    try:
-        if many:
-            return await measure_many(spool, many, rounds, None)
-        return await measure(spool, backlog, rounds, None)
-    finally:
-        await spool.close()
-
-
-async def postgres_round(server: PgServer, backlog: int, rounds: int, many: int = 0
-                         ) -> list[Any]:
-    spool = PostgresSpool(server.new_database(), max_events=10_000_000)
-    await spool.open()
-
-    async def release() -> None:
-        async with spool._connection() as conn:
-            await conn.execute("UPDATE deliveries SET lease_owner = NULL, lease_until = NULL "
-                               "WHERE lease_owner IS NOT NULL")
-
     try:
         if many:
             return await measure_many(spool, many, rounds, release)
@@ -145,19 +143,11 @@ def main() -> None:
             for backlog in (0, args.backlog):
                 print(f"{backend}: {backlog:,} due deliveries of the dead destination ...",
                       file=sys.stderr, flush=True)
-                if backend == "sqlite":
-                    figures = uvloop.run(sqlite_round(base, backlog, args.rounds))
-                else:
-                    assert server is not None
-                    figures = uvloop.run(postgres_round(server, backlog, args.rounds))
+                figures = uvloop.run(one_round(backend, base, server, backlog, args.rounds))
                 rows.append([backend, f"{backlog:,}", *figures])
             print(f"{backend}: {args.many} destinations with a backlog ...", file=sys.stderr,
                   flush=True)
-            if backend == "sqlite":
-                figures = uvloop.run(sqlite_round(base, 0, args.rounds, args.many))
-            else:
-                assert server is not None
-                figures = uvloop.run(postgres_round(server, 0, args.rounds, args.many))
+            figures = uvloop.run(one_round(backend, base, server, 0, args.rounds, args.many))
             many_rows.append([backend, *figures, figures[1] / figures[0]])
     finally:
         if server is not None:

@@ -63,6 +63,17 @@ def deliveries_read(plan: dict[str, Any]) -> int:
     return read + sum(deliveries_read(child) for child in plan.get("Plans", []))
 
 
+async def explained_read(spool: PostgresSpool, statement: str, *args: Any) -> int:
+    """Rows of deliveries ``statement`` reads (deliveries_read), run under EXPLAIN ANALYZE on
+    a claim connection with nothing leased; the claims it makes are given back after it."""
+    release = "UPDATE deliveries SET lease_owner = NULL, lease_until = NULL"
+    async with spool._connection(light=True) as conn:
+        await conn.execute(release)
+        (row,) = await conn.fetch("EXPLAIN (ANALYZE, FORMAT JSON) " + statement, *args)
+        await conn.execute(release)
+    return deliveries_read(json.loads(row[0])[0]["Plan"])
+
+
 class Steps:
     """SQLite virtual-machine steps (in hundreds) run on the spool's reader connection."""
 
@@ -122,16 +133,9 @@ async def test_postgres_look_reads_about_what_it_hands_out(pg_dsn: str,
             await conn.execute("ANALYZE")   # plans from true statistics: the walk is the plan's
         now = time.time() + 1
         args = await captured(monkeypatch, sql.LOOK, spool.poll(now, LIMIT, ["live"]))
-        async with spool._connection(light=True) as conn:
-            # (the poll's claims, then the explained look's, given back: each read starts
-            # with nothing leased)
-            await conn.execute("UPDATE deliveries SET lease_owner = NULL, lease_until = NULL")
-            (row,) = await conn.fetch("EXPLAIN (ANALYZE, FORMAT JSON) " + sql.LOOK, *args)
-            look = deliveries_read(json.loads(row[0])[0]["Plan"])
-            await conn.execute("UPDATE deliveries SET lease_owner = NULL, lease_until = NULL")
-            (row,) = await conn.fetch("EXPLAIN (ANALYZE, FORMAT JSON) " + sql.NEXT_DUE,
-                                      ["live"], [], spool.replica, time.time())
-            next_due = deliveries_read(json.loads(row[0])[0]["Plan"])
+        look = await explained_read(spool, sql.LOOK, *args)
+        next_due = await explained_read(spool, sql.NEXT_DUE, ["live"], [], spool.replica,
+                                        time.time())
         # about 800: the live destination's 200 candidates, a probe of each before it is
         # locked and one to update it, and the walk past them to the next one. It read all
         # 60,000 of the dead destination's twice: 120,802.
@@ -248,11 +252,7 @@ async def test_postgres_look_with_many_backlogged_destinations_reads_about_twice
         read = {}
         for asked in (["d0"], [f"d{n}" for n in range(MANY)]):
             args = await captured(monkeypatch, sql.LOOK, spool.poll(now, LIMIT, asked))
-            async with spool._connection(light=True) as conn:
-                await conn.execute("UPDATE deliveries SET lease_owner = NULL, lease_until = NULL")
-                (row,) = await conn.fetch("EXPLAIN (ANALYZE, FORMAT JSON) " + sql.LOOK, *args)
-                await conn.execute("UPDATE deliveries SET lease_owner = NULL, lease_until = NULL")
-            read[len(asked)] = deliveries_read(json.loads(row[0])[0]["Plan"])
+            read[len(asked)] = await explained_read(spool, sql.LOOK, *args)
         assert read[MANY] <= 4 * read[1], read
         batch = await spool.poll(now, LIMIT, [f"d{n}" for n in range(MANY)])
         assert len(batch.due) == LIMIT and not batch.complete
