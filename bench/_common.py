@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -161,6 +162,44 @@ def cpu_seconds(pid: int) -> float:
             continue
         total += int(fields[11]) + int(fields[12])  # utime, stime
     return total / tick
+
+
+def thread_cpu(pid: int) -> float:
+    """User + system CPU seconds of a process's main thread: an aiohttp server's event loop
+    (its other threads and child processes are not in it)."""
+    try:
+        fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@contextmanager
+def occupancy(pid: int) -> Iterator[dict[str, float]]:
+    """How busy the machine was while the block ran, each in shares of one core: ``loop`` the
+    server's main thread (its event loop), ``rest`` every other thread and process of it (the
+    relay's spool writer and reader threads), ``load`` the children this script waited for
+    meanwhile (wrk). A loop well under 1.0 while requests wait is waiting itself (for its
+    writer's answers), not short of CPU, unless the three together fill the machine's cores.
+    Filled in when the block ends."""
+    shares: dict[str, float] = {}
+    wall, loop, tree = time.monotonic(), thread_cpu(pid), cpu_seconds(pid)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    yield shares
+    wall = time.monotonic() - wall
+    done = resource.getrusage(resource.RUSAGE_CHILDREN)
+    shares["loop"] = (thread_cpu(pid) - loop) / wall
+    shares["rest"] = max(0.0, (cpu_seconds(pid) - tree) / wall - shares["loop"])
+    shares["load"] = (done.ru_utime - kids.ru_utime + done.ru_stime - kids.ru_stime) / wall
+
+
+def busy_line(name: str, shares: dict[str, float]) -> str:
+    """``relay: event loop 88 %, its other threads and processes 47 %, load generator 14 %:
+    149 % of 200 %``."""
+    total = shares["loop"] + shares["rest"] + shares["load"]
+    return (f"{name}: event loop {shares['loop'] * 100:.0f} %, its other threads and "
+            f"processes {shares['rest'] * 100:.0f} %, load generator "
+            f"{shares['load'] * 100:.0f} %: {total * 100:.0f} % of {(os.cpu_count() or 1) * 100} %")
 
 
 def wrk_available() -> bool:

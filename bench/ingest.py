@@ -17,14 +17,29 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import backends_arg, bare_server, cpu_seconds, floor_server, load, machine, relay, spools, table
+from _common import (
+    backends_arg,
+    bare_server,
+    busy_line,
+    cpu_seconds,
+    floor_server,
+    load,
+    machine,
+    occupancy,
+    relay,
+    spools,
+    table,
+)
 
 
 def measured(pid: int, port: int, **kwargs: object) -> dict[str, float]:
-    """One load run, with the CPU the server's processes spent per 1,000 events."""
+    """One load run, with the CPU the server's processes spent per 1,000 events and how busy
+    its event loop, the rest of it and wrk were (``busy_*``, shares of one core)."""
     before = cpu_seconds(pid)
-    result = load(port, **kwargs)  # type: ignore[arg-type]
+    with occupancy(pid) as busy:
+        result = load(port, **kwargs)  # type: ignore[arg-type]
     result["cpu_s_per_1k"] = (cpu_seconds(pid) - before) * 1000 / max(1, result["events"])
+    result.update({f"busy_{key}": value for key, value in busy.items()})
     return result
 
 DESTINATIONS = [  # one of each format, as in config.example.yaml (nothing is delivered here)
@@ -84,6 +99,12 @@ def report(results: dict[tuple[str, str], dict[str, float]], seconds: float) -> 
           "(SQLite: WAL, fsync per commit, in the relay's writer process; PostgreSQL: one "
           "transaction per group, on this machine) before the 202; CPU = every process of the "
           "server (the relay, its writer), from /proc")
+    print("\nSingle events, how busy each part was (shares of one core; an event loop under "
+          "100 % with requests waiting is waiting for its writer's answers, unless the parts "
+          "fill the cores):")
+    for server in ("bare", "sqlite", "postgres", "floor"):
+        if (server, "single") in results:
+            print("  " + busy_line(labels[server], _shares(results[server, "single"])))
     bare, floor = results["bare", "single"], results.get(("floor", "single"))
     if floor is not None:
         print(f"floor/bare, single events: throughput {floor['req_s'] / bare['req_s']:.2f}, p99 "
@@ -111,6 +132,10 @@ def main() -> None:
     backends_arg(parser)
     args = parser.parse_args()
     report(run(args.seconds, args.backend), args.seconds)
+
+
+def _shares(r: dict[str, float]) -> dict[str, float]:
+    return {key: r[f"busy_{key}"] for key in ("loop", "rest", "load")}
 
 
 def _cols(r: dict[str, float]) -> tuple[object, ...]:
