@@ -101,7 +101,8 @@ def report(results: dict[tuple[str, str], dict[str, float]], seconds: float) -> 
           "server (the relay, its writer), from /proc")
     print("\nSingle events, how busy each part was (shares of one core; an event loop under "
           "100 % with requests waiting is waiting for its writer's answers, unless the parts "
-          "fill the cores):")
+          "fill the cores" + ("; PostgreSQL's server is not in them" if
+                              ("postgres", "single") in results else "") + "):")
     for server in ("bare", "sqlite", "postgres", "floor"):
         if (server, "single") in results:
             print("  " + busy_line(labels[server], _shares(results[server, "single"])))
