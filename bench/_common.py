@@ -153,22 +153,19 @@ def process_tree(pid: int) -> list[int]:
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds used so far by a process and all its live descendants, from
     /proc: the figure of merit that machine noise does not move much."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for one in process_tree(pid):
-        try:
-            fields = Path(f"/proc/{one}/stat").read_text().rsplit(")", 1)[1].split()
-        except FileNotFoundError:
-            continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / tick
+    return sum(_stat_cpu(Path(f"/proc/{one}/stat")) for one in process_tree(pid))
 
 
 def thread_cpu(pid: int) -> float:
     """User + system CPU seconds of a process's main thread: an aiohttp server's event loop
     (its other threads and child processes are not in it)."""
+    return _stat_cpu(Path(f"/proc/{pid}/task/{pid}/stat"))
+
+
+def _stat_cpu(stat: Path) -> float:
+    """utime + stime of a /proc stat file, in seconds (0 for a process gone)."""
     try:
-        fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        fields = stat.read_text().rsplit(")", 1)[1].split()
     except FileNotFoundError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -181,15 +178,16 @@ def occupancy(pid: int) -> Iterator[dict[str, float]]:
     relay's spool writer and reader threads), ``load`` the children this script waited for
     meanwhile (wrk). A loop well under 1.0 while requests wait is waiting itself (for its
     writer's answers), not short of CPU, unless the three together fill the machine's cores.
-    Filled in when the block ends."""
+    Also ``cpu``: the CPU seconds of the server's whole tree. Filled in when the block ends."""
     shares: dict[str, float] = {}
     wall, loop, tree = time.monotonic(), thread_cpu(pid), cpu_seconds(pid)
     kids = resource.getrusage(resource.RUSAGE_CHILDREN)
     yield shares
     wall = time.monotonic() - wall
     done = resource.getrusage(resource.RUSAGE_CHILDREN)
+    shares["cpu"] = cpu_seconds(pid) - tree
     shares["loop"] = (thread_cpu(pid) - loop) / wall
-    shares["rest"] = max(0.0, (cpu_seconds(pid) - tree) / wall - shares["loop"])
+    shares["rest"] = max(0.0, shares["cpu"] / wall - shares["loop"])
     shares["load"] = (done.ru_utime - kids.ru_utime + done.ru_stime - kids.ru_stime) / wall
 
 

@@ -21,7 +21,6 @@ from _common import (
     backends_arg,
     bare_server,
     busy_line,
-    cpu_seconds,
     floor_server,
     load,
     machine,
@@ -35,10 +34,9 @@ from _common import (
 def measured(pid: int, port: int, **kwargs: object) -> dict[str, float]:
     """One load run, with the CPU the server's processes spent per 1,000 events and how busy
     its event loop, the rest of it and wrk were (``busy_*``, shares of one core)."""
-    before = cpu_seconds(pid)
     with occupancy(pid) as busy:
         result = load(port, **kwargs)  # type: ignore[arg-type]
-    result["cpu_s_per_1k"] = (cpu_seconds(pid) - before) * 1000 / max(1, result["events"])
+    result["cpu_s_per_1k"] = busy.pop("cpu") * 1000 / max(1, result["events"])
     result.update({f"busy_{key}": value for key, value in busy.items()})
     return result
 
