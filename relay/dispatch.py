@@ -35,6 +35,7 @@ from relay.health import HELD_STATUS, HealthBoard, Host, counts_as_failure
 from relay.metrics import Metrics
 from relay.policy import Outcome, Verdict, classify, decide
 from relay.ratelimit import RateLimits, replica_share
+from relay.ready import ReadyQueue
 from relay.request import Request, endpoint
 from relay.sending import send
 from relay.spool import Attempt, Due, Receipt
@@ -122,7 +123,9 @@ class Dispatcher:
         self._starved = False    # a start waited for an outcome's commit (RECORDING_MAX, bytes)
         self._limit = config.delivery.concurrency   # the loop's, as it started
         self._recheck = False    # a delivery was passed over to let a fresh one probe: go again
-        self._ready: deque[Due] = deque()  # fetched, due, not started yet
+        # fetched (or offered), due, not started yet: each destination's oldest first, taken
+        # one destination after another (relay/ready.py)
+        self._ready = ReadyQueue()
         self._host_load: Counter[str] = Counter()
         self._inflight_bytes = 0
         self._wake = asyncio.Event()
@@ -402,9 +405,11 @@ class Dispatcher:
                         [*(due.seq for due in batch.due), *batch.given_back])))
                     # It saw everything of the destinations it asked for only if it left
                     # nothing out and nothing changed while it read (a replay, a retry,
-                    # another process's events).
-                    self._covered = self._open if batch.complete and \
-                        self._changes == changes else frozenset()
+                    # another process's events); when only some destinations gave their
+                    # whole share (SQLite says which), everything of the others.
+                    self._covered = frozenset() if self._changes != changes else \
+                        self._open if batch.complete else \
+                        self._open - batch.capped if batch.capped is not None else frozenset()
                     self._next_at = batch.next_at
                     self._seen_upto = batch.seen_upto
                     # Rows offered meanwhile are this look's if it could see them (seq up to

@@ -243,11 +243,12 @@ async def test_due_order_limit_destinations_and_exclude(spool: AnySpool) -> None
 
 async def test_a_look_is_shared_between_the_destinations_with_due_deliveries(
         spool: AnySpool) -> None:
-    """A destination named twice is asked for once. With one or two destinations that have
-    due deliveries, a look takes the oldest of all; with more, each gives at most its share
-    (twice the look's size between them, rounded up), the look takes the oldest of those and
-    says it is not complete. So a look reads about twice what it hands out, whatever the
-    number of destinations with a backlog (tests/test_backlog_looks.py)."""
+    """A destination named twice is asked for once. Each destination that has due deliveries
+    gives at most its share of the look (the look's size split between them, rounded up), its
+    oldest; the look takes the oldest of those and says it is not complete while a destination
+    gave its whole share. So one destination's old backlog never fills a look, and a look reads
+    what it hands out, whatever the number of destinations with a backlog
+    (tests/test_backlog_looks.py, tests/test_fairness.py)."""
     clock = clock_of(spool)
     for i in range(10):
         await spool.ingest([item(i, routes=(Route("a", "pending"),))])
@@ -257,11 +258,12 @@ async def test_a_look_is_shared_between_the_destinations_with_due_deliveries(
         clock.now += 1
     twice = await spool.poll(2000, 10, ["a", "a"])
     assert [d.destination for d in twice.due] == ["a"] * 10 and not twice.complete
-    two = await spool.poll(2000, 12, ["a", "b"])     # the oldest 12 of both: a's 10, then b's
-    assert [d.destination for d in two.due] == ["a"] * 10 + ["b"] * 2 and not two.complete
-    # three destinations, 6 a look: 4 of each read (12 / 3), the oldest 6 of those taken
+    # two destinations, 12 a look: 6 of each, though all of a's are older than b's
+    two = await spool.poll(2000, 12, ["a", "b"])
+    assert [d.destination for d in two.due] == ["a"] * 6 + ["b"] * 6 and not two.complete
+    # three destinations, 6 a look: 2 of each (b's and c's share their events)
     three = await spool.poll(2000, 6, ["a", "b", "c"])
-    assert [d.destination for d in three.due] == ["a"] * 4 + ["b", "c"]
+    assert [d.destination for d in three.due] == ["a", "a", "b", "c", "b", "c"]
     assert not three.complete
     # a share larger than every destination's due deliveries: all of them, complete
     whole = await spool.poll(2000, 100, ["a", "b", "c"])
@@ -272,20 +274,38 @@ async def test_a_look_is_shared_between_the_destinations_with_due_deliveries(
 
 async def test_a_look_short_of_its_limit_is_not_complete_when_a_share_was_used_up(
         spool: AnySpool) -> None:
-    """a has 20 due deliveries, b and c one each; a look of 10 gives each a share of 7 (20 / 3
-    rounded up): a's first 7, b's and c's, 9 in all, fewer than asked for, and not complete,
-    since a has more (said complete, the dispatcher waited a minute for the rest). A
-    destination named three times is one destination: its whole look."""
+    """a has 20 due deliveries, b and c one each; a look of 10 gives each a share of 4 (10 / 3
+    rounded up): a's first 4, b's and c's, 6 in all, fewer than asked for, and not complete,
+    since a has more (said complete, the dispatcher waited a minute for the rest). SQLite
+    says which destination may have more: a; b's and c's were all read. A destination named
+    three times is one destination: its whole look."""
     clock = clock_of(spool)
     for i in range(20):
         await spool.ingest([item(i, routes=(Route("a", "pending"),))])
         clock.now += 1
     await spool.ingest([item(20, routes=(Route("b", "pending"), Route("c", "pending")))])
-    look = await spool.poll(2000, 10, ["a", "b", "c"])
-    assert [d.destination for d in look.due] == ["a"] * 7 + ["b", "c"]
+    look = await spool.poll(2000, 10, ["a", "b", "c", "idle"])
+    assert [d.destination for d in look.due] == ["a"] * 4 + ["b", "c"]
     assert not look.complete
+    assert look.capped in ({"a"}, None)   # (PostgreSQL does not say)
     thrice = await spool.poll(2000, 10, ["a", "a", "a"])
     assert [d.destination for d in thrice.due] == ["a"] * 10
+
+
+async def test_a_look_cut_by_its_limit_names_the_destinations_that_lost_rows(
+        spool: AnySpool) -> None:
+    """Three destinations with 3 due each and a look of 8: shares of 3, the 9 candidates cut to
+    the oldest 8 by the limit. The one whose last row was cut may have more due, and so do the
+    ones that gave their whole share; a destination with nothing due has nothing more."""
+    clock = clock_of(spool)
+    for i in range(3):
+        await spool.ingest([item(i, routes=(Route("a", "pending"), Route("b", "pending"),
+                                            Route("c", "pending")))])
+        clock.now += 1
+    look = await spool.poll(2000, 8, ["a", "b", "c", "idle"])
+    assert len(look.due) == 8 and not look.complete
+    assert look.capped in ({"a", "b", "c"}, None)
+    assert "idle" not in (look.capped or ())
 
 
 async def test_a_due_batch_is_bounded_by_the_size_of_its_events(spool: AnySpool) -> None:

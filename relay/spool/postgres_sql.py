@@ -167,11 +167,12 @@ SELECT seq FROM upd
 #   not_before, seq), LATERAL. A destination left out (a suspended host's, one at its limit)
 #   is never read, however large its backlog: led by time, the index had every look walk it
 #   (60,000 rows of a dead receiver's, per look).
-# - ``share`` is $6 for one or two busy destinations, else 2 x $6 split between them (rounded
-#   up), so a claim reads about twice what it takes however many destinations have a backlog
-#   (past 2 x $6 of them, one row and a probe each; at $6 each, 100 of them made a claim of
-#   256 read 26,000 rows). A destination that gave its whole share may have more: the look
-#   says so (``capped``), and is not complete.
+# - ``share`` is $6 split between the busy destinations (rounded up), so a claim reads what it
+#   takes however many destinations have a backlog (past $6 of them, one row and a probe each;
+#   at $6 each, 100 of them made a claim of 256 read 26,000 rows), and every busy destination
+#   gets its part: one destination's old backlog never fills a claim (tests/test_fairness.py).
+#   A destination that gave its whole share may have more: the look says so (``capped``), and
+#   is not complete.
 # - The oldest $6 candidates that no one else is locking are locked, by primary key, from an
 #   array: as a join, a plan made from statistics that saw no pending rows walked every
 #   pending row and the candidates once for each (36 million rows to claim 200); for the same
@@ -189,9 +190,7 @@ busy AS MATERIALIZED (
     SELECT DISTINCT w.name FROM unnest($1::text[]) AS w(name)
     WHERE (SELECT true FROM deliveries WHERE destination = w.name AND {_DUE_ROWS} LIMIT 1)),
 share AS MATERIALIZED (
-    SELECT CASE WHEN count(*) <= 2 THEN $6::int ELSE (2 * $6::int + count(*) - 1) / count(*)
-           END AS n
-    FROM busy),
+    SELECT ($6::int + count(*) - 1) / greatest(count(*), 1) AS n FROM busy),
 candidates AS MATERIALIZED (
     SELECT b.name, x.seq FROM busy b CROSS JOIN LATERAL (
         SELECT seq FROM deliveries WHERE destination = b.name AND {_DUE_ROWS}

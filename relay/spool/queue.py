@@ -31,19 +31,23 @@ def _next_due(later: str = "") -> str:
 
 _NEXT_DUE = _next_due()
 
-# The oldest due rows, as many as fit in :budget characters of event JSON (at least one): the
-# running total reads only the events' size column; bodies are read for the rows kept.
+# The oldest due rows of each destination, as many as fit in :budget characters of event JSON
+# (at least one): the running total reads only the events' size column; bodies are read for
+# the rows kept.
 # - The candidates: each destination asked for that has a due row ("busy", one probe each)
 #   gives its first ``share`` due rows, merged by time. SQLite has no LATERAL join: each
 #   destination's rows come as a JSON array from a subquery of its own.
-# - ``share`` is :limit for one or two busy destinations, else 2 x :limit split between them
-#   (rounded up): a look reads about twice what it hands out, however many destinations have
-#   a backlog (past 2 x :limit of them, one row and a probe each; each giving :limit, 100 of
-#   them made a look of 256 read 25,600 rows: 33 ms).
+# - ``share`` is :limit split between the busy destinations (rounded up): a look reads what it
+#   hands out, however many destinations have a backlog (past :limit of them, one row and a
+#   probe each; each giving :limit, 100 of them made a look of 256 read 25,600 rows: 33 ms).
+#   Every busy destination gets its part of the look: one destination's old backlog never
+#   fills it (merged by time alone, the oldest took the whole look, look after look, and a
+#   live destination's deliveries waited for that backlog to drain: tests/test_fairness.py).
 #   A destination that gave its whole share may have more: the look is then not complete,
 #   and the dispatcher looks again once it has used the batch.
-# With them, in the same read: how many rows were due (up to :limit) before the budget,
-# whether a destination gave its whole share, and the earliest not_before still to come, so a
+# With them, in the same read: how many rows were due (up to :limit) before the budget, the
+# destinations that gave their whole share or lost candidates to the limit (every other one
+# asked for had all its due rows read), and the earliest not_before still to come, so a
 # dispatcher that got every due row need not ask again (at one event at a time the dispatcher
 # read 5 times per delivery, then under 2.5), and the highest delivery seq this read could see
 # (an offer of a row it saw is not queued again).
@@ -51,9 +55,8 @@ _DUE_OF = f"d.state = 'pending' AND d.not_before <= :now AND {_LEFT_OUT}"
 _POLL = (
     "WITH busy AS MATERIALIZED (SELECT DISTINCT w.value AS name FROM json_each(:destinations) w "
     f"WHERE EXISTS (SELECT 1 FROM deliveries d WHERE d.destination = w.value AND {_DUE_OF})), "
-    "share(n) AS MATERIALIZED (SELECT CASE WHEN COUNT(*) <= 2 THEN :limit "
-    "ELSE (2 * :limit + COUNT(*) - 1) / COUNT(*) END FROM busy), "
-    "candidates AS MATERIALIZED (SELECT (SELECT json_group_array(seq) FROM ("
+    "share(n) AS MATERIALIZED (SELECT (:limit + COUNT(*) - 1) / MAX(COUNT(*), 1) FROM busy), "
+    "candidates AS MATERIALIZED (SELECT busy.name, (SELECT json_group_array(seq) FROM ("
     f"SELECT d.seq FROM deliveries d WHERE d.destination = busy.name AND {_DUE_OF} "
     "ORDER BY d.not_before, d.seq LIMIT (SELECT n FROM share))) AS seqs FROM busy), "
     "due AS MATERIALIZED (SELECT d.seq, d.delivery_id, d.destination, d.attempts, "
@@ -67,7 +70,10 @@ _POLL = (
     "SELECT due.*, e.body FROM due JOIN events e ON e.seq = due.event_seq "
     "WHERE due.upto - due.size < :budget ORDER BY due.not_before, due.seq)), "
     "(SELECT COUNT(*) FROM due), "
-    "EXISTS (SELECT 1 FROM candidates WHERE json_array_length(seqs) >= (SELECT n FROM share)), "
+    "(SELECT json_group_array(c.name) FROM candidates c LEFT JOIN (SELECT destination, "
+    "COUNT(*) AS n FROM due GROUP BY destination) t ON t.destination = c.name "
+    "WHERE json_array_length(c.seqs) >= (SELECT n FROM share) "
+    "OR json_array_length(c.seqs) > COALESCE(t.n, 0)), "
     f"({_next_due(' AND d.not_before > :now')}), "
     "(SELECT MAX(seq) FROM deliveries)")
 
@@ -112,8 +118,13 @@ class QueueMixin(Store):
         found, counted, capped, next_at, seen_upto = await self._read(
             lambda conn: conn.execute(_POLL, args).fetchone())
         rows = [Due(*row) for row in orjson.loads(found)]
-        return DueBatch(rows, len(rows) == counted < limit and not capped, next_at,
-                        seen_upto or 0)
+        # the destinations that may have more due: those that gave their whole share, or
+        # some of whose candidates the limit left out. Cut for the budget, the rows left out
+        # could be any destination's.
+        short = frozenset(orjson.loads(capped))
+        cut = len(rows) != counted
+        return DueBatch(rows, not cut and not short and counted < limit, next_at,
+                        seen_upto or 0, capped=None if cut else short)
 
     async def next_due_at(self, destinations: Sequence[str],
                           exclude: Collection[int] = ()) -> float | None:

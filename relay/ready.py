@@ -1,0 +1,83 @@
+"""The dispatcher's ready queue: due deliveries fetched (or offered) and not started yet.
+
+Each destination's deliveries wait in their own line, oldest first; ``popleft`` takes the head
+of each line in turn. So a destination with a large backlog in memory (a look's whole share of
+it) never stands in front of another destination's deliveries when a request slot comes free:
+the next one goes to the next destination with work, however old the backlog is. Within a
+destination the order is the spool's (due time, then seq): its retries and its first attempts
+keep their order.
+
+It offers what the dispatcher used of a ``deque`` (append, extend, popleft, extendleft, clear,
+len, iteration), so the dispatcher reads as before. Plain data, no I/O.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable, Iterator
+
+from relay.spool import Due
+
+
+class ReadyQueue:
+    """Due deliveries by destination, taken one destination after another."""
+
+    __slots__ = ("_count", "_lines")
+
+    def __init__(self) -> None:
+        # destination -> its deliveries, oldest first; the dict's order is the turn order (the
+        # destination whose delivery was just taken goes to the back)
+        self._lines: dict[str, deque[Due]] = {}
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __bool__(self) -> bool:
+        return self._count > 0
+
+    def __iter__(self) -> Iterator[Due]:
+        for line in self._lines.values():
+            yield from line
+
+    def append(self, due: Due) -> None:
+        line = self._lines.get(due.destination)
+        if line is None:
+            line = self._lines[due.destination] = deque()
+        line.append(due)
+        self._count += 1
+
+    def extend(self, dues: Iterable[Due]) -> None:
+        for due in dues:
+            self.append(due)
+
+    def popleft(self) -> Due:
+        """The oldest delivery of the destination whose turn it is (IndexError when empty)."""
+        if not self._count:
+            raise IndexError("pop from an empty ready queue")
+        name, line = next(iter(self._lines.items()))
+        due = line.popleft()
+        self._count -= 1
+        del self._lines[name]
+        if line:
+            self._lines[name] = line   # its next delivery waits for the others' turn
+        return due
+
+    def extendleft(self, dues: Iterable[Due]) -> None:
+        """Put deliveries back at the head of their destinations' lines, as
+        ``deque.extendleft`` does (give them in reverse to keep their order); their
+        destinations take the first turns, in the order they had: they were passed over, not
+        served."""
+        back: dict[str, deque[Due]] = {}
+        for due in dues:
+            line = back.get(due.destination)
+            if line is None:
+                line = back[due.destination] = self._lines.pop(due.destination, deque())
+            line.appendleft(due)
+            self._count += 1
+        if back:
+            self._lines = {**dict(reversed(back.items())), **self._lines}
+
+    def clear(self) -> None:
+        self._lines.clear()
+        self._count = 0
