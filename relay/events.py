@@ -16,7 +16,16 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, NamedTuple
 
 import pydantic
-from pydantic import AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    model_validator,
+)
 
 from relay import ids
 from relay.errors import InvalidEvent
@@ -30,6 +39,34 @@ Ident = Annotated[str, Field(min_length=1, max_length=256)]
 def _code_as_text(value: Any) -> Any:
     # AJO sends failure codes as strings ("25"); senders often have them as numbers.
     return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+_UNIX_TIME = re.compile(r"\s*[+-]?\d+(\.\d*)?\s*")
+
+
+def _rfc3339_text(value: Any) -> Any:
+    # pydantic reads "1700000000" (and, past this check, 1700000000) as a unix time; the
+    # event's times are RFC 3339 text only
+    if not isinstance(value, str) or _UNIX_TIME.fullmatch(value):
+        raise ValueError("must be an RFC 3339 date-time with an offset, such as "
+                         "2026-11-23T10:00:00Z (not a unix time)")
+    return value
+
+
+def _in_utc(value: datetime) -> datetime:
+    # every payload writes its times in UTC: one that is not there (9999-12-31T23:59-14:00)
+    # failed every attempt to render it
+    try:
+        value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("must be a time between the years 1 and 9999 in UTC") from None
+    return value
+
+
+# (lax inside: a function before the type hands it Python text, which a strict datetime
+# refuses; the function has already refused anything but text)
+Moment = Annotated[AwareDatetime, Strict(False), BeforeValidator(_rfc3339_text),
+                   AfterValidator(_in_utc)]
 
 
 class _Strict(BaseModel):
@@ -61,10 +98,10 @@ class Failure(_Strict):
 class Timestamps(_Strict):
     """Braze's extra timestamps on ``sent``."""
 
-    received_at: AwareDatetime | None = None
-    enqueued_at: AwareDatetime | None = None
-    executed_at: AwareDatetime | None = None
-    sent_at: AwareDatetime | None = None
+    received_at: Moment | None = None
+    enqueued_at: Moment | None = None
+    executed_at: Moment | None = None
+    sent_at: Moment | None = None
 
 
 class Event(_Strict):
@@ -72,7 +109,7 @@ class Event(_Strict):
     channel: Channel
     status: Status
     message_id: Ident
-    occurred_at: AwareDatetime | None = None
+    occurred_at: Moment | None = None
     request_id: Ident | None = None
     message_type: Ident = "transactional"
     campaign_id: Ident | None = None

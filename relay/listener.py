@@ -14,11 +14,11 @@ import asyncio
 import errno
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 
 from relay.config import Config
 from relay.logs import Throttle
@@ -37,45 +37,73 @@ class _Busy(asyncio.Protocol):
     """A connection over server.max_connections: answered 503 at once and closed."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        transport.write(_BUSY)
+        # (uvloop's transports are not asyncio.Transport subclasses: an isinstance assert here
+        # closed every such connection without its 503)
+        cast(asyncio.WriteTransport, transport).write(_BUSY)
         transport.close()
 
 
 class _Handler(RequestHandler):
     """aiohttp's connection handler, quiet under junk: a request it cannot parse (garbage,
-    an HTTP/2 preface, a bad request line or header, a broken body) is answered in the relay's
-    JSON error shape (431 for a header too large) and logged as one info line at most every
-    ``JUNK_EVERY`` seconds, with the count held back, never a traceback (the junk may carry a
-    secret). Errors of the relay's own code still go to aiohttp's handling (500, logged)."""
+    an HTTP/2 preface, a bad request line or header, a broken body, a body that does not
+    decode as its Content-Encoding says, a client gone before its body arrived) is answered in
+    the relay's JSON error shape (431 for a header too large) and logged as one info line at
+    most every ``JUNK_EVERY`` seconds, with the count held back, never a traceback (the junk
+    may carry a secret). Errors of the relay's own code still go to aiohttp's handling (500,
+    logged)."""
 
     def handle_error(self, request: web.BaseRequest, status: int = 500,
                      exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
-        if not isinstance(exc, HttpProcessingError):
+        known = _client_error(exc)
+        if known is None:
             return super().handle_error(request, status, exc, message)
-        status, text = _parse_error(exc)
-        held = _JUNK.allow()
-        if held is not None:
-            log.info("malformed HTTP request from %s answered %d (%s)%s", request.remote,
-                     status, type(exc).__name__,
-                     f"; {held} more since the last such line" if held else "")
+        status, text = known
+        _log_junk(request.remote, status, exc)
         if request.writer.output_size > 0:  # part of a response went out: nothing to add
             raise ConnectionError("a response was already started")
         response = web.json_response({"error": text}, status=status)  # the API's error shape
         response.force_close()
         return response
 
+    def log_exception(self, *args: Any, **kwargs: Any) -> None:
+        """aiohttp's error log, but a body that cannot be read once the handler is done (aiohttp
+        reads what it left, to reuse the connection) is junk like the others, not a traceback."""
+        exc = kwargs.get("exc_info")
+        if isinstance(exc, BaseException) and _client_error(exc) is not None:
+            _log_junk(None, 0, exc)
+            return
+        super().log_exception(*args, **kwargs)
+
 
 JUNK_EVERY = 10.0  # seconds between two "malformed HTTP request" lines
 _JUNK = Throttle(JUNK_EVERY)
+
+
+def _log_junk(remote: str | None, status: int, exc: BaseException | None) -> None:
+    held = _JUNK.allow()
+    if held is not None:
+        log.info("malformed HTTP request from %s %s (%s)%s", remote or "a client",
+                 f"answered {status}" if status else "dropped", type(exc).__name__,
+                 f"; {held} more since the last such line" if held else "")
+
+
+def _client_error(exc: BaseException | None) -> tuple[int, str] | None:
+    """The status and message for a request that failed by the client's doing, or None."""
+    if isinstance(exc, HttpProcessingError):
+        return _parse_error(exc)
+    if isinstance(exc, RequestPayloadError):
+        return 400, f"the body does not decode as its Content-Encoding says ({exc})"
+    if isinstance(exc, ConnectionResetError):   # nobody reads this answer: the client left
+        return 400, "the connection was closed before the body arrived"
+    return None
 
 
 def _parse_error(exc: HttpProcessingError) -> tuple[int, str]:
     """The status and message for a request aiohttp could not parse."""
     if isinstance(exc, LineTooLong):
         line = exc.args[0] if exc.args else b""
-        if isinstance(line, bytes | str) and line[:1] in (b"/", "/"):
+        if isinstance(line, bytes | bytearray | str) and line[:1] in (b"/", "/"):
             return 414, "the request target is too long"
         return 431, f"a request header is too large (at most {exc.args[1]} bytes)"
     if "Too many headers" in (exc.message or ""):

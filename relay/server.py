@@ -216,7 +216,8 @@ def _ingest_headers_refused(request: web.Request, app: web.Application | None = 
         ctype = request.content_type
         if ctype != "application/json" and not ctype.endswith("+json"):
             app[METRICS].events_rejected.labels("unsupported_media_type").inc()
-            return error(415, f"Content-Type must be application/json (got {ctype or 'none'})")
+            given = ctype if "Content-Type" in headers else "none"  # (aiohttp's default)
+            return error(415, f"Content-Type must be application/json (got {given or 'none'})")
     limit = app[CONFIG].server.max_body_bytes
     length = headers.get("Content-Length")
     if length is not None and int(length) > limit:
@@ -302,11 +303,11 @@ async def list_deliveries(request: web.Request) -> web.Response:
     state = query.get("status") or None
     if state is not None and state not in DELIVERY_STATES:
         return error(400, f"status must be one of {', '.join(DELIVERY_STATES)} (got {state!r})")
-    try:
-        limit = int(query.get("limit", "100"))
-        after = int(query.get("next", query.get("after", "0")) or 0)
-    except ValueError:
+    given = query.get("limit", "100"), query.get("next", query.get("after", "0")) or "0"
+    # (int() also takes " 5", "+5", "5_0" and other scripts' digits)
+    if not all(value.isascii() and value.isdigit() for value in given):
         return error(400, "limit and next must be whole numbers")
+    limit, after = int(given[0]), int(given[1])
     if not 1 <= limit <= 1000:
         return error(400, "limit must be between 1 and 1000")
     if not 0 <= after < MAX_INT:
@@ -380,16 +381,19 @@ async def retry_many(request: web.Request) -> web.Response:
     if not isinstance(body, dict) or set(body) - {"delivery_ids", "destination", "failed_since"}:
         return error(400, "expected {\"delivery_ids\": [...], \"destination\": ..., "
                           "\"failed_since\": unix seconds}; at least one of them")
-    ids, destination, since = body.get("delivery_ids") or [], body.get("destination"), \
+    ids, destination, since = body.get("delivery_ids"), body.get("destination"), \
         body.get("failed_since")
+    if ids is None:
+        ids = []
+    if not (isinstance(ids, list) and len(ids) <= MAX_REPLAY_IDS
+            and all(isinstance(i, str) and len(i) <= 256 and _text(i) for i in ids)):
+        return error(400, f"delivery_ids must be a list of at most {MAX_REPLAY_IDS} ids")
+    if not (destination is None or (isinstance(destination, str)
+                                    and 0 < len(destination) <= 256 and _text(destination))):
+        return error(400, "destination must be a destination name")
     if not (ids or destination or since is not None):
         return error(400, "say which failed deliveries to replay: delivery_ids, destination "
                           "or failed_since (use failed_since: 0 for all)")
-    if not (isinstance(ids, list) and len(ids) <= MAX_REPLAY_IDS
-            and all(isinstance(i, str) and len(i) <= 256 for i in ids)):
-        return error(400, f"delivery_ids must be a list of at most {MAX_REPLAY_IDS} ids")
-    if not (destination is None or (isinstance(destination, str) and len(destination) <= 256)):
-        return error(400, "destination must be a destination name")
     if not (since is None or (isinstance(since, int | float) and not isinstance(since, bool)
             and math.isfinite(since) and 0 <= since < MAX_INT)):
         return error(400, "failed_since must be unix seconds (a number, 0 for all)")
@@ -398,6 +402,15 @@ async def retry_many(request: web.Request) -> web.Response:
     if replayed:
         request.app[WAKE]()
     return web.json_response({"replayed": replayed}, status=202)
+
+
+def _text(value: str) -> bool:
+    """``value`` is text the spool can store: JSON's ``\\ud800`` (a lone surrogate) is not."""
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 async def test_destination(request: web.Request) -> web.Response:
@@ -507,7 +520,8 @@ def ingest_shortcut(app: web.Application, handler: RawHandler) -> RawHandler:
     """``handler`` (the app's own: aiohttp's router, then its middlewares) with a shortcut for
     the hot path: a ``POST /v1/events`` without ``Expect`` goes straight to ``_guard`` and
     ``post_events``, where the router would send it, with the route's match info made once
-    instead of per request. It skips the router's lookup, the middleware chain's two wrappers
+    instead of per request (and an ``Expect`` it does not understand gets the JSON 417 on
+    every path). It skips the router's lookup, the middleware chain's two wrappers
     and the loop lookup in aiohttp's ``Application._handle`` (on Python 3.11 a ``getpid``
     system call per request): 10 % of the event loop's instructions per single event
     (docs/performance.md). Every other request, and one with ``Expect`` (whose 100 or
@@ -528,10 +542,15 @@ def ingest_shortcut(app: web.Application, handler: RawHandler) -> RawHandler:
     match.freeze()
 
     async def handle(request: web.Request) -> web.StreamResponse:
-        if request.method == "POST" and request.rel_url.path_safe == "/v1/events" \
-                and "Expect" not in request.headers:
-            request._match_info = match
-            return await _guard(request, post_events)
+        expect = request.headers.get("Expect")
+        if expect is None:
+            if request.method == "POST" and request.rel_url.path_safe == "/v1/events":
+                request._match_info = match
+                return await _guard(request, post_events)
+        elif expect.lower() != "100-continue":
+            # on every path (aiohttp's own answer, for a path with no route, is plain text)
+            return _closing(error(417, f"only Expect: 100-continue is understood "
+                                       f"(got {expect!r})"))
         return await handler(request)
 
     return cast(RawHandler, handle)  # aiohttp's Server hands it the app's web.Request

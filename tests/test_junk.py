@@ -191,3 +191,112 @@ def test_aiohttp_tracebacks_are_masked_like_messages() -> None:
     entry = json.loads(out.getvalue())
     assert "Traceback" in entry["exception"] and "****" in entry["exception"]
     assert TOKEN not in out.getvalue()
+
+
+def post(relay: RelayProcess, path: bytes, body: bytes, *headers: bytes) -> bytes:
+    head = (b"POST " + path + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            b"Authorization: Bearer " + TOKEN.encode() + b"\r\n"
+            b"Content-Type: application/json\r\nContent-Length: " + str(len(body)).encode()
+            + b"\r\n")
+    return exchange(relay, head + b"".join(h + b"\r\n" for h in headers) + b"\r\n" + body)
+
+
+def test_a_body_that_cannot_be_decoded_gets_400_and_no_traceback(relay: RelayProcess) -> None:
+    """A body whose Content-Encoding does not decode (not gzip at all, gzip with junk after it,
+    bad deflate) is the client's error: a JSON 400 that says so, on every path that reads a
+    body, and a body no route reads is drained as quietly. It was a plain-text 500 with an
+    error-level traceback."""
+    import gzip
+
+    before = len(relay.log().splitlines())
+    bad = [(b"gzip", b"garbage"), (b"gzip", gzip.compress(b"{}") + b"junk"),
+           (b"deflate", b"garbage")]
+    for encoding, body in bad:
+        for path in (b"/v1/events", b"/v1/deliveries/retry"):
+            answer = post(relay, path, body, b"Content-Encoding: " + encoding)
+            assert status_of(answer) == 400, (path, encoding, answer)
+            assert "Content-Encoding" in body_of(answer)["error"], answer  # type: ignore[index]
+    drained = exchange(relay, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                              b"Content-Encoding: gzip\r\nContent-Length: 7\r\n\r\ngarbage")
+    assert status_of(drained) in (200, 400), drained
+    healthy = exchange(relay, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert status_of(healthy) == 200
+    text = "\n".join(relay.log().splitlines()[before:])
+    assert "Traceback" not in text and '"level": "error"' not in text, text
+
+
+def test_a_client_that_hangs_up_mid_body_leaves_no_traceback(relay: RelayProcess) -> None:
+    """A connection closed half way through its body: nothing stored, and no error-level
+    traceback per drop (any client could flood the log with them)."""
+    before = len(relay.log().splitlines())
+    body = json.dumps({"id": "dropped", "channel": "email", "status": "sent",
+                       "message_id": "m"}).encode()
+    for _ in range(3):
+        with socket.create_connection(address(relay), timeout=10) as sock:
+            sock.sendall(b"POST /v1/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                         + TOKEN.encode() + b"\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n"
+                         + body[:len(body) // 2])
+    healthy = exchange(relay, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert status_of(healthy) == 200
+    listed = exchange(relay, b"GET /v1/deliveries HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                             b"Authorization: Bearer " + TOKEN.encode() + b"\r\n\r\n")
+    assert b"dropped" not in listed
+    text = "\n".join(relay.log().splitlines()[before:])
+    assert "Traceback" not in text and '"level": "error"' not in text, text
+
+
+def test_replay_bodies_the_spool_cannot_take_are_refused(relay: RelayProcess) -> None:
+    """A lone surrogate (valid JSON, not encodable text) in delivery_ids or destination is a
+    400, as it is in an event (it reached the spool writer: a 500). A delivery_ids that is
+    not a list, or an empty destination, is a 400 too, not a replay by whatever else was
+    given."""
+    for body in (b'{"delivery_ids": ["\\ud800"]}', b'{"destination": "\\udfff"}',
+                 b'{"delivery_ids": false, "destination": "braze"}',
+                 b'{"delivery_ids": {}, "destination": "braze"}',
+                 b'{"delivery_ids": "", "failed_since": 0}',
+                 b'{"destination": "", "failed_since": 0}'):
+        answer = post(relay, b"/v1/deliveries/retry", body)
+        assert status_of(answer) == 400, (body, answer)
+        assert "error" in body_of(answer), answer  # type: ignore[operator]
+
+
+def test_odd_requests_get_the_json_error_they_are_documented_with(relay: RelayProcess) -> None:
+    """A request target over aiohttp's line limit is 414 (it was 431: aiohttp gives the line
+    as a bytearray); an Expect other than 100-continue is a JSON 417 on every route; a limit
+    is ASCII digits only; a missing Content-Type says "none"."""
+    long = exchange(relay, b"GET /v1/deliveries?x=" + b"a" * 20_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert status_of(long) == 414, long[:200]
+    for path in (b"/healthz", b"/v1/events"):
+        answer = exchange(relay, b"POST " + path + b" HTTP/1.1\r\nHost: x\r\nExpect: 200-ok\r\n"
+                          b"Content-Length: 0\r\nConnection: close\r\n\r\n", until_head=True)
+        assert status_of(answer) == 417 and "Expect" in body_of(answer)["error"], answer  # type: ignore[index]
+    for limit in (b"+5", b"%205", b"5_0", b"%EF%BC%95"):
+        answer = exchange(relay, b"GET /v1/deliveries?limit=" + limit + b" HTTP/1.1\r\nHost: x\r\n"
+                          b"Authorization: Bearer " + TOKEN.encode() + b"\r\nConnection: close\r\n\r\n")
+        assert status_of(answer) == 400, (limit, answer)
+    untyped = exchange(relay, b"POST /v1/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                       + TOKEN.encode() + b"\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")
+    assert status_of(untyped) == 415 and "none" in body_of(untyped)["error"], untyped  # type: ignore[index]
+
+
+def test_connections_past_max_connections_get_a_503(tmp_path_factory: pytest.TempPathFactory
+                                                     ) -> None:
+    """Past server.max_connections a new connection is answered 503 (JSON, Retry-After) and
+    closed, under the relay's real event loop (uvloop): its transport is not an
+    asyncio.Transport, and an assert on that closed every such connection without a word."""
+    tmp_path = tmp_path_factory.mktemp("capped")
+    proc = RelayProcess(write_config(tmp_path, server={"max_connections": 2}),
+                        tmp_path / "relay.log").start()
+    try:
+        held = [socket.create_connection(address(proc), timeout=10) for _ in range(2)]
+        try:
+            answer = exchange(proc, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert status_of(answer) == 503, answer
+            assert b"Retry-After: 1" in answer and "max_connections" in body_of(answer)["error"]  # type: ignore[index]
+        finally:
+            for sock in held:
+                sock.close()
+        assert "Traceback" not in proc.log() and "AssertionError" not in proc.log()
+    finally:
+        proc.stop()

@@ -79,7 +79,8 @@ class ServerConfig(_Model):
         500, "Most events in one POST /v1/events array.")
     drain_timeout: Duration = _d(20.0, "On SIGTERM, time given to in-flight work.")
     max_connections: Annotated[int, Field(ge=1, le=1_000_000)] = _d(
-        1024, "Open connections at most; more are answered 503 at once and closed.")
+        1024, "Open connections at most (per worker process, with server.workers > 1); more "
+              "are answered 503 at once and closed.")
     read_timeout: PositiveDuration = _d(
         30.0, "Time for a request's headers and body, and the idle time of a kept-alive "
               "connection.")
