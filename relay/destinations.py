@@ -143,4 +143,7 @@ def host_key(dest: Destination) -> str | None:
     head, *templated = re.split(r"\{\{|\{%", dest.url, maxsplit=1)
     if templated and "/" not in head.partition("://")[2]:
         return None  # a template starts before the path: the host or port is the event's
-    return endpoint(head)
+    try:
+        return endpoint(head)
+    except ValueError:   # not a URL urllib can split: the config check names it
+        return None

@@ -132,17 +132,28 @@ class ConfigWatcher:
             self._seen = now
             await self.reload("the file changed")
 
+    def _failed(self, reason: str, why: str) -> bool:
+        log.error("config reload (%s) failed; still running on the previous config:\n%s",
+                  reason, why, extra={"reload": "failed"})
+        self._on_result(False)
+        return False
+
     async def reload(self, reason: str) -> bool:
         async with self._lock:
             try:
                 # Reading and validating touches the disk (config, secret files): off the loop.
                 loaded = await asyncio.to_thread(self._load, self.path)
             except ConfigError as exc:
-                log.error("config reload (%s) failed; still running on the previous config:\n%s",
-                          reason, exc, extra={"reload": "failed"})
-                self._on_result(False)
-                return False
+                return self._failed(reason, str(exc))
+            except Exception as exc:  # a bug must not end reloading, nor go unsaid
+                log.exception("config reload (%s): unexpected error", reason)
+                return self._failed(reason, f"{type(exc).__name__}: {exc}")
             new = loaded.config
+            if not new.destinations and self.current.destinations:
+                # as `relay serve` refuses it at start: events would be taken and delivered
+                # to nobody (an emptied file, a config map mounted wrong)
+                return self._failed(reason, "the new config has no destinations: every event "
+                                            "would be accepted and delivered to nobody")
             restart = needs_restart(self.current, new)
             if restart:
                 log.warning("config reload: %s take effect only after a restart",

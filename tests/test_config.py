@@ -294,3 +294,130 @@ def test_more_destinations_than_delivery_ids_tell_apart_is_a_config_error() -> N
         ("destinations", f"holds at most {MAX_DESTINATIONS:,} items (got {MAX_DESTINATIONS + 1})")]
     assert len(validate_config({"destinations": many[:MAX_DESTINATIONS]}).destinations) == \
         MAX_DESTINATIONS
+
+
+def test_an_empty_secret_file_is_an_error_naming_the_key(tmp_path: Path) -> None:
+    """An empty secret file (a Secret mounted wrong, a swap half done) is an error, not an
+    empty secret: an emptied server.token_file turned the API's authentication off, at start
+    and on a reload, with an info line saying nothing changed."""
+    (tmp_path / "empty").write_text("\n\n")
+    found = problems("""
+        server: {token_file: empty}
+        destinations:
+          - {name: a, format: braze, url: "https://h/", auth: {type: bearer, token_file: empty}}
+    """, base=tmp_path)
+    assert "is empty" in found["server.token_file"], found
+    assert "is empty" in found["destinations[0].auth.token_file"], found
+
+
+def test_spool_path_is_never_empty_and_defaults_beside_the_config(tmp_path: Path) -> None:
+    """An empty spool.path opened SQLite's temporary database (202s for events kept nowhere)
+    and chmodded the working directory; it is an error. Without a spool section the default
+    file is beside the config file, as a relative spool.path is, not in the directory the
+    relay was started from."""
+    assert "spool.path" in problems("""
+        spool: {path: ""}
+        destinations: [{name: a, format: braze, url: "https://h/"}]
+    """)
+    (tmp_path / "relay.yaml").write_text(
+        "destinations: [{name: a, format: braze, url: 'https://h/'}]")
+    config = load_config(tmp_path / "relay.yaml", env={})
+    assert config.spool.path == str(tmp_path / "relay-spool.db")
+
+
+def test_yaml_and_url_shapes_python_cannot_take_are_config_errors() -> None:
+    """A list or mapping as a YAML key, and a URL urllib cannot split (an unclosed IPv6
+    bracket), were Python tracebacks from every command; they are errors naming where."""
+    with pytest.raises(ConfigError) as info:
+        parse_config("{[1, 2]: x}", env={})
+    assert "key" in str(info.value)
+    found = problems("""
+        destinations: [{name: a, format: braze, url: "https://[::1/x"}]
+    """)
+    assert "not a valid URL" in found["destinations[0].url"], found
+
+
+def test_a_spool_path_that_is_a_directory_is_left_as_it_was(tmp_path: Path) -> None:
+    """The relay tightens its spool files to 0600; a spool.path naming a directory (/tmp, a
+    volume's mount point) had that directory chmodded to 0700 before the spool said it could
+    not open it."""
+    from relay.spool.files import private_spool_files
+
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    folder.chmod(0o1777)
+    private_spool_files(str(folder))
+    assert folder.stat().st_mode & 0o7777 == 0o1777
+
+
+def test_a_duration_past_ten_years_is_an_error() -> None:
+    """A retry window or backoff of 10^20 days passed, then every delivery it touched made
+    GET /v1/deliveries a 500 (a next attempt in a year no calendar writes). Ten years is the
+    most any duration may be; the listing writes such a time as the latest one it can."""
+    from relay.spool.records import iso
+
+    found = problems("""
+        delivery: {retry_window: 100000000000000000000d, backoff_max: 3651d}
+        destinations: [{name: a, format: braze, url: "https://h/"}]
+    """)
+    assert "3650d" in found["delivery.retry_window"] and "3650d" in found["delivery.backoff_max"]
+    assert parse_duration("3650d") == 3650 * 86400
+    assert iso(1e20) == "9999-12-31T23:59:59.999Z"
+
+
+def test_header_names_values_and_jwt_claims_that_no_request_can_carry_are_errors() -> None:
+    """A header name with a space, an empty one, a value with a line break, and JWT claims
+    YAML reads as something JSON cannot write (an unquoted date) passed check-config, then
+    every delivery failed (into the dead letter, for good). They are errors naming the key."""
+    found = problems("""
+        destinations:
+          - {name: a, format: braze, url: "https://h/", headers: {"Bad Header": x}}
+          - {name: b, format: braze, url: "https://h/", headers: {X-A: "one\\r\\nX-B: two"}}
+          - {name: c, format: braze, url: "https://h/",
+             auth: {type: jwt, algorithm: HS256, key: kkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkk,
+                    header: ""}}
+          - {name: d, format: braze, url: "https://h/",
+             auth: {type: jwt, algorithm: HS256, key: kkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkk,
+                    claims: {since: 2024-01-01}}}
+    """)
+    assert any(path.startswith("destinations[0].headers") for path in found), found
+    assert any(path.startswith("destinations[1].headers") for path in found), found
+    assert "header name" in found["destinations[2].auth.header"], found
+    assert "JSON" in found["destinations[3].auth.claims"], found
+
+
+def test_nested_yaml_aliases_that_expand_to_millions_of_values_are_refused() -> None:
+    """A few hundred bytes of aliases nested in aliases ("billion laughs") took 12.7 s and
+    521 MB at seven levels, and every reload read them again; past a million values the
+    config is refused at once, saying why."""
+    levels = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"] + [
+        f"a{n}: &a{n} [" + ", ".join([f"*a{n - 1}"] * 10) + "]" for n in range(1, 8)]
+    with pytest.raises(ConfigError) as info:
+        parse_config("x-laughs:\n  " + "\n  ".join(levels) + "\n", env={})
+    assert "aliases" in str(info.value)
+
+
+def test_port_0_in_a_url_is_checked_against_allowed_ports() -> None:
+    """``https://h:0/`` was taken as the scheme's default port, passed delivery.allowed_ports
+    and was then tried as port 0."""
+    found = problems("""
+        destinations: [{name: a, format: braze, url: "https://example.com:0/x"}]
+    """)
+    assert "port 0" in found["destinations[0].url"], found
+
+
+@pytest.mark.parametrize("value", ["${HOME-x}", "${RT UNSET}", "${A:-${B}}", "x ${", "${}"])
+def test_a_malformed_environment_reference_is_an_error(value: str) -> None:
+    """``${`` that does not make ``${NAME}`` or ``${NAME:-fallback}`` was sent literally (a
+    header ``X-Dash: ${HOME-x}``); it is an error naming the key. ``$$`` stays a literal
+    ``$`` and a ``$`` without a brace is text."""
+    found = problems(f"""
+        destinations: [{{name: a, format: braze, url: "https://h/", headers: {{X-A: "{value}"}}}}]
+    """, env={"A": "a", "B": "b"})
+    assert "${NAME}" in found["destinations[0].headers.X-A"], found
+    config = parse_config("""
+        destinations: [{name: a, format: braze, url: "https://h/",
+                        headers: {X-A: "$$HOME $HOME ${A} ${C:-c}"}}]
+    """, env={"A": "a"})
+    assert config.destinations[0].headers == {"X-A": "$HOME $HOME a c"}
+

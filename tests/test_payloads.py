@@ -344,6 +344,31 @@ destinations:
     assert "Liquid syntax error" in found["destinations[0].template.body.fields.a"]
 
 
+def test_a_liquid_variable_no_event_has_is_a_config_error_with_a_suggestion() -> None:
+    """``{{ event.stauts }}`` and ``{{ evnt.status }}`` rendered empty for every event; they
+    are errors naming the key, with the name meant. The sender's own ``attributes`` can hold
+    anything, and Liquid's own names (forloop, assigned ones) are the template's."""
+    with pytest.raises(ConfigError) as info:
+        build_renderers(config("""
+destinations:
+  - name: t
+    format: template
+    url: "https://h.example.com/{{ evnt.status }}"
+    allowed_hosts: [h.example.com]
+    template:
+      body:
+        type: json
+        fields:
+          s: "{{ event.stauts }}"
+          ok: "{{ event.attributes.x.y }} {{ delivery_id }} {{ destination }}"
+          loop: "{% for a in event.attributes %}{{ forloop.index }}{% endfor %}"
+"""))
+    found = dict(info.value.problems)
+    assert "did you mean 'event'" in found["destinations[0].url"], found
+    assert "did you mean 'status'" in found["destinations[0].template.body.fields.s"], found
+    assert not [path for path in found if path.endswith((".ok", ".loop"))], found
+
+
 texts = st.text(min_size=1, max_size=40)
 offsets = st.integers(-14 * 60, 14 * 60).map(lambda m: timezone(timedelta(minutes=m)))
 rfc3339 = st.datetimes(min_value=datetime(1971, 1, 1), max_value=datetime(2100, 1, 1),

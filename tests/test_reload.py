@@ -158,3 +158,26 @@ def test_settings_the_sending_client_is_built_with_are_reported_as_needing_a_res
     old = config([])
     assert needs_restart(old, config(["10.0.0.0/8"])) == ["delivery.allowed_networks"]
     assert needs_restart(old, config([], "https://crm.example.com/other")) == []
+
+
+async def test_a_config_with_no_destinations_is_not_applied(tmp_path: Path) -> None:
+    """An emptied config file (valid: check-config takes it) removed every destination on
+    reload, and the relay went on taking events it delivered to nobody; `relay serve` refuses
+    such a file at start, and so does a reload now."""
+    run = Run(tmp_path, Steps())
+    run.path.write_text("")
+    assert await run.watcher.reload("SIGHUP") is False
+    assert run.applied == [] and run.results == [False]
+    assert run.watcher.current is run.config
+
+
+async def test_any_failure_to_load_is_a_failed_reload_not_a_crash(tmp_path: Path) -> None:
+    """An exception other than a config error while loading (a bug) is logged and counted as
+    a failed reload, the running config kept: from the file watcher it crashed the watcher's
+    task, and from SIGHUP nothing was logged at all."""
+    def broken(path: str) -> Loaded:
+        raise ValueError("a bug")
+
+    run = Run(tmp_path, Steps(), load=broken)
+    assert await run.watcher.reload("SIGHUP") is False
+    assert run.applied == [] and run.results == [False]

@@ -170,9 +170,9 @@ async def test_poll_says_whether_it_saw_all_due_work_and_when_more_falls_due(spo
     assert [d.seq for d in everything.due] == [1, 2, 3]
     assert everything.complete and everything.next_at is None and everything.seen_upto == 3
     some = await spool.poll(1000.0, 2, ["a"])          # the limit cut it: look again
-    assert len(some.due) == 2 and not some.complete
+    assert len(some.due) == 2 and not some.complete and some.capped == {"a"}
     cut = await spool.poll(1000.0, 10, ["a"], budget=1)  # the byte budget cut it
-    assert len(cut.due) == 1 and not cut.complete
+    assert len(cut.due) == 1 and not cut.complete and cut.capped is None  # (anyone's)
     retry = everything.due[0]
     await spool.record_attempt(retry, Attempt(1000.0, 0.1, 503, None, None), state="pending",
                                not_before=1030.0, failures=1, reason=None)
@@ -180,7 +180,7 @@ async def test_poll_says_whether_it_saw_all_due_work_and_when_more_falls_due(spo
     assert [d.seq for d in later.due] == [2, 3] and later.complete
     assert later.next_at == 1030.0                      # the retry, not the rows handed out
     assert (await spool.poll(1000.0, 10, ["a"], exclude=[retry.seq])).next_at is None
-    assert (await spool.poll(1000.0, 10, ["b"])) == ([], True, None, 3, ())
+    assert (await spool.poll(1000.0, 10, ["b"])) == ([], True, None, 3, (), frozenset())
     await spool.ingest([item(9, routes=(Route("b", "pending"),))])
     assert (await spool.poll(999.0, 10, ["a"])).seen_upto == 4   # not due, not its: still seen
 

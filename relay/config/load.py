@@ -121,7 +121,30 @@ def _parse_yaml(text: str, source: str) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise ConfigError([("", f"the config must be a mapping of sections, got {_kind(raw)}")],
                           source)
+    if _expands_past(raw, MAX_VALUES):
+        raise ConfigError([("", f"the config expands to more than {MAX_VALUES:,} values: YAML "
+                                "aliases nested in aliases (a few hundred bytes can stand for "
+                                "millions of values); write them out or share less")], source)
     return raw
+
+
+MAX_VALUES = 1_000_000  # in the config once aliases are expanded (10,000 destinations: ~200,000)
+
+
+def _expands_past(node: Any, limit: int) -> bool:
+    """More than ``limit`` values in ``node`` counting each use of an alias: what every later
+    pass (interpolation, secret files, validation) walks. Stops counting at the limit."""
+    todo, seen = [node], 0
+    while todo:
+        seen += 1
+        if seen > limit:
+            return True
+        one = todo.pop()
+        if isinstance(one, dict):
+            todo += one.values()
+        elif isinstance(one, list):
+            todo += one
+    return False
 
 
 def validate_config(
@@ -208,7 +231,7 @@ def read_access(path: str | os.PathLike[str], env: Mapping[str, str] | None = No
 
 
 def _resolve_spool_path(data: dict[str, Any], base_dir: Path) -> dict[str, Any]:
-    spool = data.get("spool")
+    spool = data.get("spool", {})   # (no section: the default path, beside the config too)
     if not isinstance(spool, dict):
         return data
     path = spool.get("path", SpoolConfig.model_fields["path"].default)
@@ -432,7 +455,8 @@ def _check_url(dest: Destination, at: str, config: Config) -> list[tuple[str, st
             problems.append((f"{at}.allowed_ports[{j}]",
                              f"port {own} is not in delivery.allowed_ports ({shown})"))
     if fixed:
-        port = port or (443 if parts.scheme == "https" else 80)
+        if port is None:   # (not ``port or``: ":0" is a port given, and no port at all)
+            port = 443 if parts.scheme == "https" else 80
         if port not in outer:
             problems.append((f"{at}.url", f"port {port} is not in delivery.allowed_ports ({shown})"))
         elif dest.allowed_ports and port not in dest.allowed_ports:
@@ -466,6 +490,12 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[An
     mapping: dict[Any, Any] = {}
     for key_node, value_node in node.value:
         key = loader.construct_object(key_node, deep=True)
+        try:
+            hash(key)
+        except TypeError:
+            raise yaml.constructor.ConstructorError(
+                None, None, "a key must be a plain value such as a name, not a list or a "
+                            "mapping", key_node.start_mark) from None
         if key in mapping:
             raise yaml.constructor.ConstructorError(
                 None, None, f"duplicate key {key!r}", key_node.start_mark)
@@ -498,6 +528,13 @@ def _interpolate(node: Any, path: str, env: Mapping[str, str], problems: list[tu
                                f"(write ${{{name}:-}} to make it optional)"))
         return ""
 
+    # "${" that is no reference (${A-x}, ${A B}, a fallback holding another reference) would
+    # be sent as it is: say so instead
+    if "${" in _ENV_REF.sub(lambda m: "" if m.group(0) == "$$" or "${" not in (m.group(2) or "")
+                        else "${", node):
+        problems.append((path, "a ${...} that is not ${NAME} or ${NAME:-fallback} (a fallback "
+                               "cannot hold another ${...}; $$ is a literal $)"))
+        return node
     return _ENV_REF.sub(replace, node)
 
 
@@ -525,6 +562,11 @@ def _read_secret_files(node: Any, path: str, base: Path, problems: list[tuple[st
             except (OSError, UnicodeDecodeError) as exc:
                 problems.append((_join(path, key), f"cannot read secret file: {exc}"))
                 out[target] = ""  # placeholder, so the schema pass does not also say "missing"
+                continue
+            if not out[target]:
+                # (a Secret mounted wrong, or swapped half way: as "no secret", an emptied
+                # server.token_file turned the API's authentication off)
+                problems.append((_join(path, key), f"the secret file {file} is empty"))
         else:
             out[key] = _read_secret_files(value, _join(path, key), base, problems)
     return out

@@ -42,12 +42,15 @@ The config is one YAML file with the sections below; every key is optional unles
 each with its path (`destinations[1].auth.key: required key is missing`).
 
 - **Durations** are strings with a unit: `100ms`, `90s`, `30m`, `24h`, `7d`, or sums such as
-  `1h30m`. A bare number is an error (seconds or milliseconds?).
+  `1h30m`, at most `3650d`. A bare number is an error (seconds or milliseconds?).
 - **`${NAME}`** in any string is the environment variable `NAME`; `${NAME:-fallback}` when it may
-  be unset; `$$` is a literal `$`. An unset variable without a fallback is an error naming the key.
+  be unset; `$$` is a literal `$`. An unset variable without a fallback is an error naming the
+  key, and so is a `${` that is neither form (a fallback cannot hold another `${...}`); a `$`
+  without a brace is plain text.
 - **Secrets** (type *secret*) can come from a file instead: `token_file`, `password_file`,
   `key_file`, `secret_file`, `client_secret_file`, `dsn_file` (relative to the config file's
-  folder; a trailing newline is stripped). Secrets are never printed in logs or errors. Under
+  folder; a trailing newline is stripped; an empty file is an error, never an empty secret).
+  Secrets are never printed in logs or errors. Under
   `tls`, `cert_file`, `key_file` and `ca_file` are certificate files loaded as they are.
 - **Relative paths**: `spool.path` and the `*_file` keys are relative to the config file's
   folder, not to the directory the relay was started in.

@@ -6,6 +6,7 @@ Validation of one field lives here; rules that span fields live in ``relay.confi
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Annotated, Any, Literal
 
@@ -22,6 +23,9 @@ _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 MAX_DESTINATIONS = 65_536  # relay/spool/delivery_ids.py: deliveries per event an id tells apart
 
 
+MAX_DURATION = 3650 * 86400.0   # ten years: any longer is a typo
+
+
 def parse_duration(value: Any) -> float:
     """``"90s"`` -> 90.0; also ``100ms``, ``30m``, ``24h``, ``7d`` and sums such as ``1h30m``."""
     hint = "expected a duration such as '100ms', '90s', '30m', '24h' or '7d'"
@@ -30,13 +34,46 @@ def parse_duration(value: Any) -> float:
     text = value.strip()
     if not _DURATION_FULL.fullmatch(text):
         raise ValueError(f"{hint} (got {value!r})")
-    return sum(float(n) * _DURATION_UNITS[unit] for n, unit in _DURATION_PART.findall(text))
+    seconds = sum(float(n) * _DURATION_UNITS[unit] for n, unit in _DURATION_PART.findall(text))
+    if seconds > MAX_DURATION:
+        # (a retry or retention past this writes times no API answer can show: year 275 million)
+        raise ValueError(f"at most 3650d (ten years) (got {value!r})")
+    return seconds
 
 
 Duration = Annotated[float, BeforeValidator(parse_duration), Field(ge=0)]
 PositiveDuration = Annotated[float, BeforeValidator(parse_duration), Field(gt=0)]
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
 Port = Annotated[int, Field(ge=1, le=65535)]
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")   # an HTTP field name (RFC 9110 token)
+
+
+def _header_name(value: str) -> str:
+    if not _TOKEN.fullmatch(value):
+        raise ValueError(f"not an HTTP header name (letters, digits and !#$%&'*+.^_`|~- only; "
+                         f"got {value!r})")
+    return value
+
+
+def _header_value(value: str) -> str:
+    # (a Liquid value is checked once rendered, before each request)
+    if "{{" not in value and "{%" not in value and any(c in value for c in "\r\n\x00"):
+        raise ValueError("a header value cannot hold a line break or NUL")
+    return value
+
+
+def _json_claims(value: dict[str, Any]) -> dict[str, Any]:
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"claims must be JSON values: strings, numbers, booleans, lists and "
+                         f"mappings (quote a date: '2024-01-01'); {exc}") from None
+    return value
+
+
+HeaderName = Annotated[str, AfterValidator(_header_name)]
+HeaderValue = Annotated[str, AfterValidator(_header_value)]
+Headers = dict[HeaderName, HeaderValue]
 
 
 class _Model(BaseModel):
@@ -121,7 +158,7 @@ class SpoolConfig(_Model):
 
     backend: Literal["sqlite", "postgres"] = _d(
         "sqlite", "sqlite: a local file, one relay per file; postgres: shared by replicas.")
-    path: str = _d(
+    path: Annotated[str, Field(min_length=1)] = _d(
         "./relay-spool.db", "SQLite file (WAL mode; -wal, -shm and .lock beside it). A relative "
                             "path is relative to the config file's folder. Restart to change.")
     postgres: PostgresConfig = _d(PostgresConfig(), "Settings of the postgres backend.")
@@ -267,9 +304,9 @@ class JwtAuth(_Model):
         300.0, "exp = iat + ttl; at least 1s.")
     reuse: bool = _d(True, "Reuse a token until shortly before it expires; false: a fresh "
                            "token (new jti, iat) per request, for receivers that reject replays.")
-    claims: dict[str, Any] = _d(dict, "Extra claims.")
-    header: str = _d("Authorization", "Header the token is sent in.")
-    scheme: str = _d("Bearer", "Prefix of the header value; \"\" sends the bare token.")
+    claims: Annotated[dict[str, Any], AfterValidator(_json_claims)] = _d(dict, "Extra claims.")
+    header: HeaderName = _d("Authorization", "Header the token is sent in.")
+    scheme: HeaderValue = _d("Bearer", "Prefix of the header value; \"\" sends the bare token.")
     key_id: str | None = _d(None, "JWT header kid.")
 
 
@@ -291,8 +328,8 @@ class OAuth2Auth(_Model):
     client_secret: SecretStr = Field(description="The client secret (or client_secret_file).")
     scope: str | None = _d(None, "Space-separated scopes asked for.")
     audience: str | None = _d(None, "Sent as the audience form field (Auth0, Okta...).")
-    header: str = _d("Authorization", "Header that carries the access token.")
-    scheme: str = _d("Bearer", "Word before the token; \"\" sends the bare token.")
+    header: HeaderName = _d("Authorization", "Header that carries the access token.")
+    scheme: HeaderValue = _d("Bearer", "Word before the token; \"\" sends the bare token.")
 
 
 Auth = Annotated[NoAuth | BearerAuth | BasicAuth | JwtAuth | HmacAuth | OAuth2Auth,
@@ -323,7 +360,7 @@ class TemplateVariant(_Model):
 
     url: str | None = _d(None, "Overrides the destination's url.")
     method: Method | None = _d(None, "Overrides template.method.")
-    headers: dict[str, str] | None = _d(None, "Replaces the destination's headers.")
+    headers: Headers | None = _d(None, "Replaces the destination's headers.")
     body: Body | None = _d(None, "Overrides template.body.")
 
 
@@ -352,7 +389,7 @@ class Destination(_Model):
     allow_insecure_http: bool = _d(False, "Let an ajo destination use http:// (local tests).")
     auth: Auth = _d(NoAuth(type="none"), "Request signing: type none, bearer, basic, jwt, hmac "
                                          "or oauth2.")
-    headers: dict[str, str] = _d(dict, "Extra headers (values may be Liquid in template "
+    headers: Headers = _d(dict, "Extra headers (values may be Liquid in template "
                                        "destinations).")
     allowed_hosts: tuple[str, ...] | None = _d(
         None, "template: \"host\" or \"host:port\" a rendered URL may reach (default: the url's "

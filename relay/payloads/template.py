@@ -18,12 +18,14 @@ scheme, host and port, never the whole rendered URL (it may carry secrets).
 
 from __future__ import annotations
 
+import difflib
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, get_args
 from urllib.parse import unquote, urlsplit
 
 from liquid import BoundTemplate
+from pydantic import BaseModel
 from yarl import URL
 
 from relay.config import DeliveryConfig, Destination, JsonBody, RawBody
@@ -57,14 +59,59 @@ class Text:
 Template = BoundTemplate | Text
 
 
+def _names(model: type[BaseModel]) -> dict[str, Any]:
+    """A model's field names, each with its own model's names (None: any value below it)."""
+    found: dict[str, Any] = {}
+    for name, field in model.model_fields.items():
+        inner = next((t for t in (get_args(field.annotation) or (field.annotation,))
+                      if isinstance(t, type) and issubclass(t, BaseModel)), None)
+        found[name] = _names(inner) if inner is not None else None
+    return found
+
+
+# What a template can name: the context render() gives. An event's fields are fixed; below
+# ``attributes`` (the sender's own) anything goes. Liquid's size/first/last work on any value.
+CONTEXT_NAMES: dict[str, Any] = {"event": _names(Event), "delivery_id": None,
+                                 "destination": None}
+_ANY_VALUE = frozenset({"size", "first", "last"})
+
+
+def unknown_variables(template: BoundTemplate, source: str) -> list[str]:
+    """Each variable a template names that the context cannot hold (``event.stauts``,
+    ``evnt.status``): it would render empty for every event."""
+    problems = []
+    for uses in template.analyze(include_partials=False).globals.values():
+        for use in uses:
+            names, segments = CONTEXT_NAMES, use.segments
+            for depth, segment in enumerate(segments):
+                if names is None or not isinstance(segment, str) or segment in _ANY_VALUE:
+                    break
+                if segment not in names:
+                    shown = ".".join(str(s) for s in segments[:depth + 1])
+                    close = difflib.get_close_matches(segment, names, n=1)
+                    owner = ".".join(map(str, segments[:depth])) or "the context"
+                    line, col = use.span.line_col(source)
+                    problems.append(f"unknown variable {shown!r} (line {line}, column {col + 1})"
+                                    + (f": did you mean {close[0]!r}?" if close else
+                                       f"; {owner} has {', '.join(sorted(names))}"))
+                    break
+                names = names[segment]
+    return sorted(set(problems))
+
+
 def compile_template(source: str, path: str, problems: list[tuple[str, str]]) -> Template:
-    """Parse one template; each problem (syntax, unknown filter) is added at ``path``."""
+    """Parse one template; each problem (syntax, unknown filter, a variable no event has) is
+    added at ``path``."""
     found = template_problems(source)
     if found:
         problems.extend((path, f"Liquid: {message}" if message.startswith(("filter ", "tag "))
                          else f"Liquid syntax error: {message}") for message in found)
         return ENV.from_string("")
     template = parse(source)
+    unknown = unknown_variables(template, source)
+    if unknown:
+        problems.extend((path, f"Liquid: {message}") for message in unknown)
+        return ENV.from_string("")
     if "{{" not in source and "{%" not in source:
         return Text(template.render())   # as Liquid writes it (it turns \r into \n)
     return template

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import stat
 from pathlib import Path
 
 from relay.config import Config
@@ -49,8 +50,11 @@ def private_spool_files(path: str) -> None:
     for suffix in SPOOL_FILE_SUFFIXES:
         file = Path(path + suffix)
         try:
-            mode = file.stat().st_mode & 0o777
-            if mode & 0o077:
+            found = file.stat()
+            mode = found.st_mode & 0o777
+            # (never a directory: a spool.path naming /tmp or a volume's mount point is refused
+            # by the spool itself, and must not be locked to this user first)
+            if stat.S_ISREG(found.st_mode) and mode & 0o077:
                 file.chmod(mode & 0o700)
                 log.warning("spool file %s was readable by others (mode %o); now %o",
                             file, mode, mode & 0o700)

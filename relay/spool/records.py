@@ -134,4 +134,10 @@ class DeliveryRecord:
 
 
 def iso(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z"
+    try:
+        whole = time.gmtime(ts)
+    except (OverflowError, OSError, ValueError):
+        # a time no calendar here can write (a spool written with a duration past the ten
+        # years config now allows): the latest one, not a 500 for the whole listing
+        return "9999-12-31T23:59:59.999Z" if ts > 0 else "0001-01-01T00:00:00.000Z"
+    return time.strftime("%Y-%m-%dT%H:%M:%S", whole) + f".{int(ts % 1 * 1000):03d}Z"
