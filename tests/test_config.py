@@ -421,3 +421,55 @@ def test_a_malformed_environment_reference_is_an_error(value: str) -> None:
     """, env={"A": "a"})
     assert config.destinations[0].headers == {"X-A": "$HOME $HOME a c"}
 
+
+
+def test_booleans_are_not_numbers() -> None:
+    """`max_retries: true` was 1 retry and `concurrency: yes` one request at a time (pydantic
+    reads a boolean as 1 or 0); they are errors. A number from ${VAR} (text) still reads."""
+    found = problems("""
+        server: {workers: on}
+        delivery: {max_retries: true, concurrency: yes}
+        health: {failure_rate: true}
+        destinations: [{name: a, format: braze, url: "https://h/"}]
+    """)
+    for path in ("server.workers", "delivery.max_retries", "delivery.concurrency",
+                 "health.failure_rate"):
+        assert "not true" in found[path], (path, found)
+    config = parse_config("""
+        delivery: {max_retries: "${RETRIES}"}
+        destinations: [{name: a, format: braze, url: "https://h/"}]
+    """, env={"RETRIES": "3"})
+    assert config.delivery.max_retries == 3
+
+
+def test_a_destinations_first_backoff_longer_than_its_longest_is_an_error() -> None:
+    """The same mistake in `delivery` was an error; on a destination (its own, or one side
+    from `delivery`) it passed and the first backoff was quietly the longest."""
+    found = problems("""
+        delivery: {backoff_max: 10m}
+        destinations:
+          - {name: a, format: braze, url: "https://h/", backoff_initial: 1h}
+          - {name: b, format: braze, url: "https://h/", backoff_initial: 5m, backoff_max: 1m}
+          - {name: c, format: braze, url: "https://h/", backoff_max: 1h}
+    """)
+    assert "must not exceed" in found["destinations[0].backoff_initial"], found
+    assert "must not exceed" in found["destinations[1].backoff_initial"], found
+    assert not [path for path in found if path.startswith("destinations[2]")], found
+
+
+def test_empty_destination_secrets_are_errors() -> None:
+    """An empty bearer token was sent as `Authorization: Bearer ` and counted delivered; an
+    empty client secret, password, user name or whsec_ key failed every request."""
+    found = problems("""
+        destinations:
+          - {name: a, format: braze, url: "https://h/", auth: {type: bearer, token: ""}}
+          - {name: b, format: braze, url: "https://h/",
+             auth: {type: basic, username: "", password: " "}}
+          - {name: c, format: braze, url: "https://h/",
+             auth: {type: oauth2, token_url: "https://h/token", client_id: x, client_secret: ""}}
+          - {name: d, format: braze, url: "https://h/", auth: {type: hmac, secret: whsec_}}
+    """)
+    for path in ("destinations[0].auth.token", "destinations[1].auth.username",
+                 "destinations[1].auth.password", "destinations[2].auth.client_secret",
+                 "destinations[3].auth.secret"):
+        assert path in found, (path, found)

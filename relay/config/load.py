@@ -181,7 +181,10 @@ def check_raw(
     data = _read_secret_files(data, "", base_dir or Path.cwd(), problems)
     if file and base_dir is not None:
         data = _resolve_spool_path(data, base_dir)
-    flagged = {path for path, _ in problems}
+    # (a secret file that could not be read, or is empty, stands in as "": its key is not
+    # reported again as empty or missing)
+    flagged = {path for path, _ in problems} | {path.removesuffix("_file") for path, _ in problems
+                                                if path.endswith("_file")}
     try:
         config = Config.model_validate({**data, "source": source})
     except pydantic.ValidationError as exc:
@@ -359,6 +362,14 @@ def is_loopback(host: str) -> bool:
 def _check_destination(dest: Destination, at: str, config: Config,
                        urls: bool = True) -> list[tuple[str, str]]:
     problems: list[tuple[str, str]] = []
+    initial = dest.backoff_initial if dest.backoff_initial is not None \
+        else config.delivery.backoff_initial
+    longest = dest.backoff_max if dest.backoff_max is not None else config.delivery.backoff_max
+    if (dest.backoff_initial is not None or dest.backoff_max is not None) and initial > longest:
+        # (the same mistake in delivery is an error; here it was quietly clamped)
+        where = "backoff_initial" if dest.backoff_initial is not None else "backoff_max"
+        problems.append((f"{at}.{where}", f"the first backoff ({initial:g}s) must not exceed "
+                                          f"the longest ({longest:g}s)"))
     if dest.format == "ajo" and dest.ajo is None:
         problems.append((f"{at}.ajo", "required for format ajo: {ims_org: ..., sandbox: "
                                       "{id: ..., name: ...}}"))
@@ -384,9 +395,11 @@ def _check_destination(dest: Destination, at: str, config: Config,
         if not secrets:
             problems.append((f"{at}.auth", "hmac needs secret, secrets or secret_file"))
         for secret in secrets:
-            if not secret.get_secret_value().startswith("whsec_"):
+            if not secret.get_secret_value().startswith("whsec_") \
+                    or not secret.get_secret_value().removeprefix("whsec_").strip():
                 problems.append((f"{at}.auth.secret", "a Standard Webhooks secret starts with "
-                                                      "'whsec_' followed by base64"))
+                                                      "'whsec_' followed by base64 (a key, not "
+                                                      "nothing)"))
                 break
     if isinstance(dest.auth, OAuth2Auth):
         problems += _check_http_url(dest.auth.token_url, f"{at}.auth.token_url")

@@ -44,7 +44,27 @@ def parse_duration(value: Any) -> float:
 Duration = Annotated[float, BeforeValidator(parse_duration), Field(ge=0)]
 PositiveDuration = Annotated[float, BeforeValidator(parse_duration), Field(gt=0)]
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
-Port = Annotated[int, Field(ge=1, le=65535)]
+def _not_a_boolean(value: Any) -> Any:
+    # pydantic's lax mode reads true as 1 (`max_retries: yes` would be 1 retry); a number
+    # from ${VAR} is text and stays welcome
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number, not {str(value).lower()}")
+    return value
+
+
+NOT_BOOL = BeforeValidator(_not_a_boolean)
+
+
+def _not_empty_secret(value: SecretStr) -> SecretStr:
+    # (an empty token is sent as "Bearer " and counted delivered; an empty password or client
+    # secret fails every request)
+    if not value.get_secret_value().strip():
+        raise ValueError("must not be empty")
+    return value
+
+
+RequiredSecret = Annotated[SecretStr, AfterValidator(_not_empty_secret)]
+Port = Annotated[int, NOT_BOOL, Field(ge=1, le=65535)]
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")   # an HTTP field name (RFC 9110 token)
 
 
@@ -110,12 +130,12 @@ class ServerConfig(_Model):
         "127.0.0.1:8080", "host:port of the HTTP API (port 0: any free port). Restart to change.")
     token: OptionalSecret = _d(
         None, "Bearer token required on /v1/* (or token_file); empty or unset: none.")
-    max_body_bytes: Annotated[int, Field(ge=1024)] = _d(
+    max_body_bytes: Annotated[int, NOT_BOOL, Field(ge=1024)] = _d(
         1_048_576, "Largest request body; larger bodies get 413. Restart to change.")
-    max_batch: Annotated[int, Field(ge=1, le=100_000)] = _d(
+    max_batch: Annotated[int, NOT_BOOL, Field(ge=1, le=100_000)] = _d(
         500, "Most events in one POST /v1/events array.")
     drain_timeout: Duration = _d(20.0, "On SIGTERM, time given to in-flight work.")
-    max_connections: Annotated[int, Field(ge=1, le=1_000_000)] = _d(
+    max_connections: Annotated[int, NOT_BOOL, Field(ge=1, le=1_000_000)] = _d(
         1024, "Open connections at most (per worker process, with server.workers > 1); more "
               "are answered 503 at once and closed.")
     read_timeout: PositiveDuration = _d(
@@ -130,7 +150,7 @@ class ServerConfig(_Model):
         "info", "Log level (RELAY_LOG_LEVEL overrides).")
     log_format: Literal["auto", "json", "text"] = _d(
         "auto", "auto: text on a terminal, else JSON lines (RELAY_LOG_FORMAT overrides).")
-    workers: Annotated[int, Field(ge=1, le=64)] = _d(
+    workers: Annotated[int, NOT_BOOL, Field(ge=1, le=64)] = _d(
         1, "Processes that ingest and deliver, sharing server.listen (SO_REUSEPORT) and the "
            "spool; more than 1 uses more cores (see docs/operations.md). Restart to change.")
 
@@ -146,7 +166,7 @@ class PostgresConfig(_Model):
         None, "postgresql://user:password@host/db (or dsn_file); required for this backend.")
     schema_: Annotated[str, Field(alias="schema", min_length=1, max_length=63)] = _d(
         "relay", "Schema holding the relay's tables.")
-    pool_size: Annotated[int, Field(ge=1, le=1000)] = _d(
+    pool_size: Annotated[int, NOT_BOOL, Field(ge=1, le=1000)] = _d(
         10, "Connections per relay (at least 3): 2 of them take delivery claims and attempt "
             "outcomes, the rest ingest and reads.")
     lease: PositiveDuration | None = _d(
@@ -162,9 +182,9 @@ class SpoolConfig(_Model):
         "./relay-spool.db", "SQLite file (WAL mode; -wal, -shm and .lock beside it). A relative "
                             "path is relative to the config file's folder. Restart to change.")
     postgres: PostgresConfig = _d(PostgresConfig(), "Settings of the postgres backend.")
-    max_events: Annotated[int, Field(ge=1)] = _d(
+    max_events: Annotated[int, NOT_BOOL, Field(ge=1)] = _d(
         1_000_000, "Events awaiting delivery before ingest answers 503.")
-    max_bytes: Annotated[int, Field(ge=0)] = _d(
+    max_bytes: Annotated[int, NOT_BOOL, Field(ge=0)] = _d(
         0, "SQLite file bytes in use (free pages not counted) at which ingest answers 503; 0: "
            "no bound. Keep it below the volume's size (the Helm chart does). Not for the "
            "postgres backend.")
@@ -177,9 +197,9 @@ class SpoolConfig(_Model):
 class RateLimit(_Model):
     """A token bucket: ``per_second`` tokens a second, at most ``burst`` saved up."""
 
-    per_second: Annotated[float, Field(gt=0, le=1_000_000)] = Field(
+    per_second: Annotated[float, NOT_BOOL, Field(gt=0, le=1_000_000)] = Field(
         description="Attempts a second, on average (several replicas: see docs/controls.md).")
-    burst: Annotated[int, Field(ge=1, le=1_000_000)] | None = _d(
+    burst: Annotated[int, NOT_BOOL, Field(ge=1, le=1_000_000)] | None = _d(
         None, "Attempts that may start at once after a quiet spell; default: per_second.")
 
 
@@ -202,7 +222,7 @@ class DeliveryConfig(_Model):
     """Sending: retries, backoff, the egress bounds, concurrency."""
 
     timeout: PositiveDuration = _d(90.0, "Per attempt.")
-    max_retries: Annotated[int, Field(ge=0, le=100)] = _d(
+    max_retries: Annotated[int, NOT_BOOL, Field(ge=0, le=100)] = _d(
         5, "Retries for retryable answers (408, 429, 5xx) within retry_window.")
     retry_window: Duration = _d(1800.0, "Retries of retryable answers stop this long after the "
                                         "first attempt (time held by a suspension not counted).")
@@ -216,10 +236,10 @@ class DeliveryConfig(_Model):
     allowed_networks: tuple[str, ...] = _d(
         (), "Internal networks (CIDRs) destinations may reach; loopback, private, link-local, "
             "CGNAT and unique-local addresses are refused unless listed. Restart to change.")
-    concurrency: Annotated[int, Field(ge=1, le=10_000)] = _d(
+    concurrency: Annotated[int, NOT_BOOL, Field(ge=1, le=10_000)] = _d(
         64, "Requests in flight at most (a request's slot is free once its response is in). "
             "Restart to change.")
-    per_host_concurrency: Annotated[int, Field(ge=1, le=10_000)] = _d(
+    per_host_concurrency: Annotated[int, NOT_BOOL, Field(ge=1, le=10_000)] = _d(
         16, "Requests in flight per host at most (a request's slot is free once its "
             "response is in). Restart to change.")
     ca_file: str | None = _d(
@@ -235,11 +255,11 @@ class HealthConfig(_Model):
     """When a host is suspended (its deliveries held) and for how long."""
 
     window: PositiveDuration = _d(60.0, "The window failures and requests are counted in.")
-    min_failures: Annotated[int, Field(ge=1)] = _d(
+    min_failures: Annotated[int, NOT_BOOL, Field(ge=1)] = _d(
         20, "Failures in the window before failure_rate can suspend.")
-    failure_rate: Annotated[float, Field(gt=0, le=1)] = _d(
+    failure_rate: Annotated[float, NOT_BOOL, Field(gt=0, le=1)] = _d(
         0.9, "Share of failed requests in the window that suspends the host.")
-    consecutive_failures: Annotated[int, Field(ge=1)] = _d(
+    consecutive_failures: Annotated[int, NOT_BOOL, Field(ge=1)] = _d(
         10, "Failures in a row that suspend the host.")
     suspend_for: PositiveDuration = _d(
         60.0, "First suspension; times the number of suspensions in a row.")
@@ -270,15 +290,15 @@ class BearerAuth(_Model):
     """Authorization: Bearer <token>."""
 
     type: Literal["bearer"] = Field(description="Selects this kind of auth.")
-    token: SecretStr = Field(description="The token (or token_file).")
+    token: RequiredSecret = Field(description="The token (or token_file).")
 
 
 class BasicAuth(_Model):
     """HTTP basic authentication."""
 
     type: Literal["basic"] = Field(description="Selects this kind of auth.")
-    username: str = Field(description="User name.")
-    password: SecretStr = Field(description="Password (or password_file).")
+    username: Annotated[str, Field(min_length=1)] = Field(description="User name.")
+    password: RequiredSecret = Field(description="Password (or password_file).")
 
 
 def _at_least_a_second(ttl: float) -> float:
@@ -296,7 +316,7 @@ class JwtAuth(_Model):
         "HS256", "HS384", "HS512", "RS256", "RS384", "RS512",
         "ES256", "ES384", "ES512", "PS256", "PS384", "PS512", "EdDSA",
     ] = _d("HS256", "Signing algorithm.")
-    key: SecretStr = Field(description="HMAC secret or PEM private key (or key_file).")
+    key: RequiredSecret = Field(description="HMAC secret or PEM private key (or key_file).")
     issuer: str | None = _d(None, "Claim iss.")
     subject: str | None = _d(None, "Claim sub.")
     audience: str | None = _d(None, "Claim aud.")
@@ -325,7 +345,8 @@ class OAuth2Auth(_Model):
     token_url: Annotated[str, Field(min_length=1)] = Field(
         description="Token endpoint (client credentials grant).")
     client_id: Annotated[str, Field(min_length=1)] = Field(description="The client id.")
-    client_secret: SecretStr = Field(description="The client secret (or client_secret_file).")
+    client_secret: RequiredSecret = Field(
+        description="The client secret (or client_secret_file).")
     scope: str | None = _d(None, "Space-separated scopes asked for.")
     audience: str | None = _d(None, "Sent as the audience form field (Auth0, Okta...).")
     header: HeaderName = _d("Authorization", "Header that carries the access token.")
@@ -399,7 +420,7 @@ class Destination(_Model):
               "delivery.allowed_ports.")
     template: TemplateConfig | None = _d(None, "Required for format template.")
     timeout: PositiveDuration | None = _d(None, "Overrides delivery.timeout.")
-    max_retries: Annotated[int, Field(ge=0, le=100)] | None = _d(
+    max_retries: Annotated[int, NOT_BOOL, Field(ge=0, le=100)] | None = _d(
         None, "Overrides delivery.max_retries.")
     retry_window: Duration | None = _d(None, "Overrides delivery.retry_window.")
     unreachable_window: Duration | None = _d(None, "Overrides delivery.unreachable_window.")
