@@ -40,6 +40,7 @@ from relay.request import Request, endpoint
 from relay.sending import send
 from relay.spool import Attempt, Due, Receipt
 from relay.spool.contract import WorkQueue
+from relay.spool.records import DUE_BUDGET
 from relay.supervise import Supervisor
 from relay.transport import AiohttpTransport, Transport
 
@@ -126,6 +127,7 @@ class Dispatcher:
         # fetched (or offered), due, not started yet: each destination's oldest first, taken
         # one destination after another (relay/ready.py)
         self._ready = ReadyQueue()
+        self._aside = config.spool.backend == "sqlite"   # see _look_aside
         self._host_load: Counter[str] = Counter()
         self._inflight_bytes = 0
         self._wake = asyncio.Event()
@@ -138,6 +140,9 @@ class Dispatcher:
         self._covered: frozenset[str] = frozenset()
         self._changes = 0  # _forget calls: one during a look makes what it saw incomplete
         self._next_at: float | None = None
+        # ... and, for destinations a look aside read since (_look_aside), the highest seq
+        # that one could see
+        self._seen_for: dict[str, int] = {}
         self._seen_upto = 0     # the highest delivery seq the last look could see: offers at
                                 # or below it are that look's to hand out
         self._looked_at = 0.0   # when the last look was made (IDLE_RECHECK applies under load)
@@ -283,12 +288,14 @@ class Dispatcher:
                 self.wake()  # memory is bounded in bytes: the next look finds these
             return
         if not receipt.fresh or self._stopping or self._unrecorded or \
-                (self._ready and len(self._ready) + len(receipt.fresh) > PREFETCH) or \
+                (self._ready and self._ready_full(receipt)) or \
                 (self._next_at is not None and self._next_at <= self.clock()):
             self.wake()     # (a retry just fell due: it goes first)
             return
-        open_, covered, seen = self._open, self._covered, self._seen_upto
-        fresh = [entry for entry in receipt.fresh if entry[2] > seen]
+        open_, covered, seen, seen_for = self._open, self._covered, self._seen_upto, \
+            self._seen_for
+        fresh = [entry for entry in receipt.fresh
+                 if entry[2] > seen and (not seen_for or entry[2] > seen_for.get(entry[4], 0))]
         if receipt.mark is not None and receipt.mark != self._looks:
             # PostgreSQL: this replica's looks may claim the rows leased to it (and give back
             # those past their budget: anyone's then). What the looks begun since the ingest
@@ -308,14 +315,25 @@ class Dispatcher:
             self._covered = covered - left
             # Open, but not covered by the last look: look now. (One closed then wakes the
             # loop when it opens: a free slot, the end of a suspension, even one that ended
-            # during a look, a probe given up, a token, a shared hold let go.)
+            # during a look, a probe given up, a token, a shared hold let go.) What the look
+            # covered of the other destinations still holds: their offers still start from
+            # memory (forgetting it all, one destination's steady ingest made every other's
+            # events wait for a look).
             if not left.isdisjoint(open_):
-                self.wake()
+                self._wake.set()
         if not taken:
             return
         dues = receipt._replace(fresh=taken).dues()
         self._ready.extend(dues)
         self._wake.set()
+
+    def _ready_full(self, receipt: Receipt) -> bool:
+        """No room in the ready queue for these offers: past two looks' rows, or one look's
+        budget of event JSON. (One look's rows alone made it full: a look that was all one
+        destination's backlog then turned every other destination's offer into a wake-up, which
+        forgot what the look had covered, and their new events waited for the backlog's rows.)"""
+        return len(self._ready) + len(receipt.fresh) > 2 * PREFETCH or \
+            self._ready.size + sum(map(len, receipt.bodies)) > DUE_BUDGET
 
     def _claimed_since(self, mark: int) -> set[int] | None:
         """The seqs claimed or given back by the looks after look ``mark``; None if some
@@ -412,10 +430,17 @@ class Dispatcher:
                         self._open - batch.capped if batch.capped is not None else frozenset()
                     self._next_at = batch.next_at
                     self._seen_upto = batch.seen_upto
+                    self._seen_for.clear()
                     # Rows offered meanwhile are this look's if it could see them (seq up to
                     # seen_upto); the others are offered again now, after what it saw.
                     for receipt in held:
                         self.offer(receipt)
+                elif self._aside and self._room() and self._ready and \
+                        len(self._ready) < 2 * PREFETCH and self._ready.size < DUE_BUDGET:
+                    aside = [name for name in names
+                             if name not in self._covered and not self._ready.has(name)]
+                    if aside:
+                        await self._look_aside(now, aside)
                 if self._next_at is not None:
                     wait = min(max(0.0, self._next_at - now), IDLE_RECHECK)
                 started = self._start_some()
@@ -453,6 +478,42 @@ class Dispatcher:
                 await asyncio.wait_for(self._wake.wait(), wait)
             except TimeoutError:
                 self._forget()  # a due time, a probe, a token or IDLE_RECHECK: look again
+
+    async def _look_aside(self, now: float, names: list[str]) -> None:
+        """Read the due deliveries of open destinations that have none in the ready queue and
+        whose offers the last look does not cover, while the queue still holds others' work.
+
+        A full look waits until the ready queue is used up, and that queue can be one look's
+        share of another destination's backlog: a destination whose new events could not start
+        from memory (they came while the look read, or before it) waited for it, one look's
+        backlog at the backlog's pace (half a second to 8 slots taking 20 ms; half a minute at
+        1 s a request). None of these destinations' rows are in the queue, so this read cannot
+        hand one out twice; what it covers of them, and up to which seq it saw them
+        (``_seen_for``: their later offers above it are new), joins what the last look
+        established. SQLite only: a PostgreSQL look claims rows, and sorting out its offers
+        counts whole looks (offer_mark)."""
+        exclude = self._inflight.keys() | self._unrecorded.keys() | self._still_parked(now)
+        changes = self._changes
+        self._looking = True
+        try:
+            # (the queue holds under one look's budget of event JSON, so with this one under
+            # two: _run checks it before)
+            batch = await self.spool.poll(now, max(self._limit * 4, PREFETCH), names, exclude)
+        finally:
+            self._looking = False
+            held, self._held_offers = self._held_offers, []
+            self._held_bytes = 0
+        self._ready.extend(batch.due)
+        for name in names:
+            self._seen_for[name] = max(self._seen_for.get(name, 0), batch.seen_upto)
+        if self._changes == changes:
+            seen = frozenset(names) if batch.complete else \
+                frozenset(names) - batch.capped if batch.capped is not None else frozenset()
+            self._covered |= seen & self._open
+        if batch.next_at is not None and (self._next_at is None or batch.next_at < self._next_at):
+            self._next_at = batch.next_at
+        for receipt in held:
+            self.offer(receipt)
 
     def _open_destinations(self, now: float) -> list[str]:
         """Destinations whose host takes requests now: not suspended, not at its limit (and

@@ -22,13 +22,14 @@ from relay.spool import Due
 class ReadyQueue:
     """Due deliveries by destination, taken one destination after another."""
 
-    __slots__ = ("_count", "_lines")
+    __slots__ = ("_count", "_lines", "size")
 
     def __init__(self) -> None:
         # destination -> its deliveries, oldest first; the dict's order is the turn order (the
         # destination whose delivery was just taken goes to the back)
         self._lines: dict[str, deque[Due]] = {}
         self._count = 0
+        self.size = 0   # characters of event JSON held (memory is bounded in bytes too)
 
     def __len__(self) -> int:
         return self._count
@@ -40,12 +41,17 @@ class ReadyQueue:
         for line in self._lines.values():
             yield from line
 
+    def has(self, destination: str) -> bool:
+        """Whether any of ``destination``'s deliveries wait here."""
+        return destination in self._lines
+
     def append(self, due: Due) -> None:
         line = self._lines.get(due.destination)
         if line is None:
             line = self._lines[due.destination] = deque()
         line.append(due)
         self._count += 1
+        self.size += len(due.event_json)
 
     def extend(self, dues: Iterable[Due]) -> None:
         for due in dues:
@@ -58,6 +64,7 @@ class ReadyQueue:
         name, line = next(iter(self._lines.items()))
         due = line.popleft()
         self._count -= 1
+        self.size -= len(due.event_json)
         del self._lines[name]
         if line:
             self._lines[name] = line   # its next delivery waits for the others' turn
@@ -75,9 +82,11 @@ class ReadyQueue:
                 line = back[due.destination] = self._lines.pop(due.destination, deque())
             line.appendleft(due)
             self._count += 1
+            self.size += len(due.event_json)
         if back:
             self._lines = {**dict(reversed(back.items())), **self._lines}
 
     def clear(self) -> None:
         self._lines.clear()
         self._count = 0
+        self.size = 0
