@@ -105,6 +105,7 @@ class ConfigWatcher:
                  probe: Callable[[str], tuple[object, ...]] = watched) -> None:
         self.path = path
         self.current = current
+        self.started = current   # what restart-only keys still are (reloads do not apply them)
         self._apply = apply
         self._load = load
         self._on_result = on_result
@@ -154,7 +155,7 @@ class ConfigWatcher:
                 # to nobody (an emptied file, a config map mounted wrong)
                 return self._failed(reason, "the new config has no destinations: every event "
                                             "would be accepted and delivered to nobody")
-            restart = needs_restart(self.current, new)
+            restart = needs_restart(self.started, new)
             if restart:
                 log.warning("config reload: %s take effect only after a restart",
                             ", ".join(restart))

@@ -181,3 +181,23 @@ async def test_any_failure_to_load_is_a_failed_reload_not_a_crash(tmp_path: Path
     run = Run(tmp_path, Steps(), load=broken)
     assert await run.watcher.reload("SIGHUP") is False
     assert run.applied == [] and run.results == [False]
+
+
+async def test_restart_only_keys_are_compared_with_what_runs(tmp_path: Path,
+                                                             caplog: pytest.LogCaptureFixture
+                                                             ) -> None:
+    """A restart-only key changed by one reload still does not apply at the next: each reload
+    says so while the file differs from what the relay started with, and says nothing once
+    the file is back (it compared with the last config applied, so it said it once, then
+    nothing, and warned when the file went back to what runs)."""
+    run = Run(tmp_path, Steps())
+    original = run.path.read_text()
+    moved = original.replace("127.0.0.1:0", "127.0.0.1:1")
+    assert moved != original
+    said = []
+    for text in (moved, moved.replace("braze", "braze", 1) + "\n", original):
+        run.path.write_text(text)
+        caplog.clear()
+        assert await run.watcher.reload("SIGHUP") is True
+        said.append("server.listen" in caplog.text)
+    assert said == [True, True, False]
