@@ -473,3 +473,40 @@ def test_empty_destination_secrets_are_errors() -> None:
                  "destinations[1].auth.password", "destinations[2].auth.client_secret",
                  "destinations[3].auth.secret"):
         assert path in found, (path, found)
+
+
+def test_a_language_variants_url_is_checked_as_the_destinations_is() -> None:
+    """A variant's url (ftp://, a host outside allowed_hosts) passed check-config, and every
+    delivery in that language failed at send time."""
+    found = problems("""
+        destinations:
+          - name: crm
+            format: template
+            url: "https://crm.example.com/{{ event.message_id }}"
+            template:
+              body: {type: json, fields: {s: "{{ event.status }}"}}
+              variants:
+                fr: {url: "ftp://crm.example.com/x"}
+                de: {url: "https://evil.example.com/{{ event.message_id }}"}
+                es: {url: "https://crm.example.com/es/{{ event.message_id }}"}
+    """)
+    assert "destinations[0].template.variants.fr.url" in found, found
+    assert "allowed_hosts" in found["destinations[0].template.variants.de.url"], found
+    assert not [path for path in found if ".es." in path], found
+
+
+def test_file_keys_inside_headers_and_fields_are_plain_names(tmp_path: Path) -> None:
+    """``headers: {token_file: ...}`` read that file into a header (any file the relay can
+    read), and a body field named key_file could not be used; inside headers, body fields and
+    JWT claims a *_file key is a name like any other."""
+    config = parse_config("""
+        destinations:
+          - name: crm
+            format: template
+            url: "https://crm.example.com/hook"
+            headers: {token_file: /etc/hostname}
+            template: {body: {type: json, fields: {key_file: "{{ event.status }}"}}}
+    """, env={}, base_dir=tmp_path)
+    dest = config.destinations[0]
+    assert dest.headers == {"token_file": "/etc/hostname"}
+    assert dest.template is not None and "key_file" in dest.template.body.fields  # type: ignore[union-attr]

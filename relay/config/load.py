@@ -13,6 +13,7 @@ the ``Config`` made here.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import re
@@ -407,6 +408,17 @@ def _check_destination(dest: Destination, at: str, config: Config,
         problems += check_proxy(dest.proxy.get_secret_value(), f"{at}.proxy")
     if urls:  # they read delivery.allowed_ports
         problems += _check_url(dest, at, config)
+        if dest.template is not None:   # a language's own URL goes out as the main one does
+            hosts = dest.allowed_hosts
+            if hosts is None:   # (default: the destination's url's host, not the variant's)
+                with contextlib.suppress(ValueError):
+                    host = urlsplit(re.split(r"\{\{|\{%", dest.url, maxsplit=1)[0]).hostname
+                    hosts = (host,) if host else None
+            for language, variant in dest.template.variants.items():
+                if variant.url is not None:
+                    problems += _check_url(
+                        dest.model_copy(update={"url": variant.url, "allowed_hosts": hosts}),
+                        f"{at}.template.variants.{language}", config)
     return problems
 
 
@@ -557,6 +569,8 @@ def _read_secret_files(node: Any, path: str, base: Path, problems: list[tuple[st
     if not isinstance(node, dict):
         return node
     out: dict[Any, Any] = {}
+    if path.endswith((".headers", ".fields", ".claims")):
+        return node   # free-form maps: a header or field named token_file is just a name
     if path.endswith(".tls") or path == "tls":
         return {key: str(base / value) if key in TLS_FILE_KEYS and isinstance(value, str) and value
                 else value for key, value in node.items()}
