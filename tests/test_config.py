@@ -510,3 +510,22 @@ def test_file_keys_inside_headers_and_fields_are_plain_names(tmp_path: Path) -> 
     dest = config.destinations[0]
     assert dest.headers == {"token_file": "/etc/hostname"}
     assert dest.template is not None and "key_file" in dest.template.body.fields  # type: ignore[union-attr]
+
+
+def test_yaml_merge_keys_share_settings_between_destinations() -> None:
+    """``<<: *defaults`` was a "YAML syntax error" naming no key; merged keys now come in as
+    YAML defines them, a destination's own keys override them, and its own keys still may not
+    repeat."""
+    config = parse_config("""
+        destinations:
+          - &crm {name: a, format: braze, url: "https://h/a", timeout: 5s}
+          - {<<: *crm, name: b, url: "https://h/b"}
+    """, env={})
+    b = config.destinations[1]
+    assert (b.name, b.url, b.timeout) == ("b", "https://h/b", 5.0)
+    with pytest.raises(ConfigError, match="duplicate key 'name'"):
+        parse_config("""
+            destinations:
+              - &crm {name: a, format: braze, url: "https://h/a"}
+              - {<<: *crm, name: b, name: c}
+        """, env={})

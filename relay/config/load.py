@@ -512,8 +512,14 @@ class _StrictLoader(yaml.SafeLoader):
 
 
 def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    # Merge keys (`<<: *defaults`) as YAML defines them: the merged pairs come first, and the
+    # mapping's own keys override them; only its own keys must not repeat.
+    own = sum(1 for key_node, _ in node.value if key_node.tag != "tag:yaml.org,2002:merge")
+    loader.flatten_mapping(node)
+    merged = len(node.value) - own
     mapping: dict[Any, Any] = {}
-    for key_node, value_node in node.value:
+    mine: set[Any] = set()
+    for index, (key_node, value_node) in enumerate(node.value):
         key = loader.construct_object(key_node, deep=True)
         try:
             hash(key)
@@ -521,9 +527,11 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[An
             raise yaml.constructor.ConstructorError(
                 None, None, "a key must be a plain value such as a name, not a list or a "
                             "mapping", key_node.start_mark) from None
-        if key in mapping:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r}", key_node.start_mark)
+        if index >= merged:
+            if key in mine:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark)
+            mine.add(key)
         mapping[key] = loader.construct_object(value_node, deep=True)
     return mapping
 
