@@ -134,7 +134,7 @@ def cannot_listen(listen: str, port: int, exc: OSError) -> SystemExit:
         return SystemExit(f"relay: cannot listen on {listen}: port {port} is already in use "
                           "(another relay, or make run, still running?): stop it, or set "
                           "server.listen to a free port")
-    return SystemExit(f"relay: cannot listen on {listen}: {exc.strerror or exc}")
+    return SystemExit(f"relay: cannot listen on {listen} (server.listen): {exc.strerror or exc}")
 
 
 class Runner(web.AppRunner):

@@ -529,3 +529,15 @@ def test_yaml_merge_keys_share_settings_between_destinations() -> None:
               - &crm {name: a, format: braze, url: "https://h/a"}
               - {<<: *crm, name: b, name: c}
         """, env={})
+
+
+@pytest.mark.parametrize("listen", ["http://127.0.0.1:8080", "127.0.0.1:\u00b2",
+                                    "127.0.0.1:\u0668\u0660", "127.0.0.1 :8080"])
+def test_a_listen_address_is_host_and_ascii_port_only(listen: str) -> None:
+    """A URL, a superscript or another script's digits as the port passed the check (the
+    superscript then failed in int(), the URL in the resolver, naming no key)."""
+    found = problems(f"""
+        server: {{listen: "{listen}"}}
+        destinations: [{{name: a, format: braze, url: "https://h/"}}]
+    """)
+    assert "host:port" in found["server.listen"], found

@@ -455,7 +455,10 @@ class Config(_Model):
 def split_listen(listen: str) -> tuple[str, int]:
     """``"127.0.0.1:8080"`` -> ("127.0.0.1", 8080); ``"[::1]:8080"`` -> ("::1", 8080)."""
     host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit() or int(port) > 65535:
+    # (ASCII digits: str.isdigit takes '²' and other scripts' digits, which int() refuses or
+    # reads; a scheme or a path is not an address)
+    if not sep or not (port.isascii() and port.isdigit()) or int(port) > 65535 \
+            or "/" in host or " " in listen:
         raise ValueError(f"expected host:port such as 127.0.0.1:8080 (got {listen!r})")
     host = host.strip("[]") or "0.0.0.0"
     return host, int(port)
