@@ -143,6 +143,10 @@ class Dispatcher:
         # ... and, for destinations a look aside read since (_look_aside), the highest seq
         # that one could see
         self._seen_for: dict[str, int] = {}
+        # Destinations whose new events could not start from memory since the last look at
+        # them: the only ones a look aside reads (not every uncovered one: after each forget,
+        # a retry's or the backstop's, that read every idle destination round after round)
+        self._wanted: set[str] = set()
         self._seen_upto = 0     # the highest delivery seq the last look could see: offers at
                                 # or below it are that look's to hand out
         self._looked_at = 0.0   # when the last look was made (IDLE_RECHECK applies under load)
@@ -320,6 +324,7 @@ class Dispatcher:
             # memory (forgetting it all, one destination's steady ingest made every other's
             # events wait for a look).
             if not left.isdisjoint(open_):
+                self._wanted |= left & open_   # new events that wait for a read: see _run
                 self._wake.set()
         if not taken:
             return
@@ -394,7 +399,8 @@ class Dispatcher:
                     self._forget()  # a delivery the last look saw coming is due now
                     self._next_at = None
                 if now - self._looked_at >= IDLE_RECHECK:
-                    self._forget()  # the backstop holds under steady traffic too
+                    self._forget()  # the backstop holds under steady traffic too (once per
+                    self._looked_at = now  # IDLE_RECHECK while looks aside keep the queue full)
                 names = self._open_destinations(now)
                 self._open = frozenset(names)
                 looked = False
@@ -431,14 +437,15 @@ class Dispatcher:
                     self._next_at = batch.next_at
                     self._seen_upto = batch.seen_upto
                     self._seen_for.clear()
+                    self._wanted.clear()
                     # Rows offered meanwhile are this look's if it could see them (seq up to
                     # seen_upto); the others are offered again now, after what it saw.
                     for receipt in held:
                         self.offer(receipt)
                 elif self._aside and self._room() and self._ready and \
                         len(self._ready) < 2 * PREFETCH and self._ready.size < DUE_BUDGET:
-                    aside = [name for name in names
-                             if name not in self._covered and not self._ready.has(name)]
+                    aside = [name for name in names if name in self._wanted
+                             and name not in self._covered and not self._ready.has(name)]
                     if aside:
                         await self._look_aside(now, aside)
                 if self._next_at is not None:
@@ -481,7 +488,9 @@ class Dispatcher:
 
     async def _look_aside(self, now: float, names: list[str]) -> None:
         """Read the due deliveries of open destinations that have none in the ready queue and
-        whose offers the last look does not cover, while the queue still holds others' work.
+        whose offers the last look does not cover, while the queue still holds others' work:
+        those whose new events were offered and could not start from memory (``_wanted``),
+        each once per such offer.
 
         A full look waits until the ready queue is used up, and that queue can be one look's
         share of another destination's backlog: a destination whose new events could not start
@@ -504,6 +513,7 @@ class Dispatcher:
             held, self._held_offers = self._held_offers, []
             self._held_bytes = 0
         self._ready.extend(batch.due)
+        self._wanted.difference_update(names)
         for name in names:
             self._seen_for[name] = max(self._seen_for.get(name, 0), batch.seen_upto)
         if self._changes == changes:

@@ -1,0 +1,109 @@
+"""Looks aside (relay/dispatch.py ``_look_aside``) read only destinations whose new events
+wait for a read: never, round after round, destinations with nothing due. Written by the
+review of the fairness change (helper-29), which found both storms: after every retry (each
+forgets what the last look covered), and once IDLE_RECHECK had passed without a full look
+(looks aside kept the ready queue from emptying), every round looked aside at every idle
+destination: 140 reads of an idle one in a second, against 0 before the change."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+from relay.config import load_config
+from relay.dispatch import Dispatcher
+from relay.request import Exchange, Request
+from relay.spool import Spool
+from tests.helpers import write_config
+from tests.test_backlog_looks import item
+
+
+def counted(spool: Spool) -> list[tuple[str, ...]]:
+    """The destinations of every look at ``spool`` from now on."""
+    asked: list[tuple[str, ...]] = []
+    poll = spool.poll
+
+    async def counting(now: float, limit: int, names: Any, *args: Any) -> Any:
+        asked.append(tuple(names))
+        return await poll(now, limit, names, *args)
+
+    spool.poll = counting  # type: ignore[method-assign]
+    return asked
+
+
+class Failing:
+    def __init__(self) -> None:
+        self.sent = 0
+
+    async def handle_request(self, request: Request, timeout: float) -> Exchange:
+        await asyncio.sleep(0.005)
+        self.sent += 1
+        return Exchange(0.0, 0.001, 503, {}, "busy")
+
+
+async def test_retries_do_not_make_every_round_look_at_idle_destinations(tmp_path: Path) -> None:
+    config = load_config(write_config(
+        tmp_path, delivery={"concurrency": 8, "per_host_concurrency": 8,
+                            "backoff_initial": "10s", "backoff_max": "10s"},
+        health={"consecutive_failures": 1000000, "min_failures": 1000000},
+        destinations=[{"name": n, "format": "braze", "url": f"https://{n}.example.com/hook"}
+                      for n in ("a", "c")]), env={})
+    spool = Spool(config.spool.path)
+    await spool.open()
+    await spool.ingest([item(i, "a") for i in range(3000)])
+    transport = Failing()
+    dispatcher = Dispatcher(config, spool, transport=transport)
+    asked = counted(spool)
+    await dispatcher.start()
+    try:
+        await asyncio.sleep(1.0)
+        idle = sum(names == ("c",) for names in asked)
+        assert idle == 0, (idle, len(asked), transport.sent)
+        assert transport.sent > 100   # retries were recorded meanwhile
+    finally:
+        await dispatcher.stop(1)
+        await spool.close()
+
+
+class Hosts:
+    """a.example.com answers in 40 ms, b.example.com in 5 ms."""
+
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+
+    async def handle_request(self, request: Request, timeout: float) -> Exchange:
+        await asyncio.sleep(0.04 if "//a." in request.url else 0.005)
+        self.sent.append(request.url)
+        return Exchange(0.0, 0.001, 200, {}, "ok")
+
+
+async def test_no_look_aside_at_an_idle_destination_every_round_after_idle_recheck(
+        tmp_path: Path) -> None:
+    config = load_config(write_config(
+        tmp_path, delivery={"concurrency": 8, "per_host_concurrency": 2},
+        destinations=[{"name": n, "format": "braze", "url": f"https://{n}.example.com/hook"}
+                      for n in ("a", "b", "c")]), env={})
+    spool = Spool(config.spool.path)
+    await spool.open()
+    for name in ("a", "b"):
+        await spool.ingest([item(i, name) for i in range(3000)])
+    offset = [0.0]
+    transport = Hosts()
+    dispatcher = Dispatcher(config, spool, transport=transport,
+                            clock=lambda: time.time() + offset[0])
+    asked = counted(spool)
+    await dispatcher.start()
+    try:
+        await asyncio.sleep(1.0)
+        before = sum(names == ("c",) for names in asked)
+        offset[0] = 61.0          # the backlog has been draining for over IDLE_RECHECK
+        await asyncio.sleep(1.0)
+        after = sum(names == ("c",) for names in asked) - before
+        # c has nothing due and gets no events: no look aside reads it
+        assert before + after == 0, (before, after, len(asked), len(transport.sent))
+        assert len(transport.sent) > 100   # the backlogs drained meanwhile
+    finally:
+        await dispatcher.stop(1)
+        await spool.close()
