@@ -541,3 +541,25 @@ def test_a_listen_address_is_host_and_ascii_port_only(listen: str) -> None:
         destinations: [{{name: a, format: braze, url: "https://h/"}}]
     """)
     assert "host:port" in found["server.listen"], found
+
+
+def test_lists_that_match_nothing_and_odd_language_tags_are_errors() -> None:
+    """``channels: []`` or ``statuses: []`` made a destination that never gets an event; a
+    variant keyed "" or "not a lang!" could never be chosen; ``pool_size`` below the 3 its
+    description asks for was taken."""
+    found = problems("""
+        spool: {postgres: {pool_size: 2}}
+        destinations:
+          - {name: a, format: braze, url: "https://h/", channels: []}
+          - {name: b, format: braze, url: "https://h/", statuses: []}
+          - name: c
+            format: template
+            url: "https://h/c"
+            template:
+              body: {type: json, fields: {s: "{{ event.status }}"}}
+              variants: {"not a lang!": {method: PUT}, fr-CA: {method: PUT}}
+    """)
+    assert "destinations[0].channels" in found and "destinations[1].statuses" in found, found
+    assert any("not a lang!" in path for path in found), found
+    assert not any("fr-CA" in path for path in found), found
+    assert "spool.postgres.pool_size" in found, found

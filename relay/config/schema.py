@@ -166,7 +166,7 @@ class PostgresConfig(_Model):
         None, "postgresql://user:password@host/db (or dsn_file); required for this backend.")
     schema_: Annotated[str, Field(alias="schema", min_length=1, max_length=63)] = _d(
         "relay", "Schema holding the relay's tables.")
-    pool_size: Annotated[int, NOT_BOOL, Field(ge=1, le=1000)] = _d(
+    pool_size: Annotated[int, NOT_BOOL, Field(ge=3, le=1000)] = _d(
         10, "Connections per relay (at least 3): 2 of them take delivery claims and attempt "
             "outcomes, the rest ingest and reads.")
     lease: PositiveDuration | None = _d(
@@ -376,6 +376,11 @@ Body = Annotated[JsonBody | RawBody, Field(discriminator="type")]
 Method = Literal["GET", "POST", "PUT", "PATCH", "DELETE"]
 
 
+# A BCP 47 language tag as events carry it (``fr``, ``fr-CA``, ``zh-Hant-TW``): matched
+# without regard to case
+LanguageTag = Annotated[str, Field(pattern=r"^[A-Za-z]{2,8}(-[A-Za-z0-9]{1,8})*$")]
+
+
 class TemplateVariant(_Model):
     """A per-language override; anything not given comes from the destination's template."""
 
@@ -391,7 +396,7 @@ class TemplateConfig(_Model):
     method: Method = _d("POST", "HTTP method.")
     body: Body | None = _d(None, "{type: json, fields} or {type: raw, template, content_type}; "
                                  "none: no body (typical for GET/DELETE).")
-    variants: dict[str, TemplateVariant] = _d(
+    variants: dict[LanguageTag, TemplateVariant] = _d(
         dict, "Per event.language (exact tag, then primary subtag) overrides.")
 
 
@@ -403,8 +408,9 @@ class Destination(_Model):
     format: Format = Field(description="ajo, braze or template.")
     url: Annotated[str, Field(min_length=1)] = Field(
         description="Where to send; a template destination's url may use Liquid.")
-    channels: tuple[Channel, ...] = _d(CHANNELS, "Channels of the events this destination takes.")
-    statuses: tuple[Status, ...] | None = _d(
+    channels: Annotated[tuple[Channel, ...], Field(min_length=1)] = _d(
+        CHANNELS, "Channels of the events this destination takes.")
+    statuses: Annotated[tuple[Status, ...], Field(min_length=1)] | None = _d(
         None, "Statuses that create a delivery; none: every status the format can express.")
     ajo: AjoConfig | None = _d(None, "Required for format ajo.")
     allow_insecure_http: bool = _d(False, "Let an ajo destination use http:// (local tests).")
