@@ -429,8 +429,8 @@ class Dispatcher:
                         [*(due.seq for due in batch.due), *batch.given_back])))
                     # It saw everything of the destinations it asked for only if it left
                     # nothing out and nothing changed while it read (a replay, a retry,
-                    # another process's events); when only some destinations gave their
-                    # whole share (SQLite says which), everything of the others.
+                    # another process's events); when only some destinations may have more
+                    # (the look says which), everything of the others.
                     self._covered = frozenset() if self._changes != changes else \
                         self._open if batch.complete else \
                         self._open - batch.capped if batch.capped is not None else frozenset()

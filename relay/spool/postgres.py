@@ -538,17 +538,18 @@ class PostgresSpool:
 
     async def _claim(self, statement: str, now: float, limit: int, destinations: Sequence[str],
                      exclude: Collection[int], budget: int
-                     ) -> tuple[list[Due], bool, float | None, list[int]]:
+                     ) -> tuple[list[Due], bool, float | None, list[int], frozenset[str] | None]:
         """``due`` by ``statement`` (DUE, or LOOK); whether it claimed every row it could (none
         was given back for the budget, fewer than ``limit`` were due, and no destination gave
         its whole share of candidates: postgres_sql._CLAIMED); LOOK's next time;
-        the rows given back (their lease cleared, offered ones too: see Dispatcher.offer)."""
+        the rows given back (their lease cleared, offered ones too: see Dispatcher.offer);
+        LOOK's destinations that may have more due (None if rows were given back: then any)."""
         if not destinations or limit <= 0:
-            return [], False, None, []
+            return [], False, None, [], None
         rows = await self._fetch_lightly(statement, list(destinations), list(exclude), now,
                                          self.replica, self.clock(), limit, self.lease)
-        next_at, capped = next(((row[10], row[11]) for row in rows if row[0] is None),
-                               (None, False))
+        next_at, capped, more = next(((row[10], row[11], row[12]) for row in rows
+                                      if row[0] is None), (None, False, None))
         rows = [row for row in rows if row[0] is not None]
         rows.sort(key=lambda row: (row[9], row[0]))
         kept: list[Any] = []
@@ -562,7 +563,8 @@ class PostgresSpool:
         if given_back:
             await self._fetch_lightly(sql.UNCLAIM, given_back, self.replica)
         everything = len(rows) < limit and not given_back and not capped
-        return [Due(*row[:9]) for row in kept], everything, next_at, given_back
+        short = None if given_back or more is None else frozenset(more)
+        return [Due(*row[:9]) for row in kept], everything, next_at, given_back, short
 
     async def poll(self, now: float, limit: int, destinations: Sequence[str],
                    exclude: Collection[int] = ()) -> DueBatch:
@@ -571,14 +573,14 @@ class PostgresSpool:
         Work that other replicas store or give back later is not in it: the service's
         follower (relay/service.py, ``_follow_other_replicas``) wakes the dispatcher for that,
         as replays and shared suspensions do."""
-        rows, everything, next_at, given_back = await self._claim(
+        rows, everything, next_at, given_back, short = await self._claim(
             sql.LOOK, now, limit, destinations, exclude, DUE_BUDGET)
         if not everything:
             # More may be due: the dispatcher looks again once it has used these. With none
             # claimed, every candidate was locked elsewhere (a destination's whole share):
             # shortly, as below.
             return DueBatch(rows, False, None if rows else now + LOCKED_RECHECK,
-                            given_back=given_back)
+                            given_back=given_back, capped=short)
         if next_at is not None and next_at <= now:
             # Due, yet not claimed: another replica's claim held it locked (SKIP LOCKED) and the
             # statement's snapshot saw it as before. That claim has usually committed by now: a

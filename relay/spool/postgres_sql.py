@@ -234,15 +234,19 @@ def _next_due(replica: str, clock: str, also: str = "") -> str:
 NEXT_DUE = "SELECT " + _next_due("$3", "$4")
 
 # A look: DUE, and one more row (seq NULL) with the next time one of the rows it did not claim
-# can be claimed (as NEXT_DUE; the claimed rows are this replica's now, due already), and
-# whether a destination gave its whole share of candidates. One round trip where DUE and
-# NEXT_DUE took two.
+# can be claimed (as NEXT_DUE; the claimed rows are this replica's now, due already), whether
+# a destination gave its whole share of candidates, and the destinations that may have more
+# due: those, and those some of whose candidates it did not claim (the limit cut them, or
+# another transaction held them locked). One round trip where DUE and NEXT_DUE took two.
 LOOK = "WITH" + _CLAIMED + """
-SELECT *, NULL::float8 AS next_at, NULL::boolean AS capped FROM u
+SELECT *, NULL::float8 AS next_at, NULL::boolean AS capped, NULL::text[] AS short FROM u
 UNION ALL
 SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, """ + _next_due(
     "$4", "$5", " AND seq NOT IN (SELECT seq FROM c)") + """,
-    EXISTS (SELECT 1 FROM candidates GROUP BY name HAVING count(*) >= (SELECT n FROM share))
+    EXISTS (SELECT 1 FROM candidates GROUP BY name HAVING count(*) >= (SELECT n FROM share)),
+    ARRAY(SELECT k.name FROM (SELECT name, count(*) AS n FROM candidates GROUP BY name) k
+          WHERE k.n >= (SELECT n FROM share)
+             OR k.n > (SELECT count(*) FROM u WHERE u.destination = k.name))
 """
 
 RELEASE = """

@@ -83,10 +83,11 @@ class DueBatch(NamedTuple):
                             # (due ones are in ``due`` unless left out or cut); else 0
     given_back: Sequence[int] = ()  # PostgreSQL: rows it claimed and gave back (past its
                                     # budget): any replica's now
-    capped: frozenset[str] | None = None  # SQLite: the destinations that may have more due
-                                          # (a whole share given, or rows cut by the limit);
-                                          # every other one asked for has all its due
-                                          # deliveries in ``due``. None: any may have more
+    capped: frozenset[str] | None = None  # a look's destinations that may have more due
+                                          # (a whole share given, rows cut by the limit or,
+                                          # on PostgreSQL, locked elsewhere); every other one
+                                          # asked for has all its due deliveries in ``due``.
+                                          # None: any may have more
 
 
 @frozen
