@@ -100,10 +100,24 @@ def describe(err: Any, path: str, noun: str = "key",
         return path, f"holds at most {ctx['max_length']:,} items (got {ctx.get('actual_length')})"
     if kind == "json_invalid":
         return path, f"not valid JSON: {ctx.get('error', err['msg'])}"
-    message = err["msg"][0].lower() + err["msg"][1:]
+    # pydantic's words for Python types, in the words of the YAML or JSON that was written
+    message = (_PLAIN_TYPES.get(kind) if noun == "key" else None) or \
+        err["msg"][0].lower() + err["msg"][1:]   # (a config's keys; the API keeps pydantic's)
     if got is not None and not isinstance(got, dict | list):
         message += f" (got {_short(got)})"
     return path, message
+
+
+_PLAIN_TYPES = {
+    "tuple_type": "expected a list", "list_type": "expected a list",
+    "dict_type": "expected a mapping (key: value pairs)",
+    "model_type": "expected a mapping (key: value pairs)",
+    "model_attributes_type": "expected a mapping (key: value pairs)",
+    "int_parsing": "expected a whole number", "int_type": "expected a whole number",
+    "float_parsing": "expected a number", "float_type": "expected a number",
+    "bool_parsing": "expected true or false", "bool_type": "expected true or false",
+    "string_type": "expected text",
+}
 
 
 def suggest(key: str, known: Iterable[str] | Mapping[str, tuple[str, ...]], path: str = "") -> str:

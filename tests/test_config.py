@@ -128,7 +128,7 @@ def test_unknown_keys_wrong_types_and_missing_keys_name_paths() -> None:
         extra_section: {}
     """)
     assert found["server.tokn"] == "unknown key (did you mean 'token'?)"
-    assert "valid integer" in found["server.max_batch"] and "'three'" in found["server.max_batch"]
+    assert found["server.max_batch"] == "expected a whole number (got 'three')"
     assert "bare number has no unit" in found["delivery.timeout"]
     assert "did you mean 'max_retries'" in found["delivery.max_retrys"]
     assert found["destinations[0].auth.key"] == "required key is missing"
@@ -563,3 +563,16 @@ def test_lists_that_match_nothing_and_odd_language_tags_are_errors() -> None:
     assert any("not a lang!" in path for path in found), found
     assert not any("fr-CA" in path for path in found), found
     assert "spool.postgres.pool_size" in found, found
+
+
+def test_type_errors_are_said_in_yaml_words() -> None:
+    """pydantic's "valid tuple" and "valid dictionary or instance of ServerConfig" named
+    Python types; a config's author wrote a list or a mapping."""
+    found = problems("""
+        server: [1]
+        delivery: {allowed_ports: 5}
+        destinations: [{name: a, format: braze, url: "https://h/", channels: email}]
+    """)
+    assert found["server"] == "expected a mapping (key: value pairs)"
+    assert found["delivery.allowed_ports"] == "expected a list (got 5)"
+    assert found["destinations[0].channels"] == "expected a list (got 'email')"
