@@ -576,3 +576,18 @@ def test_type_errors_are_said_in_yaml_words() -> None:
     assert found["server"] == "expected a mapping (key: value pairs)"
     assert found["delivery.allowed_ports"] == "expected a list (got 5)"
     assert found["destinations[0].channels"] == "expected a list (got 'email')"
+
+
+def test_an_internal_ip_literal_url_is_refused_at_check_time() -> None:
+    """https://10.0.0.5/ passed check-config and every request was then refused by the egress
+    rules (into the dead letter); it is an error naming the url and the way to allow it. A
+    listed network is fine, and a name is judged by what it resolves to, at send time."""
+    found = problems("""
+        destinations: [{name: a, format: braze, url: "https://10.0.0.5/hook"}]
+    """)
+    assert "delivery.allowed_networks" in found["destinations[0].url"], found
+    parse_config("""
+        delivery: {allowed_networks: [10.0.0.0/8]}
+        destinations: [{name: a, format: braze, url: "https://10.0.0.5/hook"},
+                       {name: b, format: braze, url: "https://internal.example/hook"}]
+    """, env={})

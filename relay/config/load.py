@@ -470,6 +470,16 @@ def _check_url(dest: Destination, at: str, config: Config) -> list[tuple[str, st
                               "template)")]
     if fixed and not parts.hostname:
         problems.append((f"{at}.url", "has no host"))
+    elif fixed and parts.hostname:
+        # an internal IP literal is refused before every request: say so now (a name is
+        # judged by what it resolves to, at send time)
+        from relay.egress import Blocked, check_literal, parse_networks  # (aiohttp: lazily)
+
+        with contextlib.suppress(ValueError):   # a bad allowed_networks entry is named apart
+            try:
+                check_literal(parts.hostname, parse_networks(config.delivery.allowed_networks))
+            except Blocked as exc:
+                problems.append((f"{at}.url", str(exc)))
     if "@" in parts.netloc:
         problems.append((f"{at}.url", "must not carry userinfo (user:password@); use auth"))
     if dest.format == "ajo" and parts.scheme != "https" and not dest.allow_insecure_http:
