@@ -230,7 +230,7 @@ def test_second_relay_on_the_same_port_is_refused(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("value, problem", [(0, "greater than or equal to 1"),
                                             (65, "less than or equal to 64"),
-                                            ("two", "integer")])
+                                            ("two", "whole number")])
 def test_bad_workers_value_names_the_key(tmp_path: Path, value: Any, problem: str) -> None:
     config = write_config(tmp_path, server={"workers": value})
     done = subprocess.run([sys.executable, "-m", "relay", "check-config", str(config)],
