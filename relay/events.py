@@ -82,8 +82,13 @@ class Timestamps(_Strict):
     sent_at: Moment | None = None
 
 
+# The sender's id is its own column (the dedupe key), and PostgreSQL's text cannot hold NUL:
+# an id with one was a 503 the sender retried for good
+EventId = Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[^\x00]*$")]
+
+
 class Event(_Strict):
-    id: Ident | None = None
+    id: EventId | None = None
     channel: Channel
     status: Status
     message_id: Ident

@@ -27,7 +27,7 @@ SETTLE = 0.2        # seconds a changed file must stay the same before it is rea
 SETTLE_CHECKS = 25  # at most 5 s of waiting for a file that keeps changing
 
 RESTART_KEYS = (("server", "listen"), ("server", "max_body_bytes"), ("server", "workers"),
-                ("spool", "path"),
+                ("spool", "path"), ("spool", "backend"), ("spool", "postgres"),
                 ("delivery", "concurrency"), ("delivery", "per_host_concurrency"),
                 ("delivery", "ca_file"),
                 # The sending client's resolver, literal check and pooled connections are built

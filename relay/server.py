@@ -312,8 +312,11 @@ async def list_deliveries(request: web.Request) -> web.Response:
         return error(400, "limit must be between 1 and 1000")
     if not 0 <= after < MAX_INT:
         return error(400, "next must be a cursor from a previous answer (0 <= next < 2**63)")
+    destination = query.get("destination") or None
+    if destination is not None and not _text(destination):
+        return error(400, "destination must be a destination name")
     records = await request.app[SPOOL].list_deliveries(
-        state=state, destination=query.get("destination") or None, after=after, limit=limit)
+        state=state, destination=destination, after=after, limit=limit)
     next_cursor = str(records[-1].seq) if len(records) == limit else None
     attempts = await request.app[SPOOL].attempts_of([r.seq for r in records])
     return web.json_response({
@@ -334,6 +337,8 @@ def _delivery_json(request: web.Request, record: DeliveryRecord,
 
 async def get_delivery(request: web.Request) -> web.Response:
     spool = request.app[SPOOL]
+    if not _text(request.match_info["delivery_id"]):   # (no id holds a NUL: none is found)
+        return error(404, f"no delivery {request.match_info['delivery_id']!r}")
     record = await spool.get_delivery(request.match_info["delivery_id"])
     if record is None:
         return error(404, f"no delivery {request.match_info['delivery_id']!r}")
@@ -362,7 +367,7 @@ async def list_hosts(request: web.Request) -> web.Response:
 async def retry_one(request: web.Request) -> web.Response:
     """Replay one failed delivery: pending again, due now, fresh retry windows."""
     spool, delivery_id = request.app[SPOOL], request.match_info["delivery_id"]
-    record = await spool.get_delivery(delivery_id)
+    record = await spool.get_delivery(delivery_id) if _text(delivery_id) else None
     if record is None:
         return error(404, f"no delivery {delivery_id!r}")
     if record.state != "failed":
@@ -405,12 +410,13 @@ async def retry_many(request: web.Request) -> web.Response:
 
 
 def _text(value: str) -> bool:
-    """``value`` is text the spool can store: JSON's ``\\ud800`` (a lone surrogate) is not."""
+    """``value`` is text the spool can store: JSON's ``\\ud800`` (a lone surrogate) is not,
+    nor a NUL (PostgreSQL's text cannot hold one: a 500)."""
     try:
         value.encode()
     except UnicodeEncodeError:
         return False
-    return True
+    return "\x00" not in value
 
 
 async def test_destination(request: web.Request) -> web.Response:
@@ -445,14 +451,22 @@ SCRAPE_PACE = 0.05  # seconds between two scrape answers: at most 20 a second in
 async def _render_metrics(app: web.Application) -> bytes:
     """Refresh the spool and host gauges, then render every metric."""
     metrics, spool, recent = app[METRICS], app[SPOOL], app[RECENT]
-    counts = await recent.get("counts", spool.counts)
-    for state in DELIVERY_STATES:
-        metrics.spool_deliveries.labels(state).set(counts.get(state, 0))
-    oldest = await recent.get("oldest", lambda: spool.oldest_due(time.time()))
-    metrics.oldest_due_age.set(max(0.0, time.time() - oldest) if oldest is not None else 0.0)
-    stats, bounds = await recent.get("stats", spool.stats), app[CONFIG].spool
-    metrics.open_events.set(stats.get("open_events", 0))
-    metrics.spool_bytes.set(stats.get("bytes", 0))
+    bounds = app[CONFIG].spool
+    try:
+        counts = await recent.get("counts", spool.counts)
+        for state in DELIVERY_STATES:
+            metrics.spool_deliveries.labels(state).set(counts.get(state, 0))
+        oldest = await recent.get("oldest", lambda: spool.oldest_due(time.time()))
+        metrics.oldest_due_age.set(max(0.0, time.time() - oldest) if oldest is not None
+                                   else 0.0)
+        stats = await recent.get("stats", spool.stats)
+        metrics.open_events.set(stats.get("open_events", 0))
+        metrics.spool_bytes.set(stats.get("bytes", 0))
+    except SpoolError:
+        # The spool cannot be read (its database is down): every other series still goes
+        # out, the spool's keep their last values, and /readyz says why. (A 500 here lost
+        # every series exactly during the outage they should show.)
+        pass
     metrics.max_events.set(bounds.max_events)
     metrics.max_bytes.set(bounds.max_bytes)
     dispatcher = app[DISPATCHER]
@@ -572,3 +586,10 @@ async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
             k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")})
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         return error(400, f"not valid JSON: {exc}")
+    except SpoolError as exc:
+        # (ingest answers its own 503s; this is the activity log, replays and the rest when
+        # the spool cannot be reached: a 500 with a traceback before)
+        if not isinstance(exc, SpoolFull):
+            log.warning("%s %s: the spool cannot answer: %s", request.method, request.path, exc)
+        return error(503, f"the spool cannot answer right now: {exc}",
+                     headers={"Retry-After": "5"})

@@ -141,8 +141,10 @@ async def run(loaded: Loaded, *, metrics: Metrics | None = None,
     gc.set_threshold(*GC_THRESHOLDS)
     bound = runner.addresses[0]
     if role is None:
+        where = config.spool.path if config.spool.backend == "sqlite" else \
+            f"postgres, schema {config.spool.postgres.schema_}"
         log.info("relay %s listening on http://%s:%s (spool %s, %d destinations)", __version__,
-                 _host(bound[0]), bound[1], config.spool.path, len(config.destinations))
+                 _host(bound[0]), bound[1], where, len(config.destinations))
     else:
         log.info("worker %d of %d (pid %d) serving on http://%s:%s%s", role.index, role.count,
                  os.getpid(), _host(bound[0]), bound[1], "" if delivers else " (ingest only: "

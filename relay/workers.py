@@ -382,7 +382,8 @@ async def supervise(loaded: Loaded, config_path: str) -> int:
             failed = ", ".join(str(i) for i, ok in enumerate(started) if not ok)
             log.error("worker %s did not start (its error is above); stopping", failed)
             return 1
-        where = config.spool.path if config.spool.backend == "sqlite" else "postgres"
+        where = config.spool.path if config.spool.backend == "sqlite" else \
+            f"postgres, schema {config.spool.postgres.schema_}"
         log.info("relay %s listening on http://%s:%s (%d workers, spool %s, %d destinations)",
                  __version__, f"[{host}]" if ":" in host else host, port, count, where,
                  len(config.destinations))

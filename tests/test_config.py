@@ -591,3 +591,36 @@ def test_an_internal_ip_literal_url_is_refused_at_check_time() -> None:
         destinations: [{name: a, format: braze, url: "https://10.0.0.5/hook"},
                        {name: b, format: braze, url: "https://internal.example/hook"}]
     """, env={})
+
+
+@pytest.mark.parametrize("schema", ["\u00e9" * 40, "information_schema", "pg_relay"])
+def test_a_postgres_schema_name_postgres_would_cut_or_owns_is_an_error(schema: str) -> None:
+    """40 and 45 accented letters passed (63 characters at most), and PostgreSQL cut both to
+    the same 62 bytes: two relays "apart" shared every table. information_schema put the
+    relay's tables in PostgreSQL's catalogue; pg_ names are reserved."""
+    found = problems(f"""
+        spool: {{backend: postgres, postgres: {{dsn: "postgresql://u@db/r", schema: "{schema}"}}}}
+        destinations: [{{name: a, format: braze, url: "https://h/"}}]
+    """)
+    assert "spool.postgres.schema" in found, found
+
+
+def test_a_dsn_its_client_cannot_read_is_an_error_that_never_shows_the_password() -> None:
+    """An unescaped / in the password passed check-config; serve then died with asyncpg's
+    "invalid literal for int() with base 10: 'Pw9secret'", the password in the clear."""
+    found = problems("""
+        spool: {backend: postgres, postgres: {dsn: "postgresql://u:Pw9secret/rest@localhost/db"}}
+        destinations: [{name: a, format: braze, url: "https://h/"}]
+    """)
+    assert "percent-encoded" in found["spool.postgres.dsn"], found
+    assert "Pw9secret" not in str(found)
+
+
+async def test_a_dsn_asyncpg_cannot_parse_fails_open_without_the_password() -> None:
+    from relay.errors import SpoolError
+    from relay.spool.postgres import PostgresSpool
+
+    spool = PostgresSpool("postgresql://u:Pw9secret/rest@localhost/db")
+    with pytest.raises(SpoolError) as info:
+        await spool.open()
+    assert "spool.postgres.dsn" in str(info.value) and "Pw9secret" not in str(info.value)

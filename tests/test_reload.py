@@ -201,3 +201,18 @@ async def test_restart_only_keys_are_compared_with_what_runs(tmp_path: Path,
         assert await run.watcher.reload("SIGHUP") is True
         said.append("server.listen" in caplog.text)
     assert said == [True, True, False]
+
+
+def test_the_spool_backend_and_its_database_settings_need_a_restart() -> None:
+    """A reload that changed spool.backend or spool.postgres (a rotated DSN password, another
+    schema) logged "config reloaded" while the old database stayed in use; it says a restart
+    is needed."""
+    def config(spool: dict[str, Any]) -> Any:
+        return parse_config(json.dumps({
+            "spool": spool, "destinations": [{"name": "b", "format": "braze",
+                                              "url": "https://crm.example.com/hook"}]}), env={})
+
+    old = config({"backend": "postgres", "postgres": {"dsn": "postgresql://u:one@db/relay"}})
+    rotated = config({"backend": "postgres", "postgres": {"dsn": "postgresql://u:two@db/relay"}})
+    assert needs_restart(old, rotated) == ["spool.postgres"]
+    assert "spool.backend" in needs_restart(old, config({"backend": "sqlite"}))

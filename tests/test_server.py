@@ -222,3 +222,43 @@ async def test_answer_carries_any_sender_id_exactly(client_for: Any) -> None:
     resp = await client.post("/v1/events", json=[event(0, id=i) for i in odd])
     assert resp.status == 202
     assert [entry["id"] for entry in (await resp.json())["events"]] == odd
+
+
+async def test_api_answers_503_not_500_while_the_spool_cannot_answer(make_stack: Any,
+                                                                     monkeypatch: Any) -> None:
+    """With the spool unreachable (a PostgreSQL outage), the activity log, replays and hosts
+    were 500s with a traceback each, and /metrics lost every series; they are 503s with
+    Retry-After, and /metrics still answers with the other series."""
+    from relay.errors import SpoolError
+
+    stack = await make_stack(dispatch=False)
+    ids = await stack.post(event(1))
+    delivery_id = next(iter(ids.values()))
+
+    async def down(*args: Any, **kwargs: Any) -> Any:
+        raise SpoolError("the spool database is unreachable: connection refused")
+
+    for name in ("list_deliveries", "get_delivery", "attempts_of", "replay", "counts",
+                 "oldest_due", "stats", "pending_by_destination"):
+        monkeypatch.setattr(stack.spool, name, down)
+    for method, path, body in (("GET", "/v1/deliveries", None),
+                               ("GET", f"/v1/deliveries/{delivery_id}", None),
+                               ("POST", f"/v1/deliveries/{delivery_id}/retry", None),
+                               ("POST", "/v1/deliveries/retry", {"failed_since": 0})):
+        resp = await stack.client.request(method, path, json=body)
+        assert resp.status == 503, (path, resp.status, await resp.text())
+        assert resp.headers["Retry-After"] == "5"
+        assert "unreachable" in (await resp.json())["error"]
+    scrape = await stack.client.get("/metrics")
+    assert scrape.status == 200 and "relay_events_accepted_total" in await scrape.text()
+
+
+async def test_nul_in_api_values_is_a_client_error(make_stack: Any) -> None:
+    """A NUL in a query value or a delivery id reached the spool (PostgreSQL's text cannot
+    hold one: a 500); an event id with one was a 503 retried for good. They are 4xx now."""
+    stack = await make_stack(dispatch=False)
+    assert (await stack.client.get("/v1/deliveries?destination=a%00")).status == 400
+    assert (await stack.client.get("/v1/deliveries/dlv_%00")).status == 404
+    assert (await stack.client.post("/v1/deliveries/dlv_%00/retry")).status == 404
+    resp = await stack.client.post("/v1/events", json=event(1, id="evt\x00one"))
+    assert resp.status == 400 and "id" in await resp.text()

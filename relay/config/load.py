@@ -291,6 +291,8 @@ def check_config(config: Config, *, positions: tuple[int, ...] | None = None,
     problems: list[tuple[str, str]] = []  # a section's own rules hold for its defaults
     if config.spool.backend == "postgres" and config.spool.postgres.dsn is None:
         problems.append(("spool.postgres.dsn", "required for spool.backend postgres (or dsn_file)"))
+    elif config.spool.backend == "postgres" and config.spool.postgres.dsn is not None:
+        problems += _check_dsn(config.spool.postgres.dsn.get_secret_value())
     if config.spool.backend == "postgres" and config.spool.max_bytes:
         problems.append(("spool.max_bytes", "bounds the SQLite file only; for spool.backend "
                                             "postgres leave it 0 and size the database instead"))
@@ -420,6 +422,23 @@ def _check_destination(dest: Destination, at: str, config: Config,
                         dest.model_copy(update={"url": variant.url, "allowed_hosts": hosts}),
                         f"{at}.template.variants.{language}", config)
     return problems
+
+
+def _check_dsn(dsn: str) -> list[tuple[str, str]]:
+    """A postgresql:// URL's shape (never echoed: it holds the password). Key=value DSNs
+    ("host=db user=relay") are left to the client."""
+    if "://" not in dsn:
+        return []
+    try:
+        parts = urlsplit(dsn)
+        parts.port  # noqa: B018 -- raises ValueError for a port that is not one
+    except ValueError:
+        return [("spool.postgres.dsn", "not a postgresql:// URL its client can read (a password "
+                                       "holding / # ? @ or : must be percent-encoded: / as %2F, "
+                                       "# as %23)")]
+    if parts.scheme not in ("postgresql", "postgres"):
+        return [("spool.postgres.dsn", "must start with postgresql:// (or postgres://)")]
+    return []
 
 
 def _check_http_url(url: str, at: str) -> list[tuple[str, str]]:

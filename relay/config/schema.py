@@ -159,12 +159,24 @@ class ServerConfig(_Model):
         return split_listen(self.listen)
 
 
+def _own_schema(name: str) -> str:
+    # PostgreSQL cuts a name at 63 bytes, not characters: two long names could be one schema
+    # (two relays "apart" sharing every table); and its own schemas are not the relay's
+    if len(name.encode()) > 63:
+        raise ValueError(f"at most 63 bytes in UTF-8, as PostgreSQL keeps them (this one is "
+                         f"{len(name.encode())})")
+    if name == "information_schema" or name.startswith("pg_"):   # (the name is quoted: exact)
+        raise ValueError(f"{name!r} is PostgreSQL's own (pg_ is reserved); give the relay a "
+                         "schema of its own")
+    return name
+
+
 class PostgresConfig(_Model):
     """The PostgreSQL spool (spool.backend: postgres), shared by several relays."""
 
     dsn: SecretStr | None = _d(
         None, "postgresql://user:password@host/db (or dsn_file); required for this backend.")
-    schema_: Annotated[str, Field(alias="schema", min_length=1, max_length=63)] = _d(
+    schema_: Annotated[str, Field(alias="schema", min_length=1), AfterValidator(_own_schema)] = _d(
         "relay", "Schema holding the relay's tables.")
     pool_size: Annotated[int, NOT_BOOL, Field(ge=3, le=1000)] = _d(
         10, "Connections per relay (at least 3): 2 of them take delivery claims and attempt "
@@ -177,11 +189,13 @@ class SpoolConfig(_Model):
     """The durable store of events and deliveries."""
 
     backend: Literal["sqlite", "postgres"] = _d(
-        "sqlite", "sqlite: a local file, one relay per file; postgres: shared by replicas.")
+        "sqlite", "sqlite: a local file, one relay per file; postgres: shared by replicas. "
+                  "Restart to change.")
     path: Annotated[str, Field(min_length=1)] = _d(
         "./relay-spool.db", "SQLite file (WAL mode; -wal, -shm and .lock beside it). A relative "
                             "path is relative to the config file's folder. Restart to change.")
-    postgres: PostgresConfig = _d(PostgresConfig(), "Settings of the postgres backend.")
+    postgres: PostgresConfig = _d(PostgresConfig(), "Settings of the postgres backend. "
+                                                    "Restart to change.")
     max_events: Annotated[int, NOT_BOOL, Field(ge=1)] = _d(
         1_000_000, "Events awaiting delivery before ingest answers 503.")
     max_bytes: Annotated[int, NOT_BOOL, Field(ge=0)] = _d(

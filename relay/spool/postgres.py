@@ -69,6 +69,15 @@ if TYPE_CHECKING:
     from relay.routing import Route
 
 log = logging.getLogger("relay.spool")
+DSN_UNPARSABLE = ("spool.postgres.dsn is not a URL PostgreSQL's client can read (a password "
+                  "holding / # ? @ or : must be percent-encoded: / as %2F, # as %23)")
+
+
+def _storable(text: str | None) -> str | None:
+    """``text`` as PostgreSQL's text can hold it: U+FFFD for each NUL. A receiver's answer is
+    anything (binary, UTF-16); one NUL in an excerpt made its outcome impossible to write, and
+    dispatching waited for it for good."""
+    return text.replace("\x00", "\ufffd") if text and "\x00" in text else text
 
 MAX_GROUP = 512          # jobs per transaction, as in the SQLite writer
 LANES = ("ingest", "record")   # one group writer each: a group of ingests at a time (more
@@ -193,6 +202,8 @@ class PostgresSpool:
             conn = await asyncpg.connect(self.dsn, timeout=CONNECT_TIMEOUT)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
             raise SpoolError(f"cannot connect to spool.postgres.dsn: {exc}") from exc
+        except ValueError:   # asyncpg's parser, whose message can quote the password
+            raise SpoolError(DSN_UNPARSABLE) from None
         try:
             await migrate(conn, self.schema)
         except asyncpg.PostgresError as exc:
@@ -281,7 +292,10 @@ class PostgresSpool:
                 self._lost(exc)
                 raise SpoolError(f"the spool database is unreachable: {exc}") from exc
             raise SpoolError(f"spool statement failed: {exc}") from exc
-        except (OSError, asyncpg.InterfaceError, TimeoutError) as exc:
+        except (OSError, asyncpg.InterfaceError, asyncpg.InternalClientError,
+                TimeoutError) as exc:
+            # (InternalClientError: a connection the database dropped mid-statement, "cannot
+            # switch to state 12; another operation is in progress": as lost as the others)
             if isinstance(exc, TimeoutError) and not acquired and pool.get_idle_size() == 0 \
                     and pool.get_size() >= pool.get_max_size():
                 # every connection is in use (statements waiting on locks): busy, not lost
@@ -376,7 +390,15 @@ class PostgresSpool:
 
     async def _run_part(self, kind: str, jobs: list[_Job]) -> None:
         try:
-            answers = await self._commit_part(kind, jobs)
+            try:
+                answers = await self._commit_part(kind, jobs)
+            except (SpoolError, asyncio.CancelledError):
+                raise
+            except Exception as exc:
+                # Never the end of this lane's writer: its callers wait for it (a dead outcome
+                # writer once held every request slot for good, /readyz still ready).
+                log.exception("spool %s group failed", kind)
+                raise SpoolError(f"spool write failed: {type(exc).__name__}: {exc}") from exc
         except SpoolError as exc:
             if len(jobs) > 1 and self._up:  # a statement error, not a lost database: find
                 for job in jobs:            # the job that causes it; the others go through
@@ -614,8 +636,8 @@ class PostgresSpool:
         (with a warning) if this replica's lease on the delivery was taken over."""
         await self._submit("record", (
             due.seq, due.attempts + 1, attempt.at, attempt.duration, attempt.status_code,
-            attempt.error, attempt.excerpt, state,
-            not_before if not_before is not None else attempt.at, failures, reason))
+            _storable(attempt.error), _storable(attempt.excerpt), state,
+            not_before if not_before is not None else attempt.at, failures, _storable(reason)))
 
     async def replay(self, *, delivery_ids: Sequence[str] = (), destination: str | None = None,
                      failed_since: float | None = None) -> list[str]:

@@ -1,0 +1,78 @@
+"""The PostgreSQL spool's writer lanes keep running whatever one group meets, and what a
+receiver answers can always be recorded. Found by a red-team pass against replicas on a real
+PostgreSQL (helper-30)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import asyncpg
+import pytest
+
+from relay.spool import Attempt
+from relay.spool.postgres import PostgresSpool
+from tests.pg import pg_dsn, pg_server  # noqa: F401 (fixtures)
+from tests.test_backlog_looks import item
+
+
+async def test_a_connection_broken_mid_statement_does_not_end_the_outcome_writer(
+        pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    """asyncpg's InternalClientError ("cannot switch to state 12; another operation is in
+    progress", a connection the database dropped mid-statement) was neither a database error
+    nor a lost connection to the spool: it ended the task that writes attempt outcomes, and
+    every later outcome waited forever (all request slots held, /readyz still ready). The
+    group fails as a lost database does, and the next outcome is written."""
+    spool = PostgresSpool(pg_dsn)
+    await spool.open()
+    try:
+        await spool.ingest([item(i, "a") for i in range(2)])
+        due = await spool.due(time.time() + 1, 10, ["a"])
+        assert len(due) == 2
+        real = spool._record_group
+        broken = [True]
+
+        async def once_broken(conn: Any, rows: Any) -> None:
+            if broken:
+                broken.clear()
+                raise asyncpg.InternalClientError(
+                    "cannot switch to state 12; another operation (2) is in progress")
+            await real(conn, rows)
+
+        monkeypatch.setattr(spool, "_record_group", once_broken)
+        attempt = Attempt(time.time(), 0.01, 200, None, "ok")
+        with pytest.raises(Exception, match=r"unreachable|spool"):
+            await spool.record_attempt(due[0], attempt, state="delivered", not_before=None,
+                                       failures=0, reason=None)
+        for one in due:   # the lane still runs (the probe may take a moment to reach it)
+            for _ in range(50):
+                try:
+                    await spool.record_attempt(one, attempt, state="delivered",
+                                               not_before=None, failures=0, reason=None)
+                    break
+                except Exception:
+                    await asyncio.sleep(0.1)
+        assert await spool.due(time.time() + 1, 10, ["a"]) == []
+    finally:
+        await spool.close()
+
+
+async def test_an_answer_holding_nul_bytes_is_recorded(pg_dsn: str) -> None:  # noqa: F811
+    """PostgreSQL's text cannot hold NUL: an excerpt of a binary answer (b"bad\\x00body") made
+    every later attempt of the replica wait for an outcome that could never be written. It is
+    stored with U+FFFD in place of each NUL, as SQLite stores it as it came."""
+    spool = PostgresSpool(pg_dsn)
+    await spool.open()
+    try:
+        await spool.ingest([item(0, "a")])
+        (due,) = await spool.due(time.time() + 1, 10, ["a"])
+        await spool.record_attempt(due, Attempt(time.time(), 0.01, 500, "err\x00or", "bad\x00body"),
+                                   state="failed", not_before=None, failures=1,
+                                   reason="said \x00")
+        record = await spool.get_delivery(due.delivery_id)
+        assert record is not None and record.state == "failed"
+        attempts = (await spool.attempts_of([record.seq]))[record.seq]
+        assert attempts[0].excerpt == "bad\ufffdbody" and attempts[0].error == "err\ufffdor"
+    finally:
+        await spool.close()
