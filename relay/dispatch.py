@@ -59,6 +59,7 @@ INFLIGHT_BYTES = 4 << 20     # events of the attempts under way (one attempt at 
 # share a commit), beyond delivery.concurrency: they hold no request slot, so a slow commit
 # costs no sending, up to this many.
 RECORDING_MAX = 256
+LEASE_SLACK = 0.5  # seconds of a claim kept beyond an attempt's timeout (rendering, clocks)
 LOOK_HISTORY = 16            # looks whose claims are kept to sort out PostgreSQL offers
 PARKED_MAX = 10_000          # deliveries remembered as held for a suspended chosen endpoint
 RECORD_RETRY_MAX = 30.0      # longest wait between tries to record a kept outcome
@@ -128,6 +129,11 @@ class Dispatcher:
         # one destination after another (relay/ready.py)
         self._ready = ReadyQueue()
         self._aside = config.spool.backend == "sqlite"   # see _look_aside
+        # PostgreSQL: how long a claim is this replica's, and when each row in the ready queue
+        # was claimed (by a look, or leased at ingest): one whose lease would end before its
+        # attempt could is not started (see _start_some)
+        self._lease: float | None = getattr(spool, "lease", None)
+        self._claimed_at: dict[int, float] = {}
         self._host_load: Counter[str] = Counter()
         self._inflight_bytes = 0
         self._wake = asyncio.Event()
@@ -201,7 +207,7 @@ class Dispatcher:
         # Destinations whose host comes from event data: each rendered endpoint is its own
         # health key, so an event-chosen endpoint can only suspend itself.
         self._templated = [name for name, c in destinations.items() if c.host is None]
-        self._ready.clear()  # may hold deliveries of a removed destination
+        self._clear_ready()  # may hold deliveries of a removed destination
         self.wake()
 
     async def start(self) -> None:
@@ -330,7 +336,14 @@ class Dispatcher:
             return
         dues = receipt._replace(fresh=taken).dues()
         self._ready.extend(dues)
+        if self._lease is not None:   # (leased at ingest, a moment ago)
+            at = self.clock()
+            self._claimed_at.update((due.seq, at) for due in dues)
         self._wake.set()
+
+    def _clear_ready(self) -> None:
+        self._ready.clear()
+        self._claimed_at.clear()
 
     def _ready_full(self, receipt: Receipt) -> bool:
         """No room in the ready queue for these offers: past two looks' rows, or one look's
@@ -425,6 +438,8 @@ class Dispatcher:
                         held, self._held_offers = self._held_offers, []
                         self._held_bytes = 0
                     self._ready.extend(batch.due)
+                    if self._lease is not None:
+                        self._claimed_at.update((due.seq, now) for due in batch.due)
                     self._claimed.append((self._looks, frozenset(
                         [*(due.seq for due in batch.due), *batch.given_back])))
                     # It saw everything of the destinations it asked for only if it left
@@ -544,7 +559,7 @@ class Dispatcher:
     def _start_some(self) -> int:
         """Start ready deliveries while slots are free, passing over busy or suspended hosts."""
         if self._unrecorded or self._stopping:  # paused (an outcome waits to be recorded),
-            self._ready.clear()                 # or stopping: nothing new starts
+            self._clear_ready()                 # or stopping: nothing new starts
             self._forget()
             return 0
         per_host = self.config.delivery.per_host_concurrency
@@ -562,6 +577,16 @@ class Dispatcher:
             if target is None:
                 self._forget()
                 continue  # its destination was removed by a reload: it stays pending
+            lease = self._lease
+            claimed = self._claimed_at.get(due.seq) if lease is not None else None
+            if claimed is not None and lease is not None and \
+                    claimed + lease - now < target.timeout + LEASE_SLACK:
+                # PostgreSQL: its lease ends before this attempt could (it waited in memory
+                # behind a slow host), and another replica may claim and send it meanwhile:
+                # not started here. The next look claims it again, if no one else has.
+                del self._claimed_at[due.seq]
+                self._forget()
+                continue
             if not self.limits.ready(target.name, now):
                 self._count_limited(due.seq, target.name)
                 waiting.append(due)  # over its rate limit: held like a suspended host's
@@ -592,6 +617,7 @@ class Dispatcher:
             self._requesting[due.seq] = (host, self.health.state_of(host) == "probing")
             self._inflight_bytes += size
             self._inflight[due.seq] = create_task(self._attempt(due, target, prepared))
+            self._claimed_at.pop(due.seq, None)
             started += 1
         if len(self._requesting) < self._limit and not self._room():
             self._starved = True  # starts (and looks) wait for outcomes to be committed
@@ -599,7 +625,7 @@ class Dispatcher:
         if waiting and not started:
             # Only held or busy hosts have work ready: drop it, so the next fetch (which leaves
             # those hosts out) can see other hosts' deliveries.
-            self._ready.clear()
+            self._clear_ready()
             self._forget()
         return started
 
@@ -780,7 +806,7 @@ class Dispatcher:
                       "spool takes them; the attempts made are kept, not repeated", exc)
         self._unrecorded[due.seq] = (due, attempt, verdict)
         self.record_error = str(exc)
-        self._ready.clear()
+        self._clear_ready()
         self.wake()
 
     async def _record_kept(self) -> bool:

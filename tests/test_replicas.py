@@ -135,6 +135,32 @@ def test_slow_attempts_are_not_sent_twice_by_two_replicas(tmp_path: Path, pg_dsn
             stop_all(relays)
 
 
+def test_a_backlog_longer_than_a_lease_is_never_sent_by_two_replicas_at_once(
+        tmp_path: Path, pg_dsn: str) -> None:
+    """A look claims a batch at once, but a slow host takes it a little at a time: rows that
+    waited in one replica's memory past their lease were claimed by the other replica as
+    expired and sent by both, at the same time (the red team saw 137 of 300). A row whose
+    lease would end before its attempt could is not started; the next look claims it again.
+    Every delivery arrives, and none is in flight twice at once."""
+    delay = 0.4
+    with Receiver(Answer(200, delay=delay)) as receiver:
+        relays = [r.start() for r in replicas(
+            tmp_path, pg_dsn, receiver, 2, spool={"postgres": {"lease": "3s"}},
+            delivery={"timeout": "1s", "per_host_concurrency": 4, "concurrency": 8})]
+        try:
+            assert post(relays[0], *[event(i) for i in range(100)])[0] == 202
+            eventually(lambda: delivered(receiver), lambda d: len(d) == 100, timeout=90,
+                       what="every event delivered")
+            arrivals: dict[str, list[float]] = {}
+            for r in receiver.received("/a"):
+                arrivals.setdefault(r.headers["webhook-id"], []).append(r.at)
+            overlapping = [key for key, times in arrivals.items()
+                           if any(b - a < delay for a, b in zip(sorted(times), sorted(times)[1:]))]
+            assert overlapping == [], f"{len(overlapping)} deliveries in flight twice at once"
+        finally:
+            stop_all(relays)
+
+
 def test_a_dead_replicas_claims_are_taken_when_their_lease_ends(tmp_path: Path,
                                                                 pg_dsn: str) -> None:
     """A replica killed (SIGKILL) with attempts in flight: another replica delivers what it
