@@ -32,6 +32,7 @@ from relay.errors import RenderError, SpoolError
 from relay.events import Event, load_event
 from relay.frozen import frozen
 from relay.health import HELD_STATUS, HealthBoard, Host, counts_as_failure
+from relay.logs import Throttle
 from relay.metrics import Metrics
 from relay.policy import Outcome, Verdict, classify, decide
 from relay.ratelimit import RateLimits, replica_share
@@ -133,6 +134,7 @@ class Dispatcher:
         # was claimed (by a look, or leased at ingest): one whose lease would end before its
         # attempt could is not started (see _start_some)
         self._lease: float | None = getattr(spool, "lease", None)
+        self._read_failed = Throttle(10.0)
         self._claimed_at: dict[int, float] = {}
         self._host_load: Counter[str] = Counter()
         self._inflight_bytes = 0
@@ -491,7 +493,10 @@ class Dispatcher:
                 if token_at is not None:
                     wait = min(wait, max(0.0, token_at - self.clock()))
             except SpoolError as exc:
-                log.error("cannot read due deliveries: %s", exc)
+                count = self._read_failed.allow()   # (each round: every few ms in an outage)
+                if count is not None:
+                    log.error("cannot read due deliveries: %s%s", exc,
+                              f" ({count} more since the last such line)" if count else "")
                 wait = 1.0
             # Otherwise: every slot is busy, or what is ready waits on busy hosts, or nothing is
             # due yet. A finished attempt, new work, the next due time or the end of a

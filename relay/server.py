@@ -25,6 +25,7 @@ from relay.destinations import CompiledDestination, compile_destinations
 from relay.errors import InvalidEvent, SpoolError, SpoolFull
 from relay.events import accept_body, parse_events
 from relay.listener import RawHandler
+from relay.logs import Throttle
 from relay.metrics import CONTENT_TYPE_LATEST, Metrics, multiprocess
 from relay.routing import Router
 from relay.spool import Attempt, DeliveryRecord, Receipt
@@ -273,7 +274,10 @@ async def post_events(request: web.Request) -> web.Response:
             log.warning("ingest refused (503): %s", exc)
         return error(503, str(exc), headers={"Retry-After": str(exc.retry_after)})
     except SpoolError as exc:
-        log.error("ingest failed: %s", exc)
+        held = _INGEST_FAILED.allow()   # (one line per request flooded an outage's log)
+        if held is not None:
+            log.error("ingest failed: %s%s", exc,
+                      f" ({held} more since the last such line)" if held else "")
         metrics.events_rejected.labels("spool_error").inc()
         app[WAKE]()   # the writer may have committed them before it failed to answer
         return error(503, "the spool cannot store events right now", headers={"Retry-After": "5"})
@@ -284,6 +288,9 @@ async def post_events(request: web.Request) -> web.Response:
     answer = '{"events":' + receipt.events_json + (',"duplicate":true}' if every_repeat else "}")
     return web.Response(body=answer.encode(), status=200 if every_repeat else 202,
                         content_type="application/json")
+
+
+_INGEST_FAILED = Throttle(10.0)
 
 
 def _count_ingest(metrics: Metrics, receipt: Receipt) -> None:

@@ -3,6 +3,7 @@ any replica, leases around slow and dead replicas, and a SIGTERM that hands work
 
 from __future__ import annotations
 
+import itertools
 import re
 import signal
 import threading
@@ -155,7 +156,7 @@ def test_a_backlog_longer_than_a_lease_is_never_sent_by_two_replicas_at_once(
             for r in receiver.received("/a"):
                 arrivals.setdefault(r.headers["webhook-id"], []).append(r.at)
             overlapping = [key for key, times in arrivals.items()
-                           if any(b - a < delay for a, b in zip(sorted(times), sorted(times)[1:]))]
+                           if any(b - a < delay for a, b in itertools.pairwise(sorted(times)))]
             assert overlapping == [], f"{len(overlapping)} deliveries in flight twice at once"
         finally:
             stop_all(relays)
