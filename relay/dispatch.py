@@ -60,6 +60,7 @@ INFLIGHT_BYTES = 4 << 20     # events of the attempts under way (one attempt at 
 # share a commit), beyond delivery.concurrency: they hold no request slot, so a slow commit
 # costs no sending, up to this many.
 RECORDING_MAX = 256
+ASIDE_EVERY = 0.05  # seconds between two looks aside at least (other workers wake per group)
 LEASE_SLACK = 0.5  # seconds of a claim kept beyond an attempt's timeout (rendering, clocks)
 LOOK_HISTORY = 16            # looks whose claims are kept to sort out PostgreSQL offers
 PARKED_MAX = 10_000          # deliveries remembered as held for a suspended chosen endpoint
@@ -155,6 +156,7 @@ class Dispatcher:
         # them: the only ones a look aside reads (not every uncovered one: after each forget,
         # a retry's or the backstop's, that read every idle destination round after round)
         self._wanted: set[str] = set()
+        self._aside_at = 0.0   # when the last look aside began
         self._seen_upto = 0     # the highest delivery seq the last look could see: offers at
                                 # or below it are that look's to hand out
         self._looked_at = 0.0   # when the last look was made (IDLE_RECHECK applies under load)
@@ -220,6 +222,14 @@ class Dispatcher:
         next round looks at the spool."""
         self._forget()
         self._wake.set()
+
+    def others_stored(self) -> None:
+        """The spool holds work this process did not store (SQLite: another worker's events,
+        or a group committed while the writer was out of reach): wake, and let a look aside
+        read every open destination (which ones is not known), as for an offer of its own
+        that could not start from memory; looks aside are spaced (ASIDE_EVERY)."""
+        self._wanted |= self._open
+        self.wake()
 
     def offer_mark(self, wanted: Mapping[str, int]) -> tuple[int, dict[str, int]] | None:
         """PostgreSQL: asked as an ingest with ``wanted[d]`` pending deliveries for each
@@ -459,14 +469,17 @@ class Dispatcher:
                     # seen_upto); the others are offered again now, after what it saw.
                     for receipt in held:
                         self.offer(receipt)
-                elif self._aside and self._room() and self._ready and \
+                elif self._aside and self._wanted and self._room() and self._ready and \
                         len(self._ready) < 2 * PREFETCH and self._ready.size < DUE_BUDGET:
                     aside = [name for name in names if name in self._wanted
                              and name not in self._covered and not self._ready.has(name)]
-                    if aside:
+                    # (spaced: a later round does it; with room and a non-empty queue this
+                    # round starts something, whose answer wakes the loop again)
+                    if aside and now - self._aside_at >= ASIDE_EVERY:
+                        self._aside_at = now
                         await self._look_aside(now, aside)
                 if self._next_at is not None:
-                    wait = min(max(0.0, self._next_at - now), IDLE_RECHECK)
+                    wait = min(max(0.0, self._next_at - now), wait)
                 started = self._start_some()
                 if (started or not looked) and not self._ready and self._room() and \
                         not self._open <= self._covered:
@@ -584,7 +597,10 @@ class Dispatcher:
                 continue  # its destination was removed by a reload: it stays pending
             lease = self._lease
             claimed = self._claimed_at.get(due.seq) if lease is not None else None
+            # (a lease shorter than the attempt itself is a config that cannot keep the
+            # promise at all: start anyway, as before, rather than never)
             if claimed is not None and lease is not None and \
+                    lease > target.timeout + LEASE_SLACK and \
                     claimed + lease - now < target.timeout + LEASE_SLACK:
                 # PostgreSQL: its lease ends before this attempt could (it waited in memory
                 # behind a slow host), and another replica may claim and send it meanwhile:

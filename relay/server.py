@@ -291,6 +291,7 @@ async def post_events(request: web.Request) -> web.Response:
 
 
 _INGEST_FAILED = Throttle(10.0)
+_SPOOL_DOWN = Throttle(10.0)
 
 
 def _count_ingest(metrics: Metrics, receipt: Receipt) -> None:
@@ -595,8 +596,13 @@ async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         return error(400, f"not valid JSON: {exc}")
     except SpoolError as exc:
         # (ingest answers its own 503s; this is the activity log, replays and the rest when
-        # the spool cannot be reached: a 500 with a traceback before)
-        if not isinstance(exc, SpoolFull):
-            log.warning("%s %s: the spool cannot answer: %s", request.method, request.path, exc)
-        return error(503, f"the spool cannot answer right now: {exc}",
+        # the spool cannot be reached: a 500 with a traceback before). The cause stays in the
+        # log: it can name the database's address.
+        if isinstance(exc, SpoolFull):
+            return error(503, str(exc), headers={"Retry-After": str(exc.retry_after)})
+        held = _SPOOL_DOWN.allow()
+        if held is not None:
+            log.warning("%s %s: the spool cannot answer: %s%s", request.method, request.path,
+                        exc, f" ({held} more since the last such line)" if held else "")
+        return error(503, "the spool cannot answer right now; try again shortly",
                      headers={"Retry-After": "5"})

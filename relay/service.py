@@ -39,7 +39,7 @@ from relay.server import (
     ingest_shortcut,
 )
 from relay.spool import Spool
-from relay.spool.backends import open_spool
+from relay.spool.backends import longest_timeout, open_spool
 from relay.spool.contract import SpoolBackend
 from relay.spool.files import log_pending, private_spool_files
 from relay.supervise import Supervisor
@@ -81,7 +81,7 @@ async def run(loaded: Loaded, *, metrics: Metrics | None = None,
     sqlite = config.spool.backend == "sqlite"
     if sqlite and role is None:
         private_spool_files(config.spool.path)
-    spool = open_spool(config.spool, delivery_timeout=config.delivery.timeout,
+    spool = open_spool(config.spool, delivery_timeout=longest_timeout(config),
                        writer_socket=role.writer_socket if role and sqlite else None)
     await spool.open()
     supervisor = Supervisor(metrics.count_restart)
@@ -110,7 +110,7 @@ async def run(loaded: Loaded, *, metrics: Metrics | None = None,
         # committed unanswered) and, as worker 0 of SQLite workers, when another worker
         # stored events.
         assert isinstance(spool, Spool)
-        spool.on_wake = dispatcher.wake
+        spool.on_wake = dispatcher.others_stored
         if role is not None:  # worker 0: its delivery state published for the others' API
             supervisor.spawn("publish-dispatch", lambda: publish_dispatch(
                 dispatcher, lambda: dispatcher.destinations, role.dispatch_state))

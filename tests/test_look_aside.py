@@ -107,3 +107,53 @@ async def test_no_look_aside_at_an_idle_destination_every_round_after_idle_reche
     finally:
         await dispatcher.stop(1)
         await spool.close()
+
+
+class Slow:
+    """a.example.com takes 0.2 s a request, b.example.com answers at once."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, float]] = []
+
+    async def handle_request(self, request: Request, timeout: float) -> Exchange:
+        if "//a." in request.url:
+            await asyncio.sleep(0.2)
+        self.sent.append((request.url, time.monotonic()))
+        return Exchange(0.0, 0.001, 200, {}, "ok")
+
+
+async def test_events_another_worker_stored_are_read_beside_a_backlog(tmp_path: Path) -> None:
+    """With server.workers > 1 on SQLite, worker 0 dispatches and learns of the other
+    workers' events only from the writer's wake, which names no destination: gated on offers
+    of its own, looks aside never read them, and they waited for the backlog's rows in memory
+    (6 s, about 240 of a's requests, found by the review). The wake marks every open
+    destination wanted."""
+    config = load_config(write_config(
+        tmp_path, delivery={"concurrency": 8, "per_host_concurrency": 8},
+        destinations=[{"name": n, "format": "braze", "url": f"https://{n}.example.com/hook"}
+                      for n in ("a", "b")]), env={})
+    spool = Spool(config.spool.path)
+    await spool.open()
+    await spool.ingest([item(i, "a") for i in range(3000)])
+    transport = Slow()
+    dispatcher = Dispatcher(config, spool, transport=transport)
+    await dispatcher.start()
+    try:
+        await asyncio.sleep(0.5)
+        await spool.ingest([item(i, "b") for i in range(5)])   # (as another worker would)
+        stored = time.monotonic()
+        dispatcher.others_stored()
+        for _ in range(100):
+            if sum("//b." in url for url, _ in transport.sent) == 5:
+                break
+            await asyncio.sleep(0.05)
+        arrived = [at for url, at in transport.sent if "//b." in url]
+        assert len(arrived) == 5
+        # a's requests answered meanwhile: a few rounds of its 8 slots, not the ~250 rows of
+        # the backlog it held in memory
+        meanwhile = sum("//a." in url and stored < at <= max(arrived)
+                        for url, at in transport.sent)
+        assert meanwhile < 100, meanwhile
+    finally:
+        await dispatcher.stop(1)
+        await spool.close()

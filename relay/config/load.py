@@ -293,6 +293,14 @@ def check_config(config: Config, *, positions: tuple[int, ...] | None = None,
         problems.append(("spool.postgres.dsn", "required for spool.backend postgres (or dsn_file)"))
     elif config.spool.backend == "postgres" and config.spool.postgres.dsn is not None:
         problems += _check_dsn(config.spool.postgres.dsn.get_secret_value())
+    lease = config.spool.postgres.lease
+    if config.spool.backend == "postgres" and lease is not None:
+        longest = max([config.delivery.timeout,
+                       *(d.timeout for d in config.destinations if d.timeout is not None)])
+        if lease <= longest:
+            # a claim that ends before its attempt lets another replica send it meanwhile
+            problems.append(("spool.postgres.lease", f"must outlast every attempt: longer than "
+                                                     f"the longest timeout ({longest:g}s)"))
     if config.spool.backend == "postgres" and config.spool.max_bytes:
         problems.append(("spool.max_bytes", "bounds the SQLite file only; for spool.backend "
                                             "postgres leave it 0 and size the database instead"))
@@ -425,9 +433,9 @@ def _check_destination(dest: Destination, at: str, config: Config,
 
 
 def _check_dsn(dsn: str) -> list[tuple[str, str]]:
-    """A postgresql:// URL's shape (never echoed: it holds the password). Key=value DSNs
-    ("host=db user=relay") are left to the client."""
-    if "://" not in dsn:
+    """A postgresql:// URL's shape (never echoed: it holds the password). Several hosts
+    (``db1:5432,db2:5432``, which urllib cannot split) are left to the client, as the rest."""
+    if "://" not in dsn or "," in dsn.partition("://")[2].partition("/")[0]:
         return []
     try:
         parts = urlsplit(dsn)

@@ -312,7 +312,8 @@ class BasicAuth(_Model):
 
     type: Literal["basic"] = Field(description="Selects this kind of auth.")
     username: Annotated[str, Field(min_length=1)] = Field(description="User name.")
-    password: RequiredSecret = Field(description="Password (or password_file).")
+    password: SecretStr = Field(description="Password (or password_file); may be empty (an "
+                                            "API key as the user name).")
 
 
 def _at_least_a_second(ttl: float) -> float:
@@ -390,9 +391,9 @@ Body = Annotated[JsonBody | RawBody, Field(discriminator="type")]
 Method = Literal["GET", "POST", "PUT", "PATCH", "DELETE"]
 
 
-# A BCP 47 language tag as events carry it (``fr``, ``fr-CA``, ``zh-Hant-TW``): matched
-# without regard to case
-LanguageTag = Annotated[str, Field(pattern=r"^[A-Za-z]{2,8}(-[A-Za-z0-9]{1,8})*$")]
+# A BCP 47 language tag as events carry it (``fr``, ``fr-CA``, ``zh-Hant-TW``), or a POSIX
+# locale's (``pt_BR``): matched without regard to case
+LanguageTag = Annotated[str, Field(pattern=r"^[A-Za-z]{2,8}([-_][A-Za-z0-9]{1,8})*$")]
 
 
 class TemplateVariant(_Model):
