@@ -506,10 +506,8 @@ class Dispatcher:
                 if token_at is not None:
                     wait = min(wait, max(0.0, token_at - self.clock()))
             except SpoolError as exc:
-                count = self._read_failed.allow()   # (each round: every few ms in an outage)
-                if count is not None:
-                    log.error("cannot read due deliveries: %s%s", exc,
-                              f" ({count} more since the last such line)" if count else "")
+                # (each round: every few ms in an outage)
+                self._read_failed.say(log.error, "cannot read due deliveries: %s", exc)
                 wait = 1.0
             # Otherwise: every slot is busy, or what is ready waits on busy hosts, or nothing is
             # due yet. A finished attempt, new work, the next due time or the end of a

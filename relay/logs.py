@@ -14,6 +14,7 @@ import re
 import sys
 import time
 from collections.abc import Callable, Iterable
+from typing import Any
 from urllib.parse import quote, quote_plus
 
 from relay.auth import MASKED, destination_secrets
@@ -138,6 +139,13 @@ class Throttle:
             return None
         self._last, held, self._held = now, self._held, 0
         return held
+
+    def say(self, emit: Callable[..., None], message: str, *args: Any) -> None:
+        """``emit(message, *args)`` (a logger's ``error``, ``warning``...) if ``allow()`` lets
+        it through, with the count held back since the last one added."""
+        held = self.allow()
+        if held is not None:
+            emit(message + "%s", *args, f" ({held} more since the last such line)" if held else "")
 
 
 def config_secrets(config: Config) -> list[str]:

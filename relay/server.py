@@ -274,10 +274,8 @@ async def post_events(request: web.Request) -> web.Response:
             log.warning("ingest refused (503): %s", exc)
         return error(503, str(exc), headers={"Retry-After": str(exc.retry_after)})
     except SpoolError as exc:
-        held = _INGEST_FAILED.allow()   # (one line per request flooded an outage's log)
-        if held is not None:
-            log.error("ingest failed: %s%s", exc,
-                      f" ({held} more since the last such line)" if held else "")
+        # (one line per request flooded an outage's log)
+        _INGEST_FAILED.say(log.error, "ingest failed: %s", exc)
         metrics.events_rejected.labels("spool_error").inc()
         app[WAKE]()   # the writer may have committed them before it failed to answer
         return error(503, "the spool cannot store events right now", headers={"Retry-After": "5"})
@@ -600,9 +598,7 @@ async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         # log: it can name the database's address.
         if isinstance(exc, SpoolFull):
             return error(503, str(exc), headers={"Retry-After": str(exc.retry_after)})
-        held = _SPOOL_DOWN.allow()
-        if held is not None:
-            log.warning("%s %s: the spool cannot answer: %s%s", request.method, request.path,
-                        exc, f" ({held} more since the last such line)" if held else "")
+        _SPOOL_DOWN.say(log.warning, "%s %s: the spool cannot answer: %s", request.method,
+                        request.path, exc)
         return error(503, "the spool cannot answer right now; try again shortly",
                      headers={"Retry-After": "5"})

@@ -39,7 +39,7 @@ from relay.server import (
     ingest_shortcut,
 )
 from relay.spool import Spool
-from relay.spool.backends import longest_timeout, open_spool
+from relay.spool.backends import open_spool
 from relay.spool.contract import SpoolBackend
 from relay.spool.files import log_pending, private_spool_files
 from relay.supervise import Supervisor
@@ -81,7 +81,7 @@ async def run(loaded: Loaded, *, metrics: Metrics | None = None,
     sqlite = config.spool.backend == "sqlite"
     if sqlite and role is None:
         private_spool_files(config.spool.path)
-    spool = open_spool(config.spool, delivery_timeout=longest_timeout(config),
+    spool = open_spool(config.spool, delivery_timeout=config.longest_timeout(),
                        writer_socket=role.writer_socket if role and sqlite else None)
     await spool.open()
     supervisor = Supervisor(metrics.count_restart)

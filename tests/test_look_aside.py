@@ -20,6 +20,21 @@ from tests.helpers import write_config
 from tests.test_backlog_looks import item
 
 
+async def backlogged(tmp_path: Path, names: tuple[str, ...], backlog: tuple[str, ...],
+                     **sections: Any) -> tuple[Any, Spool]:
+    """A config of braze destinations ``names`` (at https://<name>.example.com) and its open
+    SQLite spool, holding 3,000 due deliveries for each destination of ``backlog``."""
+    config = load_config(write_config(
+        tmp_path, destinations=[{"name": n, "format": "braze",
+                                 "url": f"https://{n}.example.com/hook"} for n in names],
+        **sections), env={})
+    spool = Spool(config.spool.path)
+    await spool.open()
+    for name in backlog:
+        await spool.ingest([item(i, name) for i in range(3000)])
+    return config, spool
+
+
 def counted(spool: Spool) -> list[tuple[str, ...]]:
     """The destinations of every look at ``spool`` from now on."""
     asked: list[tuple[str, ...]] = []
@@ -44,15 +59,11 @@ class Failing:
 
 
 async def test_retries_do_not_make_every_round_look_at_idle_destinations(tmp_path: Path) -> None:
-    config = load_config(write_config(
-        tmp_path, delivery={"concurrency": 8, "per_host_concurrency": 8,
-                            "backoff_initial": "10s", "backoff_max": "10s"},
-        health={"consecutive_failures": 1000000, "min_failures": 1000000},
-        destinations=[{"name": n, "format": "braze", "url": f"https://{n}.example.com/hook"}
-                      for n in ("a", "c")]), env={})
-    spool = Spool(config.spool.path)
-    await spool.open()
-    await spool.ingest([item(i, "a") for i in range(3000)])
+    config, spool = await backlogged(
+        tmp_path, ("a", "c"), ("a",),
+        delivery={"concurrency": 8, "per_host_concurrency": 8, "backoff_initial": "10s",
+                  "backoff_max": "10s"},
+        health={"consecutive_failures": 1000000, "min_failures": 1000000})
     transport = Failing()
     dispatcher = Dispatcher(config, spool, transport=transport)
     asked = counted(spool)
@@ -81,14 +92,8 @@ class Hosts:
 
 async def test_no_look_aside_at_an_idle_destination_every_round_after_idle_recheck(
         tmp_path: Path) -> None:
-    config = load_config(write_config(
-        tmp_path, delivery={"concurrency": 8, "per_host_concurrency": 2},
-        destinations=[{"name": n, "format": "braze", "url": f"https://{n}.example.com/hook"}
-                      for n in ("a", "b", "c")]), env={})
-    spool = Spool(config.spool.path)
-    await spool.open()
-    for name in ("a", "b"):
-        await spool.ingest([item(i, name) for i in range(3000)])
+    config, spool = await backlogged(tmp_path, ("a", "b", "c"), ("a", "b"),
+                                     delivery={"concurrency": 8, "per_host_concurrency": 2})
     offset = [0.0]
     transport = Hosts()
     dispatcher = Dispatcher(config, spool, transport=transport,
@@ -128,13 +133,8 @@ async def test_events_another_worker_stored_are_read_beside_a_backlog(tmp_path: 
     of its own, looks aside never read them, and they waited for the backlog's rows in memory
     (6 s, about 240 of a's requests, found by the review). The wake marks every open
     destination wanted."""
-    config = load_config(write_config(
-        tmp_path, delivery={"concurrency": 8, "per_host_concurrency": 8},
-        destinations=[{"name": n, "format": "braze", "url": f"https://{n}.example.com/hook"}
-                      for n in ("a", "b")]), env={})
-    spool = Spool(config.spool.path)
-    await spool.open()
-    await spool.ingest([item(i, "a") for i in range(3000)])
+    config, spool = await backlogged(tmp_path, ("a", "b"), ("a",),
+                                     delivery={"concurrency": 8, "per_host_concurrency": 8})
     transport = Slow()
     dispatcher = Dispatcher(config, spool, transport=transport)
     await dispatcher.start()

@@ -295,8 +295,7 @@ def check_config(config: Config, *, positions: tuple[int, ...] | None = None,
         problems += _check_dsn(config.spool.postgres.dsn.get_secret_value())
     lease = config.spool.postgres.lease
     if config.spool.backend == "postgres" and lease is not None:
-        longest = max([config.delivery.timeout,
-                       *(d.timeout for d in config.destinations if d.timeout is not None)])
+        longest = config.longest_timeout()
         if lease <= longest:
             # a claim that ends before its attempt lets another replica send it meanwhile
             problems.append(("spool.postgres.lease", f"must outlast every attempt: longer than "
@@ -502,11 +501,12 @@ def _check_url(dest: Destination, at: str, config: Config) -> list[tuple[str, st
         # judged by what it resolves to, at send time)
         from relay.egress import Blocked, check_literal, parse_networks  # (aiohttp: lazily)
 
-        with contextlib.suppress(ValueError):   # a bad allowed_networks entry is named apart
-            try:
-                check_literal(parts.hostname, parse_networks(config.delivery.allowed_networks))
-            except Blocked as exc:
-                problems.append((f"{at}.url", str(exc)))
+        try:
+            check_literal(parts.hostname, parse_networks(config.delivery.allowed_networks))
+        except Blocked as exc:
+            problems.append((f"{at}.url", str(exc)))
+        except ValueError:
+            pass   # a bad allowed_networks entry: named on its own
     if "@" in parts.netloc:
         problems.append((f"{at}.url", "must not carry userinfo (user:password@); use auth"))
     if dest.format == "ajo" and parts.scheme != "https" and not dest.allow_insecure_http:
@@ -600,8 +600,7 @@ def _interpolate(node: Any, path: str, env: Mapping[str, str], problems: list[tu
 
     # "${" that is no reference (${A-x}, ${A B}, a fallback holding another reference) would
     # be sent as it is: say so instead
-    if "${" in _ENV_REF.sub(lambda m: "" if m.group(0) == "$$" or "${" not in (m.group(2) or "")
-                        else "${", node):
+    if "${" in _ENV_REF.sub(lambda m: "${" if "${" in (m.group(2) or "") else "", node):
         problems.append((path, "a ${...} that is not ${NAME} or ${NAME:-fallback} (a fallback "
                                "cannot hold another ${...}; $$ is a literal $)"))
         return node

@@ -469,6 +469,12 @@ class Config(_Model):
             "match. At most 65,536.")
     source: str = Field(default="config", exclude=True)  # file the config came from
 
+    def longest_timeout(self) -> float:
+        """The longest attempt any destination may make (delivery.timeout, or a
+        destination's own): a PostgreSQL lease must outlast it."""
+        return max([self.delivery.timeout,
+                    *(d.timeout for d in self.destinations if d.timeout is not None)])
+
     def destination(self, name: str) -> Destination | None:
         return next((d for d in self.destinations if d.name == name), None)
 

@@ -7,18 +7,11 @@ from typing import TYPE_CHECKING
 from relay.errors import SpoolError
 
 if TYPE_CHECKING:
-    from relay.config.schema import Config, SpoolConfig
+    from relay.config.schema import SpoolConfig
     from relay.spool import Spool
     from relay.spool.postgres import PostgresSpool
 
 LEASE_MARGIN = 30.0  # a claim outlives one attempt (delivery.timeout) by this much
-
-
-def longest_timeout(config: Config) -> float:
-    """The longest attempt any destination may make (delivery.timeout, or a destination's
-    own): the default PostgreSQL lease outlasts it."""
-    return max([config.delivery.timeout,
-                *(d.timeout for d in config.destinations if d.timeout is not None)])
 
 
 def open_spool(config: SpoolConfig, *, delivery_timeout: float = 90.0,
