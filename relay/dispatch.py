@@ -48,6 +48,11 @@ from relay.transport import AiohttpTransport, Transport
 log = logging.getLogger("relay.dispatch")
 
 PREFETCH = 256       # due deliveries read from the spool at a time
+# SQLite: offered deliveries waiting in memory for a request slot (a burst faster than its
+# receivers, delivered from memory, not read back from the spool: bench/e2e.py). PostgreSQL
+# keeps two looks' worth (its offers are leased rows: see offer_mark).
+READY_ROWS = 16_384
+READY_BYTES = 8 << 20        # ... and characters of their event JSON
 IDLE_RECHECK = 60.0  # wake at least this often, e.g. after a replay made by another process
 # Memory is bounded in bytes of stored event JSON (a parsed event weighs several times its
 # text): 100 events of 1 MiB pending or in flight stay under 200 MB resident (bench/abuse.py).
@@ -131,6 +136,10 @@ class Dispatcher:
         # one destination after another (relay/ready.py)
         self._ready = ReadyQueue()
         self._aside = config.spool.backend == "sqlite"   # see _look_aside
+        # how much the ready queue takes from offers (_ready_full); SQLite also keeps the
+        # deliveries of a busy host's destinations there (_start_some) and takes their offers
+        self._ready_rows, self._ready_bytes = (READY_ROWS, READY_BYTES) if self._aside else \
+            (2 * PREFETCH, DUE_BUDGET)
         # PostgreSQL: how long a claim is this replica's, and when each row in the ready queue
         # was claimed (by a look, or leased at ingest): one whose lease would end before its
         # attempt could is not started (see _start_some)
@@ -161,6 +170,9 @@ class Dispatcher:
                                 # or below it are that look's to hand out
         self._looked_at = 0.0   # when the last look was made (IDLE_RECHECK applies under load)
         self._open: frozenset[str] = frozenset()  # destinations taking deliveries, last round
+        # ... and those whose offers join the ready queue: open, or (SQLite) waiting only for
+        # a request slot at their host
+        self._accepting: frozenset[str] = frozenset()
         self._looking = False   # a look at the spool is under way
         self._looks = 0         # looks begun (PostgreSQL offers: see offer_mark)
         # (look number, seqs it claimed or gave back) of the last LOOK_HISTORY looks:
@@ -211,6 +223,7 @@ class Dispatcher:
         # Destinations whose host comes from event data: each rendered endpoint is its own
         # health key, so an event-chosen endpoint can only suspend itself.
         self._templated = [name for name, c in destinations.items() if c.host is None]
+        self._templated_names = frozenset(self._templated)
         self._clear_ready()  # may hold deliveries of a removed destination
         self.wake()
 
@@ -310,12 +323,15 @@ class Dispatcher:
                 self.wake()  # memory is bounded in bytes: the next look finds these
             return
         if not receipt.fresh or self._stopping or self._unrecorded or \
-                (self._ready and self._ready_full(receipt)) or \
                 (self._next_at is not None and self._next_at <= self.clock()):
             self.wake()     # (a retry just fell due: it goes first)
             return
         open_, covered, seen, seen_for = self._open, self._covered, self._seen_upto, \
             self._seen_for
+        # No room for them in memory: a look finds them (only theirs is forgotten: the other
+        # destinations' offers still start from memory)
+        accepting = frozenset() if self._ready and self._ready_full(receipt) else \
+            self._accepting
         fresh = [entry for entry in receipt.fresh
                  if entry[2] > seen and (not seen_for or entry[2] > seen_for.get(entry[4], 0))]
         if receipt.mark is not None and receipt.mark != self._looks:
@@ -327,7 +343,7 @@ class Dispatcher:
                 self.wake()  # too many looks since to tell: the next look hands them out
                 return
             fresh = [entry for entry in fresh if entry[2] not in claimed]
-        taken = [entry for entry in fresh if entry[4] in covered and entry[4] in open_]
+        taken = [entry for entry in fresh if entry[4] in covered and entry[4] in accepting]
         # (PostgreSQL: deliveries stored for any replica, beside the offered ones, are this
         # replica's to look for too, as declined ones are)
         left = receipt.unoffered
@@ -342,8 +358,11 @@ class Dispatcher:
             # memory (forgetting it all, one destination's steady ingest made every other's
             # events wait for a look).
             if not left.isdisjoint(open_):
-                self._wanted |= left & open_   # new events that wait for a read: see _run
                 self._wake.set()
+            # new events that wait for a read (see _run), also of a destination whose host is
+            # busy now: when a slot comes free, a look aside reads them, not only a look once
+            # the ready queue is used up
+            self._wanted |= left & self._accepting
         if not taken:
             return
         dues = receipt._replace(fresh=taken).dues()
@@ -362,8 +381,11 @@ class Dispatcher:
         budget of event JSON. (One look's rows alone made it full: a look that was all one
         destination's backlog then turned every other destination's offer into a wake-up, which
         forgot what the look had covered, and their new events waited for the backlog's rows.)"""
-        return len(self._ready) + len(receipt.fresh) > 2 * PREFETCH or \
-            self._ready.size + sum(map(len, receipt.bodies)) > DUE_BUDGET
+        rows, size = (2 * PREFETCH, DUE_BUDGET) if self._templated and \
+            not self._templated_names.isdisjoint(entry[4] for entry in receipt.fresh) else \
+            (self._ready_rows, self._ready_bytes)
+        return len(self._ready) + len(receipt.fresh) > rows or \
+            self._ready.size + sum(map(len, receipt.bodies)) > size
 
     def _claimed_since(self, mark: int) -> set[int] | None:
         """The seqs claimed or given back by the looks after look ``mark``; None if some
@@ -423,11 +445,15 @@ class Dispatcher:
                 if self._next_at is not None and self._next_at <= now:
                     self._forget()  # a delivery the last look saw coming is due now
                     self._next_at = None
+                    # (whose, the look did not say: with deliveries waiting in memory, a look
+                    # aside reads the open destinations that have none there)
+                    self._wanted |= self._open
                 if now - self._looked_at >= IDLE_RECHECK:
                     self._forget()  # the backstop holds under steady traffic too (once per
                     self._looked_at = now  # IDLE_RECHECK while looks aside keep the queue full)
-                names = self._open_destinations(now)
+                names, busy = self._open_destinations(now)
                 self._open = frozenset(names)
+                self._accepting = self._open | busy if self._aside else self._open
                 looked = False
                 if self._room() and not self._ready and not self._open <= self._covered:
                     looked = True
@@ -470,7 +496,8 @@ class Dispatcher:
                     for receipt in held:
                         self.offer(receipt)
                 elif self._aside and self._wanted and self._room() and self._ready and \
-                        len(self._ready) < 2 * PREFETCH and self._ready.size < DUE_BUDGET:
+                        len(self._ready) < self._ready_rows + PREFETCH and \
+                        self._ready.size < self._ready_bytes + DUE_BUDGET:
                     aside = [name for name in names if name in self._wanted
                              and name not in self._covered and not self._ready.has(name)]
                     # (spaced: a later round does it; with room and a non-empty queue this
@@ -556,15 +583,22 @@ class Dispatcher:
         for receipt in held:
             self.offer(receipt)
 
-    def _open_destinations(self, now: float) -> list[str]:
+    def _open_destinations(self, now: float) -> tuple[list[str], frozenset[str]]:
         """Destinations whose host takes requests now: not suspended, not at its limit (and
-        every destination whose endpoint is chosen per event: that is judged per delivery)."""
+        every destination whose endpoint is chosen per event: that is judged per delivery);
+        and those held back only by their host's limit (a request slot there is all they
+        wait for)."""
         per_host = self.config.delivery.per_host_concurrency
-        open_ = [name for host, names in self._host_destinations.items()
-                 if self._host_load[host] < per_host and not self.health.is_blocked(host, now)
-                 for name in names] + self._templated
-        self._limited.update(name for name in open_ if not self.limits.ready(name, now))
-        return [name for name in open_ if name not in self._limited]
+        open_: list[str] = []
+        busy: list[str] = []
+        for host, names in self._host_destinations.items():
+            if not self.health.is_blocked(host, now):
+                (open_ if self._host_load[host] < per_host else busy).extend(names)
+        open_ += self._templated
+        limits = self.limits
+        self._limited.update(name for name in open_ if not limits.ready(name, now))
+        return [name for name in open_ if name not in self._limited], \
+            frozenset(name for name in busy if limits.ready(name, now))
 
     def _room(self) -> bool:
         """A request slot is free (delivery.concurrency), and few enough answered deliveries
@@ -581,6 +615,7 @@ class Dispatcher:
         per_host = self.config.delivery.per_host_concurrency
         started = 0
         waiting: list[Due] = []
+        held = False  # some wait for more than a request slot at their host
         now = self.clock()
         # (the loop's own create_task: asyncio.create_task looks the loop up per call, and on
         # Python 3.11 that lookup is a getpid system call)
@@ -609,19 +644,26 @@ class Dispatcher:
             if not self.limits.ready(target.name, now):
                 self._count_limited(due.seq, target.name)
                 waiting.append(due)  # over its rate limit: held like a suspended host's
+                held = True
                 continue
             size = len(due.event_json)
             if self._inflight and self._inflight_bytes + size > INFLIGHT_BYTES:
                 waiting.append(due)  # memory is bounded in bytes too: wait for a slot
-                self._starved = True
-                continue
+                self._starved = held = True
+                break
             # An event-chosen endpoint is known once the request is rendered: render it now.
             prepared = self._prepare(due, target) if target.host is None else None
             host = target.host or (prepared.host if prepared else "")
             # At the end of a suspension, a delivery that never failed there probes first.
             busy = self._host_load[host] >= per_host
+            if busy and target.host is not None:
+                # every delivery of this destination waits for a slot at that host
+                waiting.append(due)
+                waiting += self._ready.take_line(due.destination)
+                continue
             if busy or not self.health.allow(host, now, fresh=due.attempts == 0):
                 waiting.append(due)  # held: not attempted, no retry used
+                held = True
                 if target.host is None and self.health.is_blocked(host, now):
                     self._parked[due.seq] = host
                 over = None if busy else self.health.blocked_until(host)
@@ -641,9 +683,12 @@ class Dispatcher:
         if len(self._requesting) < self._limit and not self._room():
             self._starved = True  # starts (and looks) wait for outcomes to be committed
         self._ready.extendleft(reversed(waiting))  # keep their place, oldest first
-        if waiting and not started:
+        if waiting and not started and (held or not self._aside or
+                                        not self._open <= self._covered):
             # Only held or busy hosts have work ready: drop it, so the next fetch (which leaves
-            # those hosts out) can see other hosts' deliveries.
+            # those hosts out) can see other hosts' deliveries. (SQLite keeps what waits only
+            # for a slot at a busy host while no open destination needs a look: the next
+            # answer from that host starts it, with no read of the spool.)
             self._clear_ready()
             self._forget()
         return started

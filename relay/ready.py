@@ -22,12 +22,13 @@ from relay.spool import Due
 class ReadyQueue:
     """Due deliveries by destination, taken one destination after another."""
 
-    __slots__ = ("_count", "_lines", "size")
+    __slots__ = ("_count", "_lines", "_sizes", "size")
 
     def __init__(self) -> None:
         # destination -> its deliveries, oldest first; the dict's order is the turn order (the
         # destination whose delivery was just taken goes to the back)
         self._lines: dict[str, deque[Due]] = {}
+        self._sizes: dict[str, int] = {}  # destination -> characters of event JSON in its line
         self._count = 0
         self.size = 0   # characters of event JSON held (memory is bounded in bytes too)
 
@@ -51,7 +52,9 @@ class ReadyQueue:
             line = self._lines[due.destination] = deque()
         line.append(due)
         self._count += 1
-        self.size += len(due.event_json)
+        size = len(due.event_json)
+        self.size += size
+        self._sizes[due.destination] = self._sizes.get(due.destination, 0) + size
 
     def extend(self, dues: Iterable[Due]) -> None:
         for due in dues:
@@ -64,11 +67,26 @@ class ReadyQueue:
         name, line = next(iter(self._lines.items()))
         due = line.popleft()
         self._count -= 1
-        self.size -= len(due.event_json)
+        size = len(due.event_json)
+        self.size -= size
         del self._lines[name]
         if line:
             self._lines[name] = line   # its next delivery waits for the others' turn
+            self._sizes[name] -= size
+        else:
+            del self._sizes[name]
         return due
+
+    def take_line(self, destination: str) -> list[Due]:
+        """Remove and return ``destination``'s deliveries, oldest first (a destination whose
+        host is busy: none of them can start now, and passing over them one by one would
+        cost a round as many steps as the line is long)."""
+        line = self._lines.pop(destination, None)
+        if line is None:
+            return []
+        self._count -= len(line)
+        self.size -= self._sizes.pop(destination)
+        return list(line)
 
     def extendleft(self, dues: Iterable[Due]) -> None:
         """Put deliveries back at the head of their destinations' lines, as
@@ -82,11 +100,14 @@ class ReadyQueue:
                 line = back[due.destination] = self._lines.pop(due.destination, deque())
             line.appendleft(due)
             self._count += 1
-            self.size += len(due.event_json)
+            size = len(due.event_json)
+            self.size += size
+            self._sizes[due.destination] = self._sizes.get(due.destination, 0) + size
         if back:
             self._lines = {**dict(reversed(back.items())), **self._lines}
 
     def clear(self) -> None:
         self._lines.clear()
+        self._sizes.clear()
         self._count = 0
         self.size = 0
