@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import subprocess
 import sys
 import textwrap
@@ -16,6 +17,8 @@ from hypothesis import strategies as st
 from relay.config import Config, load_config, parse_config, parse_duration, validate_config
 from relay.config.schema import MAX_DESTINATIONS
 from relay.errors import ConfigError
+from relay.events import load_event
+from relay.payloads import build_renderer
 from tests.helpers import ROOT
 
 
@@ -494,6 +497,40 @@ def test_a_language_variants_url_is_checked_as_the_destinations_is() -> None:
     assert "destinations[0].template.variants.fr.url" in found, found
     assert "allowed_hosts" in found["destinations[0].template.variants.de.url"], found
     assert not [path for path in found if ".es." in path], found
+
+
+def test_a_language_variants_port_is_checked_as_each_request_is() -> None:
+    """A variant url on another port than the destination's url: allowed by
+    delivery.allowed_ports, but not by the destination's own port rule that every rendered
+    url meets before it is sent. It passed the config check, and every delivery in that
+    language failed at send time. With the port in the destination's allowed_ports it passes,
+    and renders."""
+    text = """
+        delivery: {allowed_ports: [443, 8443]}
+        destinations:
+          - name: crm
+            format: template
+            url: "https://crm.example.com/{{ event.message_id }}"
+            template:
+              body: {type: json, fields: {s: "{{ event.status }}"}}
+              variants:
+                fr: {url: "https://crm.example.com:8443/fr/{{ event.message_id }}"}
+                de: {url: "https://crm.example.com/de/{{ event.message_id }}"}
+    """
+    found = problems(text)
+    assert "port 8443" in found["destinations[0].template.variants.fr.url"], found
+    assert "allowed_ports" in found["destinations[0].template.variants.fr.url"], found
+    assert not [path for path in found if ".de." in path], found
+    allowed = textwrap.dedent(text).replace("format: template\n",
+                                            "format: template\n    allowed_ports: [443, 8443]\n")
+    config = parse_config(allowed, env={})
+    renderer = build_renderer(config.destinations[0], config)
+    for language, url in (("fr", "https://crm.example.com:8443/fr/m-1"),
+                          ("de", "https://crm.example.com/de/m-1")):
+        request = renderer.render(load_event(json.dumps(
+            {"id": "e", "channel": "email", "status": "sent", "message_id": "m-1",
+             "language": language})), "dlv_1")
+        assert request.url == url
 
 
 def test_file_keys_inside_headers_and_fields_are_plain_names(tmp_path: Path) -> None:
