@@ -70,6 +70,7 @@ LEASE_SLACK = 0.5  # seconds of a claim kept beyond an attempt's timeout (render
 LOOK_HISTORY = 16            # looks whose claims are kept to sort out PostgreSQL offers
 PARKED_MAX = 10_000          # deliveries remembered as held for a suspended chosen endpoint
 RECORD_RETRY_MAX = 30.0      # longest wait between tries to record a kept outcome
+READ_RETRY = 1.0             # seconds between tries to read due deliveries in an outage
 
 
 @frozen
@@ -535,7 +536,10 @@ class Dispatcher:
             except SpoolError as exc:
                 # (each round: every few ms in an outage)
                 self._read_failed.say(log.error, "cannot read due deliveries: %s", exc)
-                wait = 1.0
+                # The next read in a second, whatever wakes the loop meanwhile: each ingest
+                # that fails in the outage wakes it, and each wake-up cost a read.
+                await self._pause(READ_RETRY)
+                continue
             # Otherwise: every slot is busy, or what is ready waits on busy hosts, or nothing is
             # due yet. A finished attempt, new work, the next due time or the end of a
             # suspension wakes the loop.
@@ -543,6 +547,19 @@ class Dispatcher:
                 await asyncio.wait_for(self._wake.wait(), wait)
             except TimeoutError:
                 self._forget()  # a due time, a probe, a token or IDLE_RECHECK: look again
+
+    async def _pause(self, seconds: float) -> None:
+        """Wait ``seconds``, or until stopping; wake-ups meanwhile wait with it (the round
+        after it looks at the spool again in any case)."""
+        deadline = asyncio.get_running_loop().time() + seconds
+        while not self._stopping:
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                break
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), left)
+        self._forget()
 
     async def _look_aside(self, now: float, names: list[str]) -> None:
         """Read the due deliveries of open destinations that have none in the ready queue and
