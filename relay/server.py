@@ -79,10 +79,13 @@ class _Recent:
             await asyncio.sleep(turn - now)
 
     async def get(self, key: str, read: Callable[[], Awaitable[Any]]) -> Any:
+        """The last reading if under ``ttl`` old, or the reading under way (one at a time:
+        a read that hangs, as on a blackholed database, is shared, not started again per
+        caller), or a new one."""
         now = time.monotonic()
         found = self._entries.get(key)
-        if found is None or now - found[0] > self.ttl or \
-                (found[1].done() and found[1].exception() is not None):
+        if found is None or (found[1].done() and (
+                now - found[0] > self.ttl or found[1].exception() is not None)):
             found = (now, asyncio.ensure_future(read()))
             self._entries[key] = found
         return await asyncio.shield(found[1])
@@ -452,6 +455,7 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
 
 
 SCRAPE_PACE = 0.05  # seconds between two scrape answers: at most 20 a second in all
+SPOOL_GAUGES_WAIT = 2.0   # seconds a scrape waits for the spool's counts, then goes without
 
 
 async def _render_metrics(app: web.Application) -> bytes:
@@ -459,19 +463,21 @@ async def _render_metrics(app: web.Application) -> bytes:
     metrics, spool, recent = app[METRICS], app[SPOOL], app[RECENT]
     bounds = app[CONFIG].spool
     try:
-        counts = await recent.get("counts", spool.counts)
-        for state in DELIVERY_STATES:
-            metrics.spool_deliveries.labels(state).set(counts.get(state, 0))
-        oldest = await recent.get("oldest", lambda: spool.oldest_due(time.time()))
-        metrics.oldest_due_age.set(max(0.0, time.time() - oldest) if oldest is not None
-                                   else 0.0)
-        stats = await recent.get("stats", spool.stats)
-        metrics.open_events.set(stats.get("open_events", 0))
-        metrics.spool_bytes.set(stats.get("bytes", 0))
-    except SpoolError:
-        # The spool cannot be read (its database is down): every other series still goes
-        # out, the spool's keep their last values, and /readyz says why. (A 500 here lost
-        # every series exactly during the outage they should show.)
+        async with asyncio.timeout(SPOOL_GAUGES_WAIT):
+            counts = await recent.get("counts", spool.counts)
+            for state in DELIVERY_STATES:
+                metrics.spool_deliveries.labels(state).set(counts.get(state, 0))
+            oldest = await recent.get("oldest", lambda: spool.oldest_due(time.time()))
+            metrics.oldest_due_age.set(max(0.0, time.time() - oldest) if oldest is not None
+                                       else 0.0)
+            stats = await recent.get("stats", spool.stats)
+            metrics.open_events.set(stats.get("open_events", 0))
+            metrics.spool_bytes.set(stats.get("bytes", 0))
+    except (SpoolError, TimeoutError):
+        # The spool cannot be read (its database is down, or does not answer): every other
+        # series still goes out, the spool's keep their last values, and /readyz says why.
+        # (A 500 here lost every series exactly during the outage they should show; a
+        # blackholed database held every scrape for the client's command timeout.)
         pass
     metrics.max_events.set(bounds.max_events)
     metrics.max_bytes.set(bounds.max_bytes)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -251,6 +253,39 @@ async def test_api_answers_503_not_500_while_the_spool_cannot_answer(make_stack:
         assert "try again" in (await resp.json())["error"]   # (the cause stays in the log)
     scrape = await stack.client.get("/metrics")
     assert scrape.status == 200 and "relay_events_accepted_total" in await scrape.text()
+
+
+async def test_metrics_answer_while_the_spools_reads_hang(make_stack: Any,
+                                                           monkeypatch: Any) -> None:
+    """A blackholed database (no answer, no refusal) held every scrape until the client's
+    command timeout: /metrics went dark exactly during the outage. A scrape now answers
+    within SPOOL_GAUGES_WAIT with the spool's gauges as last read, and scrapes meanwhile
+    share the one read under way instead of starting one each."""
+    from relay import server
+
+    monkeypatch.setattr(server, "SPOOL_GAUGES_WAIT", 0.3)
+    stack = await make_stack(dispatch=False)
+    await stack.post(event(1))
+    first = await stack.client.get("/metrics")
+    assert 'relay_spool_deliveries{state="pending"} 3.0' in await first.text()
+    reads: list[str] = []
+
+    async def hang(*args: Any, **kwargs: Any) -> Any:
+        reads.append("counts")
+        await asyncio.sleep(3600)
+
+    monkeypatch.setattr(stack.spool, "counts", hang)
+    await asyncio.sleep(1.1)   # past the shared reading's second
+    for _ in range(3):
+        started = time.monotonic()
+        scrape = await asyncio.wait_for(stack.client.get("/metrics"), 5)
+        assert scrape.status == 200
+        text = await scrape.text()
+        assert time.monotonic() - started < 1.5
+        assert "relay_events_accepted_total 1.0" in text
+        assert 'relay_spool_deliveries{state="pending"} 3.0' in text   # as last read
+        await asyncio.sleep(1.1)
+    assert reads == ["counts"], reads
 
 
 async def test_nul_in_api_values_is_a_client_error(make_stack: Any) -> None:
