@@ -137,7 +137,7 @@ class Dispatcher:
         # one destination after another (relay/ready.py)
         self._ready = ReadyQueue()
         self._aside = config.spool.backend == "sqlite"   # see _look_aside
-        # how much the ready queue takes from offers (_ready_full); SQLite also keeps the
+        # how much the ready queue takes from offers (_offerable); SQLite also keeps the
         # deliveries of a busy host's destinations there (_start_some) and takes their offers
         self._ready_rows, self._ready_bytes = (READY_ROWS, READY_BYTES) if self._aside else \
             (2 * PREFETCH, DUE_BUDGET)
@@ -331,8 +331,7 @@ class Dispatcher:
             self._seen_for
         # No room for them in memory: a look finds them (only theirs is forgotten: the other
         # destinations' offers still start from memory)
-        accepting = frozenset() if self._ready and self._ready_full(receipt) else \
-            self._accepting
+        accepting = self._offerable(receipt)
         fresh = [entry for entry in receipt.fresh
                  if entry[2] > seen and (not seen_for or entry[2] > seen_for.get(entry[4], 0))]
         if receipt.mark is not None and receipt.mark != self._looks:
@@ -377,16 +376,24 @@ class Dispatcher:
         self._ready.clear()
         self._claimed_at.clear()
 
-    def _ready_full(self, receipt: Receipt) -> bool:
-        """No room in the ready queue for these offers: past two looks' rows, or one look's
-        budget of event JSON. (One look's rows alone made it full: a look that was all one
-        destination's backlog then turned every other destination's offer into a wake-up, which
-        forgot what the look had covered, and their new events waited for the backlog's rows.)"""
-        rows, size = (2 * PREFETCH, DUE_BUDGET) if self._templated and \
-            not self._templated_names.isdisjoint(entry[4] for entry in receipt.fresh) else \
-            (self._ready_rows, self._ready_bytes)
-        return len(self._ready) + len(receipt.fresh) > rows or \
-            self._ready.size + sum(map(len, receipt.bodies)) > size
+    def _offerable(self, receipt: Receipt) -> frozenset[str]:
+        """The destinations whose offers in ``receipt`` the ready queue has room for. Its
+        bound: READY_ROWS / READY_BYTES on SQLite, two looks' rows and one look's budget of
+        event JSON on PostgreSQL (one look's rows alone made it full: a look that was all one
+        destination's backlog then turned every other destination's offer into a wake-up,
+        which forgot what the look had covered, and their new events waited for the
+        backlog's rows). Destinations whose endpoint is chosen per event keep the smaller
+        bound: a round renders each of their deliveries to learn its host."""
+        accepting = self._accepting
+        if not self._ready:
+            return accepting
+        rows = len(self._ready) + len(receipt.fresh)
+        size = self._ready.size + sum(map(len, receipt.bodies))
+        if rows > self._ready_rows or size > self._ready_bytes:
+            return frozenset()
+        if self._templated and (rows > 2 * PREFETCH or size > DUE_BUDGET):
+            return accepting - self._templated_names
+        return accepting
 
     def _claimed_since(self, mark: int) -> set[int] | None:
         """The seqs claimed or given back by the looks after look ``mark``; None if some
@@ -397,9 +404,17 @@ class Dispatcher:
         return set().union(*claims)
 
     def _forget(self) -> None:
-        """The spool may hold due work this process has not seen: the next round looks."""
+        """The spool may hold due work this process has not seen: the next round looks.
+
+        A full look waits until the ready queue is used up, and on SQLite that queue may
+        hold thousands of deliveries waiting for a busy host: what is beyond one round's
+        worth (delivery.concurrency) goes, and stays due in the spool. So the work the spool
+        may hold (a retry, a replay, the end of another host's suspension) is read after a
+        round, not after the whole backlog in memory."""
         self._covered = frozenset()
         self._changes += 1
+        if self._aside:
+            self._ready.trim(self._limit)
 
     async def stop(self, timeout: float) -> None:
         """Stop taking work; let attempts in flight finish for up to ``timeout`` seconds."""
@@ -446,9 +461,6 @@ class Dispatcher:
                 if self._next_at is not None and self._next_at <= now:
                     self._forget()  # a delivery the last look saw coming is due now
                     self._next_at = None
-                    # (whose, the look did not say: with deliveries waiting in memory, a look
-                    # aside reads the open destinations that have none there)
-                    self._wanted |= self._open
                 if now - self._looked_at >= IDLE_RECHECK:
                     self._forget()  # the backstop holds under steady traffic too (once per
                     self._looked_at = now  # IDLE_RECHECK while looks aside keep the queue full)
@@ -497,8 +509,8 @@ class Dispatcher:
                     for receipt in held:
                         self.offer(receipt)
                 elif self._aside and self._wanted and self._room() and self._ready and \
-                        len(self._ready) < self._ready_rows + PREFETCH and \
-                        self._ready.size < self._ready_bytes + DUE_BUDGET:
+                        len(self._ready) < self._ready_rows and \
+                        self._ready.size < self._ready_bytes:
                     aside = [name for name in names if name in self._wanted
                              and name not in self._covered and not self._ready.has(name)]
                     # (spaced: a later round does it; with room and a non-empty queue this
@@ -632,6 +644,8 @@ class Dispatcher:
         per_host = self.config.delivery.per_host_concurrency
         started = 0
         waiting: list[Due] = []
+        # lines passed over whole (ReadyQueue.take_line): none of their deliveries can start
+        passed: dict[str, tuple[deque[Due], int]] = {}
         held = False  # some wait for more than a request slot at their host
         now = self.clock()
         # (the loop's own create_task: asyncio.create_task looks the loop up per call, and on
@@ -664,20 +678,21 @@ class Dispatcher:
                 held = True
                 continue
             size = len(due.event_json)
+            if target.host is not None and self._host_load[target.host] >= per_host:
+                # every delivery of this destination waits for a slot at that host
+                self._pass_over(due, passed)
+                continue
             if self._inflight and self._inflight_bytes + size > INFLIGHT_BYTES:
-                waiting.append(due)  # memory is bounded in bytes too: wait for a slot
+                # memory is bounded in bytes too: this destination waits for a slot (its
+                # line whole; other destinations' smaller events may still fit)
+                self._pass_over(due, passed)
                 self._starved = held = True
-                break
+                continue
             # An event-chosen endpoint is known once the request is rendered: render it now.
             prepared = self._prepare(due, target) if target.host is None else None
             host = target.host or (prepared.host if prepared else "")
             # At the end of a suspension, a delivery that never failed there probes first.
             busy = self._host_load[host] >= per_host
-            if busy and target.host is not None:
-                # every delivery of this destination waits for a slot at that host
-                waiting.append(due)
-                waiting += self._ready.take_line(due.destination)
-                continue
             if busy or not self.health.allow(host, now, fresh=due.attempts == 0):
                 waiting.append(due)  # held: not attempted, no retry used
                 held = True
@@ -700,15 +715,23 @@ class Dispatcher:
         if len(self._requesting) < self._limit and not self._room():
             self._starved = True  # starts (and looks) wait for outcomes to be committed
         self._ready.extendleft(reversed(waiting))  # keep their place, oldest first
-        if waiting and not started and (held or not self._aside or
-                                        not self._open <= self._covered):
+        self._ready.put_lines(passed)
+        if (waiting or passed) and not started and (held or not self._aside or
+                                                    not self._accepting <= self._covered):
             # Only held or busy hosts have work ready: drop it, so the next fetch (which leaves
             # those hosts out) can see other hosts' deliveries. (SQLite keeps what waits only
-            # for a slot at a busy host while no open destination needs a look: the next
-            # answer from that host starts it, with no read of the spool.)
+            # for a slot at a busy host while the last look covers every destination that
+            # takes work: the next answer from that host starts it, with no read.)
             self._clear_ready()
             self._forget()
         return started
+
+    def _pass_over(self, due: Due, passed: dict[str, tuple[deque[Due], int]]) -> None:
+        """``due`` (just taken from the ready queue) and the rest of its destination's line
+        wait for a later round, set aside at once."""
+        line, size = self._ready.take_line(due.destination)
+        line.appendleft(due)
+        passed[due.destination] = (line, size + len(due.event_json))
 
     def _still_parked(self, now: float) -> set[int]:
         """Parked deliveries whose endpoint is still suspended (the others are let go)."""

@@ -77,16 +77,52 @@ class ReadyQueue:
             del self._sizes[name]
         return due
 
-    def take_line(self, destination: str) -> list[Due]:
-        """Remove and return ``destination``'s deliveries, oldest first (a destination whose
-        host is busy: none of them can start now, and passing over them one by one would
-        cost a round as many steps as the line is long)."""
+    def take_line(self, destination: str) -> tuple[deque[Due], int]:
+        """Remove ``destination``'s line and return it (oldest first) with its characters of
+        event JSON, to be put back with ``put_lines``: a destination none of whose deliveries
+        can start now (its host is busy) is passed over at once, not one delivery at a time
+        (a line can be thousands long). O(1)."""
         line = self._lines.pop(destination, None)
         if line is None:
-            return []
+            return deque(), 0
+        size = self._sizes.pop(destination)
         self._count -= len(line)
-        self.size -= self._sizes.pop(destination)
-        return list(line)
+        self.size -= size
+        return line, size
+
+    def put_lines(self, lines: dict[str, tuple[deque[Due], int]]) -> None:
+        """Lines taken with ``take_line``, back at the head of the turn order, in the order
+        given; behind any deliveries their destination has here again meanwhile (put back
+        with ``extendleft``: taken before them in the same round, so older)."""
+        front: dict[str, deque[Due]] = {}
+        for name, (line, size) in lines.items():
+            if not line:
+                continue
+            self._count += len(line)
+            self.size += size
+            self._sizes[name] = self._sizes.get(name, 0) + size
+            here = self._lines.pop(name, None)
+            if here is not None:
+                here.extend(line)   # (rare: one row of the round was held for another reason)
+                line = here
+            front[name] = line
+        if front:
+            self._lines = {**front, **self._lines}
+
+    def trim(self, limit: int) -> None:
+        """Keep at most about ``limit`` deliveries: the newest of the longest lines go (each
+        line keeps at least its share, and one delivery). They stay due in the spool, where a
+        look finds them."""
+        if self._count <= limit:
+            return
+        share = max(1, limit // len(self._lines))
+        for name, line in self._lines.items():
+            dropped = 0
+            while len(line) > share and self._count > limit:
+                dropped += len(line.pop().event_json)
+                self._count -= 1
+            self._sizes[name] -= dropped
+            self.size -= dropped
 
     def extendleft(self, dues: Iterable[Due]) -> None:
         """Put deliveries back at the head of their destinations' lines, as

@@ -1,4 +1,5 @@
-"""A burst faster than its receiver is delivered from memory, not read back from the spool.
+"""A burst faster than its receiver is delivered from memory, not read back from the spool,
+and nothing else waits behind it.
 
 SQLite: the deliveries an ingest offers to the dispatcher join its ready queue while their
 host is busy (at ``per_host_concurrency``), up to READY_ROWS / READY_BYTES, and wait there for
@@ -13,13 +14,20 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from relay import dispatch
-from tests.helpers import event
+from relay.dispatch import Dispatcher
+from relay.ready import ReadyQueue
+from tests.helpers import async_eventually, event
+from tests.pg import pg_dsn, pg_server
 from tests.receiver import Answer, Receiver, receiver_config
+from tests.test_look_aside import Failing, backlogged, counted
+
+__all__ = ["pg_dsn", "pg_server"]   # fixtures
 
 BURST = 400
 
@@ -137,3 +145,180 @@ async def test_another_destinations_retry_is_not_held_behind_a_backlog_in_memory
     await slow.await_for(BURST, "/backlog", timeout=30)
     await asyncio.sleep(0.3)
     sent_once(slow, "/backlog", posted)
+
+
+def two_destinations(slow: Receiver, other: Receiver, concurrency: int,
+                     **delivery: Any) -> dict[str, Any]:
+    """'backlog' (email) at ``slow``, 'other' (sms) at ``other``, per host 4."""
+    return receiver_config(
+        slow, delivery={"allowed_ports": sorted({slow.port, other.port}),
+                        "concurrency": concurrency, "per_host_concurrency": 4, **delivery},
+        destinations=[
+            {"name": "backlog", "format": "braze", "url": f"{slow.url}/backlog",
+             "channels": ["email"]},
+            {"name": "other", "format": "braze", "url": f"{other.url}/other",
+             "channels": ["sms"]}])
+
+
+SMS = {"channel": "sms", "recipient": {"phone": "+15550100"}}
+
+
+@pytest.mark.parametrize("concurrency", [4, 16])
+async def test_a_retry_recorded_behind_a_backlog_in_memory_goes_when_due(
+        concurrency: int, make_stack: Any, receivers: Callable[..., Receiver]) -> None:
+    """2,000 deliveries wait in memory for a receiver taking 20 ms a request, 4 at a time
+    (10 s of work). Another destination's delivery fails once and is due again 0.2 s later:
+    the retry goes then, after a few dozen backlog deliveries (at f991253: after all 2,000,
+    when concurrency equals per_host_concurrency, as in tests/test_fairness.py: no round
+    then ends with nothing started, which was what dropped the line)."""
+    slow = receivers(Answer(delay=0.02))
+    slow.set_default(Answer(delay=0.02))
+    flaky = receivers()
+    flaky.answer(Answer(503))   # once; then 200
+    stack = await make_stack(**two_destinations(
+        slow, flaky, concurrency, backoff_initial="200ms", backoff_max="200ms"))
+    await burst(stack, 2000)
+    await stack.post(event(9999, **SMS))
+    second = await flaky.await_for(2, "/other", timeout=60)
+    before = sum(r.at <= second[1].at for r in slow.received("/backlog"))
+    assert before < 500, f"the retry waited for {before} of 2,000 backlog deliveries"
+
+
+async def test_a_replay_behind_a_backlog_in_memory_goes_at_once(
+        make_stack: Any, receivers: Callable[..., Receiver]) -> None:
+    """A replay wakes the dispatcher and nothing more: it went out only once the 2,000
+    deliveries in memory had (f991253)."""
+    slow = receivers(Answer(delay=0.02))
+    slow.set_default(Answer(delay=0.02))
+    dead = receivers(Answer(400))
+    stack = await make_stack(**two_destinations(slow, dead, 4))
+    ids = await stack.post(event(9999, **SMS))
+    await stack.settle(ids["evt-9999/other"], "failed")
+    dead.set_default(Answer(200))
+    await burst(stack, 2000)
+    await asyncio.sleep(0.3)
+    resp = await stack.client.post(f"/v1/deliveries/{ids['evt-9999/other']}/retry")
+    assert resp.status == 202
+    replayed = await dead.await_for(2, "/other", timeout=60)
+    before = sum(r.at <= replayed[1].at for r in slow.received("/backlog"))
+    assert before < 500, f"the replay waited for {before} of 2,000 backlog deliveries"
+
+
+@pytest.mark.parametrize("concurrency", [4, 16])
+async def test_a_retry_for_the_busy_host_itself_is_not_held_behind_its_backlog(
+        concurrency: int, make_stack: Any, receivers: Callable[..., Receiver]) -> None:
+    """'other' shares the busy host (0.5 s a request, 4 at a time) with 'backlog', whose 200
+    deliveries wait in memory (25 s of work). other's retry, due 0.5 s after its first
+    attempt, goes after a few backlog deliveries (at f991253: after all 200)."""
+    slow = receivers(Answer(delay=0.5))
+    slow.answer(Answer(503, delay=0.02))        # other's first attempt
+    slow.set_default(Answer(delay=0.5))
+    stack = await make_stack(**two_destinations(
+        slow, slow, concurrency, backoff_initial="500ms", backoff_max="500ms"))
+    await stack.post(event(9999, **SMS))
+    await slow.await_for(1, "/other", timeout=5)
+    await asyncio.sleep(0.1)   # a look sees the retry coming and covers 'backlog'
+    await burst(stack, 200)
+    second = await slow.await_for(2, "/other", timeout=60)
+    before = sum(r.at <= second[1].at for r in slow.received("/backlog"))
+    assert before < 50, f"the retry waited for {before} of 200 backlog deliveries"
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+async def test_small_deliveries_pass_large_ones_held_by_the_byte_budget(
+        backend: str, make_stack: Any, receivers: Callable[..., Receiver],
+        request: pytest.FixtureRequest) -> None:
+    """Four events of 900 KB are in flight at a receiver taking 3 s a request; the fifth
+    waits for the in-flight byte budget (4 MiB). A small event for another destination
+    goes at once, before any of those answers (at f991253: after the first, on both
+    spools: the first delivery over the budget stopped the round)."""
+    spool = {} if backend == "sqlite" else {"spool": {"backend": "postgres", "postgres": {
+        "dsn": request.getfixturevalue("pg_dsn"), "schema": "relay"}}}
+    slow = receivers(Answer(delay=3.0))
+    slow.set_default(Answer(delay=3.0))
+    fast = receivers()
+    stack = await make_stack(**spool, **receiver_config(
+        slow, delivery={"allowed_ports": [slow.port, fast.port], "concurrency": 16,
+                        "per_host_concurrency": 8, "timeout": "10s"},
+        destinations=[
+            {"name": "big", "format": "braze", "url": f"{slow.url}/big", "channels": ["email"]},
+            {"name": "small", "format": "braze", "url": f"{fast.url}/small",
+             "channels": ["sms"]}]))
+    pad = "x" * 900_000
+    for i in range(6):
+        await stack.post(event(i, attributes={"pad": pad}))
+    first_sent = (await slow.await_for(4, "/big", timeout=5))[0].at
+    await stack.post(event(100, **SMS))
+    small = await fast.await_for(1, "/small", timeout=10)
+    assert small[0].at < first_sent + 3.0, "the small event waited for a large one's answer"
+
+
+async def test_retries_falling_due_read_no_idle_destination(tmp_path: Path) -> None:
+    """A backlog retried every 200 ms, and three idle destinations: no look reads only idle
+    ones (the first form of the review's fix marked every open destination for a look aside
+    when a retry fell due: 9 such reads in 2 s)."""
+    config, spool = await backlogged(
+        tmp_path, ("a", "c", "e", "f"), ("a",),
+        delivery={"concurrency": 8, "per_host_concurrency": 8, "backoff_initial": "200ms",
+                  "backoff_max": "200ms"},
+        health={"consecutive_failures": 1000000, "min_failures": 1000000})
+    transport = Failing()
+    dispatcher = Dispatcher(config, spool, transport=transport)
+    asked = counted(spool)
+    await dispatcher.start()
+    try:
+        await asyncio.sleep(2.0)
+        idle = sum("a" not in names for names in asked)
+        assert idle == 0, (idle, len(asked))
+        assert transport.sent > 500   # retries fell due meanwhile
+    finally:
+        await dispatcher.stop(1)
+        await spool.close()
+
+
+async def test_a_long_busy_line_is_passed_over_whole(tmp_path: Path) -> None:
+    """16,000 deliveries offered to a busy host wait in memory; each round passes over the
+    line at once: the rounds' steps over ready deliveries are about the deliveries started,
+    not the line's length each round (at f991253 every round moved every waiting delivery
+    out and back: 4.4 s of 7.9 s of the event loop)."""
+    from tests.test_backlog_looks import item
+
+    config, spool = await backlogged(
+        tmp_path, ("a",), (), delivery={"concurrency": 64, "per_host_concurrency": 16})
+    sent = 0
+
+    class Quick:
+        async def handle_request(self, request: Any, timeout: float) -> Any:
+            nonlocal sent
+            await asyncio.sleep(0.005)
+            sent += 1
+            from relay.request import Exchange
+            return Exchange(0.0, 0.001, 200, {}, "ok")
+
+    class Counting(ReadyQueue):
+        """Counts the deliveries each round takes out and puts back one by one."""
+        steps = 0
+
+        def popleft(self) -> Any:
+            Counting.steps += 1
+            return super().popleft()
+
+        def extendleft(self, dues: Any) -> None:
+            dues = list(dues)
+            Counting.steps += len(dues)
+            super().extendleft(dues)
+
+    dispatcher = Dispatcher(config, spool, transport=Quick())
+    dispatcher._ready = Counting()
+    await dispatcher.start()
+    try:
+        for start in range(0, 16000, 500):
+            dispatcher.offer(await spool.ingest_receipt(
+                [item(i, "a") for i in range(start, start + 500)]))
+        assert len(dispatcher._ready) > 10000   # the line waits in memory
+        await async_eventually(lambda: sent, lambda n: n >= 16000, what="16,000 sent",
+                               timeout=60)
+        assert Counting.steps < 3 * 16000, f"{Counting.steps} steps for 16,000 deliveries"
+    finally:
+        await dispatcher.stop(1)
+        await spool.close()

@@ -3,6 +3,8 @@ taken one destination after another."""
 
 from __future__ import annotations
 
+from collections import deque
+
 import pytest
 
 from relay.ready import ReadyQueue
@@ -48,3 +50,36 @@ def test_size_counts_the_event_json_held() -> None:
     assert queue.size == 15
     queue.clear()
     assert queue.size == 0 and len(queue) == 0
+
+
+def test_a_line_taken_whole_comes_back_in_order_behind_rows_put_back_meanwhile() -> None:
+    """take_line / put_lines: a busy destination's line set aside at once and put back at the
+    head of the turns; a delivery of it put back one by one in the same round (older) stays
+    in front. Counts and sizes follow."""
+    queue = ReadyQueue()
+    queue.extend([due(1, "a", "xx"), due(2, "b"), due(3, "a", "yyy"), due(4, "a"),
+                  due(5, "c")])
+    first = queue.popleft()                              # a's 1, held (put back one by one)
+    b = queue.popleft()                                  # b's 2: its host is busy
+    line, size = queue.take_line("b")
+    line.appendleft(b)
+    rest, rest_size = queue.take_line("a")               # a's 3 and 4, passed over whole
+    assert [d.seq for d in rest] == [3, 4] and rest_size == 5
+    assert len(queue) == 1 and queue.size == 2           # only c's 5 is left in turn
+    queue.extendleft([first])
+    queue.put_lines({"b": (line, size + 2), "a": (rest, rest_size)})
+    assert len(queue) == 5 and queue.size == 2 + 2 + 3 + 2 + 2
+    assert [queue.popleft().seq for _ in range(5)] == [2, 1, 5, 3, 4]
+    assert queue.size == 0 and queue.take_line("z") == (deque(), 0)
+
+
+def test_trim_drops_the_newest_of_the_longest_lines() -> None:
+    queue = ReadyQueue()
+    queue.extend([due(n, "a", "x" * n) for n in range(1, 101)])
+    queue.extend([due(n, "b") for n in range(101, 104)])
+    queue.trim(20)
+    assert len(queue) == 20 and queue.has("b")
+    kept = [queue.popleft() for _ in range(20)]
+    assert [d.seq for d in kept if d.destination == "b"] == [101, 102, 103]
+    assert [d.seq for d in kept if d.destination == "a"] == list(range(1, 18))
+    assert queue.size == 0 and not queue
