@@ -79,7 +79,9 @@ def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None, *,
         compiled = compile_destinations(checked.config, clock=clock, on_mint=on_mint,
                                         positions=checked.positions)
     except ConfigError as exc:
-        problems += exc.problems
+        # one message per path: validation's, when both passes object to the same value
+        named = {path for path, _ in problems}
+        problems += [problem for problem in exc.problems if problem[0] not in named]
     if problems:
         raise ConfigError(dict.fromkeys(problems), str(path))  # each once, in file order
     return Loaded(checked.config, compiled)

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from relay.config import Config, load_config, parse_config, parse_duration, validate_config
 from relay.config.schema import MAX_DESTINATIONS
+from relay.destinations import load as load_destinations
 from relay.errors import ConfigError
 from relay.events import load_event
 from relay.payloads import build_renderer
@@ -499,13 +500,14 @@ def test_a_language_variants_url_is_checked_as_the_destinations_is() -> None:
     assert not [path for path in found if ".es." in path], found
 
 
-def test_a_language_variants_port_is_checked_as_each_request_is() -> None:
+def test_a_language_variants_port_is_checked_as_each_request_is(tmp_path: Path) -> None:
     """A variant url on another port than the destination's url: allowed by
     delivery.allowed_ports, but not by the destination's own port rule that every rendered
     url meets before it is sent. It passed the config check, and every delivery in that
-    language failed at send time. With the port in the destination's allowed_ports it passes,
-    and renders."""
-    text = """
+    language failed at send time. Now the config is refused where the relay builds its
+    destinations (serve, check-config, reload); with the port in the destination's
+    allowed_ports it passes, and renders."""
+    text = textwrap.dedent("""
         delivery: {allowed_ports: [443, 8443]}
         destinations:
           - name: crm
@@ -516,15 +518,24 @@ def test_a_language_variants_port_is_checked_as_each_request_is() -> None:
               variants:
                 fr: {url: "https://crm.example.com:8443/fr/{{ event.message_id }}"}
                 de: {url: "https://crm.example.com/de/{{ event.message_id }}"}
-    """
-    found = problems(text)
+                it: {url: "ftp://crm.example.com/x"}
+    """)
+    path = tmp_path / "relay.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_destinations(path, env={})
+    found = dict(info.value.problems)
     assert "port 8443" in found["destinations[0].template.variants.fr.url"], found
     assert "allowed_ports" in found["destinations[0].template.variants.fr.url"], found
     assert not [path for path in found if ".de." in path], found
-    allowed = textwrap.dedent(text).replace("format: template\n",
-                                            "format: template\n    allowed_ports: [443, 8443]\n")
-    config = parse_config(allowed, env={})
-    renderer = build_renderer(config.destinations[0], config)
+    # one message for a url both passes refuse (validation's)
+    assert [p for p, _ in info.value.problems].count(
+        "destinations[0].template.variants.it.url") == 1, info.value.problems
+    path.write_text(text.replace("format: template\n", "format: template\n"
+                                 "    allowed_ports: [443, 8443]\n")
+                    .replace('      it: {url: "ftp://crm.example.com/x"}\n', ""))
+    loaded = load_destinations(path, env={})
+    renderer = build_renderer(loaded.config.destinations[0], loaded.config)
     for language, url in (("fr", "https://crm.example.com:8443/fr/m-1"),
                           ("de", "https://crm.example.com/de/m-1")):
         request = renderer.render(load_event(json.dumps(

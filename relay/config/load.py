@@ -425,33 +425,12 @@ def _check_destination(dest: Destination, at: str, config: Config,
                     hosts = (host,) if host else None
             for language, variant in dest.template.variants.items():
                 if variant.url is not None:
-                    where = f"{at}.template.variants.{language}"
-                    found = _check_url(
+                    # (the destination's own port rule is checked when its renderer is
+                    # built: relay.payloads.template.TemplateRenderer)
+                    problems += _check_url(
                         dest.model_copy(update={"url": variant.url, "allowed_hosts": hosts}),
-                        where, config)
-                    problems += found or _check_variant_endpoint(dest, variant.url, where,
-                                                                 config)
+                        f"{at}.template.variants.{language}", config)
     return problems
-
-
-def _check_variant_endpoint(dest: Destination, url: str, at: str,
-                            config: Config) -> list[tuple[str, str]]:
-    """A variant url whose host and port are literal, against the rule every rendered url of
-    the destination meets before it is sent (relay.payloads.template.Endpoints): a port is
-    allowed per host, by the destination's allowed_ports or its url's own port, not only by
-    delivery.allowed_ports. (A variant on another port than the destination's url passed the
-    config check, and every delivery in that language failed at send time.)"""
-    head, *templated = re.split(r"\{\{|\{%", url, maxsplit=1)
-    if templated and "/" not in head.partition("://")[2]:
-        return []   # its host or port is rendered per event: checked before every request
-    from relay.errors import RenderError
-    from relay.payloads.template import Endpoints  # (imports the payload code: lazily)
-
-    try:
-        Endpoints.of(dest, config.delivery).check(head.strip())
-    except RenderError as exc:
-        return [(f"{at}.url", str(exc).replace("rendered url", "url", 1))]
-    return []
 
 
 def _check_dsn(dsn: str) -> list[tuple[str, str]]:

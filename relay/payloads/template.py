@@ -193,6 +193,22 @@ class Endpoints:
         return str(url)
 
 
+def _static_endpoint(endpoints: Endpoints, url: str, at: str) -> list[tuple[str, str]]:
+    """A url whose host and port are literal (a language variant's), against the rule every
+    rendered url of the destination meets before it is sent: a port is allowed per host, by
+    the destination's allowed_ports or its url's own port, not only by
+    delivery.allowed_ports. (A variant on another port than the destination's url passed the
+    config check, and every delivery in that language failed at send time.)"""
+    head, *templated = re.split(r"\{\{|\{%", url, maxsplit=1)
+    if templated and "/" not in head.partition("://")[2]:
+        return []   # its host or port is rendered per event: checked before every request
+    try:
+        endpoints.check(head.strip())
+    except RenderError as exc:
+        return [(at, str(exc).replace("rendered url", "url", 1))]
+    return []
+
+
 class TemplateRenderer:
     def __init__(self, dest: Destination, delivery: DeliveryConfig) -> None:
         self.destination = dest
@@ -216,6 +232,10 @@ class TemplateRenderer:
                 own.headers if variant.headers is not None else base.headers,
                 own.body if variant.body is not None else base.body,
                 own.content_type if variant.body is not None else base.content_type)
+        for lang, variant in (template.variants if template else {}).items():
+            if variant.url is not None:
+                problems += _static_endpoint(self.endpoints, variant.url,
+                                             f"template.variants.{lang}.url")
         if problems:
             raise ConfigError(problems)
 
