@@ -65,6 +65,7 @@ INFLIGHT_BYTES = 4 << 20     # events of the attempts under way (one attempt at 
 # share a commit), beyond delivery.concurrency: they hold no request slot, so a slow commit
 # costs no sending, up to this many.
 RECORDING_MAX = 256
+STARVED_TRIES = 16  # deliveries of one destination a round tries against the byte budget
 ASIDE_EVERY = 0.05  # seconds between two looks aside at least (other workers wake per group)
 LEASE_SLACK = 0.5  # seconds of a claim kept beyond an attempt's timeout (rendering, clocks)
 LOOK_HISTORY = 16            # looks whose claims are kept to sort out PostgreSQL offers
@@ -159,6 +160,9 @@ class Dispatcher:
         self._covered: frozenset[str] = frozenset()
         self._changes = 0  # _forget calls: one during a look makes what it saw incomplete
         self._next_at: float | None = None
+        # destination -> the earliest due time of its retries recorded since (the next look
+        # may be a while: the ready queue may hold a busy host's deliveries)
+        self._retry_due: dict[str, float] = {}
         # ... and, for destinations a look aside read since (_look_aside), the highest seq
         # that one could see
         self._seen_for: dict[str, int] = {}
@@ -241,9 +245,11 @@ class Dispatcher:
         """The spool holds work this process did not store (SQLite: another worker's events,
         or a group committed while the writer was out of reach): wake, and let a look aside
         read every open destination (which ones is not known), as for an offer of its own
-        that could not start from memory; looks aside are spaced (ASIDE_EVERY)."""
+        that could not start from memory; looks aside are spaced (ASIDE_EVERY). Deliveries
+        waiting in memory stay: those events are newer than theirs."""
         self._wanted |= self._open
-        self.wake()
+        self._forget(trim=False)
+        self._wake.set()
 
     def offer_mark(self, wanted: Mapping[str, int]) -> tuple[int, dict[str, int]] | None:
         """PostgreSQL: asked as an ingest with ``wanted[d]`` pending deliveries for each
@@ -403,17 +409,34 @@ class Dispatcher:
             return None
         return set().union(*claims)
 
-    def _forget(self) -> None:
+    def _retry_soon(self, destination: str, at: float | None) -> None:
+        """A retry of ``destination`` was recorded, due at ``at``: the next look learns of it
+        (what the last look covered is forgotten), and once it is due a look aside reads that
+        destination if the ready queue holds others' deliveries (a full look waits for the
+        queue to be used up). Nothing is trimmed before then: trimmed at each retry recorded,
+        the rows a look had read were read again and again."""
+        if at is not None and at > self.clock():
+            known = self._retry_due.get(destination)
+            self._retry_due[destination] = at if known is None else min(known, at)
+            self._forget(trim=False)
+        else:
+            self._wanted.add(destination)
+            self._forget()
+        self._wake.set()
+
+    def _forget(self, trim: bool = True) -> None:
         """The spool may hold due work this process has not seen: the next round looks.
 
         A full look waits until the ready queue is used up, and on SQLite that queue may
-        hold thousands of deliveries waiting for a busy host: what is beyond one round's
-        worth (delivery.concurrency) goes, and stays due in the spool. So the work the spool
-        may hold (a retry, a replay, the end of another host's suspension) is read after a
-        round, not after the whole backlog in memory."""
+        hold thousands of deliveries waiting for a busy host: when it holds more than two
+        looks' worth, what is beyond one round's worth (delivery.concurrency) goes, and stays
+        due in the spool. So the work the spool may hold (a replay, a retry falling due, the
+        end of another host's suspension) is read after a round, not after the whole backlog
+        in memory; a queue of a look's rows is left alone (trimmed, they were read again and
+        again)."""
         self._covered = frozenset()
         self._changes += 1
-        if self._aside:
+        if trim and self._aside and len(self._ready) > 2 * max(self._limit * 4, PREFETCH):
             self._ready.trim(self._limit)
 
     async def stop(self, timeout: float) -> None:
@@ -461,6 +484,13 @@ class Dispatcher:
                 if self._next_at is not None and self._next_at <= now:
                     self._forget()  # a delivery the last look saw coming is due now
                     self._next_at = None
+                if self._retry_due:  # ... or one recorded since: a look aside reads it
+                    due_now = [name for name, at in self._retry_due.items() if at <= now]
+                    if due_now:
+                        for name in due_now:
+                            del self._retry_due[name]
+                        self._wanted.update(due_now)
+                        self._forget()
                 if now - self._looked_at >= IDLE_RECHECK:
                     self._forget()  # the backstop holds under steady traffic too (once per
                     self._looked_at = now  # IDLE_RECHECK while looks aside keep the queue full)
@@ -518,8 +548,9 @@ class Dispatcher:
                     if aside and now - self._aside_at >= ASIDE_EVERY:
                         self._aside_at = now
                         await self._look_aside(now, aside)
-                if self._next_at is not None:
-                    wait = min(max(0.0, self._next_at - now), wait)
+                for due_at in (self._next_at, min(self._retry_due.values(), default=None)):
+                    if due_at is not None:
+                        wait = min(max(0.0, due_at - now), wait)
                 started = self._start_some()
                 if (started or not looked) and not self._ready and self._room() and \
                         not self._open <= self._covered:
@@ -647,6 +678,7 @@ class Dispatcher:
         # lines passed over whole (ReadyQueue.take_line): none of their deliveries can start
         passed: dict[str, tuple[deque[Due], int]] = {}
         held = False  # some wait for more than a request slot at their host
+        starved: dict[str, int] = {}   # destination -> its deliveries over the byte budget
         now = self.clock()
         # (the loop's own create_task: asyncio.create_task looks the loop up per call, and on
         # Python 3.11 that lookup is a getpid system call)
@@ -683,10 +715,15 @@ class Dispatcher:
                 self._pass_over(due, passed)
                 continue
             if self._inflight and self._inflight_bytes + size > INFLIGHT_BYTES:
-                # memory is bounded in bytes too: this destination waits for a slot (its
-                # line whole; other destinations' smaller events may still fit)
-                self._pass_over(due, passed)
+                # memory is bounded in bytes too: this one waits for a slot (smaller ones,
+                # of this destination or another, may still fit; past a few, the rest of
+                # this destination's line waits whole: a round costs no step per delivery)
                 self._starved = held = True
+                starved[due.destination] = tried = starved.get(due.destination, 0) + 1
+                if tried > STARVED_TRIES:
+                    self._pass_over(due, passed)
+                else:
+                    waiting.append(due)
                 continue
             # An event-chosen endpoint is known once the request is rendered: render it now.
             prepared = self._prepare(due, target) if target.host is None else None
@@ -892,7 +929,7 @@ class Dispatcher:
             self._keep_unrecorded(due, attempt, verdict, exc)
             return outcome
         if verdict.state == "pending":  # a retry: its due time is news to the next look
-            self.wake()
+            self._retry_soon(due.destination, verdict.not_before)
         if meters is not None and verdict.state in meters.counted:
             meters.counted[verdict.state].inc()
         _log_attempt(due, target, outcome, verdict, now)

@@ -12,6 +12,7 @@ events a second; 0.75 after). Real spool, real dispatcher, real aiohttp receiver
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -319,6 +320,134 @@ async def test_a_long_busy_line_is_passed_over_whole(tmp_path: Path) -> None:
         await async_eventually(lambda: sent, lambda n: n >= 16000, what="16,000 sent",
                                timeout=60)
         assert Counting.steps < 3 * 16000, f"{Counting.steps} steps for 16,000 deliveries"
+    finally:
+        await dispatcher.stop(1)
+        await spool.close()
+
+
+def reading(spool: Any) -> list[int]:
+    """[rows read by every look of ``spool`` from now on]."""
+    rows = [0]
+    poll = spool.poll
+
+    async def counting(now: float, limit: int, names: Any, *args: Any) -> Any:
+        batch = await poll(now, limit, names, *args)
+        rows[0] += len(batch.due)
+        return batch
+
+    spool.poll = counting
+    return rows
+
+
+@pytest.mark.parametrize("backoff", ["200ms", "30s"])
+async def test_a_recorded_retry_does_not_throw_away_rows_a_look_read(
+        tmp_path: Path, backoff: str) -> None:
+    """Destination f answers 503 to everything (a retry recorded per attempt) beside a's
+    backlog. A look's rows are used, not read again: fewer than 2 rows read per attempt
+    (the first form of the review's fix trimmed the ready queue at every retry recorded:
+    15.5-16 rows read per attempt; base 1.02-1.07; found by helper-33)."""
+    from tests.test_backlog_looks import item
+
+    config, spool = await backlogged(
+        tmp_path, ("a", "f"), ("a",),
+        delivery={"concurrency": 8, "per_host_concurrency": 8, "backoff_initial": backoff,
+                  "backoff_max": backoff},
+        health={"consecutive_failures": 1000000, "min_failures": 1000000})
+    await spool.ingest([item(i, "f") for i in range(3000)])
+    sent = Counter[str]()
+
+    class Transport:
+        async def handle_request(self, request: Any, timeout: float) -> Any:
+            from relay.request import Exchange
+            await asyncio.sleep(0.005)
+            failing = "//f." in request.url
+            sent["f" if failing else "a"] += 1
+            return Exchange(0.0, 0.001, 503 if failing else 200, {}, "x")
+
+    rows = reading(spool)
+    dispatcher = Dispatcher(config, spool, transport=Transport())
+    await dispatcher.start()
+    try:
+        await asyncio.sleep(2.0)
+        attempts = sent["a"] + sent["f"]
+        assert attempts > 500 and sent["f"] > 100
+        assert rows[0] < 2 * attempts, f"{rows[0]} rows read for {attempts} attempts"
+    finally:
+        await dispatcher.stop(1)
+        await spool.close()
+
+
+async def test_another_workers_events_do_not_throw_away_rows_a_look_read(
+        tmp_path: Path) -> None:
+    """server.workers > 1: each group another worker stores wakes this one
+    (others_stored). The rows a look read for the backlog are used, not read again (12-13.5
+    rows read per delivery in the first form of the review's fix; base 1.03)."""
+    config, spool = await backlogged(
+        tmp_path, ("a", "b"), ("a",), delivery={"concurrency": 8, "per_host_concurrency": 8})
+    sent = [0]
+
+    class Transport:
+        async def handle_request(self, request: Any, timeout: float) -> Any:
+            from relay.request import Exchange
+            await asyncio.sleep(0.005)
+            sent[0] += 1
+            return Exchange(0.0, 0.001, 200, {}, "ok")
+
+    rows = reading(spool)
+    dispatcher = Dispatcher(config, spool, transport=Transport())
+    await dispatcher.start()
+    try:
+        for _ in range(200):       # another worker's ingest group every 10 ms
+            dispatcher.others_stored()
+            await asyncio.sleep(0.01)
+        assert sent[0] > 500
+        assert rows[0] < 2 * sent[0], f"{rows[0]} rows read for {sent[0]} delivered"
+    finally:
+        await dispatcher.stop(1)
+        await spool.close()
+
+
+async def test_a_destinations_small_events_pass_its_large_one_held_by_the_byte_budget(
+        tmp_path: Path) -> None:
+    """x's four 900 KB events are in flight at a receiver taking 3 s. a's large event
+    waits for the byte budget; a's five small ones behind it go at once (the first form of
+    the review's fix held a's whole line until one of x's answers: helper-33)."""
+    from relay.events import Event, accept
+    from relay.request import Exchange
+    from relay.routing import Route
+
+    pad = "x" * 900_000
+
+    def item(i: int, destination: str, padded: bool) -> Any:
+        body = Event(id=f"{destination}{i}", channel="email", status="sent", message_id=f"m{i}",
+                     attributes={"pad": pad} if padded else None)
+        return accept(body, time.time()), (Route(destination, "pending"),)
+
+    config, spool = await backlogged(
+        tmp_path, ("x", "a"), (), delivery={"concurrency": 16, "per_host_concurrency": 8,
+                                            "timeout": "10s"})
+    a_sent: list[float] = []
+
+    class Transport:
+        async def handle_request(self, request: Any, timeout: float) -> Any:
+            if "//x." in request.url:
+                await asyncio.sleep(3.0)
+            else:
+                a_sent.append(time.monotonic())
+            return Exchange(0.0, 0.001, 200, {}, "ok")
+
+    dispatcher = Dispatcher(config, spool, transport=Transport())
+    await dispatcher.start()
+    try:
+        dispatcher.offer(await spool.ingest_receipt([item(i, "x", True) for i in range(4)]))
+        await asyncio.sleep(0.2)   # 3.6 MB in flight at x
+        posted = time.monotonic()
+        dispatcher.offer(await spool.ingest_receipt(
+            [item(100, "a", True)] + [item(101 + i, "a", False) for i in range(5)]))
+        await async_eventually(lambda: len(a_sent), lambda n: n >= 5, what="a's small events",
+                               timeout=10)
+        # x's answers come 3 s after they were sent: a's small ones went before any
+        assert sum(at < posted + 2.5 for at in a_sent) >= 5, (posted, a_sent)
     finally:
         await dispatcher.stop(1)
         await spool.close()
