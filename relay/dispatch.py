@@ -247,7 +247,7 @@ class Dispatcher:
         read every open destination (which ones is not known), as for an offer of its own
         that could not start from memory; looks aside are spaced (ASIDE_EVERY). Deliveries
         waiting in memory stay: those events are newer than theirs."""
-        self._wanted |= self._open
+        self._wanted |= self._accepting
         self._forget(trim=False)
         self._wake.set()
 
@@ -533,7 +533,7 @@ class Dispatcher:
                     self._next_at = batch.next_at
                     self._seen_upto = batch.seen_upto
                     self._seen_for.clear()
-                    self._wanted.clear()
+                    self._wanted.difference_update(names)
                     # Rows offered meanwhile are this look's if it could see them (seq up to
                     # seen_upto); the others are offered again now, after what it saw.
                     for receipt in held:
@@ -640,6 +640,11 @@ class Dispatcher:
             self._covered |= seen & self._open
         if batch.next_at is not None and (self._next_at is None or batch.next_at < self._next_at):
             self._next_at = batch.next_at
+        if batch.next_at is not None:  # their later retries (or other rows) falling due
+            for name in names:
+                known = self._retry_due.get(name)
+                self._retry_due[name] = batch.next_at if known is None else \
+                    min(known, batch.next_at)
         for receipt in held:
             self.offer(receipt)
 

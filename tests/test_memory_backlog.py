@@ -21,11 +21,15 @@ from typing import Any
 import pytest
 
 from relay import dispatch
+from relay.config import load_config
 from relay.dispatch import Dispatcher
 from relay.ready import ReadyQueue
-from tests.helpers import async_eventually, event
+from relay.request import Exchange
+from relay.spool import Spool
+from tests.helpers import async_eventually, event, write_config
 from tests.pg import pg_dsn, pg_server
 from tests.receiver import Answer, Receiver, receiver_config
+from tests.test_backlog_looks import item
 from tests.test_look_aside import Failing, backlogged, counted
 
 __all__ = ["pg_dsn", "pg_server"]   # fixtures
@@ -448,6 +452,193 @@ async def test_a_destinations_small_events_pass_its_large_one_held_by_the_byte_b
                                timeout=10)
         # x's answers come 3 s after they were sent: a's small ones went before any
         assert sum(at < posted + 2.5 for at in a_sent) >= 5, (posted, a_sent)
+    finally:
+        await dispatcher.stop(1)
+        await spool.close()
+
+
+# The third review (helper-34) of 226f96d: work of a destination held back when it was
+# signalled (its host busy when its retry fell due, or when another worker stored its event;
+# or a second retry of the same destination) waited for the whole ready queue: 6.1 s behind
+# 1,996 of a 2,000 burst; 3.15 s behind all 480. A full look now clears only the marks of the
+# destinations it read, others_stored marks every destination that takes work, and a look
+# aside re-arms its destinations' next due time.
+
+B = ("b1", "b2", "b3", "b4")
+
+
+def config_of(tmp_path: Path) -> Any:
+    return load_config(write_config(
+        tmp_path, delivery={"concurrency": 8, "per_host_concurrency": 4,
+                            "backoff_initial": "200ms", "backoff_max": "200ms"},
+        health={"consecutive_failures": 1000000, "min_failures": 1000000},
+        destinations=[
+            *({"name": n, "format": "braze", "url": f"https://{n}.example.com/hook"}
+              for n in B),
+            # d and d2 share the host h.example.com
+            {"name": "d", "format": "braze", "url": "https://h.example.com/d"},
+            {"name": "d2", "format": "braze", "url": "https://h.example.com/d2"}]), env={})
+
+
+class HostTransport:
+    def __init__(self) -> None:
+        self.b: list[float] = []
+        self.d: list[float] = []
+
+    async def handle_request(self, request: Any, timeout: float) -> Exchange:
+        if request.url.endswith("/d"):
+            self.d.append(time.monotonic())
+            return Exchange(0.0, 0.001, 503 if len(self.d) == 1 else 200, {}, "x")
+        if request.url.endswith("/d2"):
+            await asyncio.sleep(1.0)
+            return Exchange(0.0, 0.001, 200, {}, "ok")
+        await asyncio.sleep(0.02)
+        self.b.append(time.monotonic())
+        return Exchange(0.0, 0.001, 200, {}, "ok")
+
+
+async def test_a_retry_whose_host_was_busy_when_due_is_not_held_behind_a_burst(
+        tmp_path: Path) -> None:
+    """d's delivery fails once (retry due 0.2 s later). d2, on the same host, keeps that
+    host at its limit (4 requests of 1 s) until about 1 s. A burst of 2,000 for b1-b4 (8 at
+    a time, 20 ms each: 5 s of work) is offered at 0.5 s. d's retry should go soon after its
+    host has a free slot (about 1 s), not after the burst."""
+    config = config_of(tmp_path)
+    spool = Spool(config.spool.path)
+    await spool.open()
+    transport = HostTransport()
+    dispatcher = Dispatcher(config, spool, transport=transport)
+    await dispatcher.start()
+    try:
+        t0 = time.monotonic()
+        dispatcher.offer(await spool.ingest_receipt([item(0, "d")]))
+        await asyncio.sleep(0.02)
+        dispatcher.offer(await spool.ingest_receipt([item(i, "d2") for i in range(4)]))
+        await asyncio.sleep(0.5)
+        assert len(transport.d) == 1
+        for start in range(0, 2000, 100):
+            dispatcher.offer(await spool.ingest_receipt(
+                [item(i, n) for i in range(start, start + 25) for n in B]))
+        for _ in range(300):
+            if len(transport.d) >= 2:
+                break
+            await asyncio.sleep(0.05)
+        second = transport.d[1] - t0 if len(transport.d) >= 2 else None
+        before = sum(at <= transport.d[1] for at in transport.b) if second else len(transport.b)
+        assert second is not None and before < 1000, (second, before)
+    finally:
+        await dispatcher.stop(1)
+        await spool.close()
+
+
+class OthersTransport:
+    def __init__(self) -> None:
+        self.b: list[float] = []
+        self.d: list[float] = []
+
+    async def handle_request(self, request: Any, timeout: float) -> Exchange:
+        if request.url.endswith("/d"):
+            self.d.append(time.monotonic())
+            return Exchange(0.0, 0.001, 200, {}, "x")
+        if request.url.endswith("/d2"):
+            await asyncio.sleep(1.0)
+            return Exchange(0.0, 0.001, 200, {}, "ok")
+        await asyncio.sleep(0.02)
+        self.b.append(time.monotonic())
+        return Exchange(0.0, 0.001, 200, {}, "ok")
+
+
+async def test_another_workers_event_for_a_busy_host_is_not_held_behind_a_burst(
+        tmp_path: Path) -> None:
+    """d2 keeps host h at its limit (4 requests of 1 s) until about 1 s. Another worker
+    stores an event for d (on h) at 0.2 s and wakes this one (others_stored). A burst of
+    2,000 for b1-b4 (8 at a time, 20 ms each: 5 s of work) is offered at 0.5 s. d's event
+    should go soon after h has a free slot (about 1 s), not after the burst."""
+    config = config_of(tmp_path)
+    spool = Spool(config.spool.path)
+    await spool.open()
+    transport = OthersTransport()
+    dispatcher = Dispatcher(config, spool, transport=transport)
+    await dispatcher.start()
+    try:
+        t0 = time.monotonic()
+        dispatcher.offer(await spool.ingest_receipt([item(i, "d2") for i in range(4)]))
+        await asyncio.sleep(0.2)
+        await spool.ingest([item(0, "d")])          # (as another worker would)
+        dispatcher.others_stored()
+        await asyncio.sleep(0.3)
+        assert len(transport.d) == 0
+        for start in range(0, 2000, 100):
+            dispatcher.offer(await spool.ingest_receipt(
+                [item(i, n) for i in range(start, start + 25) for n in B]))
+        for _ in range(300):
+            if transport.d:
+                break
+            await asyncio.sleep(0.05)
+        sent = transport.d[0] - t0 if transport.d else None
+        before = sum(at <= transport.d[0] for at in transport.b) if sent else len(transport.b)
+        assert sent is not None and before < 1000, (sent, before)
+    finally:
+        await dispatcher.stop(1)
+        await spool.close()
+
+
+def config_one_host(tmp_path: Path) -> Any:
+    return load_config(write_config(
+        tmp_path, delivery={"concurrency": 8, "per_host_concurrency": 4,
+                            "backoff_initial": "200ms", "backoff_max": "200ms"},
+        health={"consecutive_failures": 1000000, "min_failures": 1000000},
+        destinations=[
+            *({"name": n, "format": "braze", "url": f"https://{n}.example.com/hook"}
+              for n in B),
+            {"name": "d", "format": "braze", "url": "https://d.example.com/d"}]), env={})
+
+
+class SecondTransport:
+    def __init__(self) -> None:
+        self.b: list[float] = []
+        self.d: list[tuple[str, float]] = []
+        self.seen: set[str] = set()
+
+    async def handle_request(self, request: Any, timeout: float) -> Exchange:
+        if "//d." in request.url:
+            key = request.body if isinstance(request.body, str) else str(request.body)
+            first = key not in self.seen
+            self.seen.add(key)
+            self.d.append((key, time.monotonic()))
+            return Exchange(0.0, 0.001, 503 if first else 200, {}, "x")
+        await asyncio.sleep(0.05)
+        self.b.append(time.monotonic())
+        return Exchange(0.0, 0.001, 200, {}, "ok")
+
+
+async def test_a_destinations_second_retry_is_read_aside_too(tmp_path: Path) -> None:
+    """d's two deliveries each fail once, 50 ms apart (retries due about 0.2 s later). 480
+    deliveries for b1-b4 (8 at a time, 50 ms each: 3 s of work) wait in memory. Both of d's
+    retries go within about a second, not after the backlog."""
+    config = config_one_host(tmp_path)
+    spool = Spool(config.spool.path)
+    await spool.open()
+    transport = SecondTransport()
+    dispatcher = Dispatcher(config, spool, transport=transport)
+    await dispatcher.start()
+    try:
+        t0 = time.monotonic()
+        dispatcher.offer(await spool.ingest_receipt([item(0, "d")]))
+        await asyncio.sleep(0.05)
+        dispatcher.offer(await spool.ingest_receipt([item(1, "d")]))
+        await asyncio.sleep(0.02)
+        for start in range(0, 480, 40):
+            dispatcher.offer(await spool.ingest_receipt(
+                [item(i, n) for i in range(start, start + 10) for n in B]))
+        for _ in range(300):
+            if len(transport.d) >= 4:
+                break
+            await asyncio.sleep(0.05)
+        times = [round(at - t0, 2) for _, at in transport.d]
+        retried = transport.d[3][1] if len(transport.d) >= 4 else None
+        before = sum(at <= retried for at in transport.b) if retried else len(transport.b)
+        assert retried is not None and before < 240, (times, before)
     finally:
         await dispatcher.stop(1)
         await spool.close()
