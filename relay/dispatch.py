@@ -313,11 +313,12 @@ class Dispatcher:
         offer is a wake-up): they join the ready queue from memory, so a stored event costs no
         read of the spool before its attempt. They are the spool's rows as it would hand them
         out, and the spool stays the authority. They
-        are taken only for destinations open in the last round whose every due delivery the
-        last look saw (so they overtake no older due work, such as a retry) while the ready
-        queue is short; those offered while a look reads wait for its answer (see _run);
+        are taken only for destinations taking work in the last round (open; on SQLite also
+        those waiting only for a slot at a busy host) whose every due delivery the last look
+        saw (so they overtake no older due work, such as a retry), while the ready queue has
+        room (_offerable); those offered while a look reads wait for its answer (see _run);
         otherwise the offer is an ordinary wake-up and a look finds them, oldest first. One for
-        a destination held back (a suspended or busy host, a rate limit) wakes nothing: the
+        a destination held back (a suspended host, a rate limit) wakes nothing: the
         destination is no longer covered, so a look finds its deliveries when it opens again.
         A row a look could already see is that look's to hand out, never queued twice (on
         PostgreSQL, see below)."""
