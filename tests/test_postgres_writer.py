@@ -5,12 +5,16 @@ PostgreSQL (helper-30)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from typing import Any
 
 import asyncpg
 import pytest
 
+from relay.errors import SpoolError
+from relay.events import Event, accept
+from relay.routing import Route
 from relay.spool import Attempt
 from relay.spool.postgres import PostgresSpool
 from tests.pg import pg_dsn, pg_server  # noqa: F401 (fixtures)
@@ -74,5 +78,42 @@ async def test_an_answer_holding_nul_bytes_is_recorded(pg_dsn: str) -> None:  # 
         assert record is not None and record.state == "failed"
         attempts = (await spool.attempts_of([record.seq]))[record.seq]
         assert attempts[0].excerpt == "bad\ufffdbody" and attempts[0].error == "err\ufffdor"
+    finally:
+        await spool.close()
+
+
+async def test_a_group_that_failed_after_its_commit_is_not_stored_again(
+        pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    """A group of ingests is usually one statement, committed on its own; the receipts are
+    made from its result after. If that Python raised (a bug), the group was run again one
+    job at a time, as a failed statement is: every event without a sender id was stored a
+    second time. Now its requests fail (503, as any commit whose answer was lost) and
+    nothing is stored twice."""
+    import relay.spool.postgres as postgres
+
+    spool = PostgresSpool(pg_dsn)
+    await spool.open()
+    try:
+        real, broken = postgres._offered, [True]
+
+        def once_broken(*args: Any) -> Any:
+            if broken:
+                broken.clear()
+                raise RuntimeError("a bug after the commit")
+            return real(*args)
+
+        monkeypatch.setattr(postgres, "_offered", once_broken)
+        now = time.time()
+        requests = [[(accept(Event(channel="email", status="sent", message_id=f"m{r}-{i}"), now),
+                      (Route("a", "pending"),)) for i in range(2)] for r in range(3)]
+        answers = await asyncio.gather(*(spool.ingest_receipt(r) for r in requests),
+                                       return_exceptions=True)
+        assert not broken, "the group did not reach the receipts"
+        assert all(isinstance(answer, SpoolError) for answer in answers), answers
+        stored = await spool.fetch_rows("SELECT body FROM relay.events")
+        messages = sorted(json.loads(row[0])["message_id"] for row in stored)
+        assert messages == sorted(f"m{r}-{i}" for r in range(3) for i in range(2))
+        receipt = await spool.ingest_receipt([item(9, "a")])   # the lane still runs
+        assert receipt.stored == 1
     finally:
         await spool.close()

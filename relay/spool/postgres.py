@@ -125,6 +125,11 @@ class _Aborted(SpoolError):
     and running it again succeeds."""
 
 
+class _Committed(Exception):
+    """A group's statement committed, and making its answers raised (the cause): its jobs
+    must not run again."""
+
+
 def replica_id() -> str:
     """This replica's name in ``lease_owner``: RELAY_REPLICA_ID, else hostname:pid."""
     return os.environ.get("RELAY_REPLICA_ID") or f"{socket.gethostname()}:{os.getpid()}"
@@ -394,6 +399,17 @@ class PostgresSpool:
                 answers = await self._commit_part(kind, jobs)
             except (SpoolError, asyncio.CancelledError):
                 raise
+            except _Committed as exc:
+                # Its rows are in: running its jobs again would store every event without a
+                # sender id twice. They fail as a commit whose answer was lost does.
+                log.error("spool %s group committed, then its answers failed", kind,
+                          exc_info=exc.__cause__)
+                for job in jobs:
+                    if not job.future.done():
+                        job.future.set_exception(SpoolError(
+                            f"the spool stored this request but could not answer for it: "
+                            f"{exc.__cause__!r}"))
+                return
             except Exception as exc:
                 # Never the end of this lane's writer: its callers wait for it (a dead outcome
                 # writer once held every request slot for good, /readyz still ready).
@@ -461,6 +477,16 @@ class PostgresSpool:
         if not written:
             async with conn.transaction():
                 return await self._ingest_checked(conn, jobs, plan)
+        try:
+            return await self._ingest_written(conn, jobs, plan, hopeful, claimed, leased)
+        except Exception as exc:
+            raise _Committed() from exc
+
+    async def _ingest_written(self, conn: asyncpg.Connection, jobs: list[_Job], plan: _Plan,
+                              hopeful: _Assembled, claimed: set[str],
+                              leased: dict[str, str]) -> list[tuple[Exception | None, Any]]:
+        """The answers of a group sql.INGEST stored (committed: nothing here may run it
+        again)."""
         raced = [i for i in plan.claim[0] if i not in claimed]
         if not raced:
             return _offered(jobs, plan, hopeful.answers, leased)
