@@ -117,3 +117,42 @@ async def test_a_group_that_failed_after_its_commit_is_not_stored_again(
         assert receipt.stored == 1
     finally:
         await spool.close()
+
+
+async def test_a_large_group_does_not_wait_for_the_group_in_flight(pg_dsn: str) -> None:  # noqa: F811
+    """Ingest groups ran one at a time, so the event loop and PostgreSQL each waited for the
+    other half the time under batches. A second group now starts beside the one in flight once
+    EXTRA_GROUP_EVENTS events wait; fewer wait for it, as before. Here the group in flight
+    waits on a sender id another transaction holds."""
+    import relay.spool.postgres as postgres
+
+    spool = PostgresSpool(pg_dsn)
+    await spool.open()
+    other = await asyncpg.connect(pg_dsn)
+    try:
+        now = time.time()
+
+        def events(prefix: str, n: int) -> list[Any]:
+            return [(accept(Event(id=f"{prefix}{i}", channel="email", status="sent",
+                                  message_id="m"), now), (Route("a", "pending"),))
+                    for i in range(n)]
+
+        tx = other.transaction()
+        await tx.start()
+        await other.execute("INSERT INTO relay.sender_ids(id, received_at, deliveries) "
+                            "VALUES ('held0', 0, '')")
+        held = asyncio.ensure_future(spool.ingest_receipt(events("held", 1)))
+        await asyncio.sleep(0.3)
+        small = asyncio.ensure_future(spool.ingest_receipt(events("small", 1)))
+        await asyncio.sleep(0.3)
+        assert not held.done() and not small.done()     # one group at a time for small ones
+        large = await asyncio.wait_for(
+            spool.ingest_receipt(events("large", postgres.EXTRA_GROUP_EVENTS)), 10)
+        assert large.stored == postgres.EXTRA_GROUP_EVENTS
+        assert (await asyncio.wait_for(small, 10)).stored == 1   # it went with the large one
+        assert not held.done()
+        await tx.rollback()
+        assert (await asyncio.wait_for(held, 10)).stored == 1
+    finally:
+        await other.close()
+        await spool.close()

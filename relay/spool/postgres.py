@@ -80,10 +80,16 @@ def _storable(text: str | None) -> str | None:
     return text.replace("\x00", "\ufffd") if text and "\x00" in text else text
 
 MAX_GROUP = 512          # jobs per transaction, as in the SQLite writer
-LANES = ("ingest", "record")   # one group writer each: a group of ingests at a time (more
-                         # measured slower: they wait on the counters row and the sender-id
-                         # index; bench/postgres.py), and beside it a group of outcomes, which
-                         # nobody answers a sender for (docs/performance.md)
+LANES = ("ingest", "record")   # a group writer each: a group of ingests at a time (a second
+                         # only beside a large one: EXTRA_GROUP_EVENTS), and beside it a group
+                         # of outcomes, which nobody answers a sender for (docs/performance.md)
+# A second ingest group may run beside the one in flight, once this many events wait for it
+# (batches): the event loop then makes one group's statement while PostgreSQL runs the other's,
+# where a group at a time left each idle half the time (bench/ingest.py, batches of 100: 9,000
+# -> 14,500 events/s). Small groups (single events) keep to one at a time: a group's fixed cost
+# is the event loop's, which they are bound by (two at once measured 5-20 % slower).
+EXTRA_GROUP_EVENTS = 128
+EXTRA_WRITER_POOL = 3    # connections the ingest pool needs for the second ingest writer
 PROBE_EVERY = 0.5        # seconds between reconnect attempts while the database is unreachable
 LIGHT_CONNECTIONS = 2    # of pool_size: for claims and outcomes (no WAL flush); one of
                          # them stays free for claims while the writer's outcome waits
@@ -179,6 +185,7 @@ class PostgresSpool:
         self._pool: asyncpg.Pool | None = None
         self._light: asyncpg.Pool | None = None   # synchronous_commit off: see _fetch_lightly
         self._jobs: dict[str, deque[_Job]] = {lane: deque() for lane in LANES}
+        self._queued: dict[str, int] = {lane: 0 for lane in LANES}   # their events (ingest)
         self._wake: dict[str, asyncio.Event] = {lane: asyncio.Event() for lane in LANES}
         self._writers: list[asyncio.Task[None]] = []
         self._probe: asyncio.Task[None] | None = None
@@ -228,11 +235,15 @@ class PostgresSpool:
             raise SpoolError(f"cannot connect to spool.postgres.dsn: {exc}") from exc
         self._up = True
         self.is_open = True
-        # An ingest group and an outcome group in flight at once (concurrent transactions are
-        # safe here as they are between replicas; they meet only on the counters row).
+        # An ingest group and an outcome group in flight at once, and a second ingest group
+        # beside a large one (concurrent transactions are safe here as they are between
+        # replicas; they meet on the counters row and on a sender id both hold).
         self._writers = [asyncio.create_task(self._write_forever(lane),
                                              name=f"relay-spool-pg-writer-{lane}")
                          for lane in LANES]
+        if self.pool_size - LIGHT_CONNECTIONS >= EXTRA_WRITER_POOL:
+            self._writers.append(asyncio.create_task(
+                self._write_forever("ingest", beside=True), name="relay-spool-pg-writer-ingest-2"))
 
     async def _create_pool(self, size: int, settings: dict[str, str]) -> asyncpg.Pool:
         # reset: asyncpg's default sends "SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN
@@ -375,21 +386,25 @@ class PostgresSpool:
         self._check_writable()
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._jobs[kind].append(_Job(args, future))
+        self._queued[kind] += _rows(kind, args)
         self._wake[kind].set()
         return future
 
-    async def _write_forever(self, lane: str) -> None:
+    async def _write_forever(self, lane: str, beside: bool = False) -> None:
         """Take every job of ``lane`` queued while its previous group ran; run them as one
-        group (one statement in the common case: see _ingest_group), committed on its own."""
+        group (one statement in the common case: see _ingest_group), committed on its own.
+        ``beside``: the second ingest writer, which starts a group only once
+        EXTRA_GROUP_EVENTS events wait (the first is busy with a group of its own then)."""
         jobs, wake = self._jobs[lane], self._wake[lane]
         while True:
-            if not jobs:
-                if self._closing:
-                    return
+            if not jobs or (beside and self._queued[lane] < EXTRA_GROUP_EVENTS):
+                if self._closing and (beside or not jobs):
+                    return   # (the first writer commits what is left)
                 wake.clear()
                 await wake.wait()
                 continue
             group = [jobs.popleft() for _ in range(min(MAX_GROUP, len(jobs)))]
+            self._queued[lane] -= sum(_rows(lane, job.args) for job in group)
             self.groups += 1
             await self._run_part(lane, group)
 
@@ -767,6 +782,11 @@ class _Plan(NamedTuple):
     leases: list[tuple[float, dict[str, int]] | None]   # per job: its offered deliveries'
                                                          # lease end, and how many of which
                                                          # destinations
+
+
+def _rows(lane: str, args: Any) -> int:
+    """What a job adds to its lane's group: an ingest its events, an outcome one."""
+    return len(args[2]) if lane == "ingest" else 1
 
 
 def _plan(jobs: list[_Job], lease: float) -> _Plan:
