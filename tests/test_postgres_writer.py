@@ -156,3 +156,29 @@ async def test_a_large_group_does_not_wait_for_the_group_in_flight(pg_dsn: str) 
     finally:
         await other.close()
         await spool.close()
+
+
+async def test_a_group_that_found_every_connection_busy_is_not_run_again_job_by_job(
+        pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    """A group that waited the connection timeout for a free connection failed, and was then
+    run again one job at a time (the way a statement error finds the job that causes it),
+    each waiting the timeout again: k jobs held the writer for k + 1 waits. Its requests now
+    get the 503 at once."""
+    import relay.spool.postgres as postgres
+
+    spool = PostgresSpool(pg_dsn)
+    await spool.open()
+    try:
+        tries: list[int] = []
+
+        async def busy(kind: str, jobs: list[Any]) -> Any:
+            tries.append(len(jobs))
+            raise postgres._PoolBusy("all 8 spool connections stayed busy for 5s")
+
+        monkeypatch.setattr(spool, "_commit_part", busy)
+        answers = await asyncio.gather(*(spool.ingest_receipt([item(i, "a")]) for i in range(3)),
+                                       return_exceptions=True)
+        assert all(isinstance(a, SpoolError) and "stayed busy" in str(a) for a in answers)
+        assert tries == [3]
+    finally:
+        await spool.close()

@@ -180,7 +180,8 @@ class PostgresConfig(_Model):
         "relay", "Schema holding the relay's tables.")
     pool_size: Annotated[int, NOT_BOOL, Field(ge=3, le=1000)] = _d(
         10, "Connections per relay (at least 3): 2 of them take delivery claims and attempt "
-            "outcomes, the rest ingest and reads.")
+            "outcomes, the rest ingest and reads (under large batches a second ingest group "
+            "may take one of those, when two are free).")
     lease: PositiveDuration | None = _d(
         None, "How long a claimed delivery stays with its relay; default delivery.timeout + 30s.")
 

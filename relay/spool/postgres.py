@@ -86,10 +86,12 @@ LANES = ("ingest", "record")   # a group writer each: a group of ingests at a ti
 # A second ingest group may run beside the one in flight, once this many events wait for it
 # (batches): the event loop then makes one group's statement while PostgreSQL runs the other's,
 # where a group at a time left each idle half the time (bench/ingest.py, batches of 100: 9,000
-# -> 14,500 events/s). Small groups (single events) keep to one at a time: a group's fixed cost
-# is the event loop's, which they are bound by (two at once measured 5-20 % slower).
+# -> 14,500 events/s). Fewer events waiting (single events from up to 128 connections) keep to
+# one group at a time: a group's fixed cost is the event loop's, which they are bound by (two
+# at once measured 5-20 % slower).
 EXTRA_GROUP_EVENTS = 128
-EXTRA_WRITER_POOL = 3    # connections the ingest pool needs for the second ingest writer
+EXTRA_WRITER_POOL = 4    # connections the ingest pool needs for the second ingest writer:
+                         # it never leaves fewer free than one writer did, less one
 PROBE_EVERY = 0.5        # seconds between reconnect attempts while the database is unreachable
 LIGHT_CONNECTIONS = 2    # of pool_size: for claims and outcomes (no WAL flush); one of
                          # them stays free for claims while the writer's outcome waits
@@ -129,6 +131,11 @@ LIGHT_SETTINGS = {
 class _Aborted(SpoolError):
     """PostgreSQL aborted the group's transaction to break a deadlock: nothing of it is stored,
     and running it again succeeds."""
+
+
+class _PoolBusy(SpoolError):
+    """Every connection of the pool stayed in use (statements waiting on locks): running a
+    group's jobs again one by one would only wait again."""
 
 
 class _Committed(Exception):
@@ -315,8 +322,8 @@ class PostgresSpool:
             if isinstance(exc, TimeoutError) and not acquired and pool.get_idle_size() == 0 \
                     and pool.get_size() >= pool.get_max_size():
                 # every connection is in use (statements waiting on locks): busy, not lost
-                raise SpoolError(f"all {pool.get_max_size()} spool connections stayed busy for "
-                                 f"{CONNECT_TIMEOUT:g}s") from exc
+                raise _PoolBusy(f"all {pool.get_max_size()} spool connections stayed busy for "
+                                f"{CONNECT_TIMEOUT:g}s") from exc
             self._lost(exc)
             raise SpoolError(f"the spool database is unreachable: {exc or type(exc).__name__}") from exc
 
@@ -394,10 +401,13 @@ class PostgresSpool:
         """Take every job of ``lane`` queued while its previous group ran; run them as one
         group (one statement in the common case: see _ingest_group), committed on its own.
         ``beside``: the second ingest writer, which starts a group only once
-        EXTRA_GROUP_EVENTS events wait (the first is busy with a group of its own then)."""
+        EXTRA_GROUP_EVENTS events wait (the first is busy with a group of its own then), and
+        only with a connection to spare: it never waits for one (what it leaves, the first
+        writer takes next)."""
         jobs, wake = self._jobs[lane], self._wake[lane]
         while True:
-            if not jobs or (beside and self._queued[lane] < EXTRA_GROUP_EVENTS):
+            if not jobs or (beside and (self._queued[lane] < EXTRA_GROUP_EVENTS
+                                        or not self._spare_connections())):
                 if self._closing and (beside or not jobs):
                     return   # (the first writer commits what is left)
                 wake.clear()
@@ -431,8 +441,10 @@ class PostgresSpool:
                 log.exception("spool %s group failed", kind)
                 raise SpoolError(f"spool write failed: {type(exc).__name__}: {exc}") from exc
         except SpoolError as exc:
-            if len(jobs) > 1 and self._up:  # a statement error, not a lost database: find
-                for job in jobs:            # the job that causes it; the others go through
+            if len(jobs) > 1 and self._up and not isinstance(exc, _PoolBusy):
+                # a statement error, not a lost database: find the job that causes it; the
+                # others go through
+                for job in jobs:
                     await self._run_part(kind, [job])
                 return
             for job in jobs:
@@ -446,6 +458,13 @@ class PostgresSpool:
                 job.future.set_exception(error)
             else:
                 job.future.set_result(result)
+
+    def _spare_connections(self) -> bool:
+        """The ingest pool has two connections free (idle or yet to be opened): one for a
+        second group, one left for reads and claims."""
+        pool = self._pool
+        return pool is not None and \
+            pool.get_idle_size() + pool.get_max_size() - pool.get_size() >= 2
 
     async def _commit_part(self, kind: str,
                            jobs: list[_Job]) -> list[tuple[Exception | None, Any]]:
@@ -510,8 +529,11 @@ class PostgresSpool:
         # now: whatever happens next must not run it again.
         try:
             known = dict(await conn.fetch(sql.SENDER_IDS, raced))
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError,
+                OSError, TimeoutError) as exc:
             known, why = {}, f"cannot read the deliveries of a repeated sender id: {exc}"
+            if not isinstance(exc, asyncpg.PostgresError):
+                self._lost(exc)   # as _connection would: its connections are not reused
         else:
             why = "a repeated sender id's deliveries were pruned meanwhile"
         missing = set(raced) - known.keys()   # (before _assemble adds the group's own ids)
