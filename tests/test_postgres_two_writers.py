@@ -42,6 +42,7 @@ async def hold(conn: asyncpg.Connection, *ids: str) -> Any:
 
 
 def track_groups(spool: PostgresSpool, monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Ingest groups in flight now, and the most at once so far."""
     seen = {"now": 0, "max": 0}
     real = spool._commit_part
 
@@ -298,28 +299,16 @@ async def test_a_broken_connection_in_the_raced_read_is_noticed(
         await spool.close()
 
 
-async def test_offers_of_two_groups_in_flight_are_sent_once(pg_stack: Any,  # noqa: F811
-                                                            receiver: Receiver) -> None:
+async def test_offers_of_two_groups_in_flight_are_sent_once(
+        pg_stack: Any, receiver: Receiver,  # noqa: F811
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """A relay's two ingest groups in flight at once offer their leased rows to its
     dispatcher in either order: every delivery is sent once."""
     stack = await pg_stack(**_braze(receiver))
     spool, dispatcher = stack.spool, stack.dispatcher
     await async_eventually(lambda: dispatcher.offer_mark({"braze": 1}) is not None,
                            what="a first complete look")
-    seen = {"now": 0, "max": 0}
-    real = spool._commit_part
-
-    async def counted(kind: str, jobs: list[Any]) -> Any:
-        if kind != "ingest":
-            return await real(kind, jobs)
-        seen["now"] += 1
-        seen["max"] = max(seen["max"], seen["now"])
-        try:
-            return await real(kind, jobs)
-        finally:
-            seen["now"] -= 1
-
-    spool._commit_part = counted
+    seen = track_groups(spool, monkeypatch)
     rng = random.Random(3)
     ids: dict[str, str] = {}
     counter = iter(range(10**9))

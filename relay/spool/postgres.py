@@ -85,8 +85,8 @@ LANES = ("ingest", "record")   # a group writer each: a group of ingests at a ti
                          # of outcomes, which nobody answers a sender for (docs/performance.md)
 # A second ingest group may run beside the one in flight, once this many events wait for it
 # (batches): the event loop then makes one group's statement while PostgreSQL runs the other's,
-# where a group at a time left each idle half the time (bench/ingest.py, batches of 100: 9,000
-# -> 14,500 events/s). Fewer events waiting (single events from up to 128 connections) keep to
+# where a group at a time left each idle half the time (bench/ingest.py, batches of 100: 8,600
+# -> 13,200 events/s). Fewer events waiting (single events from up to 128 connections) keep to
 # one group at a time: a group's fixed cost is the event loop's, which they are bound by (two
 # at once measured 5-20 % slower).
 EXTRA_GROUP_EVENTS = 128
