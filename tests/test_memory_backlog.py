@@ -12,9 +12,10 @@ events a second; 0.75 after). Real spool, real dispatcher, real aiohttp receiver
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -467,7 +468,23 @@ async def test_a_destinations_small_events_pass_its_large_one_held_by_the_byte_b
 B = ("b1", "b2", "b3", "b4")
 
 
-def config_of(tmp_path: Path) -> Any:
+@contextlib.asynccontextmanager
+async def dispatching(config: Any, transport: Any) -> AsyncIterator[tuple[Spool, Dispatcher]]:
+    """A SQLite spool and a running dispatcher on it, stopped and closed after."""
+    spool = Spool(config.spool.path)
+    await spool.open()
+    dispatcher = Dispatcher(config, spool, transport=transport)
+    await dispatcher.start()
+    try:
+        yield spool, dispatcher
+    finally:
+        await dispatcher.stop(1)
+        await spool.close()
+
+
+def config_with(tmp_path: Path, *others: dict[str, Any]) -> Any:
+    """b1-b4 on hosts of their own, then ``others``; 8 requests at a time, 4 per host,
+    retries after 200 ms, and no host is ever suspended."""
     return load_config(write_config(
         tmp_path, delivery={"concurrency": 8, "per_host_concurrency": 4,
                             "backoff_initial": "200ms", "backoff_max": "200ms"},
@@ -475,9 +492,13 @@ def config_of(tmp_path: Path) -> Any:
         destinations=[
             *({"name": n, "format": "braze", "url": f"https://{n}.example.com/hook"}
               for n in B),
-            # d and d2 share the host h.example.com
-            {"name": "d", "format": "braze", "url": "https://h.example.com/d"},
-            {"name": "d2", "format": "braze", "url": "https://h.example.com/d2"}]), env={})
+            *others]), env={})
+
+
+def config_of(tmp_path: Path) -> Any:
+    # d and d2 share the host h.example.com
+    return config_with(tmp_path, {"name": "d", "format": "braze", "url": "https://h.example.com/d"},
+                       {"name": "d2", "format": "braze", "url": "https://h.example.com/d2"})
 
 
 class HostTransport:
@@ -525,13 +546,8 @@ async def test_a_retry_whose_host_was_busy_when_due_is_not_held_behind_a_burst(
     host at its limit (4 requests of 1 s) until about 1 s. A burst of 2,000 for b1-b4 (8 at
     a time, 20 ms each: 5 s of work) is offered at 0.5 s. d's retry should go soon after its
     host has a free slot (about 1 s), not after the burst."""
-    config = config_of(tmp_path)
-    spool = Spool(config.spool.path)
-    await spool.open()
     transport = HostTransport(fail_first=True)
-    dispatcher = Dispatcher(config, spool, transport=transport)
-    await dispatcher.start()
-    try:
+    async with dispatching(config_of(tmp_path), transport) as (spool, dispatcher):
         dispatcher.offer(await spool.ingest_receipt([item(0, "d")]))
         await asyncio.sleep(0.02)
         dispatcher.offer(await spool.ingest_receipt([item(i, "d2") for i in range(4)]))
@@ -539,9 +555,6 @@ async def test_a_retry_whose_host_was_busy_when_due_is_not_held_behind_a_burst(
         assert len(transport.d) == 1
         second, before = await burst_then_d(dispatcher, spool, transport, 2)
         assert second is not None and before < 1000, (second, before)
-    finally:
-        await dispatcher.stop(1)
-        await spool.close()
 
 
 async def test_another_workers_event_for_a_busy_host_is_not_held_behind_a_burst(
@@ -550,13 +563,8 @@ async def test_another_workers_event_for_a_busy_host_is_not_held_behind_a_burst(
     stores an event for d (on h) at 0.2 s and wakes this one (others_stored). A burst of
     2,000 for b1-b4 (8 at a time, 20 ms each: 5 s of work) is offered at 0.5 s. d's event
     should go soon after h has a free slot (about 1 s), not after the burst."""
-    config = config_of(tmp_path)
-    spool = Spool(config.spool.path)
-    await spool.open()
     transport = HostTransport(fail_first=False)
-    dispatcher = Dispatcher(config, spool, transport=transport)
-    await dispatcher.start()
-    try:
+    async with dispatching(config_of(tmp_path), transport) as (spool, dispatcher):
         dispatcher.offer(await spool.ingest_receipt([item(i, "d2") for i in range(4)]))
         await asyncio.sleep(0.2)
         await spool.ingest([item(0, "d")])          # (as another worker would)
@@ -565,20 +573,10 @@ async def test_another_workers_event_for_a_busy_host_is_not_held_behind_a_burst(
         assert len(transport.d) == 0
         sent, before = await burst_then_d(dispatcher, spool, transport, 1)
         assert sent is not None and before < 1000, (sent, before)
-    finally:
-        await dispatcher.stop(1)
-        await spool.close()
 
 
 def config_one_host(tmp_path: Path) -> Any:
-    return load_config(write_config(
-        tmp_path, delivery={"concurrency": 8, "per_host_concurrency": 4,
-                            "backoff_initial": "200ms", "backoff_max": "200ms"},
-        health={"consecutive_failures": 1000000, "min_failures": 1000000},
-        destinations=[
-            *({"name": n, "format": "braze", "url": f"https://{n}.example.com/hook"}
-              for n in B),
-            {"name": "d", "format": "braze", "url": "https://d.example.com/d"}]), env={})
+    return config_with(tmp_path, {"name": "d", "format": "braze", "url": "https://d.example.com/d"})
 
 
 class SecondTransport:
@@ -603,13 +601,8 @@ async def test_a_destinations_second_retry_is_read_aside_too(tmp_path: Path) -> 
     """d's two deliveries each fail once, 50 ms apart (retries due about 0.2 s later). 480
     deliveries for b1-b4 (8 at a time, 50 ms each: 3 s of work) wait in memory. Both of d's
     retries go within about a second, not after the backlog."""
-    config = config_one_host(tmp_path)
-    spool = Spool(config.spool.path)
-    await spool.open()
     transport = SecondTransport()
-    dispatcher = Dispatcher(config, spool, transport=transport)
-    await dispatcher.start()
-    try:
+    async with dispatching(config_one_host(tmp_path), transport) as (spool, dispatcher):
         t0 = time.monotonic()
         dispatcher.offer(await spool.ingest_receipt([item(0, "d")]))
         await asyncio.sleep(0.05)
@@ -626,6 +619,3 @@ async def test_a_destinations_second_retry_is_read_aside_too(tmp_path: Path) -> 
         retried = transport.d[3][1] if len(transport.d) >= 4 else None
         before = sum(at <= retried for at in transport.b) if retried else len(transport.b)
         assert retried is not None and before < 240, (times, before)
-    finally:
-        await dispatcher.stop(1)
-        await spool.close()
