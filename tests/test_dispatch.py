@@ -603,7 +603,8 @@ async def test_an_offer_made_during_a_look_is_sent_once(
     second copy, behind b's older deliveries, was sent again once the first was committed
     (found by a review of the per-destination coverage). b's offers must be refused while
     it is busy: as on PostgreSQL (SQLite takes a busy host's offers into memory since; this
-    test is about what a look does with the offers held while it reads)."""
+    test is about what a look does with the offers held while it reads, and the next one
+    about the same with SQLite's behaviour on)."""
     a = receivers()
     a.answer(Answer(200, delay=1.5))                 # e1/a holds one of a's slots for 1.5 s
     b = receivers(Answer(200, delay=0.5))
@@ -646,6 +647,72 @@ async def test_an_offer_made_during_a_look_is_sent_once(
     record = await stack.delivery(posted["evt-2/a"])
     assert sent[posted["evt-2/a"]] == 1, sent
     assert record["attempt_count"] == 1
+
+
+async def test_an_offer_during_a_look_aside_is_sent_once(
+        make_stack: Any, receivers: Callable[..., Receiver]) -> None:
+    """test_an_offer_made_during_a_look_is_sent_once with SQLite's behaviour on: a busy host's
+    offers wait in memory for its slots, and a look aside (another worker stored events) reads
+    the idle destination meanwhile. Events stored and offered while it reads, for both, are
+    also in what it returns: every delivery is still sent exactly once."""
+    a = receivers()
+    b = receivers(Answer(200, delay=0.4))
+    stack = await make_stack(**receiver_config(
+        a, delivery={"allowed_ports": [a.port, b.port], "concurrency": 6,
+                     "per_host_concurrency": 2},
+        destinations=[{"name": "a", "format": "braze", "url": f"{a.url}/a", "channels": ["email"]},
+                      {"name": "b", "format": "braze", "url": f"{b.url}/b", "channels": ["sms"]}]))
+    dispatcher = stack.dispatcher
+    assert dispatcher._aside   # the SQLite behaviour under test
+    spool, armed, posted = dispatcher.spool, [], {}
+
+    class SlowLook:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(spool, name)
+
+        async def poll(self, now: float, *args: Any, **kwargs: Any) -> Any:
+            if armed and not posted:
+                armed.append(len(dispatcher._ready))
+                await asyncio.sleep(0.2)
+                posted.update(await stack.post(event(2), _sms(106)))   # offered meanwhile
+                return await spool.poll(time.time(), *args, **kwargs)   # ... and read as due
+            return await spool.poll(now, *args, **kwargs)
+
+    dispatcher.spool = SlowLook()
+    # Never queued while queued or under way either: the start's check for a delivery under
+    # way is a second guard, which hides a second copy only while the first is in flight.
+    queued: set[str] = set()
+    twice: list[str] = []
+
+    class Watched(type(dispatcher._ready)):  # type: ignore[misc]
+        __slots__ = ()
+
+        def extend(self, dues: Any) -> None:
+            dues = list(dues)
+            held = {d.seq for line in self._lines.values() for d in line} | \
+                dispatcher._inflight.keys()
+            twice.extend(due.delivery_id for due in dues if due.seq in held)
+            queued.update(due.delivery_id for due in dues)
+            super().extend(dues)
+
+    dispatcher._ready.__class__ = Watched
+    ids = await stack.post(_sms(100), _sms(101))          # b busy: 2 of 2 slots for 0.4 s
+    await b.await_for(2, "/b", timeout=5)
+    ids.update(await stack.post(*(_sms(i) for i in range(102, 106))))   # wait in memory
+    armed.append("next look")
+    dispatcher.others_stored()
+    await async_eventually(lambda: _value(len(posted)), lambda n: n >= 2, what="the look",
+                           timeout=5)
+    assert armed[1] >= 1, armed   # b's offers were waiting in memory when the look began
+    ids.update(posted)
+    for delivery_id in ids.values():
+        await stack.settle(delivery_id, "delivered", timeout=10)
+    await asyncio.sleep(0.6)                              # a second send would be in by now
+    sent = Counter(r.headers["Webhook-Id"] for r in [*a.received("/a"), *b.received("/b")])
+    assert sent == Counter(ids.values()), sent
+    assert not twice and posted["evt-2/a"] in queued, twice
+    for delivery_id in ids.values():
+        assert (await stack.delivery(delivery_id))["attempt_count"] == 1
 
 
 async def test_events_after_an_abandoned_probe_are_sent_without_the_idle_recheck(
