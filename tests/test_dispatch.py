@@ -189,6 +189,19 @@ async def test_bulk_replay_by_destination(make_stack: Any, receiver: Receiver) -
     assert bad.status == 400
 
 
+@pytest.mark.parametrize("digits", ["1" + "0" * 5000, "-" + "9" * 4301])
+async def test_a_replay_since_a_number_too_long_for_python_names_the_field(
+        make_stack: Any, receiver: Receiver, digits: str) -> None:
+    """An integer of over 4,300 digits is valid JSON that Python's json refuses to convert:
+    it was answered as a body that is not JSON, not as a failed_since out of range."""
+    stack = await make_stack(**receiver_config(receiver))
+    resp = await stack.client.post("/v1/deliveries/retry",
+                                   data=b'{"failed_since": ' + digits.encode() + b"}",
+                                   headers={"Content-Type": "application/json"})
+    assert resp.status == 400
+    assert "failed_since" in (await resp.json())["error"]
+
+
 async def test_test_send_returns_request_and_response(make_stack: Any, receiver: Receiver) -> None:
     """The destination test endpoint sends now and shows the masked request and the answer."""
     receiver.answer(Answer(201, body="created"))
