@@ -6,7 +6,8 @@ that records the longest answer time ("stall") and the peak RSS of the relay plu
 writer (/proc). Scenarios, side by side in one table:
 
 - invalid max-size batches `[{},{},...]`: one, then four at once (and a valid body of the same
-  size for comparison): stall, RSS growth, time to the answer;
+  size for comparison), and one event of ~90,000 unknown fields, then 16 at once: stall, RSS
+  growth, time to the answer;
 - 100 valid ~1 MiB events with nested attributes: RSS while all are in flight to a slow
   receiver, and after they are delivered;
 - delivered events/s end to end, without and with 8 clients scraping /metrics non-stop;
@@ -200,6 +201,13 @@ def empty_objects_batch() -> bytes:
     return b"[" + b"{}," * (count - 1) + b"{}]"
 
 
+def unknown_fields_event() -> bytes:
+    """One event object of nothing but unknown fields, as many as server.max_body_bytes allows
+    (~90,000): each is an error of its own."""
+    count = (MAX_BODY - 2) // 12   # (each: "k000000":1 and a comma)
+    return b"{" + b",".join(b'"k%06d":1' % i for i in range(count)) + b"}"
+
+
 def valid_batch_same_size() -> bytes:
     """500 valid events (server.max_batch) padded to the same size as the invalid batch."""
     pad = (MAX_BODY - 500 * 120) // 500
@@ -226,11 +234,14 @@ def big_event(i: int) -> bytes:
 
 def invalid_batches(tmpdir: Path, rport: int) -> list[tuple[Any, ...]]:
     rows = []
-    invalid, valid = empty_objects_batch(), valid_batch_same_size()
+    invalid, valid, unknown = empty_objects_batch(), valid_batch_same_size(), \
+        unknown_fields_event()
     progress(f"invalid batches: {len(invalid):,} bytes, {(len(invalid) - 1) // 3:,} empty objects")
     for label, body, copies in (("valid 1 MiB batch (500 events), for comparison", valid, 1),
                                 ("1 invalid max-size batch [{},{},...]", invalid, 1),
-                                ("4 invalid max-size batches at once", invalid, 4)):
+                                ("4 invalid max-size batches at once", invalid, 4),
+                                ("1 event of ~90,000 unknown fields (1 MiB)", unknown, 1),
+                                ("16 such events at once", unknown, 16)):
         with relay(relay_config(tmpdir, rport, f"invalid{copies}{len(rows)}"), tmpdir) \
                 as (proc, port):
             time.sleep(0.5)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import pydantic
@@ -24,11 +24,24 @@ def problems_from(
 ) -> list[tuple[str, str]]:
     """``(path, message)`` for each error; ``data`` lets union tags be dropped from paths."""
     errors = exc.errors(include_url=False)
+    return problems_of(errors, len(errors), data, noun=noun, known=known, limit=limit)
+
+
+def problems_of(
+    errors: Sequence[Any],
+    total: int,
+    data: Any = None,
+    *,
+    noun: str = "key",
+    known: Iterable[str] | Mapping[str, tuple[str, ...]] = (),
+    limit: int = 100,
+) -> list[tuple[str, str]]:
+    """``problems_from`` over the first of ``total`` errors (pydantic's ``ErrorDetails``)."""
     problems = [describe(err, loc_to_path(err["loc"], data), noun, known,
                          secret=is_secret_location(err["loc"]))
                 for err in errors[:limit]]
-    if len(errors) > limit:
-        problems.append(("", f"... and {len(errors) - limit} more problems"))
+    if total > limit:
+        problems.append(("", f"... and {total - limit} more problems"))
     return problems
 
 

@@ -5,14 +5,25 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pydantic
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from relay.config import parse_config
 from relay.errors import InvalidEvent
-from relay.events import MAX_PROBLEMS, accept, load_event, parse_events
+from relay.events import (
+    EVENT_FIELDS,
+    FLOOD,
+    MAX_PROBLEMS,
+    _batch,
+    _validate_one,
+    accept,
+    load_event,
+    parse_events,
+)
 from relay.routing import Router
+from relay.validation import problems_from
 from tests.helpers import destinations, event
 
 
@@ -239,6 +250,46 @@ def test_problems_are_capped_with_a_count_of_the_rest() -> None:
     problems = info.value.problems
     assert len(problems) == MAX_PROBLEMS + 1
     assert problems[-1] == ("", f"... and {500 * 3 - MAX_PROBLEMS} more problems")
+
+
+def _unknown(prefix: str, count: int) -> str:
+    return ",".join(f'"{prefix}{i:05d}":1' for i in range(count))
+
+
+FLOODS = {
+    "one object of 90,000 unknown fields": "{" + _unknown("k", 90_000) + "}",
+    "bad values, then unknown fields at two levels": (
+        '{"channel":"fax","status":1,' + _unknown("k", 3000) + ',"recipient":{'
+        + _unknown("r", 2000) + '},"timestamps":{"sent_at":"soon",' + _unknown("t", 50) + "}}"),
+    "a batch whose 51st event floods": json.dumps(
+        [event(i) for i in range(50)] + [{"channel": "fax", **{f"x{j}": j for j in range(1500)}}]),
+    "a batch of 40 events of 60 errors each": json.dumps(
+        [{"recipient": {f"y{j}": 1 for j in range(30)},
+          "failure": {"code": [], **{f"z{j}": 1 for j in range(30)}}}] * 40),
+}
+
+
+@pytest.mark.parametrize("body", list(FLOODS.values()), ids=list(FLOODS))
+def test_a_flood_of_errors_lists_the_first_ones_as_in_full(body: str) -> None:
+    """Past relay.events.FLOOD errors the first ones are found on a copy of the body with
+    most unknown fields left out (building all of them cost a hostile body 0.5 s and 100 MB):
+    the listing is the one built from every error, problem for problem, with the true count
+    of the rest."""
+    raw = body.encode()
+    with pytest.raises(pydantic.ValidationError) as full:
+        _validate_one(raw) if body.startswith("{") else _batch(500).validator.validate_json(raw)
+    assert full.value.error_count() > FLOOD
+    expected = problems_from(full.value, noun="field", known=EVENT_FIELDS, limit=MAX_PROBLEMS)
+    with pytest.raises(InvalidEvent) as info:
+        parse_events(raw, 500)
+    assert info.value.problems == expected
+    assert expected[-1] == ("", f"... and {full.value.error_count() - MAX_PROBLEMS} more problems")
+
+
+def test_a_number_that_is_not_finite_is_named_first_in_a_flood_too() -> None:
+    body = ('{"channel":"email","status":"sent","message_id":"m","attributes":{"x":NaN},'
+            + _unknown("k", 5000) + "}").encode()
+    assert list(paths(body)) == ["attributes.x"]
 
 
 def test_deeply_nested_json_is_a_400_not_a_crash() -> None:
