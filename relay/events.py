@@ -162,11 +162,21 @@ def parse_events(body: bytes, max_batch: int) -> tuple[list[Event], bool]:
     # A valid event can hold a number that is not finite only in ``attributes`` (every other
     # field is a string, a strict integer or a date): looking there is cheaper than scanning
     # the body for one (a regex over the text cost more than validating it).
-    for event in events:
+    traced = []
+    for index, event in enumerate(events):
         if event.attributes and not _all_finite(event.attributes):
             _refuse_non_finite(body)  # names each path; if it could not, say it plainly
             raise InvalidEvent([("attributes", "must hold only finite numbers (NaN, Infinity "
                                                "and numbers too large for a float are not JSON)")])
+        if event.traceparent is not None:
+            traced.append(f"[{index}].traceparent" if start == b"[" else "traceparent")
+    if traced:
+        # The field holds what the relay keeps of the request's traceparent header (relay.
+        # tracing): a sender setting it would choose every attempt's trace past the header's
+        # checks, and the contract lists no such field.
+        raise InvalidEvent([(path, "unknown field: send the trace context as the request's "
+                                   "traceparent header (docs/controls.md)")
+                            for path in traced[:MAX_PROBLEMS]])
     if start == b"[" and not events:
         raise InvalidEvent([("", "the array holds no events")])
     return events, start == b"["

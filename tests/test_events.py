@@ -19,6 +19,7 @@ from relay.events import (
     _batch,
     _validate_one,
     accept,
+    accept_body,
     load_event,
     parse_events,
 )
@@ -284,6 +285,19 @@ def test_a_flood_of_errors_lists_the_first_ones_as_in_full(body: str) -> None:
         parse_events(raw, 500)
     assert info.value.problems == expected
     assert expected[-1] == ("", f"... and {full.value.error_count() - MAX_PROBLEMS} more problems")
+
+
+def test_a_traceparent_in_the_body_is_refused() -> None:
+    """The event's traceparent field is where the relay keeps the request's traceparent
+    header. Posted in the body it was accepted, unchecked against the header's rules, and set
+    the trace of every attempt; the contract lists no such field."""
+    value = "ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    assert "traceparent header" in paths(event(1, traceparent=value))["traceparent"]
+    found = paths([event(1), event(2, traceparent=value.replace("ff", "00", 1))])
+    assert list(found) == ["[1].traceparent"]
+    stored = accept_body(json.dumps(event(3)).encode(), parse_events(
+        json.dumps(event(3)).encode(), 1)[0], 0.0, traceparent=value.replace("ff", "00", 1))
+    assert load_event(stored[0].body).traceparent == value.replace("ff", "00", 1)
 
 
 def test_a_number_that_is_not_finite_is_named_first_in_a_flood_too() -> None:
