@@ -9,14 +9,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 import time
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote
-
-import yaml
 
 from relay import __version__
 from relay.config import Config, parse_duration
@@ -296,7 +295,7 @@ def cmd_healthcheck(args: argparse.Namespace) -> int:
         # its liveness check fail (and the container restart into that bad config).
         try:
             host, port = _listen_of(args.config)
-        except (OSError, ValueError, yaml.YAMLError) as exc:
+        except (OSError, ValueError, ConfigError) as exc:
             print(f"relay healthcheck: cannot read server.listen from {args.config}: {exc}",
                   file=sys.stderr)
             return 1
@@ -313,10 +312,17 @@ def cmd_healthcheck(args: argparse.Namespace) -> int:
 
 
 def _listen_of(path: str) -> tuple[str, int]:
-    """``server.listen`` of a config file (default 127.0.0.1:8080), the rest unread."""
-    data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    server = data.get("server") if isinstance(data, dict) else None
+    """``server.listen`` of a config file (default 127.0.0.1:8080), read as serve reads it
+    (``${VAR}`` expanded: the image's HEALTHCHECK failed on ``"${RELAY_LISTEN}"``), the rest
+    unread."""
+    from relay.config.load import interpolate, parse_yaml
+
+    server = parse_yaml(Path(path).read_text(encoding="utf-8"), path).get("server")
     listen = server.get("listen") if isinstance(server, dict) else None
+    problems: list[tuple[str, str]] = []
+    listen = interpolate(listen, "server.listen", os.environ, problems)
+    if problems:
+        raise ConfigError(problems, path)
     return split_listen(str(listen or ServerConfig().listen))
 
 

@@ -11,13 +11,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 
-import yaml
-
 from relay.config import Config
-from relay.config.load import SECRET_FILE_KEYS, TLS_FILE_KEYS
+from relay.config.load import SECRET_FILE_KEYS, TLS_FILE_KEYS, interpolate, parse_yaml
 from relay.destinations import Loaded, load
 from relay.errors import ConfigError
 
@@ -27,7 +25,13 @@ SETTLE = 0.2        # seconds a changed file must stay the same before it is rea
 SETTLE_CHECKS = 25  # at most 5 s of waiting for a file that keeps changing
 
 RESTART_KEYS = (("server", "listen"), ("server", "max_body_bytes"), ("server", "workers"),
+                # the listener's connection cap and shutdown, and the logging set up at start
+                ("server", "max_connections"), ("server", "drain_timeout"),
+                ("server", "log_level"), ("server", "log_format"),
                 ("spool", "path"), ("spool", "backend"), ("spool", "postgres"),
+                # the spool's bounds and windows, given to it (and its writer) when it opens
+                ("spool", "max_events"), ("spool", "max_bytes"), ("spool", "dedupe_window"),
+                ("spool", "retention"),
                 ("delivery", "concurrency"), ("delivery", "per_host_concurrency"),
                 ("delivery", "ca_file"),
                 # The sending client's resolver, literal check and pooled connections are built
@@ -45,15 +49,21 @@ def fingerprint(path: str) -> tuple[object, ...]:
         st = os.stat(path)
     except OSError as exc:
         return ("missing", exc.errno)
+    except ValueError:   # a NUL in the path: no file has it (loading says so)
+        return ("missing", None)
     return (os.path.realpath(path), st.st_ino, st.st_size, st.st_mtime_ns)
 
 
-def secret_files(path: str) -> list[str]:
-    """The *_file paths a config names (so a rotated Secret triggers a reload too)."""
+def secret_files(path: str, env: Mapping[str, str] | None = None) -> list[str]:
+    """The *_file paths a config names (so a rotated Secret triggers a reload too), read as
+    loading reads them: YAML aliases bounded (a few hundred bytes of nested aliases stood
+    for 10^11 values here, and polling walked them for good), ``${VAR}`` references
+    expanded."""
     try:
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        raw = parse_yaml(Path(path).read_text(encoding="utf-8"), path)
+    except (OSError, ConfigError, UnicodeDecodeError):
         return []
+    raw = interpolate(raw, "", os.environ if env is None else env, [])
     found: list[str] = []
 
     def walk(node: object) -> None:

@@ -121,6 +121,34 @@ def test_secret_file_errors(tmp_path: Path) -> None:
     assert "destinations[0].auth.token" not in found  # no second, misleading "missing"
 
 
+def test_a_secret_file_must_be_a_small_regular_file(tmp_path: Path) -> None:
+    """A FIFO blocked the read for good (check-config hung; a reload hung holding its lock),
+    /dev/zero was read until memory ran out, a NUL in the path was a traceback. Each is now a
+    problem at its key, found without waiting."""
+    import os
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "huge").write_bytes(b"x" * (2 << 20))
+    found = problems(f"""
+        server: {{token_file: fifo}}
+        destinations:
+          - {{name: a, format: braze, url: "https://h/", auth: {{type: bearer, token_file: /dev/zero}}}}
+          - {{name: b, format: braze, url: "https://h/", auth: {{type: bearer, token_file: huge}}}}
+          - {{name: c, format: braze, url: "https://h/", auth: {{type: bearer, token_file: "a\\0b"}}}}
+          - {{name: d, format: braze, url: "https://h/", auth: {{type: bearer, token_file: {tmp_path}}}}}
+    """, base=tmp_path)
+    assert "is not a regular file" in found["server.token_file"]
+    assert "is not a regular file" in found["destinations[0].auth.token_file"]
+    assert "larger than 1,048,576 bytes" in found["destinations[1].auth.token_file"]
+    assert "NUL" in found["destinations[2].auth.token_file"]
+    assert "is not a regular file" in found["destinations[3].auth.token_file"]
+
+
+def test_yaml_nested_too_deeply_is_a_problem_not_a_traceback() -> None:
+    """PyYAML builds nested collections recursively: 300 levels were a RecursionError."""
+    found = problems("server: " + "[" * 300 + "]" * 300)
+    assert "nested too deeply" in found[""]
+
+
 def test_unknown_keys_wrong_types_and_missing_keys_name_paths() -> None:
     """Typos, wrong types and missing keys are each reported at their exact path."""
     found = problems("""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import sqlite3
@@ -148,5 +149,11 @@ def test_healthcheck_asks_the_running_relay_and_reads_only_listen(relay: RelayPr
                                str(relay.config_path)], capture_output=True).returncode
 
     assert healthcheck() == 0
+    # server.listen from the environment, as serve reads it (the Docker HEALTHCHECK runs
+    # `relay healthcheck -c`: it said "expected host:port ... (got '${RELAY_LISTEN...}')")
+    relay.config_path.write_text("server: {listen: '${HC_LISTEN:-127.0.0.1:1}'}\n")
+    env = {**os.environ, "HC_LISTEN": f"127.0.0.1:{port}"}
+    assert subprocess.run([sys.executable, "-m", "relay", "healthcheck", "-c",
+                           str(relay.config_path)], capture_output=True, env=env).returncode == 0
     relay.kill(signal.SIGTERM)
     assert healthcheck() == 1

@@ -16,7 +16,7 @@ import pytest
 
 from relay.config import load_config, parse_config
 from relay.destinations import Loaded
-from relay.reload import SETTLE, SETTLE_CHECKS, ConfigWatcher, needs_restart
+from relay.reload import SETTLE, SETTLE_CHECKS, ConfigWatcher, needs_restart, watched
 from tests.helpers import write_config
 
 INTERVAL = 1.0
@@ -216,3 +216,42 @@ def test_the_spool_backend_and_its_database_settings_need_a_restart() -> None:
     rotated = config({"backend": "postgres", "postgres": {"dsn": "postgresql://u:two@db/relay"}})
     assert needs_restart(old, rotated) == ["spool.postgres"]
     assert "spool.backend" in needs_restart(old, config({"backend": "sqlite"}))
+
+
+@pytest.mark.parametrize(("section", "key", "value"), [
+    ("server", "max_connections", 77), ("server", "drain_timeout", "1s"),
+    ("server", "log_level", "debug"), ("server", "log_format", "text"),
+    ("spool", "max_events", 1), ("spool", "max_bytes", 10_000_000),
+    ("spool", "dedupe_window", "1h"), ("spool", "retention", "2d")])
+def test_keys_read_once_at_start_are_reported_as_needing_a_restart(
+        section: str, key: str, value: Any) -> None:
+    """The spool's bounds and windows, the listener's cap and drain and the logging are set
+    up at start: a reload that changed them logged "config reloaded" and went on with the old
+    values (spool.max_events 1 still took every event)."""
+    base = {"destinations": [{"name": "b", "format": "braze", "url": "https://x.example.com/b"}]}
+    old = parse_config(json.dumps(base), env={})
+    new = parse_config(json.dumps({**base, section: {key: value}}), env={})
+    assert needs_restart(old, new) == [f"{section}.{key}"]
+
+
+def test_secret_files_are_found_as_loading_finds_them(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A *_file named through ${VAR} is watched at the path it expands to (the watcher read
+    the raw YAML and watched '<dir>/${SECRET_DIR}/tok'), and a file whose YAML aliases
+    expand past the loader's bound is not walked (a 532-byte file stood for 10^11 values:
+    the watcher spun on it for good, and the relay no longer stopped on SIGTERM)."""
+    secret = tmp_path / "secrets" / "tok"
+    secret.parent.mkdir()
+    secret.write_text("a-token-value")
+    path = write_config(tmp_path, destinations=[{
+        "name": "b", "format": "braze", "url": "https://x.example.com/b",
+        "auth": {"type": "bearer", "token_file": "${SECRET_DIR}/tok"}}])
+    monkeypatch.setenv("SECRET_DIR", str(secret.parent))
+    seen = watched(str(path))
+    assert len(seen) == 2 and seen[1][0] == str(secret)
+    secret.write_text("another-token-value, longer")
+    assert watched(str(path)) != seen
+    bomb = "x0: &a0 [" + ",".join(["x"] * 10) + "]\n" + "".join(
+        f"x{n}: &a{n} [" + ",".join([f"*a{n - 1}"] * 10) + "]\n" for n in range(1, 11))
+    path.write_text(bomb + "token_file: never-read\n")
+    assert watched(str(path)) == (watched(str(path))[0],)

@@ -18,6 +18,7 @@ import ipaddress
 import os
 import re
 import ssl
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -93,7 +94,7 @@ def check_file(path: str | os.PathLike[str], env: Mapping[str, str] | None = Non
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError([("", f"cannot read config file: {exc}")], source) from exc
-    raw = _parse_yaml(text, source)
+    raw = parse_yaml(text, source)
     return check_raw(raw, source=source, env=env, base_dir=Path(path).parent, file=True)
 
 
@@ -105,10 +106,10 @@ def parse_config(
     base_dir: Path | None = None,
 ) -> Config:
     """Validate config given as YAML text (see ``load_config``)."""
-    return validate_config(_parse_yaml(text, source), source=source, env=env, base_dir=base_dir)
+    return validate_config(parse_yaml(text, source), source=source, env=env, base_dir=base_dir)
 
 
-def _parse_yaml(text: str, source: str) -> dict[str, Any]:
+def parse_yaml(text: str, source: str) -> dict[str, Any]:
     try:
         raw = yaml.load(text, Loader=_StrictLoader)
     except yaml.MarkedYAMLError as exc:
@@ -117,6 +118,9 @@ def _parse_yaml(text: str, source: str) -> dict[str, Any]:
         raise ConfigError([("", f"YAML syntax error at {where}: {exc.problem}")], source) from exc
     except yaml.YAMLError as exc:
         raise ConfigError([("", f"YAML error: {exc}")], source) from exc
+    except RecursionError:   # (PyYAML builds nested collections recursively)
+        raise ConfigError([("", "the YAML is nested too deeply to read (a few hundred levels); "
+                                "no config needs more than a handful")], source) from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -178,7 +182,7 @@ def check_raw(
     """
     env = os.environ if env is None else env
     problems: list[tuple[str, str]] = []
-    data = _interpolate(raw, "", env, problems)
+    data = interpolate(raw, "", env, problems)
     data = _read_secret_files(data, "", base_dir or Path.cwd(), problems)
     if file and base_dir is not None:
         data = _resolve_spool_path(data, base_dir)
@@ -210,7 +214,7 @@ def read_access(path: str | os.PathLike[str], env: Mapping[str, str] | None = No
     interpolated alone: the rest of the file (destinations, their secrets) is not looked at."""
     source = str(path)
     try:
-        raw = _parse_yaml(Path(path).read_text(encoding="utf-8"), source)
+        raw = parse_yaml(Path(path).read_text(encoding="utf-8"), source)
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError([("", f"cannot read config file: {exc}")], source) from exc
     server = raw.get("server") or {}
@@ -218,7 +222,7 @@ def read_access(path: str | os.PathLike[str], env: Mapping[str, str] | None = No
         raise ConfigError([("server", "expected a mapping")], source)
     wanted = {k: server[k] for k in ("listen", "token", "token_file") if k in server}
     problems: list[tuple[str, str]] = []
-    picked = _interpolate(wanted, "server", os.environ if env is None else env, problems)
+    picked = interpolate(wanted, "server", os.environ if env is None else env, problems)
     picked = _read_secret_files(picked, "server", Path(path).parent, problems)
     listen = picked.get("listen", ServerConfig.model_fields["listen"].default)
     try:
@@ -307,8 +311,10 @@ def check_config(config: Config, *, positions: tuple[int, ...] | None = None,
         problems.append(("delivery.backoff_initial", "must not exceed delivery.backoff_max"))
     if config.delivery.ca_file is not None:
         try:
+            if not Path(config.delivery.ca_file).is_file():   # (a FIFO would block the read)
+                raise OSError(f"no such file: {config.delivery.ca_file}")
             ssl.create_default_context(cafile=config.delivery.ca_file)
-        except (OSError, ssl.SSLError) as exc:
+        except (OSError, ValueError, ssl.SSLError) as exc:
             problems.append(("delivery.ca_file", f"cannot load CA bundle: {exc}"))
     if config.health.suspend_for > config.health.suspend_max:
         problems.append(("health.suspend_for", "must not exceed health.suspend_max"))
@@ -580,11 +586,13 @@ _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _c
 _ENV_REF = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
-def _interpolate(node: Any, path: str, env: Mapping[str, str], problems: list[tuple[str, str]]) -> Any:
+def interpolate(node: Any, path: str, env: Mapping[str, str], problems: list[tuple[str, str]]) -> Any:
+    """``node`` with its ``${VAR}`` references expanded from ``env``; what cannot be is added
+    to ``problems``."""
     if isinstance(node, dict):
-        return {k: _interpolate(v, _join(path, k), env, problems) for k, v in node.items()}
+        return {k: interpolate(v, _join(path, k), env, problems) for k, v in node.items()}
     if isinstance(node, list):
-        return [_interpolate(v, f"{path}[{i}]", env, problems) for i, v in enumerate(node)]
+        return [interpolate(v, f"{path}[{i}]", env, problems) for i, v in enumerate(node)]
     if not isinstance(node, str) or "$" not in node:
         return node
 
@@ -631,7 +639,7 @@ def _read_secret_files(node: Any, path: str, base: Path, problems: list[tuple[st
                 continue
             file = Path(value) if Path(value).is_absolute() else base / value
             try:
-                out[target] = file.read_text(encoding="utf-8").strip()
+                out[target] = read_secret(file)
             except (OSError, UnicodeDecodeError) as exc:
                 problems.append((_join(path, key), f"cannot read secret file: {exc}"))
                 out[target] = ""  # placeholder, so the schema pass does not also say "missing"
@@ -643,6 +651,30 @@ def _read_secret_files(node: Any, path: str, base: Path, problems: list[tuple[st
         else:
             out[key] = _read_secret_files(value, _join(path, key), base, problems)
     return out
+
+
+MAX_SECRET_BYTES = 1 << 20   # a token, a password or a PEM key is a few KiB
+
+
+def read_secret(file: Path) -> str:
+    """A secret file's text without the white space around it: a regular file of at most
+    MAX_SECRET_BYTES, else OSError saying why. Opened without waiting: reading a FIFO blocked
+    `relay check-config` for good, and a reload with it (holding the reload lock: every later
+    edit and SIGHUP waited too); /dev/zero was read until memory ran out."""
+    try:
+        fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except ValueError:
+        raise OSError(f"the path {str(file)!r} holds a NUL byte") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{file} is not a regular file")
+        with os.fdopen(fd, "rb", closefd=False) as stream:
+            data = stream.read(MAX_SECRET_BYTES + 1)
+    finally:
+        os.close(fd)
+    if len(data) > MAX_SECRET_BYTES:
+        raise OSError(f"{file} is larger than {MAX_SECRET_BYTES:,} bytes: not a secret")
+    return data.decode("utf-8").strip()
 
 
 # Where each key belongs, for "unknown key" messages: a key that exists in another section is
