@@ -19,7 +19,8 @@ What differs from a plain ``liquid.Environment``:
   extras are removed (see ``REJECTED_FILTERS`` / ``REJECTED_TAGS``).
 - Limits (issue 14), each exceeded one a ``liquid.exceptions.ResourceLimitError``:
   10,000 loop iterations per render, 1 MiB of output, 30 nested blocks, 30 nested contexts,
-  1 MiB of local variables (``assign``/``capture``).
+  1 MiB of local variables (``assign``/``capture``), and per filter call an integer of at
+  most 4,096 bits and a string of at most 1 MiB (a ``replace`` checked before it runs).
 
 This module must never do I/O: no include/render partials, no ``now`` beyond what the date
 filter does.
@@ -28,6 +29,7 @@ filter does.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import json
@@ -44,7 +46,7 @@ from liquid.builtin.expressions import tokenize as _liquid_tokenize
 from liquid.builtin.output import Output, OutputNode
 from liquid.builtin.tags.echo_tag import EchoNode, EchoTag
 from liquid.builtin.tags.liquid_tag import LiquidTag
-from liquid.exceptions import LiquidError, LiquidSyntaxError
+from liquid.exceptions import LiquidError, LiquidSyntaxError, ResourceLimitError
 from liquid.filter import math_filter, num_arg
 from liquid.parser import get_parser
 from liquid.stream import TokenStream
@@ -305,6 +307,38 @@ BRAZE_FILTERS: dict[str, Any] = {
 }
 
 
+MAX_NUMBER_BITS = 4096   # a filter's integer result past this is refused (~1,233 digits)
+# Filters whose one call can grow a string by a product (``replace`` of every character):
+# their result's length is worked out before they run.
+_REPLACING = frozenset({"replace", "replace_first", "replace_last"})
+
+
+def _bounded(name: str, func: Any, limit: int) -> Any:
+    """``func`` (a filter) refusing, with a ResourceLimitError, a result no webhook needs and
+    whose making stalls the event loop: an integer past MAX_NUMBER_BITS (squaring one 21
+    times in a loop took 20 s, within the namespace limit, which counts characters only
+    after an ``assign``), a string past ``limit`` (the output limit). A replace is refused
+    before it builds its result (one call turned 1 MB into 100 GB)."""
+    @functools.wraps(func)
+    def bounded(*args: Any, **kwargs: Any) -> Any:
+        if name in _REPLACING and len(args) >= 3:
+            text, old, new = (to_ruby_string(a) for a in args[:3])
+            grown = len(new) - len(old)
+            times = (text.count(old) if old else len(text) + 1) if name == "replace" else 1
+            if grown > 0 and len(text) + times * grown > limit:
+                raise ResourceLimitError(f"{name} would make a string of more than {limit:,} "
+                                         f"characters", token=None)
+        result = func(*args, **kwargs)
+        if type(result) is int and result.bit_length() > MAX_NUMBER_BITS:
+            raise ResourceLimitError(f"{name} made a number of more than {MAX_NUMBER_BITS:,} "
+                                     f"bits", token=None)
+        if type(result) is str and len(result) > limit:
+            raise ResourceLimitError(f"{name} made a string of more than {limit:,} characters",
+                                     token=None)
+        return result
+    return bounded
+
+
 class RelayEnvironment(Environment):
     """python-liquid speaking Ruby Liquid 5 / Braze, with resource limits (see module docstring)."""
 
@@ -327,6 +361,9 @@ class RelayEnvironment(Environment):
         self.add_filter("json", _json)
         for name, func in BRAZE_FILTERS.items():
             self.add_filter(name, func)
+        limit = self.output_stream_limit or 1024 * 1024
+        for name, func in list(self.filters.items()):
+            self.filters[name] = _bounded(name, func, limit)
 
     def _parse(self, source: str) -> list[Node]:
         return get_parser(self).parse(_RubyTokenStream(self.tokenizer()(source)))

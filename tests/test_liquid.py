@@ -133,6 +133,25 @@ def test_local_namespace_limit() -> None:
         render("{% assign a = s %}{% assign b = s | append: s %}", s="x" * 700_000)
 
 
+@pytest.mark.parametrize("source", [
+    # squaring a number 21 times stays within the namespace limit (it counts characters only
+    # after an assign) and took 20 s of the event loop per render
+    "{% assign a = 10 %}{% for i in (1..21) %}{% assign a = a | times: a %}{% endfor %}"
+    "{% assign b = a | times: a | times: a %}x",
+    # one replace of every character by the string itself: 1 MB in, 10^12 characters out
+    "{% assign s = 'xxxxxxxxxx' %}{% for i in (1..3) %}"
+    "{% assign s = s | replace: 'x', 'xxxxxxxxxx' %}{% endfor %}{{ s | replace: 'x', s }}",
+    "{{ s | replace_first: '', s | append: s }}{{ s | append: s | append: s }}",
+])
+def test_a_filter_result_no_webhook_needs_is_a_resource_limit_error(source: str) -> None:
+    """An integer past 4,096 bits, or a string past the output limit, made by one filter
+    call is refused as it is made (a replace before it runs), not after it stalled the event
+    loop or took the memory."""
+    with pytest.raises(ResourceLimitError, match="more than"):
+        render(source, s="x" * 600_000)
+    assert render("{{ 2 | times: 3 | plus: 0.5 }} {{ 'abc' | replace: 'b', 'xx' }}") == "6.5 axxc"
+
+
 def test_block_nesting_limit() -> None:
     """Blocks nested deeper than 30 are refused when the template loads."""
     deep = "{% if true %}" * 31 + "x" + "{% endif %}" * 31
