@@ -202,6 +202,24 @@ async def test_a_replay_since_a_number_too_long_for_python_names_the_field(
     assert "failed_since" in (await resp.json())["error"]
 
 
+async def test_test_send_hides_secrets_the_receiver_echoes(make_stack: Any,
+                                                           receiver: Receiver) -> None:
+    """A receiver that echoes the request (many test endpoints do) showed the credentials in
+    the test-send answer: the configured password, and the Basic header's base64 of it."""
+    import base64
+    basic = base64.b64encode(b"user:BASICPASSWORD-987654").decode()
+    receiver.answer(Answer(200, headers={"X-Echo": f"Basic {basic}"},
+                           body=f'{{"authorization": "Basic {basic}", "pw": "BASICPASSWORD-987654"}}'))
+    stack = await make_stack(**receiver_config(receiver, destinations=[
+        {"name": "b", "format": "braze", "url": f"{receiver.url}/b",
+         "auth": {"type": "basic", "username": "user", "password": "BASICPASSWORD-987654"}}]))
+    answer = await (await stack.client.post("/v1/destinations/b/test")).json()
+    shown = json.dumps(answer["response"])
+    assert answer["response"]["status"] == 200 and "****" in shown
+    assert "BASICPASSWORD" not in shown and basic not in shown, shown
+    assert receiver.received("/b")[0].headers["Authorization"] == f"Basic {basic}"
+
+
 async def test_test_send_returns_request_and_response(make_stack: Any, receiver: Receiver) -> None:
     """The destination test endpoint sends now and shows the masked request and the answer."""
     receiver.answer(Answer(201, body="created"))
