@@ -61,3 +61,37 @@ def test_server_token_of_visible_ascii_and_token_file_newline_are_kept(tmp_path:
     loaded = loads(tmp_path, 'server: {token_file: token}\nspool: {path: spool.db}\n')
     assert loaded.config.server.token is not None
     assert loaded.config.server.token.get_secret_value() == "from-a-file"
+
+
+# ---------------------------------------------------------------------------------------------
+# Auth secrets sent in a header: no line break or NUL, as configured headers already
+
+
+@pytest.mark.parametrize("bad", ["SECRETTOKEN1234\n", "SECRET\rTOKEN", "SECRET\x00TOKEN"])
+@pytest.mark.parametrize(("auth", "path"), [
+    ('{type: bearer, token: "${S}"}', "auth.token"),
+    ('{type: basic, username: "${S}", password: pw}', "auth.username"),
+    ('{type: basic, username: user, password: "${S}"}', "auth.password"),
+])
+def test_auth_secret_with_a_line_break_or_nul_is_refused(tmp_path: Path, bad: str, auth: str,
+                                                         path: str) -> None:
+    """A bearer token or basic username/password with CR, LF or NUL is a config error naming
+    the key (the secret not echoed), as the same value under headers is: every delivery would
+    fail with 'Forbidden control character'."""
+    found = problems(tmp_path, f"""
+        destinations:
+          - {{name: b, format: braze, url: "https://hooks.example.com/b", auth: {auth}}}
+    """, env={"S": bad})
+    assert "line break or NUL" in found[f"destinations[0].{path}"], found
+    assert not [m for m in found.values() if "SECRET" in m], found
+
+
+def test_auth_secrets_that_fit_a_header_are_kept(tmp_path: Path) -> None:
+    """Secrets with spaces or punctuation (no line break, no NUL) still load."""
+    loads(tmp_path, """
+        destinations:
+          - {name: b, format: braze, url: "https://hooks.example.com/b",
+             auth: {type: bearer, token: "tok en{{x}}"}}
+          - {name: c, format: braze, url: "https://hooks.example.com/c",
+             auth: {type: basic, username: "api key", password: "p a:ss"}}
+    """)

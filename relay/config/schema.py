@@ -75,10 +75,26 @@ def _header_name(value: str) -> str:
     return value
 
 
+def _header_text(value: str) -> str:
+    if any(c in value for c in "\r\n\x00"):
+        raise ValueError("a header value cannot hold a line break or NUL")
+    return value
+
+
 def _header_value(value: str) -> str:
     # (a Liquid value is checked once rendered, before each request)
-    if "{{" not in value and "{%" not in value and any(c in value for c in "\r\n\x00"):
-        raise ValueError("a header value cannot hold a line break or NUL")
+    return value if "{{" in value or "{%" in value else _header_text(value)
+
+
+def _header_secret(value: SecretStr) -> SecretStr:
+    # An auth secret goes into a header (in basic, encoded: the receiver would compare a
+    # password with a line break in it): a trailing newline from ${VAR} failed every delivery
+    # with "Forbidden control character". (A *_file's trailing newline is stripped.)
+    try:
+        _header_text(value.get_secret_value())
+    except ValueError:
+        raise ValueError("cannot hold a line break or NUL: it is sent in a header (an "
+                         "environment variable with a trailing newline?)") from None
     return value
 
 
@@ -93,6 +109,7 @@ def _json_claims(value: dict[str, Any]) -> dict[str, Any]:
 
 HeaderName = Annotated[str, AfterValidator(_header_name)]
 HeaderValue = Annotated[str, AfterValidator(_header_value)]
+HeaderSecret = Annotated[SecretStr, AfterValidator(_header_secret)]
 Headers = dict[HeaderName, HeaderValue]
 
 
@@ -317,16 +334,19 @@ class BearerAuth(_Model):
     """Authorization: Bearer <token>."""
 
     type: Literal["bearer"] = Field(description="Selects this kind of auth.")
-    token: RequiredSecret = Field(description="The token (or token_file).")
+    token: Annotated[RequiredSecret, AfterValidator(_header_secret)] = Field(
+        description="The token (or token_file); no line break or NUL.")
 
 
 class BasicAuth(_Model):
     """HTTP basic authentication."""
 
     type: Literal["basic"] = Field(description="Selects this kind of auth.")
-    username: Annotated[str, Field(min_length=1)] = Field(description="User name.")
-    password: SecretStr = Field(description="Password (or password_file); may be empty (an "
-                                            "API key as the user name).")
+    username: Annotated[str, Field(min_length=1), AfterValidator(_header_text)] = Field(
+        description="User name; no line break or NUL.")
+    password: HeaderSecret = Field(description="Password (or password_file); may be empty (an "
+                                               "API key as the user name); no line break or "
+                                               "NUL.")
 
 
 def _at_least_a_second(ttl: float) -> float:
