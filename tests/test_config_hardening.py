@@ -95,3 +95,41 @@ def test_auth_secrets_that_fit_a_header_are_kept(tmp_path: Path) -> None:
           - {name: c, format: braze, url: "https://hooks.example.com/c",
              auth: {type: basic, username: "api key", password: "p a:ss"}}
     """)
+
+
+# ---------------------------------------------------------------------------------------------
+# allowed_hosts: "host" or "host:port", nothing a rendered URL's host can never equal
+
+TEMPLATED_HOST = """
+    delivery: {{allowed_networks: [127.0.0.0/8]}}
+    destinations:
+      - {{name: t, format: template, url: "http://{{{{ event.attributes.host }}}}/hook",
+         allowed_hosts: {hosts}, template: {{method: POST}}}}
+"""
+
+
+@pytest.mark.parametrize("entry", ["https://127.0.0.1", "127.0.0.1/hook", "*.0.0.1",
+                                   "127.0.0.1:abc", "", " ", "127.0.0.1:0", "127.0.0.1:70000",
+                                   "a..b", "[::1]:x", "[nope]:443", "crm example.com",
+                                   "user@crm.example.com"])
+def test_allowed_hosts_entry_that_can_never_match_is_refused(tmp_path: Path, entry: str) -> None:
+    """An allowed_hosts entry with a scheme, a path, a wildcard, a bad port or no host is
+    refused at its index, saying the form expected (every delivery would fail)."""
+    found = problems(tmp_path, TEMPLATED_HOST.format(hosts=f'["crm.example.com", "{entry}"]'))
+    assert "host:port" in found["destinations[0].allowed_hosts[1]"], found
+    assert "destinations[0].allowed_hosts[0]" not in found
+
+
+def test_empty_allowed_hosts_with_a_templated_host_is_refused(tmp_path: Path) -> None:
+    """allowed_hosts: [] where the url's host is a template lets no delivery through."""
+    found = problems(tmp_path, TEMPLATED_HOST.format(hosts="[]"))
+    assert "empty" in found["destinations[0].allowed_hosts"], found
+
+
+@pytest.mark.parametrize("entry", ["127.0.0.1", "127.0.0.1:443", "CRM.example.com",
+                                   "crm.example.com:8443", "[::1]", "[::1]:443", "::1",
+                                   "a_b.internal", "bücher.example"])
+def test_allowed_hosts_entries_of_the_documented_forms_load(tmp_path: Path, entry: str) -> None:
+    """Names, IPv4 and IPv6 literals, with or without a port, still load."""
+    loads(tmp_path, TEMPLATED_HOST.format(hosts=f'["{entry}"]').replace(
+        "allowed_networks: [127.0.0.0/8]", "allowed_ports: [80, 443, 8443]"))

@@ -6,6 +6,7 @@ Validation of one field lives here; rules that span fields live in ``relay.confi
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 from typing import Annotated, Any, Literal
@@ -105,6 +106,49 @@ def _json_claims(value: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"claims must be JSON values: strings, numbers, booleans, lists and "
                          f"mappings (quote a date: '2024-01-01'); {exc}") from None
     return value
+
+
+_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")   # of a DNS name, in ASCII (xn--)
+
+
+def is_host_name(host: str) -> bool:
+    """A DNS name (labels of 1-63 letters, digits, - and _; non-ASCII ones as IDNA can write
+    them) or an IP literal: what a URL's host can be."""
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        pass
+    name = host.removesuffix(".")
+    try:
+        name = name.encode("idna").decode("ascii") if not name.isascii() else name
+    except UnicodeError:
+        return False
+    return 0 < len(name) <= 253 and all(_LABEL.fullmatch(label) for label in name.split("."))
+
+
+def _port_text(text: str) -> bool:
+    return text.isascii() and text.isdigit() and 1 <= int(text) <= 65535
+
+
+def _allowed_host(entry: str) -> str:
+    # (relay.request.split_host_port reads it; what it cannot split is kept whole as a "host"
+    # that no rendered URL's host ever equals, and every delivery failed)
+    text = entry.strip()
+    if text.startswith("["):
+        inner, _, rest = text[1:].partition("]")
+        ok = ":" in inner and is_host_name(inner) and (
+            rest == "" or (rest.startswith(":") and _port_text(rest[1:])))
+    elif text.count(":") > 1:
+        ok = is_host_name(text)   # a bare IPv6 literal
+    else:
+        host, sep, port = text.partition(":")
+        ok = is_host_name(host) and (not sep or _port_text(port))
+    if not ok:
+        raise ValueError(f"expected \"host\" or \"host:port\" (crm.example.com, "
+                         f"crm.example.com:8443, [::1]:443): no scheme, path, userinfo or "
+                         f"wildcard (got {entry!r})")
+    return entry
 
 
 HeaderName = Annotated[str, AfterValidator(_header_name)]
@@ -466,9 +510,10 @@ class Destination(_Model):
                                          "or oauth2.")
     headers: Headers = _d(dict, "Extra headers (values may be Liquid in template "
                                        "destinations).")
-    allowed_hosts: tuple[str, ...] | None = _d(
+    allowed_hosts: tuple[Annotated[str, AfterValidator(_allowed_host)], ...] | None = _d(
         None, "template: \"host\" or \"host:port\" a rendered URL may reach (default: the url's "
-              "host); required when the url's host is a template.")
+              "host); no scheme, path or wildcard. Required, and not empty, when the url's "
+              "host is a template.")
     allowed_ports: tuple[Port, ...] | None = _d(
         None, "Ports of this destination (default: the url's own port); within "
               "delivery.allowed_ports.")

@@ -215,6 +215,11 @@ class TemplateRenderer:
         self.endpoints = Endpoints.of(dest, delivery)
         template = dest.template
         problems: list[tuple[str, str]] = []
+        head, *templated = re.split(r"\{\{|\{%", dest.url, maxsplit=1)
+        if dest.allowed_hosts == () and templated and "/" not in head.partition("://")[2]:
+            problems.append(("allowed_hosts", "is empty while the url's host is a template: no "
+                                              "rendered url could be sent; list the hosts it "
+                                              "may reach (\"host\" or \"host:port\")"))
         method = template.method if template else "POST"
         body = template.body if template else None
         self._static_urls: dict[str, str | RenderError] = {}  # the default's and variants'
