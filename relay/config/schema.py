@@ -99,6 +99,16 @@ def _header_secret(value: SecretStr) -> SecretStr:
     return value
 
 
+def _file_path(value: str) -> str:
+    # (the OS cannot open it: opening it was an "embedded null byte" ValueError traceback)
+    if "\x00" in value:
+        raise ValueError(f"a file path cannot hold a NUL byte (got {value!r})")
+    return value
+
+
+FilePath = Annotated[str, AfterValidator(_file_path)]
+
+
 def _json_claims(value: dict[str, Any]) -> dict[str, Any]:
     try:
         json.dumps(value, allow_nan=False)
@@ -265,7 +275,7 @@ class SpoolConfig(_Model):
     backend: Literal["sqlite", "postgres"] = _d(
         "sqlite", "sqlite: a local file, one relay per file; postgres: shared by replicas. "
                   "Restart to change.")
-    path: Annotated[str, Field(min_length=1)] = _d(
+    path: Annotated[FilePath, Field(min_length=1)] = _d(
         "./relay-spool.db", "SQLite file (WAL mode; -wal, -shm and .lock beside it). A relative "
                             "path is relative to the config file's folder. Restart to change.")
     postgres: PostgresConfig = _d(PostgresConfig(), "Settings of the postgres backend. "
@@ -297,10 +307,10 @@ class TlsConfig(_Model):
     File paths, not secrets: they are loaded into an ``ssl.SSLContext`` when the destination is
     compiled (and again when one of them changes, see relay.reload)."""
 
-    cert_file: str | None = _d(None, "PEM client certificate (chain) presented to the "
+    cert_file: FilePath | None = _d(None, "PEM client certificate (chain) presented to the "
                                      "destination (mTLS); with key_file.")
-    key_file: str | None = _d(None, "PEM private key of cert_file.")
-    ca_file: str | None = _d(None, "CA bundle that verifies this destination (instead of "
+    key_file: FilePath | None = _d(None, "PEM private key of cert_file.")
+    ca_file: FilePath | None = _d(None, "CA bundle that verifies this destination (instead of "
                                    "delivery.ca_file and the system store).")
     server_name: str | None = _d(None, "TLS server name (SNI) and the name the certificate "
                                        "must hold, when it differs from the url's host.")
@@ -330,7 +340,7 @@ class DeliveryConfig(_Model):
     per_host_concurrency: Annotated[int, NOT_BOOL, Field(ge=1, le=10_000)] = _d(
         16, "Requests in flight per host at most (a request's slot is free once its "
             "response is in). Restart to change.")
-    ca_file: str | None = _d(
+    ca_file: FilePath | None = _d(
         None, "Extra CA bundle (PEM) for TLS verification. Restart to change.")
     proxy: OptionalSecret = _d(
         None, "Egress proxy for every destination: http://[user:password@]host:port (its "
