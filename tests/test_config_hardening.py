@@ -171,3 +171,36 @@ def test_nul_in_a_secret_file_path_is_a_config_error(tmp_path: Path, text: str,
     naming the key."""
     found = problems(tmp_path, text)
     assert "NUL" in found[path] or "null" in found[path], found
+
+
+# ---------------------------------------------------------------------------------------------
+# auth.header: not a header the relay sets itself or one that breaks the request
+
+JWT_KEY = "JWTKEY-0123456789-0123456789-0123456789"
+RESERVED = ["Content-Type", "content-length", "Host", "User-Agent", "Webhook-Id",
+            "webhook-signature", "Webhook-Timestamp", "Transfer-Encoding", "Connection"]
+
+
+@pytest.mark.parametrize("header", RESERVED)
+@pytest.mark.parametrize("auth", [
+    f"{{type: jwt, key: {JWT_KEY}, header: HEADER}}",
+    "{type: oauth2, token_url: https://idp.example.com/token, client_id: c, "
+    "client_secret: s, header: HEADER}",
+])
+def test_auth_header_the_relay_sets_is_refused(tmp_path: Path, header: str, auth: str) -> None:
+    """jwt's or oauth2's auth.header naming Content-Type, Content-Length, Host, User-Agent, a
+    Webhook-* header, Transfer-Encoding or Connection is refused at auth.header (the token
+    replaced that header, unmasked, or broke every request)."""
+    found = problems(tmp_path, f"""
+        destinations:
+          - {{{BRAZE.removeprefix("{")}, auth: {auth.replace("HEADER", header)}}}
+    """)
+    assert "the relay sets" in found["destinations[0].auth.header"], found
+
+
+def test_auth_header_of_its_own_loads(tmp_path: Path) -> None:
+    """A header of the receiver's own, such as X-Api-Token, is still fine."""
+    loads(tmp_path, f"""
+        destinations:
+          - {{{BRAZE.removeprefix("{")}, auth: {{type: jwt, key: {JWT_KEY}, header: X-Api-Token}}}}
+    """)

@@ -162,6 +162,22 @@ def _allowed_host(entry: str) -> str:
 
 
 HeaderName = Annotated[str, AfterValidator(_header_name)]
+# Headers the relay writes itself (relay.auth.Signing, the renderers, the HTTP client) or
+# that frame the request: a credential written to one of them replaced it (shown unmasked by
+# relay render, for the public ones) or broke every request.
+RELAY_HEADERS = ("Content-Type", "Content-Length", "Host", "User-Agent", "Webhook-Id",
+                 "Webhook-Signature", "Webhook-Timestamp", "Transfer-Encoding", "Connection")
+
+
+def _auth_header(value: str) -> str:
+    if value.lower() in {name.lower() for name in RELAY_HEADERS}:
+        raise ValueError(f"{value} is a header the relay sets or that frames the request; "
+                         "send the credential in Authorization (the default) or a header of "
+                         "the receiver's own, such as X-Api-Token")
+    return value
+
+
+AuthHeader = Annotated[HeaderName, AfterValidator(_auth_header)]
 HeaderValue = Annotated[str, AfterValidator(_header_value)]
 HeaderSecret = Annotated[SecretStr, AfterValidator(_header_secret)]
 Headers = dict[HeaderName, HeaderValue]
@@ -427,7 +443,8 @@ class JwtAuth(_Model):
     reuse: bool = _d(True, "Reuse a token until shortly before it expires; false: a fresh "
                            "token (new jti, iat) per request, for receivers that reject replays.")
     claims: Annotated[dict[str, Any], AfterValidator(_json_claims)] = _d(dict, "Extra claims.")
-    header: HeaderName = _d("Authorization", "Header the token is sent in.")
+    header: AuthHeader = _d("Authorization", "Header the token is sent in; not one the "
+                                             "relay sets (Content-Type, User-Agent, Webhook-*...).")
     scheme: HeaderValue = _d("Bearer", "Prefix of the header value; \"\" sends the bare token.")
     key_id: str | None = _d(None, "JWT header kid.")
 
@@ -451,7 +468,9 @@ class OAuth2Auth(_Model):
         description="The client secret (or client_secret_file).")
     scope: str | None = _d(None, "Space-separated scopes asked for.")
     audience: str | None = _d(None, "Sent as the audience form field (Auth0, Okta...).")
-    header: HeaderName = _d("Authorization", "Header that carries the access token.")
+    header: AuthHeader = _d("Authorization", "Header that carries the access token; not one "
+                                             "the relay sets (Content-Type, User-Agent, "
+                                             "Webhook-*...).")
     scheme: HeaderValue = _d("Bearer", "Word before the token; \"\" sends the bare token.")
 
 
