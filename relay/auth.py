@@ -53,6 +53,46 @@ class Signing:
         return self._auth(request, delivery_id) if self._auth else request
 
 
+# Headers the HTTP client writes from the url and the body: a configured one would contradict
+# them (a Host, Liquid or not, picks the virtual host at an allowed address: past allowed_hosts).
+FRAMING_HEADERS = ("Host", "Content-Length", "Transfer-Encoding", "Connection")
+
+
+def header_owners(dest: Destination) -> dict[str, str]:
+    """Each header ``Signing`` writes over a configured one (lower-cased name -> what sets
+    it), and the framing headers, which no configuration may set."""
+    owners = {name.lower(): "the HTTP client (from the url and body)" for name in FRAMING_HEADERS}
+    owners["host"] = ("the HTTP client, from the url (a Host of its own would reach a virtual "
+                      "host that allowed_hosts does not name)")
+    owners["webhook-id"] = "the relay (Webhook-Id is the delivery id)"
+    owners["user-agent"] = "the relay (User-Agent is relay/<version>)"
+    auth = dest.auth
+    if isinstance(auth, BearerAuth | BasicAuth):
+        owners["authorization"] = f"auth (type {auth.type})"
+    elif isinstance(auth, JwtAuth | OAuth2Auth):
+        owners[auth.header.lower()] = f"auth (type {auth.type}; its auth.header)"
+    elif isinstance(auth, HmacAuth):
+        owners.update(dict.fromkeys(("webhook-timestamp", "webhook-signature"), "auth (type hmac)"))
+    return owners
+
+
+def header_problems(dest: Destination) -> list[tuple[str, str]]:
+    """Configured headers (the destination's, its language variants') that the relay sets
+    itself: each would be replaced silently, or (framing ones) contradict the request."""
+    owners = header_owners(dest)
+    variants = dest.template.variants.items() if dest.template is not None else ()
+    problems = []
+    for at, headers in [("headers", dest.headers)] + [
+            (f"template.variants.{lang}.headers", v.headers or {}) for lang, v in variants]:
+        for name in headers:
+            owner = owners.get(name.lower())
+            if owner is not None:
+                problems.append((f"{at}.{name}", f"{name} is set by {owner}: a configured "
+                                                 "value would be replaced or break the request; "
+                                                 "remove it"))
+    return problems
+
+
 def _static_auth(dest: Destination) -> dict[str, str]:
     """Auth headers that never change (bearer, basic): merged with the common ones at once."""
     auth = dest.auth

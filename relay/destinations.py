@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from relay import tracing
-from relay.auth import Signing
+from relay.auth import Signing, header_problems
 from relay.config import Config, Destination, OAuth2Auth
 from relay.config.load import check_file
 from relay.connection import Via, build_via
@@ -124,6 +124,7 @@ def compile_destination(dest: Destination, config: Config, *,
         signing = Signing(dest, clock, on_mint)
     except ConfigError as exc:
         problems += exc.problems
+    problems += header_problems(dest)
     if problems or renderer is None or signing is None:
         raise ConfigError(problems)
     policy = RetryPolicy.for_destination(config.delivery, dest)

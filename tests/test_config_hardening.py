@@ -204,3 +204,62 @@ def test_auth_header_of_its_own_loads(tmp_path: Path) -> None:
         destinations:
           - {{{BRAZE.removeprefix("{")}, auth: {{type: jwt, key: {JWT_KEY}, header: X-Api-Token}}}}
     """)
+
+
+# ---------------------------------------------------------------------------------------------
+# Configured headers: none the HTTP client frames the request with, none the relay overwrites
+
+@pytest.mark.parametrize("header", ["Host", "content-length", "Transfer-Encoding", "Connection"])
+@pytest.mark.parametrize("value", ["static.example.net", "{{ event.attributes.order_id }}.example"])
+def test_configured_framing_header_is_refused(tmp_path: Path, header: str, value: str) -> None:
+    """headers: Host (static, or a template letting event data pick the virtual host past
+    allowed_hosts), Content-Length, Transfer-Encoding or Connection is refused, in a variant
+    too."""
+    found = problems(tmp_path, f"""
+        delivery: {{allowed_networks: [127.0.0.0/8]}}
+        destinations:
+          - name: t
+            format: template
+            url: "http://127.0.0.1/hook"
+            headers: {{{header}: "{value}"}}
+            template:
+              method: POST
+              variants: {{fr: {{headers: {{{header}: "{value}"}}}}}}
+    """)
+    for path in (f"destinations[0].headers.{header}",
+                 f"destinations[0].template.variants.fr.headers.{header}"):
+        assert "HTTP client" in found[path], found
+
+
+@pytest.mark.parametrize(("auth", "header", "owner"), [
+    ("{type: none}", "Webhook-Id", "delivery id"),
+    ("{type: none}", "user-agent", "User-Agent"),
+    ("{type: bearer, token: t0k}", "Authorization", "auth (type bearer)"),
+    ("{type: basic, username: u, password: p}", "authorization", "auth (type basic)"),
+    (f"{{type: jwt, key: {JWT_KEY}}}", "Authorization", "auth.header"),
+    (f"{{type: jwt, key: {JWT_KEY}, header: X-Token}}", "x-token", "auth.header"),
+    ("{type: oauth2, token_url: https://idp.example.com/t, client_id: c, client_secret: s}",
+     "Authorization", "auth.header"),
+    ("{type: hmac, secret: whsec_c2VjcmV0LXNlY3JldC1zZWNyZXQ=}", "Webhook-Signature",
+     "auth (type hmac)"),
+])
+def test_configured_header_the_relay_overwrites_is_refused(tmp_path: Path, auth: str,
+                                                           header: str, owner: str) -> None:
+    """A configured header the relay replaces silently (Webhook-Id, User-Agent, the auth
+    type's own) is refused, saying which setting owns it."""
+    found = problems(tmp_path, f"""
+        destinations:
+          - {BRAZE}, auth: {auth}, headers: {{{header}: mine}}}}
+    """)
+    assert owner in found[f"destinations[0].headers.{header}"], found
+
+
+def test_authorization_header_without_an_auth_type_setting_it_loads(tmp_path: Path) -> None:
+    """With auth none or hmac, a configured Authorization header is the one sent: kept."""
+    loads(tmp_path, f"""
+        destinations:
+          - {BRAZE}, headers: {{Authorization: "Token mine"}}}}
+          - {BRAZE.replace("name: b", "name: h")}, headers: {{Authorization: "Token mine",
+             Content-Type: application/cloudevents+json}},
+             auth: {{type: hmac, secret: whsec_c2VjcmV0LXNlY3JldC1zZWNyZXQ=}}}}
+    """)

@@ -538,7 +538,9 @@ class Destination(_Model):
     auth: Auth = _d(NoAuth(type="none"), "Request signing: type none, bearer, basic, jwt, hmac "
                                          "or oauth2.")
     headers: Headers = _d(dict, "Extra headers (values may be Liquid in template "
-                                       "destinations).")
+                                "destinations); not Host, Content-Length, Transfer-Encoding or "
+                                "Connection, nor one the relay sets: Webhook-Id, User-Agent, "
+                                "the auth type's own (Authorization for bearer and basic).")
     allowed_hosts: tuple[Annotated[str, AfterValidator(_allowed_host)], ...] | None = _d(
         None, "template: \"host\" or \"host:port\" a rendered URL may reach (default: the url's "
               "host); no scheme, path or wildcard. Required, and not empty, when the url's "
