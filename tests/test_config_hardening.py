@@ -263,3 +263,25 @@ def test_authorization_header_without_an_auth_type_setting_it_loads(tmp_path: Pa
              Content-Type: application/cloudevents+json}},
              auth: {{type: hmac, secret: whsec_c2VjcmV0LXNlY3JldC1zZWNyZXQ=}}}}
     """)
+
+
+# ---------------------------------------------------------------------------------------------
+# Template variants: one per language, whatever the case
+
+def test_variants_differing_only_in_case_are_refused(tmp_path: Path) -> None:
+    """Variants fr and FR (languages are matched without regard to case) are refused: one
+    silently replaced the other."""
+    found = problems(tmp_path, """
+        destinations:
+          - name: t
+            format: template
+            url: "https://example.com/hook"
+            template:
+              body: {type: json, fields: {msg: "default"}}
+              variants:
+                fr: {body: {type: json, fields: {msg: "from variant fr"}}}
+                de: {body: {type: json, fields: {msg: "from variant de"}}}
+                FR: {body: {type: json, fields: {msg: "from variant FR"}}}
+    """)
+    message = found["destinations[0].template.variants"]
+    assert "'fr'" in message and "'FR'" in message and "'de'" not in message, found

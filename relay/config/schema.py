@@ -511,14 +511,26 @@ class TemplateVariant(_Model):
     body: Body | None = _d(None, "Overrides template.body.")
 
 
+def _one_per_language(variants: dict[str, Any]) -> dict[str, Any]:
+    # (languages are matched without regard to case: of fr and FR, one replaced the other)
+    seen: dict[str, str] = {}
+    for tag in variants:
+        first = seen.setdefault(tag.lower(), tag)
+        if first != tag:
+            raise ValueError(f"{first!r} and {tag!r} are the same language (tags are matched "
+                             "without regard to case): keep one")
+    return variants
+
+
 class TemplateConfig(_Model):
     """The request of a template destination (Braze-compatible Liquid)."""
 
     method: Method = _d("POST", "HTTP method.")
     body: Body | None = _d(None, "{type: json, fields} or {type: raw, template, content_type}; "
                                  "none: no body (typical for GET/DELETE).")
-    variants: dict[LanguageTag, TemplateVariant] = _d(
-        dict, "Per event.language (exact tag, then primary subtag) overrides.")
+    variants: Annotated[dict[LanguageTag, TemplateVariant], AfterValidator(_one_per_language)] = _d(
+        dict, "Per event.language (exact tag, then primary subtag) overrides; tags are "
+              "matched without regard to case, so fr and FR cannot both be given.")
 
 
 class Destination(_Model):
