@@ -285,3 +285,27 @@ def test_variants_differing_only_in_case_are_refused(tmp_path: Path) -> None:
     """)
     message = found["destinations[0].template.variants"]
     assert "'fr'" in message and "'FR'" in message and "'de'" not in message, found
+
+
+# ---------------------------------------------------------------------------------------------
+# tls.server_name: a host name the TLS handshake can carry
+
+@pytest.mark.parametrize("name", ["a..b", "x" * 64 + ".example.com", "has space.example.com",
+                                  "", " ", "-lead.example.com", "a/b", "*.example.com"])
+def test_tls_server_name_that_is_no_host_name_is_refused(tmp_path: Path, name: str) -> None:
+    """A tls.server_name that is not a host name is refused (it was a TLS traceback at every
+    attempt)."""
+    found = problems(tmp_path, f"""
+        destinations:
+          - {BRAZE}, tls: {{server_name: "{name}"}}}}
+    """)
+    assert "host name" in found["destinations[0].tls.server_name"], found
+
+
+@pytest.mark.parametrize("name", ["hooks.bank.example", "10.0.0.7", "svc_a.internal", "::1"])
+def test_tls_server_name_of_a_host_loads(tmp_path: Path, name: str) -> None:
+    """Names and IP literals are still fine."""
+    loads(tmp_path, f"""
+        destinations:
+          - {BRAZE}, tls: {{server_name: "{name}"}}}}
+    """)

@@ -317,6 +317,14 @@ class RateLimit(_Model):
         None, "Attempts that may start at once after a quiet spell; default: per_second.")
 
 
+def _server_name(name: str) -> str:
+    # (the handshake encodes it: "a..b" was a TLS traceback at every attempt)
+    if not is_host_name(name):
+        raise ValueError(f"not a host name (labels of 1-63 letters, digits, - or _ joined by "
+                         f"dots) or an IP address (got {name!r})")
+    return name
+
+
 class TlsConfig(_Model):
     """A destination's TLS: a client certificate (mTLS), its own CA bundle and server name.
 
@@ -328,8 +336,9 @@ class TlsConfig(_Model):
     key_file: FilePath | None = _d(None, "PEM private key of cert_file.")
     ca_file: FilePath | None = _d(None, "CA bundle that verifies this destination (instead of "
                                    "delivery.ca_file and the system store).")
-    server_name: str | None = _d(None, "TLS server name (SNI) and the name the certificate "
-                                       "must hold, when it differs from the url's host.")
+    server_name: Annotated[str, AfterValidator(_server_name)] | None = _d(
+        None, "TLS server name (SNI) and the name the certificate must hold, when it differs "
+              "from the url's host: a host name or IP address.")
 
 
 class DeliveryConfig(_Model):
