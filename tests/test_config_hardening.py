@@ -4,6 +4,8 @@ path, found by the one load that serve, check-config and reload run: never a tra
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -309,3 +311,68 @@ def test_tls_server_name_of_a_host_loads(tmp_path: Path, name: str) -> None:
         destinations:
           - {BRAZE}, tls: {{server_name: "{name}"}}}}
     """)
+
+
+# ---------------------------------------------------------------------------------------------
+# oauth2 token_url: no userinfo (never echoed), and the destination url's port and address rules
+
+def oauth2(token_url: str, delivery: str = "{allowed_ports: [9000], allowed_networks: "
+                                           "[127.0.0.0/8]}", own: str = "") -> str:
+    return f"""
+        delivery: {delivery}
+        destinations:
+          - name: o
+            format: braze
+            url: http://127.0.0.1:9000/dest
+            {own}
+            auth: {{type: oauth2, token_url: "{token_url}", client_id: cid,
+                    client_secret: CLIENTSECRET-XYZ-123}}
+    """
+
+
+@pytest.mark.parametrize("url", ["http://user:TOKENURLPASSWORD@127.0.0.1:9000/token",
+                                 "https://:TOKENURLPASSWORD@idp.example.com/token",
+                                 "htps://client:TOKENURLPASSWORD@idp.example.com/token",
+                                 "http://client:TOKENURLPASSWORD@idp.example.com:abc/token"])
+def test_token_url_with_userinfo_is_refused_without_echoing_it(tmp_path: Path, url: str) -> None:
+    """A token_url carrying user:password@ is refused at auth.token_url, and no message (nor an
+    invalid scheme's or port's) repeats the password."""
+    found = problems(tmp_path, oauth2(url))
+    assert "destinations[0].auth.token_url" in found, found
+    assert not [m for m in found.values() if "TOKENURLPASSWORD" in m], found
+
+
+def test_check_config_does_not_print_a_token_url_password(tmp_path: Path) -> None:
+    """relay check-config names auth.token_url and prints neither the password nor a
+    traceback."""
+    path = write(tmp_path, oauth2("htps://client:TOKENURLPASSWORD@idp.example.com/token"))
+    done = subprocess.run([sys.executable, "-m", "relay", "check-config", str(path)],
+                          capture_output=True, text=True, timeout=60)
+    out = done.stdout + done.stderr
+    assert done.returncode != 0 and "auth.token_url" in out, out
+    assert "TOKENURLPASSWORD" not in out and "Traceback" not in out, out
+
+
+@pytest.mark.parametrize(("url", "delivery", "own", "words"), [
+    ("http://127.0.0.1:9123/token", None, "", "delivery.allowed_ports"),
+    ("https://idp.example.com:8443/token", "{allowed_ports: [443, 8443, 9000]}",
+     "allowed_ports: [9000, 443]", "this destination's allowed_ports"),
+    ("http://169.254.169.254/latest/token", "{allowed_ports: [80, 9000], "
+     "allowed_networks: [127.0.0.0/8]}", "", "delivery.allowed_networks"),
+    ("http://[::ffff:10.0.0.1]/token", "{allowed_ports: [80, 9000], "
+     "allowed_networks: [127.0.0.0/8]}", "", "delivery.allowed_networks"),
+])
+def test_token_url_follows_the_destination_urls_port_and_address_rules(
+        tmp_path: Path, url: str, delivery: str | None, own: str, words: str) -> None:
+    """A token_url on a port outside delivery.allowed_ports (or the destination's own
+    allowed_ports), or at an internal address not in delivery.allowed_networks, is refused
+    like the destination url."""
+    found = problems(tmp_path, oauth2(url, *([delivery] if delivery else []), own=own))
+    assert words in found["destinations[0].auth.token_url"], found
+
+
+def test_token_url_in_allowed_networks_and_ports_loads(tmp_path: Path) -> None:
+    """An internal token endpoint whose network and port are allowed loads."""
+    loads(tmp_path, oauth2("http://169.254.169.254:9000/token",
+                           "{allowed_ports: [9000], allowed_networks: [127.0.0.0/8, "
+                           "169.254.0.0/16]}"))

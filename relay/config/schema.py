@@ -10,6 +10,7 @@ import ipaddress
 import json
 import re
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, SecretStr
 
@@ -466,12 +467,29 @@ class HmacAuth(_Model):
     secrets: tuple[SecretStr, ...] = _d((), "Several during rotation: each signs.")
 
 
+def _token_url(url: str) -> str:
+    # (refused here, before any message could repeat it: the password would be shown in
+    # errors and relay test output; the URL's other rules are relay.config.load's and
+    # relay.oauth2.token_url_problems')
+    try:
+        userinfo = "@" in urlsplit(url).netloc
+    except ValueError:
+        userinfo = "@" in url
+    if userinfo:
+        raise ValueError("must not carry userinfo (user:password@): it would be shown in "
+                         "errors and relay test output; the client's credentials are "
+                         "client_id and client_secret")
+    return url
+
+
 class OAuth2Auth(_Model):
     """OAuth 2.0 client credentials (RFC 6749 section 4.4)."""
 
     type: Literal["oauth2"] = Field(description="Selects this kind of auth.")
-    token_url: Annotated[str, Field(min_length=1)] = Field(
-        description="Token endpoint (client credentials grant).")
+    token_url: Annotated[str, Field(min_length=1), AfterValidator(_token_url)] = Field(
+        description="Token endpoint (client credentials grant): no userinfo; its port and "
+                    "address obey the rules of the destination's url (delivery.allowed_ports, "
+                    "the destination's allowed_ports, delivery.allowed_networks).")
     client_id: Annotated[str, Field(min_length=1)] = Field(description="The client id.")
     client_secret: RequiredSecret = Field(
         description="The client secret (or client_secret_file).")
