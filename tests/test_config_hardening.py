@@ -159,9 +159,6 @@ def test_nul_in_a_file_path_is_a_config_error(tmp_path: Path, text: str, path: s
     assert "NUL" in found[path], found
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="secret *_file keys are read in relay/config/load.py "
-                          "(_read_secret_files), which catches OSError only")
 @pytest.mark.parametrize(("text", "path"), [
     ('server: {token_file: "/tmp/a\\0b"}', "server.token_file"),
     (f'destinations: [{BRAZE}, auth: {{type: bearer, token_file: "/tmp/a\\0b"}}}}]',
