@@ -6,6 +6,7 @@ Knows nothing of payload formats, auth or sockets.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Set
 from dataclasses import field, replace
 from typing import Any
@@ -77,6 +78,16 @@ def endpoint(url: str) -> str:
     port = port or (443 if parts.scheme == "https" else 80)
     host = (parts.hostname or "").lower()
     return f"{parts.scheme}://{f'[{host}]' if ':' in host else host}:{port}"
+
+
+_PORT_AFTER_TEMPLATE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*\}\}:([0-9]{1,5})(?=[/?#]|$)")
+
+
+def templated_host_port(url: str) -> int | None:
+    """The port a configured URL writes after a templated host (``http://{{ h }}:9000/x``
+    -> 9000), else None: the port every rendered URL of it will have."""
+    found = _PORT_AFTER_TEMPLATE.match(url)
+    return int(found[1]) if found is not None else None
 
 
 def split_host_port(entry: str) -> tuple[str, int | None]:

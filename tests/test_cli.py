@@ -3,6 +3,7 @@ keys named, -c everywhere, replay reading only what it needs, a sink that fails 
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -153,3 +154,19 @@ def test_sink_options_parse_and_refuse_nonsense() -> None:
             parse_rules(bad, [], [])
     with pytest.raises(SinkError, match="--fail-rate"):
         parse_rules([], ["2"], [])
+
+
+def test_output_cut_short_by_its_reader_is_no_traceback(tmp_path: Path) -> None:
+    """`relay render ... | head -1`: the reader closes the pipe; the relay says nothing more
+    (it printed a BrokenPipeError traceback, twice)."""
+    (tmp_path / "relay.yaml").write_text(
+        'destinations: [{name: b, format: braze, url: "https://h.example.com/b"}]\n')
+    (tmp_path / "event.json").write_text(
+        '{"channel": "email", "status": "delivered", "message_id": "m"}')
+    read, write = os.pipe()
+    os.close(read)   # nobody reads: the first write fails with EPIPE
+    proc = subprocess.run([sys.executable, "-m", "relay", "render", "-c",
+                           str(tmp_path / "relay.yaml"), "-d", "b", str(tmp_path / "event.json")],
+                          stdout=write, stderr=subprocess.PIPE, text=True, timeout=60)
+    os.close(write)
+    assert "Traceback" not in proc.stderr and proc.returncode == 1, proc.stderr

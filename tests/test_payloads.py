@@ -275,6 +275,32 @@ destinations:
         renderer.render(make_event(attributes={}), "d")
 
 
+def test_a_port_written_after_a_templated_host_is_the_hosts_port() -> None:
+    """``http://{{ host }}:9000/x`` with allowed_hosts [ok.example.com]: port 9000 is what
+    every rendered URL has, so it is the hosts' port (it was 80: check-config said OK and
+    every render failed with "port 9000 ... is not allowed"), and check-config holds it to
+    delivery.allowed_ports as it does a fixed URL's."""
+    cfg = config("""
+delivery: {allowed_ports: [443, 9000]}
+destinations:
+  - name: t
+    format: template
+    url: "http://{{ event.attributes.host }}:9000/x"
+    allowed_hosts: [ok.example.com]
+    template: {method: GET}
+""")
+    renderer = build_renderers(cfg)["t"]
+    assert renderer.render(make_event(attributes={"host": "ok.example.com"}), "d").url == \
+        "http://ok.example.com:9000/x"
+    with pytest.raises(ConfigError, match="port 9001 is not in delivery.allowed_ports"):
+        config("""
+delivery: {allowed_ports: [443, 9000]}
+destinations:
+  - {name: t, format: template, url: "http://{{ event.attributes.host }}:9001/x",
+     allowed_hosts: [ok.example.com], template: {method: GET}}
+""")
+
+
 def test_template_render_errors_are_render_errors() -> None:
     """A filter failing at render time, or a header with a line break, is a RenderError."""
     cfg = config("""

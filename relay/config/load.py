@@ -52,7 +52,7 @@ from relay.config.schema import (
     split_listen,
 )
 from relay.errors import ConfigError
-from relay.request import split_host_port
+from relay.request import split_host_port, templated_host_port
 from relay.validation import join as _join
 from relay.validation import problems_from
 from relay.vocab import FORMAT_STATUSES
@@ -496,7 +496,7 @@ def _check_url(dest: Destination, at: str, config: Config) -> list[tuple[str, st
     problems: list[tuple[str, str]] = []
     try:
         parts = urlsplit(head)
-        port = parts.port if fixed else None
+        port = parts.port if fixed else templated_host_port(dest.url)
     except ValueError as exc:
         return [(f"{at}.url", f"not a valid URL: {exc}")]
     if parts.scheme not in ("http", "https") or "://" not in head:
@@ -524,7 +524,7 @@ def _check_url(dest: Destination, at: str, config: Config) -> list[tuple[str, st
         if own not in outer:
             problems.append((f"{at}.allowed_ports[{j}]",
                              f"port {own} is not in delivery.allowed_ports ({shown})"))
-    if fixed:
+    if fixed or port is not None:   # (a port written after a templated host is fixed too)
         if port is None:   # (not ``port or``: ":0" is a port given, and no port at all)
             port = 443 if parts.scheme == "https" else 80
         if port not in outer:

@@ -34,7 +34,7 @@ from relay.errors import ConfigError, RenderError
 from relay.events import Event
 from relay.liquid import ENV, LiquidError, parse, template_problems
 from relay.payloads._json import dumps
-from relay.request import Request, merge_headers, split_host_port
+from relay.request import Request, merge_headers, split_host_port, templated_host_port
 
 MAX_URL = 8192           # bytes of a rendered URL
 MAX_HEADER_VALUE = 8192  # bytes of one rendered header value
@@ -151,7 +151,7 @@ class Endpoints:
         # The host and port are fixed when no template starts before the path does.
         netloc_static = not rest or "/" in head.partition("://")[2]
         try:
-            own_port = parts.port if netloc_static else None
+            own_port = parts.port if netloc_static else templated_host_port(dest.url)
         except ValueError:
             own_port = None
         default = own_port or _DEFAULT_PORTS.get(parts.scheme, 443)
