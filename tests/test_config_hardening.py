@@ -373,3 +373,19 @@ def test_token_url_in_allowed_networks_and_ports_loads(tmp_path: Path) -> None:
     loads(tmp_path, oauth2("http://169.254.169.254:9000/token",
                            "{allowed_ports: [9000], allowed_networks: [127.0.0.0/8, "
                            "169.254.0.0/16]}"))
+
+
+# ---------------------------------------------------------------------------------------------
+# a raw template body's content_type: a header value
+
+def test_a_content_type_with_a_line_break_is_refused(tmp_path: Path) -> None:
+    """`relay render` printed an injected header line from it, and every delivery failed."""
+    found = problems(tmp_path, """
+        destinations:
+          - name: t
+            format: template
+            url: "https://h.example.com/x"
+            template: {method: POST, body: {type: raw, template: "x",
+                       content_type: "text/plain\\r\\nX-Injected: 1"}}
+    """)
+    assert "line break" in found["destinations[0].template.body.content_type"]

@@ -517,7 +517,7 @@ class RawBody(_Model):
 
     type: Literal["raw"] = Field(description="Selects this kind of body.")
     template: str = _d("", "Liquid template of the whole body.")
-    content_type: str = _d("text/plain; charset=utf-8", "Content-Type sent.")
+    content_type: HeaderValue = _d("text/plain; charset=utf-8", "Content-Type sent; no line break or NUL.")
 
 
 Body = Annotated[JsonBody | RawBody, Field(discriminator="type")]
