@@ -292,7 +292,7 @@ destinations:
     renderer = build_renderers(cfg)["t"]
     assert renderer.render(make_event(attributes={"host": "ok.example.com"}), "d").url == \
         "http://ok.example.com:9000/x"
-    with pytest.raises(ConfigError, match="port 9001 is not in delivery.allowed_ports"):
+    with pytest.raises(ConfigError, match=r"port 9001 is not in delivery\.allowed_ports"):
         config("""
 delivery: {allowed_ports: [443, 9000]}
 destinations:
