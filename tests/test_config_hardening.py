@@ -389,3 +389,26 @@ def test_a_content_type_with_a_line_break_is_refused(tmp_path: Path) -> None:
                        content_type: "text/plain\\r\\nX-Injected: 1"}}
     """)
     assert "line break" in found["destinations[0].template.body.content_type"]
+
+
+# ---------------------------------------------------------------------------------------------
+# server.listen: a host that can be listened on
+
+@pytest.mark.parametrize("listen", ["999.1.1.1:8080", "127.0.0.1\\t:8080", "a..b:8080",
+                                    "1.2.3:8080"])
+def test_a_listen_host_that_is_no_address_is_refused(tmp_path: Path, listen: str) -> None:
+    """check-config said OK and serve failed with "Name or service not known". (The tab is
+    written as YAML's \\t escape.)"""
+    found = problems(tmp_path, f"""
+        server: {{listen: "{listen}", allow_unauthenticated: true}}
+        destinations: [{{name: b, format: braze, url: "https://h.example.com/b"}}]
+    """)
+    assert "not a host name or IP address" in found["server.listen"]
+
+
+def test_listen_hosts_that_are_names_or_addresses_are_kept(tmp_path: Path) -> None:
+    for listen in ("localhost:8080", "[::1]:0", "0.0.0.0:80", ":8080", "relay-0.svc.local:1"):
+        loads(tmp_path, f"""
+            server: {{listen: "{listen}", allow_unauthenticated: true}}
+            destinations: [{{name: b, format: braze, url: "https://h.example.com/b"}}]
+        """)

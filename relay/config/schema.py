@@ -135,7 +135,10 @@ def is_host_name(host: str) -> bool:
         name = name.encode("idna").decode("ascii") if not name.isascii() else name
     except UnicodeError:
         return False
-    return 0 < len(name) <= 253 and all(_LABEL.fullmatch(label) for label in name.split("."))
+    labels = name.split(".")
+    # (all digits is the dotted-decimal form, never a name: RFC 1123, 2.1; "999.1.1.1")
+    return 0 < len(name) <= 253 and all(_LABEL.fullmatch(label) for label in labels) \
+        and not all(label.isdigit() for label in labels)
 
 
 def _port_text(text: str) -> bool:
@@ -211,7 +214,9 @@ def _sendable_token(value: SecretStr | None) -> SecretStr | None:
 # Sections
 
 def _valid_listen(value: str) -> str:
-    split_listen(value)
+    host, _ = split_listen(value)
+    if not is_host_name(host):   # ("999.1.1.1", a tab: check-config said OK, serve failed)
+        raise ValueError(f"{host!r} is not a host name or IP address to listen on")
     return value
 
 
