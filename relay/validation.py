@@ -142,7 +142,11 @@ def suggest(key: str, known: Iterable[str] | Mapping[str, tuple[str, ...]], path
         homes = [where for where in known[key] if where != section]
         if homes:
             return f"; {key} belongs under {' or '.join(homes)}"
-    close = difflib.get_close_matches(key, [k for k in known if k != key], n=1, cutoff=0.75)
+    others = [k for k in known if k != key]
+    # two letters swapped: difflib rates a short key too far from its own (dns/dsn: 0.67)
+    close = [k for k in others if len(k) == len(key) and sorted(k) == sorted(key)
+             and sum(a != b for a, b in zip(k, key, strict=True)) == 2][:1] \
+        or difflib.get_close_matches(key, others, n=1, cutoff=0.75)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 

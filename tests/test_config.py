@@ -168,6 +168,16 @@ def test_unknown_keys_wrong_types_and_missing_keys_name_paths() -> None:
     assert found["extra_section"].startswith("unknown key")
 
 
+def test_two_swapped_letters_suggest_the_key() -> None:
+    """difflib rates a short key too far from its own: spool.postgres.dns had no hint."""
+    found = problems("""
+        spool: {backend: postgres, postgres: {dns: "postgresql://relay@db/relay"}}
+        server: {lsiten: "127.0.0.1:8080"}
+    """)
+    assert found["spool.postgres.dns"] == "unknown key (did you mean 'dsn'?)"
+    assert found["server.lsiten"] == "unknown key (did you mean 'listen'?)"
+
+
 def test_yaml_syntax_error_names_the_line() -> None:
     """A YAML syntax error says on which line."""
     found = problems("server:\n  listen: [1\ndelivery: {}\n")
