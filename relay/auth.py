@@ -248,8 +248,9 @@ class HmacSigner:
 
     def __init__(self, auth: HmacAuth, clock: Callable[[], float] = time.time) -> None:
         self.clock = clock
-        secrets = ([auth.secret] if auth.secret else []) + list(auth.secrets)
-        self._keys = [_whsec_key(s.get_secret_value()) for s in secrets]
+        secrets = ([("auth.secret", auth.secret)] if auth.secret else []) + \
+            [(f"auth.secrets[{j}]", s) for j, s in enumerate(auth.secrets)]
+        self._keys = [_whsec_key(s.get_secret_value(), where) for where, s in secrets]
 
     def sign(self, request: Request, delivery_id: str) -> Request:
         timestamp = str(int(self.clock()))
@@ -261,11 +262,11 @@ class HmacSigner:
                                        "webhook-signature": signatures})
 
 
-def _whsec_key(secret: str) -> bytes:
+def _whsec_key(secret: str, where: str = "auth.secret") -> bytes:
     try:
         return base64.b64decode(secret.removeprefix("whsec_"), validate=True)
     except ValueError as exc:
-        raise ConfigError([("auth.secret", "not valid base64 after 'whsec_'")]) from exc
+        raise ConfigError([(where, "not valid base64 after 'whsec_'")]) from exc
 
 
 # Headers whose values are never secret and are shown as they are; every other header value

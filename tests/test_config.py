@@ -243,6 +243,20 @@ def test_format_specific_sections() -> None:
     assert "whsec_" in found["destinations[3].auth.secret"]
 
 
+def test_a_rotation_secret_is_named_at_its_own_index(tmp_path: Path) -> None:
+    """A bad secrets[1] was reported at auth.secret, a key the file did not have."""
+    text = """
+        destinations:
+          - {name: h, format: braze, url: "https://h/", auth: {type: hmac, secrets: [
+              "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", "%s"]}}
+    """
+    assert list(problems(text % "plain")) == ["destinations[0].auth.secrets[1]"]
+    (tmp_path / "relay.yaml").write_text(textwrap.dedent(text % "whsec_!!notb64"))
+    with pytest.raises(ConfigError) as info:
+        load_destinations(tmp_path / "relay.yaml", env={})
+    assert [path for path, _ in info.value.problems] == ["destinations[0].auth.secrets[1]"]
+
+
 def test_auth_type_errors_name_the_type_key() -> None:
     """An unknown or missing auth.type is reported at auth.type with the allowed values."""
     found = problems("""

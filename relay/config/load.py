@@ -407,16 +407,16 @@ def _check_destination(dest: Destination, at: str, config: Config,
                                  f"format {dest.format} cannot express status {status!r} "
                                  f"(it can: {', '.join(expressible)})"))
     if isinstance(dest.auth, HmacAuth):
-        secrets = ([dest.auth.secret] if dest.auth.secret else []) + list(dest.auth.secrets)
+        # each at its own key: secrets[1] was reported as auth.secret
+        secrets = ([(f"{at}.auth.secret", dest.auth.secret)] if dest.auth.secret else []) + \
+            [(f"{at}.auth.secrets[{j}]", s) for j, s in enumerate(dest.auth.secrets)]
         if not secrets:
             problems.append((f"{at}.auth", "hmac needs secret, secrets or secret_file"))
-        for secret in secrets:
+        for where, secret in secrets:
             if not secret.get_secret_value().startswith("whsec_") \
                     or not secret.get_secret_value().removeprefix("whsec_").strip():
-                problems.append((f"{at}.auth.secret", "a Standard Webhooks secret starts with "
-                                                      "'whsec_' followed by base64 (a key, not "
-                                                      "nothing)"))
-                break
+                problems.append((where, "a Standard Webhooks secret starts with 'whsec_' "
+                                        "followed by base64 (a key, not nothing)"))
     if isinstance(dest.auth, OAuth2Auth):
         problems += _check_http_url(dest.auth.token_url, f"{at}.auth.token_url")
     if dest.proxy is not None and dest.proxy.get_secret_value() != "direct":
