@@ -243,6 +243,21 @@ def test_format_specific_sections() -> None:
     assert "whsec_" in found["destinations[3].auth.secret"]
 
 
+def test_a_misplaced_secret_file_is_named_as_written(tmp_path: Path) -> None:
+    """A *_file key is read into its key before validation: secret_file under bearer auth was
+    "auth.secret: unknown key; secret belongs under a destination's auth" (it was under one),
+    and token_file under type none was reported as auth.token."""
+    (tmp_path / "s").write_text("a-secret-value")
+    found = problems("""
+        destinations:
+          - {name: a, format: braze, url: "https://h/", auth: {type: bearer, secret_file: s}}
+          - {name: b, format: braze, url: "https://h/", auth: {type: none, token_file: s}}
+    """, base=tmp_path)
+    assert "secret_file is not a key" in found["destinations[0].auth.secret_file"]
+    assert "token_file is not a key" in found["destinations[1].auth.token_file"]
+    assert "destinations[0].auth.secret" not in found and "destinations[1].auth.token" not in found
+
+
 def test_a_rotation_secret_is_named_at_its_own_index(tmp_path: Path) -> None:
     """A bad secrets[1] was reported at auth.secret, a key the file did not have."""
     text = """

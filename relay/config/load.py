@@ -193,13 +193,34 @@ def check_raw(
     try:
         config = Config.model_validate({**data, "source": source})
     except pydantic.ValidationError as exc:
-        problems += [p for p in problems_from(exc, data, known=KEY_HOMES) if p[0] not in flagged]
+        problems += [_as_written(raw, p) for p in problems_from(exc, data, known=KEY_HOMES)
+                     if p[0] not in flagged]
         config, broken, positions = _valid_parts(data, source)
         problems += check_config(config, positions=positions, skip=broken)
         return Checked(config, problems, positions)
     positions = tuple(range(len(config.destinations)))
     problems += check_config(config)
     return Checked(config, problems, positions)
+
+
+def _as_written(raw: Any, problem: tuple[str, str]) -> tuple[str, str]:
+    """A problem with a key the file did not write, ``X``, that came from its ``X_file``
+    (secret_file under bearer auth was "auth.secret: unknown key; secret belongs under a
+    destination's auth"): said of ``X_file``."""
+    path, message = problem
+    parent, _, key = path.rpartition(".")
+    node: Any = raw
+    for part in re.findall(r"[^.\[\]]+|\[\d+\]", parent):
+        if part.startswith("["):
+            node = node[int(part[1:-1])] if isinstance(node, list) and \
+                int(part[1:-1]) < len(node) else None
+        else:
+            node = node.get(part) if isinstance(node, dict) else None
+    if not isinstance(node, dict) or key in node or f"{key}_file" not in node:
+        return problem
+    if message.startswith("unknown key"):
+        return f"{path}_file", f"unknown key: {key}_file is not a key of this section"
+    return f"{path}_file", f"(read from the file) {message}"
 
 
 class Access(NamedTuple):
