@@ -27,7 +27,7 @@ import jwt
 from relay import __version__
 from relay.config import BasicAuth, BearerAuth, Destination, HmacAuth, JwtAuth, OAuth2Auth
 from relay.errors import ConfigError
-from relay.request import Request, merge_headers
+from relay.request import Request, has_markup, merge_headers
 
 USER_AGENT = f"relay/{__version__} (+webhook relay)"
 JWT_REFRESH_MARGIN = 60.0  # seconds before exp at which a cached token is replaced
@@ -309,14 +309,14 @@ def destination_secrets(dest: Destination) -> list[str]:
     header_sets = [dest.headers] + [v.headers for v in variants if v.headers]
     for headers in header_sets:
         for name, value in headers.items():
-            if is_public_header(name) or _templated(value):
+            if is_public_header(name) or has_markup(value):
                 continue
             found.append(value)
             scheme, _, rest = value.partition(" ")
             if rest and scheme in _SCHEMES:
                 found.append(rest)
     for url in [dest.url] + [v.url for v in variants if v.url]:
-        found += [value for value in _query_values(url) if value and not _templated(value)]
+        found += [value for value in _query_values(url) if value and not has_markup(value)]
     return [s for s in found if s]
 
 
@@ -364,6 +364,3 @@ def _query_values(url: str) -> list[str]:
     query = query.partition("#")[0]
     return [unquote_plus(pair.partition("=")[2]) for pair in query.split("&") if "=" in pair]
 
-
-def _templated(value: str) -> bool:
-    return "{{" in value or "{%" in value

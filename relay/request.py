@@ -80,6 +80,11 @@ def endpoint(url: str) -> str:
     return f"{parts.scheme}://{f'[{host}]' if ':' in host else host}:{port}"
 
 
+def has_markup(value: str) -> bool:
+    """``value`` holds Liquid markup: what it becomes is known only once rendered."""
+    return "{{" in value or "{%" in value
+
+
 _PORT_AFTER_TEMPLATE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*\}\}:([0-9]{1,5})(?=[/?#]|$)")
 
 

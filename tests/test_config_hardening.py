@@ -412,3 +412,21 @@ def test_listen_hosts_that_are_names_or_addresses_are_kept(tmp_path: Path) -> No
             server: {{listen: "{listen}", allow_unauthenticated: true}}
             destinations: [{{name: b, format: braze, url: "https://h.example.com/b"}}]
         """)
+
+
+# ---------------------------------------------------------------------------------------------
+# template values without Liquid over the limits every rendered value is held to
+
+def test_a_static_url_or_header_over_8_kib_is_refused(tmp_path: Path) -> None:
+    """Each failed every render ("rendered longer than 8192 bytes"); check-config said OK."""
+    found = problems(tmp_path, f"""
+        destinations:
+          - name: t
+            format: template
+            url: "https://h.example.com/{'a' * 9000}"
+            headers: {{X-Big: "{'b' * 9000}", X-Fine: "{'c' * 100}"}}
+            template: {{method: GET}}
+    """)
+    assert found["destinations[0].url"] == "is longer than 8192 bytes"
+    assert found["destinations[0].headers.X-Big"] == "is longer than 8192 bytes"
+    assert "destinations[0].headers.X-Fine" not in found

@@ -34,7 +34,13 @@ from relay.errors import ConfigError, RenderError
 from relay.events import Event
 from relay.liquid import ENV, LiquidError, parse, template_problems
 from relay.payloads._json import dumps
-from relay.request import Request, merge_headers, split_host_port, templated_host_port
+from relay.request import (
+    Request,
+    has_markup,
+    merge_headers,
+    split_host_port,
+    templated_host_port,
+)
 
 MAX_URL = 8192           # bytes of a rendered URL
 MAX_HEADER_VALUE = 8192  # bytes of one rendered header value
@@ -246,6 +252,13 @@ class TemplateRenderer:
 
     def _compile(self, url: str, method: str, headers: dict[str, str], body: Body | None,
                  at: str, problems: list[tuple[str, str]]) -> _Compiled:
+        # Over the limits every rendered value is held to, a value without Liquid fails
+        # every render: say so now (check-config said OK).
+        if not has_markup(url) and len(url.encode()) > MAX_URL:
+            problems.append((at + "url", f"is longer than {MAX_URL} bytes"))
+        problems += [(f"{at}headers.{name}", f"is longer than {MAX_HEADER_VALUE} bytes")
+                     for name, value in headers.items()
+                     if not has_markup(value) and len(value.encode()) > MAX_HEADER_VALUE]
         url_t = compile_template(url, at + "url", problems)
         header_ts = tuple((name, compile_template(value, f"{at}headers.{name}", problems))
                           for name, value in headers.items())
