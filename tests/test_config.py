@@ -732,6 +732,20 @@ def test_a_dsn_its_client_cannot_read_is_an_error_that_never_shows_the_password(
     assert "Pw9secret" not in str(found)
 
 
+def test_a_dsn_sslmode_its_client_refuses_is_an_error() -> None:
+    """check-config said OK to sslmode=bogus; serve could not connect."""
+    found = problems("""
+        spool: {backend: postgres, postgres: {dsn: "postgresql://u:Pw9@db/relay?sslmode=bogus"}}
+        destinations: [{name: a, format: braze, url: "https://h/"}]
+    """)
+    assert "sslmode must be one of disable" in found["spool.postgres.dsn"], found
+    for mode in ("disable", "require", "verify-full"):
+        parse_config(f"""
+            spool: {{backend: postgres, postgres: {{dsn: "postgresql://u@db/r?sslmode={mode}"}}}}
+            destinations: [{{name: a, format: braze, url: "https://h/"}}]
+        """, env={})
+
+
 async def test_a_dsn_asyncpg_cannot_parse_fails_open_without_the_password() -> None:
     from relay.errors import SpoolError
     from relay.spool.postgres import PostgresSpool

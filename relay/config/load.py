@@ -22,7 +22,7 @@ import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import pydantic
 import yaml
@@ -474,7 +474,14 @@ def _check_dsn(dsn: str) -> list[tuple[str, str]]:
                                        "# as %23)")]
     if parts.scheme not in ("postgresql", "postgres"):
         return [("spool.postgres.dsn", "must start with postgresql:// (or postgres://)")]
+    # (check-config said OK to sslmode=bogus, and serve could not connect)
+    modes = [v for k, v in parse_qsl(parts.query, keep_blank_values=True) if k == "sslmode"]
+    if any(mode not in _SSL_MODES for mode in modes):
+        return [("spool.postgres.dsn", f"sslmode must be one of {', '.join(_SSL_MODES)}")]
     return []
+
+
+_SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 
 
 def _check_http_url(url: str, at: str) -> list[tuple[str, str]]:
