@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -61,9 +62,8 @@ FRAMING_HEADERS = ("Host", "Content-Length", "Transfer-Encoding", "Connection")
 def header_owners(dest: Destination) -> dict[str, str]:
     """Each header ``Signing`` writes over a configured one (lower-cased name -> what sets
     it), and the framing headers, which no configuration may set."""
-    owners = {name.lower(): "the HTTP client (from the url and body)" for name in FRAMING_HEADERS}
-    owners["host"] = ("the HTTP client, from the url (a Host of its own would reach a virtual "
-                      "host that allowed_hosts does not name)")
+    owners = {name.lower(): "the HTTP client (from the url and body)" for name in FRAMING_HEADERS
+              if name != "Host"}   # (a fixed Host beside a fixed url: see header_problems)
     owners["webhook-id"] = "the relay (Webhook-Id is the delivery id)"
     owners["user-agent"] = "the relay (User-Agent is relay/<version>)"
     auth = dest.auth
@@ -81,16 +81,32 @@ def header_problems(dest: Destination) -> list[tuple[str, str]]:
     itself: each would be replaced silently, or (framing ones) contradict the request."""
     owners = header_owners(dest)
     variants = dest.template.variants.items() if dest.template is not None else ()
+    # A fixed Host beside a fixed url names the virtual host at that address (an IP url and
+    # its Host: a pattern that works); one rendered from event data, or beside a rendered
+    # url host, would pick a virtual host that allowed_hosts does not name.
+    rendered_hosts = any(_host_rendered(url) for url in
+                         [dest.url, *(v.url for _, v in variants if v.url is not None)])
     problems = []
     for at, headers in [("headers", dest.headers)] + [
             (f"template.variants.{lang}.headers", v.headers or {}) for lang, v in variants]:
-        for name in headers:
+        for name, value in headers.items():
             owner = owners.get(name.lower())
             if owner is not None:
                 problems.append((f"{at}.{name}", f"{name} is set by {owner}: a configured "
                                                  "value would be replaced or break the request; "
                                                  "remove it"))
+            elif name.lower() == "host" and (rendered_hosts or has_markup(value)):
+                problems.append((f"{at}.{name}", "a Host header may be set only as fixed text "
+                                                 "beside a url whose host is fixed: rendered, it "
+                                                 "would reach a virtual host that allowed_hosts "
+                                                 "does not name"))
     return problems
+
+
+def _host_rendered(url: str) -> bool:
+    """The url's host (or port) comes from a template."""
+    head, *rest = re.split(r"\{\{|\{%", url, maxsplit=1)
+    return bool(rest) and "/" not in head.partition("://")[2]
 
 
 def _static_auth(dest: Destination) -> dict[str, str]:

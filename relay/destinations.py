@@ -126,7 +126,7 @@ def compile_destination(dest: Destination, config: Config, *,
         problems += exc.problems
     problems += header_problems(dest)
     if isinstance(dest.auth, OAuth2Auth):
-        problems += token_url_problems(dest.auth, dest, config.delivery)
+        problems += token_url_problems(dest.auth, config.delivery)
     if problems or renderer is None or signing is None:
         raise ConfigError(problems)
     policy = RetryPolicy.for_destination(config.delivery, dest)

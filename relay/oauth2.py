@@ -20,7 +20,7 @@ from urllib.parse import quote, urlencode, urlsplit
 
 import cachetools
 
-from relay.config import DeliveryConfig, Destination, OAuth2Auth
+from relay.config import DeliveryConfig, OAuth2Auth
 from relay.request import Exchange, Request
 
 REFRESH_MARGIN = 30.0     # seconds before expiry at which a cached token is replaced
@@ -40,12 +40,13 @@ class _Token(NamedTuple):
     expires_at: float
 
 
-def token_url_problems(auth: OAuth2Auth, dest: Destination,
-                       delivery: DeliveryConfig) -> list[tuple[str, str]]:
-    """``auth.token_url`` against the rules the destination's own url obeys: its port in
-    delivery.allowed_ports and the destination's allowed_ports, an IP literal outside the
-    internal networks unless delivery.allowed_networks holds it. (A name is judged by what it
-    resolves to when the token is fetched: the request goes through the relay's transport.)"""
+def token_url_problems(auth: OAuth2Auth, delivery: DeliveryConfig) -> list[tuple[str, str]]:
+    """``auth.token_url`` against the relay's egress rules: its port in
+    delivery.allowed_ports, an IP literal outside the internal networks unless
+    delivery.allowed_networks holds it. Not the destination's own allowed_ports: those are
+    the destination's host's, and an identity provider is another host. (A name is judged by
+    what it resolves to when the token is fetched: the request goes through the relay's
+    transport.)"""
     from relay.egress import Blocked, check_literal, parse_networks  # (aiohttp: lazily)
 
     try:
@@ -62,9 +63,6 @@ def token_url_problems(auth: OAuth2Auth, dest: Destination,
         shown = ", ".join(str(p) for p in delivery.allowed_ports)
         problems.append(("auth.token_url", f"port {port} is not in delivery.allowed_ports "
                                            f"({shown})"))
-    elif dest.allowed_ports and port not in dest.allowed_ports:
-        problems.append(("auth.token_url", f"port {port} is not in this destination's "
-                                           "allowed_ports"))
     try:
         check_literal(parts.hostname or "", parse_networks(delivery.allowed_networks))
     except Blocked as exc:

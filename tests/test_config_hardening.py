@@ -41,15 +41,29 @@ SERVER = """
 """
 
 
-@pytest.mark.parametrize("token", ["RELAYTOKEN-123456\n", "RELAYTOKEN 123456", "RELAYTOKEN\t12",
-                                   "RELAYTOKEN-tök€n", "RELAY\x7fTOKEN", "RELAY\x00TOKEN",
-                                   "\u00a0RELAYTOKEN"])
+@pytest.mark.parametrize("token", ["RELAYTOKEN-123456\n", "RELAYTOKEN-123456 ", " RELAYTOKEN",
+                                   "RELAYTOKEN\t12", "RELAYTOKEN-tök€n", "RELAY\x7fTOKEN",
+                                   "RELAY\x00TOKEN", "\u00a0RELAYTOKEN"])
 def test_server_token_no_client_can_send_is_refused(tmp_path: Path, token: str) -> None:
     """A server.token (here from ${RELAY_TOKEN}) with whitespace, a control character or a
     non-ASCII character is refused, without being echoed: every /v1 request would get 401."""
     found = problems(tmp_path, SERVER, env={"RELAY_TOKEN": token})
     assert "visible ASCII" in found["server.token"], found
     assert "RELAYTOKEN" not in found["server.token"]
+
+
+def test_server_token_with_a_space_inside_is_kept_and_replay_holds_the_same_rule(
+        tmp_path: Path) -> None:
+    """A space inside the token worked (the server compares it stripped) and still does
+    (helper-39's review); relay replay, which reads the token alone, refuses what serve
+    refuses instead of sending it and getting 401."""
+    from relay.config.load import read_access
+
+    assert loads(tmp_path, SERVER, env={"RELAY_TOKEN": "RELAY TOKEN"}).config.server.token
+    assert read_access(write(tmp_path, SERVER), env={"RELAY_TOKEN": "RELAY TOKEN"}).token
+    with pytest.raises(ConfigError) as info:
+        read_access(write(tmp_path, SERVER), env={"RELAY_TOKEN": "RELAYTOKEN\n"})
+    assert "visible ASCII" in dict(info.value.problems)["server.token"]
 
 
 def test_server_token_of_visible_ascii_and_token_file_newline_are_kept(tmp_path: Path) -> None:
@@ -208,11 +222,10 @@ def test_auth_header_of_its_own_loads(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 # Configured headers: none the HTTP client frames the request with, none the relay overwrites
 
-@pytest.mark.parametrize("header", ["Host", "content-length", "Transfer-Encoding", "Connection"])
+@pytest.mark.parametrize("header", ["content-length", "Transfer-Encoding", "Connection"])
 @pytest.mark.parametrize("value", ["static.example.net", "{{ event.attributes.order_id }}.example"])
 def test_configured_framing_header_is_refused(tmp_path: Path, header: str, value: str) -> None:
-    """headers: Host (static, or a template letting event data pick the virtual host past
-    allowed_hosts), Content-Length, Transfer-Encoding or Connection is refused, in a variant
+    """headers: Content-Length, Transfer-Encoding or Connection is refused, in a variant
     too."""
     found = problems(tmp_path, f"""
         delivery: {{allowed_networks: [127.0.0.0/8]}}
@@ -228,6 +241,34 @@ def test_configured_framing_header_is_refused(tmp_path: Path, header: str, value
     for path in (f"destinations[0].headers.{header}",
                  f"destinations[0].template.variants.fr.headers.{header}"):
         assert "HTTP client" in found[path], found
+
+
+def test_a_host_header_is_fixed_text_beside_a_fixed_url_host(tmp_path: Path) -> None:
+    """A fixed Host beside a fixed url (an IP url naming its virtual host: it worked, and
+    helper-39's review found it refused) loads; a rendered one, or one beside a rendered url
+    host, would let event data pick a virtual host past allowed_hosts, and is refused."""
+    loads(tmp_path, """
+        destinations:
+          - {name: b, format: braze, url: "https://203.0.113.10/hooks",
+             headers: {Host: hooks.example.com}}
+    """)
+    found = problems(tmp_path, """
+        delivery: {allowed_networks: [127.0.0.0/8]}
+        destinations:
+          - name: t
+            format: template
+            url: "http://127.0.0.1/hook"
+            headers: {Host: "{{ event.attributes.order_id }}.internal.example"}
+            template: {method: POST}
+          - name: u
+            format: template
+            url: "http://{{ event.attributes.h }}/hook"
+            allowed_hosts: [127.0.0.1]
+            headers: {Host: fixed.example}
+            template: {method: POST}
+    """)
+    assert "fixed text beside a url whose host is fixed" in found["destinations[0].headers.Host"]
+    assert "fixed text beside a url whose host is fixed" in found["destinations[1].headers.Host"]
 
 
 @pytest.mark.parametrize(("auth", "header", "owner"), [
@@ -352,8 +393,6 @@ def test_check_config_does_not_print_a_token_url_password(tmp_path: Path) -> Non
 
 @pytest.mark.parametrize(("url", "delivery", "own", "words"), [
     ("http://127.0.0.1:9123/token", None, "", "delivery.allowed_ports"),
-    ("https://idp.example.com:8443/token", "{allowed_ports: [443, 8443, 9000]}",
-     "allowed_ports: [9000, 443]", "this destination's allowed_ports"),
     ("http://169.254.169.254/latest/token", "{allowed_ports: [80, 9000], "
      "allowed_networks: [127.0.0.0/8]}", "", "delivery.allowed_networks"),
     ("http://[::ffff:10.0.0.1]/token", "{allowed_ports: [80, 9000], "
@@ -361,18 +400,21 @@ def test_check_config_does_not_print_a_token_url_password(tmp_path: Path) -> Non
 ])
 def test_token_url_follows_the_destination_urls_port_and_address_rules(
         tmp_path: Path, url: str, delivery: str | None, own: str, words: str) -> None:
-    """A token_url on a port outside delivery.allowed_ports (or the destination's own
-    allowed_ports), or at an internal address not in delivery.allowed_networks, is refused
-    like the destination url."""
+    """A token_url on a port outside delivery.allowed_ports, or at an internal address not in
+    delivery.allowed_networks, is refused like the destination url."""
     found = problems(tmp_path, oauth2(url, *([delivery] if delivery else []), own=own))
     assert words in found["destinations[0].auth.token_url"], found
 
 
 def test_token_url_in_allowed_networks_and_ports_loads(tmp_path: Path) -> None:
-    """An internal token endpoint whose network and port are allowed loads."""
+    """An internal token endpoint whose network and port are allowed loads; the destination's
+    own allowed_ports are its host's, not the identity provider's (helper-39's review: a
+    token_url on 443 beside a destination on 8443 only was refused)."""
     loads(tmp_path, oauth2("http://169.254.169.254:9000/token",
                            "{allowed_ports: [9000], allowed_networks: [127.0.0.0/8, "
                            "169.254.0.0/16]}"))
+    loads(tmp_path, oauth2("https://idp.example.com/token", "{allowed_ports: [443, 9000], "
+                           "allowed_networks: [127.0.0.0/8]}", own="allowed_ports: [9000]"))
 
 
 # ---------------------------------------------------------------------------------------------

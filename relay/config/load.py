@@ -49,6 +49,7 @@ from relay.config.schema import (
     TemplateConfig,
     TemplateVariant,
     TlsConfig,
+    sendable_token,
     split_listen,
 )
 from relay.errors import ConfigError
@@ -253,6 +254,11 @@ def read_access(path: str | os.PathLike[str], env: Mapping[str, str] | None = No
     token = picked.get("token") or None
     if token is not None and not isinstance(token, str):
         problems.append(("server.token", "expected a string"))
+    elif token is not None:
+        try:   # (as serve holds it: one it refuses would be sent and answered 401)
+            sendable_token(pydantic.SecretStr(token))
+        except ValueError as exc:
+            problems.append(("server.token", str(exc)))
     if problems:
         raise ConfigError(problems, source)
     host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host

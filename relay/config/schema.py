@@ -197,16 +197,19 @@ def _empty_secret_is_none(value: Any) -> Any:
 
 
 OptionalSecret = Annotated[SecretStr | None, BeforeValidator(_empty_secret_is_none)]
-_VISIBLE_ASCII = re.compile(r"[!-~]+")   # RFC 9110 VCHAR: what a header value can carry as is
+# RFC 9110's field value: visible ASCII, spaces inside (an inner space worked and still does:
+# the relay compares the header's token stripped)
+_VISIBLE_ASCII = re.compile(r"[!-~](?:[ !-~]*[!-~])?")
 
 
-def _sendable_token(value: SecretStr | None) -> SecretStr | None:
+def sendable_token(value: SecretStr | None) -> SecretStr | None:
     # (a trailing newline from ${RELAY_TOKEN}, a space, a non-ASCII character: no HTTP client
     # sends it as the relay holds it, so every /v1 request would be answered 401)
     if value is not None and not _VISIBLE_ASCII.fullmatch(value.get_secret_value()):
-        raise ValueError("must be visible ASCII (letters, digits, punctuation): no space, line "
-                         "break, control or non-ASCII character, which an Authorization header "
-                         "cannot carry as given (a token_file's trailing newline is stripped)")
+        raise ValueError("must be visible ASCII (letters, digits, punctuation; spaces only "
+                         "inside): no line break, tab, control or non-ASCII character and no "
+                         "space at either end, which an Authorization header cannot carry as "
+                         "given (a token_file's trailing newline is stripped)")
     return value
 
 
@@ -232,9 +235,9 @@ class ServerConfig(_Model):
 
     listen: Annotated[str, AfterValidator(_valid_listen)] = _d(
         "127.0.0.1:8080", "host:port of the HTTP API (port 0: any free port). Restart to change.")
-    token: Annotated[OptionalSecret, AfterValidator(_sendable_token)] = _d(
+    token: Annotated[OptionalSecret, AfterValidator(sendable_token)] = _d(
         None, "Bearer token required on /v1/* (or token_file); empty or unset: none. Visible "
-              "ASCII only (no spaces, line breaks or non-ASCII characters).")
+              "ASCII only (spaces only inside; no line breaks or non-ASCII characters).")
     max_body_bytes: Annotated[int, NOT_BOOL, Field(ge=1024)] = _d(
         1_048_576, "Largest request body; larger bodies get 413. Restart to change.")
     max_batch: Annotated[int, NOT_BOOL, Field(ge=1, le=100_000)] = _d(
@@ -492,9 +495,9 @@ class OAuth2Auth(_Model):
 
     type: Literal["oauth2"] = Field(description="Selects this kind of auth.")
     token_url: Annotated[str, Field(min_length=1), AfterValidator(_token_url)] = Field(
-        description="Token endpoint (client credentials grant): no userinfo; its port and "
-                    "address obey the rules of the destination's url (delivery.allowed_ports, "
-                    "the destination's allowed_ports, delivery.allowed_networks).")
+        description="Token endpoint (client credentials grant): no userinfo; its port in "
+                    "delivery.allowed_ports, an internal IP literal in "
+                    "delivery.allowed_networks.")
     client_id: Annotated[str, Field(min_length=1)] = Field(description="The client id.")
     client_secret: RequiredSecret = Field(
         description="The client secret (or client_secret_file).")
