@@ -16,7 +16,6 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, NamedTuple
 
 import msgspec
-import orjson
 import pydantic
 from pydantic import (
     AwareDatetime,
@@ -26,7 +25,7 @@ from pydantic import (
     Field,
     model_validator,
 )
-from pydantic_core import ErrorDetails
+from pydantic_core import ErrorDetails, from_json
 
 from relay import ids
 from relay.errors import InvalidEvent
@@ -157,8 +156,13 @@ def parse_events(body: bytes, max_batch: int) -> tuple[list[Event], bool]:
         if errors[0]["type"] == "too_long" and errors[0]["loc"] == ():
             raise InvalidEvent([("", f"a batch holds at most {max_batch} events "
                                      f"(server.max_batch); this one has more")]) from None
-        raise InvalidEvent(problems_of(errors, exc.error_count(), noun="field",
-                                       known=EVENT_FIELDS, limit=MAX_PROBLEMS)) from exc
+        # a traceparent is refused as such whatever else is wrong, not checked as a value
+        traced = _traced(body, start) if b"traceparent" in body else []
+        kept = [err for err in errors if err["loc"][-1:] != ("traceparent",)] if traced \
+            else errors
+        raise InvalidEvent([(path, NO_TRACEPARENT) for path in traced] + problems_of(
+            kept, exc.error_count() - (len(errors) - len(kept)), noun="field",
+            known=EVENT_FIELDS, limit=MAX_PROBLEMS - len(traced))) from exc
     # A valid event can hold a number that is not finite only in ``attributes`` (every other
     # field is a string, a strict integer or a date): looking there is cheaper than scanning
     # the body for one (a regex over the text cost more than validating it).
@@ -168,18 +172,32 @@ def parse_events(body: bytes, max_batch: int) -> tuple[list[Event], bool]:
             _refuse_non_finite(body)  # names each path; if it could not, say it plainly
             raise InvalidEvent([("attributes", "must hold only finite numbers (NaN, Infinity "
                                                "and numbers too large for a float are not JSON)")])
-        if event.traceparent is not None:
+        if "traceparent" in event.model_fields_set:   # (null too)
             traced.append(f"[{index}].traceparent" if start == b"[" else "traceparent")
     if traced:
-        # The field holds what the relay keeps of the request's traceparent header (relay.
-        # tracing): a sender setting it would choose every attempt's trace past the header's
-        # checks, and the contract lists no such field.
-        raise InvalidEvent([(path, "unknown field: send the trace context as the request's "
-                                   "traceparent header (docs/controls.md)")
-                            for path in traced[:MAX_PROBLEMS]])
+        raise InvalidEvent([(path, NO_TRACEPARENT) for path in traced[:MAX_PROBLEMS]])
     if start == b"[" and not events:
         raise InvalidEvent([("", "the array holds no events")])
     return events, start == b"["
+
+
+# The event's traceparent field holds what the relay keeps of the request's traceparent
+# header (relay.tracing): a sender setting it would choose every attempt's trace past the
+# header's checks, and the contract lists no such field.
+NO_TRACEPARENT = ("unknown field: send the trace context as the request's traceparent header "
+                  "(docs/controls.md)")
+
+
+def _traced(body: bytes, start: bytes) -> list[str]:
+    """The paths of the events of an invalid body that have a traceparent field."""
+    try:
+        data = from_json(body)
+    except ValueError:
+        return []
+    items = [data] if start == b"{" else data if isinstance(data, list) else []
+    return [f"[{i}].traceparent" if start == b"[" else "traceparent"
+            for i, item in enumerate(items)
+            if isinstance(item, dict) and "traceparent" in item][:MAX_PROBLEMS]
 
 
 FLOOD = 1_000   # errors in one body past which the first are found on a trimmed copy
@@ -193,13 +211,10 @@ def _flood_errors(body: bytes, start: bytes) -> list[ErrorDetails]:
     object of ~90,000 unknown fields took 0.2 s and 100 MB, and a refusal built them twice;
     the regex that looks for numbers that are not finite took 0.07 s over its digits
     (bench/abuse.py)."""
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError:   # (NaN, Infinity, integers past 64 bits: json reads them)
-        try:
-            data = json.loads(body)
-        except (ValueError, RecursionError):
-            return []
+    try:   # (pydantic's own JSON parser: orjson read integers past 64 bits as floats, and
+        data = from_json(body)   # an int code then looked invalid)
+    except ValueError:
+        return []
     if not _all_finite(data):
         _refuse_non_finite(body)
     found: list[ErrorDetails] = []

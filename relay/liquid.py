@@ -324,7 +324,8 @@ def _bounded(name: str, func: Any, limit: int) -> Any:
         if name in _REPLACING and len(args) >= 3:
             text, old, new = (to_ruby_string(a) for a in args[:3])
             grown = len(new) - len(old)
-            times = (text.count(old) if old else len(text) + 1) if name == "replace" else 1
+            times = (text.count(old) if old else len(text) + 1) if name == "replace" \
+                else int(old in text)   # (once at most, and not at all when absent)
             if grown > 0 and len(text) + times * grown > limit:
                 raise ResourceLimitError(f"{name} would make a string of more than {limit:,} "
                                          f"characters", token=None)

@@ -143,6 +143,17 @@ def test_a_secret_file_must_be_a_small_regular_file(tmp_path: Path) -> None:
     assert "is not a regular file" in found["destinations[3].auth.token_file"]
 
 
+@pytest.mark.parametrize("value", ["2024-13-45", "1" * 5000])
+def test_a_yaml_value_its_constructor_refuses_is_a_problem(tmp_path: Path, value: str) -> None:
+    """PyYAML raises a bare ValueError for these: a traceback in check-config, and the reload
+    watcher (which parses as loading does) was restarted on every poll (helper-39's review)."""
+    from relay.reload import watched
+
+    assert "a value YAML cannot read" in problems(f"x: {value}\n")[""]
+    (tmp_path / "relay.yaml").write_text(f"x: {value}\n")
+    assert len(watched(str(tmp_path / "relay.yaml"))) == 1   # the file itself, no traceback
+
+
 def test_yaml_nested_too_deeply_is_a_problem_not_a_traceback() -> None:
     """PyYAML builds nested collections recursively: 300 levels were a RecursionError."""
     found = problems("server: " + "[" * 300 + "]" * 300)

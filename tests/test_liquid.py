@@ -150,6 +150,10 @@ def test_a_filter_result_no_webhook_needs_is_a_resource_limit_error(source: str)
     with pytest.raises(ResourceLimitError, match="more than"):
         render(source, s="x" * 600_000)
     assert render("{{ 2 | times: 3 | plus: 0.5 }} {{ 'abc' | replace: 'b', 'xx' }}") == "6.5 axxc"
+    # what it replaces is absent: the result stays as long (helper-39's review: refused)
+    near = "a" * (1024 * 1024 - 10)
+    assert render('{{ s | replace_first: "zz", "0123456789012345678901234" | size }}',
+                  s=near) == str(len(near))
 
 
 def test_block_nesting_limit() -> None:

@@ -122,6 +122,11 @@ def parse_yaml(text: str, source: str) -> dict[str, Any]:
     except RecursionError:   # (PyYAML builds nested collections recursively)
         raise ConfigError([("", "the YAML is nested too deeply to read (a few hundred levels); "
                                 "no config needs more than a handful")], source) from None
+    except (ValueError, OverflowError) as exc:
+        # PyYAML's constructors raise these bare: a date such as 2024-13-45, an integer of
+        # over 4,300 digits (a traceback in check-config, and a reload watcher restarted)
+        raise ConfigError([("", f"a value YAML cannot read: {exc} (quote it to mean text)")],
+                          source) from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
