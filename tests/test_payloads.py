@@ -275,6 +275,24 @@ destinations:
         renderer.render(make_event(attributes={}), "d")
 
 
+def test_allowed_hosts_match_as_written_in_any_form() -> None:
+    """An IDNA name or an IPv4-mapped IPv6 address in allowed_hosts never matched: a rendered
+    URL's host is yarl's form (bücher.example, ::ffff:102:304; helper-39's review)."""
+    cfg = config("""
+delivery: {allowed_ports: [443]}
+destinations:
+  - name: t
+    format: template
+    url: "https://{{ event.attributes.host }}/x"
+    allowed_hosts: [xn--bcher-kva.example, "[::ffff:1.2.3.4]", B\u00fccher2.example]
+    template: {method: GET}
+""")
+    renderer = build_renderers(cfg)["t"]
+    for host in ("xn--bcher-kva.example", "bücher.example", "[::ffff:1.2.3.4]",
+                 "xn--bcher2-3ya.example"):
+        assert renderer.render(make_event(attributes={"host": host}), "d").url
+
+
 def test_a_port_written_after_a_templated_host_is_the_hosts_port() -> None:
     """``http://{{ host }}:9000/x`` with allowed_hosts [ok.example.com]: port 9000 is what
     every rendered URL has, so it is the hosts' port (it was 80: check-config said OK and

@@ -165,6 +165,7 @@ class Endpoints:
         hosts: dict[str, frozenset[int]] = {}
         for entry in dest.allowed_hosts or [parts.hostname or ""]:
             host, port = split_host_port(entry)  # "host": the destination's ports; "host:port"
+            host = _as_rendered(host)
             hosts[host] = hosts.get(host, frozenset()) | (ports if port is None else {port})
         return cls(frozenset(delivery.allowed_ports), hosts)
 
@@ -197,6 +198,17 @@ class Endpoints:
             raise RenderError(f"rendered url for {where} leaves the configured path "
                               f"{path_prefix!r}")
         return str(url)
+
+
+def _as_rendered(host: str) -> str:
+    """A host as ``check`` sees a rendered URL's (yarl's form): an IDNA name decoded
+    (``xn--bcher-kva.example`` -> ``bücher.example``), an IPv6 address compressed
+    (``::ffff:1.2.3.4`` -> ``::ffff:102:304``). Written otherwise in allowed_hosts, it never
+    matched (helper-39's review)."""
+    try:
+        return URL.build(scheme="http", host=host).host or host
+    except ValueError:
+        return host
 
 
 def _static_endpoint(endpoints: Endpoints, url: str, at: str) -> list[tuple[str, str]]:
