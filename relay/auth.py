@@ -27,6 +27,7 @@ import jwt
 
 from relay import __version__
 from relay.config import BasicAuth, BearerAuth, Destination, HmacAuth, JwtAuth, OAuth2Auth
+from relay.config.schema import FRAMING_HEADERS
 from relay.errors import ConfigError
 from relay.request import Request, has_markup, merge_headers
 
@@ -53,10 +54,6 @@ class Signing:
         request = Request(request.method, request.url, headers, request.body, request.via)
         return self._auth(request, delivery_id) if self._auth else request
 
-
-# Headers the HTTP client writes from the url and the body: a configured one would contradict
-# them (a Host, Liquid or not, picks the virtual host at an allowed address: past allowed_hosts).
-FRAMING_HEADERS = ("Host", "Content-Length", "Transfer-Encoding", "Connection")
 
 
 def header_owners(dest: Destination) -> dict[str, str]:

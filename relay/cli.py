@@ -19,7 +19,6 @@ from urllib.parse import quote
 
 from relay import __version__
 from relay.config import Config, parse_duration
-from relay.config.schema import ServerConfig, split_listen
 from relay.destinations import Loaded, load
 from relay.errors import ConfigError, SpoolError
 
@@ -299,14 +298,14 @@ def cmd_healthcheck(args: argparse.Namespace) -> int:
     if url is None and args.config:
         # Only the address: a config edit the running relay rightly refused must not make
         # its liveness check fail (and the container restart into that bad config).
+        from relay.config.load import read_listen
+
         try:
-            host, port = _listen_of(args.config)
-        except (OSError, ValueError, ConfigError) as exc:
+            url = read_listen(args.config)
+        except ConfigError as exc:
             print(f"relay healthcheck: cannot read server.listen from {args.config}: {exc}",
                   file=sys.stderr)
             return 1
-        host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-        url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
     url = (url or "http://127.0.0.1:8080").rstrip("/") + "/healthz"
     try:
         with urllib.request.urlopen(url, timeout=args.timeout) as resp:
@@ -315,21 +314,6 @@ def cmd_healthcheck(args: argparse.Namespace) -> int:
         print(f"relay healthcheck: {url}: {exc}", file=sys.stderr)
         return 1
     return 0 if ok else 1
-
-
-def _listen_of(path: str) -> tuple[str, int]:
-    """``server.listen`` of a config file (default 127.0.0.1:8080), read as serve reads it
-    (``${VAR}`` expanded: the image's HEALTHCHECK failed on ``"${RELAY_LISTEN}"``), the rest
-    unread."""
-    from relay.config.load import interpolate, parse_yaml
-
-    server = parse_yaml(Path(path).read_text(encoding="utf-8"), path).get("server")
-    listen = server.get("listen") if isinstance(server, dict) else None
-    problems: list[tuple[str, str]] = []
-    listen = interpolate(listen, "server.listen", os.environ, problems)
-    if problems:
-        raise ConfigError(problems, path)
-    return split_listen(str(listen or ServerConfig().listen))
 
 
 def cmd_sink(args: argparse.Namespace) -> int:

@@ -266,8 +266,36 @@ def read_access(path: str | os.PathLike[str], env: Mapping[str, str] | None = No
             problems.append(("server.token", str(exc)))
     if problems:
         raise ConfigError(problems, source)
+    return Access(api_url(host, port), token)
+
+
+def api_url(host: str, port: int) -> str:
+    """The URL a local client reaches the relay's API at, listening on ``host:port`` (any
+    address: loopback)."""
     host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-    return Access(f"http://{host if ':' not in host else f'[{host}]'}:{port}", token)
+    return f"http://{host if ':' not in host else f'[{host}]'}:{port}"
+
+
+def read_listen(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> str:
+    """The API's URL from ``server.listen`` alone, read as serve reads it (``${VAR}``
+    expanded: the image's HEALTHCHECK failed on ``"${RELAY_LISTEN}"``), the rest of the file
+    unread: a config edit the running relay rightly refused must not fail its liveness
+    check. ConfigError if it cannot be read."""
+    source = str(path)
+    try:
+        server = parse_yaml(Path(path).read_text(encoding="utf-8"), source).get("server")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([("", f"cannot read config file: {exc}")], source) from exc
+    listen = server.get("listen") if isinstance(server, dict) else None
+    problems: list[tuple[str, str]] = []
+    listen = interpolate(listen, "server.listen", os.environ if env is None else env, problems)
+    try:
+        host, port = split_listen(str(listen or ServerConfig().listen))
+    except ValueError as exc:
+        problems.append(("server.listen", str(exc)))
+    if problems:
+        raise ConfigError(problems, source)
+    return api_url(host, port)
 
 
 def _resolve_spool_path(data: dict[str, Any], base_dir: Path) -> dict[str, Any]:

@@ -169,8 +169,11 @@ HeaderName = Annotated[str, AfterValidator(_header_name)]
 # Headers the relay writes itself (relay.auth.Signing, the renderers, the HTTP client) or
 # that frame the request: a credential written to one of them replaced it (shown unmasked by
 # relay render, for the public ones) or broke every request.
-RELAY_HEADERS = ("Content-Type", "Content-Length", "Host", "User-Agent", "Webhook-Id",
-                 "Webhook-Signature", "Webhook-Timestamp", "Transfer-Encoding", "Connection")
+# Headers the HTTP client frames every request with (no configuration may set them), and
+# every header the relay sets itself (auth.header may name none of them).
+FRAMING_HEADERS = ("Host", "Content-Length", "Transfer-Encoding", "Connection")
+RELAY_HEADERS = ("Content-Type", "User-Agent", "Webhook-Id", "Webhook-Signature",
+                 "Webhook-Timestamp", *FRAMING_HEADERS)
 
 
 def _auth_header(value: str) -> str:
