@@ -626,6 +626,38 @@ def _sms(i: int) -> dict[str, Any]:
     return event(i, channel="sms", recipient={"phone": "+15555550100"})
 
 
+def _two_hosts(a: Receiver, b: Receiver, concurrency: int) -> dict[str, Any]:
+    """Destination 'a' (email) at receiver a, 'b' (sms) at receiver b, two slots per host."""
+    return receiver_config(
+        a, delivery={"allowed_ports": [a.port, b.port], "concurrency": concurrency,
+                     "per_host_concurrency": 2},
+        destinations=[{"name": "a", "format": "braze", "url": f"{a.url}/a", "channels": ["email"]},
+                      {"name": "b", "format": "braze", "url": f"{b.url}/b", "channels": ["sms"]}])
+
+
+class _PostDuringLook:
+    """Stands in for a stack's spool: once ``armed`` holds something, its next poll notes
+    ``note()`` there, stores and offers ``events`` while it reads (``posted``: their delivery
+    ids), and reads them as due, as when their ingest began just before this look (as in
+    test_deliveries_offered_during_a_look_are_sent_once)."""
+
+    def __init__(self, stack: Any, events: list[dict[str, Any]], note: Callable[[], Any]) -> None:
+        self.spool, self.stack, self.events, self.note = stack.dispatcher.spool, stack, events, note
+        self.armed: list[Any] = []
+        self.posted: dict[str, str] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.spool, name)
+
+    async def poll(self, now: float, *args: Any, **kwargs: Any) -> Any:
+        if self.armed and not self.posted:
+            self.armed.append(self.note())
+            await asyncio.sleep(0.2)
+            self.posted.update(await self.stack.post(*self.events))
+            return await self.spool.poll(time.time(), *args, **kwargs)
+        return await self.spool.poll(now, *args, **kwargs)
+
+
 async def test_an_offer_made_during_a_look_is_sent_once(
         make_stack: Any, receivers: Callable[..., Receiver]) -> None:
     """A look starts while the last one still covers destination 'a' (host b just got a free
@@ -639,30 +671,12 @@ async def test_an_offer_made_during_a_look_is_sent_once(
     a = receivers()
     a.answer(Answer(200, delay=1.5))                 # e1/a holds one of a's slots for 1.5 s
     b = receivers(Answer(200, delay=0.5))
-    stack = await make_stack(**receiver_config(
-        a, delivery={"allowed_ports": [a.port, b.port], "concurrency": 3,
-                     "per_host_concurrency": 2},
-        destinations=[{"name": "a", "format": "braze", "url": f"{a.url}/a", "channels": ["email"]},
-                      {"name": "b", "format": "braze", "url": f"{b.url}/b", "channels": ["sms"]}]))
+    stack = await make_stack(**_two_hosts(a, b, concurrency=3))
     dispatcher = stack.dispatcher
     dispatcher._aside = False   # no busy host's offers taken, no looks aside
-    spool, armed, posted = dispatcher.spool, [], {}
-
-    class SlowLook:
-        def __getattr__(self, name: str) -> Any:
-            return getattr(spool, name)
-
-        async def poll(self, now: float, *args: Any, **kwargs: Any) -> Any:
-            if armed and not posted:
-                armed.append(sorted(getattr(dispatcher, "_covered", ())))
-                await asyncio.sleep(0.2)
-                posted.update(await stack.post(event(2)))   # stored and offered meanwhile
-                # ... and read as due, as when its ingest began just before this look (as in
-                # test_deliveries_offered_during_a_look_are_sent_once)
-                return await spool.poll(time.time(), *args, **kwargs)
-            return await spool.poll(now, *args, **kwargs)
-
-    dispatcher.spool = SlowLook()
+    look = _PostDuringLook(stack, [event(2)], lambda: sorted(getattr(dispatcher, "_covered", ())))
+    armed, posted = look.armed, look.posted
+    dispatcher.spool = look  # type: ignore[assignment]
     await stack.post(_sms(100), _sms(101))               # b busy: 2 of 2 slots for 0.5 s
     await b.await_for(2, "/b", timeout=5)
     await stack.post(event(1))                         # a round sees b busy
@@ -688,28 +702,12 @@ async def test_an_offer_during_a_look_aside_is_sent_once(
     also in what it returns: every delivery is still sent exactly once."""
     a = receivers()
     b = receivers(Answer(200, delay=0.4))
-    stack = await make_stack(**receiver_config(
-        a, delivery={"allowed_ports": [a.port, b.port], "concurrency": 6,
-                     "per_host_concurrency": 2},
-        destinations=[{"name": "a", "format": "braze", "url": f"{a.url}/a", "channels": ["email"]},
-                      {"name": "b", "format": "braze", "url": f"{b.url}/b", "channels": ["sms"]}]))
+    stack = await make_stack(**_two_hosts(a, b, concurrency=6))
     dispatcher = stack.dispatcher
     assert dispatcher._aside   # the SQLite behaviour under test
-    spool, armed, posted = dispatcher.spool, [], {}
-
-    class SlowLook:
-        def __getattr__(self, name: str) -> Any:
-            return getattr(spool, name)
-
-        async def poll(self, now: float, *args: Any, **kwargs: Any) -> Any:
-            if armed and not posted:
-                armed.append(len(dispatcher._ready))
-                await asyncio.sleep(0.2)
-                posted.update(await stack.post(event(2), _sms(106)))   # offered meanwhile
-                return await spool.poll(time.time(), *args, **kwargs)   # ... and read as due
-            return await spool.poll(now, *args, **kwargs)
-
-    dispatcher.spool = SlowLook()
+    look = _PostDuringLook(stack, [event(2), _sms(106)], lambda: len(dispatcher._ready))
+    armed, posted = look.armed, look.posted
+    dispatcher.spool = look  # type: ignore[assignment]
     # Never queued while queued or under way either: the start's check for a delivery under
     # way is a second guard, which hides a second copy only while the first is in flight.
     queued: set[str] = set()

@@ -253,18 +253,19 @@ def test_template_language_variants() -> None:
     assert json.loads(other.body)["message_body"] == "Order n/a"
 
 
+def host_template(url: str, hosts: str, ports: str = "[443]") -> Renderer:
+    """The renderer of one template destination at ``url`` (its host rendered), allowed to
+    reach ``hosts`` (YAML) on ``ports`` (delivery.allowed_ports)."""
+    return build_renderers(config(f"""
+delivery: {{allowed_ports: {ports}}}
+destinations:
+  - {{name: t, format: template, url: "{url}", allowed_hosts: {hosts}, template: {{method: GET}}}}
+"""))["t"]
+
+
 def test_rendered_url_must_stay_on_allowed_hosts_and_ports() -> None:
     """A URL rendered onto another host or port raises RenderError; nothing would be sent."""
-    cfg = config("""
-delivery: {allowed_ports: [443]}
-destinations:
-  - name: t
-    format: template
-    url: "https://{{ event.attributes.host }}/x"
-    allowed_hosts: [ok.example.com]
-    template: {method: GET}
-""")
-    renderer = build_renderers(cfg)["t"]
+    renderer = host_template("https://{{ event.attributes.host }}/x", "[ok.example.com]")
     assert renderer.render(make_event(attributes={"host": "ok.example.com"}), "d").url == \
         "https://ok.example.com/x"
     with pytest.raises(RenderError, match="not in allowed_hosts"):
@@ -278,16 +279,8 @@ destinations:
 def test_allowed_hosts_match_as_written_in_any_form() -> None:
     """An IDNA name or an IPv4-mapped IPv6 address in allowed_hosts never matched: a rendered
     URL's host is yarl's form (bücher.example, ::ffff:102:304; helper-39's review)."""
-    cfg = config("""
-delivery: {allowed_ports: [443]}
-destinations:
-  - name: t
-    format: template
-    url: "https://{{ event.attributes.host }}/x"
-    allowed_hosts: [xn--bcher-kva.example, "[::ffff:1.2.3.4]", B\u00fccher2.example]
-    template: {method: GET}
-""")
-    renderer = build_renderers(cfg)["t"]
+    renderer = host_template("https://{{ event.attributes.host }}/x",
+                             '[xn--bcher-kva.example, "[::ffff:1.2.3.4]", Bücher2.example]')
     for host in ("xn--bcher-kva.example", "bücher.example", "[::ffff:1.2.3.4]",
                  "xn--bcher2-3ya.example"):
         assert renderer.render(make_event(attributes={"host": host}), "d").url
@@ -298,25 +291,13 @@ def test_a_port_written_after_a_templated_host_is_the_hosts_port() -> None:
     every rendered URL has, so it is the hosts' port (it was 80: check-config said OK and
     every render failed with "port 9000 ... is not allowed"), and check-config holds it to
     delivery.allowed_ports as it does a fixed URL's."""
-    cfg = config("""
-delivery: {allowed_ports: [443, 9000]}
-destinations:
-  - name: t
-    format: template
-    url: "http://{{ event.attributes.host }}:9000/x"
-    allowed_hosts: [ok.example.com]
-    template: {method: GET}
-""")
-    renderer = build_renderers(cfg)["t"]
+    renderer = host_template("http://{{ event.attributes.host }}:9000/x", "[ok.example.com]",
+                             ports="[443, 9000]")
     assert renderer.render(make_event(attributes={"host": "ok.example.com"}), "d").url == \
         "http://ok.example.com:9000/x"
     with pytest.raises(ConfigError, match=r"port 9001 is not in delivery\.allowed_ports"):
-        config("""
-delivery: {allowed_ports: [443, 9000]}
-destinations:
-  - {name: t, format: template, url: "http://{{ event.attributes.host }}:9001/x",
-     allowed_hosts: [ok.example.com], template: {method: GET}}
-""")
+        host_template("http://{{ event.attributes.host }}:9001/x", "[ok.example.com]",
+                      ports="[443, 9000]")
 
 
 def test_template_render_errors_are_render_errors() -> None:
