@@ -12,6 +12,8 @@ from dataclasses import field, replace
 from typing import Any
 from urllib.parse import urlsplit
 
+from yarl import URL
+
 from relay.frozen import frozen
 
 
@@ -93,6 +95,16 @@ def templated_host_port(url: str) -> int | None:
     -> 9000), else None: the port every rendered URL of it will have."""
     found = _PORT_AFTER_TEMPLATE.match(url)
     return int(found[1]) if found is not None else None
+
+
+def host_form(host: str) -> str:
+    """A host as a rendered URL's is compared (yarl's form, as aiohttp sends it): lower case,
+    an IDNA name decoded (``xn--bcher-kva.example`` -> ``bücher.example``), an IPv6 address
+    compressed (``::ffff:1.2.3.4`` -> ``::ffff:102:304``)."""
+    try:
+        return URL.build(scheme="http", host=host).host or host
+    except ValueError:
+        return host
 
 
 def split_host_port(entry: str) -> tuple[str, int | None]:

@@ -191,7 +191,7 @@ def test_nul_in_a_secret_file_path_is_a_config_error(tmp_path: Path, text: str,
 
 JWT_KEY = "JWTKEY-0123456789-0123456789-0123456789"
 RESERVED = ["Content-Type", "content-length", "Host", "User-Agent", "Webhook-Id",
-            "webhook-signature", "Webhook-Timestamp", "Transfer-Encoding", "Connection"]
+            "Transfer-Encoding", "Connection"]
 
 
 @pytest.mark.parametrize("header", RESERVED)
@@ -201,9 +201,10 @@ RESERVED = ["Content-Type", "content-length", "Host", "User-Agent", "Webhook-Id"
     "client_secret: s, header: HEADER}",
 ])
 def test_auth_header_the_relay_sets_is_refused(tmp_path: Path, header: str, auth: str) -> None:
-    """jwt's or oauth2's auth.header naming Content-Type, Content-Length, Host, User-Agent, a
-    Webhook-* header, Transfer-Encoding or Connection is refused at auth.header (the token
-    replaced that header, unmasked, or broke every request)."""
+    """jwt's or oauth2's auth.header naming Content-Type, Content-Length, Host, User-Agent,
+    Webhook-Id, Transfer-Encoding or Connection is refused at auth.header (the token
+    replaced that header, unmasked, or broke every request). Webhook-Signature and
+    -Timestamp are hmac's only: a jwt may go there (helper-39's review)."""
     found = problems(tmp_path, f"""
         destinations:
           - {{{BRAZE.removeprefix("{")}, auth: {auth.replace("HEADER", header)}}}
@@ -212,11 +213,13 @@ def test_auth_header_the_relay_sets_is_refused(tmp_path: Path, header: str, auth
 
 
 def test_auth_header_of_its_own_loads(tmp_path: Path) -> None:
-    """A header of the receiver's own, such as X-Api-Token, is still fine."""
-    loads(tmp_path, f"""
-        destinations:
-          - {{{BRAZE.removeprefix("{")}, auth: {{type: jwt, key: {JWT_KEY}, header: X-Api-Token}}}}
-    """)
+    """A header of the receiver's own, such as X-Api-Token, is still fine, and so is a
+    Webhook-Signature under jwt (the relay writes it for hmac only)."""
+    for header in ("X-Api-Token", "Webhook-Signature"):
+        loads(tmp_path, f"""
+            destinations:
+              - {{{BRAZE.removeprefix("{")}, auth: {{type: jwt, key: {JWT_KEY}, header: {header}}}}}
+        """)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -284,6 +284,12 @@ def test_allowed_hosts_match_as_written_in_any_form() -> None:
     for host in ("xn--bcher-kva.example", "bücher.example", "[::ffff:1.2.3.4]",
                  "xn--bcher2-3ya.example"):
         assert renderer.render(make_event(attributes={"host": host}), "d").url
+    # a fixed url's host against the same entries, as check-config compares them
+    config("""
+destinations:
+  - {name: t, format: template, url: "https://xn--bcher-kva.example/x",
+     allowed_hosts: [bücher.example], template: {method: GET}}
+""")
 
 
 def test_a_port_written_after_a_templated_host_is_the_hosts_port() -> None:

@@ -53,7 +53,7 @@ from relay.config.schema import (
     split_listen,
 )
 from relay.errors import ConfigError
-from relay.request import split_host_port, templated_host_port
+from relay.request import host_form, split_host_port, templated_host_port
 from relay.validation import join as _join
 from relay.validation import problems_from
 from relay.vocab import FORMAT_STATUSES
@@ -603,14 +603,14 @@ def _check_url(dest: Destination, at: str, config: Config) -> list[tuple[str, st
         hosts: set[str] = set()
         for j, entry in enumerate(dest.allowed_hosts or ()):
             host, host_port = split_host_port(entry)
-            hosts.add(host)
+            hosts.add(host_form(host))
             if host_port is not None and host_port not in outer:
                 problems.append((f"{at}.allowed_hosts[{j}]", f"port {host_port} is not in "
                                                              f"delivery.allowed_ports ({shown})"))
         if dest.allowed_hosts is None and not fixed:
             problems.append((f"{at}.allowed_hosts", "required when the url's host is a template"))
         elif dest.allowed_hosts is not None and fixed and parts.hostname \
-                and parts.hostname.lower() not in hosts:
+                and host_form(parts.hostname) not in hosts:
             problems.append((f"{at}.url", f"host {parts.hostname!r} is not in allowed_hosts"))
     return problems
 

@@ -172,8 +172,8 @@ HeaderName = Annotated[str, AfterValidator(_header_name)]
 # Headers the HTTP client frames every request with (no configuration may set them), and
 # every header the relay sets itself (auth.header may name none of them).
 FRAMING_HEADERS = ("Host", "Content-Length", "Transfer-Encoding", "Connection")
-RELAY_HEADERS = ("Content-Type", "User-Agent", "Webhook-Id", "Webhook-Signature",
-                 "Webhook-Timestamp", *FRAMING_HEADERS)
+RELAY_HEADERS = ("Content-Type", "User-Agent", "Webhook-Id", *FRAMING_HEADERS)
+# (Webhook-Signature and -Timestamp are hmac's: a jwt or oauth2 credential may go there)
 
 
 def _auth_header(value: str) -> str:
@@ -465,7 +465,7 @@ class JwtAuth(_Model):
                            "token (new jti, iat) per request, for receivers that reject replays.")
     claims: Annotated[dict[str, Any], AfterValidator(_json_claims)] = _d(dict, "Extra claims.")
     header: AuthHeader = _d("Authorization", "Header the token is sent in; not one the "
-                                             "relay sets (Content-Type, User-Agent, Webhook-*...).")
+                                             "relay sets (Content-Type, User-Agent, Webhook-Id...).")
     scheme: HeaderValue = _d("Bearer", "Prefix of the header value; \"\" sends the bare token.")
     key_id: str | None = _d(None, "JWT header kid.")
 
@@ -508,7 +508,7 @@ class OAuth2Auth(_Model):
     audience: str | None = _d(None, "Sent as the audience form field (Auth0, Okta...).")
     header: AuthHeader = _d("Authorization", "Header that carries the access token; not one "
                                              "the relay sets (Content-Type, User-Agent, "
-                                             "Webhook-*...).")
+                                             "Webhook-Id...).")
     scheme: HeaderValue = _d("Bearer", "Word before the token; \"\" sends the bare token.")
 
 

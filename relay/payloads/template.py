@@ -37,6 +37,7 @@ from relay.payloads._json import dumps
 from relay.request import (
     Request,
     has_markup,
+    host_form,
     merge_headers,
     split_host_port,
     templated_host_port,
@@ -165,7 +166,7 @@ class Endpoints:
         hosts: dict[str, frozenset[int]] = {}
         for entry in dest.allowed_hosts or [parts.hostname or ""]:
             host, port = split_host_port(entry)  # "host": the destination's ports; "host:port"
-            host = _as_rendered(host)
+            host = host_form(host)   # (as check() sees a rendered host: else never matched)
             hosts[host] = hosts.get(host, frozenset()) | (ports if port is None else {port})
         return cls(frozenset(delivery.allowed_ports), hosts)
 
@@ -198,17 +199,6 @@ class Endpoints:
             raise RenderError(f"rendered url for {where} leaves the configured path "
                               f"{path_prefix!r}")
         return str(url)
-
-
-def _as_rendered(host: str) -> str:
-    """A host as ``check`` sees a rendered URL's (yarl's form): an IDNA name decoded
-    (``xn--bcher-kva.example`` -> ``bücher.example``), an IPv6 address compressed
-    (``::ffff:1.2.3.4`` -> ``::ffff:102:304``). Written otherwise in allowed_hosts, it never
-    matched (helper-39's review)."""
-    try:
-        return URL.build(scheme="http", host=host).host or host
-    except ValueError:
-        return host
 
 
 def _static_endpoint(endpoints: Endpoints, url: str, at: str) -> list[tuple[str, str]]:
