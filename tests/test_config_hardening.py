@@ -475,3 +475,26 @@ def test_a_static_url_or_header_over_8_kib_is_refused(tmp_path: Path) -> None:
     assert found["destinations[0].url"] == "is longer than 8192 bytes"
     assert found["destinations[0].headers.X-Big"] == "is longer than 8192 bytes"
     assert "destinations[0].headers.X-Fine" not in found
+
+
+# ---------------------------------------------------------------------------------------------
+# server.allow_cidrs: protection only if it leaves someone out
+
+def test_allow_cidrs_letting_every_address_in_is_no_protection(tmp_path: Path) -> None:
+    """A non-loopback listen needs a token, client networks or an explicit open API; 0.0.0.0/0
+    and ::/0 passed as client networks while they let everyone in (helper-37's doubt)."""
+    for cidrs in ('["0.0.0.0/0"]', '["10.0.0.0/8", "::/0"]'):
+        found = problems(tmp_path, f"""
+            server: {{listen: "0.0.0.0:8080", allow_cidrs: {cidrs}}}
+            destinations: [{{name: b, format: braze, url: "https://h.example.com/b"}}]
+        """)
+        assert "protects nothing" in found["server.allow_cidrs"], found
+    for server in ('{listen: "0.0.0.0:8080", allow_cidrs: ["10.0.0.0/8"]}',
+                   '{listen: "0.0.0.0:8080", allow_cidrs: ["0.0.0.0/0"], token: t0k3n}',
+                   '{listen: "0.0.0.0:8080", allow_cidrs: ["0.0.0.0/0"], '
+                   'allow_unauthenticated: true}',
+                   '{listen: "127.0.0.1:8080", allow_cidrs: ["0.0.0.0/0"]}'):
+        loads(tmp_path, f"""
+            server: {server}
+            destinations: [{{name: b, format: braze, url: "https://h.example.com/b"}}]
+        """)

@@ -19,7 +19,7 @@ import os
 import re
 import ssl
 import stat
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 from urllib.parse import parse_qsl, urlsplit
@@ -418,11 +418,26 @@ def _check_open_listener(config: Config) -> list[tuple[str, str]]:
     networks, unless the operator says an open one is meant."""
     server = config.server
     host, _ = server.host_port
-    if server.token or server.allow_cidrs or server.allow_unauthenticated or is_loopback(host):
+    if server.token or server.allow_unauthenticated or is_loopback(host):
         return []
+    if server.allow_cidrs and not _every_address(server.allow_cidrs):
+        return []
+    if server.allow_cidrs:   # (0.0.0.0/0 and ::/0 passed as protection)
+        return [("server.allow_cidrs", "lets every address in, which protects nothing: name "
+                 "the client networks, or set server.token (or token_file), or set "
+                 "server.allow_unauthenticated: true to run the API open")]
     return [("server.listen", f"{server.listen} is reachable from other machines and the API "
              "has no protection: set server.token (or server.token_file) or "
              "server.allow_cidrs, or set server.allow_unauthenticated: true to run it open")]
+
+
+def _every_address(cidrs: Sequence[str]) -> bool:
+    """A /0 among ``cidrs``: every IPv4 or every IPv6 address is let in."""
+    for cidr in cidrs:
+        with contextlib.suppress(ValueError):   # (a bad entry: named on its own)
+            if ipaddress.ip_network(cidr, strict=False).prefixlen == 0:
+                return True
+    return False
 
 
 def is_loopback(host: str) -> bool:
