@@ -276,6 +276,19 @@ def test_rendered_url_must_stay_on_allowed_hosts_and_ports() -> None:
         renderer.render(make_event(attributes={}), "d")
 
 
+def test_an_encoded_slash_cannot_make_a_dot_segment() -> None:
+    """"..%2Fadmin" is "../admin" to a receiver that decodes %2F: refused as a '..' segment
+    (it passed, each segment being judged alone; helper-37's doubt). An encoded slash that
+    makes no such segment is kept."""
+    renderer = host_template("https://ok.example.com/t/{{ event.attributes.p }}",
+                             "[ok.example.com]")
+    for path in ("..%2Fadmin", "x%2F..%2F..%2Fadmin", "%2E%2E%2fadmin"):
+        with pytest.raises(RenderError, match="path segment"):
+            renderer.render(make_event(attributes={"p": path}), "d")
+    assert renderer.render(make_event(attributes={"p": "a%2Fb"}), "d").url == \
+        "https://ok.example.com/t/a%2Fb"
+
+
 def test_allowed_hosts_match_as_written_in_any_form() -> None:
     """An IDNA name or an IPv4-mapped IPv6 address in allowed_hosts never matched: a rendered
     URL's host is yarl's form (bücher.example, ::ffff:102:304; helper-39's review)."""

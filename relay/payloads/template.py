@@ -186,7 +186,8 @@ class Endpoints:
             raise RenderError(f"rendered url for {where} carries userinfo (user:password@), "
                               "which is refused")
         raw_path = urlsplit(rendered).path
-        if any(unquote(segment) in (".", "..") for segment in raw_path.split("/")):
+        # (decoded whole: "..%2Fadmin" is "../admin" to a receiver that decodes %2F)
+        if any(segment in (".", "..") for segment in unquote(raw_path).split("/")):
             raise RenderError(f"rendered url for {where} has a '.' or '..' path segment")
         if host not in self.hosts:
             raise RenderError(f"rendered url host {host!r} is not in allowed_hosts "
