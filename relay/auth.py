@@ -16,7 +16,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import re
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -29,7 +28,7 @@ from relay import __version__
 from relay.config import BasicAuth, BearerAuth, Destination, HmacAuth, JwtAuth, OAuth2Auth
 from relay.config.schema import FRAMING_HEADERS
 from relay.errors import ConfigError
-from relay.request import Request, has_markup, merge_headers
+from relay.request import Request, has_markup, host_is_rendered, merge_headers
 
 USER_AGENT = f"relay/{__version__} (+webhook relay)"
 JWT_REFRESH_MARGIN = 60.0  # seconds before exp at which a cached token is replaced
@@ -53,7 +52,6 @@ class Signing:
                                 self._replaced)
         request = Request(request.method, request.url, headers, request.body, request.via)
         return self._auth(request, delivery_id) if self._auth else request
-
 
 
 def header_owners(dest: Destination) -> dict[str, str]:
@@ -81,7 +79,7 @@ def header_problems(dest: Destination) -> list[tuple[str, str]]:
     # A fixed Host beside a fixed url names the virtual host at that address (an IP url and
     # its Host: a pattern that works); one rendered from event data, or beside a rendered
     # url host, would pick a virtual host that allowed_hosts does not name.
-    rendered_hosts = any(_host_rendered(url) for url in
+    rendered_hosts = any(host_is_rendered(url) for url in
                          [dest.url, *(v.url for _, v in variants if v.url is not None)])
     problems = []
     for at, headers in [("headers", dest.headers)] + [
@@ -98,12 +96,6 @@ def header_problems(dest: Destination) -> list[tuple[str, str]]:
                                                  "would reach a virtual host that allowed_hosts "
                                                  "does not name"))
     return problems
-
-
-def _host_rendered(url: str) -> bool:
-    """The url's host (or port) comes from a template."""
-    head, *rest = re.split(r"\{\{|\{%", url, maxsplit=1)
-    return bool(rest) and "/" not in head.partition("://")[2]
 
 
 def _static_auth(dest: Destination) -> dict[str, str]:

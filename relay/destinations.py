@@ -24,7 +24,7 @@ from relay.config.load import check_file
 from relay.connection import Via, build_via
 from relay.errors import ConfigError
 from relay.events import Event
-from relay.oauth2 import TokenProvider, token_url_problems
+from relay.oauth2 import TokenProvider
 from relay.payloads import Renderer, build_renderer
 from relay.policy import RetryPolicy
 from relay.request import Request, endpoint
@@ -125,8 +125,6 @@ def compile_destination(dest: Destination, config: Config, *,
     except ConfigError as exc:
         problems += exc.problems
     problems += header_problems(dest)
-    if isinstance(dest.auth, OAuth2Auth):
-        problems += token_url_problems(dest.auth, config.delivery)
     if problems or renderer is None or signing is None:
         raise ConfigError(problems)
     policy = RetryPolicy.for_destination(config.delivery, dest)

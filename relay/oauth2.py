@@ -16,11 +16,11 @@ import json
 import time
 from collections.abc import Awaitable, Callable
 from typing import NamedTuple
-from urllib.parse import quote, urlencode, urlsplit
+from urllib.parse import quote, urlencode
 
 import cachetools
 
-from relay.config import DeliveryConfig, OAuth2Auth
+from relay.config import OAuth2Auth
 from relay.request import Exchange, Request
 
 REFRESH_MARGIN = 30.0     # seconds before expiry at which a cached token is replaced
@@ -38,38 +38,6 @@ class TokenError(Exception):
 class _Token(NamedTuple):
     value: str
     expires_at: float
-
-
-def token_url_problems(auth: OAuth2Auth, delivery: DeliveryConfig) -> list[tuple[str, str]]:
-    """``auth.token_url`` against the relay's egress rules: its port in
-    delivery.allowed_ports, an IP literal outside the internal networks unless
-    delivery.allowed_networks holds it. Not the destination's own allowed_ports: those are
-    the destination's host's, and an identity provider is another host. (A name is judged by
-    what it resolves to when the token is fetched: the request goes through the relay's
-    transport.)"""
-    from relay.egress import Blocked, check_literal, parse_networks  # (aiohttp: lazily)
-
-    try:
-        parts = urlsplit(auth.token_url)
-        port = parts.port
-    except ValueError:
-        return []   # not a URL: relay.config.load names it
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        return []
-    if port is None:
-        port = 443 if parts.scheme == "https" else 80
-    problems = []
-    if port not in delivery.allowed_ports:
-        shown = ", ".join(str(p) for p in delivery.allowed_ports)
-        problems.append(("auth.token_url", f"port {port} is not in delivery.allowed_ports "
-                                           f"({shown})"))
-    try:
-        check_literal(parts.hostname or "", parse_networks(delivery.allowed_networks))
-    except Blocked as exc:
-        problems.append(("auth.token_url", str(exc)))
-    except ValueError:
-        pass   # a bad allowed_networks entry: named on its own
-    return problems
 
 
 class TokenProvider:

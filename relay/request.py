@@ -87,6 +87,21 @@ def has_markup(value: str) -> bool:
     return "{{" in value or "{%" in value
 
 
+_MARKUP = re.compile(r"\{\{|\{%")
+
+
+def literal_head(url: str) -> str:
+    """A configured URL up to its first Liquid markup (the whole URL when it has none)."""
+    return _MARKUP.split(url, maxsplit=1)[0]
+
+
+def host_is_rendered(url: str) -> bool:
+    """A configured URL's host (or port) comes from a template: markup starts before the
+    path does."""
+    head = literal_head(url)
+    return head != url and "/" not in head.partition("://")[2]
+
+
 _PORT_AFTER_TEMPLATE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*\}\}:([0-9]{1,5})(?=[/?#]|$)")
 
 

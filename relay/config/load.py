@@ -53,7 +53,13 @@ from relay.config.schema import (
     split_listen,
 )
 from relay.errors import ConfigError
-from relay.request import host_form, split_host_port, templated_host_port
+from relay.request import (
+    host_form,
+    host_is_rendered,
+    literal_head,
+    split_host_port,
+    templated_host_port,
+)
 from relay.validation import join as _join
 from relay.validation import problems_from
 from relay.vocab import FORMAT_STATUSES
@@ -493,7 +499,8 @@ def _check_destination(dest: Destination, at: str, config: Config,
                 problems.append((where, "a Standard Webhooks secret starts with 'whsec_' "
                                         "followed by base64 (a key, not nothing)"))
     if isinstance(dest.auth, OAuth2Auth):
-        problems += _check_http_url(dest.auth.token_url, f"{at}.auth.token_url")
+        problems += _check_token_url(dest.auth.token_url, f"{at}.auth.token_url", config) \
+            if urls else _check_http_url(dest.auth.token_url, f"{at}.auth.token_url")
     if dest.proxy is not None and dest.proxy.get_secret_value() != "direct":
         problems += check_proxy(dest.proxy.get_secret_value(), f"{at}.proxy")
     if urls:  # they read delivery.allowed_ports
@@ -538,6 +545,36 @@ def _check_dsn(dsn: str) -> list[tuple[str, str]]:
 _SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 
 
+def _internal_literal(host: str, at: str, config: Config) -> list[tuple[str, str]]:
+    """An internal IP literal outside delivery.allowed_networks, refused before every request:
+    said now (a name is judged by what it resolves to, at send time)."""
+    from relay.egress import Blocked, check_literal, parse_networks  # (aiohttp: lazily)
+
+    try:
+        check_literal(host, parse_networks(config.delivery.allowed_networks))
+    except Blocked as exc:
+        return [(at, str(exc))]
+    except ValueError:
+        pass   # a bad allowed_networks entry: named on its own
+    return []
+
+
+def _check_token_url(url: str, at: str, config: Config) -> list[tuple[str, str]]:
+    """An oauth2 token_url: an http(s) URL, held to the relay's egress rules (its port in
+    delivery.allowed_ports, an internal literal in delivery.allowed_networks). Not the
+    destination's own allowed_ports: those are its host's, and an identity provider is
+    another host."""
+    problems = _check_http_url(url, at)
+    if problems:
+        return problems
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    if port not in config.delivery.allowed_ports:
+        shown = ", ".join(str(p) for p in config.delivery.allowed_ports)
+        problems.append((at, f"port {port} is not in delivery.allowed_ports ({shown})"))
+    return problems + _internal_literal(parts.hostname or "", at, config)
+
+
 def _check_http_url(url: str, at: str) -> list[tuple[str, str]]:
     try:
         parts = urlsplit(url)
@@ -569,10 +606,10 @@ def check_proxy(url: str, at: str) -> list[tuple[str, str]]:
 def _check_url(dest: Destination, at: str, config: Config) -> list[tuple[str, str]]:
     """The configured URL as far as its literal part goes (a template's rendered URL is
     checked again before every request), its ports and, for templates, allowed_hosts."""
-    head, *templated = re.split(r"\{\{|\{%", dest.url, maxsplit=1)
-    if templated and dest.format != "template":
+    head = literal_head(dest.url)
+    if head != dest.url and dest.format != "template":
         return [(f"{at}.url", "only template destinations may use Liquid in the url")]
-    fixed = not templated or "/" in head.partition("://")[2]  # host and port are literal
+    fixed = not host_is_rendered(dest.url)  # host and port are literal
     outer = config.delivery.allowed_ports
     shown = ", ".join(str(p) for p in outer)
     problems: list[tuple[str, str]] = []
@@ -587,16 +624,7 @@ def _check_url(dest: Destination, at: str, config: Config) -> list[tuple[str, st
     if fixed and not parts.hostname:
         problems.append((f"{at}.url", "has no host"))
     elif fixed and parts.hostname:
-        # an internal IP literal is refused before every request: say so now (a name is
-        # judged by what it resolves to, at send time)
-        from relay.egress import Blocked, check_literal, parse_networks  # (aiohttp: lazily)
-
-        try:
-            check_literal(parts.hostname, parse_networks(config.delivery.allowed_networks))
-        except Blocked as exc:
-            problems.append((f"{at}.url", str(exc)))
-        except ValueError:
-            pass   # a bad allowed_networks entry: named on its own
+        problems += _internal_literal(parts.hostname, f"{at}.url", config)
     if "@" in parts.netloc:
         problems.append((f"{at}.url", "must not carry userinfo (user:password@); use auth"))
     if dest.format == "ajo" and parts.scheme != "https" and not dest.allow_insecure_http:

@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, SecretStr
 
+from relay.request import has_markup
 from relay.vocab import CHANNELS, Channel, Format, Status
 
 # ---------------------------------------------------------------------------------------------
@@ -85,7 +86,7 @@ def _header_text(value: str) -> str:
 
 def _header_value(value: str) -> str:
     # (a Liquid value is checked once rendered, before each request)
-    return value if "{{" in value or "{%" in value else _header_text(value)
+    return value if has_markup(value) else _header_text(value)
 
 
 def _header_secret(value: SecretStr) -> SecretStr:
@@ -166,11 +167,9 @@ def _allowed_host(entry: str) -> str:
 
 
 HeaderName = Annotated[str, AfterValidator(_header_name)]
-# Headers the relay writes itself (relay.auth.Signing, the renderers, the HTTP client) or
-# that frame the request: a credential written to one of them replaced it (shown unmasked by
-# relay render, for the public ones) or broke every request.
 # Headers the HTTP client frames every request with (no configuration may set them), and
-# every header the relay sets itself (auth.header may name none of them).
+# every header the relay sets itself: a credential written to one of them (auth.header)
+# replaced it, shown unmasked by relay render for the public ones, or broke every request.
 FRAMING_HEADERS = ("Host", "Content-Length", "Transfer-Encoding", "Connection")
 RELAY_HEADERS = ("Content-Type", "User-Agent", "Webhook-Id", *FRAMING_HEADERS)
 # (Webhook-Signature and -Timestamp are hmac's: a jwt or oauth2 credential may go there)

@@ -38,6 +38,8 @@ from relay.request import (
     Request,
     has_markup,
     host_form,
+    host_is_rendered,
+    literal_head,
     merge_headers,
     split_host_port,
     templated_host_port,
@@ -153,10 +155,8 @@ class Endpoints:
 
     @classmethod
     def of(cls, dest: Destination, delivery: DeliveryConfig) -> Endpoints:
-        head, *rest = re.split(r"\{\{|\{%", dest.url, maxsplit=1)
-        parts = urlsplit(head)
-        # The host and port are fixed when no template starts before the path does.
-        netloc_static = not rest or "/" in head.partition("://")[2]
+        parts = urlsplit(literal_head(dest.url))
+        netloc_static = not host_is_rendered(dest.url)
         try:
             own_port = parts.port if netloc_static else templated_host_port(dest.url)
         except ValueError:
@@ -208,11 +208,10 @@ def _static_endpoint(endpoints: Endpoints, url: str, at: str) -> list[tuple[str,
     the destination's allowed_ports or its url's own port, not only by
     delivery.allowed_ports. (A variant on another port than the destination's url passed the
     config check, and every delivery in that language failed at send time.)"""
-    head, *templated = re.split(r"\{\{|\{%", url, maxsplit=1)
-    if templated and "/" not in head.partition("://")[2]:
+    if host_is_rendered(url):
         return []   # its host or port is rendered per event: checked before every request
     try:
-        endpoints.check(head.strip())
+        endpoints.check(literal_head(url).strip())
     except RenderError as exc:
         return [(at, str(exc).replace("rendered url", "url", 1))]
     return []
@@ -224,8 +223,7 @@ class TemplateRenderer:
         self.endpoints = Endpoints.of(dest, delivery)
         template = dest.template
         problems: list[tuple[str, str]] = []
-        head, *templated = re.split(r"\{\{|\{%", dest.url, maxsplit=1)
-        if dest.allowed_hosts == () and templated and "/" not in head.partition("://")[2]:
+        if dest.allowed_hosts == () and host_is_rendered(dest.url):
             problems.append(("allowed_hosts", "is empty while the url's host is a template: no "
                                               "rendered url could be sent; list the hosts it "
                                               "may reach (\"host\" or \"host:port\")"))
