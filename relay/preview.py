@@ -18,6 +18,7 @@ from relay.ids import delivery_id
 from relay.request import Request
 from relay.routing import Router
 from relay.testsend import controls
+from relay.tracing import TRACEPARENT
 
 
 def preview(loaded: Loaded, destination: str, raw_event: bytes) -> tuple[str, bool]:
@@ -26,11 +27,15 @@ def preview(loaded: Loaded, destination: str, raw_event: bytes) -> tuple[str, bo
     if target is None:
         names = ", ".join(d.name for d in config.destinations) or "none configured"
         return f"relay render: no destination {destination!r} (destinations: {names})", False
+    raw_event, traceparent = _stored_trace(raw_event)
     try:
         events, _ = parse_events(raw_event, 1)
     except InvalidEvent as exc:
         return "relay render: " + exc.render(), False
-    accepted = accept(events[0], time.time())
+    event = events[0]
+    if traceparent is not None:
+        event = event.model_copy(update={"traceparent": traceparent})
+    accepted = accept(event, time.time())
     event = load_event(accepted.body)
     dest = target.destination
     route = next((r for r in Router(config).route(accepted) if r.destination == dest.name),
@@ -51,6 +56,24 @@ def preview(loaded: Loaded, destination: str, raw_event: bytes) -> tuple[str, bo
                     for key, value in controls(target).items())
     return (f"# {dest.name} ({dest.format}), delivery {did}; secrets masked\n{notes}"
             f"{as_http(signed)}\n\n# the same as curl:\n{as_curl(signed)}"), True
+
+
+def _stored_trace(raw_event: bytes) -> tuple[bytes, str | None]:
+    """An event as the relay stored it may carry ``traceparent``, the relay's own record of
+    its ingest request's header (refused in a posted event): taken out here, so an event
+    copied from the spool renders as its deliveries do. Any other form of the field is left
+    for parse_events to refuse."""
+    if b'"traceparent"' not in raw_event:
+        return raw_event, None
+    try:
+        event = json.loads(raw_event)
+    except ValueError:
+        return raw_event, None
+    value = event.get("traceparent") if isinstance(event, dict) else None
+    if not isinstance(value, str) or not TRACEPARENT.fullmatch(value):
+        return raw_event, None
+    del event["traceparent"]
+    return json.dumps(event).encode(), value
 
 
 def as_http(request: Request) -> str:

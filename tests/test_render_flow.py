@@ -73,3 +73,21 @@ def test_relay_render_explains_skips_and_errors(tmp_path: Path) -> None:
     assert bad.returncode == 1 and "message_id: required field is missing" in bad.stderr
     unknown = render("nope", {"channel": "email", "status": "sent", "message_id": "m"})
     assert unknown.returncode == 1 and "ajo-example, braze-example, crm-example" in unknown.stderr
+
+
+def test_relay_render_takes_an_event_as_the_spool_keeps_it(tmp_path: Path) -> None:
+    """A stored event's traceparent (the relay's record of its ingest request's header, refused
+    in a posted event) does not stop `relay render`; a malformed one is still refused."""
+    def render(event: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "relay", "render", "-c",
+                               str(ROOT / "config.example.yaml"), "-d", "braze-example", "-"],
+                              input=json.dumps(event), capture_output=True, text=True)
+
+    stored = {"channel": "email", "status": "delivered", "message_id": "m-1",
+              "traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"}
+    out = render(stored)
+    assert out.returncode == 0, out.stderr
+    body = json.loads(out.stdout.split("\n\n", 2)[1])   # the request's body, after its headers
+    assert body["dispatch_id"] == "m-1"
+    bad = render({**stored, "traceparent": "not-a-trace"})
+    assert bad.returncode == 1 and "traceparent: unknown field" in bad.stderr
