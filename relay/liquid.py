@@ -32,6 +32,7 @@ import base64
 import functools
 import hashlib
 import hmac
+import inspect
 import json
 import math
 import re
@@ -42,6 +43,7 @@ from urllib.parse import quote
 
 from liquid import BoundTemplate, Environment, RenderContext
 from liquid.ast import BlockNode, Node
+from liquid.builtin.expressions import Filter, FilteredExpression, KeywordArgument, PositionalArgument
 from liquid.builtin.expressions import tokenize as _liquid_tokenize
 from liquid.builtin.output import Output, OutputNode
 from liquid.builtin.tags.echo_tag import EchoNode, EchoTag
@@ -49,6 +51,7 @@ from liquid.builtin.tags.liquid_tag import LiquidTag
 from liquid.exceptions import LiquidError, LiquidSyntaxError, ResourceLimitError
 from liquid.filter import math_filter, num_arg
 from liquid.parser import get_parser
+from liquid.span import Span
 from liquid.stream import TokenStream
 from liquid.token import TOKEN_DOT, TOKEN_EXPRESSION, TOKEN_OUTPUT, TOKEN_TAG, TOKEN_WORD, Token
 from liquid.undefined import Undefined, is_undefined
@@ -376,14 +379,15 @@ ENV = RelayEnvironment()
 def parse(source: str) -> BoundTemplate:
     """Load a template, refusing any problem ``template_problems`` finds (LiquidSyntaxError)."""
     template = ENV.from_string(source)
-    problems = _unknown_filters(template, source)
+    problems = _filter_problems(template, source)
     if problems:
         raise LiquidSyntaxError("; ".join(problems), token=None)
     return template
 
 
 def template_problems(source: str) -> list[str]:
-    """What is wrong with a template before it renders: its syntax error, or each unknown filter."""
+    """What is wrong with a template before it renders: its syntax error, or each unknown
+    filter and each filter call whose arguments the filter cannot take."""
     try:
         template = ENV.from_string(source)
     except LiquidError as exc:
@@ -392,10 +396,10 @@ def template_problems(source: str) -> list[str]:
             if message in (f"unexpected tag '{tag}'", f"expected tag, found {tag}"):
                 return [f"tag {tag!r} {why}"]
         return [message]
-    return _unknown_filters(template, source)
+    return _filter_problems(template, source)
 
 
-def _unknown_filters(template: BoundTemplate, source: str) -> list[str]:
+def _filter_problems(template: BoundTemplate, source: str) -> list[str]:
     problems = []
     for name, spans in sorted(template.analyze(include_partials=False).filters.items()):
         if name in ENV.filters:
@@ -404,7 +408,65 @@ def _unknown_filters(template: BoundTemplate, source: str) -> list[str]:
         why = ("is python-liquid only, not Braze/Ruby Liquid" if name in REJECTED_FILTERS
                else "is not a known filter")
         problems.append(f"filter {name!r} (line {line}, column {col + 1}) {why}")
+    for call in sorted(_filter_calls(template), key=lambda call: call.token.start_index):
+        takes = _wrong_arguments(call) if call.name in ENV.filters else None
+        if takes is not None:
+            line, col = Span(template.name, call.token.start_index).line_col(source)
+            problems.append(f"filter {call.name!r} (line {line}, column {col + 1}) {takes}")
     return problems
+
+
+def _filter_calls(template: BoundTemplate) -> Iterator[Filter]:
+    """Every filter call in ``template``, in the blocks of its tags too."""
+    context = RenderContext(template)
+    nodes = list(template.nodes)
+    while nodes:
+        node = nodes.pop()
+        expressions = list(node.expressions())
+        while expressions:
+            expression = expressions.pop()
+            if isinstance(expression, FilteredExpression):
+                yield from expression.filters or ()
+            expressions += expression.children()
+        nodes += node.children(context, include_partials=False)
+
+
+def _wrong_arguments(call: Filter) -> str | None:
+    """What ``call``'s filter takes, when the call's arguments cannot be passed to it: it would
+    fail at every render (as Ruby Liquid's "wrong number of arguments" does)."""
+    func = ENV.filters[call.name]
+    signature = inspect.signature(func)   # (the filter's own, through _bounded's wrapping)
+    given = [arg for arg in call.args if isinstance(arg, PositionalArgument)]
+    named = [arg.name for arg in call.args if isinstance(arg, KeywordArgument)]
+    # what the render context adds for a filter that asks for it (a call's own keyword of the
+    # same name replaces it: RenderContext.filter)
+    added = {name: None for name in ("context", "environment")
+             if getattr(func, f"with_{name}", False)}
+    try:
+        signature.bind(None, *given, **{**added, **dict.fromkeys(named)})
+        return None
+    except TypeError:
+        pass
+    params = list(signature.parameters.values())[1:]   # (the first is the filtered value)
+    by_position = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    takes = _arguments(sum(p.default is p.empty for p in by_position), len(by_position))
+    by_name = [f"{p.name}:" for p in params if p.kind is p.KEYWORD_ONLY and p.name not in added]
+    if by_name:
+        takes += f", and {', '.join(by_name)} by name"
+    got = ", ".join([str(len(given)) if given else "none", *(f"{name}:" for name in named)])
+    return f"takes {takes} (got {got})"
+
+
+def _arguments(least: int, most: int) -> str:
+    """``least`` to ``most`` arguments, in words."""
+    if most == 0:
+        return "no arguments"
+    counted = f"{most} argument{'s' if most > 1 else ''}"
+    if least == most:
+        return counted
+    if least == 0:
+        return f"at most {counted}"
+    return f"{least} {'or' if most == least + 1 else 'to'} {most} arguments"
 
 
 def _first_line(exc: Exception) -> str:

@@ -498,3 +498,30 @@ def test_allow_cidrs_letting_every_address_in_is_no_protection(tmp_path: Path) -
             server: {server}
             destinations: [{{name: b, format: braze, url: "https://h.example.com/b"}}]
         """)
+
+
+# ---------------------------------------------------------------------------------------------
+# Liquid filter calls: arguments the filter can take
+
+def test_a_filter_call_with_wrong_arguments_is_refused_at_its_path(tmp_path: Path) -> None:
+    """`| append` without its argument, or `| upcase: 1`, passed check-config and failed every
+    render; now each is refused at the field's path, naming the filter, in a variant too."""
+    found = problems(tmp_path, """
+        destinations:
+          - name: t
+            format: template
+            url: "https://h.example.com/{{ event.id | url_param_escape: 1 }}"
+            headers: {X-Status: "{{ event.status | upcase }}"}
+            template:
+              body: {type: json, fields: {status: "{{ event.status | append }}",
+                                          fine: "{{ event.status | append: '!' }}"}}
+              variants: {fr: {body: {type: raw, template: "{{ event.status | upcase: 1 }}"}}}
+    """)
+    assert found == {
+        "destinations[0].url": "Liquid: filter 'url_param_escape' (line 1, column 37) takes no "
+                               "arguments (got 1)",
+        "destinations[0].template.body.fields.status": "Liquid: filter 'append' (line 1, "
+                                                       "column 19) takes 1 argument (got none)",
+        "destinations[0].template.variants.fr.body.template": "Liquid: filter 'upcase' (line 1, "
+                                                              "column 19) takes no arguments "
+                                                              "(got 1)"}

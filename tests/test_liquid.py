@@ -191,6 +191,43 @@ def test_template_problems_reports_each_unknown_filter() -> None:
                         "filter 'typo_filter' (line 2, column 17) is not a known filter"]
 
 
+@pytest.mark.parametrize(("source", "problem"), [
+    ("{{ event.status | append }}", "filter 'append' (line 1, column 19) takes 1 argument "
+                                    "(got none)"),
+    ("{{ x | upcase: 1 }}", "filter 'upcase' (line 1, column 8) takes no arguments (got 1)"),
+    ("{{ x | slice }}", "filter 'slice' (line 1, column 8) takes 1 or 2 arguments (got none)"),
+    ("{{ x | truncate: 5, '.', 1 }}", "filter 'truncate' (line 1, column 8) takes at most 2 "
+                                      "arguments (got 3)"),
+    ("{{ x | default: 1, allow_flase: true }}", "filter 'default' (line 1, column 8) takes at "
+     "most 1 argument, and allow_false: by name (got 1, allow_flase:)"),
+    ("{{ x | hmac_sha256_hex }}", "filter 'hmac_sha256_hex' (line 1, column 8) takes 1 "
+                                  "argument (got none)"),
+    ("{% if x %}\n{% for i in x %}{{ i | date }}{% endfor %}{% endif %}",
+     "filter 'date' (line 2, column 24) takes 1 argument (got none)"),
+    ("{% liquid\nassign y = x | md5: 'k'\necho y %}",
+     "filter 'md5' (line 2, column 16) takes no arguments (got 1)"),
+])
+def test_a_filter_call_with_arguments_it_cannot_take_is_a_problem(source: str,
+                                                                  problem: str) -> None:
+    """A known filter called with too few or too many arguments (or a keyword it lacks), in
+    an output or inside tags, is named with its line and column: it failed every render."""
+    assert template_problems(source) == [problem]
+    with pytest.raises(LiquidError):
+        render(source, x="a", event={"status": "sent"})
+    with pytest.raises(LiquidError, match="takes"):
+        parse(source)
+
+
+def test_filter_calls_ruby_liquid_renders_are_no_problem() -> None:
+    """Every template of the corpus that Ruby Liquid rendered passes the argument check, as do
+    optional arguments left out and default's allow_false."""
+    rendered = [c["template"] for c in CASES if isinstance(EXPECTED[c["name"]], str)]
+    assert [source for source in rendered if template_problems(source)] == []
+    assert template_problems("{{ x | truncate }} {{ x | truncate: 3, '' }} {{ x | join }} "
+                             "{{ x | default: 1, allow_false: true }} {{ x | date: '%Y' }} "
+                             "{{ x | replace: 'a' }} {{ x | round }}") == []
+
+
 @pytest.mark.parametrize("name", ["escapejs", "safe", "squish", "sum", "has", "find", "reject"])
 def test_python_liquid_only_filters_are_rejected(name: str) -> None:
     """Filters Ruby Liquid / Braze lack are problems at load, so no render can fail on them."""
