@@ -159,8 +159,18 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         return 1
     for path, message in config_warnings(config):  # likely mistakes: said, not refused
         print(f"warning: {path}: {message}", file=sys.stderr)
+    if not config.destinations:   # (as serve would: it refuses to start)
+        print(f"relay check-config: {_no_destinations(file)}", file=sys.stderr)
+        return 1
     print(f"OK: {file} ({len(config.destinations)} destinations)")
     return 0
+
+
+def _no_destinations(file: str) -> str:
+    """Why a config without destinations is refused, and how to give the relay one."""
+    return (f"{file} has no destinations, so nothing would be delivered. Mount your config "
+            f"(docker run -v $PWD/relay.yaml:/etc/relay/config.yaml:ro ..., or the Helm "
+            f"chart's config.destinations) or pass -c FILE; see config.example.yaml")
 
 
 def cmd_config_reference(args: argparse.Namespace) -> int:
@@ -342,12 +352,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     metrics = Metrics()
     loaded = _load_or_exit(args.config, metrics)
     if not loaded.config.destinations:
-        # check-config accepts an empty list (a file being written); a relay that would store
-        # events forever and deliver none must not start.
-        print(f"relay serve: {args.config} has no destinations, so nothing would be delivered. "
-              f"Mount your config (docker run -v $PWD/relay.yaml:/etc/relay/config.yaml:ro ..., "
-              f"or the Helm chart's config.destinations) or pass -c FILE; see "
-              f"config.example.yaml", file=sys.stderr)
+        # a relay that would store events forever and deliver none must not start (nor does
+        # a reload apply such a file; check-config says so too)
+        print(f"relay serve: {_no_destinations(args.config)}", file=sys.stderr)
         return 1
     from relay import workers
 

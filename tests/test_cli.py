@@ -76,6 +76,20 @@ def test_check_config_takes_c_and_positional(tmp_path: Path) -> None:
     assert relay("check-config").returncode == 2
 
 
+@pytest.mark.parametrize("text", ["destinations: []\n", "spool: {path: spool.db}\n", ""])
+def test_check_config_refuses_no_destinations_as_serve_does(tmp_path: Path, text: str) -> None:
+    """check-config ("as serve would") said OK to a file without destinations, which serve
+    refuses to start with: both exit 1 with the same message now."""
+    path = tmp_path / "relay.yaml"
+    path.write_text(text)
+    check, serve = relay("check-config", str(path)), relay("serve", "-c", str(path))
+    assert check.returncode == serve.returncode == 1
+    assert check.stdout == "" and check.stderr == serve.stderr.replace(
+        "relay serve: ", "relay check-config: ", 1)
+    assert check.stderr.startswith(f"relay check-config: {path} has no destinations, so "
+                                   "nothing would be delivered."), check.stderr
+
+
 @pytest.mark.parametrize("command", ["serve", "check-config", "config-reference", "render",
                                      "test", "replay", "healthcheck", "sink"])
 def test_every_subcommand_has_a_description_and_option_help(command: str) -> None:

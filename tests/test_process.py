@@ -126,14 +126,14 @@ def test_port_in_use_is_a_clear_error(relay: RelayProcess, tmp_path: Path) -> No
 
 def test_serve_refuses_a_config_with_no_destinations(tmp_path: Path) -> None:
     """`relay serve` with no destinations exits 1 saying how to mount a config; check-config
-    of the same file passes."""
+    of the same file says the same (tests/test_cli.py)."""
     path = write_config(tmp_path, destinations=[])
     proc = RelayProcess(path, tmp_path / "empty.log")
     with pytest.raises(RuntimeError, match=r"has no destinations.*/etc/relay/config\.yaml"):
         proc.start()
     check = subprocess.run([sys.executable, "-m", "relay", "check-config", str(path)],
                            capture_output=True, text=True)
-    assert check.returncode == 0, check.stderr
+    assert check.returncode == 1 and "has no destinations" in check.stderr, check.stderr
 
 
 def test_healthcheck_asks_the_running_relay_and_reads_only_listen(relay: RelayProcess) -> None:

@@ -161,7 +161,7 @@ def test_settings_the_sending_client_is_built_with_are_reported_as_needing_a_res
 
 
 async def test_a_config_with_no_destinations_is_not_applied(tmp_path: Path) -> None:
-    """An emptied config file (valid: check-config takes it) removed every destination on
+    """An emptied config file (valid to the config schema) removed every destination on
     reload, and the relay went on taking events it delivered to nobody; `relay serve` refuses
     such a file at start, and so does a reload now."""
     run = Run(tmp_path, Steps())
