@@ -308,6 +308,47 @@ def test_authorization_header_without_an_auth_type_setting_it_loads(tmp_path: Pa
     """)
 
 
+def test_configured_headers_differing_only_in_case_are_refused(tmp_path: Path) -> None:
+    """X-Env: a and x-env: b were both sent (the receiver saw two values): refused, naming
+    both, in a static destination's headers, a template's and a variant's; an auth header
+    written in another case than a configured one was refused already."""
+    found = problems(tmp_path, f"""
+        destinations:
+          - {BRAZE}, headers: {{X-Env: a, X-Other: c, x-env: b}}}}
+          - name: t
+            format: template
+            url: "https://h.example.com/t"
+            headers: {{X-Env: "{{{{ event.status }}}}", X-ENV: b}}
+            template:
+              method: POST
+              variants: {{fr: {{headers: {{x-lang: fr, X-Lang: fr}}}}}}
+          - {BRAZE.replace("name: b", "name: j")}, headers: {{x-api-token: mine}},
+             auth: {{type: jwt, key: {JWT_KEY}, header: X-Api-Token}}}}
+    """)
+    same = "are the same header (names are compared without regard to case): keep one"
+    assert found == {
+        "destinations[0].headers": f"'X-Env' and 'x-env' {same}",
+        "destinations[1].headers": f"'X-Env' and 'X-ENV' {same}",
+        "destinations[1].template.variants.fr.headers": f"'x-lang' and 'X-Lang' {same}",
+        "destinations[2].headers.x-api-token": "x-api-token is set by auth (type jwt; its "
+                                               "auth.header): a configured value would be "
+                                               "replaced or break the request; remove it"}
+
+
+def test_configured_headers_of_different_names_load(tmp_path: Path) -> None:
+    """Distinct names load, and a variant's headers (which replace the destination's) may
+    repeat a destination header's name in another case."""
+    loads(tmp_path, f"""
+        destinations:
+          - {BRAZE}, headers: {{X-Env: a, X-Envs: b}}}}
+          - name: t
+            format: template
+            url: "https://h.example.com/t"
+            headers: {{X-Env: a}}
+            template: {{method: POST, variants: {{fr: {{headers: {{x-env: b}}}}}}}}
+    """)
+
+
 # ---------------------------------------------------------------------------------------------
 # Template variants: one per language, whatever the case
 

@@ -186,7 +186,21 @@ def _auth_header(value: str) -> str:
 AuthHeader = Annotated[HeaderName, AfterValidator(_auth_header)]
 HeaderValue = Annotated[str, AfterValidator(_header_value)]
 HeaderSecret = Annotated[SecretStr, AfterValidator(_header_secret)]
-Headers = dict[HeaderName, HeaderValue]
+
+
+def _one_per_name(headers: dict[str, str]) -> dict[str, str]:
+    # (header names are compared without regard to case: X-Env and x-env were both sent, and
+    # the receiver saw two values)
+    seen: dict[str, str] = {}
+    for name in headers:
+        first = seen.setdefault(name.lower(), name)
+        if first != name:
+            raise ValueError(f"{first!r} and {name!r} are the same header (names are compared "
+                             "without regard to case): keep one")
+    return headers
+
+
+Headers = Annotated[dict[HeaderName, HeaderValue], AfterValidator(_one_per_name)]
 
 
 class _Model(BaseModel):
@@ -589,7 +603,9 @@ class Destination(_Model):
     headers: Headers = _d(dict, "Extra headers (values may be Liquid in template "
                                 "destinations); not Host, Content-Length, Transfer-Encoding or "
                                 "Connection, nor one the relay sets: Webhook-Id, User-Agent, "
-                                "the auth type's own (Authorization for bearer and basic).")
+                                "the auth type's own (Authorization for bearer and basic). "
+                                "Names are compared without regard to case: X-Env and x-env "
+                                "cannot both be given.")
     allowed_hosts: tuple[Annotated[str, AfterValidator(_allowed_host)], ...] | None = _d(
         None, "template: \"host\" or \"host:port\" a rendered URL may reach (default: the url's "
               "host); no scheme, path or wildcard. Required, and not empty, when the url's "
