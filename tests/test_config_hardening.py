@@ -566,3 +566,45 @@ def test_a_filter_call_with_wrong_arguments_is_refused_at_its_path(tmp_path: Pat
         "destinations[0].template.variants.fr.body.template": "Liquid: filter 'upcase' (line 1, "
                                                               "column 19) takes no arguments "
                                                               "(got 1)"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Delivery numbers: within what can be meant
+
+@pytest.mark.parametrize(("text", "path", "message"), [
+    ("delivery: {timeout: 3650d}", "delivery.timeout",
+     "must be between 1ms and 1h (got 3.1536e+08s)"),
+    ("delivery: {timeout: 61m}", "delivery.timeout", "must be between 1ms and 1h (got 3660s)"),
+    ("delivery: {timeout: 0.5ms}", "delivery.timeout",
+     "must be between 1ms and 1h (got 0.0005s)"),
+    (f"destinations: [{BRAZE}, timeout: 2h}}]", "destinations[0].timeout",
+     "must be between 1ms and 1h (got 7200s)"),
+    ("delivery: {rate_limit: {per_second: 0.000001}}", "delivery.rate_limit.per_second",
+     "input should be greater than or equal to 0.00001 (got 1e-06)"),
+    (f"destinations: [{BRAZE}, rate_limit: {{per_second: 1e-300}}}}]",
+     "destinations[0].rate_limit.per_second",
+     "input should be greater than or equal to 0.00001 (got '1e-300')"),
+    ("delivery: {rate_limit: {per_second: 1000000000000}}", "delivery.rate_limit.per_second",
+     "input should be less than or equal to 1000000 (got 1000000000000)"),
+    ("delivery: {rate_limit: {per_second: .nan}}", "delivery.rate_limit.per_second",
+     "input should be greater than or equal to 0.00001 (got nan)"),
+    ("delivery: {rate_limit: {per_second: .inf}}", "delivery.rate_limit.per_second",
+     "input should be less than or equal to 1000000 (got inf)"),
+])
+def test_a_delivery_number_that_cannot_be_meant_is_refused(tmp_path: Path, text: str,
+                                                           path: str, message: str) -> None:
+    """A timeout of ten years (a receiver that never answers held a request slot for good) or
+    of half a millisecond, a rate of one attempt in 10^300 seconds: refused at the key with
+    the range (a rate of 10^12, NaN or infinity was refused already)."""
+    assert problems(tmp_path, text) == {path: message}
+
+
+def test_delivery_numbers_at_the_bounds_load(tmp_path: Path) -> None:
+    """1ms and 1h timeouts, and rates from 0.00001 (about one a day) to 1,000,000, load."""
+    loaded = loads(tmp_path, f"""
+        delivery: {{timeout: 1h, rate_limit: {{per_second: 0.00001}}}}
+        destinations:
+          - {BRAZE}, timeout: 1ms, rate_limit: {{per_second: 1000000}}}}
+    """)
+    assert loaded.config.delivery.timeout == 3600.0
+    assert loaded.config.destinations[0].timeout == 0.001

@@ -336,8 +336,10 @@ class SpoolConfig(_Model):
 class RateLimit(_Model):
     """A token bucket: ``per_second`` tokens a second, at most ``burst`` saved up."""
 
-    per_second: Annotated[float, NOT_BOOL, Field(gt=0, le=1_000_000)] = Field(
-        description="Attempts a second, on average (several replicas: see docs/controls.md).")
+    per_second: Annotated[float, NOT_BOOL, Field(ge=0.00001, le=1_000_000)] = Field(
+        description="Attempts a second, on average (several replicas: see docs/controls.md); "
+                    "at least 0.00001, about one a day (a smaller rate sends one attempt and "
+                    "then nothing for years).")
     burst: Annotated[int, NOT_BOOL, Field(ge=1, le=1_000_000)] | None = _d(
         None, "Attempts that may start at once after a quiet spell; default: per_second.")
 
@@ -366,10 +368,22 @@ class TlsConfig(_Model):
               "from the url's host: a host name or IP address.")
 
 
+def _attempt_timeout(seconds: float) -> float:
+    # (a typo such as 90d let a receiver that never answers hold a request slot for months;
+    # 0.0001ms timed out every attempt before it was sent)
+    if not 0.001 <= seconds <= 3600:
+        raise ValueError(f"must be between 1ms and 1h (got {seconds:g}s)")
+    return seconds
+
+
+Timeout = Annotated[PositiveDuration, AfterValidator(_attempt_timeout)]
+
+
 class DeliveryConfig(_Model):
     """Sending: retries, backoff, the egress bounds, concurrency."""
 
-    timeout: PositiveDuration = _d(90.0, "Per attempt.")
+    timeout: Timeout = _d(90.0, "Per attempt; between 1ms and 1h (no receiver's answer takes "
+                                "an hour: a longer one holds a request slot for nothing).")
     max_retries: Annotated[int, NOT_BOOL, Field(ge=0, le=100)] = _d(
         5, "Retries for retryable answers (408, 429, 5xx) within retry_window.")
     retry_window: Duration = _d(1800.0, "Retries of retryable answers stop this long after the "
@@ -614,7 +628,7 @@ class Destination(_Model):
         None, "Ports of this destination (default: the url's own port); within "
               "delivery.allowed_ports.")
     template: TemplateConfig | None = _d(None, "Required for format template.")
-    timeout: PositiveDuration | None = _d(None, "Overrides delivery.timeout.")
+    timeout: Timeout | None = _d(None, "Overrides delivery.timeout; between 1ms and 1h.")
     max_retries: Annotated[int, NOT_BOOL, Field(ge=0, le=100)] | None = _d(
         None, "Overrides delivery.max_retries.")
     retry_window: Duration | None = _d(None, "Overrides delivery.retry_window.")
