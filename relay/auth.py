@@ -267,11 +267,21 @@ class HmacSigner:
                                        "webhook-signature": signatures})
 
 
+MIN_HMAC_KEY_BYTES = 16   # (Standard Webhooks secrets are 24 to 64 random bytes)
+
+
 def _whsec_key(secret: str, where: str = "auth.secret") -> bytes:
     try:
-        return base64.b64decode(secret.removeprefix("whsec_"), validate=True)
+        key = base64.b64decode(secret.removeprefix("whsec_"), validate=True)
     except ValueError as exc:
         raise ConfigError([(where, "not valid base64 after 'whsec_'")]) from exc
+    if len(key) < MIN_HMAC_KEY_BYTES:
+        # (a byte or two can be found by trying them: anyone could sign as the relay)
+        raise ConfigError([(where, f"the key is {len(key)} byte{'s' if len(key) > 1 else ''} "
+                                   f"once base64-decoded; at least {MIN_HMAC_KEY_BYTES} are "
+                                   "needed (Standard Webhooks secrets are 24 to 64 random "
+                                   "bytes: 'whsec_' + `openssl rand -base64 32`)")])
+    return key
 
 
 # Headers whose values are never secret and are shown as they are; every other header value

@@ -4,6 +4,7 @@ path, found by the one load that serve, check-config and reload run: never a tra
 
 from __future__ import annotations
 
+import base64
 import subprocess
 import sys
 import textwrap
@@ -608,3 +609,35 @@ def test_delivery_numbers_at_the_bounds_load(tmp_path: Path) -> None:
     """)
     assert loaded.config.delivery.timeout == 3600.0
     assert loaded.config.destinations[0].timeout == 0.001
+
+
+# ---------------------------------------------------------------------------------------------
+# hmac secrets: a key, not a byte or two
+
+def _whsec(size: int) -> str:
+    return "whsec_" + base64.b64encode(bytes(range(65, 65 + size))).decode()
+
+
+def test_an_hmac_secret_shorter_than_16_bytes_is_refused(tmp_path: Path) -> None:
+    """A one-byte key (whsec_YQ==) was accepted, and anyone could sign as the relay after a
+    few hundred tries; under 16 bytes once base64-decoded is refused at its own key, the
+    secret not echoed."""
+    found = problems(tmp_path, f"""
+        destinations:
+          - {BRAZE}, auth: {{type: hmac, secret: whsec_YQ==}}}}
+          - {BRAZE.replace("name: b", "name: r")},
+             auth: {{type: hmac, secrets: ["{_whsec(24)}", "{_whsec(15)}"]}}}}
+    """)
+    needed = ("once base64-decoded; at least 16 are needed (Standard Webhooks secrets are 24 "
+              "to 64 random bytes: 'whsec_' + `openssl rand -base64 32`)")
+    assert found == {"destinations[0].auth.secret": f"the key is 1 byte {needed}",
+                     "destinations[1].auth.secrets[1]": f"the key is 15 bytes {needed}"}
+
+
+def test_hmac_secrets_of_16_bytes_or_more_load(tmp_path: Path) -> None:
+    """16 bytes is enough; Standard Webhooks' 24 to 64 bytes load as before."""
+    loads(tmp_path, f"""
+        destinations:
+          - {BRAZE}, auth: {{type: hmac, secrets: ["{_whsec(16)}", "{_whsec(24)}",
+                                                   "{_whsec(64)}"]}}}}
+    """)

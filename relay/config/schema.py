@@ -501,8 +501,12 @@ class HmacAuth(_Model):
     """Standard Webhooks signature headers (webhook-id, webhook-timestamp, webhook-signature)."""
 
     type: Literal["hmac"] = Field(description="Selects this kind of auth.")
-    secret: SecretStr | None = _d(None, "whsec_<base64> (or secret_file).")
-    secrets: tuple[SecretStr, ...] = _d((), "Several during rotation: each signs.")
+    secret: SecretStr | None = _d(
+        None, "whsec_<base64> (or secret_file); the key, base64-decoded, at least 16 bytes: "
+              "Standard Webhooks secrets are 24 to 64 random bytes, and a few bytes can be "
+              "guessed by trying them ('whsec_' + `openssl rand -base64 32` makes one).")
+    secrets: tuple[SecretStr, ...] = _d((), "Several during rotation: each signs, and each "
+                                            "is held to secret's rules.")
 
 
 def _token_url(url: str) -> str:
