@@ -314,6 +314,10 @@ MAX_NUMBER_BITS = 4096   # a filter's integer result past this is refused (~1,23
 # Filters whose one call can grow a string by a product (``replace`` of every character):
 # their result's length is worked out before they run.
 _REPLACING = frozenset({"replace", "replace_first", "replace_last"})
+# String filters whose arguments Ruby Liquid turns into strings with ``to_s``, where nil is
+# "" (python-liquid's str() made it "None": ``replace: ",", nil`` gave "aNoneb", not "ab")
+_NIL_IS_EMPTY = _REPLACING | frozenset({"append", "prepend", "remove", "remove_first",
+                                        "remove_last"})
 
 
 def _bounded(name: str, func: Any, limit: int) -> Any:
@@ -321,9 +325,12 @@ def _bounded(name: str, func: Any, limit: int) -> Any:
     whose making stalls the event loop: an integer past MAX_NUMBER_BITS (squaring one 21
     times in a loop took 20 s, within the namespace limit, which counts characters only
     after an ``assign``), a string past ``limit`` (the output limit). A replace is refused
-    before it builds its result (one call turned 1 MB into 100 GB)."""
+    before it builds its result (one call turned 1 MB into 100 GB). A nil argument of a
+    string filter is "" (_NIL_IS_EMPTY), as in Ruby."""
     @functools.wraps(func)
     def bounded(*args: Any, **kwargs: Any) -> Any:
+        if name in _NIL_IS_EMPTY and None in args[1:]:
+            args = (args[0], *("" if arg is None else arg for arg in args[1:]))
         if name in _REPLACING and len(args) >= 3:
             text, old, new = (to_ruby_string(a) for a in args[:3])
             grown = len(new) - len(old)

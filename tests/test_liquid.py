@@ -156,6 +156,20 @@ def test_a_filter_result_no_webhook_needs_is_a_resource_limit_error(source: str)
                   s=near) == str(len(near))
 
 
+@pytest.mark.parametrize(("source", "output"), [
+    # Ruby Liquid 5: replace(input, string, replacement = '') is input.to_s.gsub(string.to_s,
+    # replacement.to_s), append is input.to_s + string.to_s, ...: nil.to_s is ""
+    ('{{ "a,b" | replace: ",", nil }}', "ab"),
+    ('{{ "a,b,c" | replace_first: ",", nil }}|{{ "a,b,c" | replace_last: ",", nil }}',
+     "ab,c|a,bc"),
+    ('{{ "a" | append: nil }}|{{ "a" | prepend: nil }}|{{ "a" | remove: nil }}', "a|a|a"),
+    ('{{ "a" | append: missing }}{{ "a" | replace: "a", none }}', "a"),
+])
+def test_a_nil_argument_of_a_string_filter_is_empty(source: str, output: str) -> None:
+    """As in Ruby Liquid (Braze): python-liquid made a nil argument "None" ("aNoneb")."""
+    assert render(source, none=None) == output
+
+
 def test_block_nesting_limit() -> None:
     """Blocks nested deeper than 30 are refused when the template loads."""
     deep = "{% if true %}" * 31 + "x" + "{% endif %}" * 31
