@@ -10,7 +10,7 @@ FROM ${PYTHON_IMAGE} AS build
 WORKDIR /src
 COPY requirements.lock pyproject.toml README.md ./
 COPY relay ./relay
-# requirements.lock is made by pip-tools' pip-compile (see README, "Updating the lock file").
+# requirements.lock is made by pip-tools' pip-compile (see docs/deploying.md, "Updating the lock file").
 RUN pip wheel --no-cache-dir --wheel-dir /wheels --constraint requirements.lock '.[postgres]'
 # The runtime's environment: a venv without pip, holding relay and its locked dependencies
 # only (installed by the build stage's pip from the wheels above; no index is consulted).
