@@ -20,7 +20,7 @@ from typing import NamedTuple
 from relay import tracing
 from relay.auth import Signing, header_problems
 from relay.config import Config, Destination, OAuth2Auth
-from relay.config.load import check_file
+from relay.config.load import check_file, holds
 from relay.connection import Via, build_via
 from relay.errors import ConfigError
 from relay.events import Event
@@ -75,8 +75,14 @@ def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None, *,
     checked = check_file(path, env)
     problems = list(checked.problems)
     compiled: dict[str, CompiledDestination] = {}
+    config = checked.config
+    if not holds(checked.broken, "delivery.allowed_ports"):
+        # It failed validation: no port is refused for it here either (its default, 80 and
+        # 443, would refuse a variant's port the file allows). The config is never served.
+        config = config.model_copy(update={"delivery": config.delivery.model_copy(
+            update={"allowed_ports": tuple(range(1, 65536))})})
     try:
-        compiled = compile_destinations(checked.config, clock=clock, on_mint=on_mint,
+        compiled = compile_destinations(config, clock=clock, on_mint=on_mint,
                                         positions=checked.positions)
     except ConfigError as exc:
         # one message per path: validation's, when both passes object to the same value

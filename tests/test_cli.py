@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -49,6 +50,55 @@ def test_broken_delivery_section_does_not_invent_port_errors(tmp_path: Path) -> 
     with pytest.raises(ConfigError) as caught:
         load_config(path, env={})
     assert [p for p, _ in caught.value.problems] == ["delivery.concurrency"]
+
+
+def test_schema_error_does_not_hide_url_checks(tmp_path: Path) -> None:
+    """check-config names a broken delivery key and a destination's refused address and port
+    in one run: the keys of delivery that validate still hold the destinations to them."""
+    path = tmp_path / "relay.yaml"
+    path.write_text("delivery:\n  timeout: 30\ndestinations:\n  - name: crm\n    format: braze\n"
+                    "    url: http://10.1.2.3:8081\n")
+    done = relay("check-config", str(path))
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.splitlines()[1:] == [
+        "  delivery.timeout: expected a duration such as '100ms', '90s', '30m', '24h' or '7d' "
+        "(got 30; a bare number has no unit)",
+        "  destinations[0].url: address 10.1.2.3, an internal address: refused (list its "
+        "network in delivery.allowed_networks to allow it)",
+        "  destinations[0].url: port 8081 is not in delivery.allowed_ports (80, 443)"]
+
+
+def test_broken_allowed_ports_skips_port_checks_only(tmp_path: Path) -> None:
+    """An allowed_ports that fails validation checks no port (its default, 80 and 443, would
+    refuse 9000, which the file allows), in the config check and when a template compiles;
+    the other checks of the url still run."""
+    tpl = {"name": "t", "format": "template", "url": "https://crm.example.com:9000/x",
+           "template": {"method": "POST", "variants": {"fr": {"url": "https://crm.example.com:9000/fr"}}}}
+    path = write_config(tmp_path, delivery={"allowed_ports": [443, 9000, "x"]}, destinations=[
+        tpl, {"name": "b", "format": "braze", "url": "https://u:p@b.example.com:9000/x"}])
+    with pytest.raises(ConfigError) as caught:
+        load(path, env={})
+    assert caught.value.problems == [
+        ("delivery.allowed_ports[2]", "expected a whole number (got 'x')"),
+        ("destinations[1].url", "must not carry userinfo (user:password@); use auth")]
+
+
+@pytest.mark.parametrize(("sections", "hidden"), [
+    ({"server": {"listen": "0.0.0.0:0", "token": "${RELAY_TEST_UNSET}"}}, "server.listen"),
+    ({"spool": {"backend": "postgres", "postgres": {"dsn": "postgresql://u@h/db", "lease": "60s"}},
+      "delivery": {"timeout": 30}}, "spool.postgres.lease"),
+    ({"delivery": {"backoff_max": "2h", "backoff_initial": "1h", "retry_window": 5},
+      "destinations": [{"name": "b", "format": "braze", "url": "https://b.example.com/x",
+                        "backoff_initial": "20m"}]}, "destinations[0].backoff_initial"),
+])
+def test_no_problem_derived_from_an_earlier_one(tmp_path: Path, sections: dict[str, Any],
+                                                hidden: str) -> None:
+    """A rule is not judged against a default standing in for a value that failed: an unset
+    ${RELAY_TOKEN} is not "the API has no protection", a broken delivery.timeout not "the
+    lease must outlast 90s"; a broken key does not hide its section's valid ones."""
+    with pytest.raises(ConfigError) as caught:
+        load_config(write_config(tmp_path, **sections), env={})
+    assert len(caught.value.problems) == 1 and hidden not in dict(caught.value.problems)
 
 
 def test_typo_still_suggests_the_close_key(tmp_path: Path) -> None:

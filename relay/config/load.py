@@ -21,7 +21,7 @@ import ssl
 import stat
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
 import pydantic
@@ -74,15 +74,18 @@ TLS_FILE_KEYS = ("cert_file", "key_file", "ca_file")
 class Checked(NamedTuple):
     """A config file checked as far as it goes: its valid parts and every problem found.
 
-    A section that fails validation is replaced by its defaults, and a destination entry that
-    fails is left out, so the rest still gets its cross-field checks (and, in
+    A section's key that fails validation is replaced by its default, and a destination entry
+    that fails is left out, so the rest still gets its cross-field checks (and, in
     ``relay.destinations.load``, compiled): every problem of a file is reported in one round.
-    ``positions`` is each kept destination's index in the file, for problem paths.
+    ``positions`` is each kept destination's index in the file, for problem paths; ``broken``
+    the paths whose values are not the file's (a key that failed validation, a value that
+    could not be interpolated or read from its file), which no later check may judge.
     """
 
     config: Config
     problems: list[tuple[str, str]]
     positions: tuple[int, ...]
+    broken: frozenset[str] = frozenset()   # what ``check_config`` calls ``skip``
 
 
 def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
@@ -200,19 +203,20 @@ def check_raw(
         data = _resolve_spool_path(data, base_dir)
     # (a secret file that could not be read, or is empty, stands in as "": its key is not
     # reported again as empty or missing)
-    flagged = {path for path, _ in problems} | {path.removesuffix("_file") for path, _ in problems
-                                                if path.endswith("_file")}
+    flagged = frozenset({path for path, _ in problems} | {
+        path.removesuffix("_file") for path, _ in problems if path.endswith("_file")})
     try:
         config = Config.model_validate({**data, "source": source})
     except pydantic.ValidationError as exc:
         problems += [_as_written(raw, p) for p in problems_from(exc, data, known=KEY_HOMES)
                      if p[0] not in flagged]
         config, broken, positions = _valid_parts(data, source)
-        problems += check_config(config, positions=positions, skip=broken)
-        return Checked(config, problems, positions)
-    positions = tuple(range(len(config.destinations)))
-    problems += check_config(config)
-    return Checked(config, problems, positions)
+    else:
+        broken, positions = frozenset(), tuple(range(len(config.destinations)))
+    broken |= flagged
+    problems += [p for p in check_config(config, positions=positions, skip=broken)
+                 if p[0] not in flagged]
+    return Checked(config, problems, positions, broken)
 
 
 def _as_written(raw: Any, problem: tuple[str, str]) -> tuple[str, str]:
@@ -314,24 +318,24 @@ def _resolve_spool_path(data: dict[str, Any], base_dir: Path) -> dict[str, Any]:
     return {**data, "spool": {**spool, "path": str(base_dir / path)}}
 
 
+_Section = TypeVar("_Section", bound=pydantic.BaseModel)
 _SECTIONS: dict[str, type[pydantic.BaseModel]] = {
     "server": ServerConfig, "spool": SpoolConfig, "delivery": DeliveryConfig,
     "health": HealthConfig}
 
 
 def _valid_parts(data: dict[str, Any], source: str) -> tuple[Config, frozenset[str], tuple[int, ...]]:
-    """The config made of the sections and destination entries that validate on their own
-    (defaults for a broken section), the names of the broken sections, and the file index of
-    each destination kept. Its problems were already reported by the whole-file pass."""
+    """The config made of what validates on its own: each section without its broken keys
+    (their defaults stand in), the destination entries that validate. Also the paths of the
+    broken keys (``delivery.timeout``; ``delivery`` for a section that is no mapping) and the
+    file index of each destination kept. Its problems were already reported by the whole-file
+    pass."""
     parts: dict[str, Any] = {}
     broken: set[str] = set()
     for name, model in _SECTIONS.items():
-        if name not in data:
-            continue
-        try:
-            parts[name] = model.model_validate(data[name])
-        except pydantic.ValidationError:
-            broken.add(name)
+        if name in data:
+            parts[name], gone = _salvage(model, data[name])
+            broken |= {f"{name}.{key}" if key != "" else name for key in gone}
     kept: list[Destination] = []
     positions: list[int] = []
     entries = data.get("destinations")
@@ -350,21 +354,47 @@ def _valid_parts(data: dict[str, Any], source: str) -> tuple[Config, frozenset[s
             tuple(positions))
 
 
+def _salvage(model: type[_Section], value: Any) -> tuple[_Section, set[Any]]:
+    """``value`` validated as ``model`` without the keys that fail (each section's fields have
+    defaults and are checked on their own), and those keys; its defaults and ``{""}`` when
+    ``value`` is no mapping."""
+    gone: set[Any] = set()
+    while isinstance(value, dict):
+        try:
+            return model.model_validate({k: v for k, v in value.items() if k not in gone}), gone
+        except pydantic.ValidationError as exc:
+            bad = {err["loc"][0] for err in exc.errors() if err["loc"]}
+            if not bad or bad <= gone:
+                break
+            gone |= bad
+    return model(), {""}
+
+
+def holds(skip: frozenset[str], *paths: str) -> bool:
+    """None of ``paths`` (``delivery.allowed_ports``), nor a section holding one, is in
+    ``skip``: each has the value the file gave, or the default of a key it left out."""
+    return not any(".".join(path.split(".")[:n]) in skip
+                   for path in paths for n in range(1, path.count(".") + 2))
+
+
 def check_config(config: Config, *, positions: tuple[int, ...] | None = None,
                  skip: frozenset[str] = frozenset()) -> list[tuple[str, str]]:
     """Cross-field rules that a schema alone cannot express.
 
     ``positions`` maps each destination to its index in the file (when broken entries were left
-    out); rules that read a section named in ``skip`` (it failed validation, so its defaults
-    stand in) are not run, so no problem is reported against values the file does not hold.
+    out); a rule that reads a path in ``skip`` (``delivery.allowed_ports``, or a whole section:
+    it failed validation, and its default stands in) is not run, so no problem is reported
+    against values the file does not hold.
     """
-    problems: list[tuple[str, str]] = []  # a section's own rules hold for its defaults
-    if config.spool.backend == "postgres" and config.spool.postgres.dsn is None:
+    problems: list[tuple[str, str]] = []
+    # (a spool.postgres that failed validation is not also "dsn: required")
+    postgres = config.spool.backend == "postgres" and holds(skip, "spool.postgres")
+    if postgres and config.spool.postgres.dsn is None:
         problems.append(("spool.postgres.dsn", "required for spool.backend postgres (or dsn_file)"))
-    elif config.spool.backend == "postgres" and config.spool.postgres.dsn is not None:
+    elif postgres and config.spool.postgres.dsn is not None:
         problems += _check_dsn(config.spool.postgres.dsn.get_secret_value())
     lease = config.spool.postgres.lease
-    if config.spool.backend == "postgres" and lease is not None:
+    if postgres and lease is not None and holds(skip, "delivery.timeout"):
         longest = config.longest_timeout()
         if lease <= longest:
             # a claim that ends before its attempt lets another replica send it meanwhile
@@ -373,7 +403,8 @@ def check_config(config: Config, *, positions: tuple[int, ...] | None = None,
     if config.spool.backend == "postgres" and config.spool.max_bytes:
         problems.append(("spool.max_bytes", "bounds the SQLite file only; for spool.backend "
                                             "postgres leave it 0 and size the database instead"))
-    if config.delivery.backoff_initial > config.delivery.backoff_max:
+    if config.delivery.backoff_initial > config.delivery.backoff_max and \
+            holds(skip, "delivery.backoff_initial", "delivery.backoff_max"):
         problems.append(("delivery.backoff_initial", "must not exceed delivery.backoff_max"))
     if config.delivery.ca_file is not None:
         try:
@@ -382,7 +413,8 @@ def check_config(config: Config, *, positions: tuple[int, ...] | None = None,
             ssl.create_default_context(cafile=config.delivery.ca_file)
         except (OSError, ValueError, ssl.SSLError) as exc:
             problems.append(("delivery.ca_file", f"cannot load CA bundle: {exc}"))
-    if config.health.suspend_for > config.health.suspend_max:
+    if config.health.suspend_for > config.health.suspend_max and \
+            holds(skip, "health.suspend_for", "health.suspend_max"):
         problems.append(("health.suspend_for", "must not exceed health.suspend_max"))
     for where, cidrs in (("server.allow_cidrs", config.server.allow_cidrs),
                          ("delivery.allowed_networks", config.delivery.allowed_networks)):
@@ -391,7 +423,9 @@ def check_config(config: Config, *, positions: tuple[int, ...] | None = None,
                 ipaddress.ip_network(cidr, strict=False)
             except ValueError:
                 problems.append((f"{where}[{i}]", f"not a CIDR such as 127.0.0.0/8: {cidr!r}"))
-    problems += _check_open_listener(config)
+    if holds(skip, *(f"server.{key}" for key in (
+            "listen", "token", "allow_unauthenticated", "allow_cidrs"))):
+        problems += _check_open_listener(config)   # (an unset ${RELAY_TOKEN} is no "no token")
     if config.delivery.proxy is not None:
         problems += check_proxy(config.delivery.proxy.get_secret_value(), "delivery.proxy")
     return problems + _check_destinations(config, positions, skip)
@@ -409,7 +443,7 @@ def _check_destinations(config: Config, positions: tuple[int, ...] | None,
             problems.append((f"{at}.name", f"duplicate destination name {dest.name!r} "
                                            f"(also destinations[{seen_names[dest.name]}])"))
         seen_names.setdefault(dest.name, i)
-        problems += _check_destination(dest, at, config, urls="delivery" not in skip)
+        problems += _check_destination(dest, at, config, skip)
         if dest.format == "ajo" and dest.ajo is not None:
             key = (dest.ajo.ims_org, dest.ajo.sandbox.id)
             if key in seen_ajo:
@@ -457,12 +491,15 @@ def is_loopback(host: str) -> bool:
 
 
 def _check_destination(dest: Destination, at: str, config: Config,
-                       urls: bool = True) -> list[tuple[str, str]]:
+                       skip: frozenset[str] = frozenset()) -> list[tuple[str, str]]:
     problems: list[tuple[str, str]] = []
     initial = dest.backoff_initial if dest.backoff_initial is not None \
         else config.delivery.backoff_initial
     longest = dest.backoff_max if dest.backoff_max is not None else config.delivery.backoff_max
-    if (dest.backoff_initial is not None or dest.backoff_max is not None) and initial > longest:
+    inherited = [f"delivery.{key}" for key in ("backoff_initial", "backoff_max")
+                 if getattr(dest, key) is None]
+    if (dest.backoff_initial is not None or dest.backoff_max is not None) and initial > longest \
+            and holds(skip, *inherited):
         # (the same mistake in delivery is an error; here it was quietly clamped)
         where = "backoff_initial" if dest.backoff_initial is not None else "backoff_max"
         problems.append((f"{at}.{where}", f"the first backoff ({initial:g}s) must not exceed "
@@ -499,12 +536,11 @@ def _check_destination(dest: Destination, at: str, config: Config,
                 problems.append((where, "a Standard Webhooks secret starts with 'whsec_' "
                                         "followed by base64 (a key, not nothing)"))
     if isinstance(dest.auth, OAuth2Auth):
-        problems += _check_token_url(dest.auth.token_url, f"{at}.auth.token_url", config) \
-            if urls else _check_http_url(dest.auth.token_url, f"{at}.auth.token_url")
+        problems += _check_token_url(dest.auth.token_url, f"{at}.auth.token_url", config, skip)
     if dest.proxy is not None and dest.proxy.get_secret_value() != "direct":
         problems += check_proxy(dest.proxy.get_secret_value(), f"{at}.proxy")
-    if urls:  # they read delivery.allowed_ports
-        problems += _check_url(dest, at, config)
+    if holds(skip, f"{at}.url"):   # (not when it came from an unset ${VAR})
+        problems += _check_url(dest, at, config, skip)
         if dest.template is not None:   # a language's own URL goes out as the main one does
             hosts = dest.allowed_hosts
             if hosts is None:   # (default: the destination's url's host, not the variant's)
@@ -517,7 +553,7 @@ def _check_destination(dest: Destination, at: str, config: Config,
                     # built: relay.payloads.template.TemplateRenderer)
                     problems += _check_url(
                         dest.model_copy(update={"url": variant.url, "allowed_hosts": hosts}),
-                        f"{at}.template.variants.{language}", config)
+                        f"{at}.template.variants.{language}", config, skip)
     return problems
 
 
@@ -545,11 +581,14 @@ def _check_dsn(dsn: str) -> list[tuple[str, str]]:
 _SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 
 
-def _internal_literal(host: str, at: str, config: Config) -> list[tuple[str, str]]:
+def _internal_literal(host: str, at: str, config: Config,
+                      skip: frozenset[str]) -> list[tuple[str, str]]:
     """An internal IP literal outside delivery.allowed_networks, refused before every request:
     said now (a name is judged by what it resolves to, at send time)."""
     from relay.egress import Blocked, check_literal, parse_networks  # (aiohttp: lazily)
 
+    if not holds(skip, "delivery.allowed_networks"):
+        return []   # (its default, none, would refuse what the file may allow)
     try:
         check_literal(host, parse_networks(config.delivery.allowed_networks))
     except Blocked as exc:
@@ -559,7 +598,8 @@ def _internal_literal(host: str, at: str, config: Config) -> list[tuple[str, str
     return []
 
 
-def _check_token_url(url: str, at: str, config: Config) -> list[tuple[str, str]]:
+def _check_token_url(url: str, at: str, config: Config,
+                     skip: frozenset[str]) -> list[tuple[str, str]]:
     """An oauth2 token_url: an http(s) URL, held to the relay's egress rules (its port in
     delivery.allowed_ports, an internal literal in delivery.allowed_networks). Not the
     destination's own allowed_ports: those are its host's, and an identity provider is
@@ -569,10 +609,10 @@ def _check_token_url(url: str, at: str, config: Config) -> list[tuple[str, str]]
         return problems
     parts = urlsplit(url)
     port = parts.port or (443 if parts.scheme == "https" else 80)
-    if port not in config.delivery.allowed_ports:
+    if port not in config.delivery.allowed_ports and holds(skip, "delivery.allowed_ports"):
         shown = ", ".join(str(p) for p in config.delivery.allowed_ports)
         problems.append((at, f"port {port} is not in delivery.allowed_ports ({shown})"))
-    return problems + _internal_literal(parts.hostname or "", at, config)
+    return problems + _internal_literal(parts.hostname or "", at, config, skip)
 
 
 def _check_http_url(url: str, at: str) -> list[tuple[str, str]]:
@@ -603,15 +643,19 @@ def check_proxy(url: str, at: str) -> list[tuple[str, str]]:
     return []
 
 
-def _check_url(dest: Destination, at: str, config: Config) -> list[tuple[str, str]]:
+def _check_url(dest: Destination, at: str, config: Config,
+               skip: frozenset[str]) -> list[tuple[str, str]]:
     """The configured URL as far as its literal part goes (a template's rendered URL is
-    checked again before every request), its ports and, for templates, allowed_hosts."""
+    checked again before every request), its ports and, for templates, allowed_hosts.
+    Against a delivery.allowed_ports that failed validation no port is checked: its default
+    (80, 443) would refuse ports the file allows."""
     head = literal_head(dest.url)
     if head != dest.url and dest.format != "template":
         return [(f"{at}.url", "only template destinations may use Liquid in the url")]
     fixed = not host_is_rendered(dest.url)  # host and port are literal
-    outer = config.delivery.allowed_ports
-    shown = ", ".join(str(p) for p in outer)
+    outer = config.delivery.allowed_ports if holds(skip, "delivery.allowed_ports") \
+        else range(1, 65536)
+    shown = ", ".join(str(p) for p in config.delivery.allowed_ports)
     problems: list[tuple[str, str]] = []
     try:
         parts = urlsplit(head)
@@ -624,7 +668,7 @@ def _check_url(dest: Destination, at: str, config: Config) -> list[tuple[str, st
     if fixed and not parts.hostname:
         problems.append((f"{at}.url", "has no host"))
     elif fixed and parts.hostname:
-        problems += _internal_literal(parts.hostname, f"{at}.url", config)
+        problems += _internal_literal(parts.hostname, f"{at}.url", config, skip)
     if "@" in parts.netloc:
         problems.append((f"{at}.url", "must not carry userinfo (user:password@); use auth"))
     if dest.format == "ajo" and parts.scheme != "https" and not dest.allow_insecure_http:
