@@ -91,6 +91,47 @@ def test_missing_env_var_names_the_path() -> None:
     assert "NOPE is not set" in found["destinations[0].auth.token"]
 
 
+def test_unset_required_variable_says_set_it_and_names_the_file_key() -> None:
+    """An unset ${VAR} in a key that needs a value is told to be set (and its *_file form
+    named), not to be written ${VAR:-}, which fails as empty next."""
+    text = """
+        spool: {backend: postgres, postgres: {dsn: "${RELAY_POSTGRES_DSN}"}}
+        destinations:
+          - {name: b, format: braze, url: "https://h/", auth: {type: hmac, secret: "${HS}"}}
+          - {name: c, format: template, url: "https://${CRM_HOST}/x", template: {method: POST}}
+    """
+    found = problems(text)
+    assert found == {
+        "spool.postgres.dsn": "environment variable RELAY_POSTGRES_DSN is not set, and dsn "
+                              "cannot do without it: set it (or put the value in a file and "
+                              "name it in dsn_file)",
+        "destinations[0].auth.secret": "environment variable HS is not set, and secret cannot "
+                                       "do without it: set it (or put the value in a file and "
+                                       "name it in secret_file)",
+        "destinations[1].url": "environment variable CRM_HOST is not set, and url cannot do "
+                               "without it: set it"}
+    # (and the fallback the old message offered is refused as missing, not accepted)
+    assert problems(text.replace("_DSN}", "_DSN:-}"), env={"HS": "whsec_" + "A" * 32,
+                                                           "CRM_HOST": "h"}) == {
+        "spool.postgres.dsn": "required for spool.backend postgres (or dsn_file)"}
+
+
+def test_unset_optional_variable_offers_the_fallback() -> None:
+    """Where the value the reference leaves empty is accepted, ${VAR:-} is offered beside
+    setting it (and token_file for server.token); a header in a free-form map has no *_file."""
+    found = problems("""
+        server: {token: "${RELAY_TOKEN}"}
+        destinations:
+          - {name: b, format: braze, url: "https://h/", headers: {token: "x${T}"}}
+    """)
+    assert found == {
+        "server.token": "environment variable RELAY_TOKEN is not set: set it (or put the value "
+                        "in a file and name it in token_file), or write ${RELAY_TOKEN:-} to "
+                        "accept it unset (read as empty)",
+        "destinations[0].headers.token": "environment variable T is not set: set it, or write "
+                                         "${T:-} to accept it unset (read as empty)"}
+
+
 def test_empty_token_means_no_token() -> None:
     """token: "${RELAY_TOKEN:-}" with the variable unset leaves ingest open, not guarded by ''."""
     assert parse_config('server: {token: "${RELAY_TOKEN:-}"}', env={}).server.token is None

@@ -197,7 +197,8 @@ def check_raw(
     """
     env = os.environ if env is None else env
     problems: list[tuple[str, str]] = []
-    data = interpolate(raw, "", env, problems)
+    unset: list[tuple[str, str]] = []
+    data = interpolate(raw, "", env, problems, unset)
     data = _read_secret_files(data, "", base_dir or Path.cwd(), problems)
     if file and base_dir is not None:
         data = _resolve_spool_path(data, base_dir)
@@ -205,18 +206,32 @@ def check_raw(
     # reported again as empty or missing)
     flagged = frozenset({path for path, _ in problems} | {
         path.removesuffix("_file") for path, _ in problems if path.endswith("_file")})
+    found: list[tuple[str, str]] = []
     try:
         config = Config.model_validate({**data, "source": source})
     except pydantic.ValidationError as exc:
-        problems += [_as_written(raw, p) for p in problems_from(exc, data, known=KEY_HOMES)
-                     if p[0] not in flagged]
+        found = [_as_written(raw, p) for p in problems_from(exc, data, known=KEY_HOMES)]
         config, broken, positions = _valid_parts(data, source)
     else:
         broken, positions = frozenset(), tuple(range(len(config.destinations)))
-    broken |= flagged
-    problems += [p for p in check_config(config, positions=positions, skip=broken)
-                 if p[0] not in flagged]
-    return Checked(config, problems, positions, broken)
+    found += check_config(config, positions=positions, skip=broken | flagged)
+    # An unset variable's advice fits its key: whether the value it leaves (its reference
+    # read as "") passed the checks just made says whether ${NAME:-} would do (not known when
+    # its section or destination failed: the checks did not all run on it).
+    refused = {path for path, _ in found}
+    for path, name in unset:
+        empty_ok = False if path in refused else \
+            None if not holds(broken, path) or _left_out(path, positions) else True
+        problems[problems.index((path, unset_variable(path, name)))] = \
+            (path, unset_variable(path, name, empty_ok))
+    problems += [p for p in found if p[0] not in flagged]
+    return Checked(config, problems, positions, broken | flagged)
+
+
+def _left_out(path: str, positions: tuple[int, ...]) -> bool:
+    """``path`` is in a destination entry that failed validation (so was not checked)."""
+    entry = re.match(r"destinations\[(\d+)\]", path)
+    return entry is not None and int(entry.group(1)) not in positions
 
 
 def _as_written(raw: Any, problem: tuple[str, str]) -> tuple[str, str]:
@@ -525,9 +540,10 @@ def _check_destination(dest: Destination, at: str, config: Config,
                                  f"format {dest.format} cannot express status {status!r} "
                                  f"(it can: {', '.join(expressible)})"))
     if isinstance(dest.auth, HmacAuth):
-        # each at its own key: secrets[1] was reported as auth.secret
-        secrets = ([(f"{at}.auth.secret", dest.auth.secret)] if dest.auth.secret else []) + \
-            [(f"{at}.auth.secrets[{j}]", s) for j, s in enumerate(dest.auth.secrets)]
+        # each at its own key: secrets[1] was reported as auth.secret; an empty secret too,
+        # not as "auth: hmac needs secret" (what an unset ${VAR} in it was said to cause)
+        given = [] if dest.auth.secret is None else [(f"{at}.auth.secret", dest.auth.secret)]
+        secrets = given + [(f"{at}.auth.secrets[{j}]", s) for j, s in enumerate(dest.auth.secrets)]
         if not secrets:
             problems.append((f"{at}.auth", "hmac needs secret, secrets or secret_file"))
         for where, secret in secrets:
@@ -539,21 +555,20 @@ def _check_destination(dest: Destination, at: str, config: Config,
         problems += _check_token_url(dest.auth.token_url, f"{at}.auth.token_url", config, skip)
     if dest.proxy is not None and dest.proxy.get_secret_value() != "direct":
         problems += check_proxy(dest.proxy.get_secret_value(), f"{at}.proxy")
-    if holds(skip, f"{at}.url"):   # (not when it came from an unset ${VAR})
-        problems += _check_url(dest, at, config, skip)
-        if dest.template is not None:   # a language's own URL goes out as the main one does
-            hosts = dest.allowed_hosts
-            if hosts is None:   # (default: the destination's url's host, not the variant's)
-                with contextlib.suppress(ValueError):
-                    host = urlsplit(re.split(r"\{\{|\{%", dest.url, maxsplit=1)[0]).hostname
-                    hosts = (host,) if host else None
-            for language, variant in dest.template.variants.items():
-                if variant.url is not None:
-                    # (the destination's own port rule is checked when its renderer is
-                    # built: relay.payloads.template.TemplateRenderer)
-                    problems += _check_url(
-                        dest.model_copy(update={"url": variant.url, "allowed_hosts": hosts}),
-                        f"{at}.template.variants.{language}", config, skip)
+    problems += _check_url(dest, at, config, skip)
+    if dest.template is not None:   # a language's own URL goes out as the main one does
+        hosts = dest.allowed_hosts
+        if hosts is None:   # (default: the destination's url's host, not the variant's)
+            with contextlib.suppress(ValueError):
+                host = urlsplit(re.split(r"\{\{|\{%", dest.url, maxsplit=1)[0]).hostname
+                hosts = (host,) if host else None
+        for language, variant in dest.template.variants.items():
+            if variant.url is not None:
+                # (the destination's own port rule is checked when its renderer is
+                # built: relay.payloads.template.TemplateRenderer)
+                problems += _check_url(
+                    dest.model_copy(update={"url": variant.url, "allowed_hosts": hosts}),
+                    f"{at}.template.variants.{language}", config, skip)
     return problems
 
 
@@ -740,13 +755,16 @@ _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _c
 _ENV_REF = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
-def interpolate(node: Any, path: str, env: Mapping[str, str], problems: list[tuple[str, str]]) -> Any:
+def interpolate(node: Any, path: str, env: Mapping[str, str], problems: list[tuple[str, str]],
+                unset: list[tuple[str, str]] | None = None) -> Any:
     """``node`` with its ``${VAR}`` references expanded from ``env``; what cannot be is added
-    to ``problems``."""
+    to ``problems`` (an unset variable is read as "", and its path and name also added to
+    ``unset``)."""
     if isinstance(node, dict):
-        return {k: interpolate(v, _join(path, k), env, problems) for k, v in node.items()}
+        return {k: interpolate(v, _join(path, k), env, problems, unset) for k, v in node.items()}
     if isinstance(node, list):
-        return [interpolate(v, f"{path}[{i}]", env, problems) for i, v in enumerate(node)]
+        return [interpolate(v, f"{path}[{i}]", env, problems, unset)
+                for i, v in enumerate(node)]
     if not isinstance(node, str) or "$" not in node:
         return node
 
@@ -758,8 +776,9 @@ def interpolate(node: Any, path: str, env: Mapping[str, str], problems: list[tup
             return env[name]
         if default is not None:
             return default
-        problems.append((path, f"environment variable {name} is not set "
-                               f"(write ${{{name}:-}} to make it optional)"))
+        problems.append((path, unset_variable(path, name)))
+        if unset is not None:
+            unset.append((path, name))
         return ""
 
     # "${" that is no reference (${A-x}, ${A B}, a fallback holding another reference) would
@@ -769,6 +788,24 @@ def interpolate(node: Any, path: str, env: Mapping[str, str], problems: list[tup
                                "cannot hold another ${...}; $$ is a literal $)"))
         return node
     return _ENV_REF.sub(replace, node)
+
+
+def unset_variable(path: str, name: str, empty_ok: bool | None = None) -> str:
+    """What to do about ``${name}`` unset in the value at ``path``: set it; and where the key
+    has a ``*_file`` form, or takes the value the reference leaves read as "" (``empty_ok``;
+    None: not known), say so. ``${NAME:-}`` was offered everywhere, and a required key then
+    failed on its empty value."""
+    parent, _, key = path.rpartition(".")
+    by_file = f"{key}_file" in SECRET_FILE_KEYS and not re.search(
+        r"(^|\.)(headers|fields|claims|tls)(\.|$)", parent)   # (free-form maps, file paths)
+    instead = f" (or put the value in a file and name it in {key}_file)" if by_file else ""
+    if empty_ok is False:
+        return f"environment variable {name} is not set, and {key} cannot do without it: " \
+               f"set it{instead}"
+    if empty_ok:
+        return f"environment variable {name} is not set: set it{instead}, or write " \
+               f"${{{name}:-}} to accept it unset (read as empty)"
+    return f"environment variable {name} is not set: set it{instead}"
 
 
 def _read_secret_files(node: Any, path: str, base: Path, problems: list[tuple[str, str]]) -> Any:

@@ -298,8 +298,9 @@ def _own_schema(name: str) -> str:
 class PostgresConfig(_Model):
     """The PostgreSQL spool (spool.backend: postgres), shared by several relays."""
 
-    dsn: SecretStr | None = _d(
-        None, "postgresql://user:password@host/db (or dsn_file); required for this backend.")
+    dsn: OptionalSecret = _d(
+        None, "postgresql://user:password@host/db (or dsn_file); required for this backend "
+              "(an empty value counts as none).")
     schema_: Annotated[str, Field(alias="schema", min_length=1), AfterValidator(_own_schema)] = _d(
         "relay", "Schema holding the relay's tables.")
     pool_size: Annotated[int, NOT_BOOL, Field(ge=3, le=1000)] = _d(
