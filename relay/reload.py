@@ -14,6 +14,8 @@ import os
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 
+from pydantic import BaseModel
+
 from relay.config import Config
 from relay.config.load import SECRET_FILE_KEYS, TLS_FILE_KEYS, interpolate, parse_yaml
 from relay.destinations import Loaded, load
@@ -91,7 +93,14 @@ def needs_restart(old: Config, new: Config) -> list[str]:
             if getattr(getattr(old, section), key) != getattr(getattr(new, section), key)]
 
 
+MAX_NAMED = 10   # changed keys named in the reload's log line; the rest are counted
+
+
 def describe_change(old: Config, new: Config) -> str:
+    """What a reload changes, for its log line: destinations added and removed, and the keys
+    that changed (``delivery.max_retries``, ``destinations[crm].headers``), names only, never
+    values; "" when none did. Keys that apply only after a restart are left to that
+    warning."""
     before = {d.name: d for d in old.destinations}
     after = {d.name: d for d in new.destinations}
     parts = []
@@ -99,9 +108,36 @@ def describe_change(old: Config, new: Config) -> str:
         parts.append("added " + ", ".join(added))
     if removed := sorted(before.keys() - after.keys()):
         parts.append("removed " + ", ".join(removed) + " (their pending deliveries are kept)")
-    if changed := sorted(n for n in before.keys() & after.keys() if before[n] != after[n]):
-        parts.append("changed " + ", ".join(changed))
-    return "; ".join(parts) or "no destination changed"
+    restart = tuple(f"{section}.{key}" for section, key in RESTART_KEYS)
+    keys = [key for key in changed_keys(old, new)
+            if not any(key == r or key.startswith(r + ".") for r in restart)]
+    for name in sorted(before.keys() & after.keys()):
+        keys += changed_keys(before[name], after[name], f"destinations[{name}]")
+    if keys:
+        more = f" and {len(keys) - MAX_NAMED} more" if len(keys) > MAX_NAMED else ""
+        parts.append("changed " + ", ".join(keys[:MAX_NAMED]) + more)
+    return "; ".join(parts)
+
+
+def changed_keys(old: BaseModel, new: BaseModel, path: str = "") -> list[str]:
+    """The dotted paths under ``path`` whose values differ between two models (the sections of
+    a Config, not its destinations: those go by name). A key whose value changes kind (an
+    auth of another type) is named whole."""
+    if type(old) is not type(new):
+        return [path]
+    keys: list[str] = []
+    for name, field in type(old).model_fields.items():
+        if field.exclude or name == "destinations":
+            continue
+        was, now = getattr(old, name), getattr(new, name)
+        if was == now:
+            continue
+        key = f"{path}.{field.alias or name}" if path else field.alias or name
+        if isinstance(was, BaseModel) and isinstance(now, BaseModel):
+            keys += changed_keys(was, now, key)
+        else:
+            keys.append(key)
+    return keys
 
 
 class ConfigWatcher:
@@ -167,9 +203,10 @@ class ConfigWatcher:
                                             "would be accepted and delivered to nobody")
             restart = needs_restart(self.started, new)
             if restart:
-                log.warning("config reload: %s take effect only after a restart",
-                            ", ".join(restart))
-            summary = describe_change(self.current, new)
+                log.warning("config reload: %s %s effect only after a restart",
+                            ", ".join(restart), "takes" if len(restart) == 1 else "take")
+            summary = describe_change(self.current, new) or \
+                ("nothing else changed" if restart else "no key changed")
             self.current = new
             self._apply(loaded)
             log.info("config reloaded (%s): %s", reason, summary, extra={"reload": "ok"})

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from relay.config import load_config, parse_config
 from relay.destinations import Loaded
@@ -201,6 +202,71 @@ async def test_restart_only_keys_are_compared_with_what_runs(tmp_path: Path,
         assert await run.watcher.reload("SIGHUP") is True
         said.append("server.listen" in caplog.text)
     assert said == [True, True, False]
+
+
+def reloaded_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "relay.reload"]
+
+
+async def test_a_reload_names_the_keys_it_changed_never_their_values(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The reload's log line names each changed key as a dotted path (a destination by its
+    name), not "no destination changed"; a secret's key is named, its value never shown."""
+    run = Run(tmp_path, Steps())
+    text = yaml.safe_load(run.path.read_text())
+    text["delivery"] |= {"max_retries": 7, "rate_limit": {"per_second": 5}}
+    text["destinations"][2] |= {"headers": {"X-Env": "prod"},
+                                "auth": {"type": "bearer", "token": "s3cret-token"}}
+    run.path.write_text(yaml.safe_dump(text))
+    caplog.set_level("INFO", "relay.reload")
+    assert await run.watcher.reload("the file changed") is True
+    assert reloaded_lines(caplog) == [
+        "config reloaded (the file changed): changed delivery.max_retries, delivery.rate_limit, "
+        "destinations[crm].auth, destinations[crm].headers"]
+    text["destinations"][2]["auth"]["token"] = "an0ther-token"
+    text["destinations"].append({"name": "new", "format": "braze", "url": "https://b.example/"})
+    run.path.write_text(yaml.safe_dump(text))
+    caplog.clear()
+    assert await run.watcher.reload("SIGHUP") is True
+    assert reloaded_lines(caplog) == [
+        "config reloaded (SIGHUP): added new; changed destinations[crm].auth.token"]
+    assert "s3cret" not in caplog.text and "an0ther" not in caplog.text
+
+
+async def test_a_reload_counts_the_keys_past_ten(tmp_path: Path,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """Past ten changed keys the line says how many more, not all of them."""
+    run = Run(tmp_path, Steps())
+    text = yaml.safe_load(run.path.read_text())
+    text["destinations"][1]["headers"] = {"X-A": "1"}
+    text["delivery"] |= {"max_retries": 7, "retry_window": "1h", "unreachable_window": "1h",
+                         "backoff_initial": "1s", "backoff_max": "1m", "timeout": "5s"}
+    text["health"] = {"window": "2m", "min_failures": 3, "failure_rate": 0.5,
+                      "consecutive_failures": 4, "suspend_for": "2m", "suspend_max": "1h"}
+    run.path.write_text(yaml.safe_dump(text))
+    caplog.set_level("INFO", "relay.reload")
+    assert await run.watcher.reload("SIGHUP") is True
+    (line,) = reloaded_lines(caplog)
+    assert line.endswith(", health.consecutive_failures and 3 more"), line
+    assert line.count(", ") == 9
+
+
+@pytest.mark.parametrize(("keys", "said"), [
+    ({"concurrency": 8}, "config reload: delivery.concurrency takes effect only after a restart"),
+    ({"concurrency": 8, "per_host_concurrency": 4},
+     "config reload: delivery.concurrency, delivery.per_host_concurrency take effect only after "
+     "a restart")])
+async def test_the_restart_warning_agrees_with_its_count(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, keys: dict[str, int], said: str) -> None:
+    """One key "takes effect", several "take effect", only after a restart; the reload's own
+    line then says nothing else changed."""
+    run = Run(tmp_path, Steps())
+    text = yaml.safe_load(run.path.read_text())
+    text["delivery"] |= keys
+    run.path.write_text(yaml.safe_dump(text))
+    caplog.set_level("INFO", "relay.reload")
+    assert await run.watcher.reload("SIGHUP") is True
+    assert reloaded_lines(caplog) == [said, "config reloaded (SIGHUP): nothing else changed"]
 
 
 def test_the_spool_backend_and_its_database_settings_need_a_restart() -> None:

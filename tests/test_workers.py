@@ -285,7 +285,7 @@ def test_sighup_reloads_every_worker(tmp_path: Path) -> None:
 
             eventually(reloaded, lambda workers: workers == {0, 1}, timeout=20,
                        what="both workers to reload on the supervisor's SIGHUP")
-            assert relay.log().count("server.workers take effect only after a restart") == 2
+            assert relay.log().count("server.workers takes effect only after a restart") == 2
         finally:
             relay.stop()
 
