@@ -188,3 +188,16 @@ def test_config_reference_names_every_key() -> None:
                 continue
             assert field.description, f"{model.__name__}.{name} has no description"
             assert f"`{field.alias or name}`" in text or f".{field.alias or name}`" in text, name
+
+
+def test_config_reference_names_the_kinds_of_a_union() -> None:
+    """A key that takes one of several typed mappings (auth, a template body) is shown with
+    the values of its `type`, not as "mapping or mapping"; no type cell repeats itself."""
+    from relay.config.reference import reference
+
+    rows = [line.removeprefix("| ").split(" | ")[:2] for line in reference().splitlines()
+            if line.startswith("| `")]
+    assert ["`body`", "mapping by `type`: `json` or `raw`"] in rows
+    assert ["`auth`", "mapping by `type`: `none`, `bearer`, `basic`, `jwt`, `hmac` or "
+                      "`oauth2`"] in rows
+    assert not [row for row in rows if re.search(r"\b(\w+) or \1\b", row[1])]

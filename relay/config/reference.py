@@ -137,7 +137,8 @@ def _is_duration(metadata: list[Any]) -> bool:
 
 def _type(field: FieldInfo) -> str:
     parts = _parts(field.annotation)
-    text = " or ".join(dict.fromkeys(_type_name(p, field.metadata) for p in parts))
+    text = _tagged(parts) or " or ".join(dict.fromkeys(_type_name(p, field.metadata)
+                                                       for p in parts))
     bounds = _bounds(field.metadata)
     if len(parts) == 1 and bounds:
         text += f" ({bounds})"
@@ -159,11 +160,26 @@ def _type_name(annotation: Any, metadata: list[Any]) -> str:
     if annotation is SecretStr:
         return "secret"
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a, []) for a in _parts(annotation))
+        parts = _parts(annotation)
+        return _tagged(parts) or " or ".join(dict.fromkeys(_type_name(a, []) for a in parts))
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return "mapping"
     return {str: "string", int: "integer", float: "number", bool: "boolean"}.get(
         annotation, "any")
+
+
+def _tagged(parts: list[Any]) -> str | None:
+    """A union of models told apart by their ``type`` (auth, a template body), named by it:
+    "mapping by `type`: `json` or `raw`" (each has its table below), not "mapping or mapping"."""
+    kinds = []
+    for part in parts:
+        if not (isinstance(part, type) and issubclass(part, BaseModel)) \
+                or "type" not in part.model_fields:
+            return None
+        kinds += [f"`{kind}`" for kind in typing.get_args(part.model_fields["type"].annotation)]
+    if len(kinds) < 2:
+        return None
+    return f"mapping by `type`: {', '.join(kinds[:-1])} or {kinds[-1]}"
 
 
 def _bounds(metadata: list[Any]) -> str:
