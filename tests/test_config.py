@@ -828,3 +828,24 @@ def test_a_lease_that_ends_before_an_attempt_could_is_an_error_and_multi_host_ds
     """)
     assert list(found) == ["spool.postgres.lease"], found
     assert "90s" in found["spool.postgres.lease"]
+
+
+def test_a_method_in_any_case_is_stored_upper_cased() -> None:
+    """`method: post` (a variant's `Put`) is POST (PUT), not refused for its case; a word that
+    is no method is refused as it was written."""
+    config = parse_config("""
+        destinations:
+          - name: c
+            format: template
+            url: "https://h/c"
+            template: {method: post, variants: {fr: {method: Put}}}
+    """, env={})
+    template = config.destinations[0].template
+    assert template is not None and template.method == "POST"
+    assert template.variants["fr"].method == "PUT"
+    found = problems("""
+        destinations:
+          - {name: c, format: template, url: "https://h/c", template: {method: fetch}}
+    """)
+    assert found == {"destinations[0].template.method": "must be one of 'GET', 'POST', 'PUT', "
+                                                        "'PATCH' or 'DELETE' (got 'fetch')"}

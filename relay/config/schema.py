@@ -564,7 +564,22 @@ class RawBody(_Model):
 
 
 Body = Annotated[JsonBody | RawBody, Field(discriminator="type")]
-Method = Literal["GET", "POST", "PUT", "PATCH", "DELETE"]
+
+
+METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
+
+
+def _method_upper_case(value: Any) -> Any:
+    # RFC 9110 methods are case-sensitive, but `method: post` always means POST, and POST is
+    # what the receiver expects: stored upper-cased, not refused. (Anything else is refused
+    # as written; ASCII only: "po\u017ft".upper() is "POST".)
+    if isinstance(value, str) and value.isascii() and value.upper() in METHODS:
+        return value.upper()
+    return value
+
+
+Method = Annotated[Literal["GET", "POST", "PUT", "PATCH", "DELETE"],
+                   BeforeValidator(_method_upper_case)]
 
 
 # A BCP 47 language tag as events carry it (``fr``, ``fr-CA``, ``zh-Hant-TW``), or a POSIX
@@ -595,7 +610,7 @@ def _one_per_language(variants: dict[str, Any]) -> dict[str, Any]:
 class TemplateConfig(_Model):
     """The request of a template destination (Braze-compatible Liquid)."""
 
-    method: Method = _d("POST", "HTTP method.")
+    method: Method = _d("POST", "HTTP method, in any case (post is sent as POST).")
     body: Body | None = _d(None, "{type: json, fields} or {type: raw, template, content_type}; "
                                  "none: no body (typical for GET/DELETE).")
     variants: Annotated[dict[LanguageTag, TemplateVariant], AfterValidator(_one_per_language)] = _d(
