@@ -307,7 +307,33 @@ def _count_ingest(metrics: Metrics, receipt: Receipt) -> None:
 # -- activity log ---------------------------------------------------------------------------
 
 
+# The query parameters of each GET of the API (`after`: the old name of `next`, still taken).
+# Any other is refused: a typo (`?state=failed`) was ignored, and the whole log listed.
+DELIVERIES_QUERY = ("status", "destination", "limit", "next")
+
+
+def _unknown_query(request: web.Request, takes: tuple[str, ...] = (),
+                   also: tuple[str, ...] = ()) -> web.Response | None:
+    """The 400 naming the query parameters that ``request``'s endpoint does not take (it takes
+    ``takes``, listed, and ``also``, not listed), or None."""
+    if not request.query_string:
+        return None
+    unknown = [name for name in dict.fromkeys(request.query) if name not in takes + also]
+    if not unknown:
+        return None
+    names = ", ".join(repr(name if len(name) <= 40 else name[:37] + "...")
+                      for name in unknown[:5]) + (", ..." if len(unknown) > 5 else "")
+    route = request.match_info.route.resource
+    endpoint = f"{request.method} {route.canonical if route is not None else request.path}"
+    return error(400, f"unknown query parameter{'s' if len(unknown) > 1 else ''} {names}: "
+                      f"{endpoint} takes " + (", ".join(takes) if takes else
+                                              "no query parameters"))
+
+
 async def list_deliveries(request: web.Request) -> web.Response:
+    refused = _unknown_query(request, DELIVERIES_QUERY, also=("after",))
+    if refused is not None:
+        return refused
     query = request.query
     state = query.get("status") or None
     if state is not None and state not in DELIVERY_STATES:
@@ -345,6 +371,9 @@ def _delivery_json(request: web.Request, record: DeliveryRecord,
 
 
 async def get_delivery(request: web.Request) -> web.Response:
+    refused = _unknown_query(request)
+    if refused is not None:
+        return refused
     spool = request.app[SPOOL]
     if not _text(request.match_info["delivery_id"]):   # (no id holds a NUL: none is found)
         return error(404, f"no delivery {request.match_info['delivery_id']!r}")
@@ -357,6 +386,9 @@ async def get_delivery(request: web.Request) -> web.Response:
 
 async def list_hosts(request: web.Request) -> web.Response:
     """Health of every destination host, with the deliveries waiting for it."""
+    refused = _unknown_query(request)
+    if refused is not None:
+        return refused
     dispatcher = request.app[DISPATCHER]
     if dispatcher is None:
         return web.json_response({"hosts": []})

@@ -76,6 +76,10 @@ async def test_real_answers_match_the_document(make_stack: Any, receiver: Receiv
     status, page = await call("GET", "/v1/deliveries?status=failed&limit=1", "/v1/deliveries")
     assert status == 200 and page["deliveries"]
     assert (await call("GET", "/v1/deliveries?status=nope", "/v1/deliveries"))[0] == 400
+    assert (await call("GET", "/v1/deliveries?state=failed", "/v1/deliveries"))[0] == 400
+    assert (await call("GET", f"/v1/deliveries/{delivery_id}?x=1",
+                       "/v1/deliveries/{delivery_id}"))[0] == 400
+    assert (await call("GET", "/v1/hosts?state=suspended", "/v1/hosts"))[0] == 400
     one = f"/v1/deliveries/{delivery_id}"
     assert (await call("GET", one, "/v1/deliveries/{delivery_id}"))[0] == 200
     assert (await call("GET", "/v1/deliveries/dlv_none", "/v1/deliveries/{delivery_id}"))[0] == 404

@@ -172,6 +172,27 @@ async def test_activity_log_queries(client_for: Any) -> None:
     assert (await client.get("/v1/deliveries/dlv_missing")).status == 404
 
 
+async def test_unknown_query_parameters_are_refused(client_for: Any) -> None:
+    """A query parameter a GET of the API does not take is a 400 naming it and what the
+    endpoint takes (`?state=pending` listed every delivery)."""
+    client = await client_for()
+    await client.post("/v1/events", json=event(1))
+    resp = await client.get("/v1/deliveries?state=pending")
+    assert resp.status == 400
+    assert (await resp.json()) == {"error": "unknown query parameter 'state': GET "
+                                            "/v1/deliveries takes status, destination, limit, next"}
+    resp = await client.get("/v1/deliveries?status=pending&x=1&y=2&limit=5")
+    assert resp.status == 400 and "parameters 'x', 'y':" in (await resp.json())["error"]
+    for path in ("/v1/hosts?state=suspended", "/v1/deliveries/dlv_x?verbose=1"):
+        resp = await client.get(path)
+        assert resp.status == 400, path
+        assert "takes no query parameters" in (await resp.json())["error"], path
+    for path in ("/v1/deliveries?status=pending&destination=ajo&limit=5&next=0",
+                 "/v1/deliveries?after=0", "/v1/hosts", "/healthz?probe=1", "/readyz?x=1",
+                 "/metrics?name[]=relay_events_accepted_total"):
+        assert (await client.get(path)).status == 200, path
+
+
 json_values = st.recursive(
     st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False),
               st.text(max_size=30)),
