@@ -101,7 +101,8 @@ def _parser() -> argparse.ArgumentParser:
                      "Ask the running relay (at the config's server.listen, with server.token) "
                      "to make failed deliveries pending again, due now, with fresh retry "
                      "windows. Only server.listen and the token are read from the config. Exit 1 "
-                     "when a given --id is unknown or not failed.")
+                     "when a given --id is unknown or not failed, or --destination is not in "
+                     "the running relay's config.")
     config_option(replay)
     replay.add_argument("--id", dest="ids", action="append", default=[], metavar="DELIVERY_ID",
                         help="a failed delivery's id (repeatable)")

@@ -438,6 +438,12 @@ async def retry_many(request: web.Request) -> web.Response:
     if not (destination is None or (isinstance(destination, str)
                                     and 0 < len(destination) <= 256 and _text(destination))):
         return error(400, "destination must be a destination name")
+    known = request.app[DESTINATIONS]
+    if destination is not None and destination not in known:
+        # (its failed deliveries, if any, have nowhere to go: a replay would report them
+        # replayed and leave them pending for good; a typo replayed nothing and said 202)
+        return error(400, f"no destination {destination!r} (destinations: "
+                          f"{', '.join(known) or 'none configured'})")
     if not (ids or destination or since is not None):
         return error(400, "say which failed deliveries to replay: delivery_ids, destination "
                           "or failed_since (use failed_since: 0 for all)")

@@ -179,6 +179,24 @@ def test_replay_reads_only_listen_and_token(tmp_path: Path) -> None:
         proc.stop()
 
 
+def test_replay_of_an_unknown_destination_fails_naming_the_configured_ones(tmp_path: Path
+                                                                          ) -> None:
+    """`relay replay --destination nope` exits 1 with the relay's list of destinations (it
+    printed "replayed 0 deliveries" and exited 0)."""
+    proc = RelayProcess(write_config(tmp_path), tmp_path / "relay.log").start()
+    try:
+        (tmp_path / "cli").mkdir()
+        config = write_config(tmp_path / "cli", server={"listen": proc.url.split("//")[1]})
+        done = relay("replay", "-c", str(config), "--destination", "nope")
+        assert done.returncode == 1 and done.stdout == "", done.stdout
+        assert done.stderr == "relay replay: 400: no destination 'nope' (destinations: ajo, " \
+                              "braze, crm)\n", done.stderr
+        done = relay("replay", "-c", str(config), "--destination", "crm")
+        assert done.returncode == 0 and done.stdout == "replayed 0 deliveries\n", done.stderr
+    finally:
+        proc.stop()
+
+
 def test_serve_on_a_taken_port_is_one_line(tmp_path: Path) -> None:
     """A relay whose port is taken exits 1 with one line naming the port and what to do."""
     first = RelayProcess(write_config(tmp_path), tmp_path / "a.log").start()

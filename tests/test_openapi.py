@@ -90,6 +90,8 @@ async def test_real_answers_match_the_document(make_stack: Any, receiver: Receiv
                                   json={"failed_since": 0})
     assert status == 202 and isinstance(replayed["replayed"], list)
     assert (await call("POST", "/v1/deliveries/retry", "/v1/deliveries/retry", json={}))[0] == 400
+    assert (await call("POST", "/v1/deliveries/retry", "/v1/deliveries/retry",
+                       json={"destination": "nope"}))[0] == 400
     status, sent = await call("POST", "/v1/destinations/braze/test", "/v1/destinations/{name}/test")
     assert status == 200 and sent["outcome"] == "delivered"
     assert (await call("POST", "/v1/destinations/nope/test",

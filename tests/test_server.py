@@ -193,6 +193,19 @@ async def test_unknown_query_parameters_are_refused(client_for: Any) -> None:
         assert (await client.get(path)).status == 200, path
 
 
+async def test_replay_of_an_unknown_destination_is_refused(client_for: Any) -> None:
+    """A replay by a destination the config does not have is a 400 listing the configured
+    ones (it answered 202 with nothing replayed)."""
+    client = await client_for()
+    resp = await client.post("/v1/deliveries/retry", json={"destination": "nope"})
+    assert resp.status == 400
+    assert (await resp.json()) == {"error": "no destination 'nope' (destinations: ajo, braze, "
+                                            "crm)"}
+    resp = await client.post("/v1/deliveries/retry", json={"destination": "crm",
+                                                           "failed_since": 0})
+    assert resp.status == 202 and (await resp.json()) == {"replayed": []}
+
+
 json_values = st.recursive(
     st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False),
               st.text(max_size=30)),
