@@ -19,6 +19,7 @@ from urllib.parse import quote
 
 from relay import __version__
 from relay.config import Config, parse_duration
+from relay.config.load import Access
 from relay.destinations import Loaded, load
 from relay.errors import ConfigError, SpoolError
 
@@ -259,6 +260,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
         status, answer = _api(access, "POST", "/v1/deliveries/retry", body)
         if status >= 300:
             print(f"relay replay: {status}: {answer.get('error', answer)}", file=sys.stderr)
+            if status == 401:
+                print(f"relay replay: {_token_hint(args.config, access)}", file=sys.stderr)
             return 1
         replayed = answer["replayed"]
         print(f"replayed {len(replayed)} deliveries")
@@ -279,7 +282,25 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 1 if missed else 0
 
 
-def _api(access: Any, method: str, path: str,
+def _token_hint(file: str, access: Access) -> str:
+    """What to check when the relay refused replay's token: replay reads server.token from
+    its own -c file, with ${VARS} from its own environment, not the relay's."""
+    sent = "sent no token" if access.token is None else "sent a token the relay refused"
+    if access.token_vars:
+        names = " and ".join(access.token_vars)
+        unset = " (unset or empty here)" if access.token is None else ""
+        example = f"{access.token_vars[0]}=... relay replay -c {file} ..."
+        return (f"it {sent}: it takes server.token from -c {file}, which reads {names} from "
+                f"this command's environment{unset}. Set {names} here too, as the relay was "
+                f"started with: {example}")
+    if access.token_key:
+        return (f"it {sent}: it takes the token from {access.token_key} in -c {file}; the "
+                f"relay was started with another token (or another config file?)")
+    return (f"it {sent}: -c {file} sets no server.token, but the relay was started with one "
+            f"(another config file, or its token from an environment variable?)")
+
+
+def _api(access: Access, method: str, path: str,
          body: object | None = None) -> tuple[int, dict[str, Any]]:
     """(status, JSON answer) of one request to the running relay's API."""
     import json

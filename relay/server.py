@@ -583,9 +583,21 @@ def _refused(request: web.Request) -> web.Response | None:
         if scheme.lower() != "bearer" or not given.isascii() \
                 or not hmac.compare_digest(given.strip().encode(), token):
             request.app[METRICS].events_rejected.labels("unauthorized").inc()
-            return error(401, "missing or wrong Authorization: Bearer token",
+            return error(401, _unauthorized(request.headers.get("Authorization"), scheme),
                          headers={"WWW-Authenticate": 'Bearer realm="relay"'})
     return None
+
+
+def _unauthorized(header: str | None, scheme: str) -> str:
+    """Which of the three it was, for a 401: no header, another scheme, or a Bearer token that
+    is not server.token. Nothing about the token itself (not its length, nor how close the
+    one given was): the comparison above is the only one made with it."""
+    if header is None:
+        return "no Authorization header: send Authorization: Bearer <server.token>"
+    if scheme.lower() != "bearer":
+        return ("the Authorization header is not a Bearer token: send "
+                "Authorization: Bearer <server.token>")
+    return "wrong Bearer token: it is not the relay's server.token"
 
 
 def ingest_shortcut(app: web.Application, handler: RawHandler) -> RawHandler:

@@ -197,6 +197,66 @@ def test_replay_of_an_unknown_destination_fails_naming_the_configured_ones(tmp_p
         proc.stop()
 
 
+def test_replay_refused_for_its_token_says_where_the_token_comes_from(tmp_path: Path) -> None:
+    """A 401 to `relay replay` says which Authorization problem it was and that replay reads
+    server.token from its -c file with this command's environment (RELAY_TOKEN set for the
+    relay only gave a bare "401: missing or wrong Authorization: Bearer token")."""
+    token = {"token": "${RELAY_TOKEN:-}"}
+    proc = RelayProcess(write_config(tmp_path, server=token), tmp_path / "relay.log",
+                        env={"RELAY_TOKEN": "the-relays-token-123"}).start()
+    try:
+        (tmp_path / "cli").mkdir()
+        config = write_config(tmp_path / "cli",
+                              server={**token, "listen": proc.url.split("//")[1]})
+        env = {k: v for k, v in os.environ.items() if k != "RELAY_TOKEN"}
+        done = relay("replay", "-c", str(config), "--all", env=env)
+        assert done.returncode == 1 and done.stdout == ""
+        assert done.stderr.splitlines() == [
+            "relay replay: 401: no Authorization header: send Authorization: Bearer "
+            "<server.token>",
+            f"relay replay: it sent no token: it takes server.token from -c {config}, which "
+            "reads RELAY_TOKEN from this command's environment (unset or empty here). Set "
+            "RELAY_TOKEN here too, as the relay was started with: RELAY_TOKEN=... relay replay "
+            f"-c {config} ..."], done.stderr
+        done = relay("replay", "-c", str(config), "--all",
+                     env={**env, "RELAY_TOKEN": "another-token-4567"})
+        assert done.returncode == 1 and done.stderr.splitlines()[0] == \
+            "relay replay: 401: wrong Bearer token: it is not the relay's server.token"
+        assert "it sent a token the relay refused: it takes server.token from" in done.stderr
+        assert "another-token" not in done.stderr and "the-relays-token" not in done.stderr
+        done = relay("replay", "-c", str(config), "--all",
+                     env={**env, "RELAY_TOKEN": "the-relays-token-123"})
+        assert done.returncode == 0 and done.stdout == "replayed 0 deliveries\n", done.stderr
+    finally:
+        proc.stop()
+
+
+@pytest.mark.parametrize(("server", "hint"), [
+    ({"token": "written-out-token-1"}, "it sent a token the relay refused: it takes the token "
+     "from server.token in -c {file}; the relay was started with another token (or another "
+     "config file?)"),
+    ({"token_file": "token.txt"}, "it sent a token the relay refused: it takes the token from "
+     "server.token_file in -c {file}; the relay was started with another token (or another "
+     "config file?)"),
+    ({}, "it sent no token: -c {file} sets no server.token, but the relay was started with one "
+     "(another config file, or its token from an environment variable?)"),
+    ({"token": "${A:-fallback-token-9}${B:-}"}, "it sent a token the relay refused: it takes "
+     "server.token from -c {file}, which reads A and B from this command's environment. Set A "
+     "and B here too, as the relay was started with: A=... relay replay -c {file} ..."),
+])
+def test_replay_token_hints(tmp_path: Path, server: dict[str, str], hint: str) -> None:
+    """Replay's hint after a 401 names where its token came from, never the token (nor a
+    ${VAR:-fallback}'s fallback)."""
+    from relay.cli import _token_hint
+    from relay.config.load import read_access
+
+    (tmp_path / "token.txt").write_text("token-from-a-file-1\n")
+    config = write_config(tmp_path, server=server)
+    said = _token_hint(str(config), read_access(config, env={}))
+    assert said == hint.format(file=config)
+    assert "-token-" not in said
+
+
 def test_serve_on_a_taken_port_is_one_line(tmp_path: Path) -> None:
     """A relay whose port is taken exits 1 with one line naming the port and what to do."""
     first = RelayProcess(write_config(tmp_path), tmp_path / "a.log").start()

@@ -110,6 +110,9 @@ async def test_token_errors_match_the_document(make_stack: Any) -> None:
     resp = await stack.client.get("/v1/hosts")
     assert resp.status == 401 and "WWW-Authenticate" in resp.headers
     check("/v1/hosts", "GET", 401, await resp.json())
+    resp = await stack.client.get("/v1/hosts", headers={"Authorization": "Bearer nope"})
+    assert resp.status == 401 and "wrong Bearer token" in (await resp.json())["error"]
+    check("/v1/hosts", "GET", 401, await resp.json())
 
 
 @pytest.mark.parametrize("path", sorted(SPEC["paths"]))

@@ -107,6 +107,28 @@ async def test_token_guards_v1(client_for: Any) -> None:
     assert (await client.get("/healthz")).status == 200
 
 
+async def test_401_says_which_of_header_scheme_or_token_was_wrong(client_for: Any) -> None:
+    """A 401 says whether the Authorization header was missing, not Bearer, or the wrong
+    token, and nothing about the real token (every wrong token gets the same answer)."""
+    client = await client_for(server={"token": "t0k-secret-value"})
+
+    async def refused(headers: dict[str, str]) -> str:
+        resp = await client.get("/v1/hosts", headers=headers)
+        assert resp.status == 401 and resp.headers["WWW-Authenticate"].startswith("Bearer")
+        return str((await resp.json())["error"])
+
+    assert await refused({}) == \
+        "no Authorization header: send Authorization: Bearer <server.token>"
+    for header in ("Basic dXNlcjpwYXNz", "t0k-secret-value", "Token t0k-secret-value"):
+        assert await refused({"Authorization": header}) == "the Authorization header is not a " \
+            "Bearer token: send Authorization: Bearer <server.token>", header
+    wrong = {await refused({"Authorization": f"Bearer {token}"})
+             for token in ("x", "t0k-secret-valu", "t0k-secret-value-", "T0K-SECRET-VALUE", "")}
+    assert wrong == {"wrong Bearer token: it is not the relay's server.token"}
+    ok = await client.get("/v1/hosts", headers={"Authorization": "bearer t0k-secret-value"})
+    assert ok.status == 200
+
+
 async def test_allow_cidrs(client_for: Any) -> None:
     """A client outside server.allow_cidrs is refused with 403."""
     client = await client_for(server={"allow_cidrs": ["10.0.0.0/8"]})

@@ -259,6 +259,11 @@ class Access(NamedTuple):
 
     base_url: str
     token: str | None
+    # where the token comes from, for replay to say when the relay refuses it: the key
+    # ("server.token", "server.token_file" or "" for none) and the environment variables its
+    # ${...} reads (their names only: a fallback value may be a token)
+    token_key: str = ""
+    token_vars: tuple[str, ...] = ()
 
 
 def read_access(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Access:
@@ -291,7 +296,11 @@ def read_access(path: str | os.PathLike[str], env: Mapping[str, str] | None = No
             problems.append(("server.token", str(exc)))
     if problems:
         raise ConfigError(problems, source)
-    return Access(api_url(host, port), token)
+    key = next((f"server.{k}" for k in ("token", "token_file") if k in wanted), "")
+    written = wanted.get("token")
+    names = tuple(dict.fromkeys(m.group(1) for m in _ENV_REF.finditer(written) if m.group(1))) \
+        if isinstance(written, str) else ()
+    return Access(api_url(host, port), token, key, names)
 
 
 def api_url(host: str, port: int) -> str:
