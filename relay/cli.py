@@ -128,12 +128,16 @@ def _parser() -> argparse.ArgumentParser:
                    "A local HTTP receiver for trying the relay: prints every request, checks "
                    "JWT/HMAC signatures of the config's destinations, and answers 200 unless "
                    "told to fail. --status, --fail-rate and --delay take VALUE (every path) or "
-                   "PATH=VALUE (paths starting with PATH; the longest match wins) and repeat.")
+                   "PATH=VALUE (paths starting with PATH; the longest match wins) and repeat. "
+                   "With -c, a path that no destination's url (nor a PATH= rule) has is "
+                   "answered 404 saying so; the relay's own paths (/v1/events...) with where "
+                   "the relay listens.")
     sink.add_argument("--port", type=int, default=9000, help="port to listen on (default 9000)")
     sink.add_argument("--host", default="127.0.0.1", help="address to listen on (default "
                                                           "127.0.0.1)")
     config_option(sink, required=False,
-                  text="relay config: verify JWT/HMAC of matching destinations")
+                  text="relay config: verify JWT/HMAC of matching destinations, and answer "
+                       "404 to paths none of them posts to")
     sink.add_argument("--status", action="append", default=[], metavar="[PATH=]CODE",
                       help="answer CODE instead of 200, e.g. 503 or /braze=503")
     sink.add_argument("--fail-rate", action="append", default=[], metavar="[PATH=]SHARE",

@@ -5,6 +5,9 @@ For trying the relay out: it prints method, path, headers and the (pretty) JSON 
 signature verifies with the secret of the destination whose URL path matches. ``Rules`` make it
 fail (a status, a share of 503s, a delay; for every path or per path prefix) so retries,
 suspensions and dead letters can be seen; which answer a request gets is the pure ``answer``.
+Given the config, a path no destination posts to (nor a rule names) is answered 404 saying
+so (``unrouted``): an event posted to the sink's port instead of the relay's must not look
+accepted.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from aiohttp import web
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from relay.config import Config, Destination, HmacAuth, JwtAuth, parse_duration
+from relay.config.load import api_url
 from relay.errors import RelayError
 
 
@@ -96,6 +100,26 @@ def _path_prefix(dest: Destination) -> str:
     return path or "/"
 
 
+# The relay's own API: what a request the relay was meant to get asks for
+_RELAY_PATHS = ("/v1/", "/healthz", "/readyz", "/metrics")
+
+
+def unrouted(config: Config, rules: Rules, path: str) -> str | None:
+    """Why the sink answers 404 to ``path``: no destination of ``config`` posts there and no
+    rule names it (None when one does). The relay's own paths get where the relay listens."""
+    prefixes = list(dict.fromkeys(_path_prefix(d) for d in config.destinations))
+    named = [p for table in (rules.status, rules.fail_rate, rules.delay) for p in table if p]
+    if any(path.startswith(p) for p in prefixes + named):
+        return None
+    if path.startswith(_RELAY_PATHS):
+        relay = api_url(*config.server.host_port) + path
+        return (f"this is relay sink, the test receiver, not the relay: the relay listens on "
+                f"server.listen ({config.server.listen} in {config.source}), so send this to "
+                f"{relay}")
+    return (f"no destination of {config.source} posts to {path}: relay sink, the test "
+            f"receiver, takes only its destinations' url paths ({', '.join(prefixes)})")
+
+
 def verify(dest: Destination, headers: dict[str, str], body: bytes) -> str:
     """A one-line verdict on the request's signature for this destination."""
     auth = dest.auth
@@ -131,7 +155,8 @@ def sink_app(config: Config | None = None, out: TextIO = sys.stdout, rules: Rule
 
     async def handle(request: web.Request) -> web.Response:
         body = await request.read()
-        status, delay = answer(rules, request.path, draw())
+        refused = unrouted(config, rules, request.path) if config is not None else None
+        status, delay = (404, 0.0) if refused else answer(rules, request.path, draw())
         lines = [f"--- {request.method} {request.path_qs}"]
         lines += [f"{name}: {value}" for name, value in request.headers.items()]
         try:
@@ -143,8 +168,11 @@ def sink_app(config: Config | None = None, out: TextIO = sys.stdout, rules: Rule
         dest = next((d for d in dests if request.path.startswith(_path_prefix(d))), None)
         if dest is not None:
             lines.append(f"=> destination {dest.name}: {verify(dest, dict(request.headers), body)}")
-        lines.append(f"=> answered {status}" + (f" after {delay:g}s" if delay else ""))
+        lines.append(f"=> answered {status}" + (f" after {delay:g}s" if delay else "")
+                     + (f": {refused}" if refused else ""))
         print("\n".join(lines) + "\n", file=out, flush=True)
+        if refused:
+            return web.json_response({"received": False, "error": refused}, status=404)
         if delay:
             await asyncio.sleep(delay)
         return web.json_response({"received": True, "status": status}, status=status)

@@ -3,6 +3,7 @@ keys named, -c everywhere, replay reading only what it needs, a sink that fails 
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import yaml
 from relay.config import load_config
 from relay.destinations import load
 from relay.errors import ConfigError
-from relay.sink import Rules, SinkError, answer, parse_rules
+from relay.sink import Rules, SinkError, answer, parse_rules, sink_app
 from tests.helpers import ROOT, RelayProcess, event, http, write_config
 
 
@@ -296,6 +297,35 @@ def test_sink_options_parse_and_refuse_nonsense() -> None:
             parse_rules(bad, [], [])
     with pytest.raises(SinkError, match="--fail-rate"):
         parse_rules([], ["2"], [])
+
+
+async def test_sink_answers_404_to_a_path_no_destination_posts_to(tmp_path: Path,
+                                                                   aiohttp_client: Any) -> None:
+    """Given the config, the sink answers 404 saying why to a path no destination posts to,
+    and names the relay's address for the relay's own paths (it said 200 {"received": true}
+    to an event posted to its port instead of the relay's); without a config, any path."""
+    path = write_config(tmp_path, server={"listen": "0.0.0.0:8089", "token": "t0k-123456789"})
+    out = io.StringIO()
+    client = await aiohttp_client(sink_app(load_config(path, env={}), out=out,
+                                           rules=parse_rules(["503", "/test=202"], [], [])))
+    resp = await client.post("/v1/events", json=event(1))
+    assert resp.status == 404
+    assert await resp.json() == {"received": False, "error": (
+        "this is relay sink, the test receiver, not the relay: the relay listens on "
+        f"server.listen (0.0.0.0:8089 in {path}), so send this to "
+        "http://127.0.0.1:8089/v1/events")}
+    resp = await client.get("/elsewhere")
+    assert resp.status == 404
+    assert (await resp.json())["error"] == (
+        f"no destination of {path} posts to /elsewhere: relay sink, the test receiver, takes "
+        "only its destinations' url paths (/ajo, /braze, /crm)")
+    assert "=> answered 404: no destination of" in out.getvalue()
+    assert (await client.post("/braze", json={})).status == 503    # the rules, as before
+    assert (await client.post("/crm/x", json={})).status == 503
+    assert (await client.post("/test/1", json={})).status == 202   # a path a rule names
+    anything = await aiohttp_client(sink_app(None, out=out))
+    resp = await anything.post("/v1/events", json=event(1))
+    assert resp.status == 200 and (await resp.json())["received"] is True
 
 
 def test_output_cut_short_by_its_reader_is_no_traceback(tmp_path: Path) -> None:
