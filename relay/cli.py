@@ -62,6 +62,8 @@ def _parser() -> argparse.ArgumentParser:
                     "Run the relay: the HTTP API on server.listen, the spool, delivery. SIGHUP "
                     "(or a changed config file) reloads; SIGTERM drains and exits 0.")
     config_option(serve)
+    serve.add_argument("--port", "--listen", "--host", nargs="?", action=_AddressFromConfig,
+                       help=argparse.SUPPRESS)
     serve.set_defaults(func=cmd_serve)
 
     check = command("check-config", "validate a config file and exit",
@@ -146,6 +148,23 @@ def _parser() -> argparse.ArgumentParser:
                       help="wait this long before answering, e.g. 2s or /crm=500ms")
     sink.set_defaults(func=cmd_sink)
     return parser
+
+
+class _AddressFromConfig(argparse.Action):
+    """``serve --port/--listen/--host``: a usage error saying where the address comes from
+    (argparse's own was the top-level usage and "unrecognized arguments: --port 8081")."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        value = values if isinstance(values, str) else ""
+        listen = {"--port": f"127.0.0.1:{value or 8081}",
+                  "--host": f"{value or '0.0.0.0'}:8080"}.get(option_string or "",
+                                                             value or "127.0.0.1:8081")
+        file = getattr(namespace, "config", None) or "FILE"
+        parser.error(f"{option_string}: serve takes its address from server.listen in the "
+                     f"config (-c {file}): set it there (server: {{listen: \"{listen}\"}}), "
+                     f"or choose it per run with listen: \"${{RELAY_LISTEN:-127.0.0.1:8080}}\" "
+                     f"there and RELAY_LISTEN={listen} relay serve -c {file}")
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

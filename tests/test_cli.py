@@ -154,6 +154,26 @@ def test_every_subcommand_has_a_description_and_option_help(command: str) -> Non
         assert action.help, f"{command} {action.option_strings or action.dest} has no help"
 
 
+@pytest.mark.parametrize(("args", "listen"), [
+    (["--port", "8081"], "127.0.0.1:8081"), (["--port=8081"], "127.0.0.1:8081"),
+    (["--listen", "0.0.0.0:9000"], "0.0.0.0:9000"), (["--host", "0.0.0.0"], "0.0.0.0:8080")])
+def test_serve_address_options_say_the_address_is_in_the_config(args: list[str],
+                                                                listen: str) -> None:
+    """`relay serve -c FILE --port 8081` (or --listen, --host) is a usage error of serve saying
+    that the address is server.listen (it was the top-level usage and "unrecognized
+    arguments")."""
+    done = relay("serve", "-c", "config.example.yaml", *args)
+    assert done.returncode == 2 and done.stdout == ""
+    usage, said = done.stderr.splitlines()
+    assert usage == "usage: relay serve [-h] -c FILE"
+    option = args[0].split("=")[0]
+    assert said == (
+        f"relay serve: error: {option}: serve takes its address from server.listen in the "
+        f'config (-c config.example.yaml): set it there (server: {{listen: "{listen}"}}), or '
+        'choose it per run with listen: "${RELAY_LISTEN:-127.0.0.1:8080}" there and '
+        f"RELAY_LISTEN={listen} relay serve -c config.example.yaml")
+
+
 def test_replay_reads_only_listen_and_token(tmp_path: Path) -> None:
     """replay needs no destination secret to be set, and an unknown id exits 1 saying so."""
     config = write_config(tmp_path, server={"token": "tok-12345678"})
