@@ -77,13 +77,17 @@ async def test_second_writer_on_one_file_is_refused(tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """Two relays on one spool.path would both assign event numbers: the second is refused
     with the first relay's pid (the process that opened the spool, not its writer), once the
-    lock wait is over."""
+    lock wait is over, and the hint a port in use gets (a relay, or make run, still running)."""
     monkeypatch.setattr("relay.spool.store.LOCK_WAIT", 0.3)
     first = Spool(tmp_path / "s.db")
     await first.open()
     try:
-        with pytest.raises(SpoolError, match=rf"in use by another relay \(pid {os.getpid()}\)"):
+        with pytest.raises(SpoolError) as refused:
             await Spool(tmp_path / "s.db").open()
+        assert str(refused.value) == (
+            f"the spool {tmp_path / 's.db'} is in use by another relay (pid {os.getpid()}): "
+            "another relay, or make run, still running? Stop it, or give each relay its own "
+            "spool.path")
         (ok,) = await first.ingest([item(1)])   # the first one is unaffected
         assert not ok.duplicate
     finally:

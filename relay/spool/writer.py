@@ -107,8 +107,11 @@ def lock(path: str, wait: float) -> int:
             if time.monotonic() > deadline:
                 holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
                 os.close(fd)
+                # (the hint of relay/listener.py's port in use: the usual cause is the same)
                 raise JobError("error", f"the spool {path} is in use by another relay (pid "
-                                        f"{holder}); give each relay its own spool.path") from None
+                                        f"{holder}): another relay, or make run, still running? "
+                                        f"Stop it, or give each relay its own spool.path"
+                               ) from None
             time.sleep(0.05)
     os.ftruncate(fd, 0)
     os.pwrite(fd, str(os.getppid()).encode(), 0)  # the relay's pid: what an operator stops
