@@ -187,8 +187,13 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     if not config.destinations:   # (as serve would: it refuses to start)
         print(f"relay check-config: {_no_destinations(file)}", file=sys.stderr)
         return 1
-    print(f"OK: {file} ({len(config.destinations)} destinations)")
+    print(f"OK: {file} ({_count(len(config.destinations), 'destination')})")
     return 0
+
+
+def _count(n: int, noun: str, plural: str = "") -> str:
+    """``1 destination``, ``3 destinations``, ``0 deliveries``."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
 
 
 def _no_destinations(file: str) -> str:
@@ -287,7 +292,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
                 print(f"relay replay: {_token_hint(args.config, access)}", file=sys.stderr)
             return 1
         replayed = answer["replayed"]
-        print(f"replayed {len(replayed)} deliveries")
+        print(f"replayed {_count(len(replayed), 'delivery', 'deliveries')}")
         for delivery_id in replayed:
             print(delivery_id)
         missed = [i for i in args.ids if i not in replayed]

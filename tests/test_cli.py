@@ -127,6 +127,17 @@ def test_check_config_takes_c_and_positional(tmp_path: Path) -> None:
     assert relay("check-config").returncode == 2
 
 
+def test_check_config_counts_destinations_in_english(tmp_path: Path) -> None:
+    """OK names the number of destinations: "1 destination", "3 destinations"."""
+    one = tmp_path / "one"
+    one.mkdir()
+    path = write_config(one, destinations=[{"name": "b", "format": "braze",
+                                            "url": "https://h.example.com/b"}])
+    assert relay("check-config", str(path)).stdout == f"OK: {path} (1 destination)\n"
+    path = write_config(tmp_path)
+    assert relay("check-config", str(path)).stdout == f"OK: {path} (3 destinations)\n"
+
+
 @pytest.mark.parametrize("text", ["destinations: []\n", "spool: {path: spool.db}\n", ""])
 def test_check_config_refuses_no_destinations_as_serve_does(tmp_path: Path, text: str) -> None:
     """check-config ("as serve would") said OK to a file without destinations, which serve

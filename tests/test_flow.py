@@ -59,7 +59,7 @@ def test_failed_delivery_replayed_with_the_cli(tmp_path: Path, receiver: Receive
         out = subprocess.run([sys.executable, "-m", "relay", "replay", "-c", str(live),
                               "--destination", "braze"], capture_output=True, text=True)
         assert out.returncode == 0, out.stderr
-        assert delivery_id in out.stdout
+        assert out.stdout == f"replayed 1 delivery\n{delivery_id}\n"
         receiver.wait_for(2)
     finally:
         relay.stop()
