@@ -109,6 +109,7 @@ WARNED: web.AppKey[_Warned] = web.AppKey("warned", _Warned)
 RECENT: web.AppKey[_Recent] = web.AppKey("recent", _Recent)
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
 ACCESS: web.AppKey[tuple[Any, ...]] = web.AppKey("access", tuple)
+NOT_FOUND: web.AppKey[str] = web.AppKey("not_found", str)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_INT = 2**63       # SQLite's and PostgreSQL's integers: no number from a client beyond
@@ -147,6 +148,9 @@ def create_app(config: Config, spool: SpoolBackend, dispatcher: DispatchView | N
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_endpoint)
+    app[NOT_FOUND] = "no such path; the API's paths are " + ", ".join(
+        f"{route.method} {route.resource.canonical}" for route in app.router.routes()
+        if route.resource is not None and route.method != "HEAD") + " (docs/api.md)"
     return app
 
 
@@ -652,7 +656,9 @@ async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return error(exc.status, exc.reason, headers={
+        # (no handler raises a 404: this is the router's, for a path it has no route for)
+        message = request.app[NOT_FOUND] if exc.status == 404 else exc.reason
+        return error(exc.status, message, headers={
             k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")})
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         return error(400, f"not valid JSON: {exc}")

@@ -170,10 +170,16 @@ async def test_health_and_readiness(client_for: Any) -> None:
 
 
 async def test_unknown_paths_and_methods_answer_json(client_for: Any) -> None:
-    """404 and 405 come back as JSON errors."""
+    """404 and 405 come back as JSON errors; a 404 names the API's paths (it said only
+    "Not Found")."""
     client = await client_for()
-    resp = await client.get("/nope")
-    assert resp.status == 404 and "error" in await resp.json()
+    for path in ("/nope", "/v1/delivery", "/v1/events/x", "/v1/deliveries/a/b"):
+        resp = await client.get(path)
+        assert resp.status == 404 and (await resp.json()) == {"error": (
+            "no such path; the API's paths are POST /v1/events, GET /v1/deliveries, "
+            "POST /v1/deliveries/retry, GET /v1/deliveries/{delivery_id}, "
+            "POST /v1/deliveries/{delivery_id}/retry, POST /v1/destinations/{name}/test, "
+            "GET /v1/hosts, GET /healthz, GET /readyz, GET /metrics (docs/api.md)")}, path
     resp = await client.get("/v1/events")
     assert resp.status == 405 and "POST" in resp.headers["Allow"]
 
