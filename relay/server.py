@@ -312,7 +312,8 @@ def _count_ingest(metrics: Metrics, receipt: Receipt) -> None:
 
 
 # The query parameters of each GET of the API (`after`: the old name of `next`, still taken).
-# Any other is refused: a typo (`?state=failed`) was ignored, and the whole log listed.
+# Any other is refused, as is any on a POST but POST /v1/events: a typo (`?state=failed`) was
+# ignored, and the whole log listed.
 DELIVERIES_QUERY = ("status", "destination", "limit", "next")
 
 
@@ -411,6 +412,9 @@ async def list_hosts(request: web.Request) -> web.Response:
 
 async def retry_one(request: web.Request) -> web.Response:
     """Replay one failed delivery: pending again, due now, fresh retry windows."""
+    refused = _unknown_query(request)
+    if refused is not None:
+        return refused
     spool, delivery_id = request.app[SPOOL], request.match_info["delivery_id"]
     record = await spool.get_delivery(delivery_id) if _text(delivery_id) else None
     if record is None:
@@ -424,6 +428,11 @@ async def retry_one(request: web.Request) -> web.Response:
 
 async def retry_many(request: web.Request) -> web.Response:
     """Replay failed deliveries by ``delivery_ids``, ``destination`` and/or ``failed_since``."""
+    # (its filters are the body's: ?destination=crm beside {"failed_since": 0} replayed every
+    # destination's failed deliveries)
+    refused = _unknown_query(request)
+    if refused is not None:
+        return refused
     try:
         body = json.loads(await request.read() or b"{}", parse_int=_whole) \
             if request.can_read_body else {}
@@ -480,6 +489,9 @@ def _text(value: str) -> bool:
 
 async def test_destination(request: web.Request) -> web.Response:
     """Send a synthetic event to one destination now, bypassing the spool."""
+    refused = _unknown_query(request)
+    if refused is not None:
+        return refused
     name = request.match_info["name"]
     target = request.app[DESTINATIONS].get(name)
     if target is None:

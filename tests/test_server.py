@@ -234,6 +234,17 @@ async def test_replay_of_an_unknown_destination_is_refused(client_for: Any) -> N
     assert resp.status == 202 and (await resp.json()) == {"replayed": []}
 
 
+async def test_a_query_parameter_of_a_replay_or_test_send_is_refused(client_for: Any) -> None:
+    """The POSTs that act take their filters from the body, not the query: `?destination=crm`
+    beside `{"failed_since": 0}` replayed every destination's failed deliveries."""
+    client = await client_for()
+    for path in ("/v1/deliveries/retry?destination=crm", "/v1/deliveries/dlv_x/retry?force=1",
+                 "/v1/destinations/crm/test?dry_run=1"):
+        resp = await client.post(path, json={"failed_since": 0})
+        assert resp.status == 400, path
+        assert "takes no query parameters" in (await resp.json())["error"], path
+
+
 json_values = st.recursive(
     st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False),
               st.text(max_size=30)),
