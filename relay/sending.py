@@ -2,8 +2,10 @@
 destinations add around it: an OAuth2 token (fetched before, refreshed once on a 401, the
 request then sent once more) and the attempt's trace span (relay.tracing).
 
-Returns the ``Exchange`` as the transport does; never retries beyond that one re-send and never
-judges the result (that is relay.policy).
+Returns the ``Exchange`` as the transport does, but for an OAuth2 token a receiver echoed: that
+is hidden (``****``) in the response's headers and excerpt, since it is known nowhere else and
+the test send and the activity log show the answer. Never retries beyond that one re-send and
+never judges the result (that is relay.policy).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from relay.connection import Via
 from relay.destinations import CompiledDestination
 from relay.oauth2 import TokenError
 from relay.policy import classify
+from relay.redact import hide_in
 from relay.request import Exchange, Request, endpoint
 from relay.transport import Transport
 
@@ -44,13 +47,17 @@ async def _send(target: CompiledDestination, transport: Transport, request: Requ
     async def fetch(token_request: Request, timeout: float, limit: int) -> Exchange:
         return await transport.handle_request(token_request.routed(via), timeout, limit)
 
+    async def with_token(token: str) -> Exchange:
+        exchange = await transport.handle_request(request.with_headers(**provider.header(token)),
+                                                  target.timeout)
+        return hide_in(exchange, (token,))
+
     started = time.time()
     try:
         token = await provider.token(fetch)
     except TokenError as exc:
         return Exchange(started, time.time() - started, error="token", detail=str(exc))
-    exchange = await transport.handle_request(request.with_headers(**provider.header(token)),
-                                              target.timeout)
+    exchange = await with_token(token)
     if exchange.status != 401:
         return exchange
     provider.invalidate(token)  # refused: a new token, and the request once more with it
@@ -58,5 +65,4 @@ async def _send(target: CompiledDestination, transport: Transport, request: Requ
         token = await provider.token(fetch)
     except TokenError:
         return exchange
-    return await transport.handle_request(request.with_headers(**provider.header(token)),
-                                          target.timeout)
+    return await with_token(token)

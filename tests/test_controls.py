@@ -442,6 +442,27 @@ async def test_oauth2_token_endpoint_failure_is_a_retried_failure(make_stack: An
     assert "cs-secret" not in json.dumps(answer) and "tok-" not in json.dumps(answer)
 
 
+async def test_an_echoed_oauth2_access_token_is_hidden(make_stack: Any, serve: Any) -> None:
+    """The access token fetched while sending, echoed by the receiver in its body and a
+    header, is hidden in the test-send answer (it was shown in clear: only the configured
+    secrets and the request's own headers were known there) and in the activity log."""
+    stack, _, dest, _ = await _oauth_setup(make_stack, serve)
+    dest.answer = lambda r: web.json_response(
+        {"authorization": r.headers["Authorization"]},
+        headers={"X-Echo": r.headers["Authorization"]})
+    answer = await (await stack.client.post("/v1/destinations/dest/test")).json()
+    assert dest.requests[-1]["headers"]["Authorization"] == "Bearer tok-1"
+    response = answer["response"]
+    assert response["status"] == 200 and "tok-1" not in json.dumps(answer), answer
+    assert response["headers"]["X-Echo"] == "Bearer ****"
+    assert json.loads(response["body"]) == {"authorization": "Bearer ****"}
+    ids = await stack.post(event(1))
+    found = await stack.settle(ids["evt-1/dest"], "delivered")
+    assert dest.requests[-1]["headers"]["Authorization"].startswith("Bearer tok-")
+    assert json.loads(found["attempts"][0]["response_excerpt"]) == {
+        "authorization": "Bearer ****"}
+
+
 # -- OpenTelemetry -------------------------------------------------------------------------
 
 
