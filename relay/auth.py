@@ -290,7 +290,7 @@ def _whsec_key(secret: str, where: str = "auth.secret") -> bytes:
 PUBLIC_HEADERS = frozenset({
     "accept", "accept-encoding", "content-encoding", "content-length", "content-type",
     "user-agent", "webhook-id", "webhook-timestamp"})
-_SCHEMES = ("Bearer", "Basic", "Token")
+SCHEMES = ("Bearer", "Basic", "Token")   # words before a credential in a header value
 MASKED = "****"
 
 
@@ -298,27 +298,34 @@ def is_public_header(name: str) -> bool:
     return name.lower() in PUBLIC_HEADERS
 
 
+def auth_secrets(dest: Destination) -> list[str]:
+    """A destination's auth secrets (token, password, key, client secret, hmac secrets), and
+    basic's ``user:password`` as its Authorization header carries it (base64)."""
+    auth = dest.auth
+    if isinstance(auth, BearerAuth):
+        return [auth.token.get_secret_value()]
+    if isinstance(auth, BasicAuth):
+        return [auth.password.get_secret_value(),
+                _static_auth(dest)["Authorization"].partition(" ")[2]]
+    if isinstance(auth, JwtAuth):
+        return [auth.key.get_secret_value()]
+    if isinstance(auth, OAuth2Auth):
+        return [auth.client_secret.get_secret_value()]
+    if isinstance(auth, HmacAuth):
+        return [s.get_secret_value() for s in ([auth.secret] if auth.secret else [])] + \
+            [s.get_secret_value() for s in auth.secrets]
+    return []
+
+
 def destination_secrets(dest: Destination) -> list[str]:
-    """Every secret value a destination configures: its auth secrets, the value of every
+    """Every secret value a destination configures: its ``auth_secrets``, the value of every
     header not on ``PUBLIC_HEADERS`` (and the part after a scheme word such as ``Bearer``),
     and every literal query value of its configured URLs.
 
     Values containing Liquid markup are left out: what they render to comes from event data
     and is masked by header name (``mask``), not by value.
     """
-    found: list[str] = []
-    auth = dest.auth
-    if isinstance(auth, BearerAuth):
-        found.append(auth.token.get_secret_value())
-    elif isinstance(auth, BasicAuth):
-        found.append(auth.password.get_secret_value())
-    elif isinstance(auth, JwtAuth):
-        found.append(auth.key.get_secret_value())
-    elif isinstance(auth, OAuth2Auth):
-        found.append(auth.client_secret.get_secret_value())
-    elif isinstance(auth, HmacAuth):
-        found += [s.get_secret_value() for s in ([auth.secret] if auth.secret else [])]
-        found += [s.get_secret_value() for s in auth.secrets]
+    found = auth_secrets(dest)
     template = dest.template
     variants = list(template.variants.values()) if template is not None else []
     header_sets = [dest.headers] + [v.headers for v in variants if v.headers]
@@ -328,7 +335,7 @@ def destination_secrets(dest: Destination) -> list[str]:
                 continue
             found.append(value)
             scheme, _, rest = value.partition(" ")
-            if rest and scheme in _SCHEMES:
+            if rest and scheme in SCHEMES:
                 found.append(rest)
     for url in [dest.url] + [v.url for v in variants if v.url]:
         found += [value for value in _query_values(url) if value and not has_markup(value)]
@@ -348,7 +355,7 @@ def mask(request: Request, secrets: Iterable[str] = ()) -> Request:
             scheme, _, rest = value.partition(" ")
             if name.lower() == "webhook-signature":
                 value = " ".join(part.split(",", 1)[0] + "," + MASKED for part in value.split())
-            elif rest and scheme in _SCHEMES:
+            elif rest and scheme in SCHEMES:
                 value = f"{scheme} {MASKED}"
             else:
                 value = MASKED

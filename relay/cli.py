@@ -95,7 +95,13 @@ def _parser() -> argparse.ArgumentParser:
                            "the response",
                    "Send a synthetic event straight to one destination (no relay running, no "
                    "spool) and print the request as sent (secrets masked) and the answer. Exit 0 "
-                   "when the destination accepted it.")
+                   "when the destination accepted it. Secrets the receiver echoes back are "
+                   "**** in its answer, as written or JSON-escaped: the auth secrets and what "
+                   "the relay made of them (Authorization value, JWT, signatures, OAuth2 "
+                   "token), and configured header and query values whose name holds auth, "
+                   "key, token, secret, passw, signature, hmac, session, cookie, credential, "
+                   "sig or code, or that start with Bearer, Basic or Token. Other values "
+                   "(X-Env: production) are shown as echoed.")
     config_option(test)
     test.add_argument("name", metavar="NAME", help="destination name")
     test.set_defaults(func=cmd_test)

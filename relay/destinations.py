@@ -1,4 +1,5 @@
-"""Each destination compiled once: renderer, signer, retry rules, timeout and host key.
+"""Each destination compiled once: renderer, signer, retry rules, timeout, host key and the
+secrets to hide in what its receiver answers.
 
 The one place where templates are parsed and signing keys loaded. ``load()`` is what every
 command that runs or checks a config calls (serve, check-config, reload, render, test): the
@@ -27,6 +28,7 @@ from relay.events import Event
 from relay.oauth2 import TokenProvider
 from relay.payloads import Renderer, build_renderer
 from relay.policy import RetryPolicy
+from relay.redact import Echoes
 from relay.request import Request, endpoint
 
 MintCounter = Callable[[str], Callable[[], None]]  # destination name -> "a JWT was minted"
@@ -44,6 +46,7 @@ class CompiledDestination:
     host: str | None      # scheme://host:port; None when event data chooses it (a template)
     via: Via | None = None              # TLS client certificate, CA bundle, proxy
     oauth2: TokenProvider | None = None  # auth.type oauth2: tokens fetched when sending
+    echoes: Echoes = dataclasses.field(default_factory=Echoes)  # its secrets, echoed back
 
     @property
     def name(self) -> str:
@@ -143,7 +146,8 @@ def compile_destination(dest: Destination, config: Config, *,
     return CompiledDestination(
         destination=dest, renderer=renderer, signing=signing, policy=policy,
         timeout=dest.timeout or config.delivery.timeout, host=host, via=via,
-        oauth2=TokenProvider(dest.auth, clock) if isinstance(dest.auth, OAuth2Auth) else None)
+        oauth2=TokenProvider(dest.auth, clock) if isinstance(dest.auth, OAuth2Auth) else None,
+        echoes=Echoes.of(dest))
 
 
 def host_key(dest: Destination) -> str | None:

@@ -1,32 +1,85 @@
-"""Hiding secrets in what a receiver answered.
+"""Hiding a destination's secrets in what its receiver answered.
 
 A receiver that echoes the request (many test endpoints do) puts the credentials the relay sent
-into its answer: the test send shows that answer. ``hide`` replaces each known secret in such
-text with ``****``; ``hide_in`` does so in an ``Exchange``'s response headers and body excerpt.
-Never changes what is sent, nor a response's status.
+into its answer: the test send shows that answer. Only secret material is looked for, by value,
+as written and JSON-escaped (``\\/``, ``\\"``, ``\\uXXXX``): the destination's auth secrets;
+what the relay computed from them for a request (Basic's base64, a JWT, HMAC signatures, an
+OAuth2 token: relay.sending hides that one); and the values of configured headers and query
+parameters that ``is_credential`` says are secret. Any other value a receiver echoes (an
+``X-Env: production`` header) stays readable. Never changes what is sent, nor a status.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import json
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from urllib.parse import parse_qsl, urlsplit
 
 from multidict import CIMultiDict
 
-from relay.auth import MASKED
-from relay.request import Exchange
+from relay.auth import MASKED, SCHEMES, auth_secrets
+from relay.config import Destination, HmacAuth, JwtAuth
+from relay.request import Exchange, Request, has_markup
 
 ECHO_MIN = 4   # a shorter secret is not looked for (it would hide common text)
 
+# Names of headers and query parameters that hold credentials: X-Api-Key, X-Auth-Token,
+# X-Hub-Signature, Cookie, ?api_key=, ?access_token=, ?sig= (Azure SAS), ?code= (Azure
+# Functions).
+CREDENTIAL_NAME = re.compile(
+    r"auth|key|token|secret|passw|signature|hmac|session|cookie|credential"
+    r"|(?<![a-z])(sig|code)(?![a-z])", re.IGNORECASE)
 
-def hide(text: str, secrets: Sequence[str]) -> str:
-    """``text`` with each of ``secrets`` (in the order given: longest first, so a secret that
-    contains another is hidden whole) replaced by ``****``; ``text`` itself when none is in
-    it. Secrets shorter than ``ECHO_MIN`` are left alone."""
+
+def is_credential(name: str, value: str) -> bool:
+    """A configured header (or query parameter) whose value is a secret: its name says so, or
+    the value starts with a scheme word (``Bearer ...``, ``Basic ...``, ``Token ...``)."""
+    return CREDENTIAL_NAME.search(name) is not None or value.partition(" ")[0] in SCHEMES
+
+
+def secret_parts(value: str) -> tuple[str, ...]:
+    """The secrets in a secret header value, so that an echo of it reads as ``relay render``
+    shows the header: each HMAC signature after its version (``v1,****``), the credential
+    after a scheme word (``Bearer ****``; a short one with its scheme), else the whole."""
+    if value.startswith("v1,"):
+        return tuple(word.removeprefix("v1,") for word in value.split(" "))
+    scheme, _, rest = value.partition(" ")
+    return (rest,) if scheme in SCHEMES and len(rest) >= ECHO_MIN else (value,)
+
+
+def escaped_forms(secret: str) -> set[str]:
+    """How a JSON string holds ``secret``, where that differs from ``secret``: ``"`` and ``\\``
+    escaped, ``/`` as ``\\/`` (as PHP and others write it), non-ASCII as ``\\uXXXX`` or not."""
+    if secret.isascii() and secret.isprintable() and '"' not in secret and "\\" not in secret:
+        forms = {secret.replace("/", "\\/")}   # (the common case, without json.dumps)
+    else:
+        forms = {json.dumps(secret)[1:-1], json.dumps(secret, ensure_ascii=False)[1:-1]}
+        forms |= {form.replace("/", "\\/") for form in forms}
+    forms.discard(secret)
+    return forms
+
+
+def _longest_first(secrets: Iterable[str]) -> tuple[str, ...]:
+    return tuple(sorted({s for s in secrets if len(s) >= ECHO_MIN}, key=len, reverse=True))
+
+
+def _replace(text: str, secrets: Iterable[str]) -> str:
     for secret in secrets:
         if len(secret) >= ECHO_MIN and secret in text:
             text = text.replace(secret, MASKED)
     return text
+
+
+def hide(text: str, secrets: Sequence[str]) -> str:
+    """``text`` with each of ``secrets`` (in the order given: longest first, so a secret that
+    contains another is hidden whole), as written and JSON-escaped, replaced by ``****``;
+    ``text`` itself when none is in it. Secrets shorter than ``ECHO_MIN`` are left alone."""
+    if "\\" in text:   # else no escaped form can be in it
+        text = _replace(text, [form for secret in secrets for form in escaped_forms(secret)])
+    return _replace(text, secrets)
 
 
 def hide_in(exchange: Exchange, secrets: Sequence[str]) -> Exchange:
@@ -39,3 +92,47 @@ def hide_in(exchange: Exchange, secrets: Sequence[str]) -> Exchange:
     if excerpt is exchange.excerpt and headers is exchange.headers:
         return exchange
     return dataclasses.replace(exchange, headers=headers, excerpt=excerpt)
+
+
+@dataclass(frozen=True, slots=True)
+class Echoes:
+    """One destination's secrets as its receiver may echo them back: built once per
+    destination (relay.destinations), looked for in each answer shown or kept."""
+
+    static: tuple[str, ...] = ()    # the configured secrets, longest first
+    escaped: tuple[str, ...] = ()   # their JSON-escaped forms, longest first
+    signed: tuple[str, ...] = ()    # headers whose secret value is made per request
+
+    @classmethod
+    def of(cls, dest: Destination) -> Echoes:
+        found = auth_secrets(dest)
+        signed = [dest.auth.header] if isinstance(dest.auth, JwtAuth) else \
+            ["webhook-signature"] if isinstance(dest.auth, HmacAuth) else []
+        template = dest.template
+        variants = list(template.variants.values()) if template is not None else []
+        for headers in [dest.headers] + [v.headers for v in variants if v.headers]:
+            for name, value in headers.items():
+                if not is_credential(name, value):
+                    continue
+                if has_markup(value):   # rendered from event data: read from each request
+                    signed.append(name)
+                else:
+                    found += secret_parts(value)
+        for url in [dest.url] + [v.url for v in variants if v.url]:
+            found += [value for name, value in parse_qsl(urlsplit(url).query)
+                      if is_credential(name, value) and not has_markup(value)]
+        static = _longest_first(found)
+        return cls(static, _longest_first(form for s in static for form in escaped_forms(s)),
+                   tuple(dict.fromkeys(signed)))
+
+    def hide(self, text: str, request: Request | None = None) -> str:
+        """``text`` (a response body or header value) with this destination's secrets hidden,
+        and those ``request`` (as sent) carried in its per-request headers."""
+        if request is not None:
+            for name in self.signed:
+                value = request.headers.get(name)
+                if value:
+                    text = hide(text, secret_parts(value))
+        if "\\" in text:   # else no escaped form can be in it
+            text = _replace(text, self.escaped)
+        return _replace(text, self.static)

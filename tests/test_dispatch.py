@@ -220,6 +220,26 @@ async def test_test_send_hides_secrets_the_receiver_echoes(make_stack: Any,
     assert receiver.received("/b")[0].headers["Authorization"] == f"Basic {basic}"
 
 
+async def test_test_send_hides_only_secrets_and_their_json_escaped_forms(
+        make_stack: Any, receiver: Receiver) -> None:
+    """An echoed X-Env: production stays readable (every non-public header value was
+    hidden); an echoed API key and password are hidden also JSON-escaped (\\/ and \\")."""
+    key, password = 'KEY-abc/def"ghi', "PASS/WORD-123"
+    receiver.answer(Answer(200, headers={"X-Env": "production", "X-Echo-Key": key}, body=json.dumps(
+        {"env": "production", "key": key, "password": password}).replace("/", "\\/")))
+    stack = await make_stack(**receiver_config(receiver, destinations=[
+        {"name": "b", "format": "braze", "url": f"{receiver.url}/b",
+         "headers": {"X-Env": "production", "X-Api-Key": key},
+         "auth": {"type": "basic", "username": "user", "password": password}}]))
+    answer = await (await stack.client.post("/v1/destinations/b/test")).json()
+    response = answer["response"]
+    assert response["headers"]["X-Env"] == "production"
+    assert response["headers"]["X-Echo-Key"] == "****"
+    assert json.loads(response["body"]) == {"env": "production", "key": "****",
+                                            "password": "****"}
+    assert answer["request"]["headers"]["X-Api-Key"] == "****"
+
+
 async def test_test_send_returns_request_and_response(make_stack: Any, receiver: Receiver) -> None:
     """The destination test endpoint sends now and shows the masked request and the answer."""
     receiver.answer(Answer(201, body="created"))

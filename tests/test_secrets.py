@@ -19,6 +19,7 @@ from relay.auth import destination_secrets, mask
 from relay.config import load_config, parse_config
 from relay.errors import ConfigError
 from relay.logs import JsonFormatter, MaskSecrets, config_secrets
+from relay.redact import Echoes, is_credential
 from relay.reload import ConfigWatcher
 from relay.request import Request
 from tests.helpers import RelayProcess, event, http, write_config
@@ -104,6 +105,32 @@ def test_mask_keeps_public_headers_and_templated_query_values(tmp_path: Path) ->
                  destination_secrets(dest))
     assert shown.url == "https://h.example.com/x?key=****&id=evt-1"
     assert shown.headers == {"Accept": "application/json", "X-Auth": "Token ****"}
+
+
+@pytest.mark.parametrize(("name", "value", "secret"), [
+    ("X-Env", "production", False), ("X-Request-Source", "relay", False),
+    ("X-Design", "blue", False), ("format", "json", False), ("X-Custom", "Bearer abc", True),
+    ("Authorization", "abc", True), ("X-Api-Key", "abc", True), ("X-Auth", "abc", True),
+    ("X-Hub-Signature", "abc", True), ("Cookie", "abc", True), ("access_token", "abc", True),
+    ("api_sig", "abc", True), ("code", "abc", True), ("X-Client-Secret", "abc", True)])
+def test_a_configured_value_is_a_secret_when_its_name_or_scheme_word_says_so(
+        name: str, value: str, secret: bool) -> None:
+    """The rule for what is looked for in an echoing receiver's answer."""
+    assert is_credential(name, value) is secret
+
+
+def test_echoes_look_for_secrets_only() -> None:
+    """A destination's echoes: credential header and query values (a rendered one read from
+    each request), not the other configured values."""
+    config = parse_config(yaml.safe_dump({"destinations": [template_dest(
+        url="https://h.example.com/x?api_key=qs-secret&format=json",
+        headers={"X-Env": "production", "X-Api-Key": "hdr-secret",
+                 "X-User-Token": "{{ event.attributes.token }}"})]}), env={})
+    echoes = Echoes.of(config.destinations[0])
+    assert set(echoes.static) == {"qs-secret", "hdr-secret"} and echoes.signed == ("X-User-Token",)
+    request = Request("POST", "https://h.example.com/x", {"X-User-Token": "per-event-token"})
+    echoed = "production qs-secret hdr-secret per-event-token json"
+    assert echoes.hide(echoed, request) == "production **** **** **** json"
 
 
 def log_json(mask_filter: MaskSecrets, record: logging.LogRecord) -> dict[str, Any]:
