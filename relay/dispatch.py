@@ -917,8 +917,11 @@ class Dispatcher:
         else:
             exchange = await send(target, self.transport, request, due.attempts + 1)
             outcome = classify(exchange, self.clock())
+            excerpt = exchange.excerpt
+            if excerpt:   # an echoing receiver's answer: the activity log keeps no secret
+                excerpt = target.echoes.hide(excerpt, request)
             attempt = Attempt(exchange.started_at, exchange.duration, exchange.status,
-                              exchange.error_text, exchange.excerpt)
+                              exchange.error_text, excerpt)
             failed = counts_as_failure(outcome)
             if failed or outcome.status is not None:
                 self.health.record(prepared.host, failed, self.clock())

@@ -1,7 +1,8 @@
 """Hiding a destination's secrets in what its receiver answered.
 
 A receiver that echoes the request (many test endpoints do) puts the credentials the relay sent
-into its answer: the test send shows that answer. Only secret material is looked for, by value,
+into its answer: the test send shows that answer, and the activity log keeps the first 1 KiB
+of every answer (a secret cut there is hidden too). Only secret material is looked for, by value,
 as written and JSON-escaped (``\\/``, ``\\"``, ``\\uXXXX``): the destination's auth secrets;
 what the relay computed from them for a request (Basic's base64, a JWT, HMAC signatures, an
 OAuth2 token: relay.sending hides that one); and the values of configured headers and query
@@ -25,6 +26,9 @@ from relay.config import Destination, HmacAuth, JwtAuth
 from relay.request import Exchange, Request, has_markup
 
 ECHO_MIN = 4   # a shorter secret is not looked for (it would hide common text)
+# A response's excerpt is its first 1 KiB (relay.transport.EXCERPT_BYTES): one cut there has
+# at least this many characters (4 UTF-8 bytes each at most), a shorter text was not cut.
+CUT_MIN = 256
 
 # Names of headers and query parameters that hold credentials: X-Api-Key, X-Auth-Token,
 # X-Hub-Signature, Cookie, ?api_key=, ?access_token=, ?sig= (Azure SAS), ?code= (Azure
@@ -44,8 +48,8 @@ def secret_parts(value: str) -> tuple[str, ...]:
     """The secrets in a secret header value, so that an echo of it reads as ``relay render``
     shows the header: each HMAC signature after its version (``v1,****``), the credential
     after a scheme word (``Bearer ****``; a short one with its scheme), else the whole."""
-    if value.startswith("v1,"):
-        return tuple(word.removeprefix("v1,") for word in value.split(" "))
+    if value.startswith("v1,"):   # "v1,<sig> v1,<sig>"
+        return tuple(value[3:].split(" v1,"))
     scheme, _, rest = value.partition(" ")
     return (rest,) if scheme in SCHEMES and len(rest) >= ECHO_MIN else (value,)
 
@@ -73,13 +77,35 @@ def _replace(text: str, secrets: Iterable[str]) -> str:
     return text
 
 
-def hide(text: str, secrets: Sequence[str]) -> str:
+def _hide_cut(text: str, secrets: Iterable[str]) -> str:
+    """``text`` with the start of a secret it ends with (``ECHO_MIN`` characters or more)
+    hidden: a response's excerpt is cut at 1 KiB, maybe inside an echoed secret."""
+    if len(text) < CUT_MIN:
+        return text
+    cut = len(text)
+    for secret in secrets:
+        if len(secret) < ECHO_MIN:
+            continue
+        at = text.find(secret[:ECHO_MIN], max(0, len(text) - len(secret) + 1))
+        while at != -1 and at < cut:
+            if secret.startswith(text[at:]):
+                cut = at
+                break
+            at = text.find(secret[:ECHO_MIN], at + 1)
+    return text if cut == len(text) else text[:cut] + MASKED
+
+
+def hide(text: str, secrets: Sequence[str], escaped: Sequence[str] | None = None) -> str:
     """``text`` with each of ``secrets`` (in the order given: longest first, so a secret that
-    contains another is hidden whole), as written and JSON-escaped, replaced by ``****``;
-    ``text`` itself when none is in it. Secrets shorter than ``ECHO_MIN`` are left alone."""
+    contains another is hidden whole), as written and JSON-escaped (``escaped``, when the
+    caller has those forms already), and the start of one it ends with, replaced by
+    ``****``; ``text`` itself when none is in it. Secrets shorter than ``ECHO_MIN`` are left
+    alone."""
     if "\\" in text:   # else no escaped form can be in it
-        text = _replace(text, [form for secret in secrets for form in escaped_forms(secret)])
-    return _replace(text, secrets)
+        if escaped is None:
+            escaped = [form for secret in secrets for form in escaped_forms(secret)]
+        text = _replace(text, escaped)
+    return _hide_cut(_replace(text, secrets), secrets)
 
 
 def hide_in(exchange: Exchange, secrets: Sequence[str]) -> Exchange:
@@ -128,11 +154,11 @@ class Echoes:
     def hide(self, text: str, request: Request | None = None) -> str:
         """``text`` (a response body or header value) with this destination's secrets hidden,
         and those ``request`` (as sent) carried in its per-request headers."""
+        if len(text) < ECHO_MIN or not (self.static or self.signed):   # ("ok", "{}")
+            return text
         if request is not None:
             for name in self.signed:
                 value = request.headers.get(name)
                 if value:
                     text = hide(text, secret_parts(value))
-        if "\\" in text:   # else no escaped form can be in it
-            text = _replace(text, self.escaped)
-        return _replace(text, self.static)
+        return hide(text, self.static, self.escaped)

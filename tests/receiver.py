@@ -8,6 +8,7 @@ Usable from sync and async tests alike.
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ class Answer:
     headers: dict[str, str] = field(default_factory=dict)
     body: str = "ok"
     delay: float = 0.0
+    echo: bool = False  # the body is the request's headers as JSON (as test endpoints answer)
 
 
 @dataclass
@@ -84,7 +86,8 @@ class Receiver(LoopThread):
                                           answer.status))
         if answer.delay:
             await asyncio.sleep(answer.delay)
-        return web.Response(status=answer.status, headers=answer.headers, text=answer.body)
+        text = json.dumps(dict(request.headers)) if answer.echo else answer.body
+        return web.Response(status=answer.status, headers=answer.headers, text=text)
 
     async def _serve(self, ready: threading.Event, stop: asyncio.Event) -> None:
         app = web.Application()

@@ -240,6 +240,36 @@ async def test_test_send_hides_only_secrets_and_their_json_escaped_forms(
     assert answer["request"]["headers"]["X-Api-Key"] == "****"
 
 
+async def test_activity_log_keeps_no_secret_an_echoing_receiver_returned(
+        make_stack: Any, receiver: Receiver) -> None:
+    """A receiver that echoes the request's headers with a 500: the attempt's stored
+    excerpt has the Basic credentials, the HMAC signature and a credential header as ****
+    (they were stored in clear), and the other headers as sent."""
+    receiver.set_default(Answer(500, echo=True))
+    key = "KEY-abc/def-123"
+    stack = await make_stack(**receiver_config(receiver, destinations=[
+        {"name": "b", "format": "braze", "url": f"{receiver.url}/b",
+         "headers": {"X-Env": "production", "X-Api-Key": key},
+         "auth": {"type": "basic", "username": "user", "password": "PASSWORD-987654"}},
+        {"name": "h", "format": "braze", "url": f"{receiver.url}/h",
+         "auth": {"type": "hmac", "secret": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"}}]))
+    ids = await stack.post(event(1))
+    for name in ("b", "h"):
+        found = await async_eventually(lambda n=name: stack.delivery(ids[f"evt-1/{n}"]),
+                                       lambda d: d["attempt_count"] >= 1)
+        (sent, *_) = receiver.received(f"/{name}")
+        stored = found["attempts"][0]
+        excerpt = {k.lower(): v for k, v in json.loads(stored["response_excerpt"]).items()}
+        assert stored["status_code"] == 500 and excerpt["webhook-id"] == sent.headers["Webhook-Id"]
+        if name == "b":
+            assert sent.headers["Authorization"] != "Basic ****"
+            assert excerpt["authorization"] == "Basic ****" and excerpt["x-api-key"] == "****"
+            assert excerpt["x-env"] == "production"
+        else:
+            assert sent.headers["Webhook-Signature"] != "v1,****"
+            assert excerpt["webhook-signature"] == "v1,****"
+
+
 async def test_test_send_returns_request_and_response(make_stack: Any, receiver: Receiver) -> None:
     """The destination test endpoint sends now and shows the masked request and the answer."""
     receiver.answer(Answer(201, body="created"))

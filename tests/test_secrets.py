@@ -19,7 +19,7 @@ from relay.auth import destination_secrets, mask
 from relay.config import load_config, parse_config
 from relay.errors import ConfigError
 from relay.logs import JsonFormatter, MaskSecrets, config_secrets
-from relay.redact import Echoes, is_credential
+from relay.redact import Echoes, hide, is_credential
 from relay.reload import ConfigWatcher
 from relay.request import Request
 from tests.helpers import RelayProcess, event, http, write_config
@@ -131,6 +131,15 @@ def test_echoes_look_for_secrets_only() -> None:
     request = Request("POST", "https://h.example.com/x", {"X-User-Token": "per-event-token"})
     echoed = "production qs-secret hdr-secret per-event-token json"
     assert echoes.hide(echoed, request) == "production **** **** **** json"
+
+
+def test_a_secret_cut_off_at_the_end_of_an_excerpt_is_hidden() -> None:
+    """A 1 KiB excerpt that ends inside an echoed secret keeps none of its start (4
+    characters or more); a short text ending like a secret's start is not an excerpt cut."""
+    secrets = ("tok-12345678",)
+    assert hide("x" * 1000 + '"Bearer tok-1234', secrets) == "x" * 1000 + '"Bearer ****'
+    assert hide("x" * 1000 + '"Bearer tok', secrets) == "x" * 1000 + '"Bearer tok'
+    assert hide("paid with tok-1", secrets) == "paid with tok-1"
 
 
 def log_json(mask_filter: MaskSecrets, record: logging.LogRecord) -> dict[str, Any]:
