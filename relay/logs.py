@@ -17,8 +17,9 @@ from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import quote, quote_plus
 
-from relay.auth import MASKED, destination_secrets
+from relay.auth import MASKED
 from relay.config import Config
+from relay.redact import Echoes
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 
@@ -149,15 +150,18 @@ class Throttle:
 
 
 def config_secrets(config: Config) -> list[str]:
-    """Every secret value in a config, for masking: ``server.token`` and each destination's
-    ``relay.auth.destination_secrets`` (auth, non-public header values, query values)."""
+    """Every secret value in a config, for masking: ``server.token``, the DSN and each
+    destination's secrets as its receiver's echoes are looked for (``relay.redact.Echoes``:
+    its auth secrets, and the header and query values whose name says they are credentials).
+    Not every header value: ``X-Env: example`` made every "example" in the log ``****``,
+    the destination name ``ajo-example`` too."""
     found: list[str] = []
     if config.server.token:
         found.append(config.server.token.get_secret_value())
     if config.spool.postgres.dsn:
         found.append(config.spool.postgres.dsn.get_secret_value())
     for dest in config.destinations:
-        found += destination_secrets(dest)
+        found += Echoes.of(dest).static
     return found
 
 

@@ -282,3 +282,20 @@ def test_check_config_warns_on_json_raw_body_without_json_filter(tmp_path: Path)
     assert [w.split(": ")[1] for w in warnings] == ["destinations[0].template.body.template",
                                                   "destinations[1].template.body.template"]
     assert "{{ event.message_id }}" in warnings[0] and "json filter" in warnings[0]
+
+
+def test_log_masking_leaves_plain_header_values_readable(tmp_path: Path) -> None:
+    """Logs mask credentials, not every header value: with `X-Env: example` (the example
+    config's), every "example" was ****, the destination name `ajo-example` in every line too.
+    A credential header's value, a credential query value and the auth secret stay masked."""
+    config = load_config(write_config(tmp_path, destinations=[{
+        **template_dest(headers={"X-Env": "example", "X-Api-Key": "key-9f8e7d6c",
+                                 "X-Team": "Token tok-5a4b3c2d"},
+                        auth={"type": "bearer", "token": "bearer-1a2b3c4d"}),
+        "name": "ajo-example", "url": "https://hooks.example.com/x?format=json&sig=sig-0d1e2f3a"}]),
+        env={})
+    mask_filter = MaskSecrets(config_secrets(config))
+    text = ("delivery dlv_1 to ajo-example (format=json): 401 for key-9f8e7d6c, tok-5a4b3c2d, "
+            "bearer-1a2b3c4d and sig-0d1e2f3a")
+    assert mask_filter.mask(text) == ("delivery dlv_1 to ajo-example (format=json): 401 for "
+                                      "****, ****, **** and ****")
