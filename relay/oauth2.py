@@ -21,6 +21,7 @@ from urllib.parse import quote, urlencode
 import cachetools
 
 from relay.config import OAuth2Auth
+from relay.redact import hide
 from relay.request import Exchange, Request
 
 REFRESH_MARGIN = 30.0     # seconds before expiry at which a cached token is replaced
@@ -93,11 +94,17 @@ class TokenProvider:
     async def _fetch(self, fetch: Fetch) -> _Token:
         self.fetches += 1
         where = f"token endpoint {self.auth.token_url}"
-        exchange = await fetch(self.request(), TOKEN_TIMEOUT, TOKEN_BYTES)
+        request = self.request()
+        exchange = await fetch(request, TOKEN_TIMEOUT, TOKEN_BYTES)
         if exchange.status is None:
             raise TokenError(f"{where} not reached: {exchange.error_text}")
         if exchange.status != 200:
-            excerpt = (exchange.excerpt or "")[:200]
+            # (the error is kept with the attempt and logged: an endpoint that echoes the
+            # request must not put the client's credentials there)
+            credentials = sorted((request.headers["Authorization"].partition(" ")[2],
+                                  self.auth.client_secret.get_secret_value()),
+                                 key=len, reverse=True)
+            excerpt = hide(exchange.excerpt or "", credentials)[:200]
             raise TokenError(f"{where} answered {exchange.status}: {excerpt}")
         try:
             data = json.loads(exchange.excerpt or "")

@@ -463,6 +463,24 @@ async def test_an_echoed_oauth2_access_token_is_hidden(make_stack: Any, serve: A
         "authorization": "Bearer ****"}
 
 
+async def test_a_token_endpoint_echoing_the_client_credentials_shows_them_nowhere(
+        make_stack: Any, serve: Any) -> None:
+    """A token endpoint that refuses the request and echoes it: the client's Basic
+    credentials (and the secret itself) are hidden in the attempt's error, which the activity
+    log keeps and the log prints (the endpoint's answer was quoted as it came)."""
+    stack, _, dest, token_server = await _oauth_setup(make_stack, serve)
+    token_server.answer = lambda r: web.json_response(
+        {"error": "invalid_client", "got": r.headers["Authorization"],
+         "secret": "cs-secret"}, status=401)
+    ids = await stack.post(event(1))
+    found = await async_eventually(lambda: stack.delivery(ids["evt-1/dest"]),
+                                   lambda d: d["attempt_count"] >= 1)
+    error = found["attempts"][0]["error"]
+    assert "answered 401" in error and "Basic ****" in error, error
+    assert "cs-secret" not in error and base64.b64encode(b"relay:cs-secret").decode() not in error
+    assert not dest.requests   # (nothing was sent without a token)
+
+
 # -- OpenTelemetry -------------------------------------------------------------------------
 
 
