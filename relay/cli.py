@@ -98,9 +98,10 @@ def _parser() -> argparse.ArgumentParser:
                    "when the destination accepted it. Secrets the receiver echoes back are "
                    "**** in its answer, as written or JSON-escaped: the auth secrets and what "
                    "the relay made of them (Authorization value, JWT, signatures, OAuth2 "
-                   "token), and configured header and query values whose name holds auth, "
-                   "key, token, secret, passw, signature, hmac, session, cookie, credential, "
-                   "sig or code, or that start with Bearer, Basic or Token. Other values "
+                   "token), and configured header and query values whose name holds auth "
+                   "(not author), key, token, secret, passw, passphrase, signature, hmac, "
+                   "session, cookie, credential, jwt or private, or the word sig, code, pass, "
+                   "pwd or pw, or that start with Bearer, Basic or Token. Other values "
                    "(X-Env: production) are shown as echoed.")
     config_option(test)
     test.add_argument("name", metavar="NAME", help="destination name")

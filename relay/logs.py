@@ -19,7 +19,7 @@ from urllib.parse import quote, quote_plus
 
 from relay.auth import MASKED
 from relay.config import Config
-from relay.redact import Echoes
+from relay.redact import credentials
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 
@@ -151,17 +151,18 @@ class Throttle:
 
 def config_secrets(config: Config) -> list[str]:
     """Every secret value in a config, for masking: ``server.token``, the DSN and each
-    destination's secrets as its receiver's echoes are looked for (``relay.redact.Echoes``:
-    its auth secrets, and the header and query values whose name says they are credentials).
-    Not every header value: ``X-Env: example`` made every "example" in the log ``****``,
-    the destination name ``ajo-example`` too."""
+    destination's ``relay.redact.credentials`` (its auth secrets, and the header and query
+    values whose name says they are credentials, as an echo of them is looked for; here of
+    any length: a short one is masked as a whole token). Not every header value: ``X-Env:
+    example`` made every "example" in the log ``****``, the destination name ``ajo-example``
+    too."""
     found: list[str] = []
     if config.server.token:
         found.append(config.server.token.get_secret_value())
     if config.spool.postgres.dsn:
         found.append(config.spool.postgres.dsn.get_secret_value())
     for dest in config.destinations:
-        found += Echoes.of(dest).static
+        found += credentials(dest)[0]
     return found
 
 

@@ -17,7 +17,7 @@ import json
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl
 
 from multidict import CIMultiDict
 
@@ -34,8 +34,8 @@ CUT_MIN = 256
 # X-Hub-Signature, Cookie, ?api_key=, ?access_token=, ?sig= (Azure SAS), ?code= (Azure
 # Functions).
 CREDENTIAL_NAME = re.compile(
-    r"auth|key|token|secret|passw|signature|hmac|session|cookie|credential"
-    r"|(?<![a-z])(sig|code)(?![a-z])", re.IGNORECASE)
+    r"auth(?!ors?(?![a-z]))|key|token|secret|passw|passphrase|signature|hmac|session|cookie|credential"
+    r"|jwt|private|(?<![a-z])(sig|code|pass|pwd|pw)(?![a-z])", re.IGNORECASE)
 
 
 def is_credential(name: str, value: str) -> bool:
@@ -120,6 +120,31 @@ def hide_in(exchange: Exchange, secrets: Sequence[str]) -> Exchange:
     return dataclasses.replace(exchange, headers=headers, excerpt=excerpt)
 
 
+def credentials(dest: Destination) -> tuple[list[str], list[str]]:
+    """A destination's configured secrets, whatever their length: its ``auth_secrets``, and
+    the literal values (``secret_parts``) of the headers and query parameters ``is_credential``
+    names; and the names of credential headers rendered from event data (read from each
+    request)."""
+    found, rendered = auth_secrets(dest), []
+    template = dest.template
+    variants = list(template.variants.values()) if template is not None else []
+    for headers in [dest.headers] + [v.headers for v in variants if v.headers]:
+        for name, value in headers.items():
+            if not is_credential(name, value):
+                continue
+            if has_markup(value):
+                rendered.append(name)
+            else:
+                found += secret_parts(value)
+    for url in [dest.url] + [v.url for v in variants if v.url]:
+        # (the query alone: urlsplit refuses a netloc with brackets, which a templated host
+        # such as {{ event.attributes['region'] }} has)
+        query = url.partition("?")[2].partition("#")[0]
+        found += [value for name, value in parse_qsl(query)
+                  if is_credential(name, value) and not has_markup(value)]
+    return [s for s in found if s], rendered
+
+
 @dataclass(frozen=True, slots=True)
 class Echoes:
     """One destination's secrets as its receiver may echo them back: built once per
@@ -131,25 +156,12 @@ class Echoes:
 
     @classmethod
     def of(cls, dest: Destination) -> Echoes:
-        found = auth_secrets(dest)
+        found, rendered = credentials(dest)
         signed = [dest.auth.header] if isinstance(dest.auth, JwtAuth) else \
             ["webhook-signature"] if isinstance(dest.auth, HmacAuth) else []
-        template = dest.template
-        variants = list(template.variants.values()) if template is not None else []
-        for headers in [dest.headers] + [v.headers for v in variants if v.headers]:
-            for name, value in headers.items():
-                if not is_credential(name, value):
-                    continue
-                if has_markup(value):   # rendered from event data: read from each request
-                    signed.append(name)
-                else:
-                    found += secret_parts(value)
-        for url in [dest.url] + [v.url for v in variants if v.url]:
-            found += [value for name, value in parse_qsl(urlsplit(url).query)
-                      if is_credential(name, value) and not has_markup(value)]
         static = _longest_first(found)
         return cls(static, _longest_first(form for s in static for form in escaped_forms(s)),
-                   tuple(dict.fromkeys(signed)))
+                   tuple(dict.fromkeys(signed + rendered)))
 
     def hide(self, text: str, request: Request | None = None) -> str:
         """``text`` (a response body or header value) with this destination's secrets hidden,

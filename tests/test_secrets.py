@@ -112,7 +112,10 @@ def test_mask_keeps_public_headers_and_templated_query_values(tmp_path: Path) ->
     ("X-Design", "blue", False), ("format", "json", False), ("X-Custom", "Bearer abc", True),
     ("Authorization", "abc", True), ("X-Api-Key", "abc", True), ("X-Auth", "abc", True),
     ("X-Hub-Signature", "abc", True), ("Cookie", "abc", True), ("access_token", "abc", True),
-    ("api_sig", "abc", True), ("code", "abc", True), ("X-Client-Secret", "abc", True)])
+    ("api_sig", "abc", True), ("code", "abc", True), ("X-Client-Secret", "abc", True),
+    ("X-Pass", "abc", True), ("pwd", "abc", True), ("X-Jwt", "abc", True),
+    ("Proxy-Authorization", "abc", True), ("X-Author", "relay", False),
+    ("passenger", "abc", False)])
 def test_a_configured_value_is_a_secret_when_its_name_or_scheme_word_says_so(
         name: str, value: str, secret: bool) -> None:
     """The rule for what is looked for in an echoing receiver's answer."""
@@ -287,15 +290,32 @@ def test_check_config_warns_on_json_raw_body_without_json_filter(tmp_path: Path)
 def test_log_masking_leaves_plain_header_values_readable(tmp_path: Path) -> None:
     """Logs mask credentials, not every header value: with `X-Env: example` (the example
     config's), every "example" was ****, the destination name `ajo-example` in every line too.
-    A credential header's value, a credential query value and the auth secret stay masked."""
+    A credential header's value, a credential query value and the auth secret stay masked,
+    however short (a short one as a whole token)."""
     config = load_config(write_config(tmp_path, destinations=[{
-        **template_dest(headers={"X-Env": "example", "X-Api-Key": "key-9f8e7d6c",
+        **template_dest(headers={"X-Env": "example", "X-Author": "relay",
+                                 "X-Api-Key": "key-9f8e7d6c", "X-Pass": "pv",
                                  "X-Team": "Token tok-5a4b3c2d"},
-                        auth={"type": "bearer", "token": "bearer-1a2b3c4d"}),
-        "name": "ajo-example", "url": "https://hooks.example.com/x?format=json&sig=sig-0d1e2f3a"}]),
-        env={})
+                        auth={"type": "bearer", "token": "abc"}),
+        "name": "ajo-example",
+        "url": "https://hooks.example.com/x?format=json&sig=sig-0d1e2f3a&pwd=p9"}]), env={})
     mask_filter = MaskSecrets(config_secrets(config))
-    text = ("delivery dlv_1 to ajo-example (format=json): 401 for key-9f8e7d6c, tok-5a4b3c2d, "
-            "bearer-1a2b3c4d and sig-0d1e2f3a")
-    assert mask_filter.mask(text) == ("delivery dlv_1 to ajo-example (format=json): 401 for "
-                                      "****, ****, **** and ****")
+    text = ("relay: delivery dlv_1 to ajo-example (format=json): 401 for key-9f8e7d6c, "
+            "tok-5a4b3c2d, abc, pv, p9 and sig-0d1e2f3a")
+    assert mask_filter.mask(text) == ("relay: delivery dlv_1 to ajo-example (format=json): 401 "
+                                      "for ****, ****, ****, ****, **** and ****")
+
+
+def test_a_templated_host_with_a_subscript_loads(tmp_path: Path) -> None:
+    """A url host rendered with a subscript (`{{ event.attributes['region'] }}`) loads: the
+    credentials of its query are read without parsing its host (urlsplit refuses brackets
+    there, and every command that loaded such a config was a traceback)."""
+    path = write_config(tmp_path, delivery={"allowed_networks": ["127.0.0.0/8"]},
+                        destinations=[template_dest(
+                            url="https://{{ event.attributes['region'] }}.api.example.com/h"
+                                "?api_key=k-1a2b3c",
+                            allowed_hosts=["eu.api.example.com"])])
+    out = subprocess.run([sys.executable, "-m", "relay", "check-config", str(path)],
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.startswith("OK:"), out.stderr
+    assert "k-1a2b3c" in config_secrets(load_config(path, env={}))
