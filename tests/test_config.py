@@ -132,6 +132,19 @@ def test_unset_optional_variable_offers_the_fallback() -> None:
                                          "${T:-} to accept it unset (read as empty)"}
 
 
+def test_unset_token_of_an_open_listener_is_not_offered_the_fallback() -> None:
+    """On a listener other machines reach, an empty token is refused by a rule that skips
+    the unset key (no problem is built on a value the file does not hold): ${RELAY_TOKEN:-}
+    is not offered there, as following it led straight to "the API has no protection"."""
+    found = problems("""
+        server: {listen: "0.0.0.0:8080", token: "${RELAY_TOKEN}"}
+        destinations: [{name: b, format: braze, url: "https://h/"}]
+    """)
+    assert found == {"server.token": "environment variable RELAY_TOKEN is not set, and token "
+                                     "cannot do without it: set it (or put the value in a "
+                                     "file and name it in token_file)"}
+
+
 def test_empty_token_means_no_token() -> None:
     """token: "${RELAY_TOKEN:-}" with the variable unset leaves ingest open, not guarded by ''."""
     assert parse_config('server: {token: "${RELAY_TOKEN:-}"}', env={}).server.token is None

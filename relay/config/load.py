@@ -214,14 +214,19 @@ def check_raw(
         config, broken, positions = _valid_parts(data, source)
     else:
         broken, positions = frozenset(), tuple(range(len(config.destinations)))
-    found += check_config(config, positions=positions, skip=broken | flagged)
+    cross = check_config(config, positions=positions, skip=broken | flagged)
+    found += cross
     # An unset variable's advice fits its key: whether the value it leaves (its reference
-    # read as "") passed the checks just made says whether ${NAME:-} would do (not known when
-    # its section or destination failed: the checks did not all run on it).
+    # read as "") passes the checks says whether ${NAME:-} would do: those just made, and the
+    # rules they skipped for its key (an empty server.token leaves an open listener
+    # unprotected). Not known when its section or destination failed: not every check ran.
     refused = {path for path, _ in found}
     for path, name in unset:
         empty_ok = False if path in refused else \
             None if not holds(broken, path) or _left_out(path, positions) else True
+        if empty_ok and set(check_config(config, positions=positions,
+                                         skip=broken | (flagged - {path}))) - set(cross):
+            empty_ok = False
         problems[problems.index((path, unset_variable(path, name)))] = \
             (path, unset_variable(path, name, empty_ok))
     problems += [p for p in found if p[0] not in flagged]
