@@ -25,7 +25,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import jwt
 from aiohttp import web
@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from relay.config import Config, Destination, HmacAuth, JwtAuth, parse_duration
 from relay.config.load import api_url
 from relay.errors import RelayError
+from relay.request import literal_head
 
 
 class SinkError(RelayError):
@@ -95,9 +96,12 @@ def parse_rules(status: list[str], fail_rate: list[str], delay: list[str]) -> Ru
                  table(delay, "--delay", parse_duration))
 
 
-def _path_prefix(dest: Destination) -> str:
-    path = urlsplit(dest.url.split("{{", 1)[0].split("{%", 1)[0]).path
-    return path or "/"
+def _path_prefixes(dest: Destination) -> list[str]:
+    """The literal paths a destination's requests start with (its url's, and each template
+    variant's own), decoded as aiohttp gives a request's path (``/my%20hook``: ``/my hook``)."""
+    variants = dest.template.variants.values() if dest.template is not None else ()
+    return [unquote(urlsplit(literal_head(url)).path) or "/"
+            for url in [dest.url, *(v.url for v in variants if v.url)]]
 
 
 # The relay's own API: what a request the relay was meant to get asks for
@@ -107,7 +111,7 @@ _RELAY_PATHS = ("/v1/", "/healthz", "/readyz", "/metrics")
 def unrouted(config: Config, rules: Rules, path: str) -> str | None:
     """Why the sink answers 404 to ``path``: no destination of ``config`` posts there and no
     rule names it (None when one does). The relay's own paths get where the relay listens."""
-    prefixes = list(dict.fromkeys(_path_prefix(d) for d in config.destinations))
+    prefixes = list(dict.fromkeys(p for d in config.destinations for p in _path_prefixes(d)))
     named = [p for table in (rules.status, rules.fail_rate, rules.delay) for p in table if p]
     if any(path.startswith(p) for p in prefixes + named):
         return None
@@ -150,7 +154,9 @@ def verify(dest: Destination, headers: dict[str, str], body: bytes) -> str:
 
 def sink_app(config: Config | None = None, out: TextIO = sys.stdout, rules: Rules | None = None,
              draw: Callable[[], float] = random.random) -> web.Application:
-    dests = sorted(config.destinations if config else (), key=lambda d: -len(_path_prefix(d)))
+    # (the longest prefix first: /crm-fr/ is not /crm's)
+    dests = sorted(((prefix, d) for d in (config.destinations if config else ())
+                    for prefix in _path_prefixes(d)), key=lambda entry: -len(entry[0]))
     rules = rules or Rules()
 
     async def handle(request: web.Request) -> web.Response:
@@ -165,7 +171,7 @@ def sink_app(config: Config | None = None, out: TextIO = sys.stdout, rules: Rule
             text = body.decode("utf-8", errors="replace")
         lines.append("")
         lines.append(text)
-        dest = next((d for d in dests if request.path.startswith(_path_prefix(d))), None)
+        dest = next((d for prefix, d in dests if request.path.startswith(prefix)), None)
         if dest is not None:
             lines.append(f"=> destination {dest.name}: {verify(dest, dict(request.headers), body)}")
         lines.append(f"=> answered {status}" + (f" after {delay:g}s" if delay else "")

@@ -359,6 +359,24 @@ async def test_sink_answers_404_to_a_path_no_destination_posts_to(tmp_path: Path
     assert resp.status == 200 and (await resp.json())["received"] is True
 
 
+async def test_sink_takes_a_variant_url_and_an_encoded_path(tmp_path: Path,
+                                                            aiohttp_client: Any) -> None:
+    """A template variant's own url path and a percent-encoded one are a destination's paths
+    too (the sink answered them 404, which the relay takes as a permanent failure)."""
+    crm = {"name": "crm", "format": "template", "url": "http://127.0.0.1:9/crm/{{ event.id }}",
+           "allowed_ports": [9],
+           "template": {"method": "POST", "body": {"type": "json", "fields": {"s": "x"}},
+                        "variants": {"fr": {"url": "http://127.0.0.1:9/crm-fr/{{ event.id }}"}}}}
+    path = write_config(tmp_path, destinations=[
+        crm, {"name": "b", "format": "braze", "url": "http://127.0.0.1:9/my%20hook"}])
+    out = io.StringIO()
+    client = await aiohttp_client(sink_app(load_config(path, env={}), out=out))
+    assert (await client.post("/crm-fr/evt-1", json={})).status == 200
+    assert (await client.post("/my%20hook", json={})).status == 200
+    assert "=> destination crm:" in out.getvalue() and "=> destination b:" in out.getvalue()
+    assert (await client.post("/other", json={})).status == 404
+
+
 def test_output_cut_short_by_its_reader_is_no_traceback(tmp_path: Path) -> None:
     """`relay render ... | head -1`: the reader closes the pipe; the relay says nothing more
     (it printed a BrokenPipeError traceback, twice)."""
