@@ -255,7 +255,16 @@ class HmacSigner:
         self.clock = clock
         secrets = ([("auth.secret", auth.secret)] if auth.secret else []) + \
             [(f"auth.secrets[{j}]", s) for j, s in enumerate(auth.secrets)]
-        self._keys = [_whsec_key(s.get_secret_value(), where) for where, s in secrets]
+        keys: list[bytes] = []
+        problems: list[tuple[str, str]] = []   # every bad key named, not only the first
+        for where, secret in secrets:
+            try:
+                keys.append(_whsec_key(secret.get_secret_value(), where))
+            except ConfigError as exc:
+                problems += exc.problems
+        if problems:
+            raise ConfigError(problems)
+        self._keys = keys
 
     def sign(self, request: Request, delivery_id: str) -> Request:
         timestamp = str(int(self.clock()))

@@ -620,18 +620,19 @@ def _whsec(size: int) -> str:
 
 def test_an_hmac_secret_shorter_than_16_bytes_is_refused(tmp_path: Path) -> None:
     """A one-byte key (whsec_YQ==) was accepted, and anyone could sign as the relay after a
-    few hundred tries; under 16 bytes once base64-decoded is refused at its own key, the
-    secret not echoed."""
+    few hundred tries; under 16 bytes once base64-decoded is refused at its own key (each
+    of a rotation list's, not only the first), the secret not echoed."""
     found = problems(tmp_path, f"""
         destinations:
           - {BRAZE}, auth: {{type: hmac, secret: whsec_YQ==}}}}
           - {BRAZE.replace("name: b", "name: r")},
-             auth: {{type: hmac, secrets: ["{_whsec(24)}", "{_whsec(15)}"]}}}}
+             auth: {{type: hmac, secrets: ["{_whsec(2)}", "{_whsec(24)}", "{_whsec(15)}"]}}}}
     """)
     needed = ("once base64-decoded; at least 16 are needed (Standard Webhooks secrets are 24 "
               "to 64 random bytes: 'whsec_' + `openssl rand -base64 32`)")
     assert found == {"destinations[0].auth.secret": f"the key is 1 byte {needed}",
-                     "destinations[1].auth.secrets[1]": f"the key is 15 bytes {needed}"}
+                     "destinations[1].auth.secrets[0]": f"the key is 2 bytes {needed}",
+                     "destinations[1].auth.secrets[2]": f"the key is 15 bytes {needed}"}
 
 
 def test_hmac_secrets_of_16_bytes_or_more_load(tmp_path: Path) -> None:
