@@ -21,7 +21,8 @@ from typing import NamedTuple
 from relay import tracing
 from relay.auth import Signing, header_problems
 from relay.config import Config, Destination, OAuth2Auth
-from relay.config.load import check_file, holds
+from relay.config.checks import holds
+from relay.config.load import check_file
 from relay.connection import Via, build_via
 from relay.errors import ConfigError
 from relay.events import Event

@@ -1,6 +1,7 @@
 """Configuration: ``load_config(path)`` gives a frozen ``Config`` or raises ``ConfigError``."""
 
-from relay.config.load import check_config, load_config, parse_config, validate_config
+from relay.config.checks import check_config
+from relay.config.load import load_config, parse_config, validate_config
 from relay.config.schema import (
     AjoConfig,
     BasicAuth,

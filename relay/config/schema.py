@@ -1,7 +1,7 @@
 """The configuration schema: frozen, typed sections with every default written once, beside its field.
 
 Durations are seconds (floats) once loaded; secrets are ``SecretStr`` and never appear in repr.
-Validation of one field lives here; rules that span fields live in ``relay.config.load``.
+Validation of one field lives here; rules that span fields live in ``relay.config.checks``.
 """
 
 from __future__ import annotations
@@ -512,7 +512,7 @@ class HmacAuth(_Model):
 
 def _token_url(url: str) -> str:
     # (refused here, before any message could repeat it: the password would be shown in
-    # errors and relay test output; the URL's other rules are relay.config.load's and
+    # errors and relay test output; the URL's other rules are relay.config.checks' and
     # relay.oauth2.token_url_problems')
     try:
         userinfo = "@" in urlsplit(url).netloc
