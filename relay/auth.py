@@ -26,7 +26,7 @@ import jwt
 
 from relay import __version__
 from relay.config import BasicAuth, BearerAuth, Destination, HmacAuth, JwtAuth, OAuth2Auth
-from relay.config.schema import FRAMING_HEADERS
+from relay.config.fields import FRAMING_HEADERS
 from relay.errors import ConfigError
 from relay.request import Request, has_markup, host_is_rendered, merge_headers
 

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from relay.config import Config, load_config, parse_config, parse_duration, validate_config
-from relay.config.schema import MAX_DESTINATIONS
+from relay.config.fields import MAX_DESTINATIONS
 from relay.destinations import load as load_destinations
 from relay.errors import ConfigError
 from relay.events import load_event

@@ -1,6 +1,7 @@
 """Configuration: ``load_config(path)`` gives a frozen ``Config`` or raises ``ConfigError``."""
 
 from relay.config.checks import check_config
+from relay.config.fields import parse_duration
 from relay.config.load import load_config, parse_config, validate_config
 from relay.config.schema import (
     AjoConfig,
@@ -22,7 +23,6 @@ from relay.config.schema import (
     TemplateConfig,
     TemplateVariant,
     TlsConfig,
-    parse_duration,
     split_listen,
 )
 

@@ -25,8 +25,8 @@ import pydantic
 import yaml
 
 from relay.config.checks import check_config, holds
+from relay.config.fields import MAX_DESTINATIONS
 from relay.config.schema import (
-    MAX_DESTINATIONS,
     AjoConfig,
     BasicAuth,
     BearerAuth,

@@ -16,6 +16,7 @@ import annotated_types
 from pydantic import BaseModel, SecretStr
 from pydantic.fields import FieldInfo
 
+from relay.config.fields import parse_duration
 from relay.config.schema import (
     BasicAuth,
     BearerAuth,
@@ -28,7 +29,6 @@ from relay.config.schema import (
     RateLimit,
     RawBody,
     TlsConfig,
-    parse_duration,
 )
 
 HEADER = """\
