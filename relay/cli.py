@@ -176,6 +176,7 @@ class _AddressFromConfig(argparse.Action):
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     from relay.config.lint import config_warnings
+    from relay.preview import json_body_warnings
 
     if args.file and args.config and args.file != args.config:
         print("relay check-config: give the file once (FILE or -c FILE)", file=sys.stderr)
@@ -185,11 +186,13 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         print("relay check-config: which file? relay check-config -c FILE", file=sys.stderr)
         return 2
     try:
-        config = load(file).config
+        loaded = load(file)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 1
-    for path, message in config_warnings(config):  # likely mistakes: said, not refused
+    config = loaded.config
+    # likely mistakes: said, not refused
+    for path, message in config_warnings(config) + json_body_warnings(loaded):
         print(f"warning: {path}: {message}", file=sys.stderr)
     if not config.destinations:   # (as serve would: it refuses to start)
         print(f"relay check-config: {_no_destinations(file)}", file=sys.stderr)

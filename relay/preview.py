@@ -11,13 +11,15 @@ import shlex
 import time
 
 from relay.auth import destination_secrets, mask
+from relay.config import RawBody
+from relay.config.lint import config_warnings, is_json_type, sent_content_type
 from relay.destinations import Loaded
 from relay.errors import InvalidEvent, RenderError
 from relay.events import accept, load_event, parse_events
 from relay.ids import delivery_id
 from relay.request import Request
 from relay.routing import Router
-from relay.testsend import controls
+from relay.testsend import controls, synthetic_event
 from relay.tracing import TRACEPARENT
 
 
@@ -56,6 +58,39 @@ def preview(loaded: Loaded, destination: str, raw_event: bytes) -> tuple[str, bo
                     for key, value in controls(target).items())
     return (f"# {dest.name} ({dest.format}), delivery {did}; secrets masked\n{notes}"
             f"{as_http(signed)}\n\n# the same as curl:\n{as_curl(signed)}"), True
+
+
+def json_body_warnings(loaded: Loaded) -> list[tuple[str, str]]:
+    """``(path, message)`` for each raw template body sent as JSON that does not render to
+    JSON for a sample event (``relay test``'s, in each variant's language): a missing comma
+    or quote, found now rather than from every receiver's 400. Checked only where
+    ``relay.config.lint`` has no warning about the body already (an output without ``json``
+    breaks it for some events; that warning says how to fix both)."""
+    warned = {path for path, _ in config_warnings(loaded.config)}
+    found: list[tuple[str, str]] = []
+    for i, dest in enumerate(loaded.config.destinations):
+        template, target = dest.template, loaded.destinations.get(dest.name)
+        if template is None or target is None:
+            continue
+        at = f"destinations[{i}].template"
+        bodies = [(f"{at}.body.template", None, template.body, dest.headers)] + [
+            (f"{at}.variants.{lang}.body.template", lang, variant.body,
+             variant.headers if variant.headers is not None else dest.headers)
+            for lang, variant in template.variants.items() if variant.body is not None]
+        for path, language, body, headers in bodies:
+            if path in warned or not isinstance(body, RawBody) or \
+                    not is_json_type(sent_content_type(body, headers)):
+                continue
+            event = synthetic_event(dest).model_copy(update={"language": language})
+            try:
+                json.loads(target.request(event, delivery_id(time.time())).body)
+            except RenderError as exc:
+                found.append((path, f"does not render for a sample event ({exc}); "
+                                    f"relay render shows it"))
+            except ValueError as exc:
+                found.append((path, f"is sent as JSON but renders to something else for a "
+                                    f"sample event ({exc}); relay render shows it"))
+    return found
 
 
 def _stored_trace(raw_event: bytes) -> tuple[bytes, str | None]:

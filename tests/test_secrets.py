@@ -287,6 +287,28 @@ def test_check_config_warns_on_json_raw_body_without_json_filter(tmp_path: Path)
     assert "{{ event.message_id }}" in warnings[0] and "json filter" in warnings[0]
 
 
+def test_check_config_warns_on_a_json_raw_body_that_renders_no_json(tmp_path: Path) -> None:
+    """A raw body sent as JSON that renders to something else for a sample event (a missing
+    comma) is a warning naming its path, in each variant's language too; check-config still
+    succeeds. A body the json-filter warning names already gets no second one."""
+    broken = '{"status": {{ event.status | json }} "id": {{ event.message_id | json }}}'
+    body = {"type": "raw", "content_type": "application/json", "template": broken}
+    dest = template_dest(template={
+        "body": {**body, "template": '{"status": {{ event.status | json }}}'},
+        "variants": {"fr": {"body": body},
+                     "de": {"body": {**body, "template": '{"s": {{ event.status }}}'}}}})
+    path = write_config(tmp_path, destinations=[dest])
+    out = relay("check-config", str(path), cwd=tmp_path)
+    assert out.returncode == 0 and out.stdout.startswith("OK"), out.stderr
+    warnings = sorted(line for line in out.stderr.splitlines() if line.startswith("warning: "))
+    assert [w.split(": ")[1] for w in warnings] == [
+        "destinations[0].template.variants.de.body.template",
+        "destinations[0].template.variants.fr.body.template"]
+    assert "json filter" in warnings[0]
+    assert "renders to something else for a sample event (Expecting ',' delimiter" in \
+        warnings[1] and "relay render shows it" in warnings[1]
+
+
 def test_log_masking_leaves_plain_header_values_readable(tmp_path: Path) -> None:
     """Logs mask credentials, not every header value: with `X-Env: example` (the example
     config's), every "example" was ****, the destination name `ajo-example` in every line too.

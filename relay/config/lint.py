@@ -44,7 +44,7 @@ def config_warnings(config: Config) -> list[tuple[str, str]]:
                     v.headers if v.headers is not None else dest.headers)
                    for lang, v in template.variants.items() if v.body is not None]
         for path, body, headers in bodies:
-            if isinstance(body, RawBody) and is_json_type(_content_type(body, headers)):
+            if isinstance(body, RawBody) and is_json_type(sent_content_type(body, headers)):
                 warnings += [(f"{path}.template", message)
                              for message in unescaped_outputs(body.template)]
     return warnings
@@ -97,7 +97,7 @@ def _outputs(nodes: list[Node], context: RenderContext) -> Iterator[OutputNode |
         yield from _outputs(list(node.children(context, include_partials=False)), context)
 
 
-def _content_type(body: RawBody, headers: dict[str, str]) -> str:
+def sent_content_type(body: RawBody, headers: dict[str, str]) -> str:
     """The Content-Type sent: a configured header overrides the body's ``content_type``."""
     given = [v for k, v in headers.items() if k.lower() == "content-type"]
     return given[-1] if given else body.content_type
