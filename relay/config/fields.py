@@ -8,6 +8,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BeforeValidator, Field, SecretStr
@@ -185,16 +186,19 @@ HeaderValue = Annotated[str, AfterValidator(_header_value)]
 HeaderSecret = Annotated[SecretStr, AfterValidator(header_secret)]
 
 
-def _one_per_name(headers: dict[str, str]) -> dict[str, str]:
-    # (header names are compared without regard to case: X-Env and x-env were both sent, and
-    # the receiver saw two values)
-    seen: dict[str, str] = {}
-    for name in headers:
-        first = seen.setdefault(name.lower(), name)
-        if first != name:
-            raise ValueError(f"{first!r} and {name!r} are the same header (names are compared "
-                             "without regard to case): keep one")
-    return headers
+def one_per_case(what: str, rule: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """A validator of a mapping whose keys must differ in more than case: header names (X-Env
+    and x-env were both sent, and the receiver saw two values), language tags (of fr and FR,
+    one replaced the other)."""
+    def check(mapping: dict[str, Any]) -> dict[str, Any]:
+        seen: dict[str, str] = {}
+        for key in mapping:
+            first = seen.setdefault(key.lower(), key)
+            if first != key:
+                raise ValueError(f"{first!r} and {key!r} are the same {what} ({rule}): keep one")
+        return mapping
+    return check
 
 
-Headers = Annotated[dict[HeaderName, HeaderValue], AfterValidator(_one_per_name)]
+Headers = Annotated[dict[HeaderName, HeaderValue], AfterValidator(one_per_case(
+    "header", "names are compared without regard to case"))]

@@ -30,6 +30,7 @@ from relay.config.fields import (
     header_text,
     is_host_name,
     json_claims,
+    one_per_case,
 )
 from relay.vocab import CHANNELS, Channel, Format, Status
 
@@ -427,24 +428,14 @@ class TemplateVariant(_Model):
     body: Body | None = _d(None, "Overrides template.body.")
 
 
-def _one_per_language(variants: dict[str, Any]) -> dict[str, Any]:
-    # (languages are matched without regard to case: of fr and FR, one replaced the other)
-    seen: dict[str, str] = {}
-    for tag in variants:
-        first = seen.setdefault(tag.lower(), tag)
-        if first != tag:
-            raise ValueError(f"{first!r} and {tag!r} are the same language (tags are matched "
-                             "without regard to case): keep one")
-    return variants
-
-
 class TemplateConfig(_Model):
     """The request of a template destination (Braze-compatible Liquid)."""
 
     method: Method = _d("POST", "HTTP method, in any case (post is sent as POST).")
     body: Body | None = _d(None, "{type: json, fields} or {type: raw, template, content_type}; "
                                  "none: no body (typical for GET/DELETE).")
-    variants: Annotated[dict[LanguageTag, TemplateVariant], AfterValidator(_one_per_language)] = _d(
+    variants: Annotated[dict[LanguageTag, TemplateVariant], AfterValidator(one_per_case(
+        "language", "tags are matched without regard to case"))] = _d(
         dict, "Per event.language (exact tag, then primary subtag) overrides; tags are "
               "matched without regard to case, so fr and FR cannot both be given.")
 
