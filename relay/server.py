@@ -285,7 +285,8 @@ async def post_events(request: web.Request) -> web.Response:
         _INGEST_FAILED.say(log.error, "ingest failed: %s", exc)
         metrics.events_rejected.labels("spool_error").inc()
         app[WAKE]()   # the writer may have committed them before it failed to answer
-        return error(503, "the spool cannot store events right now", headers={"Retry-After": "5"})
+        return error(503, spool.unavailable or "the spool cannot store events right now",
+                     headers={"Retry-After": "5"})
     _count_ingest(metrics, receipt)
     if receipt.pending:
         app[OFFER](receipt)

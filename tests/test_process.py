@@ -157,3 +157,25 @@ def test_healthcheck_asks_the_running_relay_and_reads_only_listen(relay: RelayPr
                            str(relay.config_path)], capture_output=True, env=env).returncode == 0
     relay.kill(signal.SIGTERM)
     assert healthcheck() == 1
+
+
+def test_a_spool_file_removed_under_the_relay_refuses_events(relay: RelayProcess,
+                                                             tmp_path: Path) -> None:
+    """The spool file removed while the relay runs: every event answered 202 after it went to
+    the unlinked file and was lost at the next start, with /readyz ready and nothing logged
+    (a red-team pass, helper-46). Within a second of the removal, ingest answers 503 saying
+    why, /readyz is 503 with the same reason, and it is logged (not once per request)."""
+    relay.start()
+    assert http("POST", relay.url + "/v1/events", event(1))[0] == 202
+    for name in ("spool.db", "spool.db-wal", "spool.db-shm"):
+        (tmp_path / name).unlink(missing_ok=True)
+    why = "was removed or replaced while the relay ran"
+    status, _, body = eventually(lambda: http("POST", relay.url + "/v1/events", event(2)),
+                                 lambda answer: answer[0] == 503, interval=0.2,
+                                 what="ingest to refuse events", timeout=10)
+    assert why in body["error"], body
+    status, _, body = http("GET", relay.url + "/readyz")
+    assert status == 503 and why in body["error"], body
+    assert 1 <= relay.log().count(why) <= 3, relay.log()   # (not a line per request)
+    relay.kill(signal.SIGTERM)   # its shutdown no longer says they stay in the file
+    assert "for the next relay that opens it" not in relay.log(), relay.log()

@@ -3,6 +3,7 @@ the supervisor of server.workers, relay/workers.py): its files' mode, what is le
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -25,6 +26,13 @@ async def log_pending(spool: SpoolBackend, config: Config) -> None:
         log.warning("cannot count the deliveries still pending: %s", exc)
         return
     total = sum(pending.values())
+    if total and config.spool.backend == "sqlite" and \
+            not await asyncio.to_thread(os.path.exists, config.spool.path):
+        # (removed while the relay ran: relay.spool.store refused events since)
+        log.error("stopping with %d deliveries pending in the spool file %s, which was "
+                  "removed while the relay ran: a relay started again will not find them",
+                  total, config.spool.path)
+        return
     if total:
         where = (config.spool.path if config.spool.backend == "sqlite"
                  else "the PostgreSQL spool")

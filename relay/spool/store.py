@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
 import sqlite3
 import subprocess
@@ -53,6 +54,7 @@ STOP_TIMEOUT = 30.0
 # anyway takes them at once). 2 ms per outcome, at most: no sender waits on it, and an attempt
 # gives its request slots back as soon as its response is in (relay.dispatch).
 COALESCE_SECONDS = 0.002
+FILE_CHECK_SECONDS = 1.0   # how often the file at spool.path is compared with the one open
 COALESCE_JOBS = 256
 
 
@@ -91,6 +93,12 @@ class Store:
         self._up = False            # a writer said ready and has not gone away since
         self._respawn: asyncio.Task[None] | None = None
         self._migrating = False     # the writer said it is migrating the schema: no start timeout
+        # The file at ``path`` when opened (device, inode), looked at every FILE_CHECK_SECONDS:
+        # removed or replaced under a running relay, it is no longer where the events go
+        # (the writer keeps writing to the open, unlinked file), and ``_gone`` says why.
+        self._file_id: tuple[int, int] | None = None
+        self._gone: str | None = None
+        self._file_check: asyncio.TimerHandle | None = None
         # server.workers > 1: a worker connects to the supervisor's writer at ``writer_socket``
         # instead of starting one; the supervisor's writer also takes connections on
         # ``listener``. ``on_wake`` runs when another worker stored work (the writer says so)
@@ -104,14 +112,34 @@ class Store:
 
     @property
     def writable(self) -> bool:
-        """A writer is up and taking jobs (False while a killed one is being replaced)."""
-        return self._up and not self._closing
+        """A writer is up and taking jobs (False while a killed one is being replaced, and
+        for good once the file was removed or replaced)."""
+        return self._up and not self._closing and self._gone is None
 
     @property
     def unavailable(self) -> str | None:
         if self._closing:
             return "the spool is closing"
+        if self._gone is not None:
+            return self._gone
         return None if self._up else "the spool writer is restarting"
+
+    def _check_file(self) -> None:
+        """Every FILE_CHECK_SECONDS while open: is ``path`` still the file the writer has
+        open? A spool file removed under a running relay (a cleanup job, a wrong ``rm``) took
+        every event answered 202 after it, and every pending one, to a file no relay would
+        open again: answered 202, and lost at the next start, with nothing said."""
+        self._file_check = None
+        if self._closing or self._loop is None or self._gone is not None:
+            return
+        if _file_id(self.path) != self._file_id:
+            self._gone = (f"the spool file {self.path} was removed or replaced while the "
+                          f"relay ran: events are refused (503) and deliveries stop until the "
+                          f"relay is restarted; what was pending in the removed file is not in "
+                          f"the new one (restore it from a backup to keep it)")
+            log.error("%s", self._gone)
+            return
+        self._file_check = self._loop.call_later(FILE_CHECK_SECONDS, self._check_file)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -121,6 +149,8 @@ class Store:
         self._closing = False
         await self._start_writer()
         await self._read(lambda conn: None)
+        self._file_id, self._gone = _file_id(self.path), None
+        self._file_check = self._loop.call_later(FILE_CHECK_SECONDS, self._check_file)
         self.is_open = True
 
     async def close(self) -> None:
@@ -129,6 +159,9 @@ class Store:
             return
         self._closing = True
         self.is_open = False
+        if self._file_check is not None:
+            self._file_check.cancel()
+            self._file_check = None
         if self._respawn is not None:
             self._respawn.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -236,6 +269,8 @@ class Store:
         if self._transport is None or self._loop is None:
             raise SpoolError("the spool is closed" if self._closing or self._loop is None
                              else "the spool writer is restarting")
+        if self._gone is not None and not isinstance(job, StopJob):
+            raise SpoolError(self._gone)
         future: asyncio.Future[Any] = self._loop.create_future()
         self._pending[self._next_job] = future
         self._out.append(message(self._next_job, job))
@@ -346,6 +381,15 @@ class Store:
         page count. Tests use it to make SQLite report a full disk."""
         result: int = await self._call(PageLimitJob(pages))
         return result
+
+
+def _file_id(path: str) -> tuple[int, int] | None:
+    """The file at ``path`` (device, inode), or None when there is none."""
+    try:
+        found = os.stat(path)
+    except OSError:
+        return None
+    return found.st_dev, found.st_ino
 
 
 class _Link(asyncio.Protocol):
