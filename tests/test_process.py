@@ -179,3 +179,35 @@ def test_a_spool_file_removed_under_the_relay_refuses_events(relay: RelayProcess
     assert 1 <= relay.log().count(why) <= 3, relay.log()   # (not a line per request)
     relay.kill(signal.SIGTERM)   # its shutdown no longer says they stay in the file
     assert "for the next relay that opens it" not in relay.log(), relay.log()
+
+
+def test_a_writer_that_stops_answering_is_said_and_refused(relay: RelayProcess) -> None:
+    """A spool writer that stops answering (a frozen disk; here SIGSTOP): every POST waited as
+    long as it hung, with /readyz ready and nothing logged (helper-46). After WRITER_SILENT
+    new events get a 503 saying why and /readyz is 503; once it answers again, the request
+    that waited gets its 202 and events are taken again."""
+    relay.start()
+    writer = relay.writer_pid()
+    os.kill(writer, signal.SIGSTOP)
+    waited: list[int] = []
+    try:
+        first = threading.Thread(target=lambda: waited.append(
+            http("POST", relay.url + "/v1/events", event(1), timeout=60)[0]))
+        first.start()
+        why = "the spool writer has not answered for"
+        status, _, body = eventually(lambda: http("GET", relay.url + "/readyz"),
+                                     lambda answer: answer[0] == 503, interval=0.5,
+                                     what="/readyz to say the writer is stalled", timeout=30)
+        assert why in body["error"], body
+        status, _, body = http("POST", relay.url + "/v1/events", event(2), timeout=5)
+        assert status == 503 and why in body["error"], body
+    finally:
+        os.kill(writer, signal.SIGCONT)
+    first.join(30)
+    assert waited == [202]
+    eventually(lambda: http("POST", relay.url + "/v1/events", event(3))[0] == 202,
+               what="events taken again", timeout=10)
+    # (outcomes refused meanwhile pause dispatching until they are recorded: a retry later)
+    eventually(lambda: http("GET", relay.url + "/readyz")[0] == 200, what="ready again",
+               timeout=60, interval=0.5)
+    assert "the spool writer answers again" in relay.log()

@@ -55,6 +55,8 @@ STOP_TIMEOUT = 30.0
 # gives its request slots back as soon as its response is in (relay.dispatch).
 COALESCE_SECONDS = 0.002
 FILE_CHECK_SECONDS = 1.0   # how often the file at spool.path is compared with the one open
+                           # (and the writer's silence measured)
+WRITER_SILENT = 10.0       # a writer with jobs that has said nothing this long is stalled
 COALESCE_JOBS = 256
 
 
@@ -99,6 +101,11 @@ class Store:
         self._file_id: tuple[int, int] | None = None
         self._gone: str | None = None
         self._file_check: asyncio.TimerHandle | None = None
+        # The writer last answered (or was given work while it owed none) at ``_heard``
+        # (monotonic): with jobs owed and nothing heard for WRITER_SILENT (a disk that stopped
+        # answering, a stopped process), ``_stalled`` says so until it answers again.
+        self._heard = time.monotonic()
+        self._stalled: str | None = None
         # server.workers > 1: a worker connects to the supervisor's writer at ``writer_socket``
         # instead of starting one; the supervisor's writer also takes connections on
         # ``listener``. ``on_wake`` runs when another worker stored work (the writer says so)
@@ -114,7 +121,7 @@ class Store:
     def writable(self) -> bool:
         """A writer is up and taking jobs (False while a killed one is being replaced, and
         for good once the file was removed or replaced)."""
-        return self._up and not self._closing and self._gone is None
+        return self._up and not self._closing and self._gone is None and self._stalled is None
 
     @property
     def unavailable(self) -> str | None:
@@ -122,7 +129,25 @@ class Store:
             return "the spool is closing"
         if self._gone is not None:
             return self._gone
+        if self._stalled is not None:
+            return self._stalled
         return None if self._up else "the spool writer is restarting"
+
+    def _check_silence(self) -> None:
+        """A writer that owes answers and has said nothing for WRITER_SILENT is stalled: new
+        jobs are refused (ingest 503, not a sender held for as long as the disk hangs) and
+        /readyz says why, until it answers again. (Its jobs already sent stay queued: their
+        groups may still commit.)"""
+        silent = time.monotonic() - self._heard
+        if self._pending and silent >= WRITER_SILENT:
+            if self._stalled is None:
+                self._stalled = (f"the spool writer has not answered for {silent:.0f} s (a "
+                                 f"disk that does not answer, a stopped process?): events "
+                                 f"are refused (503) until it does")
+                log.error("%s", self._stalled)
+        elif self._stalled is not None:
+            self._stalled = None
+            log.warning("the spool writer answers again: events are taken")
 
     def _check_file(self) -> None:
         """Every FILE_CHECK_SECONDS while open: is ``path`` still the file the writer has
@@ -132,6 +157,7 @@ class Store:
         self._file_check = None
         if self._closing or self._loop is None or self._gone is not None:
             return
+        self._check_silence()
         if _file_id(self.path) != self._file_id:
             self._gone = (f"the spool file {self.path} was removed or replaced while the "
                           f"relay ran: events are refused (503) and deliveries stop until the "
@@ -269,8 +295,11 @@ class Store:
         if self._transport is None or self._loop is None:
             raise SpoolError("the spool is closed" if self._closing or self._loop is None
                              else "the spool writer is restarting")
-        if self._gone is not None and not isinstance(job, StopJob):
-            raise SpoolError(self._gone)
+        if not isinstance(job, StopJob):
+            if self._gone is not None or self._stalled is not None:
+                raise SpoolError(self._gone or self._stalled or "")
+            if not self._pending:   # (owed nothing until now: its silence counts from here)
+                self._heard = time.monotonic()
         future: asyncio.Future[Any] = self._loop.create_future()
         self._pending[self._next_job] = future
         self._out.append(message(self._next_job, job))
@@ -303,6 +332,7 @@ class Store:
                                             f"writer: {exc}"))
 
     def _received(self, data: bytes) -> None:
+        self._heard = time.monotonic()
         self._buffer += data
         for job, error, result in split_jobs(self._buffer):
             if job == WAKE:
