@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from typing import Any
 
@@ -182,3 +183,14 @@ async def test_a_group_that_found_every_connection_busy_is_not_run_again_job_by_
         assert tries == [3]
     finally:
         await spool.close()
+
+
+async def test_a_timeout_is_named_when_the_database_is_lost(caplog: Any) -> None:
+    """A statement timeout marks the database lost: its log line and 503 said "unreachable
+    ()", as str() of a TimeoutError is empty (helper-46); they name the error's type."""
+    spool = PostgresSpool("postgresql://127.0.0.1:1/none")
+    spool._up = spool.is_open = True
+    with caplog.at_level(logging.ERROR, logger="relay.spool"):
+        spool._lost(TimeoutError())
+    assert "the spool database is unreachable (TimeoutError)" in caplog.text
+    assert spool.unavailable is not None and "TimeoutError" in spool.unavailable

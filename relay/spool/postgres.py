@@ -325,13 +325,14 @@ class PostgresSpool:
                 raise _PoolBusy(f"all {pool.get_max_size()} spool connections stayed busy for "
                                 f"{CONNECT_TIMEOUT:g}s") from exc
             self._lost(exc)
-            raise SpoolError(f"the spool database is unreachable: {exc or type(exc).__name__}") from exc
+            raise SpoolError(f"the spool database is unreachable: {self._down_reason}") from exc
 
     def _lost(self, exc: BaseException) -> None:
         self._down_reason = str(exc) or type(exc).__name__
         if self._up:
+            # (str() of a TimeoutError is empty: its type says what happened)
             log.error("the spool database is unreachable (%s); ingest answers 503 until it returns",
-                      exc or type(exc).__name__)
+                      self._down_reason)
         self._up = False
         if (self._probe is None or self._probe.done()) and not self._closing:
             self._probe = asyncio.create_task(self._reconnect(), name="relay-spool-pg-probe")
