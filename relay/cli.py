@@ -192,7 +192,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         return 1
     config = loaded.config
     # likely mistakes: said, not refused
-    for path, message in config_warnings(config) + json_body_warnings(loaded):
+    warnings = config_warnings(config)
+    warnings += json_body_warnings(loaded, warned=[path for path, _ in warnings])
+    for path, message in warnings:
         print(f"warning: {path}: {message}", file=sys.stderr)
     if not config.destinations:   # (as serve would: it refuses to start)
         print(f"relay check-config: {_no_destinations(file)}", file=sys.stderr)

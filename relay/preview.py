@@ -9,10 +9,10 @@ from __future__ import annotations
 import json
 import shlex
 import time
+from collections.abc import Iterable
 
 from relay.auth import destination_secrets, mask
-from relay.config import RawBody
-from relay.config.lint import config_warnings, is_json_type, sent_content_type
+from relay.config.lint import json_raw_bodies
 from relay.destinations import Loaded
 from relay.errors import InvalidEvent, RenderError
 from relay.events import accept, load_event, parse_events
@@ -60,36 +60,27 @@ def preview(loaded: Loaded, destination: str, raw_event: bytes) -> tuple[str, bo
             f"{as_http(signed)}\n\n# the same as curl:\n{as_curl(signed)}"), True
 
 
-def json_body_warnings(loaded: Loaded) -> list[tuple[str, str]]:
+def json_body_warnings(loaded: Loaded, warned: Iterable[str] = ()) -> list[tuple[str, str]]:
     """``(path, message)`` for each raw template body sent as JSON that does not render to
     JSON for a sample event (``relay test``'s, in each variant's language): a missing comma
-    or quote, found now rather than from every receiver's 400. Checked only where
-    ``relay.config.lint`` has no warning about the body already (an output without ``json``
-    breaks it for some events; that warning says how to fix both)."""
-    warned = {path for path, _ in config_warnings(loaded.config)}
+    or quote, found now rather than from every receiver's 400. Not for the paths in
+    ``warned``: those ``relay.config.lint`` warns about already (an output without ``json``
+    breaks the body for some events; that warning says how to fix both)."""
+    skip = set(warned)
     found: list[tuple[str, str]] = []
-    for i, dest in enumerate(loaded.config.destinations):
-        template, target = dest.template, loaded.destinations.get(dest.name)
-        if template is None or target is None:
+    for dest, path, language, _ in json_raw_bodies(loaded.config):
+        target = loaded.destinations.get(dest.name)
+        if path in skip or target is None:
             continue
-        at = f"destinations[{i}].template"
-        bodies = [(f"{at}.body.template", None, template.body, dest.headers)] + [
-            (f"{at}.variants.{lang}.body.template", lang, variant.body,
-             variant.headers if variant.headers is not None else dest.headers)
-            for lang, variant in template.variants.items() if variant.body is not None]
-        for path, language, body, headers in bodies:
-            if path in warned or not isinstance(body, RawBody) or \
-                    not is_json_type(sent_content_type(body, headers)):
-                continue
-            event = synthetic_event(dest).model_copy(update={"language": language})
-            try:
-                json.loads(target.request(event, delivery_id(time.time())).body)
-            except RenderError as exc:
-                found.append((path, f"does not render for a sample event ({exc}); "
-                                    f"relay render shows it"))
-            except ValueError as exc:
-                found.append((path, f"is sent as JSON but renders to something else for a "
-                                    f"sample event ({exc}); relay render shows it"))
+        event = synthetic_event(dest).model_copy(update={"language": language})
+        try:
+            json.loads(target.request(event, delivery_id(time.time())).body)
+        except RenderError as exc:
+            found.append((path, f"does not render for a sample event ({exc}); "
+                                f"relay render shows it"))
+        except ValueError as exc:
+            found.append((path, f"is sent as JSON but renders to something else for a "
+                                f"sample event ({exc}); relay render shows it"))
     return found
 
 

@@ -20,7 +20,7 @@ from liquid.builtin.output import OutputNode
 from liquid.builtin.tags.echo_tag import EchoNode
 from liquid.exceptions import LiquidError
 
-from relay.config.schema import Config, RawBody
+from relay.config.schema import Config, Destination, JsonBody, RawBody
 from relay.liquid import parse
 
 SAFE_LAST_FILTERS = frozenset({"json", "json_escape"})
@@ -34,20 +34,28 @@ def config_warnings(config: Config) -> list[tuple[str, str]]:
         warnings.append(("server.workers", f"{config.server.workers} workers, but this "
                          f"machine gives the relay {cores} cores: workers beyond the cores only "
                          "share them (and each costs ~70 MB); see docs/operations.md"))
+    for _, path, _, body in json_raw_bodies(config):
+        warnings += [(path, message) for message in unescaped_outputs(body.template)]
+    return warnings
+
+
+def json_raw_bodies(config: Config) -> Iterator[tuple[Destination, str, str | None, RawBody]]:
+    """Each raw template body sent as JSON (``application/json`` or ``+json``): its
+    destination, its template's path (``destinations[0].template.body.template``), the
+    language of the variant it is (None: the default) and the body."""
     for i, dest in enumerate(config.destinations):
         template = dest.template
         if dest.format != "template" or template is None:
             continue
         at = f"destinations[{i}].template"
-        bodies = [(f"{at}.body", template.body, dest.headers)]
-        bodies += [(f"{at}.variants.{lang}.body", v.body,
+        bodies: list[tuple[str, str | None, JsonBody | RawBody | None, dict[str, str]]] = [
+            (f"{at}.body.template", None, template.body, dest.headers)]
+        bodies += [(f"{at}.variants.{lang}.body.template", lang, v.body,
                     v.headers if v.headers is not None else dest.headers)
                    for lang, v in template.variants.items() if v.body is not None]
-        for path, body, headers in bodies:
+        for path, language, body, headers in bodies:
             if isinstance(body, RawBody) and is_json_type(sent_content_type(body, headers)):
-                warnings += [(f"{path}.template", message)
-                             for message in unescaped_outputs(body.template)]
-    return warnings
+                yield dest, path, language, body
 
 
 def usable_cores() -> int:

@@ -100,7 +100,7 @@ class Store:
         # (the writer keeps writing to the open, unlinked file), and ``_gone`` says why.
         self._file_id: tuple[int, int] | None = None
         self._gone: str | None = None
-        self._file_check: asyncio.TimerHandle | None = None
+        self._watcher: asyncio.TimerHandle | None = None
         # The writer last answered (or was given work while it owed none) at ``_heard``
         # (monotonic): with jobs owed and nothing heard for WRITER_SILENT (a disk that stopped
         # answering, a stopped process), ``_stalled`` says so until it answers again.
@@ -149,12 +149,13 @@ class Store:
             self._stalled = None
             log.warning("the spool writer answers again: events are taken")
 
-    def _check_file(self) -> None:
-        """Every FILE_CHECK_SECONDS while open: is ``path`` still the file the writer has
-        open? A spool file removed under a running relay (a cleanup job, a wrong ``rm``) took
-        every event answered 202 after it, and every pending one, to a file no relay would
-        open again: answered 202, and lost at the next start, with nothing said."""
-        self._file_check = None
+    def _watch(self) -> None:
+        """Every FILE_CHECK_SECONDS while open: has the writer gone silent (_check_silence),
+        and is ``path`` still the file the writer has open? A spool file removed under a
+        running relay (a cleanup job, a wrong ``rm``) took every event answered 202 after it,
+        and every pending one, to a file no relay would open again: answered 202, and lost
+        at the next start, with nothing said."""
+        self._watcher = None
         if self._closing or self._loop is None or self._gone is not None:
             return
         self._check_silence()
@@ -165,7 +166,7 @@ class Store:
                           f"the new one (restore it from a backup to keep it)")
             log.error("%s", self._gone)
             return
-        self._file_check = self._loop.call_later(FILE_CHECK_SECONDS, self._check_file)
+        self._watcher = self._loop.call_later(FILE_CHECK_SECONDS, self._watch)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -176,7 +177,7 @@ class Store:
         await self._start_writer()
         await self._read(lambda conn: None)
         self._file_id, self._gone = _file_id(self.path), None
-        self._file_check = self._loop.call_later(FILE_CHECK_SECONDS, self._check_file)
+        self._watcher = self._loop.call_later(FILE_CHECK_SECONDS, self._watch)
         self.is_open = True
 
     async def close(self) -> None:
@@ -185,9 +186,9 @@ class Store:
             return
         self._closing = True
         self.is_open = False
-        if self._file_check is not None:
-            self._file_check.cancel()
-            self._file_check = None
+        if self._watcher is not None:
+            self._watcher.cancel()
+            self._watcher = None
         if self._respawn is not None:
             self._respawn.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -296,8 +297,9 @@ class Store:
             raise SpoolError("the spool is closed" if self._closing or self._loop is None
                              else "the spool writer is restarting")
         if not isinstance(job, StopJob):
-            if self._gone is not None or self._stalled is not None:
-                raise SpoolError(self._gone or self._stalled or "")
+            refused = self._gone or self._stalled
+            if refused is not None:
+                raise SpoolError(refused)
             if not self._pending:   # (owed nothing until now: its silence counts from here)
                 self._heard = time.monotonic()
         future: asyncio.Future[Any] = self._loop.create_future()
